@@ -1,0 +1,47 @@
+# Dovecote: `make serve` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+DEVSTAMP= $(VENV)/.installed-dev
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint install dev deploy-tools postgres bench chaos clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(STAMP)
+
+$(DEVSTAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(DEVSTAMP)
+
+install: $(STAMP)
+dev: $(DEVSTAMP)
+
+## Start Dovecote on SQLite at 127.0.0.1:8080 (data in ./data).
+serve: $(STAMP)
+	$(BIN)/dovecote serve
+
+## Tools the deploy tests need (promtool from Debian's prometheus package, nginx).
+deploy-tools:
+	bash scripts/install-promtool.sh
+	bash scripts/install-nginx.sh
+
+## A PostgreSQL server for the tests: the local one if it answers, else a throwaway cluster.
+postgres:
+	bash scripts/ensure-postgres.sh
+
+## Every test: unit, store (SQLite and PostgreSQL), integration, interop, chaos, deploy.
+test: $(DEVSTAMP) deploy-tools postgres
+	. ./.test-env 2>/dev/null; $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); \
+	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+lint: $(DEVSTAMP)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .test-env

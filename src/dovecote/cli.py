@@ -1,0 +1,212 @@
+"""`dovecote` command line: parse, set up logging, hand off.
+
+`serve` gets one option per Settings field, so `dovecote serve --help` always documents
+every setting and its DOVECOTE_* variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, get_args, get_origin
+
+import click
+
+from dovecote import __version__
+from dovecote.ops.logging import configure
+from dovecote.ops.settings import Settings
+
+T = TypeVar("T")
+
+
+def _settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a command with one --option per Settings field."""
+    for name, field in reversed(list(Settings.model_fields.items())):
+        flag = "--" + name.replace("_", "-")
+        env = f"DOVECOTE_{name.upper()}"
+        annotation = field.annotation
+        default = field.get_default(call_default_factory=True)
+        shown = default if not isinstance(default, list) else ",".join(default)
+        help_text = f"{field.description} [env {env}; default: {shown!r}]"
+        if annotation is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+        elif get_origin(annotation) is None and annotation in (int, float):
+            option = click.option(flag, name, type=annotation, default=None, help=help_text)
+        elif str(get_origin(annotation)).endswith("Literal"):
+            option = click.option(flag, name, type=click.Choice(list(get_args(annotation))),
+                                  default=None, help=help_text)
+        else:
+            option = click.option(flag, name, type=str, default=None, help=help_text)
+        func = option(func)
+    return func
+
+
+def _settings(overrides: dict[str, Any]) -> Settings:
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "config" in given:
+        import os
+
+        os.environ["DOVECOTE_CONFIG"] = str(given["config"])
+    return Settings(**given)
+
+
+def _run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@click.group()
+@click.version_option(__version__, prog_name="dovecote")
+def main() -> None:
+    """Dovecote: a store-and-forward message relay (DIDComm v2 mediator)."""
+
+
+@main.command()
+@_settings_options
+def serve(**options: Any) -> None:
+    """Run the relay (HTTP + WebSocket) until SIGTERM."""
+    from dovecote.server import run
+
+    settings = _settings(options)
+    configure(settings.log_format, settings.log_level)
+    run(settings)
+
+
+@main.command()
+@_settings_options
+def did(**options: Any) -> None:
+    """Print the mediator's DID (creating its keys on first use)."""
+    from dovecote.didcomm.identity import load_or_create
+
+    settings = _settings(options)
+    ident = load_or_create(settings.data_dir, [settings.base_url, settings.ws_url])
+    click.echo(ident.did)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the invitation JSON.")
+@_settings_options
+def invitation(as_json: bool, **options: Any) -> None:
+    """Print the Out-of-Band invitation URL (goal_code request-mediate)."""
+    from dovecote.didcomm.identity import load_or_create
+
+    settings = _settings(options)
+    ident = load_or_create(settings.data_dir, [settings.base_url, settings.ws_url])
+    if as_json:
+        click.echo(json.dumps(ident.invitation(), indent=2))
+    else:
+        click.echo(ident.invitation_url(settings.base_url))
+
+
+# ---------------------------------------------------------------------- dead letters
+async def _with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from dovecote.store import open_store
+
+    store = open_store(settings.store_url, timeout=settings.store_timeout)
+    await store.open()
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect, replay and purge dead letters (works on the store directly)."""
+
+
+@dlq.command("list")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--offset", default=0, show_default=True)
+@_settings_options
+def dlq_list(limit: int, offset: int, **options: Any) -> None:
+    """List dead letters, newest first."""
+    settings = _settings(options)
+    items, total = _run(_with_store(settings, lambda s: s.dlq_list(offset, limit)))
+    click.echo(f"{total} dead letter(s)")
+    for item in items:
+        click.echo(f"{item.id:>8}  {_when(item.dead_at)}  {item.kind:<8} {item.reason:<24} "
+                   f"attempts={len(item.history):<3} target={item.target[:60]}")
+
+
+@dlq.command("show")
+@click.argument("item_id", type=int)
+@_settings_options
+def dlq_show(item_id: int, **options: Any) -> None:
+    """Show one dead letter with its attempt history."""
+    settings = _settings(options)
+    item = _run(_with_store(settings, lambda s: s.dlq_get(item_id)))
+    if item is None:
+        click.echo(f"no dead letter {item_id}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps({
+        "id": item.id, "kind": item.kind, "target": item.target, "reason": item.reason,
+        "created_at": _when(item.created_at), "dead_at": _when(item.dead_at),
+        "headers": item.headers, "history": item.history, "size": len(item.payload),
+        "payload_base64": base64.b64encode(item.payload[:4096]).decode(),
+    }, indent=2))
+
+
+@dlq.command("replay")
+@click.argument("item_id", type=int, required=False)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+@click.option("--target", default=None, help="Only dead letters for this target.")
+@_settings_options
+def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
+               **options: Any) -> None:
+    """Put dead letters back in the outbox with fresh attempts."""
+    if item_id is None and not replay_all:
+        raise click.UsageError("give an ID or --all")
+    settings = _settings(options)
+    ids = None if replay_all else [item_id]
+    count = _run(_with_store(settings, lambda s: s.dlq_replay(ids, target)))
+    click.echo(f"replayed {count}")
+
+
+@dlq.command("purge")
+@click.argument("item_id", type=int, required=False)
+@click.option("--older-than", type=float, default=None, help="Seconds; purge older items.")
+@_settings_options
+def dlq_purge(item_id: int | None, older_than: float | None, **options: Any) -> None:
+    """Delete dead letters by id or age."""
+    import time
+
+    if item_id is None and older_than is None:
+        raise click.UsageError("give an ID or --older-than")
+    settings = _settings(options)
+    cutoff = time.time() - older_than if older_than is not None else None
+    ids = [item_id] if item_id is not None else None
+    count = _run(_with_store(settings, lambda s: s.dlq_purge(ids, cutoff)))
+    click.echo(f"purged {count}")
+
+
+@main.group()
+def cluster() -> None:
+    """The cluster view kept in the store."""
+
+
+@cluster.command("status")
+@_settings_options
+def cluster_status(**options: Any) -> None:
+    """List instances with their last heartbeat."""
+    import time
+
+    settings = _settings(options)
+    instances = _run(_with_store(settings, lambda s: s.instances()))
+    now = time.time()
+    for i in instances:
+        age = now - i.last_beat
+        state = "alive" if age < max(30.0, 3 * settings.heartbeat_interval) else "dead"
+        click.echo(f"{i.id:<40} {state:<6} {i.level:<12} v{i.version:<8} "
+                   f"conns={i.connections:<5} last_beat={age:.0f}s ago host={i.host}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Delivery: live sessions, the outbox worker, retries, breakers and dead letters."""

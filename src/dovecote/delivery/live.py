@@ -1,0 +1,145 @@
+"""Live delivery: which connected session receives pushes for which mailbox.
+
+A push never removes a message. Each session remembers what it pushed and not yet saw
+acknowledged; a session that dies takes nothing with it, and the session that replaces
+it starts from the store again. Pushes are driven from the store (the commit wakes the
+pump; it reads what is queued), so a wake-up lost between instances only delays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from dovecote.ops import metrics
+
+if TYPE_CHECKING:
+    from dovecote.store.base import Store, StoredMessage
+
+log = structlog.get_logger("dovecote.live")
+
+Sender = Callable[[bytes], Awaitable[None]]
+DeliveryBuilder = Callable[[str, "Sequence[StoredMessage]"], Awaitable[bytes]]
+
+# Most pushed-but-unacknowledged messages per mailbox before pushing pauses for acks.
+MAX_IN_FLIGHT = 1000
+# Re-check the store this often even without a wake-up (a missed notification only delays).
+SAFETY_POLL_SECONDS = 5.0
+
+
+class LiveSession:
+    """One persistent connection (WebSocket) that can carry replies and pushes."""
+
+    def __init__(self, send: Sender, endpoint: str = "ws") -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.send = send
+        self.endpoint = endpoint
+        self.mediatees: set[str] = set()
+        self.pushed: dict[str, set[str]] = {}
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+
+class LiveRegistry:
+    """Mailbox -> live session, and the pump that pushes queued messages."""
+
+    def __init__(self, store: Store, batch: int = 100) -> None:
+        self.store = store
+        self.batch = batch
+        self.by_mediatee: dict[str, LiveSession] = {}
+        self.build_delivery: DeliveryBuilder | None = None
+
+    def is_live(self, session: LiveSession | None, mediatee: str) -> bool:
+        return session is not None and self.by_mediatee.get(mediatee) is session
+
+    def enable(self, session: LiveSession, mediatee: str) -> None:
+        previous = self.by_mediatee.get(mediatee)
+        if previous is not None and previous is not session:
+            # The newer connection wins; whatever the old one had in flight stays queued
+            # and is pushed again here because this session starts with nothing pushed.
+            previous.mediatees.discard(mediatee)
+            previous.pushed.pop(mediatee, None)
+            log.info("live.replaced", old_session=previous.id, session=session.id)
+        self.by_mediatee[mediatee] = session
+        session.mediatees.add(mediatee)
+        session.pushed.setdefault(mediatee, set())
+        if session.task is None:
+            session.task = asyncio.create_task(self._pump(session), name=f"live-{session.id}")
+        session.wake.set()
+
+    def disable(self, session: LiveSession, mediatee: str) -> None:
+        if self.by_mediatee.get(mediatee) is session:
+            del self.by_mediatee[mediatee]
+        session.mediatees.discard(mediatee)
+        session.pushed.pop(mediatee, None)
+
+    async def detach(self, session: LiveSession) -> None:
+        """The connection ended: forget it (its unacknowledged pushes stay queued)."""
+        session.closed = True
+        for mediatee in list(session.mediatees):
+            self.disable(session, mediatee)
+        if session.task is not None:
+            session.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await session.task
+
+    def notify(self, mediatee: str) -> None:
+        session = self.by_mediatee.get(mediatee)
+        if session is not None:
+            session.wake.set()
+
+    def acknowledged(self, mediatee: str, ids: Sequence[str]) -> None:
+        session = self.by_mediatee.get(mediatee)
+        if session is not None:
+            pushed = session.pushed.get(mediatee)
+            if pushed:
+                pushed.difference_update(ids)
+                session.wake.set()
+
+    @property
+    def connections(self) -> int:
+        return len({id(s) for s in self.by_mediatee.values()})
+
+    async def _pump(self, session: LiveSession) -> None:
+        while not session.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.wake.wait(), SAFETY_POLL_SECONDS)
+            session.wake.clear()
+            for mediatee in list(session.mediatees):
+                try:
+                    await self._push_mailbox(session, mediatee)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a broken socket or store: the queue keeps all
+                    log.warning("live.push_failed", session=session.id, error=str(exc)[:200])
+                    session.closed = True
+                    return
+
+    async def _push_mailbox(self, session: LiveSession, mediatee: str) -> None:
+        assert self.build_delivery is not None
+        while mediatee in session.mediatees:
+            pushed = session.pushed.setdefault(mediatee, set())
+            room = MAX_IN_FLIGHT - len(pushed)
+            if room <= 0:
+                return
+            # Reading from the queue head and skipping what is in flight is correct for
+            # both engines, even when PostgreSQL commits sequence numbers out of order.
+            queued = await self.store.fetch(mediatee, len(pushed) + min(room, self.batch))
+            fresh = [m for m in queued if m.id not in pushed][: min(room, self.batch)]
+            if not fresh:
+                return
+            packed = await self.build_delivery(mediatee, fresh)
+            await session.send(packed)
+            now = time.time()
+            for message in fresh:
+                metrics.PUSH_LATENCY.observe(max(0.0, now - message.received_at))
+            metrics.DELIVERED.labels("push").inc(len(fresh))
+            pushed.update(m.id for m in fresh)
+            log.debug("live.pushed", session=session.id, count=len(fresh))

@@ -1,0 +1,142 @@
+"""The mediator's data path: unpack -> protocol handler -> pack replies.
+
+Transports hand raw bytes in and get an `Outcome` back (status, packed replies or an error
+body); they know nothing of protocols, and handlers know nothing of transports.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from dovecote.delivery.live import LiveSession
+from dovecote.didcomm import coordinate, discover, pickup, problem, routing, trust_ping
+from dovecote.didcomm.messages import (
+    Context,
+    Handler,
+    Inbound,
+    Transport,
+    problem_report,
+)
+from dovecote.didcomm.packing import Packer
+from dovecote.errors import ClientError, DovecoteError, UnknownMessageType
+from dovecote.ops import metrics
+from dovecote.store.base import StoredMessage
+
+log = structlog.get_logger("dovecote.dispatch")
+
+_MODULES = (coordinate, routing, pickup, trust_ping, discover, problem)
+HANDLERS: dict[str, Handler] = {}
+for _module in _MODULES:
+    HANDLERS.update(_module.HANDLERS)
+
+
+def supported_protocols() -> dict[str, list[str]]:
+    """PIURI -> roles, for discover-features."""
+    protocols: dict[str, list[str]] = {}
+    for module in _MODULES:
+        protocols.update(module.PROTOCOLS)
+    return protocols
+
+
+def _labels(msg_type: str) -> tuple[str, str]:
+    """(protocol, message name) for metrics; unknown types collapse to one label."""
+    if msg_type in HANDLERS:
+        piuri, name = msg_type.rsplit("/", 1)
+        parts = piuri.rsplit("/", 2)
+        return f"{parts[-2]}/{parts[-1]}", name
+    return "unknown", "unknown"
+
+
+@dataclass
+class Outcome:
+    """What the transport should answer."""
+
+    status: int = 202
+    replies: list[bytes] = field(default_factory=list)
+    error: DovecoteError | None = None
+    return_route: bool = False
+
+
+class Mediator:
+    """Turns one inbound envelope into replies."""
+
+    def __init__(self, ctx: Context, packer: Packer) -> None:
+        self.ctx = ctx
+        self.packer = packer
+        ctx.live.build_delivery = self.build_delivery
+
+    async def receive(
+        self,
+        raw: bytes,
+        transport: Transport,
+        session: LiveSession | None = None,
+        request_id: str | None = None,
+    ) -> Outcome:
+        request_id = request_id or uuid.uuid4().hex[:16]
+        try:
+            unpacked = await self.packer.unpack(raw)
+        except ClientError as exc:
+            metrics.BAD_INPUT.labels(exc.code, transport).inc()
+            log.info("message.rejected", code=exc.code, detail=exc.detail,
+                     transport=transport, request_id=request_id)
+            return Outcome(status=exc.status, error=exc)
+
+        inbound = Inbound(unpacked.message, unpacked.sender, transport, session, request_id)
+        wants_return = inbound.message.get("return_route") in ("all", "thread")
+        msg_type = inbound.type
+        protocol, name = _labels(msg_type)
+        started = time.perf_counter()
+        try:
+            handler = HANDLERS.get(msg_type)
+            if handler is None:
+                raise UnknownMessageType(f"unsupported message type {msg_type[:200]!r}")
+            replies = await handler(self.ctx, inbound)
+            status = 202
+            error: DovecoteError | None = None
+            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok").inc()
+        except DovecoteError as exc:
+            error, status = exc, exc.status
+            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
+            if isinstance(exc, ClientError):
+                metrics.BAD_INPUT.labels(exc.code, transport).inc()
+            log.info("message.failed", type=msg_type[:200], code=exc.code, detail=exc.detail,
+                     transport=transport, request_id=request_id)
+            replies = []
+            if inbound.sender:
+                replies = [problem_report(exc.code, exc.detail, pthid=inbound.thid,
+                                          ack=inbound.id or None)]
+        finally:
+            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(
+                time.perf_counter() - started
+            )
+
+        packed: list[bytes] = []
+        if inbound.sender and replies and (wants_return or transport == "ws"):
+            for message in replies:
+                message.setdefault("from", self.packer.identity.did)
+                packed.append(await self.packer.pack_for(message, inbound.sender))
+        elif replies:
+            log.info("reply.not_returned", count=len(replies), reason="no return_route",
+                     request_id=request_id)
+        if packed and transport == "http" and error is None:
+            status = 200
+        return Outcome(status=status, replies=packed, error=error, return_route=wants_return)
+
+    async def build_delivery(self, mediatee: str, messages: Sequence[StoredMessage]) -> bytes:
+        """A live-mode `delivery` message for a mailbox owner, packed for it."""
+        message: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "type": pickup.DELIVERY,
+            "from": self.packer.identity.did,
+            "to": [mediatee],
+            "created_time": int(time.time()),
+            "body": {},
+            "attachments": [pickup.attachment_for(m) for m in messages],
+        }
+        return await self.packer.pack_for(message, mediatee)

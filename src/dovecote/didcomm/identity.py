@@ -1,0 +1,128 @@
+"""The mediator's keys and did:peer:2 DID, created once and kept in the data directory.
+
+The keys never change once made. The DID embeds the public service URLs, so when the
+configured public URL changes a new DID is derived from the same keys; earlier DIDs stay
+valid for decryption (their key ids are kept), so mediatees holding an older routing DID
+keep working.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aries_askar import Key, KeyAlg
+from did_peer_2 import KeySpec, generate
+from didcomm_messaging.multiformats import multibase, multicodec
+
+log = structlog.get_logger("dovecote.identity")
+
+IDENTITY_FILE = "identity.json"
+OOB_INVITATION = "https://didcomm.org/out-of-band/2.0/invitation"
+GOAL_REQUEST_MEDIATE = "request-mediate"
+
+
+@dataclass
+class Identity:
+    """The mediator's signing and key-agreement keys and its DIDs (current first)."""
+
+    signing_key: Key
+    agreement_key: Key
+    dids: list[str] = field(default_factory=list)
+
+    @property
+    def did(self) -> str:
+        return self.dids[0]
+
+    def invitation(self) -> dict[str, Any]:
+        """An Out-of-Band 2.0 invitation to request mediation from this mediator."""
+        return {
+            "type": OOB_INVITATION,
+            "id": str(uuid.uuid4()),
+            "from": self.did,
+            "body": {
+                "goal_code": GOAL_REQUEST_MEDIATE,
+                "goal": "Request mediation from this Dovecote mediator",
+                "accept": ["didcomm/v2"],
+            },
+        }
+
+    def invitation_url(self, base_url: str) -> str:
+        """The invitation as `<base>/?_oob=<base64url, unpadded>`."""
+        minified = json.dumps(self.invitation(), separators=(",", ":")).encode()
+        encoded = base64.urlsafe_b64encode(minified).decode().rstrip("=")
+        return f"{base_url.rstrip('/')}/?_oob={encoded}"
+
+
+def make_did(signing_key: Key, agreement_key: Key, endpoints: list[str]) -> str:
+    """A did:peer:2 with both keys and one DIDCommMessaging service per endpoint."""
+    services = [
+        {
+            "type": "DIDCommMessaging",
+            "serviceEndpoint": {"uri": uri, "accept": ["didcomm/v2"], "routingKeys": []},
+        }
+        for uri in endpoints
+    ]
+    did = generate(
+        [
+            KeySpec.verification(_multikey("ed25519-pub", signing_key)),
+            KeySpec.key_agreement(_multikey("x25519-pub", agreement_key)),
+        ],
+        services,
+    )
+    return str(did)
+
+
+def _multikey(codec: str, key: Key) -> str:
+    return multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
+
+
+def load_or_create(data_dir: Path, endpoints: list[str]) -> Identity:
+    """Load the identity from `data_dir`, creating keys on first start (file mode 0600)."""
+    path = data_dir / IDENTITY_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        signing = Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored["ed25519"]))
+        agreement = Key.from_secret_bytes(KeyAlg.X25519, base64.b64decode(stored["x25519"]))
+        dids: list[str] = stored["dids"]
+        created = False
+    else:
+        signing = Key.generate(KeyAlg.ED25519)
+        agreement = Key.generate(KeyAlg.X25519)
+        dids = []
+        stored = {"created_at": time.time()}
+        created = True
+    current = make_did(signing, agreement, endpoints)
+    if not dids or dids[0] != current:
+        if dids:
+            log.warning("identity.did_changed", reason="public endpoints changed")
+        dids = [current, *[d for d in dids if d != current]]
+        stored.update(
+            ed25519=base64.b64encode(signing.get_secret_bytes()).decode(),
+            x25519=base64.b64encode(agreement.get_secret_bytes()).decode(),
+            dids=dids,
+        )
+        _write_private(path, json.dumps(stored, indent=2))
+    if created:
+        log.info("identity.created", path=str(path))
+    return Identity(signing, agreement, dids)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write atomically with mode 0600: the file holds private keys."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)

@@ -1,0 +1,128 @@
+"""Plain types shared by the protocol handlers: the inbound message, the handler context,
+and helpers to build replies. Handlers never see HTTP, WebSocket or SQL objects.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from dovecote.errors import MalformedMessage, NotMediated, Unauthenticated
+
+if TYPE_CHECKING:
+    from dovecote.delivery.live import LiveRegistry, LiveSession
+    from dovecote.didcomm.identity import Identity
+    from dovecote.ops.health import Degradation
+    from dovecote.ops.settings import Settings
+    from dovecote.store.base import Store
+
+Transport = Literal["http", "ws"]
+PROBLEM_REPORT = "https://didcomm.org/report-problem/2.0/problem-report"
+
+
+@dataclass
+class Inbound:
+    """A decrypted message and what we know about how it arrived."""
+
+    message: dict[str, Any]
+    sender: str | None
+    transport: Transport
+    session: LiveSession | None = None
+    request_id: str = ""
+
+    @property
+    def type(self) -> str:
+        return str(self.message["type"])
+
+    @property
+    def id(self) -> str:
+        return str(self.message.get("id", ""))
+
+    @property
+    def thid(self) -> str:
+        return str(self.message.get("thid") or self.message.get("id", ""))
+
+    @property
+    def body(self) -> dict[str, Any]:
+        body = self.message.get("body", {})
+        if not isinstance(body, dict):
+            raise MalformedMessage("body must be a JSON object")
+        return body
+
+    def require_sender(self) -> str:
+        """The authenticated sender's DID; protocols that act for a DID need one."""
+        if not self.sender:
+            raise Unauthenticated(f"{self.type} needs an authcrypt message with 'from'")
+        return self.sender
+
+
+@dataclass
+class Context:
+    """Services a handler may use."""
+
+    settings: Settings
+    store: Store
+    identity: Identity
+    live: LiveRegistry
+    degradation: Degradation
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def require_grant(self, inbound: Inbound) -> str:
+        """The sender's DID if it holds a mediation grant, else NotMediated."""
+        sender = inbound.require_sender()
+        if await self.store.get_mediation(sender) != "granted":
+            raise NotMediated("request mediation (mediate-request) first")
+        return sender
+
+
+Handler = Callable[[Context, Inbound], Awaitable[list[dict[str, Any]]]]
+
+
+def reply(inbound: Inbound, msg_type: str, body: dict[str, Any], **headers: Any) -> dict[str, Any]:
+    """A reply in the sender's thread."""
+    message: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "type": msg_type,
+        "thid": inbound.thid,
+        "created_time": int(time.time()),
+        "body": body,
+    }
+    if inbound.sender:
+        message["to"] = [inbound.sender]
+    message.update(headers)
+    return message
+
+
+def problem_report(
+    code: str, comment: str, pthid: str | None = None, ack: str | None = None
+) -> dict[str, Any]:
+    """A Report Problem 2.0 message."""
+    message: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "type": PROBLEM_REPORT,
+        "created_time": int(time.time()),
+        "body": {"code": code, "comment": comment},
+    }
+    if pthid:
+        message["pthid"] = pthid
+    if ack:
+        message["ack"] = [ack]
+    return message
+
+
+def field_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
+             required: bool = True, default: Any = None) -> Any:
+    """A body field checked for presence and type (bool is not an int here)."""
+    if name not in body or body[name] is None:
+        if required:
+            raise MalformedMessage(f"body.{name} is required")
+        return default
+    value = body[name]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise MalformedMessage(f"body.{name} has the wrong type")
+    if not isinstance(value, kind):
+        raise MalformedMessage(f"body.{name} has the wrong type")
+    return value

@@ -1,0 +1,137 @@
+"""Admin API under /admin: dead letters, degradation, cluster view.
+
+Guarded by a bearer token and a client-network allowlist; disabled without a token.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dovecote.store.base import DeadLetter
+
+if TYPE_CHECKING:
+    from dovecote.server import Dovecote
+
+
+def _deny(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def authorize(request: Request) -> JSONResponse | None:
+    """None when the caller may use the admin API, else the refusal to send."""
+    app: Dovecote = request.app.state.dovecote
+    settings = app.settings
+    if not settings.admin_token:
+        return _deny(404, "admin_disabled", "set DOVECOTE_ADMIN_TOKEN to enable /admin")
+    client = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(client)
+        allowed = any(address in ipaddress.ip_network(net, strict=False)
+                      for net in settings.admin_allow)
+    except ValueError:
+        allowed = False
+    if not allowed:
+        return _deny(403, "admin_forbidden", "client address not in ADMIN_ALLOW")
+    token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+        return _deny(401, "admin_unauthorized", "missing or wrong admin token")
+    return None
+
+
+def dead_letter_json(item: DeadLetter, with_payload: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": item.id, "kind": item.kind, "target": item.target, "reason": item.reason,
+        "attempts": len(item.history), "created_at": item.created_at, "dead_at": item.dead_at,
+        "size": len(item.payload),
+    }
+    if with_payload:
+        data["history"] = item.history
+        data["headers"] = item.headers
+        data["payload_base64"] = base64.b64encode(item.payload).decode()
+    return data
+
+
+async def dlq_list(request: Request) -> Response:
+    if (denied := authorize(request)) is not None:
+        return denied
+    app: Dovecote = request.app.state.dovecote
+    offset = int(request.query_params.get("offset", 0))
+    limit = min(int(request.query_params.get("limit", 100)), 1000)
+    items, total = await app.store.dlq_list(offset, limit)
+    return JSONResponse({"total": total, "items": [dead_letter_json(i) for i in items]})
+
+
+async def dlq_show(request: Request) -> Response:
+    if (denied := authorize(request)) is not None:
+        return denied
+    app: Dovecote = request.app.state.dovecote
+    item = await app.store.dlq_get(int(request.path_params["item_id"]))
+    if item is None:
+        return _deny(404, "not_found", "no such dead letter")
+    return JSONResponse(dead_letter_json(item, with_payload=True))
+
+
+async def dlq_replay(request: Request) -> Response:
+    if (denied := authorize(request)) is not None:
+        return denied
+    app: Dovecote = request.app.state.dovecote
+    body = await request.json() if await request.body() else {}
+    ids = body.get("ids")
+    if not body.get("all") and not ids:
+        return _deny(400, "bad_request", "give ids or all=true")
+    count = await app.store.dlq_replay(ids if ids else None, body.get("target"))
+    return JSONResponse({"replayed": count})
+
+
+async def dlq_purge(request: Request) -> Response:
+    if (denied := authorize(request)) is not None:
+        return denied
+    app: Dovecote = request.app.state.dovecote
+    body = await request.json() if await request.body() else {}
+    ids = body.get("ids")
+    older = body.get("older_than_seconds")
+    if not ids and older is None:
+        return _deny(400, "bad_request", "give ids or older_than_seconds")
+    cutoff = time.time() - float(older) if older is not None else None
+    count = await app.store.dlq_purge(ids if ids else None, cutoff)
+    return JSONResponse({"purged": count})
+
+
+async def degradation(request: Request) -> Response:
+    if (denied := authorize(request)) is not None:
+        return denied
+    app: Dovecote = request.app.state.dovecote
+    if request.method == "POST":
+        body = await request.json()
+        level = body.get("level")
+        try:
+            app.degradation.force(None if level in (None, "auto") else level)
+        except ValueError as exc:
+            return _deny(400, "bad_request", str(exc))
+    return JSONResponse({"level": app.degradation.level,
+                         "forced": app.degradation.forced is not None})
+
+
+async def cluster(request: Request) -> Response:
+    if (denied := authorize(request)) is not None:
+        return denied
+    app: Dovecote = request.app.state.dovecote
+    return JSONResponse({"instances": await app.cluster_view()})
+
+
+ROUTES = [
+    Route("/admin/dlq", dlq_list, methods=["GET"]),
+    Route("/admin/dlq/replay", dlq_replay, methods=["POST"]),
+    Route("/admin/dlq/purge", dlq_purge, methods=["POST"]),
+    Route("/admin/dlq/{item_id:int}", dlq_show, methods=["GET"]),
+    Route("/admin/degradation", degradation, methods=["GET", "POST"]),
+    Route("/admin/cluster", cluster, methods=["GET"]),
+]

@@ -1,0 +1,102 @@
+"""Every Prometheus metric Dovecote exports, in one place.
+
+Label values are always from small fixed sets (route templates, protocol names, outcomes,
+close codes, outbound host:port targets); never a DID, message id or raw path.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# 1 ms .. 10 s, dense where our latency targets (200 ms, 500 ms) sit.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+DELIVERY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+)
+
+HTTP_REQUESTS = Counter(
+    "dovecote_http_requests", "HTTP requests by route template, method and status.",
+    ["route", "method", "status"],
+)
+HTTP_DURATION = Histogram(
+    "dovecote_http_request_duration_seconds", "HTTP request duration.",
+    ["route", "method"], buckets=LATENCY_BUCKETS,
+)
+DIDCOMM_MESSAGES = Counter(
+    "dovecote_didcomm_messages", "DIDComm messages handled by protocol, type and outcome.",
+    ["protocol", "message_type", "outcome"],
+)
+DIDCOMM_DURATION = Histogram(
+    "dovecote_didcomm_handle_duration_seconds", "Time to handle one DIDComm message.",
+    ["protocol", "message_type"], buckets=LATENCY_BUCKETS,
+)
+BAD_INPUT = Counter(
+    "dovecote_bad_input", "Rejected input by error code.", ["code", "transport"],
+)
+
+ACCEPTED = Counter("dovecote_messages_accepted", "Messages durably accepted into mailboxes.")
+DUPLICATES = Counter(
+    "dovecote_messages_duplicate", "Forwards recognised as retries and stored once."
+)
+DELIVERED = Counter(
+    "dovecote_messages_delivered", "Messages handed to a recipient (not yet acknowledged).",
+    ["mode"],
+)
+ACKNOWLEDGED = Counter("dovecote_messages_acknowledged", "Messages acknowledged and removed.")
+EXPIRED = Counter("dovecote_messages_expired", "Messages expired out of mailboxes.")
+DEAD_LETTERED = Counter(
+    "dovecote_messages_dead_lettered", "Items moved to the dead-letter queue.", ["kind"],
+)
+UNROUTABLE = Counter("dovecote_forwards_unroutable", "Forwards for unknown recipients.")
+PUSH_LATENCY = Histogram(
+    "dovecote_message_push_latency_seconds", "Accepted to pushed on a live session.",
+    buckets=DELIVERY_BUCKETS,
+)
+ACK_LATENCY = Histogram(
+    "dovecote_message_ack_latency_seconds", "Accepted to acknowledged.",
+    buckets=DELIVERY_BUCKETS,
+)
+
+QUEUE_DEPTH = Gauge("dovecote_queue_depth", "Messages queued in all mailboxes (sampled).")
+QUEUE_OLDEST = Gauge(
+    "dovecote_queue_oldest_age_seconds", "Age of the oldest queued message (sampled)."
+)
+OUTBOX_SIZE = Gauge("dovecote_outbox_size", "Outbox items waiting (sampled).", ["kind"])
+OUTBOX_LAG = Gauge(
+    "dovecote_outbox_lag_seconds", "How long the most overdue outbox item has waited.", ["kind"]
+)
+DLQ_SIZE = Gauge("dovecote_dlq_size", "Dead letters held (sampled).")
+OUTBOX_RETRIES = Counter("dovecote_outbox_retries", "Outbound attempts that will be retried.",
+                         ["kind"])
+OUTBOX_DELIVERIES = Counter(
+    "dovecote_outbox_deliveries", "Outbound attempts by outcome.", ["kind", "outcome"],
+)
+BREAKER_STATE = Gauge(
+    "dovecote_circuit_breaker_state", "Circuit breaker per target: 0 closed, 1 half-open, 2 open.",
+    ["target"],
+)
+DEGRADATION_LEVEL = Gauge(
+    "dovecote_degradation_level", "0 normal, 1 shed, 2 read-only, 3 status-only."
+)
+READY = Gauge("dovecote_ready", "1 when this instance is ready for traffic.")
+CLUSTER_INSTANCES = Gauge(
+    "dovecote_cluster_instances", "Instances in the store's cluster view.", ["state"]
+)
+
+WS_CONNECTIONS = Gauge("dovecote_websocket_connections", "Open WebSockets.", ["endpoint"])
+WS_CONNECTS = Counter("dovecote_websocket_connects", "WebSocket connects.", ["endpoint"])
+WS_DISCONNECTS = Counter(
+    "dovecote_websocket_disconnects", "WebSocket disconnects by close code.", ["endpoint", "code"]
+)
+
+STORE_TX_SECONDS = Histogram(
+    "dovecote_store_transaction_duration_seconds", "Store transaction time.",
+    ["engine", "op"], buckets=LATENCY_BUCKETS,
+)
+GROUP_COMMIT_SIZE = Histogram(
+    "dovecote_store_group_commit_size", "Writes per SQLite group commit.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+STORE_ERRORS = Counter("dovecote_store_errors", "Store operations that failed.", ["engine"])

@@ -1,0 +1,195 @@
+"""One typed settings object: defaults here, then a TOML file, then DOVECOTE_* env, then CLI.
+
+Every field is exposed by `dovecote serve --help` (the CLI builds its options from this
+model) and documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MiB = 1024 * 1024
+DAY = 86_400.0
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 5 * MiB
+DEFAULT_MESSAGE_TTL = 30 * DAY
+DEFAULT_DEDUP_WINDOW = DAY
+DEFAULT_SHUTDOWN_TIMEOUT = 25.0
+
+MediationPolicy = Literal["open", "allowlist"]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+DegradationLevel = Literal["auto", "normal", "shed", "read-only", "status-only"]
+
+
+class Settings(BaseSettings):
+    """Dovecote configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DOVECOTE_", extra="ignore", validate_default=True
+    )
+
+    config: Path | None = Field(None, description="Optional TOML settings file.")
+
+    # --- network
+    host: str = Field(DEFAULT_HOST, description="Interface to listen on.")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on.")
+    public_url: str = Field(
+        "",
+        description="Public base URL advertised in the DID and invitation "
+        "(default http://HOST:PORT). The WebSocket URL is derived (ws[s]://.../ws).",
+    )
+    workers: int = Field(1, ge=1, le=64, description="Worker processes (PostgreSQL only for >1).")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Proxy addresses whose X-Forwarded-For/-Proto headers are trusted.",
+    )
+    tls_cert: Path | None = Field(None, description="TLS certificate file (PEM) to serve HTTPS.")
+    tls_key: Path | None = Field(None, description="TLS private key file (PEM).")
+
+    # --- storage
+    data_dir: Path = Field(Path("data"), description="Directory for the SQLite store and keys.")
+    store: str = Field(
+        "",
+        description="Store URL: empty for SQLite in DATA_DIR, sqlite:///path.db, "
+        "or postgresql://user@host/db.",
+    )
+    store_timeout: float = Field(
+        5.0, gt=0, description="Seconds a store operation may take before it fails (503)."
+    )
+    store_pool_size: int = Field(10, ge=1, description="PostgreSQL connection pool size.")
+    group_commit_max: int = Field(
+        512, ge=1, description="Most writes one SQLite transaction may group."
+    )
+
+    # --- mailboxes
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest accepted request body (bytes)."
+    )
+    message_ttl: float = Field(
+        DEFAULT_MESSAGE_TTL, gt=0, description="Seconds a queued message is kept."
+    )
+    mailbox_max_messages: int = Field(
+        100_000, ge=1, description="Most messages queued for one mediatee."
+    )
+    mailbox_max_bytes: int = Field(
+        1024 * MiB, ge=1, description="Most bytes queued for one mediatee."
+    )
+    dedup_window: float = Field(
+        DEFAULT_DEDUP_WINDOW, gt=0, description="Seconds a delivered message's digest is kept."
+    )
+    sweep_interval: float = Field(60.0, gt=0, description="Seconds between expiry sweeps.")
+    mediation_policy: MediationPolicy = Field(
+        "open", description="Grant mediation to anyone (open) or only to MEDIATION_ALLOWLIST."
+    )
+    mediation_allowlist: list[str] = Field(
+        default_factory=list, description="DIDs allowed mediation when the policy is allowlist."
+    )
+    live_push_batch: int = Field(
+        100, ge=1, description="Most messages pushed in one live-delivery round."
+    )
+
+    # --- outbound delivery
+    outbound_connect_timeout: float = Field(5.0, gt=0, description="Outbound connect timeout.")
+    outbound_timeout: float = Field(15.0, gt=0, description="Outbound total request timeout.")
+    retry_base: float = Field(1.0, gt=0, description="First retry delay (seconds).")
+    retry_cap: float = Field(600.0, gt=0, description="Longest retry delay (seconds).")
+    retry_retention: float = Field(DAY, gt=0, description="Seconds before an item dead-letters.")
+    retry_max_attempts: int = Field(100, ge=1, description="Attempts before an item dead-letters.")
+    breaker_threshold: int = Field(5, ge=1, description="Failures that open a circuit breaker.")
+    breaker_reset: float = Field(30.0, gt=0, description="Seconds before an open breaker half-opens.")
+    breaker_trials: int = Field(1, ge=1, description="Trial calls allowed while half-open.")
+    forward_workers: int = Field(8, ge=1, description="Concurrent outbound forwards/replies.")
+    notify_workers: int = Field(4, ge=1, description="Concurrent outbound notifications.")
+    outbox_lease: float = Field(60.0, gt=0, description="Seconds an outbox lease lasts.")
+    notify_webhook_url: str = Field(
+        "", description="Webhook called when a message waits for an offline mediatee."
+    )
+    push_url: str = Field("", description="FCM-compatible push endpoint for notifications.")
+    push_token: str = Field("", description="Bearer token for the push endpoint.")
+
+    # --- protection
+    max_concurrent_requests: int = Field(
+        1000, ge=1, description="Concurrent HTTP requests before 503."
+    )
+    max_websockets: int = Field(10_000, ge=1, description="Open WebSockets before close 1013.")
+    rate_limit_ip: float = Field(500.0, gt=0, description="Requests/s allowed per client IP.")
+    rate_limit_ip_burst: int = Field(1000, ge=1, description="Burst size per client IP.")
+    rate_limit_did: float = Field(200.0, gt=0, description="Messages/s allowed per sender DID.")
+    rate_limit_did_burst: int = Field(400, ge=1, description="Burst size per sender DID.")
+    shutdown_timeout: float = Field(
+        DEFAULT_SHUTDOWN_TIMEOUT, ge=0, description="Seconds to drain on SIGTERM."
+    )
+    degradation: DegradationLevel = Field(
+        "auto", description="Force a degradation level, or compute it from health (auto)."
+    )
+    min_free_disk_bytes: int = Field(
+        256 * MiB, ge=0, description="Free disk below which new accepts are refused."
+    )
+
+    # --- admin and observability
+    admin_token: str = Field("", description="Bearer token for /admin (empty: admin disabled).")
+    admin_allow: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Client networks allowed to reach /admin.",
+    )
+    log_format: LogFormat = Field("auto", description="json, console, or auto (console on a tty).")
+    log_level: LogLevel = Field("info", description="Lowest log level written.")
+    access_log: bool = Field(False, description="Log every HTTP request.")
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between instance heartbeats.")
+
+    @field_validator("trusted_proxies", "mediation_allowlist", "admin_allow", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        # Environment variables and CLI flags give lists as "a,b,c".
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("DOVECOTE_CONFIG")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    # --- derived values
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        base = self.base_url
+        if base.startswith("https://"):
+            return "wss://" + base.removeprefix("https://") + "/ws"
+        return "ws://" + base.removeprefix("http://") + "/ws"
+
+    @property
+    def store_url(self) -> str:
+        if self.store:
+            return self.store
+        return f"sqlite:///{(self.data_dir / 'dovecote.db').resolve()}"

@@ -1,0 +1,367 @@
+"""Wiring and lifecycle: build the parts, serve them over ASGI, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from dovecote import __version__
+from dovecote.delivery.live import LiveRegistry
+from dovecote.didcomm import identity as identity_mod
+from dovecote.didcomm.dispatch import Mediator
+from dovecote.didcomm.messages import Context
+from dovecote.didcomm.packing import Packer
+from dovecote.errors import DovecoteError, Overloaded, RateLimited
+from dovecote.ops import admin, metrics
+from dovecote.ops.health import Degradation, HealthMonitor
+from dovecote.ops.settings import Settings
+from dovecote.store import Store, open_store
+from dovecote.store.base import InstanceInfo
+from dovecote.transport import http as http_routes
+from dovecote.transport.limits import InFlight, TokenBuckets, retry_after_header
+from dovecote.transport.websocket import CLOSE_RESTART, websocket_endpoint
+
+log = structlog.get_logger("dovecote.server")
+
+SAMPLE_INTERVAL = 5.0
+DEAD_INSTANCE_AFTER = 30.0
+
+
+def route_label(path: str) -> str:
+    """A bounded route label for metrics (never the raw path)."""
+    if path == "/":
+        return "/"
+    for prefix in ("/ws", "/invitation", "/health/live", "/health/ready", "/health",
+                   "/metrics", "/admin", "/v1/rooms/ws", "/v1/rooms", "/openapi.json"):
+        if path == prefix or path.startswith(prefix + "/"):
+            return prefix
+    return "other"
+
+
+class Dovecote:
+    """Every long-lived part of one instance."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.instance_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.started_at = time.time()
+        self.store = store or open_store(
+            settings.store_url,
+            timeout=settings.store_timeout,
+            group_commit_max=settings.group_commit_max,
+            pool_size=settings.store_pool_size,
+        )
+        forced = None if settings.degradation == "auto" else settings.degradation
+        self.degradation = Degradation(forced)
+        self.identity = identity_mod.load_or_create(
+            settings.data_dir, [settings.base_url, settings.ws_url]
+        )
+        self.packer = Packer(self.identity)
+        self.live = LiveRegistry(self.store, batch=settings.live_push_batch)
+        self.ctx = Context(settings, self.store, self.identity, self.live, self.degradation)
+        self.mediator = Mediator(self.ctx, self.packer)
+        self.health = HealthMonitor(
+            self.store, self.degradation, settings.data_dir, settings.min_free_disk_bytes,
+            self.instance_id,
+        )
+        self.requests = InFlight(settings.max_concurrent_requests)
+        self.ws_slots = InFlight(settings.max_websockets)
+        self.ip_limits = TokenBuckets(settings.rate_limit_ip, settings.rate_limit_ip_burst)
+        self.sockets: dict[str, WebSocket] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.store.add_listener(self.live.notify)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self.store.open()
+        await self.packer.start()
+        await self.health.run_checks()
+        self._tasks = [
+            asyncio.create_task(self.health.run(), name="health"),
+            asyncio.create_task(self._sweep(), name="sweep"),
+            asyncio.create_task(self._sample(), name="sample"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        ]
+        log.info("dovecote.started", did=self.identity.did, url=self.settings.base_url,
+                 store=self.store.engine, instance=self.instance_id, version=__version__)
+
+    def begin_drain(self) -> None:
+        """First step of shutdown: not ready, refuse new work, tell sockets to reconnect."""
+        if self.degradation.draining:
+            return
+        self.degradation.draining = True
+        metrics.READY.set(0)
+        log.info("dovecote.draining", sockets=len(self.sockets))
+        for ws in list(self.sockets.values()):
+            task = asyncio.ensure_future(
+                ws.close(code=CLOSE_RESTART, reason="server restarting; reconnect")
+            )
+            task.add_done_callback(lambda t: t.exception())
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        # Pending writes commit before the store closes: nothing accepted is dropped.
+        await self.store.close()
+        log.info("dovecote.stopped")
+
+    # ------------------------------------------------------------------ background work
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                now = time.time()
+                moved = await self.store.expire(now, now - self.settings.dedup_window)
+                if moved:
+                    metrics.EXPIRED.inc(moved)
+                    metrics.DEAD_LETTERED.labels("mailbox").inc(moved)
+                    log.info("sweep.expired", count=moved)
+            except DovecoteError as exc:
+                log.warning("sweep.failed", error=exc.detail)
+
+    async def _sample(self) -> None:
+        while True:
+            try:
+                stats = await self.store.queue_stats()
+                now = time.time()
+                metrics.QUEUE_DEPTH.set(stats.queued)
+                metrics.QUEUE_OLDEST.set(
+                    now - stats.oldest_received_at if stats.oldest_received_at else 0
+                )
+                lag = 0.0
+                for kind in ("forward", "notify"):
+                    metrics.OUTBOX_SIZE.labels(kind).set(stats.outbox.get(kind, 0))
+                    due = stats.outbox_oldest_due.get(kind)
+                    kind_lag = max(0.0, now - due) if due else 0.0
+                    metrics.OUTBOX_LAG.labels(kind).set(kind_lag)
+                    lag = max(lag, kind_lag)
+                metrics.DLQ_SIZE.set(stats.dead_letters)
+                self.health.extra.update(
+                    queue_depth=stats.queued, outbox=stats.outbox, outbox_lag=round(lag, 3),
+                    dead_letters=stats.dead_letters, live_sessions=self.live.connections,
+                    websockets=len(self.sockets),
+                )
+            except Exception as exc:  # sampling must never stop
+                log.debug("sample.failed", error=str(exc)[:200])
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    async def _heartbeat(self) -> None:
+        host = socket.gethostname()
+        while True:
+            try:
+                await self.store.heartbeat(InstanceInfo(
+                    id=self.instance_id, host=host, version=__version__,
+                    started_at=self.started_at, last_beat=time.time(),
+                    level="draining" if self.degradation.draining else self.degradation.level,
+                    connections=len(self.sockets),
+                ))
+                view = await self.cluster_view()
+                alive = sum(1 for i in view if i["alive"])
+                metrics.CLUSTER_INSTANCES.labels("alive").set(alive)
+                metrics.CLUSTER_INSTANCES.labels("dead").set(
+                    sum(1 for i in view if not i["alive"] and i["recent"])
+                )
+            except Exception as exc:
+                log.debug("heartbeat.failed", error=str(exc)[:200])
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def cluster_view(self) -> list[dict[str, Any]]:
+        now = time.time()
+        limit = max(DEAD_INSTANCE_AFTER, 3 * self.settings.heartbeat_interval)
+        return [
+            {
+                "id": i.id, "host": i.host, "version": i.version, "started_at": i.started_at,
+                "last_beat": i.last_beat, "level": i.level, "connections": i.connections,
+                "alive": now - i.last_beat < limit, "recent": now - i.last_beat < 3600,
+                "self": i.id == self.instance_id,
+            }
+            for i in await self.store.instances()
+        ]
+
+    def count_bad_input(self, exc: DovecoteError, transport: str) -> None:
+        metrics.BAD_INPUT.labels(exc.code, transport).inc()
+        log.info("request.rejected", code=exc.code, detail=exc.detail, transport=transport)
+
+
+class GuardMiddleware:
+    """Request id, RED metrics, concurrency limit, per-IP rate limit, access log."""
+
+    def __init__(self, app: ASGIApp, dovecote: Dovecote) -> None:
+        self.app = app
+        self.dc = dovecote
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        dc = self.dc
+        path = scope["path"]
+        route = route_label(path)
+        method = scope["method"]
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def refuse(exc: DovecoteError) -> None:
+            body = exc.to_json() | {"request_id": request_id}
+            response = JSONResponse(body, status_code=exc.status, headers={
+                "Retry-After": retry_after_header(exc.retry_after or 1)})
+            await response(scope, receive, send_wrapper)
+
+        try:
+            exempt = route in ("/health/live", "/health/ready", "/health", "/metrics", "/admin")
+            client = self._client_ip(scope, headers)
+            if not exempt:
+                wait = dc.ip_limits.take(client)
+                if wait:
+                    await refuse(RateLimited("rate limit per client address", retry_after=wait))
+                    return
+                if dc.degradation.draining and method == "POST":
+                    await refuse(Overloaded("shutting down", retry_after=1))
+                    return
+            if exempt:
+                await self.app(scope, receive, send_wrapper)
+            elif not dc.requests.try_acquire():
+                await refuse(Overloaded("too many requests in flight", retry_after=1))
+            else:
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                finally:
+                    dc.requests.release()
+        finally:
+            elapsed = time.perf_counter() - started
+            status = str(status_holder["status"])
+            metrics.HTTP_REQUESTS.labels(route, method, status).inc()
+            metrics.HTTP_DURATION.labels(route, method).observe(elapsed)
+            if dc.settings.access_log:
+                log.info("http.request", method=method, route=route, status=status,
+                         seconds=round(elapsed, 4), request_id=request_id)
+
+    def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
+        peer = (scope.get("client") or ("", 0))[0]
+        if peer in self.dc.settings.trusted_proxies:
+            forwarded = headers.get(b"x-forwarded-for", b"").decode()
+            if forwarded:
+                return forwarded.split(",")[0].strip()
+        return str(peer)
+
+
+async def health_live(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def health_ready(request: Request) -> Response:
+    dc: Dovecote = request.app.state.dovecote
+    ready = dc.health.ready
+    body = {"ready": ready, "draining": dc.degradation.draining,
+            "degradation": dc.degradation.level,
+            "store": dc.health.results.get("store").__dict__ if dc.health.results else None}
+    return JSONResponse(body, status_code=200 if ready else 503,
+                        headers={} if ready else {"Retry-After": "5"})
+
+
+async def health_full(request: Request) -> Response:
+    dc: Dovecote = request.app.state.dovecote
+    summary = dc.health.summary()
+    return JSONResponse(summary, status_code=200 if summary["ready"] else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_app(dovecote: Dovecote) -> Starlette:
+    """The ASGI application for one instance."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await dovecote.start()
+        try:
+            yield
+        finally:
+            await dovecote.stop()
+
+    routes = [
+        Route("/", http_routes.post_message, methods=["POST"]),
+        Route("/", http_routes.root, methods=["GET"]),
+        WebSocketRoute("/ws", websocket_endpoint),
+        Route("/invitation", http_routes.invitation, methods=["GET"]),
+        Route("/health/live", health_live, methods=["GET"]),
+        Route("/health/ready", health_ready, methods=["GET"]),
+        Route("/health", health_full, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *admin.ROUTES,
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.dovecote = dovecote
+    app.add_middleware(GuardMiddleware, dovecote=dovecote)
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with our first shutdown step: drain before closing sockets."""
+
+    dovecote: Dovecote | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.dovecote is not None:
+            self.dovecote.begin_drain()
+        super().handle_exit(sig, frame)
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT (first drains, second forces)."""
+    dovecote = Dovecote(settings)
+    print(f"Dovecote {__version__} mediator", flush=True)
+    print(f"  DID:        {dovecote.identity.did}", flush=True)
+    print(f"  Invitation: {dovecote.identity.invitation_url(settings.base_url)}", flush=True)
+    print(f"  HTTP:       {settings.base_url}/   WebSocket: {settings.ws_url}", flush=True)
+    print(f"  Health:     {settings.base_url}/health   Metrics: {settings.base_url}/metrics",
+          flush=True)
+    config = uvicorn.Config(
+        build_app(dovecote),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+        ws_max_size=settings.max_body_bytes + 1024,
+        server_header=False,
+    )
+    server = _Server(config)
+    server.dovecote = dovecote
+    server.run()

@@ -1,0 +1,1 @@
+"""Transports: HTTP and WebSocket routes, request limits. Knows nothing of storage."""
