@@ -19,6 +19,7 @@ from dovecote.didcomm import coordinate, discover, pickup, problem, routing, tru
 from dovecote.didcomm.messages import (
     Context,
     Handler,
+    PLAINTEXT,
     Inbound,
     Transport,
     problem_report,
@@ -88,7 +89,7 @@ class Mediator:
             return Outcome(status=exc.status, error=exc)
 
         inbound = Inbound(unpacked.message, unpacked.sender, transport, session, request_id)
-        wants_return = inbound.message.get("return_route") in ("all", "thread")
+        wants_return = inbound.return_route in ("all", "thread")
         msg_type = inbound.type
         protocol, name = _labels(msg_type)
         started = time.perf_counter()
@@ -109,8 +110,11 @@ class Mediator:
                      transport=transport, request_id=request_id)
             replies = []
             if inbound.sender:
-                replies = [problem_report(exc.code, exc.detail, pthid=inbound.thid,
-                                          ack=inbound.id or None)]
+                # No `ack` header: the spec makes it optional and SICPA's didcomm-python
+                # rejects the list form the current spec uses.
+                report = problem_report(exc.code, exc.detail, pthid=inbound.thid)
+                report["to"] = [inbound.sender]
+                replies = [report]
         finally:
             metrics.DIDCOMM_DURATION.labels(protocol, name).observe(
                 time.perf_counter() - started
@@ -132,6 +136,7 @@ class Mediator:
         """A live-mode `delivery` message for a mailbox owner, packed for it."""
         message: dict[str, Any] = {
             "id": str(uuid.uuid4()),
+            "typ": PLAINTEXT,
             "type": pickup.DELIVERY,
             "from": self.packer.identity.did,
             "to": [mediatee],

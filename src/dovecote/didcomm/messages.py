@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 Transport = Literal["http", "ws"]
 PROBLEM_REPORT = "https://didcomm.org/report-problem/2.0/problem-report"
+PLAINTEXT = "application/didcomm-plain+json"
 
 
 @dataclass
@@ -51,6 +52,20 @@ class Inbound:
         if not isinstance(body, dict):
             raise MalformedMessage("body must be a JSON object")
         return body
+
+    @property
+    def return_route(self) -> str:
+        """The return_route header ("none" when absent).
+
+        SICPA's didcomm-python (0.3) serialises custom headers as a `custom_headers` list
+        instead of top-level keys; accepting that form lets its users be answered.
+        """
+        value = self.message.get("return_route")
+        if value is None:
+            for header in self.message.get("custom_headers") or []:
+                if isinstance(header, dict) and "return_route" in header:
+                    value = header["return_route"]
+        return value if value in ("all", "thread", "none") else "none"
 
     def require_sender(self) -> str:
         """The authenticated sender's DID; protocols that act for a DID need one."""
@@ -85,6 +100,7 @@ def reply(inbound: Inbound, msg_type: str, body: dict[str, Any], **headers: Any)
     """A reply in the sender's thread."""
     message: dict[str, Any] = {
         "id": str(uuid.uuid4()),
+        "typ": PLAINTEXT,
         "type": msg_type,
         "thid": inbound.thid,
         "created_time": int(time.time()),
@@ -102,6 +118,7 @@ def problem_report(
     """A Report Problem 2.0 message."""
     message: dict[str, Any] = {
         "id": str(uuid.uuid4()),
+        "typ": PLAINTEXT,
         "type": PROBLEM_REPORT,
         "created_time": int(time.time()),
         "body": {"code": code, "comment": comment},
