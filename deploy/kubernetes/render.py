@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the kubectl example below is one shell line)
 """Regenerate the plain manifests in this directory from the Helm chart's default values.
 
     pip install helm-python-sdk pyyaml   # Helm's own Go template engine, no helm binary
@@ -32,7 +33,7 @@ SECRET_NOTE = """\
 # Before applying: create the Secret "dovecote" with the keys DOVECOTE_STORE (PostgreSQL
 # URL), identity.json (mediator keys) and, optionally, DOVECOTE_ADMIN_TOKEN:
 #   kubectl create secret generic dovecote \\
-#     --from-literal=DOVECOTE_STORE='postgresql://USER:PASS@pg1:5432,pg2:5432,pg3:5432/dovecote?target_session_attrs=read-write' \\
+#     --from-literal=DOVECOTE_STORE='postgresql://USER:PASS@pg1,pg2,pg3/dovecote?target_session_attrs=read-write' \\
 #     --from-literal=DOVECOTE_ADMIN_TOKEN="$(openssl rand -hex 32)" \\
 #     --from-file=identity.json=./identity/identity.json
 # servicemonitor.yaml needs the Prometheus Operator CRDs; skip it on clusters without them.
@@ -82,9 +83,7 @@ def main() -> int:
     stale = sorted(
         name
         for name in files.keys() | existing
-        if name not in files
-        or name not in existing
-        or (HERE / name).read_text() != files[name]
+        if name not in files or name not in existing or (HERE / name).read_text() != files[name]
     )
     if args.check:
         for name in stale:

@@ -28,6 +28,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -349,7 +350,9 @@ def test_hpa_targets_the_deployment(kinds: dict[str, dict[str, Any]]) -> None:
 
 def test_service_monitor_scrapes_metrics(kinds: dict[str, dict[str, Any]]) -> None:
     monitor, service = kinds["ServiceMonitor"], kinds["Service"]
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == service["spec"]["ports"][0]["name"]
     assert endpoint["path"] == "/metrics"
@@ -416,9 +419,10 @@ def test_values_agree_with_manifests(kinds: dict[str, dict[str, Any]]) -> None:
     assert v["autoscaling"]["maxReplicas"] == hpa["maxReplicas"]
     target = hpa["metrics"][0]["resource"]["target"]["averageUtilization"]
     assert v["autoscaling"]["targetCPUUtilizationPercentage"] == target
-    assert v["podDisruptionBudget"]["minAvailable"] == kinds["PodDisruptionBudget"]["spec"][
-        "minAvailable"
-    ]
+    assert (
+        v["podDisruptionBudget"]["minAvailable"]
+        == kinds["PodDisruptionBudget"]["spec"]["minAvailable"]
+    )
     assert v["resources"] == main["resources"]
     assert v["securityContext"] == main["securityContext"]
     assert v["podSecurityContext"] == pod["securityContext"]
@@ -459,8 +463,13 @@ def test_nginx_agrees_with_values_and_server() -> None:
     }
     rate = re.search(r"rate=(\d+)r/s", zones["dovecote_req_per_ip"]).group(1)  # type: ignore[union-attr]
     assert float(rate) == server_default("rate_limit_ip")
-    bursts = {int(b) for b in re.findall(r"zone=dovecote_req_per_ip burst=(\d+)", "\n".join(
-        "limit_req " + d for d in nginx_directives("limit_req")))}
+    bursts = {
+        int(b)
+        for b in re.findall(
+            r"zone=dovecote_req_per_ip burst=(\d+)",
+            "\n".join("limit_req " + d for d in nginx_directives("limit_req")),
+        )
+    }
     assert bursts == {server_default("rate_limit_ip_burst")}
 
 
@@ -468,9 +477,7 @@ def test_nginx_retries_only_where_resending_is_safe() -> None:
     text = (NGINX_DIR / "dovecote.conf").read_text()
     code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     blocks = dict(re.findall(r"location\s+([^{]+?)\s*\{(.*?)\n    \}", code, re.S))
-    with_resend = {
-        loc.strip() for loc, body in blocks.items() if "non_idempotent" in body
-    }
+    with_resend = {loc.strip() for loc, body in blocks.items() if "non_idempotent" in body}
     # POST / (forwards deduplicated by content) and rooms requests that carry an
     # Idempotency-Key (anything keyless goes to @dovecote_rooms_no_retry).
     assert with_resend == {"= /", "/v1/rooms/"}
@@ -531,11 +538,14 @@ def test_helm_lint_is_clean() -> None:
     assert not report["errors"] and not problems, report
 
 
-def test_helm_lint_rejects_unsafe_values() -> None:
+def test_helm_lint_is_clean_for_the_sqlite_profile() -> None:
+    # (helm lint runs `fail` leniently, only logging it, so unsafe values are tested by
+    # rendering below, not by lint.)
     helm = helm_sdk()
-    report = helm.lint(CHART, {"store": {"type": "sqlite"}})
-    text = json.dumps(report)
-    assert "needs PostgreSQL" in text, report
+    profile = {"store": {"type": "sqlite"}, "replicaCount": 1, "autoscaling": {"enabled": False}}
+    report = helm.lint(CHART, profile, strict=True)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
 
 
 def test_plain_manifests_equal_helm_template_with_defaults() -> None:
@@ -549,10 +559,10 @@ def test_plain_manifests_equal_helm_template_with_defaults() -> None:
 def test_plain_manifests_are_exactly_the_generated_files() -> None:
     helm_sdk()
     result = subprocess.run(
-        ["python3" if not shutil.which("python") else "python",
-         str(MANIFESTS / "render.py"), "--check"],
-        capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(__import__("sys").path)},
+        [sys.executable, str(MANIFESTS / "render.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -589,7 +599,14 @@ def test_helm_sqlite_profile_is_single_instance() -> None:
         ({"terminationGracePeriodSeconds": 30}, "terminationGracePeriodSeconds"),
         ({"adminToken": "t"}, "needs both store.url and identity"),
     ],
-    ids=["sqlite-2-replicas", "sqlite-hpa", "unknown-store", "bad-url", "short-grace", "half-secret"],
+    ids=[
+        "sqlite-2-replicas",
+        "sqlite-hpa",
+        "unknown-store",
+        "bad-url",
+        "short-grace",
+        "half-secret",
+    ],
 )
 def test_helm_refuses_unsafe_values(overrides: dict[str, Any], message: str) -> None:
     helm = helm_sdk()
@@ -603,7 +620,11 @@ def test_helm_chart_created_secret() -> None:
     docs = by_kind(render_chart({"store": {"url": url}, "adminToken": "tok", "identity": identity}))
     secret = docs["Secret"]
     decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert decoded == {"DOVECOTE_STORE": url, "DOVECOTE_ADMIN_TOKEN": "tok", "identity.json": identity}
+    assert decoded == {
+        "DOVECOTE_STORE": url,
+        "DOVECOTE_ADMIN_TOKEN": "tok",
+        "identity.json": identity,
+    }
     pod_template = docs["Deployment"]["spec"]["template"]
     assert "checksum/secret" in pod_template["metadata"]["annotations"]
     env = {e["name"]: e for e in container(docs["Deployment"])["env"]}
@@ -616,7 +637,9 @@ def test_helm_existing_secret_creates_none() -> None:
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     names = {e["valueFrom"]["secretKeyRef"]["name"] for e in container(docs["Deployment"])["env"]}
     assert names == {"relay-creds"}
-    assert {v["name"]: v for v in pod["volumes"]}["identity"]["secret"]["secretName"] == "relay-creds"
+    assert {v["name"]: v for v in pod["volumes"]}["identity"]["secret"][
+        "secretName"
+    ] == "relay-creds"
 
 
 def test_helm_ingress_and_fixed_replicas() -> None:
@@ -654,9 +677,7 @@ def test_helm_config_changes_roll_the_pods() -> None:
 
 @pytest.mark.skipif(shutil.which("helm") is None, reason="helm binary not on PATH")
 def test_helm_binary_lint_and_template() -> None:
-    lint = subprocess.run(
-        ["helm", "lint", "--strict", str(CHART)], capture_output=True, text=True
-    )
+    lint = subprocess.run(["helm", "lint", "--strict", str(CHART)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     template = subprocess.run(
         ["helm", "template", RELEASE, str(CHART)], capture_output=True, text=True, check=True
@@ -707,6 +728,12 @@ class Backend:
 
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body go out in two writes; without this, Nagle's algorithm
+                # and nginx's delayed ACK add 40 ms to every response.
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -786,7 +813,11 @@ class Proxy:
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                response.read(),
+            )
         finally:
             conn.close()
 
@@ -800,7 +831,9 @@ def render_nginx(out: Path, upstreams: list[int], **env: str) -> None:
     }
     subprocess.run(
         ["sh", str(NGINX_DIR / "render.sh"), str(out)],
-        env=environment, check=True, capture_output=True,
+        env=environment,
+        check=True,
+        capture_output=True,
     )
 
 
@@ -812,9 +845,26 @@ def tls_files() -> Iterator[tuple[Path, Path]]:
     os.chmod(directory, 0o755)
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
     )
     yield cert, key
     shutil.rmtree(directory, ignore_errors=True)
@@ -823,9 +873,18 @@ def tls_files() -> Iterator[tuple[Path, Path]]:
 def nginx_test(directory: Path) -> subprocess.CompletedProcess[str]:
     assert NGINX
     return subprocess.run(
-        [NGINX, "-t", "-p", str(directory), "-c", str(directory / "nginx.conf"),
-         "-e", str(directory / "logs" / "error.log")],
-        capture_output=True, text=True,
+        [
+            NGINX,
+            "-t",
+            "-p",
+            str(directory),
+            "-c",
+            str(directory / "nginx.conf"),
+            "-e",
+            str(directory / "logs" / "error.log"),
+        ],
+        capture_output=True,
+        text=True,
     )
 
 
@@ -839,15 +898,23 @@ def test_nginx_config_passes_nginx_t(tls_files: tuple[Path, Path], ipv6: str) ->
     directory = Path(tempfile.mkdtemp(prefix="dovecote-nginx-"))
     try:
         render_nginx(
-            directory, [free_port(), free_port()],
-            LISTEN_PORT=str(free_port()), HTTP_PORT=str(free_port()),
-            TLS_CERT=str(cert), TLS_KEY=str(key), LISTEN_IPV6=ipv6,
+            directory,
+            [free_port(), free_port()],
+            LISTEN_PORT=str(free_port()),
+            HTTP_PORT=str(free_port()),
+            TLS_CERT=str(cert),
+            TLS_KEY=str(key),
+            LISTEN_IPV6=ipv6,
             SERVER_NAME="relay.example.com",
         )
         result = nginx_test(directory)
         assert result.returncode == 0, result.stderr
         assert "test is successful" in result.stderr
-        rendered = (directory / "dovecote.conf").read_text()
+        rendered = "\n".join(
+            line
+            for line in (directory / "dovecote.conf").read_text().splitlines()
+            if not line.lstrip().startswith("#")
+        )
         assert rendered.count("max_fails=3 fail_timeout=10s;") == 2
         assert ("listen [::]" in rendered) == (ipv6 == "1")
     finally:
@@ -858,7 +925,9 @@ def test_nginx_render_refuses_missing_upstreams(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DOVECOTE_UPSTREAMS"}
     result = subprocess.run(
         ["sh", str(NGINX_DIR / "render.sh"), str(tmp_path / "out")],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0 and "DOVECOTE_UPSTREAMS" in result.stderr
 
@@ -877,13 +946,28 @@ def nginx_proxy(tls_files: tuple[Path, Path]) -> Iterator[Callable[[list[int]], 
         os.chmod(prefix, 0o755)
         https_port, http_port = free_port(), free_port()
         render_nginx(
-            prefix, upstreams, LISTEN_PORT=str(https_port), HTTP_PORT=str(http_port),
-            TLS_CERT=str(cert), TLS_KEY=str(key), LISTEN_IPV6="0",
+            prefix,
+            upstreams,
+            LISTEN_PORT=str(https_port),
+            HTTP_PORT=str(http_port),
+            TLS_CERT=str(cert),
+            TLS_KEY=str(key),
+            LISTEN_IPV6="0",
         )
         process = subprocess.Popen(
-            [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-             "-e", str(prefix / "logs" / "error.log"), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                NGINX,
+                "-p",
+                str(prefix),
+                "-c",
+                str(prefix / "nginx.conf"),
+                "-e",
+                str(prefix / "logs" / "error.log"),
+                "-g",
+                "daemon off;",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         proxy = Proxy(https_port, http_port, prefix, process)
         started.append((proxy, prefix))
@@ -956,8 +1040,16 @@ def test_nginx_forwards_client_address_proto_and_request_id(nginx_proxy, backend
 def test_nginx_keeps_operator_endpoints_local(nginx_proxy, backends) -> None:
     a = backends("a")
     proxy = nginx_proxy([a.port])
-    for path in ("/admin/dlq", "/admin", "/adminx", "/metrics", "/health", "//admin/dlq",
-                 "/%61dmin/dlq", "/x/../admin/dlq"):
+    for path in (
+        "/admin/dlq",
+        "/admin",
+        "/adminx",
+        "/metrics",
+        "/health",
+        "//admin/dlq",
+        "/%61dmin/dlq",
+        "/x/../admin/dlq",
+    ):
         status, _, _ = proxy.request("GET", path, source="127.0.0.2")
         assert status == 403, path
     assert a.seen == []
@@ -1003,8 +1095,10 @@ def test_nginx_rooms_post_resent_only_with_idempotency_key(nginx_proxy, backends
         for i in range(4)
     ]
     assert keyed_statuses == [202] * 4
+    # GETs are idempotent: resent on 503 like keyed posts (the fake answers every method
+    # with its fixed status).
     gets = [proxy.request("GET", "/v1/rooms/r1/messages?after=0")[0] for _ in range(4)]
-    assert gets == [200 if False else 202] * 4  # the fake answers every method with its status
+    assert gets == [202] * 4
 
 
 def test_nginx_answers_json_503_when_no_instance_is_up(nginx_proxy) -> None:
