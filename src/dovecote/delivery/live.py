@@ -31,6 +31,8 @@ DeliveryBuilder = Callable[[str, "Sequence[StoredMessage]"], Awaitable[bytes]]
 MAX_IN_FLIGHT = 1000
 # Re-check the store this often even without a wake-up (a missed notification only delays).
 SAFETY_POLL_SECONDS = 5.0
+# A store's notification meaning "any mailbox may have new messages".
+WAKE_ALL = "*"
 
 
 class LiveSession:
@@ -91,6 +93,11 @@ class LiveRegistry:
                 await session.task
 
     def notify(self, mediatee: str) -> None:
+        if mediatee == WAKE_ALL:
+            # The store may have missed wake-ups (e.g. its LISTEN connection dropped).
+            for live in set(self.by_mediatee.values()):
+                live.wake.set()
+            return
         session = self.by_mediatee.get(mediatee)
         if session is not None:
             session.wake.set()

@@ -189,12 +189,12 @@ class SQLiteStore(Store):
                     result = job.fn(conn)
                     conn.execute("RELEASE job")
                     outcomes.append((True, result))
-                except BaseException as exc:  # noqa: BLE001 - reported to that caller only
+                except BaseException as exc:  # reported to that caller only
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append((False, _translate(exc)))
             conn.execute("COMMIT")
-        except BaseException as exc:  # noqa: BLE001 - the whole batch failed to commit
+        except BaseException as exc:  # the whole batch failed to commit
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -651,7 +651,7 @@ class SQLiteStore(Store):
         def fn(c: sqlite3.Connection) -> int:
             where, params = _dlq_filter(ids, target, None)
             rows = c.execute(
-                f"DELETE FROM dead_letters WHERE {where} AND kind != 'mailbox' "  # noqa: S608
+                f"DELETE FROM dead_letters WHERE {where} AND kind != 'mailbox' "
                 "RETURNING kind, target, payload, headers, history",
                 params,
             ).fetchall()
@@ -674,7 +674,7 @@ class SQLiteStore(Store):
         def fn(c: sqlite3.Connection) -> int:
             where, params = _dlq_filter(ids, None, older_than)
             return int(
-                c.execute(f"DELETE FROM dead_letters WHERE {where}", params).rowcount  # noqa: S608
+                c.execute(f"DELETE FROM dead_letters WHERE {where}", params).rowcount
             )
 
         result: int = await self._write(fn)

@@ -10,8 +10,9 @@ CREATE TABLE mediations (
 );
 
 -- Recipient DIDs (or keys) a mediatee registered; forwards to them are queued.
+-- COLLATE "C": pages of recipients sort bytewise, exactly as on SQLite.
 CREATE TABLE recipients (
-    recipient    TEXT PRIMARY KEY,
+    recipient    TEXT COLLATE "C" PRIMARY KEY,
     mediatee     TEXT NOT NULL REFERENCES mediations(did),
     created_at   DOUBLE PRECISION NOT NULL
 );
