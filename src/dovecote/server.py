@@ -198,9 +198,10 @@ class Dovecote:
             for i in await self.store.instances()
         ]
 
-    def count_bad_input(self, exc: DovecoteError, transport: str) -> None:
+    def count_bad_input(self, exc: DovecoteError, transport: str, request_id: str = "") -> None:
         metrics.BAD_INPUT.labels(exc.code, transport).inc()
-        log.info("request.rejected", code=exc.code, detail=exc.detail, transport=transport)
+        log.info("request.rejected", code=exc.code, detail=exc.detail, transport=transport,
+                 request_id=request_id)
 
 
 class GuardMiddleware:

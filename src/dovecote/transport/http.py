@@ -64,13 +64,13 @@ async def post_message(request: Request) -> Response:
     try:
         raw = await read_body(request, app.settings.max_body_bytes)
     except DovecoteError as exc:
-        app.count_bad_input(exc, "http")
+        app.count_bad_input(exc, "http", request_id)
         return error_response(exc, request_id)
     except ClientDisconnect:
         return Response(status_code=400)
     if not raw:
         exc = MalformedMessage("empty body")
-        app.count_bad_input(exc, "http")
+        app.count_bad_input(exc, "http", request_id)
         return error_response(exc, request_id)
 
     outcome = await app.mediator.receive(raw, "http", request_id=request_id)
