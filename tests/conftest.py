@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support.server import ServerProcess, free_port  # noqa: E402
+from support.server import ServerProcess, free_port
 
 POSTGRES_URL = os.environ.get("DOVECOTE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 

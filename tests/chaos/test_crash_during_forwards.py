@@ -14,6 +14,7 @@ import signal
 from collections import Counter
 
 import httpx
+
 from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, forward_to
 from support.server import ServerProcess
 
@@ -62,7 +63,7 @@ async def test_sigkill_under_load_loses_and_duplicates_nothing(
         for _ in range(KILLS):
             # Wait until a random share of the work is done, then pull the plug.
             target = random.randint(MESSAGES // 5, MESSAGES * 3 // 5)
-            while len(accepted) < min(target, MESSAGES - 1):
+            while len(accepted) < min(target, MESSAGES - 1):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             server.kill(signal.SIGKILL)
             await asyncio.sleep(0.2)

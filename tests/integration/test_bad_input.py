@@ -13,6 +13,7 @@ from didcomm.common.resolvers import ResolversConfig
 from didcomm.did_doc.did_doc import DIDDoc
 from didcomm.did_doc.did_resolver import ChainedDIDResolver, DIDResolver
 from didcomm.secrets.secrets_resolver_in_memory import SecretsResolverInMemory
+
 from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, PeerResolver, forward_to
 from support.inspect import metric_value, snapshot
 from support.server import ServerProcess

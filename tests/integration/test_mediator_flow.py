@@ -9,6 +9,7 @@ import uuid
 import httpx
 import pytest
 import websockets
+
 from support.agent import (
     BASIC,
     CM2,

@@ -46,7 +46,7 @@ class ServerProcess:
     def start(self, wait: bool = True) -> ServerProcess:
         env = {**os.environ, **self.env}
         env.setdefault("DOVECOTE_LOG_FORMAT", "json")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dovecote", "serve", "--port", str(self.port),
              "--data-dir", str(self.data_dir), *self.extra_args],

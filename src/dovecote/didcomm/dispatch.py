@@ -17,9 +17,9 @@ import structlog
 from dovecote.delivery.live import LiveSession
 from dovecote.didcomm import coordinate, discover, pickup, problem, routing, trust_ping
 from dovecote.didcomm.messages import (
+    PLAINTEXT,
     Context,
     Handler,
-    PLAINTEXT,
     Inbound,
     Transport,
     problem_report,

@@ -69,9 +69,9 @@ async def post_message(request: Request) -> Response:
     except ClientDisconnect:
         return Response(status_code=400)
     if not raw:
-        exc = MalformedMessage("empty body")
-        app.count_bad_input(exc, "http", request_id)
-        return error_response(exc, request_id)
+        empty = MalformedMessage("empty body")
+        app.count_bad_input(empty, "http", request_id)
+        return error_response(empty, request_id)
 
     outcome = await app.mediator.receive(raw, "http", request_id=request_id)
     if outcome.replies and outcome.return_route:
