@@ -594,10 +594,13 @@ def test_helm_sqlite_profile_is_single_instance() -> None:
             {"store": {"type": "sqlite"}, "replicaCount": 1, "autoscaling": {"enabled": True}},
             "needs PostgreSQL",
         ),
-        ({"store": {"type": "mysql"}}, "store.type"),
-        ({"store": {"url": "mysql://x"}, "identity": "{}"}, "postgresql://"),
+        ({"store": {"type": "mysql"}}, "/store/type"),
+        ({"store": {"url": "mysql://x"}, "identity": "{}"}, "/store/url"),
         ({"terminationGracePeriodSeconds": 30}, "terminationGracePeriodSeconds"),
         ({"adminToken": "t"}, "needs both store.url and identity"),
+        # values.schema.json: a misspelt key is an error, not silently ignored.
+        ({"replicas": 2}, "additional properties 'replicas' not allowed"),
+        ({"probes": {"readiness": {"path": "/ready"}}}, "does not match pattern"),
     ],
     ids=[
         "sqlite-2-replicas",
@@ -606,6 +609,8 @@ def test_helm_sqlite_profile_is_single_instance() -> None:
         "bad-url",
         "short-grace",
         "half-secret",
+        "misspelt-key",
+        "wrong-probe-path",
     ],
 )
 def test_helm_refuses_unsafe_values(overrides: dict[str, Any], message: str) -> None:
@@ -892,8 +897,12 @@ def nginx_test(directory: Path) -> subprocess.CompletedProcess[str]:
 @needs_openssl
 @pytest.mark.parametrize("ipv6", ["1", "0"], ids=["ipv6", "ipv4-only"])
 def test_nginx_config_passes_nginx_t(tls_files: tuple[Path, Path], ipv6: str) -> None:
-    if ipv6 == "1" and not socket.has_ipv6:
-        pytest.skip("no IPv6")
+    if ipv6 == "1":
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
     cert, key = tls_files
     directory = Path(tempfile.mkdtemp(prefix="dovecote-nginx-"))
     try:
