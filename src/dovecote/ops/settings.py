@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -27,6 +28,12 @@ DEFAULT_MAX_BODY_BYTES = 5 * MiB
 DEFAULT_MESSAGE_TTL = 30 * DAY
 DEFAULT_DEDUP_WINDOW = DAY
 DEFAULT_SHUTDOWN_TIMEOUT = 25.0
+DEFAULT_ROOMS_JWKS_REFRESH = 300.0
+DEFAULT_ROOMS_MAX_MESSAGE_BYTES = 16 * 1024
+DEFAULT_ROOMS_WS_QUEUE = 1000
+
+# Lists come as "a,b,c" from the environment and flags, not as JSON.
+CsvList = Annotated[list[str], NoDecode]
 
 MediationPolicy = Literal["open", "allowlist"]
 LogFormat = Literal["auto", "json", "console"]
@@ -52,7 +59,7 @@ class Settings(BaseSettings):
         "(default http://HOST:PORT). The WebSocket URL is derived (ws[s]://.../ws).",
     )
     workers: int = Field(1, ge=1, le=64, description="Worker processes (PostgreSQL only for >1).")
-    trusted_proxies: list[str] = Field(
+    trusted_proxies: CsvList = Field(
         default_factory=list,
         description="Proxy addresses whose X-Forwarded-For/-Proto headers are trusted.",
     )
@@ -94,7 +101,7 @@ class Settings(BaseSettings):
     mediation_policy: MediationPolicy = Field(
         "open", description="Grant mediation to anyone (open) or only to MEDIATION_ALLOWLIST."
     )
-    mediation_allowlist: list[str] = Field(
+    mediation_allowlist: CsvList = Field(
         default_factory=list, description="DIDs allowed mediation when the policy is allowlist."
     )
     live_push_batch: int = Field(
@@ -139,9 +146,41 @@ class Settings(BaseSettings):
         256 * MiB, ge=0, description="Free disk below which new accepts are refused."
     )
 
+    # --- rooms
+    rooms_jwks_file: Path | None = Field(
+        None, description="JWKS file with the rooms token issuer's public keys (re-read when "
+        "it changes)."
+    )
+    rooms_jwks_url: str = Field(
+        "", description="URL of the rooms token issuer's JWKS (refetched periodically)."
+    )
+    rooms_jwks_refresh: float = Field(
+        DEFAULT_ROOMS_JWKS_REFRESH, gt=0,
+        description="Seconds between JWKS URL refetches (an unknown key id refetches sooner).",
+    )
+    rooms_jwt_issuer: str = Field(
+        "", description="Required `iss` of rooms tokens (empty: any issuer whose key verifies)."
+    )
+    rooms_jwt_audience: str = Field(
+        "", description="Required `aud` of rooms tokens (empty: not checked)."
+    )
+    rooms_max_message_bytes: int = Field(
+        DEFAULT_ROOMS_MAX_MESSAGE_BYTES, ge=256, le=DEFAULT_MAX_BODY_BYTES,
+        description="Largest room message content (UTF-8 JSON bytes of text and data).",
+    )
+    rooms_purge_after: float = Field(
+        DAY, ge=0, description="Seconds after a room message is deleted before its content "
+        "is erased from the store."
+    )
+    rooms_ws_queue: int = Field(
+        DEFAULT_ROOMS_WS_QUEUE, ge=1,
+        description="Events buffered per rooms WebSocket before a slow subscriber is "
+        "disconnected with a resume hint.",
+    )
+
     # --- admin and observability
     admin_token: str = Field("", description="Bearer token for /admin (empty: admin disabled).")
-    admin_allow: list[str] = Field(
+    admin_allow: CsvList = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="Client networks allowed to reach /admin.",
     )

@@ -1,0 +1,51 @@
+"""docs/configuration.md documents every setting and `serve --help` lists every flag."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from dovecote.ops.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _generator() -> object:
+    spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "gen_config_doc.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_configuration_doc_is_current() -> None:
+    rendered = _generator().render()  # type: ignore[attr-defined]
+    current = (ROOT / "docs" / "configuration.md").read_text()
+    assert current == rendered, "run: .venv/bin/python scripts/gen_config_doc.py"
+
+
+def test_serve_help_documents_every_setting() -> None:
+    out = subprocess.run([sys.executable, "-m", "dovecote", "serve", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in out
+        assert f"DOVECOTE_{name.upper()}" in out.replace("\n", "").replace(" ", "")
+
+
+def test_env_and_flag_precedence(monkeypatch: object, tmp_path: Path) -> None:
+    import pytest
+
+    mp: pytest.MonkeyPatch = monkeypatch  # type: ignore[assignment]
+    toml = tmp_path / "dovecote.toml"
+    toml.write_text('port = 9000\nmediation_allowlist = ["did:peer:2.a"]\nlog_level = "debug"\n')
+    mp.setenv("DOVECOTE_CONFIG", str(toml))
+    mp.setenv("DOVECOTE_LOG_LEVEL", "warning")
+    settings = Settings()
+    assert settings.port == 9000
+    assert settings.mediation_allowlist == ["did:peer:2.a"]
+    assert settings.log_level == "warning"
+    assert Settings(port=9100).port == 9100
+    mp.setenv("DOVECOTE_ADMIN_ALLOW", "10.0.0.0/8, 127.0.0.1/32")
+    assert Settings().admin_allow == ["10.0.0.0/8", "127.0.0.1/32"]
