@@ -1,0 +1,251 @@
+"""`Client`: the asyncio entry point tying identity, packing, outbox, pickup and rooms.
+
+    async with Client(ClientConfig(data_dir=...)) as client:
+        await client.mediate(invitation_url)        # once
+        await client.send(other_did, "hello")       # durable on return
+        for message in await client.fetch():        # or: await client.live(handler)
+            print(message.body)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+import structlog
+
+from dovecote.client import identity as identity_mod
+from dovecote.client.config import DEFAULT_PICKUP_LIMIT, ClientConfig
+from dovecote.client.errors import NotMediated
+from dovecote.client.identity import ClientIdentity, Mediation
+from dovecote.client.mediation import (
+    MediatorChannel,
+    mediator_endpoints,
+    parse_invitation,
+    request_mediation,
+)
+from dovecote.client.outbox import FailureCallback, Sender
+from dovecote.client.packing import Packer, Route
+from dovecote.client.pickup import Handler, Inbox, PickupStatus, Received
+from dovecote.client.rooms import RoomsClient
+from dovecote.client.store import ClientStore, OutboxItem, State
+
+log = structlog.get_logger("dovecote.client")
+
+BASIC_MESSAGE = "https://didcomm.org/basicmessage/2.0/message"
+
+
+def _norm(url: str) -> str:
+    return url.rstrip("/")
+
+
+class Client:
+    """A Dovecote client over one data directory."""
+
+    def __init__(self, config: ClientConfig | None = None, *,
+                 on_failed: FailureCallback | None = None, create: bool = False) -> None:
+        self.config = config or ClientConfig()
+        self.on_failed = on_failed
+        self.create = create
+        self.store = ClientStore(self.config.data_dir)
+        self.http = httpx.AsyncClient(timeout=self.config.request_timeout)
+        self._identity: ClientIdentity | None = None
+        self._packer: Packer | None = None
+        self._sender: Sender | None = None
+        self._routes: dict[str, Route] = {}
+        self._inbox: Inbox | None = None
+        self.rooms = RoomsClient(self.config, self.store, self.http, self._enqueue_room)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Client:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        # 1. keys first: nothing works without them
+        if self.create:
+            self._identity = identity_mod.create(self.config.data_dir)
+        else:
+            self._identity = identity_mod.load(self.config.data_dir)
+        self._packer = Packer(self._identity)
+        await self._packer.start()
+        # 2. the local store, then the sender that drains whatever a previous run left
+        await self.store.open()
+        self._sender = Sender(self.store, self.config, self.http, self.on_failed,
+                              self.rooms.headers_for)
+        self._sender.start()
+
+    async def close(self) -> None:
+        # Stop sending (the flush in flight is recorded), then release the store and HTTP.
+        if self._sender is not None:
+            await self._sender.stop()
+        await self.store.close()
+        await self.http.aclose()
+
+    @property
+    def identity(self) -> ClientIdentity:
+        assert self._identity is not None, "use `async with Client(...)` first"
+        return self._identity
+
+    @property
+    def packer(self) -> Packer:
+        assert self._packer is not None, "use `async with Client(...)` first"
+        return self._packer
+
+    @property
+    def sender(self) -> Sender:
+        assert self._sender is not None, "use `async with Client(...)` first"
+        return self._sender
+
+    @property
+    def did(self) -> str:
+        """The DID to give to others (routed through the mediator once mediated)."""
+        return self.identity.public_did
+
+    # ------------------------------------------------------------------ mediation
+    async def mediate(self, invitation_url: str) -> str:
+        """Request mediation from the inviting mediator; register and return the routed DID."""
+        invitation = parse_invitation(invitation_url)
+        mediator_did = invitation["from"]
+        http, ws = await mediator_endpoints(self.packer, mediator_did)
+        channel = MediatorChannel(self.packer, self.http, mediator_did,
+                                  self._relay_urls(http))
+        await request_mediation(channel)
+        ident = self.identity
+        service = identity_mod.routed_service(mediator_did, http[0], self.config.service_form)
+        routed = identity_mod.make_did(ident.signing_key, ident.agreement_key, [service])
+        await self.packer.add_did(routed)
+        await channel.update_recipients(add=[routed])
+        ident.mediation = Mediation(mediator_did, routed, http, ws)
+        self._inbox = None
+        identity_mod.save(self.config.data_dir, ident)
+        log.info("client.mediated", mediator=mediator_did[:40])
+        return routed
+
+    def _relay_urls(self, extra: Sequence[str] = ()) -> list[str]:
+        """Configured relays first, then the mediator's own endpoints, without repeats."""
+        med = self.identity.mediation
+        urls = [*self.config.relays, *(med.endpoints if med else []), *extra]
+        unique: dict[str, str] = {}
+        for url in urls:
+            unique.setdefault(_norm(url), url)
+        return list(unique.values())
+
+    def channel(self) -> MediatorChannel:
+        med = self.identity.mediation
+        if med is None:
+            raise NotMediated()
+        return MediatorChannel(self.packer, self.http, med.mediator_did, self._relay_urls())
+
+    async def add_recipients(self, dids: Sequence[str]) -> dict[str, str]:
+        """Register more DIDs whose messages the mediator should hold for this client."""
+        return await self.channel().update_recipients(add=dids)
+
+    async def remove_recipients(self, dids: Sequence[str]) -> dict[str, str]:
+        return await self.channel().update_recipients(remove=dids)
+
+    async def recipients(self) -> list[str]:
+        return await self.channel().list_recipients()
+
+    # ------------------------------------------------------------------ sending
+    async def route(self, to: str) -> tuple[Route, list[str]]:
+        """The route to `to` and its endpoints in failover order.
+
+        When the message's first hop is this client's own mediator (known by DID or by
+        URL), every configured relay endpoint of that mediator is a valid alternative.
+        """
+        route = self._routes.get(to)
+        if route is None:
+            route = await self.packer.resolve_route(to)
+            self._routes[to] = route
+        endpoints = list(route.endpoints)
+        med = self.identity.mediation
+        ours = {_norm(u) for u in self._relay_urls()}
+        if (med is not None and route.first_hop == med.mediator_did) or any(
+                _norm(e) in ours for e in endpoints):
+            endpoints = self._relay_urls(endpoints)
+        return route, endpoints
+
+    def plaintext(self, to: str, content: str | dict[str, Any], msg_type: str = BASIC_MESSAGE,
+                  anonymous: bool = False) -> dict[str, Any]:
+        body = {"content": content} if isinstance(content, str) else content
+        message: dict[str, Any] = {
+            "id": str(uuid.uuid4()), "typ": "application/didcomm-plain+json",
+            "type": msg_type, "to": [to], "created_time": int(time.time()), "body": body,
+        }
+        if not anonymous:
+            message["from"] = self.did
+        return message
+
+    async def send(self, to: str, content: str | dict[str, Any],
+                   msg_type: str = BASIC_MESSAGE, anonymous: bool = False) -> str:
+        """Queue a message for `to`; returns its id once it is durably in the outbox."""
+        return (await self.send_many([(to, self.plaintext(to, content, msg_type, anonymous))]))[0]
+
+    async def send_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Pack each (to, plaintext) and queue them all in one committed transaction."""
+        rows = []
+        for to, plaintext in messages:
+            route, endpoints = await self.route(to)
+            frm = plaintext.get("from")
+            packed = await self.packer.pack_routed(plaintext, route, frm)
+            rows.append((str(plaintext["id"]), "didcomm", to, packed, endpoints))
+        await self.store.enqueue(rows, delay=self.config.flush_interval)
+        self.sender.queued(len(rows))
+        return [r[0] for r in rows]
+
+    async def _enqueue_room(self, key: str, room: str, payload: bytes, url: str) -> None:
+        await self.store.enqueue([(key, "room", room, payload, [url])],
+                                 delay=self.config.flush_interval)
+        self.sender.queued()
+
+    async def flush(self, wait: bool = True, max_wait: float | None = None) -> dict[str, int]:
+        """Send queued messages now; with `wait`, until none is due (see Sender.flush)."""
+        return await self.sender.flush(wait, max_wait)
+
+    async def outbox(self, state: State | None = None, limit: int = 1000) -> list[OutboxItem]:
+        return await self.store.items(state, limit)
+
+    async def retry_failed(self, ids: Sequence[str] | None = None) -> int:
+        count = await self.store.retry(ids)
+        self.sender.queued(count)
+        return count
+
+    async def purge_outbox(self, states: Sequence[State] = ("sent",),
+                           older_than: float | None = None) -> int:
+        return await self.store.purge(states, older_than)
+
+    # ------------------------------------------------------------------ receiving
+    def inbox(self) -> Inbox:
+        med = self.identity.mediation
+        if med is None:
+            raise NotMediated()
+        if self._inbox is None:
+            self._inbox = Inbox(self.packer, self.store, self.channel(), med.ws_endpoints,
+                                self.config)
+        return self._inbox
+
+    async def live(self, handler: Handler, stop: asyncio.Event | None = None) -> None:
+        """Receive pushed messages until `stop` is set (reconnects and resumes by itself)."""
+        await self.inbox().live(handler, stop)
+
+    async def status(self) -> PickupStatus:
+        return await self.inbox().status()
+
+    async def fetch(self, limit: int = DEFAULT_PICKUP_LIMIT,
+                    handler: Handler | None = None) -> list[Received]:
+        """Pick up one batch (new messages only; duplicates are skipped and acknowledged)."""
+        return await self.inbox().fetch(limit, handler)
+
+    async def drain(self, handler: Handler | None = None) -> list[Received]:
+        """Pick up until the mailbox is empty."""
+        return await self.inbox().drain(handler)

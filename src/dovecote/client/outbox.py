@@ -1,0 +1,233 @@
+"""The background sender: drains the durable outbox in batches, with retries, backoff
+and failover across endpoints.
+
+A row holds the exact bytes to send, fixed when `send()` accepted it, so a retry after a
+crash transmits the same bytes and the relay stores the message once (Dovecote dedups a
+forward by the digest of its payload; rooms by the Idempotency-Key).
+
+Scheduling lives in the row: a new message is due `flush_interval` after it was queued
+(its batch may fill meanwhile; a full batch or `flush()` sends at once), a retry is due
+when its backoff ends. Per attempt outcome:
+
+- 2xx: `sent`;
+- 408/425/429/5xx or no answer: retry; after `attempts_per_endpoint` failures on one
+  endpoint the next endpoint is tried at once; backoff doubles with jitter between
+  attempts; past `retention` the row becomes `failed`;
+- any other 4xx: `failed` at once (the same bytes can never succeed).
+
+Every `failed` row is reported to the failure callback and stays listed until purged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+
+import httpx
+import structlog
+
+from dovecote.client import transport
+from dovecote.client.config import ClientConfig
+from dovecote.client.errors import Rejected, TransportFailure
+from dovecote.client.store import ClientStore, OutboxItem
+
+log = structlog.get_logger("dovecote.client.outbox")
+
+FailureCallback = Callable[[OutboxItem], Awaitable[None] | None]
+HeadersFor = Callable[[OutboxItem], dict[str, str]]
+JSON = "application/json"
+
+
+class Backoff:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self.base = base
+        self.cap = cap
+
+    def __call__(self, attempt: int) -> float:
+        ceiling = min(self.cap, self.base * 2 ** max(0, min(attempt - 1, 30)))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def __repr__(self) -> str:
+        return f"<Backoff base={self.base:.2f}s cap={self.cap:.0f}s>"
+
+
+class Sender:
+    """Delivers outbox rows until stopped; one flush at a time."""
+
+    def __init__(self, store: ClientStore, config: ClientConfig, http: httpx.AsyncClient,
+                 on_failed: FailureCallback | None = None,
+                 headers_for: HeadersFor | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.http = http
+        self.on_failed = on_failed
+        self.headers_for = headers_for or (lambda item: {})
+        self.backoff = Backoff(config.backoff_base, config.backoff_max)
+        self._wake = asyncio.Event()
+        self._urgent = False
+        self._flushed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="dovecote-client-sender")
+
+    async def stop(self) -> None:
+        """Finish the flush in progress (its outcomes are recorded), then stop."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def queued(self, count: int = 1) -> None:
+        """Tell the sender new rows exist (it decides whether the batch is full)."""
+        self._wake.set()
+
+    async def flush(self, wait: bool = True, max_wait: float | None = None) -> dict[str, int]:
+        """Send everything queued now instead of waiting for the batch to fill.
+
+        With `wait`, return once nothing is pending that is due within the flush window
+        (retries still backing off are not waited for), or when `max_wait` passes.
+        """
+        self._urgent = True
+        self._wake.set()
+        if wait:
+            deadline = None if max_wait is None else time.monotonic() + max_wait
+            while True:
+                horizon = time.time() + self.config.flush_interval
+                if not await self.store.due(1, horizon):
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                async with self._flushed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._flushed.wait(),
+                                               min(remaining or 1.0, 1.0))
+                self._urgent = True
+                self._wake.set()
+        return await self.store.counts()
+
+    # ------------------------------------------------------------------ loop
+    async def _run(self) -> None:
+        await self._report_failures()
+        while not self._stopping:
+            try:
+                sent_any = await self._flush_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a store failure must not kill the sender for good
+                log.warning("outbox.flush_error", error=repr(exc)[:300])
+                sent_any = False
+                await asyncio.sleep(1.0)
+            if sent_any:
+                continue
+            next_due = await self.store.next_due_at()
+            timeout = None if next_due is None else max(0.0, next_due - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+
+    async def _flush_once(self) -> bool:
+        """Send one batch if one is due; True when a batch was sent."""
+        now = time.time()
+        lookahead = await self.store.due(self.config.batch_size,
+                                         now + self.config.flush_interval)
+        urgent, self._urgent = self._urgent, False
+        if urgent or len(lookahead) >= self.config.batch_size:
+            batch = lookahead  # full batch, or an explicit flush: don't wait for it to fill
+        else:
+            batch = await self.store.due(self.config.batch_size, now)
+        if not batch or self._stopping:
+            return False
+        await self._send_batch(batch)
+        async with self._flushed:
+            self._flushed.notify_all()
+        return True
+
+    async def _send_batch(self, batch: Sequence[OutboxItem]) -> None:
+        started = time.monotonic()
+        limit = asyncio.Semaphore(self.config.http_concurrency)
+
+        async def attempt(item: OutboxItem) -> OutboxItem:
+            async with limit:
+                return await self._attempt(item)
+
+        results = await asyncio.gather(*(attempt(i) for i in batch))
+        await self.store.record(results)
+        sent = sum(r.state == "sent" for r in results)
+        failed = [r for r in results if r.state == "failed"]
+        log.info("outbox.flushed", size=len(batch), sent=sent, failed=len(failed),
+                 retrying=len(batch) - sent - len(failed),
+                 ms=round((time.monotonic() - started) * 1000))
+        if failed:
+            await self._report_failures()
+
+    async def _attempt(self, item: OutboxItem) -> OutboxItem:
+        url = item.endpoint
+        headers = self.headers_for(item)
+        content_type = transport.ENCRYPTED if item.kind == "didcomm" else JSON
+        now = time.time()
+        try:
+            await transport.post(self.http, url, item.payload, content_type, headers)
+        except Rejected as exc:
+            log.warning("outbox.rejected", id=item.id, url=url, status=exc.status)
+            return replace(item, state="failed", attempts=item.attempts + 1,
+                           last_error=exc.detail[:500], done_at=now)
+        except TransportFailure as exc:
+            return self._reschedule(item, exc.detail, exc.retry_after)
+        except Exception as exc:  # never lose a row to an unexpected error: retry it
+            log.warning("outbox.attempt_error", id=item.id, error=repr(exc)[:300])
+            return self._reschedule(item, repr(exc), None)
+        return replace(item, state="sent", attempts=item.attempts + 1, last_error=None,
+                       done_at=time.time())
+
+    def _reschedule(self, item: OutboxItem, error: str, retry_after: float | None) -> OutboxItem:
+        now = time.time()
+        attempts = item.attempts + 1
+        on_endpoint = item.endpoint_attempts + 1
+        index = item.endpoint_index
+        delay = self.backoff(attempts)
+        if on_endpoint >= self.config.attempts_per_endpoint and len(item.endpoints) > 1:
+            # This endpoint had its chances: the next one is tried at once.
+            index, on_endpoint, delay = index + 1, 0, 0.0
+            log.info("outbox.failover", id=item.id, failed=item.endpoint,
+                     next=item.endpoints[index % len(item.endpoints)])
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        if now + delay > item.created_at + self.config.retention:
+            log.warning("outbox.expired", id=item.id, attempts=attempts, error=error[:200])
+            return replace(item, state="failed", attempts=attempts, endpoint_index=index,
+                           endpoint_attempts=on_endpoint,
+                           last_error=f"retention exceeded; last error: {error}"[:500],
+                           done_at=now)
+        return replace(item, attempts=attempts, endpoint_index=index,
+                       endpoint_attempts=on_endpoint, next_attempt_at=now + delay,
+                       last_error=error[:500])
+
+    async def _report_failures(self) -> None:
+        """Run the failure callback for every failed row not yet reported."""
+        failed = await self.store.unreported_failures()
+        if not failed:
+            return
+        for item in failed:
+            log.warning("outbox.failed", id=item.id, target=item.target[:80],
+                        attempts=item.attempts, error=(item.last_error or "")[:200])
+            if self.on_failed is not None:
+                try:
+                    result = self.on_failed(item)
+                    if result is not None:
+                        await result
+                except Exception as exc:
+                    log.warning("outbox.callback_error", id=item.id, error=repr(exc)[:200])
+        await self.store.mark_reported([i.seq for i in failed])
