@@ -82,7 +82,7 @@ def did(**options: Any) -> None:
     from dovecote.didcomm.identity import load_or_create
 
     settings = _settings(options)
-    ident = load_or_create(settings.data_dir, [settings.base_url, settings.ws_url])
+    ident = load_or_create(settings.identity_path, [settings.base_url, settings.ws_url])
     click.echo(ident.did)
 
 
@@ -94,7 +94,7 @@ def invitation(as_json: bool, **options: Any) -> None:
     from dovecote.didcomm.identity import load_or_create
 
     settings = _settings(options)
-    ident = load_or_create(settings.data_dir, [settings.base_url, settings.ws_url])
+    ident = load_or_create(settings.identity_path, [settings.base_url, settings.ws_url])
     if as_json:
         click.echo(json.dumps(ident.invitation(), indent=2))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import time
 import uuid
@@ -22,15 +23,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from dovecote import __version__
+from dovecote.delivery.breaker import Breakers
 from dovecote.delivery.live import LiveRegistry
+from dovecote.delivery.outbox import OutboxWorkers
 from dovecote.didcomm import identity as identity_mod
 from dovecote.didcomm.dispatch import Mediator
+from dovecote.didcomm.endpoints import Endpoints
 from dovecote.didcomm.messages import Context
 from dovecote.didcomm.packing import Packer
 from dovecote.errors import DovecoteError, Overloaded, RateLimited
 from dovecote.ops import admin, metrics
 from dovecote.ops.health import Degradation, HealthMonitor
 from dovecote.ops.settings import Settings
+from dovecote.rooms import Rooms
+from dovecote.rooms import routes as rooms_routes
 from dovecote.store import Store, open_store
 from dovecote.store.base import InstanceInfo
 from dovecote.transport import http as http_routes
@@ -40,6 +46,7 @@ from dovecote.transport.websocket import CLOSE_RESTART, websocket_endpoint
 log = structlog.get_logger("dovecote.server")
 
 SAMPLE_INTERVAL = 5.0
+MIN_OUTBOX_GRACE = 0.5
 DEAD_INSTANCE_AFTER = 30.0
 
 
@@ -48,7 +55,7 @@ def route_label(path: str) -> str:
     if path == "/":
         return "/"
     for prefix in ("/ws", "/invitation", "/health/live", "/health/ready", "/health",
-                   "/metrics", "/admin", "/v1/rooms/ws", "/v1/rooms", "/openapi.json"):
+                   "/metrics", "/admin", "/v1/rooms/ws", "/v1/rooms", "/openapi.json", "/docs"):
         if path == prefix or path.startswith(prefix + "/"):
             return prefix
     return "other"
@@ -61,20 +68,29 @@ class Dovecote:
         self.settings = settings
         self.instance_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.started_at = time.time()
+        # Only passed when set: the cap is SQLite's (PRAGMA max_page_count).
+        size_cap = {"max_page_count": settings.store_max_pages} if settings.store_max_pages else {}
         self.store = store or open_store(
             settings.store_url,
             timeout=settings.store_timeout,
             group_commit_max=settings.group_commit_max,
             pool_size=settings.store_pool_size,
+            **size_cap,
         )
         forced = None if settings.degradation == "auto" else settings.degradation
         self.degradation = Degradation(forced)
         self.identity = identity_mod.load_or_create(
-            settings.data_dir, [settings.base_url, settings.ws_url]
+            settings.identity_path, [settings.base_url, settings.ws_url]
         )
         self.packer = Packer(self.identity)
         self.live = LiveRegistry(self.store, batch=settings.live_push_batch)
-        self.ctx = Context(settings, self.store, self.identity, self.live, self.degradation)
+        self.rooms = Rooms(settings, self.store)
+        self.breakers = Breakers(settings.breaker_threshold, settings.breaker_reset,
+                                 settings.breaker_trials)
+        self.outbox = OutboxWorkers(self.store, settings, self.instance_id, self.breakers)
+        self.ctx = Context(settings, self.store, self.identity, self.live, self.degradation,
+                           endpoints=Endpoints(self.packer, settings),
+                           wake_outbox=self.outbox.wake)
         self.mediator = Mediator(self.ctx, self.packer)
         self.health = HealthMonitor(
             self.store, self.degradation, settings.data_dir, settings.min_free_disk_bytes,
@@ -85,6 +101,7 @@ class Dovecote:
         self.ip_limits = TokenBuckets(settings.rate_limit_ip, settings.rate_limit_ip_burst)
         self.sockets: dict[str, WebSocket] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._drain_started: float | None = None
         self.store.add_listener(self.live.notify)
 
     # ------------------------------------------------------------------ lifecycle
@@ -92,6 +109,8 @@ class Dovecote:
         await self.store.open()
         await self.packer.start()
         await self.health.run_checks()
+        await self.rooms.start()
+        await self.outbox.start()
         self._tasks = [
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(self._sweep(), name="sweep"),
@@ -102,12 +121,20 @@ class Dovecote:
                  store=self.store.engine, instance=self.instance_id, version=__version__)
 
     def begin_drain(self) -> None:
-        """First step of shutdown: not ready, refuse new work, tell sockets to reconnect."""
+        """First step of shutdown: not ready, refuse new work, tell sockets to reconnect.
+
+        Never blocks: it only flips flags and schedules the WebSocket closes.
+        """
         if self.degradation.draining:
             return
         self.degradation.draining = True
+        self._drain_started = time.monotonic()
         metrics.READY.set(0)
-        log.info("dovecote.draining", sockets=len(self.sockets))
+        # In-flight sends go on; nothing new is leased (another instance, or this one
+        # after its restart, takes the rest).
+        self.outbox.stop_leasing()
+        log.info("dovecote.draining", sockets=len(self.sockets),
+                 requests=self.requests.current)
         for ws in list(self.sockets.values()):
             task = asyncio.ensure_future(
                 ws.close(code=CLOSE_RESTART, reason="server restarting; reconnect")
@@ -116,11 +143,17 @@ class Dovecote:
 
     async def stop(self) -> None:
         self.begin_drain()
+        # Outbound sends had the HTTP drain to finish; what is left of the shutdown budget
+        # is theirs, then their leases are released so no item waits for a lease to expire.
+        started = self._drain_started or time.monotonic()
+        remaining = started + self.settings.shutdown_timeout - time.monotonic()
+        await self.outbox.stop(max(MIN_OUTBOX_GRACE, remaining))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.rooms.stop()
         # Pending writes commit before the store closes: nothing accepted is dropped.
         await self.store.close()
         log.info("dovecote.stopped")
@@ -157,6 +190,7 @@ class Dovecote:
                     lag = max(lag, kind_lag)
                 metrics.DLQ_SIZE.set(stats.dead_letters)
                 self.health.extra.update(
+                    breakers=self.breakers.snapshot(),
                     queue_depth=stats.queued, outbox=stats.outbox, outbox_lag=round(lag, 3),
                     dead_letters=stats.dead_letters, live_sessions=self.live.connections,
                     websockets=len(self.sockets),
@@ -322,6 +356,7 @@ def build_app(dovecote: Dovecote) -> Starlette:
         Route("/health", health_full, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *admin.ROUTES,
+        *rooms_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.dovecote = dovecote
@@ -330,14 +365,53 @@ def build_app(dovecote: Dovecote) -> Starlette:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server with our first shutdown step: drain before closing sockets."""
+    """uvicorn's server with our shutdown phases in front of its own.
+
+    1. First SIGTERM/SIGINT: drain at once (not ready, new POSTs 503, WebSockets closed
+       with 1012, no new outbox leases) but keep listening for DRAIN_DELAY seconds, so
+       load balancers see the instance leave before its port starts refusing.
+    2. Then uvicorn's shutdown: stop listening, let in-flight requests finish for up to
+       SHUTDOWN_TIMEOUT seconds, then the lifespan shutdown (`Dovecote.stop`: finish or
+       abandon outbound sends, release leases, commit pending writes, close the store).
+    A second signal skips the delay; a third forces the exit.
+    """
 
     dovecote: Dovecote | None = None
+    _exit_at: float | None = None
+    _exit_signal: int = signal.SIGTERM
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.dovecote is not None:
-            self.dovecote.begin_drain()
-        super().handle_exit(sig, frame)
+        dc = self.dovecote
+        if dc is None or self.should_exit:
+            if self.should_exit:
+                self.force_exit = True
+            super().handle_exit(sig, frame)
+            return
+        if self._exit_at is not None:  # second signal: no more waiting
+            super().handle_exit(sig, frame)
+            return
+        # Signal handlers run between bytecodes of the loop's thread: hand the drain
+        # to the loop instead of touching asyncio state from here.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(dc.begin_drain)
+        else:
+            dc.begin_drain()
+        self._exit_signal = sig
+        self._exit_at = time.monotonic() + dc.settings.drain_delay
+        if dc.settings.drain_delay <= 0:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and not self.should_exit and (
+            time.monotonic() >= self._exit_at
+        ):
+            super().handle_exit(self._exit_signal, None)
+        return await super().on_tick(counter)
 
 
 def run(settings: Settings) -> None:

@@ -84,36 +84,60 @@ def _multikey(codec: str, key: Key) -> str:
     return multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
 
 
-def load_or_create(data_dir: Path, endpoints: list[str]) -> Identity:
-    """Load the identity from `data_dir`, creating keys on first start (file mode 0600)."""
-    path = data_dir / IDENTITY_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        stored = json.loads(path.read_text())
-        signing = Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored["ed25519"]))
-        agreement = Key.from_secret_bytes(KeyAlg.X25519, base64.b64decode(stored["x25519"]))
-        dids: list[str] = stored["dids"]
-        created = False
-    else:
+def load_or_create(path: Path, endpoints: list[str]) -> Identity:
+    """Load the identity file, creating keys on first start (file mode 0600).
+
+    Several instances may share one file (a mounted secret or a shared volume): creation
+    uses O_EXCL, so when two start at once one creates and the other reads its keys.
+    A read-only file (a Kubernetes Secret) is used as is.
+    """
+    if path.is_dir() or path.suffix != ".json":
+        path = path / IDENTITY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
         signing = Key.generate(KeyAlg.ED25519)
         agreement = Key.generate(KeyAlg.X25519)
-        dids = []
-        stored = {"created_at": time.time()}
-        created = True
+        fresh = {
+            "created_at": time.time(),
+            "ed25519": base64.b64encode(signing.get_secret_bytes()).decode(),
+            "x25519": base64.b64encode(agreement.get_secret_bytes()).decode(),
+            "dids": [make_did(signing, agreement, endpoints)],
+        }
+        if _create_exclusive(path, json.dumps(fresh, indent=2)):
+            log.info("identity.created", path=str(path))
+    stored = json.loads(path.read_text())
+    signing = Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored["ed25519"]))
+    agreement = Key.from_secret_bytes(KeyAlg.X25519, base64.b64decode(stored["x25519"]))
+    dids: list[str] = list(stored.get("dids") or [])
     current = make_did(signing, agreement, endpoints)
     if not dids or dids[0] != current:
         if dids:
             log.warning("identity.did_changed", reason="public endpoints changed")
         dids = [current, *[d for d in dids if d != current]]
-        stored.update(
-            ed25519=base64.b64encode(signing.get_secret_bytes()).decode(),
-            x25519=base64.b64encode(agreement.get_secret_bytes()).decode(),
-            dids=dids,
-        )
-        _write_private(path, json.dumps(stored, indent=2))
-    if created:
-        log.info("identity.created", path=str(path))
+        stored["dids"] = dids
+        try:
+            _write_private(path, json.dumps(stored, indent=2))
+        except OSError as exc:
+            # A read-only secret mount: the new DID is still valid (same keys).
+            log.warning("identity.not_saved", error=str(exc))
     return Identity(signing, agreement, dids)
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` with mode 0600 unless it exists; True if this call created it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(tmp, path)  # atomic, and fails if another process created it first
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
 
 
 def _write_private(path: Path, text: str) -> None:

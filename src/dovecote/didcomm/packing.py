@@ -10,11 +10,12 @@ import json
 from collections import OrderedDict
 from typing import Any
 
-from aries_askar import Key
+from aries_askar import Key, KeyAlg
+from did_peer_2 import resolve as resolve_peer2
 from didcomm_messaging import DIDCommMessaging
 from didcomm_messaging.crypto import SecretsManager
 from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarSecretKey
-from didcomm_messaging.crypto.backend.basic import InMemorySecretsManager
+from didcomm_messaging.multiformats import multibase, multicodec
 from didcomm_messaging.packaging import PackagingService
 from didcomm_messaging.resolver import DIDResolver, PrefixResolver
 from didcomm_messaging.resolver.peer import Peer2, Peer4
@@ -54,6 +55,48 @@ class CachingResolver(DIDResolver):
         return doc
 
 
+class IdentitySecrets(SecretsManager[AskarSecretKey]):
+    """Our private keys, found for any did:peer:2 that embeds our public keys.
+
+    Instances behind one load balancer share keys but may advertise different endpoints
+    (hence different DIDs); a message encrypted to any of them is ours to decrypt.
+    """
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self._known: dict[str, AskarSecretKey] = {}
+        self._ours = {
+            _multibase(identity.signing_key): identity.signing_key,
+            _multibase(identity.agreement_key): identity.agreement_key,
+        }
+
+    async def get_secret_by_kid(self, kid: str) -> AskarSecretKey | None:
+        known = self._known.get(kid)
+        if known is not None:
+            return known
+        did, _, fragment = kid.partition("#")
+        if not did.startswith("did:peer:2") or not fragment:
+            return None
+        try:
+            doc = resolve_peer2(did)
+        except Exception:  # not a valid did:peer:2: not ours
+            return None
+        for method in doc.get("verificationMethod", []):
+            if method.get("id") in (f"#{fragment}", kid):
+                key = self._ours.get(method.get("publicKeyMultibase", ""))
+                if key is not None:
+                    secret = AskarSecretKey(key, kid)
+                    if len(self._known) < RESOLVER_CACHE_SIZE:
+                        self._known[kid] = secret
+                    return secret
+        return None
+
+
+def _multibase(key: Key) -> str:
+    codec = "ed25519-pub" if key.algorithm == KeyAlg.ED25519 else "x25519-pub"
+    return str(multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc"))
+
+
 class Unpacked:
     """A decrypted plaintext message and who sent it (None when anonymous)."""
 
@@ -75,7 +118,7 @@ class Packer:
 
     def __init__(self, identity: Identity, resolver: DIDResolver | None = None) -> None:
         self.identity = identity
-        self.secrets: SecretsManager[AskarSecretKey] = InMemorySecretsManager()
+        self.secrets: SecretsManager[AskarSecretKey] = IdentitySecrets(identity)
         self.resolver = resolver or build_resolver()
         self.crypto = AskarCryptoService()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
@@ -85,14 +128,10 @@ class Packer:
         )
 
     async def start(self) -> None:
-        """Register the private keys under every DID the mediator has had."""
-        for did in self.identity.dids:
-            await self._add(self.identity.signing_key, f"{did}#key-1")
-            await self._add(self.identity.agreement_key, f"{did}#key-2")
-
-    async def _add(self, key: Key, kid: str) -> None:
-        assert isinstance(self.secrets, InMemorySecretsManager)
-        await self.secrets.add_secret(AskarSecretKey(key, kid))
+        """Check that the keys resolve under the current DID (fail fast at start)."""
+        for suffix in ("#key-1", "#key-2"):
+            if await self.secrets.get_secret_by_kid(self.identity.did + suffix) is None:
+                raise RuntimeError("identity keys do not match the mediator DID")
 
     async def unpack(self, raw: bytes) -> Unpacked:
         """Decrypt one envelope addressed to this mediator."""

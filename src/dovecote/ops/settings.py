@@ -28,6 +28,7 @@ DEFAULT_MAX_BODY_BYTES = 5 * MiB
 DEFAULT_MESSAGE_TTL = 30 * DAY
 DEFAULT_DEDUP_WINDOW = DAY
 DEFAULT_SHUTDOWN_TIMEOUT = 25.0
+DEFAULT_DRAIN_DELAY = 1.0
 DEFAULT_ROOMS_JWKS_REFRESH = 300.0
 DEFAULT_ROOMS_MAX_MESSAGE_BYTES = 16 * 1024
 DEFAULT_ROOMS_WS_QUEUE = 1000
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
 
     # --- storage
     data_dir: Path = Field(Path("data"), description="Directory for the SQLite store and keys.")
+    identity_file: Path | None = Field(
+        None,
+        description="The mediator's key file (default DATA_DIR/identity.json). Instances "
+        "behind one load balancer share one file, e.g. a mounted secret.",
+    )
     store: str = Field(
         "",
         description="Store URL: empty for SQLite in DATA_DIR, sqlite:///path.db, "
@@ -79,6 +85,10 @@ class Settings(BaseSettings):
     store_pool_size: int = Field(10, ge=1, description="PostgreSQL connection pool size.")
     group_commit_max: int = Field(
         512, ge=1, description="Most writes one SQLite transaction may group."
+    )
+    store_max_pages: int = Field(
+        0, ge=0, description="SQLite max_page_count: a hard size cap for the database "
+        "(0: no cap beyond the disk). Past it accepts get 507.",
     )
 
     # --- mailboxes
@@ -116,11 +126,17 @@ class Settings(BaseSettings):
     retry_retention: float = Field(DAY, gt=0, description="Seconds before an item dead-letters.")
     retry_max_attempts: int = Field(100, ge=1, description="Attempts before an item dead-letters.")
     breaker_threshold: int = Field(5, ge=1, description="Failures that open a circuit breaker.")
-    breaker_reset: float = Field(30.0, gt=0, description="Seconds before an open breaker half-opens.")
+    breaker_reset: float = Field(
+        30.0, gt=0, description="Seconds before an open breaker half-opens."
+    )
     breaker_trials: int = Field(1, ge=1, description="Trial calls allowed while half-open.")
     forward_workers: int = Field(8, ge=1, description="Concurrent outbound forwards/replies.")
     notify_workers: int = Field(4, ge=1, description="Concurrent outbound notifications.")
     outbox_lease: float = Field(60.0, gt=0, description="Seconds an outbox lease lasts.")
+    outbound_allow_private: bool = Field(
+        False, description="Allow forwards and replies to DID endpoints on loopback, "
+        "private or link-local addresses (off: such targets are refused or dead-lettered).",
+    )
     notify_webhook_url: str = Field(
         "", description="Webhook called when a message waits for an offline mediatee."
     )
@@ -138,6 +154,11 @@ class Settings(BaseSettings):
     rate_limit_did_burst: int = Field(400, ge=1, description="Burst size per sender DID.")
     shutdown_timeout: float = Field(
         DEFAULT_SHUTDOWN_TIMEOUT, ge=0, description="Seconds to drain on SIGTERM."
+    )
+    drain_delay: float = Field(
+        DEFAULT_DRAIN_DELAY, ge=0, description="Seconds after SIGTERM during which the "
+        "instance still listens, reports not-ready and answers new POSTs with 503, so that "
+        "load balancers notice before connections are refused.",
     )
     degradation: DegradationLevel = Field(
         "auto", description="Force a degradation level, or compute it from health (auto)."
@@ -226,6 +247,10 @@ class Settings(BaseSettings):
         if base.startswith("https://"):
             return "wss://" + base.removeprefix("https://") + "/ws"
         return "ws://" + base.removeprefix("http://") + "/ws"
+
+    @property
+    def identity_path(self) -> Path:
+        return self.identity_file or self.data_dir / "identity.json"
 
     @property
     def store_url(self) -> str:
