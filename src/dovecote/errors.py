@@ -21,7 +21,8 @@
         └── StoreError                   503  e.m.me.res.storage
             └── StorageFull              507  e.m.me.res.storage.full
 
-A `ServiceError` tells the sender nothing was stored and it must retry (Retry-After).
+A `ServiceError` tells the sender nothing was stored and it must retry: it always carries
+a Retry-After (the class default unless the raiser knows better).
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ class DovecoteError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "e.m.me"
+    default_retry_after: ClassVar[float | None] = None
 
     def __init__(self, detail: str = "", *, retry_after: float | None = None, **args: Any):
         super().__init__(detail or self.__doc__ or self.code)
         self.detail = detail or (self.__doc__ or self.code).strip()
-        self.retry_after = retry_after
+        self.retry_after = retry_after if retry_after is not None else self.default_retry_after
         self.args_extra = args
 
     def __repr__(self) -> str:
@@ -153,6 +155,7 @@ class ServiceError(DovecoteError):
 
     status = 503
     code = "e.m.me"
+    default_retry_after = 1.0
 
 
 class Overloaded(ServiceError):
@@ -178,3 +181,4 @@ class StorageFull(StoreError):
 
     status = 507
     code = "e.m.me.res.storage.full"
+    default_retry_after = 30.0

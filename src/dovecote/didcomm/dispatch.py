@@ -1,11 +1,18 @@
-"""The mediator's data path: unpack -> protocol handler -> pack replies.
+"""The mediator's data path: unpack -> rate limit -> protocol handler -> pack replies.
 
 Transports hand raw bytes in and get an `Outcome` back (status, packed replies or an error
 body); they know nothing of protocols, and handlers know nothing of transports.
+
+Replies go back on the same connection when the sender asked for a return route (or it
+is a WebSocket). Otherwise, if the sender's DID has an http(s) endpoint, the packed reply
+goes to the outbox and the HTTP answer (202) is sent only after that commit; a client
+that saw no answer retries, and the handlers' state changes are idempotent, so the reply
+is produced again rather than lost.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -16,6 +23,7 @@ import structlog
 
 from dovecote.delivery.live import LiveSession
 from dovecote.didcomm import coordinate, discover, pickup, problem, routing, trust_ping
+from dovecote.didcomm.endpoints import ENCRYPTED
 from dovecote.didcomm.messages import (
     PLAINTEXT,
     Context,
@@ -25,9 +33,17 @@ from dovecote.didcomm.messages import (
     problem_report,
 )
 from dovecote.didcomm.packing import Packer
-from dovecote.errors import ClientError, DovecoteError, UnknownMessageType
+from dovecote.errors import (
+    ClientError,
+    DovecoteError,
+    RateLimited,
+    ServiceError,
+    UnknownMessageType,
+    UnknownRecipient,
+)
 from dovecote.ops import metrics
-from dovecote.store.base import StoredMessage
+from dovecote.store.base import NewOutboxItem, StoredMessage
+from dovecote.transport.limits import TokenBuckets
 
 log = structlog.get_logger("dovecote.dispatch")
 
@@ -70,6 +86,8 @@ class Mediator:
     def __init__(self, ctx: Context, packer: Packer) -> None:
         self.ctx = ctx
         self.packer = packer
+        self.did_limits = TokenBuckets(ctx.settings.rate_limit_did,
+                                       ctx.settings.rate_limit_did_burst)
         ctx.live.build_delivery = self.build_delivery
 
     async def receive(
@@ -94,6 +112,8 @@ class Mediator:
         protocol, name = _labels(msg_type)
         started = time.perf_counter()
         try:
+            if inbound.sender and (wait := self.did_limits.take(inbound.sender)):
+                raise RateLimited("rate limit per sender DID", retry_after=wait)
             handler = HANDLERS.get(msg_type)
             if handler is None:
                 raise UnknownMessageType(f"unsupported message type {msg_type[:200]!r}")
@@ -125,12 +145,56 @@ class Mediator:
             for message in replies:
                 message.setdefault("from", self.packer.identity.did)
                 packed.append(await self.packer.pack_for(message, inbound.sender))
+        elif inbound.sender and replies and not isinstance(error, RateLimited | ServiceError):
+            try:
+                await self._reply_later(inbound, inbound.sender, replies)
+            except DovecoteError as exc:
+                # Not queued: answer with the error so that the client retries.
+                return Outcome(status=exc.status, error=exc, return_route=wants_return)
         elif replies:
-            log.info("reply.not_returned", count=len(replies), reason="no return_route",
+            log.info("reply.not_returned", count=len(replies), reason="anonymous sender",
                      request_id=request_id)
         if packed and transport == "http" and error is None:
             status = 200
         return Outcome(status=status, replies=packed, error=error, return_route=wants_return)
+
+    async def _reply_later(self, inbound: Inbound, sender: str,
+                           replies: list[dict[str, Any]]) -> None:
+        """Queue replies for a sender that asked for no return route, via its endpoint."""
+        endpoints = self.ctx.endpoints
+        if endpoints is None:
+            return
+        items: list[NewOutboxItem] = []
+        for index, message in enumerate(replies):
+            message.setdefault("from", self.packer.identity.did)
+            packed = await self.packer.pack_for(message, sender)
+            try:
+                route = await endpoints.route(sender, packed)
+            except UnknownRecipient as exc:
+                log.info("reply.not_returned", reason=exc.detail, request_id=inbound.request_id)
+                return
+            if route.local:
+                # The sender's endpoint is this mediator: its mailbox is the way back.
+                mediatee = await self.ctx.store.find_mediatee(sender)
+                if mediatee is None:
+                    log.info("reply.not_returned", reason="routes here but not registered",
+                             request_id=inbound.request_id)
+                    return
+                await routing.store_for(
+                    self.ctx, mediatee, sender, packed,
+                    time.time() + self.ctx.settings.message_ttl, inbound.request_id)
+                continue
+            key = hashlib.sha256(f"{sender} {inbound.id} {index}".encode()).hexdigest()
+            items.append(NewOutboxItem(
+                kind="forward", target=route.uri, payload=route.payload,
+                headers={"content-type": ENCRYPTED}, dedup_key=f"reply:{key}",
+            ))
+        if items:
+            added = await self.ctx.store.outbox_add(items)
+            if added:
+                self.ctx.wake_outbox("forward")
+            log.info("reply.queued", count=len(added), target=items[0].target,
+                     request_id=inbound.request_id)
 
     async def build_delivery(self, mediatee: str, messages: Sequence[StoredMessage]) -> bytes:
         """A live-mode `delivery` message for a mailbox owner, packed for it."""

@@ -14,6 +14,7 @@ from dovecote.errors import MalformedMessage, NotMediated, Unauthenticated
 
 if TYPE_CHECKING:
     from dovecote.delivery.live import LiveRegistry, LiveSession
+    from dovecote.didcomm.endpoints import Endpoints
     from dovecote.didcomm.identity import Identity
     from dovecote.ops.health import Degradation
     from dovecote.ops.settings import Settings
@@ -84,6 +85,10 @@ class Context:
     live: LiveRegistry
     degradation: Degradation
     extra: dict[str, Any] = field(default_factory=dict)
+    # Outbound routes (multi-hop forwards, replies) and the outbox wake-up; the server
+    # wires both, a bare Context (tests) has neither.
+    endpoints: Endpoints | None = None
+    wake_outbox: Callable[[str], None] = field(default=lambda kind: None)
 
     async def require_grant(self, inbound: Inbound) -> str:
         """The sender's DID if it holds a mediation grant, else NotMediated."""

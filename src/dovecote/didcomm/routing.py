@@ -1,7 +1,13 @@
-"""Routing 2.0 `forward`: queue the attached message for a registered recipient.
+"""Routing 2.0 `forward`: queue the attached message for a registered recipient, or
+relay it to the next hop's own endpoint.
 
 The attachment is stored exactly as received (opaque ciphertext). Its SHA-256 is the
 dedup key, so a sender retrying the same POST is answered with success and stored once.
+
+When `next` is not registered here but resolves to a DID with an http(s) DIDComm
+endpoint, the forward is accepted into the outbox (one transaction, dedup key = the
+digest) and the outbox workers POST it there. Queuing for a mediatee with no live session
+on this instance also queues its notifications, in the same transaction.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from typing import Any
 
 import structlog
 
+from dovecote.delivery import notify
+from dovecote.didcomm.endpoints import ENCRYPTED
 from dovecote.didcomm.messages import Context, Handler, Inbound, field_of
 from dovecote.errors import MalformedMessage, UnknownRecipient
 from dovecote.ops import metrics
-from dovecote.store.base import NewMessage
+from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem
 
 log = structlog.get_logger("dovecote.routing")
 
@@ -56,34 +64,74 @@ async def forward(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
 
     mediatee = await ctx.store.find_mediatee(next_hop)
     if mediatee is None:
-        metrics.UNROUTABLE.inc()
-        log.warning("forward.unroutable", request_id=inbound.request_id)
-        raise UnknownRecipient("next is not a recipient registered with this mediator")
+        await relay(ctx, inbound, next_hop, payloads)
+        return []
 
-    now = time.time()
-    expires_at = now + ctx.settings.message_ttl
+    expires_at = time.time() + ctx.settings.message_ttl
     requested = inbound.message.get("expires_time")
     if isinstance(requested, int | float) and not isinstance(requested, bool):
         expires_at = min(expires_at, float(requested))
     for payload in payloads:
-        result = await ctx.store.enqueue(
-            NewMessage(
-                mediatee=mediatee,
-                recipient=next_hop,
-                body=payload,
-                digest=hashlib.sha256(payload).hexdigest(),
-                expires_at=expires_at,
-            ),
-            max_messages=ctx.settings.mailbox_max_messages,
-            max_bytes=ctx.settings.mailbox_max_bytes,
-        )
-        if result.duplicate:
-            metrics.DUPLICATES.inc()
-        else:
-            metrics.ACCEPTED.inc()
-        log.info("forward.accepted", message_id=result.id, duplicate=result.duplicate,
-                 size=len(payload), request_id=inbound.request_id)
+        await store_for(ctx, mediatee, next_hop, payload, expires_at, inbound.request_id)
     return []
+
+
+async def store_for(ctx: Context, mediatee: str, recipient: str, payload: bytes,
+                    expires_at: float, request_id: str) -> EnqueueResult:
+    """Queue one message in a mailbox (with its notifications when the owner is offline)."""
+    offline = ctx.live.by_mediatee.get(mediatee) is None
+    notices = (notify.notification_items(ctx.settings, mediatee)
+               if offline and not ctx.degradation.shedding else [])
+    result = await ctx.store.enqueue(
+        NewMessage(
+            mediatee=mediatee,
+            recipient=recipient,
+            body=payload,
+            digest=hashlib.sha256(payload).hexdigest(),
+            expires_at=expires_at,
+        ),
+        max_messages=ctx.settings.mailbox_max_messages,
+        max_bytes=ctx.settings.mailbox_max_bytes,
+        outbox=notices,
+    )
+    if result.duplicate:
+        metrics.DUPLICATES.inc()
+    else:
+        metrics.ACCEPTED.inc()
+        if notices:
+            ctx.wake_outbox(notify.KIND)
+    log.info("forward.accepted", message_id=result.id, duplicate=result.duplicate,
+             size=len(payload), request_id=request_id)
+    return result
+
+
+async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[bytes]) -> None:
+    """Accept a forward for a DID that is not ours into the outbox, for its endpoint."""
+    if ctx.endpoints is None:
+        metrics.UNROUTABLE.inc()
+        raise UnknownRecipient("next is not a recipient registered with this mediator")
+    items: list[NewOutboxItem] = []
+    try:
+        for payload in payloads:
+            route = await ctx.endpoints.route(next_hop, payload)
+            if route.local:
+                raise UnknownRecipient(
+                    "next is not registered here and its endpoint is this mediator")
+            items.append(NewOutboxItem(
+                kind="forward", target=route.uri, payload=route.payload,
+                headers={"content-type": ENCRYPTED},
+                dedup_key="forward:" + hashlib.sha256(payload).hexdigest(),
+            ))
+    except UnknownRecipient as exc:
+        metrics.UNROUTABLE.inc()
+        log.warning("forward.unroutable", reason=exc.detail, request_id=inbound.request_id)
+        raise
+    added = await ctx.store.outbox_add(items)
+    if added:
+        ctx.wake_outbox("forward")
+    metrics.RELAYED.inc(len(added))
+    log.info("forward.relayed", items=len(items), new=len(added),
+             target=items[0].target if items else "", request_id=inbound.request_id)
 
 
 HANDLERS: dict[str, Handler] = {FORWARD: forward}

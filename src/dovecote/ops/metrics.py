@@ -73,6 +73,13 @@ OUTBOX_RETRIES = Counter("dovecote_outbox_retries", "Outbound attempts that will
 OUTBOX_DELIVERIES = Counter(
     "dovecote_outbox_deliveries", "Outbound attempts by outcome.", ["kind", "outcome"],
 )
+OUTBOX_ATTEMPT_SECONDS = Histogram(
+    "dovecote_outbox_attempt_duration_seconds", "Duration of one outbound send.", ["kind"],
+    buckets=(*LATENCY_BUCKETS, 15.0, 30.0),
+)
+RELAYED = Counter(
+    "dovecote_messages_relayed", "Forwards accepted for a remote next hop (via the outbox).",
+)
 BREAKER_STATE = Gauge(
     "dovecote_circuit_breaker_state", "Circuit breaker per target: 0 closed, 1 half-open, 2 open.",
     ["target"],

@@ -1,0 +1,144 @@
+"""One outbound HTTP attempt, and what its outcome means for the item.
+
+    2xx                                  delivered
+    4xx other than 408/429, 3xx          permanent  (dead letter now, reason http_<status>)
+    408, 429, 5xx                        transient  (retry; 429/503 Retry-After respected)
+    timeout, refused, reset, DNS error   transient
+    target not allowed / not a URL       permanent  (target_forbidden / bad_target)
+
+Every attempt has explicit timeouts: connect OUTBOUND_CONNECT_TIMEOUT and a total of
+OUTBOUND_TIMEOUT, never longer than 80 % of the outbox lease, so a send cannot outlive
+the lease that protects it from a second worker. Each kind has its own client and
+connection pool (bulkheads). Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from dovecote import __version__
+from dovecote.delivery import notify
+from dovecote.didcomm.endpoints import is_private_host
+
+if TYPE_CHECKING:
+    from dovecote.ops.settings import Settings
+    from dovecote.store.base import OutboxItem, Store
+
+log = structlog.get_logger("dovecote.sender")
+
+Outcome = Literal["delivered", "skipped", "transient", "permanent"]
+LEASE_FRACTION = 0.8
+MAX_RETRY_AFTER = 3600.0
+USER_AGENT = f"dovecote/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The outcome of one send."""
+
+    outcome: Outcome
+    status: int | None = None
+    error: str = ""
+    duration: float = 0.0
+    retry_after: float | None = None
+    reason: str = ""
+
+    def record(self, at: float, number: int) -> dict[str, object]:
+        """The attempt as kept in the item's history (never the payload)."""
+        return {"at": round(at, 3), "attempt": number, "status": self.status,
+                "error": self.error, "duration": round(self.duration, 4)}
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    return None
+
+
+class Sender:
+    """HTTP clients per outbox kind and the classification of their answers."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.total_timeout = min(settings.outbound_timeout,
+                                 LEASE_FRACTION * settings.outbox_lease)
+        if self.total_timeout < settings.outbound_timeout:
+            log.warning("sender.timeout_clamped", timeout=self.total_timeout,
+                        reason="OUTBOX_LEASE is shorter than OUTBOUND_TIMEOUT")
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def _client(self, kind: str) -> httpx.AsyncClient:
+        client = self._clients.get(kind)
+        if client is None:
+            size = (self.settings.notify_workers if kind == notify.KIND
+                    else self.settings.forward_workers)
+            client = self._clients[kind] = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.total_timeout,
+                                      connect=self.settings.outbound_connect_timeout),
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                follow_redirects=False,
+                headers={"user-agent": USER_AGENT},
+            )
+        return client
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    async def send(self, item: OutboxItem) -> Attempt:
+        started = time.perf_counter()
+        parts = urlsplit(item.target)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return Attempt("permanent", error="not an http(s) URL", reason="bad_target")
+        body: bytes | None = item.payload
+        if item.kind == notify.KIND:
+            body = await notify.render(item, self.store)
+            if body is None:
+                return Attempt("skipped", error="mailbox already empty")
+        elif not self.settings.outbound_allow_private and await self._private(parts.hostname):
+            return Attempt("permanent", error="target resolves to a private address",
+                           reason="target_forbidden")
+        headers = {k: v for k, v in item.headers.items() if not k.startswith("_")}
+        if item.headers.get(notify.CHANNEL) == "push" and self.settings.push_token:
+            headers["authorization"] = f"Bearer {self.settings.push_token}"
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                response = await self._client(item.kind).post(
+                    item.target, content=body, headers=headers)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            return Attempt("transient", error=f"timeout ({type(exc).__name__})",
+                           duration=time.perf_counter() - started)
+        except httpx.HTTPError as exc:
+            return Attempt("transient", error=f"{type(exc).__name__}: {str(exc)[:160]}",
+                           duration=time.perf_counter() - started)
+        duration = time.perf_counter() - started
+        status = response.status_code
+        if 200 <= status < 300:
+            return Attempt("delivered", status, duration=duration)
+        error = f"HTTP {status}"
+        if status in (408, 429) or status >= 500:
+            return Attempt("transient", status, error, duration, _retry_after(response))
+        return Attempt("permanent", status, error, duration, reason=f"http_{status}")
+
+    async def _private(self, host: str) -> bool:
+        """Whether `host` is, or resolves to, a private address (forwards only)."""
+        if is_private_host(host):
+            return True
+        try:
+            async with asyncio.timeout(self.settings.outbound_connect_timeout):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, None, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError):
+            return False  # the send itself will fail and be retried
+        return any(is_private_host(str(info[4][0])) for info in infos)
