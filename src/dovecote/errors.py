@@ -8,7 +8,12 @@
     │   ├── UnresolvableDID              400  e.m.did.unresolvable
     │   ├── UnknownMessageType           400  e.m.msg.unsupported-type
     │   ├── Unauthenticated              401  e.m.trust.unauthenticated
+    │   │   └── InvalidToken             401  e.m.trust.token       (rooms: bad/expired JWT)
     │   ├── NotMediated                  403  e.p.req.not-granted
+    │   ├── Forbidden                    403  e.p.req.forbidden     (rooms: wrong room/role)
+    │   ├── NotFound                     404  e.m.req.not-found
+    │   ├── MethodNotAllowed             405  e.m.req.method
+    │   ├── UnsupportedMediaType         415  e.m.msg.unsupported-media-type
     │   ├── UnknownRecipient             404  e.m.msg.unregistered-recipient
     │   ├── LiveModeNotSupported         400  e.m.live-mode-not-supported
     │   ├── PayloadTooLarge              413  e.m.me.res.storage.message_too_big
@@ -102,11 +107,45 @@ class Unauthenticated(ClientError):
     code = "e.m.trust.unauthenticated"
 
 
+class InvalidToken(Unauthenticated):
+    """The bearer token is missing, malformed, expired, or not from the configured issuer."""
+
+    code = "e.m.trust.token"
+
+
 class NotMediated(ClientError):
     """The sender has no mediation grant."""
 
     status = 403
     code = "e.p.req.not-granted"
+
+
+class Forbidden(ClientError):
+    """The caller is authenticated but may not do this (room or role)."""
+
+    status = 403
+    code = "e.p.req.forbidden"
+
+
+class NotFound(ClientError):
+    """No such resource (room, participant, message)."""
+
+    status = 404
+    code = "e.m.req.not-found"
+
+
+class MethodNotAllowed(ClientError):
+    """The resource does not support this HTTP method."""
+
+    status = 405
+    code = "e.m.req.method"
+
+
+class UnsupportedMediaType(ClientError):
+    """The request body has a content type this endpoint does not accept."""
+
+    status = 415
+    code = "e.m.msg.unsupported-media-type"
 
 
 class UnknownRecipient(ClientError):

@@ -41,6 +41,7 @@ from dovecote.store.base import (
     StoredMessage,
     UpdateResult,
 )
+from dovecote.store.sqlite_rooms import SQLiteRoomsMixin
 
 log = structlog.get_logger("dovecote.store.sqlite")
 
@@ -70,7 +71,7 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteRoomsMixin, Store):
     """The embedded default store."""
 
     engine = "sqlite"

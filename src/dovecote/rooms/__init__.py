@@ -1,0 +1,109 @@
+"""Rooms: real-time group messaging on the mediator's store and live machinery.
+
+    api.py        HTTP JSON API under /v1/rooms
+    websocket.py  /v1/rooms/ws: subscribe with `since`, replay, then live events
+    hub.py        store-driven fan-out to subscribed connections (bounded queues)
+    auth.py       Bearer JWTs checked against the issuer's JWKS (file or URL, reloaded)
+    models.py     request/response shapes (validation and OpenAPI schemas)
+    openapi.py    /openapi.json and the /docs page
+
+State lives in the store (`store/rooms_base.py`); this package holds no room state of its
+own beyond which connection follows which room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+
+from dovecote.errors import DovecoteError, Unavailable
+from dovecote.rooms.auth import Authenticator, KeySource
+from dovecote.rooms.hub import RoomHub
+from dovecote.store.rooms_base import RoomStore
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from dovecote.ops.settings import Settings
+    from dovecote.store.base import Store
+
+log = structlog.get_logger("dovecote.rooms")
+
+# Posting again with the same idempotency key within this window returns the original.
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+
+
+class Rooms:
+    """The rooms part of one instance: authentication, fan-out, housekeeping."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self._store = store if isinstance(store, RoomStore) else None
+        self.auth = Authenticator(
+            KeySource(settings.rooms_jwks_file, settings.rooms_jwks_url,
+                      settings.rooms_jwks_refresh),
+            issuer=settings.rooms_jwt_issuer,
+            audience=settings.rooms_jwt_audience,
+        )
+        self.hub = RoomHub(self._store if self._store is not None else cast(RoomStore, _NoRooms()))
+        if self._store is not None:
+            self._store.add_room_listener(self.hub.notify)
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def store(self) -> RoomStore:
+        if self._store is None:
+            raise Unavailable("this store engine does not support rooms")
+        return self._store
+
+    async def start(self) -> None:
+        if not self.auth.keys.configured:
+            log.info("rooms.no_issuer_keys",
+                     hint="set DOVECOTE_ROOMS_JWKS_FILE or DOVECOTE_ROOMS_JWKS_URL")
+        if self._store is not None:
+            self._tasks.append(asyncio.create_task(self._purge(), name="rooms-purge"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.auth.keys.close()
+
+    async def _purge(self) -> None:
+        """Erase content of messages deleted long enough ago; forget expired keys."""
+        while True:
+            await asyncio.sleep(min(self.settings.sweep_interval,
+                                    max(self.settings.rooms_purge_after, 1.0)))
+            now = time.time()
+            try:
+                purged = await self.store.rooms_purge(
+                    now - self.settings.rooms_purge_after, now - IDEMPOTENCY_WINDOW
+                )
+                if purged:
+                    log.info("rooms.purged", messages=purged)
+            except DovecoteError as exc:
+                log.warning("rooms.purge_failed", error=exc.detail)
+
+
+class _NoRooms:
+    """Stands in for a store without rooms so the hub can exist; never called."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise Unavailable("this store engine does not support rooms")
+
+
+def routes() -> list[BaseRoute]:
+    """Every rooms route (HTTP API, WebSocket, OpenAPI document, docs page)."""
+    from dovecote.rooms import api, openapi, websocket
+
+    return [*openapi.ROUTES, *websocket.ROUTES, *api.ROUTES]
+
+
+__all__ = ["IDEMPOTENCY_WINDOW", "Rooms", "routes"]

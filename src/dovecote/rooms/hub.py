@@ -1,0 +1,168 @@
+"""Fan-out of room events to live subscribers, driven from the store.
+
+A committed room event wakes every feed subscribed to the room (on any instance: the
+store's room listeners fire after local commits and, on PostgreSQL, on NOTIFY). A woken
+feed's pump reads the store for events after the last seq it queued, so replay after
+`since` and live delivery are one loop: no gaps, no duplicates, and a lost wake-up only
+delays until the next safety poll.
+
+Each feed has a bounded send queue. When it is full the feed is marked overflowed and the
+connection is closed with a resume hint, so one slow reader never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from dovecote.errors import DovecoteError
+from dovecote.rooms.auth import Principal
+from dovecote.rooms.models import event_out
+from dovecote.store.rooms_base import PARTICIPANT_REMOVED, RoomStore
+
+log = structlog.get_logger("dovecote.rooms.hub")
+
+# Re-read subscribed rooms this often even without a wake-up.
+SAFETY_POLL_SECONDS = 5.0
+# Events read from the store per room per round.
+READ_BATCH = 200
+# Pause before re-reading after a store error.
+STORE_RETRY_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class Frame:
+    """One message for the socket; `seq` set for events (the sender records it as sent)."""
+
+    body: dict[str, Any]
+    room: str | None = None
+    seq: int | None = None
+
+
+@dataclass(eq=False)
+class Feed:
+    """One connection's subscriptions, positions and bounded send queue."""
+
+    principal: Principal
+    queue_size: int
+    positions: dict[str, int] = field(default_factory=dict)  # room -> last seq queued
+    sent: dict[str, int] = field(default_factory=dict)  # room -> last seq written
+    dirty: set[str] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    overflowed: bool = False
+    queue: asyncio.Queue[Frame] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(maxsize=self.queue_size)
+
+    def resume_hint(self) -> dict[str, int]:
+        """Per room, the last seq handed to the socket (resume with since=that)."""
+        return {room: self.sent.get(room, since) for room, since in self.positions.items()}
+
+    def offer(self, frame: Frame) -> bool:
+        """Queue a frame, or mark the feed overflowed and stop it."""
+        if self.overflowed:
+            return False
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self.done.set()
+            return False
+        return True
+
+
+class RoomHub:
+    """Room -> subscribed feeds, and the pump that fills each feed from the store."""
+
+    def __init__(self, store: RoomStore) -> None:
+        self.store = store
+        self.by_room: dict[str, set[Feed]] = {}
+        self.on_overflow: Callable[[Feed], None] | None = None
+
+    @property
+    def feeds(self) -> int:
+        return len({id(f) for feeds in self.by_room.values() for f in feeds})
+
+    def notify(self, room: str) -> None:
+        """A room event committed: wake the room's feeds (called by the store)."""
+        for feed in self.by_room.get(room, ()):
+            feed.dirty.add(room)
+            feed.wake.set()
+
+    def subscribe(self, feed: Feed, room: str, since: int) -> None:
+        feed.positions[room] = since
+        feed.sent[room] = since
+        self.by_room.setdefault(room, set()).add(feed)
+        self.notify(room)
+
+    def unsubscribe(self, feed: Feed, room: str) -> None:
+        feed.positions.pop(room, None)
+        feed.sent.pop(room, None)
+        feed.dirty.discard(room)
+        feeds = self.by_room.get(room)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
+                del self.by_room[room]
+
+    def detach(self, feed: Feed) -> None:
+        for room in list(feed.positions):
+            self.unsubscribe(feed, room)
+        feed.done.set()
+
+    async def pump(self, feed: Feed) -> None:
+        """Fill the feed's queue from the store until the feed is done."""
+        while not feed.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(feed.wake.wait(), SAFETY_POLL_SECONDS)
+            if feed.wake.is_set():
+                feed.wake.clear()
+                rooms = list(feed.dirty)
+            else:
+                rooms = list(feed.positions)  # safety poll: look at every room
+            feed.dirty.clear()
+            for room in rooms:
+                if room not in feed.positions:
+                    continue
+                try:
+                    if not await self._fill(feed, room):
+                        return
+                except DovecoteError as exc:
+                    # The store hiccuped: keep the position, try again shortly.
+                    log.warning("rooms.feed_read_failed", room=room, error=exc.detail)
+                    feed.dirty.add(room)
+                    await asyncio.sleep(STORE_RETRY_SECONDS)
+                    feed.wake.set()
+
+    async def _fill(self, feed: Feed, room: str) -> bool:
+        """Queue everything after the room's position; False when the feed must stop."""
+        while room in feed.positions:
+            after = feed.positions[room]
+            page = await self.store.room_events(room, after=after, limit=READ_BATCH)
+            if page is None:
+                self.unsubscribe(feed, room)
+                return feed.offer(Frame({"type": "unsubscribed", "room": room,
+                                         "reason": "room deleted"}))
+            for event in page.events:
+                if not feed.offer(Frame({"type": "event", "event": event_out(event)},
+                                        room, event.seq)):
+                    log.info("rooms.feed_overflow", participant=feed.principal.sub,
+                             room=room, seq=event.seq)
+                    return False
+                feed.positions[room] = event.seq
+                if (event.type == PARTICIPANT_REMOVED
+                        and event.data.get("participant") == feed.principal.sub
+                        and not feed.principal.is_admin):
+                    self.unsubscribe(feed, room)
+                    return feed.offer(Frame({"type": "unsubscribed", "room": room,
+                                             "reason": "removed from the room"}))
+            if len(page.events) < READ_BATCH:
+                return True
+        return True

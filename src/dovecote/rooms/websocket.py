@@ -1,0 +1,259 @@
+"""WebSocket /v1/rooms/ws: subscribe to rooms, get everything after `since`, then live.
+
+Client frames (JSON text):
+    {"action": "auth", "token": "<JWT>"}        first, unless the upgrade carried a Bearer
+    {"action": "subscribe", "room": "r1", "since": 41}
+    {"action": "unsubscribe", "room": "r1"}
+    {"action": "ping"}
+Server frames: {"type": "subscribed" | "event" | "unsubscribed" | "error" | "pong" |
+"overflow", ...}. A subscriber that cannot keep up gets {"type": "overflow",
+"resume_from": {room: seq}} and close code 4008; an expired token gets close 4001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from dovecote.errors import DovecoteError, Forbidden, InvalidToken, MalformedMessage, NotFound
+from dovecote.ops import metrics
+from dovecote.rooms.auth import LEEWAY, Principal
+from dovecote.rooms.hub import Feed, Frame
+from dovecote.rooms.models import MAX_SEQ, ROOM_ID_PATTERN
+
+if TYPE_CHECKING:
+    from dovecote.rooms import Rooms
+    from dovecote.server import Dovecote
+
+log = structlog.get_logger("dovecote.rooms.websocket")
+
+ENDPOINT = "rooms"
+CLOSE_TRY_AGAIN = 1013
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_SLOW_CONSUMER = 4008
+# Seconds a connection without an Authorization header has to send its auth frame.
+AUTH_TIMEOUT = 10.0
+MAX_FRAME_BYTES = 16 * 1024
+MAX_SUBSCRIPTIONS = 100
+# Seconds spent trying to hand a slow subscriber its resume hint before closing anyway.
+HINT_TIMEOUT = 1.0
+
+_ROOM = re.compile(ROOM_ID_PATTERN)
+
+
+async def rooms_websocket(websocket: WebSocket) -> None:
+    dc: Dovecote = websocket.app.state.dovecote
+    rooms: Rooms = dc.rooms
+    if dc.degradation.draining or not dc.ws_slots.try_acquire():
+        await websocket.close(code=CLOSE_TRY_AGAIN, reason="busy or draining; retry later")
+        metrics.WS_DISCONNECTS.labels(ENDPOINT, str(CLOSE_TRY_AGAIN)).inc()
+        return
+    await websocket.accept()
+    metrics.WS_CONNECTS.labels(ENDPOINT).inc()
+    metrics.WS_CONNECTIONS.labels(ENDPOINT).inc()
+    socket_id = uuid.uuid4().hex[:12]
+    dc.sockets[socket_id] = websocket
+    code = 1000
+    feed: Feed | None = None
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        principal = await _authenticate(websocket, rooms)
+        if principal is None:
+            code = CLOSE_UNAUTHORIZED
+            return
+        feed = Feed(principal, rooms.settings.rooms_ws_queue)
+        tasks = [
+            asyncio.create_task(rooms.hub.pump(feed), name=f"rooms-pump-{socket_id}"),
+            asyncio.create_task(_send_loop(websocket, feed), name=f"rooms-send-{socket_id}"),
+            asyncio.create_task(_receive_loop(websocket, rooms, feed),
+                                name=f"rooms-recv-{socket_id}"),
+        ]
+        code = await _supervise(websocket, feed, tasks)
+    except WebSocketDisconnect as exc:
+        code = exc.code
+    except Exception as exc:  # a broken socket: positions live with the client
+        log.info("rooms.websocket_error", error=str(exc)[:200])
+        code = 1011
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if feed is not None:
+            rooms.hub.detach(feed)
+        dc.sockets.pop(socket_id, None)
+        dc.ws_slots.release()
+        metrics.WS_CONNECTIONS.labels(ENDPOINT).dec()
+        metrics.WS_DISCONNECTS.labels(ENDPOINT, str(code)).inc()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(websocket.close(code=code if code >= 1000 else 1000),
+                                   HINT_TIMEOUT)
+
+
+async def _authenticate(websocket: WebSocket, rooms: Rooms) -> Principal | None:
+    """From the upgrade's Authorization header, else from the first frame."""
+    try:
+        header = websocket.headers.get("authorization")
+        if header:
+            return await rooms.auth.from_header(header)
+        frame = await asyncio.wait_for(_next_frame(websocket), AUTH_TIMEOUT)
+        if frame.get("action") != "auth" or not isinstance(frame.get("token"), str):
+            raise InvalidToken('send {"action": "auth", "token": "<JWT>"} first')
+        principal = await rooms.auth.verify(frame["token"])
+        await websocket.send_text(json.dumps({"type": "authenticated", "sub": principal.sub}))
+        return principal
+    except TimeoutError:
+        error: DovecoteError = InvalidToken("no auth frame in time")
+    except DovecoteError as exc:
+        error = exc
+    with contextlib.suppress(Exception):
+        await websocket.send_text(json.dumps(_error_body(error)))
+        await websocket.close(code=CLOSE_UNAUTHORIZED, reason=error.detail[:120])
+    return None
+
+
+async def _supervise(websocket: WebSocket, feed: Feed, tasks: list[asyncio.Task[Any]]) -> int:
+    """Wait until the client leaves, the feed overflows, or the token expires."""
+    done_wait = asyncio.create_task(feed.done.wait())
+    try:
+        while True:
+            remaining = feed.principal.expires_at + LEEWAY - time.time()
+            if remaining <= 0:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(websocket.send_text(json.dumps(
+                        {"type": "error", "error": InvalidToken.code,
+                         "detail": "token expired; reconnect with a fresh token",
+                         "resume_from": feed.resume_hint()})), HINT_TIMEOUT)
+                return CLOSE_UNAUTHORIZED
+            finished, _ = await asyncio.wait(
+                [*tasks, done_wait], timeout=min(remaining, 60.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if feed.overflowed:
+                hint = feed.resume_hint()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(websocket.send_text(json.dumps(
+                        {"type": "overflow", "resume_from": hint})), HINT_TIMEOUT)
+                return CLOSE_SLOW_CONSUMER
+            for task in finished:
+                if task is not done_wait and task.done():
+                    exc = task.exception()
+                    if isinstance(exc, WebSocketDisconnect):
+                        return exc.code
+                    if exc is not None:
+                        raise exc
+                    return 1000
+    finally:
+        done_wait.cancel()
+
+
+async def _send_loop(websocket: WebSocket, feed: Feed) -> None:
+    while True:
+        frame = await feed.queue.get()
+        await websocket.send_text(json.dumps(frame.body, ensure_ascii=False))
+        if frame.room is not None and frame.seq is not None and frame.room in feed.sent:
+            feed.sent[frame.room] = frame.seq
+
+
+async def _receive_loop(websocket: WebSocket, rooms: Rooms, feed: Feed) -> None:
+    while True:
+        frame: dict[str, Any] = {}
+        try:
+            frame = await _next_frame(websocket)
+            await _handle(frame, rooms, feed)
+        except DovecoteError as exc:
+            body = _error_body(exc)
+            for name in ("action", "room"):
+                if isinstance(frame.get(name), str):
+                    body[name] = frame[name][:64]
+            feed.offer(Frame(body))
+
+
+async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
+    action = frame.get("action")
+    if action == "ping":
+        feed.offer(Frame({"type": "pong"}))
+    elif action == "auth":
+        token = frame.get("token")
+        if not isinstance(token, str):
+            raise MalformedMessage("auth needs a token")
+        principal = await rooms.auth.verify(token)
+        if principal.sub != feed.principal.sub:
+            raise Forbidden("a refreshed token must be for the same participant")
+        feed.principal = principal
+        feed.offer(Frame({"type": "authenticated", "sub": principal.sub}))
+    elif action == "subscribe":
+        room, since = _room_arg(frame), frame.get("since", 0)
+        if type(since) is not int or not 0 <= since <= MAX_SEQ:
+            raise MalformedMessage("since must be a non-negative integer")
+        if room in feed.positions:
+            raise MalformedMessage(f"already subscribed to {room!r}")
+        if len(feed.positions) >= MAX_SUBSCRIPTIONS:
+            raise MalformedMessage(f"at most {MAX_SUBSCRIPTIONS} rooms per connection")
+        await _check_reader(rooms, feed.principal, room)
+        found = await rooms.store.room_get(room)
+        if found is None:
+            raise NotFound(f"no room {room!r}")
+        # The acknowledgement is queued before the first event of the room.
+        feed.offer(Frame({"type": "subscribed", "room": room, "since": since,
+                          "last_seq": found.last_seq}))
+        rooms.hub.subscribe(feed, room, since)
+    elif action == "unsubscribe":
+        room = _room_arg(frame)
+        rooms.hub.unsubscribe(feed, room)
+        feed.offer(Frame({"type": "unsubscribed", "room": room, "reason": "requested"}))
+    else:
+        raise MalformedMessage("action must be auth, subscribe, unsubscribe or ping")
+
+
+async def _check_reader(rooms: Rooms, principal: Principal, room: str) -> None:
+    if not principal.may_enter(room):
+        raise Forbidden("the token does not grant this room")
+    if principal.is_admin:
+        return
+    if await rooms.store.participant_role(room, principal.sub) is None:
+        if await rooms.store.room_get(room) is None:
+            raise NotFound(f"no room {room!r}")
+        raise Forbidden("not a participant of this room")
+
+
+async def _next_frame(websocket: WebSocket) -> dict[str, Any]:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(int(message.get("code") or 1000))
+    text = message.get("text")
+    if text is None:
+        raise MalformedMessage("send JSON text frames")
+    if len(text) > MAX_FRAME_BYTES:
+        raise MalformedMessage("frame too large")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage("frame is not JSON") from exc
+    if not isinstance(value, dict):
+        raise MalformedMessage("frame must be a JSON object")
+    return value
+
+
+def _room_arg(frame: dict[str, Any]) -> str:
+    room = frame.get("room")
+    if not isinstance(room, str) or not _ROOM.match(room):
+        raise MalformedMessage("room must be a room id")
+    return room
+
+
+def _error_body(exc: DovecoteError) -> dict[str, Any]:
+    return {"type": "error", "error": exc.code, "detail": exc.detail}
+
+
+ROUTES: list[BaseRoute] = [WebSocketRoute("/v1/rooms/ws", rooms_websocket)]

@@ -1,0 +1,108 @@
+"""Rooms test helpers: an issuer with Ed25519 and P-256 keys in a JWKS file, token minting,
+and a small synchronous client for the rooms API."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from joserfc import jwt
+from joserfc.jwk import ECKey, KeySet, OKPKey
+
+ISSUER = "https://issuer.test"
+ALGORITHMS = ["EdDSA", "ES256"]
+
+
+@dataclass
+class Issuer:
+    """Signs room tokens; its public keys live in `jwks_path` (rewritten on rotation)."""
+
+    jwks_path: Path
+    iss: str = ISSUER
+    keys: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.add_key("ed", OKPKey.generate_key("Ed25519", parameters={"kid": "ed-1"}))
+        self.add_key("es", ECKey.generate_key("P-256", parameters={"kid": "es-1"}))
+
+    def add_key(self, name: str, key: Any) -> None:
+        self.keys[name] = key
+        self.publish()
+
+    def publish(self, names: list[str] | None = None) -> None:
+        chosen = [self.keys[n] for n in (names or list(self.keys))]
+        public = KeySet(chosen).as_dict(private=False)
+        tmp = self.jwks_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(public))
+        tmp.replace(self.jwks_path)
+
+    def token(self, sub: str, rooms: list[str] | str = "*", roles: list[str] | None = None,
+              *, key: str = "ed", ttl: float = 600, iss: str | None = None,
+              extra: dict[str, Any] | None = None) -> str:
+        now = int(time.time())
+        signing = self.keys[key]
+        alg = "EdDSA" if signing.key_type == "OKP" else "ES256"
+        claims = {"sub": sub, "iss": iss or self.iss, "iat": now, "exp": int(now + ttl),
+                  "rooms": rooms, "roles": roles or [], **(extra or {})}
+        return jwt.encode({"alg": alg, "kid": signing.kid}, claims, signing,
+                          algorithms=ALGORITHMS)
+
+    def headers(self, sub: str, **kwargs: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(sub, **kwargs)}"}
+
+
+@dataclass
+class RoomsClient:
+    """A synchronous helper around the rooms API for one server."""
+
+    base_url: str
+    issuer: Issuer
+    http: httpx.Client
+
+    def as_(self, sub: str, **kwargs: Any) -> dict[str, str]:
+        return self.issuer.headers(sub, **kwargs)
+
+    def create_room(self, members: dict[str, str], room_id: str | None = None,
+                    admin: str = "admin") -> str:
+        body: dict[str, Any] = {
+            "name": "test room",
+            "participants": [{"id": p, "role": r} for p, r in members.items()],
+        }
+        if room_id:
+            body["id"] = room_id
+        r = self.http.post(f"{self.base_url}/v1/rooms", json=body,
+                           headers=self.as_(admin, roles=["admin"]))
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def post(self, room: str, sub: str, text: str, key: str | None = None) -> httpx.Response:
+        headers = self.as_(sub)
+        if key:
+            headers["Idempotency-Key"] = key
+        return self.http.post(f"{self.base_url}/v1/rooms/{room}/messages",
+                              json={"text": text}, headers=headers)
+
+    def events(self, room: str, sub: str = "admin", **params: Any) -> dict[str, Any]:
+        r = self.http.get(f"{self.base_url}/v1/rooms/{room}/events", params=params,
+                          headers=self.as_(sub, roles=["admin"]))
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def all_events(self, room: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page = self.events(room, after=after, limit=1000)
+            found.extend(page["events"])
+            after = page["next_after"]
+            if not page["has_more"]:
+                return found
+
+
+def new_key() -> str:
+    return str(uuid.uuid4())
