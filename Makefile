@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEVSTAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,deploy,bench]'
 	touch $(DEVSTAMP)
 
 install: $(STAMP)
