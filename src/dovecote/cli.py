@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
 import click
@@ -68,11 +69,15 @@ def main() -> None:
 @_settings_options
 def serve(**options: Any) -> None:
     """Run the relay (HTTP + WebSocket) until SIGTERM."""
+    from dovecote.ops.lock import DataDirInUse
     from dovecote.server import run
 
     settings = _settings(options)
     configure(settings.log_format, settings.log_level)
-    run(settings)
+    try:
+        run(settings)
+    except DataDirInUse as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
@@ -206,6 +211,67 @@ def cluster_status(**options: Any) -> None:
         state = "alive" if age < max(30.0, 3 * settings.heartbeat_interval) else "dead"
         click.echo(f"{i.id:<40} {state:<6} {i.level:<12} v{i.version:<8} "
                    f"conns={i.connections:<5} last_beat={age:.0f}s ago host={i.host}")
+
+
+# ---------------------------------------------------------------------- backups
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_settings_options
+def backup(file: Path, **options: Any) -> None:
+    """Back up the SQLite store and the mediator keys to FILE (safe while serving).
+
+    Writes FILE, FILE.identity.json (0600) and FILE.manifest.json.
+    """
+    from dovecote.ops import backup as backups
+
+    settings = _settings(options)
+    try:
+        manifest = backups.make_backup(backups.sqlite_path(settings.store_url),
+                                       settings.identity_path, file)
+    except backups.BackupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"backup {file}: schema v{manifest.schema_version}, "
+               f"{sum(manifest.tables.values())} rows, {manifest.database.bytes} bytes, "
+               f"sha256 {manifest.database.sha256[:16]}..., {manifest.seconds:.2f}s")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def verify(file: Path) -> None:
+    """Check a backup: checksums, PRAGMA integrity_check, row counts, keys. Exit 1 if bad."""
+    from dovecote.ops.backup import verify_backup
+
+    manifest, problems = verify_backup(file)
+    for problem in problems:
+        click.echo(f"BAD  {problem}", err=True)
+    if manifest is None or problems:
+        sys.exit(1)
+    click.echo(f"OK   {file}: taken {_when(manifest.created_at)} UTC by dovecote "
+               f"{manifest.dovecote_version}, schema v{manifest.schema_version}, "
+               + ", ".join(f"{t}={n}" for t, n in manifest.tables.items()))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True,
+              help="Move an existing store/keys aside (DATA_DIR/pre-restore-*) instead of "
+              "refusing.")
+@_settings_options
+def restore(file: Path, force: bool, **options: Any) -> None:
+    """Verify FILE, then restore it into a STOPPED data directory (--data-dir)."""
+    from dovecote.ops import backup as backups
+    from dovecote.ops.lock import DataDirInUse
+
+    settings = _settings(options)
+    try:
+        done = backups.restore_backup(file, backups.sqlite_path(settings.store_url),
+                                      settings.identity_path, settings.data_dir, force=force)
+    except (backups.BackupError, DataDirInUse) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"restored {file} (taken {_when(done.manifest.created_at)} UTC) into "
+               f"{done.database}; keys in {done.identity}")
+    if done.moved_aside:
+        click.echo(f"previous files moved to {done.moved_aside}")
 
 
 if __name__ == "__main__":

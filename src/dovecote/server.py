@@ -32,8 +32,9 @@ from dovecote.didcomm.endpoints import Endpoints
 from dovecote.didcomm.messages import Context
 from dovecote.didcomm.packing import Packer
 from dovecote.errors import DovecoteError, Overloaded, RateLimited
-from dovecote.ops import admin, metrics
+from dovecote.ops import admin, backup_schedule, metrics
 from dovecote.ops.health import Degradation, HealthMonitor
+from dovecote.ops.lock import DataDirLock
 from dovecote.ops.settings import Settings
 from dovecote.rooms import Rooms
 from dovecote.rooms import routes as rooms_routes
@@ -41,6 +42,7 @@ from dovecote.store import Store, open_store
 from dovecote.store.base import InstanceInfo
 from dovecote.transport import http as http_routes
 from dovecote.transport.limits import InFlight, TokenBuckets, retry_after_header
+from dovecote.transport.tls import PeerCertProtocol, ServerTLS
 from dovecote.transport.websocket import CLOSE_RESTART, websocket_endpoint
 
 log = structlog.get_logger("dovecote.server")
@@ -117,6 +119,8 @@ class Dovecote:
             asyncio.create_task(self._sample(), name="sample"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
         ]
+        if backups := backup_schedule.from_settings(self.settings, self.store.engine):
+            self._tasks.append(asyncio.create_task(backups.run(), name="backup"))
         log.info("dovecote.started", did=self.identity.did, url=self.settings.base_url,
                  store=self.store.engine, instance=self.instance_id, version=__version__)
 
@@ -303,12 +307,10 @@ class GuardMiddleware:
                          seconds=round(elapsed, 4), request_id=request_id)
 
     def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
-        peer = (scope.get("client") or ("", 0))[0]
-        if peer in self.dc.settings.trusted_proxies:
-            forwarded = headers.get(b"x-forwarded-for", b"").decode()
-            if forwarded:
-                return forwarded.split(",")[0].strip()
-        return str(peer)
+        # Behind a proxy in TRUSTED_PROXIES, uvicorn's proxy-headers middleware has already
+        # replaced the peer with the last untrusted X-Forwarded-For entry (see run()); from
+        # anyone else the header is ignored, so it cannot be used to dodge the rate limit.
+        return str((scope.get("client") or ("", 0))[0])
 
 
 async def health_live(request: Request) -> Response:
@@ -415,7 +417,13 @@ class _Server(uvicorn.Server):
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT (first drains, second forces)."""
+    """Serve until SIGTERM/SIGINT (first drains, second forces); SIGHUP reloads TLS files."""
+    # One process owns a SQLite data directory; `dovecote restore` checks this lock.
+    lock = DataDirLock(settings.data_dir)
+    if settings.store_url.startswith("sqlite:"):
+        lock.acquire("serve")
+    tls = (ServerTLS(settings.tls_cert, settings.tls_key, settings.admin_client_ca)
+           if settings.tls_cert and settings.tls_key else None)
     dovecote = Dovecote(settings)
     print(f"Dovecote {__version__} mediator", flush=True)
     print(f"  DID:        {dovecote.identity.did}", flush=True)
@@ -431,12 +439,27 @@ def run(settings: Settings) -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
-        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-        forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+        # Our own SSLContext, kept so SIGHUP can load new files into it (transport/tls.py).
+        ssl_context_factory=tls.uvicorn_factory if tls else None,
+        http=PeerCertProtocol if tls else "auto",
+        # Proxy headers only from TRUSTED_PROXIES (uvicorn alone would trust 127.0.0.1).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
         ws_max_size=settings.max_body_bytes + 1024,
         server_header=False,
     )
     server = _Server(config)
     server.dovecote = dovecote
-    server.run()
+
+    def reload(sig: int, frame: Any) -> None:
+        if tls is None:
+            log.info("tls.reload_skipped", reason="no TLS_CERT configured")
+        else:
+            tls.reload()
+
+    # SIGHUP's default action ends the process; here it only reloads the TLS files.
+    signal.signal(signal.SIGHUP, reload)
+    try:
+        server.run()
+    finally:
+        lock.release()

@@ -1,6 +1,13 @@
 """Admin API under /admin: dead letters, degradation, cluster view.
 
-Guarded by a bearer token and a client-network allowlist; disabled without a token.
+Disabled without ADMIN_TOKEN. Every request passes, in this order:
+1. the network allowlist (ADMIN_ALLOW) on the client address: the TCP peer, or behind a
+   proxy listed in TRUSTED_PROXIES the address it forwarded (uvicorn's proxy-headers
+   middleware rewrites the ASGI `client` before we see it) -> 403 admin_forbidden;
+2. with ADMIN_CLIENT_CA, a client certificate verified against that CA during the TLS
+   handshake (transport/tls.py puts it in `scope["extensions"]["tls"]`)
+   -> 403 admin_client_cert_required;
+3. the bearer token, compared in constant time -> 401 admin_unauthorized.
 """
 
 from __future__ import annotations
@@ -40,10 +47,20 @@ def authorize(request: Request) -> JSONResponse | None:
         allowed = False
     if not allowed:
         return _deny(403, "admin_forbidden", "client address not in ADMIN_ALLOW")
+    if settings.admin_client_ca and not _client_cert(request):
+        return _deny(403, "admin_client_cert_required",
+                     "a client certificate signed by ADMIN_CLIENT_CA is required")
     token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
         return _deny(401, "admin_unauthorized", "missing or wrong admin token")
     return None
+
+
+def _client_cert(request: Request) -> str | None:
+    """The verified client certificate (PEM) of this connection, if it presented one."""
+    tls = (request.scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    return str(chain[0]) if chain else None
 
 
 def dead_letter_json(item: DeadLetter, with_payload: bool = False) -> dict[str, Any]:

@@ -107,3 +107,10 @@ GROUP_COMMIT_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 STORE_ERRORS = Counter("dovecote_store_errors", "Store operations that failed.", ["engine"])
+
+BACKUP_LAST_SUCCESS = Gauge(
+    "dovecote_backup_last_success_timestamp_seconds",
+    "When the newest scheduled backup's snapshot was taken (UNIX time; 0: none yet).",
+)
+BACKUP_SECONDS = Gauge("dovecote_backup_duration_seconds", "How long the last backup took.")
+BACKUP_FAILURES = Counter("dovecote_backup_failures", "Scheduled backups that failed.")

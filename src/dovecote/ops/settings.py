@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -32,6 +32,9 @@ DEFAULT_DRAIN_DELAY = 1.0
 DEFAULT_ROOMS_JWKS_REFRESH = 300.0
 DEFAULT_ROOMS_MAX_MESSAGE_BYTES = 16 * 1024
 DEFAULT_ROOMS_WS_QUEUE = 1000
+DEFAULT_BACKUP_INTERVAL = 3600.0
+DEFAULT_BACKUP_KEEP_HOURLY = 24
+DEFAULT_BACKUP_KEEP_DAILY = 7
 
 # Lists come as "a,b,c" from the environment and flags, not as JSON.
 CsvList = Annotated[list[str], NoDecode]
@@ -62,10 +65,16 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="Worker processes (PostgreSQL only for >1).")
     trusted_proxies: CsvList = Field(
         default_factory=list,
-        description="Proxy addresses whose X-Forwarded-For/-Proto headers are trusted.",
+        description="Proxy addresses or networks (CIDR) whose X-Forwarded-For/-Proto headers "
+        "are trusted; the client address is then the last untrusted X-Forwarded-For entry "
+        "(rate limits, admin allowlist). Empty: no proxy header is trusted.",
     )
-    tls_cert: Path | None = Field(None, description="TLS certificate file (PEM) to serve HTTPS.")
-    tls_key: Path | None = Field(None, description="TLS private key file (PEM).")
+    tls_cert: Path | None = Field(
+        None, description="TLS certificate chain file (PEM) to serve HTTPS; re-read on SIGHUP."
+    )
+    tls_key: Path | None = Field(
+        None, description="TLS private key file (PEM); re-read on SIGHUP."
+    )
 
     # --- storage
     data_dir: Path = Field(Path("data"), description="Directory for the SQLite store and keys.")
@@ -85,6 +94,20 @@ class Settings(BaseSettings):
     store_pool_size: int = Field(10, ge=1, description="PostgreSQL connection pool size.")
     group_commit_max: int = Field(
         512, ge=1, description="Most writes one SQLite transaction may group."
+    )
+    backup_dir: Path | None = Field(
+        None, description="Directory for scheduled SQLite backups (empty: no scheduled backups)."
+    )
+    backup_interval: float = Field(
+        DEFAULT_BACKUP_INTERVAL, ge=1, description="Seconds between scheduled backups."
+    )
+    backup_keep_hourly: int = Field(
+        DEFAULT_BACKUP_KEEP_HOURLY, ge=0,
+        description="Keep the newest backup of each of this many most recent hours.",
+    )
+    backup_keep_daily: int = Field(
+        DEFAULT_BACKUP_KEEP_DAILY, ge=0,
+        description="Keep the newest backup of each of this many most recent days (UTC).",
     )
     store_max_pages: int = Field(
         0, ge=0, description="SQLite max_page_count: a hard size cap for the database "
@@ -203,7 +226,13 @@ class Settings(BaseSettings):
     admin_token: str = Field("", description="Bearer token for /admin (empty: admin disabled).")
     admin_allow: CsvList = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
-        description="Client networks allowed to reach /admin.",
+        description="Client networks allowed to reach /admin (the address behind a trusted "
+        "proxy).",
+    )
+    admin_client_ca: Path | None = Field(
+        None,
+        description="CA file (PEM): when set, /admin also requires a client certificate "
+        "signed by it (needs TLS_CERT/TLS_KEY; other routes do not ask for one).",
     )
     log_format: LogFormat = Field("auto", description="json, console, or auto (console on a tty).")
     log_level: LogLevel = Field("info", description="Lowest log level written.")
@@ -217,6 +246,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Settings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key are given together")
+        if self.admin_client_ca and not self.tls_cert:
+            raise ValueError("admin_client_ca needs in-process TLS (tls_cert and tls_key)")
+        return self
 
     @classmethod
     def settings_customise_sources(
