@@ -1,7 +1,10 @@
-"""Rooms fixtures: an issuer whose JWKS file the servers trust, servers, a client.
+"""Rooms fixtures: an issuer whose JWKS file the servers trust, servers on each store
+engine, and a client.
 
-Starting a server takes seconds, so most tests share one per module (`rooms_server`);
-tests that need their own settings start one with `server_factory` and `rooms_env`.
+Starting a server takes seconds, so the tests of a module share one per engine
+(`rooms_server`, ids sqlite/postgres); tests that need their own settings start one with
+`server_factory` and `rooms_env`. PostgreSQL servers get a fresh database on the server
+named by DOVECOTE_TEST_POSTGRES (see scripts/ensure-postgres.sh); unreachable fails.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from support.rooms import ISSUER, Issuer, RoomsClient
+from support.rooms import ENGINES, ISSUER, Issuer, RoomsClient, fresh_postgres_database
 from support.server import ServerProcess, free_port
 
 
@@ -20,28 +23,41 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
     return Issuer(tmp_path_factory.mktemp("issuer") / "jwks.json")
 
 
-def env_for(issuer: Issuer) -> dict[str, str]:
-    return {
+@pytest.fixture(scope="module", params=ENGINES, ids=ENGINES)
+def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """'' for SQLite in the server's data dir, or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    with fresh_postgres_database() as url:
+        yield url
+
+
+def env_for(issuer: Issuer, store_url: str) -> dict[str, str]:
+    env = {
         "DOVECOTE_ROOMS_JWKS_FILE": str(issuer.jwks_path),
         "DOVECOTE_ROOMS_JWT_ISSUER": ISSUER,
         # Tests hammer one server from one address.
         "DOVECOTE_RATE_LIMIT_IP": "100000",
         "DOVECOTE_RATE_LIMIT_IP_BURST": "100000",
     }
+    if store_url:
+        env["DOVECOTE_STORE"] = store_url
+    return env
 
 
 @pytest.fixture
-def rooms_env(issuer: Issuer) -> dict[str, str]:
-    return env_for(issuer)
+def rooms_env(issuer: Issuer, store_url: str) -> dict[str, str]:
+    return env_for(issuer, store_url)
 
 
 @pytest.fixture(scope="module")
-def rooms_server(tmp_path_factory: pytest.TempPathFactory,
-                 issuer: Issuer) -> Iterator[ServerProcess]:
-    """One SQLite-backed server per test module, trusting `issuer`."""
+def rooms_server(tmp_path_factory: pytest.TempPathFactory, issuer: Issuer,
+                 store_url: str) -> Iterator[ServerProcess]:
+    """One server per test module and engine, trusting `issuer`."""
     base = tmp_path_factory.mktemp("rooms-server")
-    server = ServerProcess(data_dir=base / "data", port=free_port(), env=env_for(issuer),
-                           log_path=base / "server.log")
+    server = ServerProcess(data_dir=base / "data", port=free_port(),
+                           env=env_for(issuer, store_url), log_path=base / "server.log")
     server.start()
     yield server
     server.kill()

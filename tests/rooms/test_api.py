@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from support.rooms import Issuer, RoomsClient, new_key
+from support.rooms import Issuer, RoomsClient, new_key, query
 
 
 def test_room_crud_and_participants(rooms: RoomsClient) -> None:
@@ -229,25 +229,25 @@ def test_unknown_paths_and_methods_are_json(rooms: RoomsClient) -> None:
 
 
 def test_purge_erases_deleted_content(server_factory: Any, rooms_env: dict[str, str],
-                                      issuer: Issuer) -> None:
+                                      issuer: Issuer, store_url: str) -> None:
     server = server_factory(env={**rooms_env, "DOVECOTE_ROOMS_PURGE_AFTER": "0.5",
                                  "DOVECOTE_SWEEP_INTERVAL": "0.2"})
     with httpx.Client(timeout=10) as http:
         client = RoomsClient(server.base_url, issuer, http)
         room = client.create_room({"alice": "member"})
-        msg = client.post(room, "alice", "secret").json()
+        msg = client.post(room, "alice", "secret purge me").json()
+        assert client.post(room, "alice", "kept").status_code == 201
         http.delete(f"{server.base_url}/v1/rooms/{room}/messages/{msg['id']}",
                     headers=client.as_("alice"))
-    import sqlite3
-
-    db = server.data_dir / "dovecote.db"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        with sqlite3.connect(db) as conn:
-            content = conn.execute("SELECT content, purged_at FROM room_messages").fetchone()
-            data = [row[0] for row in conn.execute("SELECT data FROM room_events")]
-        if content[1] is not None:
+        rows = query(store_url, server.data_dir,
+                     f"SELECT content, purged_at FROM room_messages WHERE id = '{msg['id']}'")
+        if rows[0][1] is not None:
             break
         time.sleep(0.2)
-    assert content == (None, content[1]) and content[1] is not None
-    assert not any("secret" in d for d in data)
+    assert rows[0][0] is None and rows[0][1] is not None
+    data = [r[0] for r in query(store_url, server.data_dir,
+                                f"SELECT data FROM room_events WHERE room = '{room}'")]
+    assert not any("secret purge me" in d for d in data)
+    assert any('"kept"' in d for d in data)  # only the deleted message's content goes

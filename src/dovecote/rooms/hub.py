@@ -31,6 +31,8 @@ log = structlog.get_logger("dovecote.rooms.hub")
 SAFETY_POLL_SECONDS = 5.0
 # Events read from the store per room per round.
 READ_BATCH = 200
+# A room listener call with this name wakes every feed.
+WAKE_ALL = "*"
 # Pause before re-reading after a store error.
 STORE_RETRY_SECONDS = 1.0
 
@@ -91,7 +93,14 @@ class RoomHub:
         return len({id(f) for feeds in self.by_room.values() for f in feeds})
 
     def notify(self, room: str) -> None:
-        """A room event committed: wake the room's feeds (called by the store)."""
+        """A room event committed: wake the room's feeds (called by the store). "*" wakes
+        every feed for every room (the store lost notifications, e.g. a reconnect)."""
+        if room == WAKE_ALL:
+            for name, feeds in self.by_room.items():
+                for feed in feeds:
+                    feed.dirty.add(name)
+                    feed.wake.set()
+            return
         for feed in self.by_room.get(room, ()):
             feed.dirty.add(room)
             feed.wake.set()

@@ -43,6 +43,7 @@ from dovecote.store.base import (
     StoredMessage,
     UpdateResult,
 )
+from dovecote.store.postgres_rooms import PostgresRoomsMixin
 
 # The SQLite engine is the reference: share its row decoding and DID URL matching so
 # both engines answer identically.
@@ -109,7 +110,7 @@ def _rowcount(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresRoomsMixin, Store):
     """The scale-out store: any number of instances on one PostgreSQL database."""
 
     engine = "postgres"
@@ -277,6 +278,7 @@ class PostgresStore(Store):
         conn = await asyncpg.connect(self.url, **self._connect_options())
         try:
             await conn.add_listener(CHANNEL, self._on_notification)
+            await self._listen_rooms(conn)
         except BaseException:
             conn.terminate()
             raise

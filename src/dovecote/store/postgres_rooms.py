@@ -1,0 +1,481 @@
+"""Rooms on the PostgreSQL engine: a mixin for PostgresStore using its `_read` / `_write`.
+
+Every room write starts by locking the room's row (`SELECT ... FOR UPDATE`): writes to one
+room queue up behind each other, the per-room seq from `rooms.last_seq` is taken and
+committed in order (a reader that saw seq n never later finds an uncommitted n-1), and
+the idempotency check cannot race a concurrent post with the same key. Lock order is
+always room row first, so room writes never deadlock with each other.
+
+Wake-ups: the writing transaction sends `NOTIFY dovecote_room, '<room>'`; this instance
+wakes its own room listeners right after COMMIT, the others on the notification.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import structlog
+
+from dovecote.errors import Conflict, Forbidden, NotFound
+from dovecote.store.rooms_base import (
+    CONTENT_EVENTS,
+    MESSAGE_DELETED,
+    MESSAGE_EDITED,
+    MESSAGE_POSTED,
+    PARTICIPANT_ADDED,
+    PARTICIPANT_REMOVED,
+    PARTICIPANT_UPDATED,
+    REACTION_ADDED,
+    REACTION_REMOVED,
+    REDACTED,
+    ROOM_CREATED,
+    EventPage,
+    NewPost,
+    NewRoom,
+    Participant,
+    PostResult,
+    ReactionResult,
+    Role,
+    Room,
+    RoomEvent,
+    RoomMessage,
+    RoomStore,
+    check_manage,
+    check_moderation,
+    visible_data,
+)
+from dovecote.store.sqlite_rooms import PURGE_BATCH, _dump, _room
+
+log = structlog.get_logger("dovecote.store.postgres")
+
+T = TypeVar("T")
+Conn = Any  # asyncpg.Connection
+
+# NOTIFY channel carrying the room that got an event.
+ROOM_CHANNEL = "dovecote_room"
+# Passed to room listeners after the LISTEN connection came back: anything may have changed.
+WAKE_ALL_ROOMS = "*"
+
+_ROOM_COLUMNS = "id, name, metadata, created_by, created_at, last_seq"
+_MESSAGE_COLUMNS = "id, room, seq, author, content, created_at, edited_at, deleted_at"
+
+
+class PostgresRoomsMixin(RoomStore):
+    """RoomStore for PostgresStore."""
+
+    if TYPE_CHECKING:
+        _own_pids: set[int]
+
+        async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T: ...
+
+        async def _write(self, fn: Callable[[Conn], Awaitable[T]]) -> T: ...
+
+    async def _room_write(self, room: str, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run a room write that notifies other instances; wake local listeners after it."""
+
+        async def with_notify(c: Conn) -> T:
+            result = await fn(c)
+            await c.execute("SELECT pg_notify($1, $2)", ROOM_CHANNEL, room)
+            return result
+
+        result = await self._write(with_notify)
+        self._wake_room(room)
+        return result
+
+    def _wake_room(self, room: str) -> None:
+        try:
+            self._notify_room(room)
+        except Exception:  # a listener's bug must not fail a committed write
+            log.exception("store.room_listener_failed", room=room)
+
+    async def _listen_rooms(self, conn: Conn) -> None:
+        """Called by the engine on every (re)connect of its LISTEN connection."""
+        await conn.add_listener(ROOM_CHANNEL, self._on_room_notification)
+        # After a reconnect notifications may have been lost: every feed looks again.
+        self._wake_room(WAKE_ALL_ROOMS)
+
+    def _on_room_notification(self, _conn: Conn, pid: int, _channel: str, payload: str) -> None:
+        if pid in self._own_pids:
+            return  # our own write; it woke local listeners after COMMIT
+        self._wake_room(payload)
+
+    # ------------------------------------------------------------------ rooms
+    async def room_create(self, room: NewRoom) -> Room:
+        now = time.time()
+
+        async def fn(c: Conn) -> Room:
+            created = await c.fetchval(
+                "INSERT INTO rooms (id, name, metadata, created_by, created_at, last_seq) "
+                "VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT (id) DO NOTHING RETURNING id",
+                room.id, room.name, _dump(room.metadata), room.created_by, now,
+            )
+            if created is None:
+                raise Conflict(f"room {room.id!r} already exists")
+            await _emit(c, room.id, ROOM_CREATED, room.created_by, None,
+                        {"name": room.name, "metadata": room.metadata}, now)
+            for participant, role in room.participants:
+                await c.execute(
+                    "INSERT INTO room_participants (room, participant, role, added_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (room, participant) DO UPDATE "
+                    "SET role = excluded.role", room.id, participant, role, now,
+                )
+                await _emit(c, room.id, PARTICIPANT_ADDED, room.created_by, None,
+                            {"participant": participant, "role": role}, now)
+            return _room(await c.fetchrow(
+                f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = $1", room.id))
+
+        return await self._room_write(room.id, fn)
+
+    async def room_get(self, room: str) -> Room | None:
+        row = await self._read(lambda c: c.fetchrow(
+            f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = $1", room))
+        return _room(row) if row else None
+
+    async def room_list(self, participant: str | None, after: str, limit: int) -> list[Room]:
+        async def fn(c: Conn) -> list[Room]:
+            if participant is None:
+                rows = await c.fetch(
+                    f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id > $1 ORDER BY id LIMIT $2",
+                    after, limit,
+                )
+            else:
+                rows = await c.fetch(
+                    "SELECT r.id, r.name, r.metadata, r.created_by, r.created_at, r.last_seq "
+                    "FROM room_participants p JOIN rooms r ON r.id = p.room "
+                    "WHERE p.participant = $1 AND p.room > $2 ORDER BY p.room LIMIT $3",
+                    participant, after, limit,
+                )
+            return [_room(row) for row in rows]
+
+        return await self._read(fn)
+
+    async def room_delete(self, room: str, actor: str, manage: bool) -> None:
+        async def fn(c: Conn) -> None:
+            await _lock_room(c, room)
+            check_manage(actor, await _role(c, room, actor), manage)
+            await c.execute("DELETE FROM rooms WHERE id = $1", room)
+
+        await self._room_write(room, fn)
+
+    # ------------------------------------------------------------------ participants
+    async def participant_role(self, room: str, participant: str) -> Role | None:
+        return await self._read(lambda c: _role(c, room, participant))
+
+    async def participants(self, room: str) -> list[Participant] | None:
+        async def fn(c: Conn) -> list[Participant] | None:
+            if await c.fetchval("SELECT 1 FROM rooms WHERE id = $1", room) is None:
+                return None
+            rows = await c.fetch(
+                "SELECT room, participant, role, added_at FROM room_participants "
+                'WHERE room = $1 ORDER BY participant COLLATE "C"', room,
+            )
+            return [Participant(*row) for row in rows]
+
+        return await self._read(fn)
+
+    async def participant_set(
+        self, room: str, participant: str, role: Role, actor: str, manage: bool
+    ) -> tuple[Participant, RoomEvent | None]:
+        now = time.time()
+
+        async def fn(c: Conn) -> tuple[Participant, RoomEvent | None]:
+            await _lock_room(c, room)
+            check_manage(actor, await _role(c, room, actor), manage)
+            row = await c.fetchrow(
+                "SELECT role, added_at FROM room_participants "
+                "WHERE room = $1 AND participant = $2", room, participant,
+            )
+            if row is not None and row[0] == role:
+                return Participant(room, participant, role, row[1]), None
+            if row is None:
+                await c.execute(
+                    "INSERT INTO room_participants (room, participant, role, added_at) "
+                    "VALUES ($1, $2, $3, $4)", room, participant, role, now,
+                )
+                added_at, kind = now, PARTICIPANT_ADDED
+            else:
+                await c.execute(
+                    "UPDATE room_participants SET role = $3 WHERE room = $1 "
+                    "AND participant = $2", room, participant, role,
+                )
+                added_at, kind = row[1], PARTICIPANT_UPDATED
+            event = await _emit(c, room, kind, actor, None,
+                                {"participant": participant, "role": role}, now)
+            return Participant(room, participant, role, added_at), event
+
+        return await self._room_write(room, fn)
+
+    async def participant_remove(
+        self, room: str, participant: str, actor: str, manage: bool
+    ) -> RoomEvent:
+        now = time.time()
+
+        async def fn(c: Conn) -> RoomEvent:
+            await _lock_room(c, room)
+            if actor != participant:
+                check_manage(actor, await _role(c, room, actor), manage)
+            role = await c.fetchval(
+                "DELETE FROM room_participants WHERE room = $1 AND participant = $2 "
+                "RETURNING role", room, participant,
+            )
+            if role is None:
+                raise NotFound(f"{participant!r} is not a participant of this room")
+            return await _emit(c, room, PARTICIPANT_REMOVED, actor, None,
+                               {"participant": participant, "role": role}, now)
+
+        return await self._room_write(room, fn)
+
+    # ------------------------------------------------------------------ messages
+    async def message_post(self, post: NewPost, idempotency_since: float) -> PostResult:
+        now = time.time()
+        message_id = uuid.uuid4().hex
+
+        async def fn(c: Conn) -> PostResult:
+            await _lock_room(c, post.room)
+            if await _role(c, post.room, post.author) is None:
+                raise Forbidden("not a participant of this room")
+            if post.idempotency_key is not None:
+                row = await c.fetchrow(
+                    "SELECT request_hash, message_id, created_at FROM room_idempotency "
+                    "WHERE room = $1 AND participant = $2 AND key = $3",
+                    post.room, post.author, post.idempotency_key,
+                )
+                if row is not None and row[2] >= idempotency_since:
+                    if row[0] != post.request_hash:
+                        raise Conflict("idempotency key was used for a different request")
+                    original = await _message(c, post.room, row[1])
+                    if original is not None:
+                        return PostResult(original, duplicate=True)
+                if row is not None:
+                    await c.execute(
+                        "DELETE FROM room_idempotency WHERE room = $1 AND participant = $2 "
+                        "AND key = $3", post.room, post.author, post.idempotency_key,
+                    )
+            event = await _emit(c, post.room, MESSAGE_POSTED, post.author, message_id,
+                                post.content, now, event_id=message_id)
+            await c.execute(
+                "INSERT INTO room_messages (id, room, seq, author, content, created_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6)",
+                message_id, post.room, event.seq, post.author, _dump(post.content), now,
+            )
+            if post.idempotency_key is not None:
+                await c.execute(
+                    "INSERT INTO room_idempotency (room, participant, key, request_hash, "
+                    "message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    post.room, post.author, post.idempotency_key, post.request_hash,
+                    message_id, now,
+                )
+            await c.execute("SELECT pg_notify($1, $2)", ROOM_CHANNEL, post.room)
+            message = RoomMessage(message_id, post.room, event.seq, post.author,
+                                  post.content, now, None, None, {})
+            return PostResult(message, duplicate=False)
+
+        result = await self._write(fn)
+        if not result.duplicate:
+            self._wake_room(post.room)
+        return result
+
+    async def message_get(self, room: str, message_id: str) -> RoomMessage | None:
+        return await self._read(lambda c: _message(c, room, message_id))
+
+    async def message_edit(
+        self, room: str, message_id: str, actor: str, content: dict[str, Any], moderate: bool
+    ) -> RoomEvent:
+        now = time.time()
+
+        async def fn(c: Conn) -> RoomEvent:
+            await _lock_room(c, room)
+            author, deleted_at = await _message_head(c, room, message_id)
+            check_moderation(actor, author, await _role(c, room, actor), moderate)
+            if deleted_at is not None:
+                raise Conflict("the message is deleted")
+            await c.execute(
+                "UPDATE room_messages SET content = $2, edited_at = $3 WHERE id = $1",
+                message_id, _dump(content), now,
+            )
+            return await _emit(c, room, MESSAGE_EDITED, actor, message_id, content, now)
+
+        return await self._room_write(room, fn)
+
+    async def message_delete(
+        self, room: str, message_id: str, actor: str, moderate: bool
+    ) -> RoomEvent:
+        now = time.time()
+
+        async def fn(c: Conn) -> RoomEvent:
+            await _lock_room(c, room)
+            author, deleted_at = await _message_head(c, room, message_id)
+            check_moderation(actor, author, await _role(c, room, actor), moderate)
+            if deleted_at is not None:
+                raise Conflict("the message is already deleted")
+            await c.execute(
+                "UPDATE room_messages SET deleted_at = $2 WHERE id = $1", message_id, now
+            )
+            return await _emit(c, room, MESSAGE_DELETED, actor, message_id,
+                               {"author": author}, now)
+
+        return await self._room_write(room, fn)
+
+    async def reaction_set(
+        self, room: str, message_id: str, participant: str, emoji: str, present: bool
+    ) -> ReactionResult:
+        now = time.time()
+
+        async def fn(c: Conn) -> ReactionResult:
+            await _lock_room(c, room)
+            if await _role(c, room, participant) is None:
+                raise Forbidden("not a participant of this room")
+            _, deleted_at = await _message_head(c, room, message_id)
+            if deleted_at is not None:
+                raise Conflict("the message is deleted")
+            if present:
+                changed = await c.fetchval(
+                    "INSERT INTO room_reactions (message_id, participant, emoji, created_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1",
+                    message_id, participant, emoji, now,
+                )
+            else:
+                changed = await c.fetchval(
+                    "DELETE FROM room_reactions WHERE message_id = $1 AND participant = $2 "
+                    "AND emoji = $3 RETURNING 1", message_id, participant, emoji,
+                )
+            event = None
+            if changed:
+                event = await _emit(c, room, REACTION_ADDED if present else REACTION_REMOVED,
+                                    participant, message_id, {"emoji": emoji}, now)
+                await c.execute("SELECT pg_notify($1, $2)", ROOM_CHANNEL, room)
+            return ReactionResult(event, await _reactions(c, message_id))
+
+        result = await self._write(fn)
+        if result.event is not None:
+            self._wake_room(room)
+        return result
+
+    # ------------------------------------------------------------------ history
+    async def room_events(
+        self, room: str, *, after: int | None = None, before: int | None = None,
+        limit: int = 100,
+    ) -> EventPage | None:
+        async def fn(c: Conn) -> EventPage | None:
+            last_seq = await c.fetchval("SELECT last_seq FROM rooms WHERE id = $1", room)
+            if last_seq is None:
+                return None
+            low = after if after is not None else 0
+            high = before if before is not None else last_seq + 1
+            newest_first = after is None
+            rows = await c.fetch(
+                "SELECT e.seq, e.id, e.type, e.actor, e.message_id, e.data, e.created_at, "
+                "m.deleted_at FROM room_events e LEFT JOIN room_messages m "
+                "ON m.id = e.message_id WHERE e.room = $1 AND e.seq > $2 AND e.seq < $3 "
+                f"ORDER BY e.seq {'DESC' if newest_first else 'ASC'} LIMIT $4",
+                room, low, high, limit,
+            )
+            ordered = list(reversed(rows)) if newest_first else list(rows)
+            events = [
+                RoomEvent(room, seq, eid, etype, actor, mid,
+                          visible_data(etype, json.loads(data), deleted is not None), at)
+                for seq, eid, etype, actor, mid, data, at, deleted in ordered
+            ]
+            return EventPage(events, int(last_seq))
+
+        return await self._read(fn)
+
+    # ------------------------------------------------------------------ housekeeping
+    async def rooms_purge(self, deleted_before: float, idempotency_before: float) -> int:
+        now = time.time()
+
+        async def fn(c: Conn) -> int:
+            ids = [row[0] for row in await c.fetch(
+                "UPDATE room_messages SET content = NULL, purged_at = $1 WHERE id IN ("
+                " SELECT id FROM room_messages WHERE deleted_at IS NOT NULL"
+                " AND purged_at IS NULL AND deleted_at < $2 LIMIT $3"
+                " FOR UPDATE SKIP LOCKED) RETURNING id",
+                now, deleted_before, PURGE_BATCH,
+            )]
+            if ids:
+                await c.execute(
+                    "UPDATE room_events SET data = $1 WHERE message_id = ANY($2::text[]) "
+                    "AND type = ANY($3::text[])", _dump(REDACTED), ids, list(CONTENT_EVENTS),
+                )
+            await c.execute(
+                "DELETE FROM room_idempotency WHERE created_at < $1", idempotency_before
+            )
+            return len(ids)
+
+        return await self._write(fn)
+
+
+# ---------------------------------------------------------------------- helpers
+async def _lock_room(c: Conn, room: str) -> int:
+    """Lock the room's row for this transaction (every room write starts here)."""
+    last_seq = await c.fetchval("SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE", room)
+    if last_seq is None:
+        raise NotFound(f"no room {room!r}")
+    return int(last_seq)
+
+
+async def _role(c: Conn, room: str, participant: str) -> Role | None:
+    role = await c.fetchval(
+        "SELECT role FROM room_participants WHERE room = $1 AND participant = $2",
+        room, participant,
+    )
+    return cast(Role, role) if role is not None else None
+
+
+async def _emit(
+    c: Conn, room: str, event_type: str, actor: str, message_id: str | None,
+    data: dict[str, Any], now: float, event_id: str | None = None,
+) -> RoomEvent:
+    """Store one event under the room's next seq (same transaction as the change)."""
+    seq = await c.fetchval(
+        "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq", room
+    )
+    if seq is None:
+        raise NotFound(f"no room {room!r}")
+    event = RoomEvent(room, int(seq), event_id or uuid.uuid4().hex, event_type, actor,
+                      message_id, data, now)
+    await c.execute(
+        "INSERT INTO room_events (room, seq, id, type, actor, message_id, data, created_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        room, event.seq, event.id, event_type, actor, message_id, _dump(data), now,
+    )
+    return event
+
+
+async def _message_head(c: Conn, room: str, message_id: str) -> tuple[str, float | None]:
+    row = await c.fetchrow(
+        "SELECT author, deleted_at FROM room_messages WHERE id = $1 AND room = $2",
+        message_id, room,
+    )
+    if row is None:
+        raise NotFound(f"no message {message_id!r} in this room")
+    return row[0], row[1]
+
+
+async def _reactions(c: Conn, message_id: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for emoji, participant in await c.fetch(
+        "SELECT emoji, participant FROM room_reactions WHERE message_id = $1 "
+        'ORDER BY emoji COLLATE "C", created_at, participant COLLATE "C"', message_id,
+    ):
+        found.setdefault(emoji, []).append(participant)
+    return found
+
+
+async def _message(c: Conn, room: str, message_id: str) -> RoomMessage | None:
+    row = await c.fetchrow(
+        f"SELECT {_MESSAGE_COLUMNS} FROM room_messages WHERE id = $1 AND room = $2",
+        message_id, room,
+    )
+    if row is None:
+        return None
+    mid, room_id, seq, author, content, created_at, edited_at, deleted_at = row
+    return RoomMessage(
+        mid, room_id, int(seq), author,
+        json.loads(content) if content is not None and deleted_at is None else None,
+        created_at, edited_at, deleted_at, await _reactions(c, mid),
+    )
