@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -34,14 +35,22 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     did: str = ""
     extra_args: list[str] = field(default_factory=list)
+    # For servers started with --tls-cert: the CA that signed their certificate.
+    tls_ca: Path | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls_ca else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        scheme = "wss" if self.tls_ca else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}/ws"
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """What httpx's `verify` needs to talk to this server."""
+        return ssl.create_default_context(cafile=str(self.tls_ca)) if self.tls_ca else True
 
     def start(self, wait: bool = True) -> ServerProcess:
         env = {**os.environ, **self.env}
@@ -62,8 +71,9 @@ class ServerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
             try:
-                r = httpx.get(self.base_url + "/invitation", timeout=1.0)
-                ready = httpx.get(self.base_url + "/health/ready", timeout=1.0)
+                verify = self.ssl_context()
+                r = httpx.get(self.base_url + "/invitation", timeout=1.0, verify=verify)
+                ready = httpx.get(self.base_url + "/health/ready", timeout=1.0, verify=verify)
                 if r.status_code == 200 and ready.status_code == 200:
                     self.did = r.json()["from"]
                     return
