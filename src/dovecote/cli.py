@@ -110,6 +110,9 @@ def invitation(as_json: bool, **options: Any) -> None:
 async def _with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
     from dovecote.store import open_store
 
+    # Logs go to stderr and only when they matter: stdout is the command's answer
+    # (`dovecote dlq show` prints JSON meant for other tools).
+    configure(settings.log_format, "warning")
     store = open_store(settings.store_url, timeout=settings.store_timeout)
     await store.open()
     try:
@@ -124,7 +127,10 @@ def _when(ts: float) -> str:
 
 @main.group()
 def dlq() -> None:
-    """Inspect, replay and purge dead letters (works on the store directly)."""
+    """Inspect, replay and purge dead letters (works on the store directly).
+
+    Give the same --data-dir / --store (or DOVECOTE_* environment) as the server.
+    """
 
 
 @dlq.command("list")
@@ -138,7 +144,7 @@ def dlq_list(limit: int, offset: int, **options: Any) -> None:
     click.echo(f"{total} dead letter(s)")
     for item in items:
         click.echo(f"{item.id:>8}  {_when(item.dead_at)}  {item.kind:<8} {item.reason:<24} "
-                   f"attempts={len(item.history):<3} target={item.target[:60]}")
+                   f"attempts={item.attempts:<3} target={item.target[:60]}")
 
 
 @dlq.command("show")
@@ -170,8 +176,21 @@ def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
     if item_id is None and not replay_all:
         raise click.UsageError("give an ID or --all")
     settings = _settings(options)
-    ids = None if replay_all else [item_id]
-    count = _run(_with_store(settings, lambda s: s.dlq_replay(ids, target)))
+
+    async def replay(store: Any) -> int:
+        if item_id is not None and not replay_all:
+            item = await store.dlq_get(item_id)
+            if item is None:
+                raise click.ClickException(f"no dead letter {item_id}")
+            if item.kind == "mailbox":
+                # An expired message has no outbound target; it can be shown or purged.
+                raise click.ClickException(
+                    f"dead letter {item_id} is an expired mailbox message: not replayable")
+            return int(await store.dlq_replay([item_id], target))
+        return int(await store.dlq_replay(None, target))
+
+    count = _run(_with_store(settings, replay))
+    # A running server picks replayed items up at its next outbox poll (about 1 s).
     click.echo(f"replayed {count}")
 
 

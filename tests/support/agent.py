@@ -123,13 +123,19 @@ class Agent:
     service_uri: str = ""
 
     @classmethod
-    def create(cls, base_url: str, mediator_did: str = "", via_mediator: bool = False) -> Agent:
-        """A new identity; with via_mediator its DID doc routes through the mediator."""
+    def create(cls, base_url: str, mediator_did: str = "", via_mediator: bool = False,
+               endpoint: str = "") -> Agent:
+        """A new identity; with via_mediator its DID doc routes through the mediator, with
+        `endpoint` it names its own DIDComm endpoint (no routing keys)."""
         ed_priv, ed_pub = generate_ed25519_keys_as_jwk_dict()
         x_priv, x_pub = generate_x25519_keys_as_jwk_dict()
-        services = []
+        services: list[dict[str, Any]] = []
         agent = cls(base_url=base_url, mediator_did=mediator_did)
-        if via_mediator:
+        if endpoint:
+            agent.service_uri = endpoint
+            services = [{"type": "DIDCommMessaging", "serviceEndpoint": {
+                "uri": endpoint, "accept": ["didcomm/v2"]}}]
+        elif via_mediator:
             agent.service_uri = base_url + "/"
             agent.routing_keys = [f"{mediator_did}#key-2"]
             services = [{"type": "DIDCommMessaging", "serviceEndpoint": {
@@ -221,7 +227,7 @@ async def manual_forward(resolvers: ResolversConfig, inner: dict[str, Any], next
     wrapped = await wrap_in_forward(resolvers_config=resolvers, packed_msg=inner, to=next_did,
                                     routing_keys=[mediator_kid])
     assert wrapped is not None
-    return str(wrapped.msg_encrypted.packed_msg)
+    return json.dumps(wrapped.msg_encrypted.msg)
 
 
 def plain_forward_message(next_did: str, payload: dict[str, Any]) -> Message:

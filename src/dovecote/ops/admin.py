@@ -13,15 +13,19 @@ Disabled without ADMIN_TOKEN. Every request passes, in this order:
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import ipaddress
+import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dovecote.errors import DovecoteError
 from dovecote.store.base import DeadLetter
 
 if TYPE_CHECKING:
@@ -63,11 +67,66 @@ def _client_cert(request: Request) -> str | None:
     return str(chain[0]) if chain else None
 
 
+class BadRequest(Exception):
+    """An admin request with a missing or ill-typed field (answered 400)."""
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def admin_route(handler: Handler) -> Handler:
+    """Authorize, then run `handler`; bad input is 400, store trouble 503, never 500."""
+
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        if (denied := authorize(request)) is not None:
+            return denied
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _deny(400, "bad_request", str(exc))
+        except DovecoteError as exc:
+            headers = ({"Retry-After": str(max(1, round(exc.retry_after)))}
+                       if exc.retry_after else {})
+            return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+    return guarded
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest("body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _ids(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
+        raise BadRequest("ids must be a non-empty list of integers")
+    return value
+
+
+def _query_int(request: Request, name: str, default: int, high: int) -> int:
+    text = request.query_params.get(name, str(default))
+    if not text.isdigit():
+        raise BadRequest(f"{name} must be a non-negative integer")
+    return min(int(text), high)
+
+
 def dead_letter_json(item: DeadLetter, with_payload: bool = False) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": item.id, "kind": item.kind, "target": item.target, "reason": item.reason,
-        "attempts": len(item.history), "created_at": item.created_at, "dead_at": item.dead_at,
-        "size": len(item.payload),
+        "attempts": item.attempts, "created_at": item.created_at,
+        "dead_at": item.dead_at, "size": len(item.payload),
     }
     if with_payload:
         data["history"] = item.history
@@ -76,19 +135,17 @@ def dead_letter_json(item: DeadLetter, with_payload: bool = False) -> dict[str, 
     return data
 
 
+@admin_route
 async def dlq_list(request: Request) -> Response:
-    if (denied := authorize(request)) is not None:
-        return denied
     app: Dovecote = request.app.state.dovecote
-    offset = int(request.query_params.get("offset", 0))
-    limit = min(int(request.query_params.get("limit", 100)), 1000)
+    offset = _query_int(request, "offset", 0, 10**9)
+    limit = _query_int(request, "limit", 100, 1000)
     items, total = await app.store.dlq_list(offset, limit)
     return JSONResponse({"total": total, "items": [dead_letter_json(i) for i in items]})
 
 
+@admin_route
 async def dlq_show(request: Request) -> Response:
-    if (denied := authorize(request)) is not None:
-        return denied
     app: Dovecote = request.app.state.dovecote
     item = await app.store.dlq_get(int(request.path_params["item_id"]))
     if item is None:
@@ -96,50 +153,57 @@ async def dlq_show(request: Request) -> Response:
     return JSONResponse(dead_letter_json(item, with_payload=True))
 
 
+@admin_route
 async def dlq_replay(request: Request) -> Response:
-    if (denied := authorize(request)) is not None:
-        return denied
+    """Back to the outbox with fresh attempts: {"ids": [...]} or {"all": true}, + target."""
     app: Dovecote = request.app.state.dovecote
-    body = await request.json() if await request.body() else {}
-    ids = body.get("ids")
-    if not body.get("all") and not ids:
-        return _deny(400, "bad_request", "give ids or all=true")
-    count = await app.store.dlq_replay(ids if ids else None, body.get("target"))
+    body = await _body(request)
+    ids = _ids(body.get("ids"))
+    target = body.get("target")
+    if target is not None and not isinstance(target, str):
+        raise BadRequest("target must be a string")
+    if body.get("all") is not True and ids is None:
+        raise BadRequest("give ids or all=true")
+    count = await app.store.dlq_replay(ids, target)
+    for kind in ("forward", "notify"):
+        app.outbox.wake(kind)
     return JSONResponse({"replayed": count})
 
 
+@admin_route
 async def dlq_purge(request: Request) -> Response:
-    if (denied := authorize(request)) is not None:
-        return denied
+    """Delete dead letters: {"ids": [...]} or {"older_than_seconds": N}."""
     app: Dovecote = request.app.state.dovecote
-    body = await request.json() if await request.body() else {}
-    ids = body.get("ids")
+    body = await _body(request)
+    ids = _ids(body.get("ids"))
     older = body.get("older_than_seconds")
-    if not ids and older is None:
-        return _deny(400, "bad_request", "give ids or older_than_seconds")
+    if older is not None and (not isinstance(older, int | float) or isinstance(older, bool)
+                              or older < 0):
+        raise BadRequest("older_than_seconds must be a non-negative number")
+    if ids is None and older is None:
+        raise BadRequest("give ids or older_than_seconds")
     cutoff = time.time() - float(older) if older is not None else None
-    count = await app.store.dlq_purge(ids if ids else None, cutoff)
+    count = await app.store.dlq_purge(ids, cutoff)
     return JSONResponse({"purged": count})
 
 
+@admin_route
 async def degradation(request: Request) -> Response:
-    if (denied := authorize(request)) is not None:
-        return denied
     app: Dovecote = request.app.state.dovecote
     if request.method == "POST":
-        body = await request.json()
-        level = body.get("level")
+        level = (await _body(request)).get("level")
+        if level is not None and not isinstance(level, str):
+            raise BadRequest("level must be a string")
         try:
             app.degradation.force(None if level in (None, "auto") else level)
         except ValueError as exc:
-            return _deny(400, "bad_request", str(exc))
+            raise BadRequest(str(exc)) from exc
     return JSONResponse({"level": app.degradation.level,
                          "forced": app.degradation.forced is not None})
 
 
+@admin_route
 async def cluster(request: Request) -> Response:
-    if (denied := authorize(request)) is not None:
-        return denied
     app: Dovecote = request.app.state.dovecote
     return JSONResponse({"instances": await app.cluster_view()})
 

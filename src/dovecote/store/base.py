@@ -100,6 +100,11 @@ class DeadLetter:
     created_at: float
     dead_at: float
 
+    @property
+    def attempts(self) -> int:
+        """Send attempts in the history (replays are recorded there too, as events)."""
+        return sum(1 for entry in self.history if "event" not in entry)
+
 
 @dataclass(frozen=True, slots=True)
 class InstanceInfo:

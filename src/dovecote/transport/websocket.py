@@ -30,6 +30,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     app: Dovecote = websocket.app.state.dovecote
     endpoint = "ws"
     if app.degradation.draining or not app.ws_slots.try_acquire():
+        # Accept first: a close before the handshake completes becomes an HTTP 403, and
+        # the client would never see the "try again later" code.
+        await websocket.accept()
         await websocket.close(code=CLOSE_TRY_AGAIN, reason="busy or draining; retry later")
         metrics.WS_DISCONNECTS.labels(endpoint, str(CLOSE_TRY_AGAIN)).inc()
         return

@@ -1,0 +1,94 @@
+"""Helpers for reliability tests: remote recipients, store probes, the DLQ command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from didcomm.message import Message
+from didcomm.pack_encrypted import PackEncryptedConfig, pack_encrypted
+
+from support.agent import BASIC, ENCRYPTED, Agent, manual_forward
+from support.server import ROOT, ServerProcess
+
+# Fast schedules so that minutes of production behaviour fit in seconds.
+FAST_OUTBOUND = {
+    "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
+    "DOVECOTE_RETRY_BASE": "0.05",
+    "DOVECOTE_RETRY_CAP": "0.4",
+    "DOVECOTE_BREAKER_THRESHOLD": "3",
+    "DOVECOTE_BREAKER_RESET": "1",
+    "DOVECOTE_OUTBOUND_TIMEOUT": "1",
+    "DOVECOTE_OUTBOUND_CONNECT_TIMEOUT": "0.5",
+}
+ADMIN_TOKEN = "test-admin-token"
+
+
+async def remote_forward(server: ServerProcess, sender: Agent, recipient: Agent,
+                         content: str | None = None) -> tuple[str, str]:
+    """A forward for `server` whose next hop is `recipient` (not registered there).
+
+    Returns (the envelope to POST, the id of the inner message the endpoint will get).
+    """
+    message_id = str(uuid.uuid4())
+    message = Message(id=message_id, type=BASIC, body={"content": content or message_id},
+                      to=[recipient.did], frm=sender.did)
+    packed = await pack_encrypted(sender.resolvers, message, to=recipient.did, frm=sender.did,
+                                  pack_config=PackEncryptedConfig(forward=False))
+    envelope = await manual_forward(sender.resolvers, json.loads(packed.packed_msg),
+                                    recipient.did, f"{server.did}#key-2")
+    return envelope, message_id
+
+
+async def post(client: httpx.AsyncClient, server: ServerProcess, packed: str) -> httpx.Response:
+    return await client.post(server.base_url + "/", content=packed,
+                             headers={"content-type": ENCRYPTED})
+
+
+async def received_ids(recipient: Agent, bodies: list[bytes]) -> list[str]:
+    """Inner message ids of what an endpoint received (decrypted as the recipient)."""
+    return [(await recipient.unpack(body))["id"] for body in bodies]
+
+
+def query(server: ServerProcess, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Read the server's SQLite store directly (read-only)."""
+    conn = sqlite3.connect(f"file:{server.data_dir / 'dovecote.db'}?mode=ro", uri=True,
+                           timeout=5)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def dlq_cli(server: ServerProcess, *args: str) -> str:
+    """Run `dovecote dlq ...` against the server's data directory; its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dovecote", "dlq", *args, "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def events(server: ServerProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in server.log_events() if e.get("event") == name]
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], within: float,
+                     interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + within
+    while True:
+        outcome = predicate()
+        if not isinstance(outcome, bool):
+            outcome = await outcome
+        if outcome or time.monotonic() > deadline:
+            return outcome
+        await asyncio.sleep(interval)
