@@ -26,9 +26,15 @@ serve: $(STAMP)
 	$(BIN)/dovecote serve
 
 ## Tools the deploy tests need (promtool from Debian's prometheus package, nginx).
-deploy-tools:
+deploy-tools: .venv-tools/.installed
 	bash scripts/install-promtool.sh
 	bash scripts/install-nginx.sh
+
+# kubernetes-validate's jsonschema conflicts with the interop client's pins: own venv.
+.venv-tools/.installed:
+	$(PYTHON) -m venv .venv-tools
+	.venv-tools/bin/pip install -q 'kubernetes-validate>=1.31'
+	touch $@
 
 ## A PostgreSQL server for the tests: the local one if it answers, else a throwaway cluster.
 postgres:
@@ -44,4 +50,4 @@ lint: $(DEVSTAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .test-env
+	rm -rf $(VENV) .venv-tools .test-env
