@@ -18,6 +18,7 @@ from typing import Any, TypeVar, get_args, get_origin
 import click
 
 from dovecote import __version__
+from dovecote.ops.backup import STEP_PAGES, STEP_SLEEP
 from dovecote.ops.logging import configure
 from dovecote.ops.settings import Settings
 
@@ -211,6 +212,26 @@ def dlq_purge(item_id: int | None, older_than: float | None, **options: Any) -> 
     click.echo(f"purged {count}")
 
 
+@main.command()
+@click.option("--url", default=None, help="Instance base URL (default: this config's URL).")
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between scrapes.")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--token", envvar="DOVECOTE_ADMIN_TOKEN", default="",
+              help="Admin token, to include the cluster view [env DOVECOTE_ADMIN_TOKEN].")
+def status(url: str | None, interval: float, watch: bool, token: str) -> None:
+    """Health, degradation, rates, latency percentiles, queues, breakers, cluster."""
+    from dovecote.ops.status import show
+
+    base = (url or Settings().base_url).rstrip("/")
+    try:
+        show(base, interval, watch, token)
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # unreachable server: say so plainly
+        click.echo(f"cannot read {base}: {exc}", err=True)
+        sys.exit(2)
+
+
 @main.group()
 def cluster() -> None:
     """The cluster view kept in the store."""
@@ -235,8 +256,13 @@ def cluster_status(**options: Any) -> None:
 # ---------------------------------------------------------------------- backups
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--step-pages", type=click.IntRange(min=1), default=STEP_PAGES,
+              show_default=True, help="Database pages copied per step.")
+@click.option("--step-sleep", type=click.FloatRange(min=0), default=STEP_SLEEP,
+              show_default=True,
+              help="Seconds to pause between steps (leaves the disk to the server).")
 @_settings_options
-def backup(file: Path, **options: Any) -> None:
+def backup(file: Path, step_pages: int, step_sleep: float, **options: Any) -> None:
     """Back up the SQLite store and the mediator keys to FILE (safe while serving).
 
     Writes FILE, FILE.identity.json (0600) and FILE.manifest.json.
@@ -246,7 +272,8 @@ def backup(file: Path, **options: Any) -> None:
     settings = _settings(options)
     try:
         manifest = backups.make_backup(backups.sqlite_path(settings.store_url),
-                                       settings.identity_path, file)
+                                       settings.identity_path, file,
+                                       step_pages=step_pages, step_sleep=step_sleep)
     except backups.BackupError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"backup {file}: schema v{manifest.schema_version}, "

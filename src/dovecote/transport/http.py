@@ -56,6 +56,8 @@ async def post_message(request: Request) -> Response:
     request_id = request.state.request_id
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_TYPES:
+        app.count_bad_input(
+            MalformedMessage("unsupported media type"), "http", request_id)
         return JSONResponse(
             {"error": "e.m.msg.unsupported-media-type",
              "detail": f"send {DIDCOMM_ENCRYPTED}", "request_id": request_id},
