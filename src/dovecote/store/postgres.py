@@ -56,6 +56,9 @@ Conn = Any  # asyncpg.Connection (asyncpg ships no type information)
 
 # NOTIFY channel carrying the mediatee whose mailbox got a message.
 CHANNEL = "dovecote_mailbox"
+# application_name of the pooled connections and of the LISTEN connection.
+APPLICATION_NAME = "dovecote"
+LISTENER_NAME = "dovecote-listen"
 # Passed to listeners after the LISTEN connection came back: anything may have arrived.
 WAKE_ALL = "*"
 # pg_advisory_xact_lock key serialising migrations across instances ('dovecote' in ASCII).
@@ -128,10 +131,12 @@ class PostgresStore(PostgresRoomsMixin, Store):
         self._closing = False
 
     # ------------------------------------------------------------------ plumbing
-    def _connect_options(self) -> dict[str, Any]:
+    def _connect_options(self, application_name: str = APPLICATION_NAME) -> dict[str, Any]:
         return {
             "timeout": min(self.timeout, CONNECT_TIMEOUT),
             "command_timeout": self.timeout,
+            # Lets operators (and tests) tell our connections apart in pg_stat_activity.
+            "server_settings": {"application_name": application_name},
         }
 
     async def _init_connection(self, conn: Conn) -> None:
@@ -163,18 +168,24 @@ class PostgresStore(PostgresRoomsMixin, Store):
     async def _attempts(self, fn: Callable[[Conn], Awaitable[T]], write: bool) -> T:
         delay = RETRY_BASE_SECONDS
         for attempt in range(1, ATTEMPTS + 1):
-            committing = False
+            committing = broken = False
             try:
                 async with self._pool.acquire() as conn:
-                    if not write:
-                        return await fn(conn)
-                    async with conn.transaction():
-                        result = await fn(conn)
-                        committing = True
-                    return result
+                    try:
+                        if not write:
+                            return await fn(conn)
+                        async with conn.transaction():
+                            result = await fn(conn)
+                            committing = True
+                        return result
+                    except DRIVER_ERRORS:
+                        # A pooled connection whose server went away fails in odd ways
+                        # (even InternalClientError); what matters is that it is gone.
+                        broken = conn.is_closed()
+                        raise
             except DRIVER_ERRORS as exc:
                 # A connection lost during COMMIT leaves the outcome unknown: never repeat.
-                if committing or attempt == ATTEMPTS or not _retryable(exc):
+                if committing or attempt == ATTEMPTS or not (broken or _retryable(exc)):
                     raise
                 log.info("store.retry", attempt=attempt, error=type(exc).__name__)
             await asyncio.sleep(random.uniform(0, delay))
@@ -275,7 +286,7 @@ class PostgresStore(PostgresRoomsMixin, Store):
 
     # ------------------------------------------------------------------ wake-ups
     async def _listen_connect(self) -> Conn:
-        conn = await asyncpg.connect(self.url, **self._connect_options())
+        conn = await asyncpg.connect(self.url, **self._connect_options(LISTENER_NAME))
         try:
             await conn.add_listener(CHANNEL, self._on_notification)
             await self._listen_rooms(conn)
