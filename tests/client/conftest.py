@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.server import ServerProcess
 
 from dovecote.client import Client, ClientConfig
+from support.server import ServerProcess, free_port
 
 # Fast settings for tests: short batching window and backoff.
 FAST = {"flush_interval": 0.2, "backoff_base": 0.1, "backoff_max": 1.0,
@@ -22,6 +22,18 @@ def invitation_url(server: ServerProcess) -> str:
     import httpx
 
     return httpx.get(server.base_url + "/invitation?format=url", timeout=5).text
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server shared by a module's tests that neither stop nor restart it (every test
+    makes its own client identities, so they do not see each other's messages)."""
+    base = tmp_path_factory.mktemp("relay")
+    server = ServerProcess(data_dir=base / "data", port=free_port(), env={},
+                           log_path=base / "server.log")
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ import stat
 
 import httpx
 import pytest
-from client.conftest import ClientFactory, invitation_url
-from support.server import ServerProcess
 
+from client.conftest import ClientFactory, invitation_url
 from dovecote.client import Client, ClientConfig, InvalidInvitation, NotInitialised, Received
 from dovecote.client.identity import IDENTITY_FILE
+from support.server import ServerProcess
 
 
 async def test_identity_is_private_and_stable(tmp_path, client_factory: ClientFactory) -> None:
@@ -34,10 +34,10 @@ async def test_invalid_invitation(client_factory: ClientFactory) -> None:
 
 
 @pytest.mark.parametrize("form", ["routing-keys", "mediator-did"])
-async def test_send_and_pickup(server: ServerProcess, client_factory: ClientFactory,
+async def test_send_and_pickup(relay: ServerProcess, client_factory: ClientFactory,
                                form: str) -> None:
-    alice = await client_factory(server, service_form=form)
-    bob = await client_factory(server)
+    alice = await client_factory(relay, service_form=form)
+    bob = await client_factory(relay)
     assert alice.identity.mediation is not None
     assert alice.did == alice.identity.mediation.routed_did
     assert alice.did in await alice.recipients()
@@ -55,9 +55,9 @@ async def test_send_and_pickup(server: ServerProcess, client_factory: ClientFact
     assert (await alice.status()).message_count == 0
 
 
-async def test_recipient_update_and_removal(server: ServerProcess,
+async def test_recipient_update_and_removal(relay: ServerProcess,
                                             client_factory: ClientFactory) -> None:
-    alice = await client_factory(server)
+    alice = await client_factory(relay)
     other = await client_factory()  # a DID alice also receives for
     result = await alice.add_recipients([other.did])
     assert result == {other.did: "success"}
@@ -66,11 +66,11 @@ async def test_recipient_update_and_removal(server: ServerProcess,
     assert other.did not in await alice.recipients()
 
 
-async def test_duplicate_redelivery_is_dropped(server: ServerProcess,
+async def test_duplicate_redelivery_is_dropped(relay: ServerProcess,
                                                client_factory: ClientFactory) -> None:
     """The same plaintext id packed twice (two stored copies) reaches the app once."""
-    alice = await client_factory(server)
-    bob = await client_factory(server)
+    alice = await client_factory(relay)
+    bob = await client_factory(relay)
     plaintext = bob.plaintext(alice.did, "once")
     # The outbox itself refuses a second row with the same id...
     await bob.send_many([(alice.did, plaintext)])
@@ -89,9 +89,9 @@ async def test_duplicate_redelivery_is_dropped(server: ServerProcess,
     assert (await alice.status()).message_count == 0
 
 
-async def test_live_receive(server: ServerProcess, client_factory: ClientFactory) -> None:
-    alice = await client_factory(server)
-    bob = await client_factory(server)
+async def test_live_receive(relay: ServerProcess, client_factory: ClientFactory) -> None:
+    alice = await client_factory(relay)
+    bob = await client_factory(relay)
     received: list[Received] = []
     stop = asyncio.Event()
     task = asyncio.create_task(alice.live(received.append, stop))
@@ -108,5 +108,5 @@ async def test_live_receive(server: ServerProcess, client_factory: ClientFactory
     assert (await alice.status()).message_count == 0
 
 
-async def test_invitation_url_helper(server: ServerProcess) -> None:
-    assert "_oob=" in invitation_url(server)
+async def test_invitation_url_helper(relay: ServerProcess) -> None:
+    assert "_oob=" in invitation_url(relay)

@@ -114,13 +114,12 @@ def mediate(ctx: click.Context, invitation_url: str) -> None:
 @click.pass_context
 def send(ctx: click.Context, to: str, text: str, wait: float) -> None:
     """Send TEXT (or @FILE) to the DID TO through the outbox."""
-    async def go() -> OutboxItem | None:
+    async def go() -> OutboxItem:
         async with _client(ctx) as client:
             message_id = await client.send(to, _text(text))
-            await client.flush(max_wait=wait)
-            return await client.store.get(message_id)
+            [item] = await client.wait_sent([message_id], max_wait=wait)
+            return item
     item = _run(go)
-    assert item is not None
     state = "queued (a later run retries)" if item.state == "pending" else item.state
     click.echo(f"{item.id} {state}")
     if item.state == "failed":
@@ -212,13 +211,12 @@ def rooms() -> None:
 @click.pass_context
 def rooms_post(ctx: click.Context, room: str, text: str, wait: float) -> None:
     """Post TEXT (or @FILE) to ROOM through the outbox (with an Idempotency-Key)."""
-    async def go() -> OutboxItem | None:
+    async def go() -> OutboxItem:
         async with _client(ctx) as client:
             key = await client.rooms.post(room, _text(text))
-            await client.flush(max_wait=wait)
-            return await client.store.get(key)
+            [item] = await client.wait_sent([key], max_wait=wait)
+            return item
     item = _run(go)
-    assert item is not None
     click.echo(f"{item.id} {item.state}")
     if item.state == "failed":
         sys.exit(2)

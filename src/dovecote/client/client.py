@@ -212,6 +212,12 @@ class Client:
         """Send queued messages now; with `wait`, until none is due (see Sender.flush)."""
         return await self.sender.flush(wait, max_wait)
 
+    async def wait_sent(self, ids: Sequence[str],
+                        max_wait: float | None = None) -> list[OutboxItem]:
+        """Flush, then wait until each of `ids` is sent or failed (or `max_wait` passes)."""
+        await self.sender.flush(wait=False)
+        return await self.sender.wait_for(ids, max_wait)
+
     async def outbox(self, state: State | None = None, limit: int = 1000) -> list[OutboxItem]:
         return await self.store.items(state, limit)
 

@@ -118,6 +118,19 @@ class Sender:
                 self._wake.set()
         return await self.store.counts()
 
+    async def wait_for(self, ids: Sequence[str], max_wait: float | None = None) -> list[OutboxItem]:
+        """The rows for `ids` once none is pending (or when `max_wait` passes)."""
+        deadline = None if max_wait is None else time.monotonic() + max_wait
+        while True:
+            items = [i for i in [await self.store.get(x) for x in ids] if i is not None]
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if all(i.state != "pending" for i in items) or (
+                    remaining is not None and remaining <= 0):
+                return items
+            async with self._flushed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flushed.wait(), min(remaining or 1.0, 1.0))
+
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
         await self._report_failures()
@@ -140,14 +153,13 @@ class Sender:
 
     async def _flush_once(self) -> bool:
         """Send one batch if one is due; True when a batch was sent."""
-        now = time.time()
         lookahead = await self.store.due(self.config.batch_size,
-                                         now + self.config.flush_interval)
+                                         time.time() + self.config.flush_interval)
         urgent, self._urgent = self._urgent, False
         if urgent or len(lookahead) >= self.config.batch_size:
             batch = lookahead  # full batch, or an explicit flush: don't wait for it to fill
         else:
-            batch = await self.store.due(self.config.batch_size, now)
+            batch = await self.store.due(self.config.batch_size)
         if not batch or self._stopping:
             return False
         await self._send_batch(batch)

@@ -160,12 +160,15 @@ class ClientStore:
             db.execute("COMMIT")
         await self._run(write)
 
-    async def due(self, limit: int, now: float | None = None) -> list[OutboxItem]:
-        """Pending rows whose next attempt is due, oldest first."""
-        when = time.time() if now is None else now
+    async def due(self, limit: int, fresh_until: float | None = None) -> list[OutboxItem]:
+        """Pending rows whose next attempt is due now, oldest first; with `fresh_until`,
+        also never-tried rows due by then (a batch sent early; retries keep their backoff)."""
+        now = time.time()
+        until = now if fresh_until is None else max(now, fresh_until)
         return await self._run(lambda db: [_item(r) for r in db.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
-            "ORDER BY seq LIMIT ?", (when, limit))])
+            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND (next_attempt_at <= ? "
+            "OR (attempts = 0 AND next_attempt_at <= ?)) ORDER BY seq LIMIT ?",
+            (now, until, limit))])
 
     async def next_due_at(self) -> float | None:
         row = await self._run(lambda db: db.execute(
