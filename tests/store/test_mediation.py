@@ -96,3 +96,10 @@ async def test_exact_did_url_registration_wins_over_bare_did(engine: Store) -> N
     assert await engine.find_mediatee("did:example:shared#key-9") == BOB
     assert await engine.find_mediatee("did:example:shared#key-1") == ALICE
     assert await engine.find_mediatee("did:example:shared") == ALICE
+
+
+async def test_paging_past_any_integer_is_just_past_the_end(engine: Store) -> None:
+    await mediate(engine, ALICE, "did:example:r1")
+    assert await engine.list_recipients(ALICE, 10**30, 10) == ([], 1)
+    assert await engine.list_recipients(ALICE, 0, 10**30) == (["did:example:r1"], 1)
+    assert await engine.dlq_list(10**30, 10**30) == ([], 0)

@@ -267,3 +267,17 @@ async def test_concurrent_enqueues_across_instances_dedup_and_limit(pg: StoreFac
     assert sum(not isinstance(o, BaseException) for o in outcomes) == 9
     assert all(isinstance(o, MailboxFull) for o in outcomes if isinstance(o, BaseException))
     assert (await stores[1].status(ALICE)).message_count == 10
+
+
+async def test_mediatee_too_long_for_notify_wakes_everyone(pg: StoreFactory) -> None:
+    url = await pg.url()
+    first, second = await pg.open(url), await pg.open(url)
+    giant = "did:example:" + "x" * 9000
+    await mediate(first, giant, "did:example:giant-r1")
+    seen_first: list[str] = []
+    seen_second: list[str] = []
+    first.add_listener(seen_first.append)
+    second.add_listener(seen_second.append)
+    await first.enqueue(message(giant, "did:example:giant-r1"), **ROOMY)
+    assert seen_first == [giant]
+    await wait_for(lambda: seen_second == [postgres.WAKE_ALL], 2.0)

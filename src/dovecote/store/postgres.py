@@ -76,6 +76,10 @@ RETRY_BASE_SECONDS = 0.1
 LISTENER_CHECK_SECONDS = 10.0
 LISTENER_BACKOFF_MIN = 0.2
 LISTENER_BACKOFF_MAX = 10.0
+# Largest BIGINT; paging numbers beyond it mean "past the end".
+MAX_BIGINT = 2**63 - 1
+# NOTIFY payloads must stay under 8000 bytes; a longer mediatee wakes everyone instead.
+MAX_NOTIFY_PAYLOAD = 7999
 # Rounds of "insert dedup row / it vanished meanwhile" before giving up (expiry racing).
 DEDUP_ROUNDS = 3
 
@@ -396,6 +400,8 @@ class PostgresStore(PostgresRoomsMixin, Store):
     async def list_recipients(
         self, mediatee: str, offset: int, limit: int
     ) -> tuple[list[str], int]:
+        offset, limit = _page(offset, limit)
+
         async def fn(c: Conn) -> tuple[list[str], int]:
             total = await c.fetchval(
                 "SELECT COUNT(*) FROM recipients WHERE mediatee = $1", mediatee
@@ -480,7 +486,10 @@ class PostgresStore(PostgresRoomsMixin, Store):
                 message.mediatee, size,
             )
             await _insert_outbox(c, outbox, now)
-            await c.execute("SELECT pg_notify($1, $2)", CHANNEL, message.mediatee)
+            payload = message.mediatee
+            if len(payload.encode()) > MAX_NOTIFY_PAYLOAD:
+                payload = WAKE_ALL
+            await c.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
             return EnqueueResult(id=new_id, duplicate=False)
 
         result = await self._write(fn)
@@ -681,6 +690,8 @@ class PostgresStore(PostgresRoomsMixin, Store):
         return _rowcount(status)
 
     async def dlq_list(self, offset: int = 0, limit: int = 100) -> tuple[list[DeadLetter], int]:
+        offset, limit = _page(offset, limit)
+
         async def fn(c: Conn) -> tuple[list[DeadLetter], int]:
             total = await c.fetchval("SELECT COUNT(*) FROM dead_letters")
             rows = await c.fetch(
@@ -778,6 +789,11 @@ class PostgresStore(PostgresRoomsMixin, Store):
             )
 
         return await self._read(fn)
+
+
+def _page(offset: int, limit: int) -> tuple[int, int]:
+    """Paging numbers as BIGINT accepts them (a huge offset is simply past the end)."""
+    return max(0, min(int(offset), MAX_BIGINT)), max(0, min(int(limit), MAX_BIGINT))
 
 
 def _message(row: Sequence[Any]) -> StoredMessage:

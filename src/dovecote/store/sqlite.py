@@ -11,6 +11,7 @@ the writer).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import queue
 import sqlite3
@@ -62,10 +63,9 @@ class _Write:
 
 
 def _translate(exc: BaseException) -> BaseException:
-    """Map sqlite3 errors to ours; nothing sqlite3 leaks out of this module."""
-    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
-        text = str(exc).lower()
-        if "full" in text:
+    """Map sqlite3 and OS errors to ours; nothing sqlite3 leaks out of this module."""
+    if isinstance(exc, sqlite3.Error | OSError):
+        if "full" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC:
             return StorageFull(f"store is full: {exc}")
         return StoreError(f"store error: {exc}")
     return exc
@@ -123,7 +123,8 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
         return conn
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        assert self._readers is not None, "store is not open"
+        if self._readers is None:
+            raise StoreError("store is not open")
         loop = asyncio.get_running_loop()
 
         def run() -> T:
@@ -224,7 +225,10 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _translate(exc) from exc
         await asyncio.to_thread(self._migrate)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sqlite-read")
         self._writer = threading.Thread(
@@ -234,7 +238,10 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
         log.info("store.opened", engine=self.engine, path=str(self.path))
 
     def _migrate(self) -> None:
-        conn = self._connect()
+        try:
+            conn = self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            raise _translate(exc) from exc
         try:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -246,6 +253,12 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
                     continue
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    # Another process opening the same file may have applied it meanwhile.
+                    if conn.execute(
+                        "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+                    ).fetchone():
+                        conn.execute("COMMIT")
+                        continue
                     for statement in _split_sql(sql):
                         conn.execute(statement)
                     conn.execute(
@@ -257,7 +270,7 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
                     conn.execute("ROLLBACK")
                     raise
                 log.info("store.migrated", engine=self.engine, version=version, name=name)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise _translate(exc) from exc
         finally:
             conn.close()
@@ -346,6 +359,8 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
     async def list_recipients(
         self, mediatee: str, offset: int, limit: int
     ) -> tuple[list[str], int]:
+        offset, limit = _page(offset, limit)
+
         def fn(c: sqlite3.Connection) -> tuple[list[str], int]:
             total = c.execute(
                 "SELECT COUNT(*) FROM recipients WHERE mediatee = ?", (mediatee,)
@@ -487,6 +502,7 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
                     (mediatee, json.dumps(chunk)),
                 ).fetchall()
                 removed.extend(StoredMessage(*row) for row in rows)
+            removed.sort(key=lambda m: m.seq)  # queue order, as on PostgreSQL
             if removed:
                 c.execute(
                     "UPDATE mailboxes SET message_count = message_count - ?, "
@@ -623,6 +639,8 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
         return result
 
     async def dlq_list(self, offset: int = 0, limit: int = 100) -> tuple[list[DeadLetter], int]:
+        offset, limit = _page(offset, limit)
+
         def fn(c: sqlite3.Connection) -> tuple[list[DeadLetter], int]:
             total = c.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
             rows = c.execute(
@@ -732,6 +750,14 @@ class _Notifying:
         self.mediatees = mediatees
 
 
+def _page(offset: int, limit: int) -> tuple[int, int]:
+    """Paging numbers SQLite accepts (a huge offset is simply past the end)."""
+    return max(0, min(int(offset), _MAX_INT64)), max(0, min(int(limit), _MAX_INT64))
+
+
+_MAX_INT64 = 2**63 - 1
+
+
 def _recipient_candidates(recipient: str) -> list[str]:
     """A recipient may be registered as a DID or a DID URL (key); match both forms."""
     base = recipient.split("#", 1)[0]
@@ -791,5 +817,18 @@ def _dlq_filter(
 
 
 def _split_sql(sql: str) -> list[str]:
-    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
-    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
+    """Statements of a migration file; a ';' inside a string or comment does not split."""
+    statements: list[str] = []
+    start = 0
+    for pos, char in enumerate(sql):
+        if char == ";" and sqlite3.complete_statement(sql[start : pos + 1]):
+            statements.append(sql[start : pos + 1])
+            start = pos + 1
+    statements.append(sql[start:])
+    return [s.strip() for s in statements if _has_code(s)]
+
+
+def _has_code(sql: str) -> bool:
+    return any(
+        line.strip() and not line.strip().startswith("--") for line in sql.splitlines()
+    )
