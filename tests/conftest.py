@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -12,9 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.postgres import fresh_database
 from support.server import ServerProcess, free_port
-
-POSTGRES_URL = os.environ.get("DOVECOTE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture
@@ -42,10 +40,23 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         server.kill()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_engine(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """Environment selecting a store engine: SQLite in the data dir, or a fresh
+    PostgreSQL database on the server `make test` provides."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    with fresh_database() as url:
+        yield {"DOVECOTE_STORE": url}
+
+
 @pytest.fixture
-def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
-    """One SQLite-backed server."""
-    return server_factory()
+def server(store_engine: dict[str, str],
+           server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    """One server, once per store engine (ids sqlite, postgres)."""
+    # store_engine first: its database must outlive the processes server_factory stops.
+    return server_factory(env=dict(store_engine))
 
 
 @pytest.fixture

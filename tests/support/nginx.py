@@ -1,0 +1,79 @@
+"""Run real nginx (deploy/nginx config, rendered by deploy/nginx/render.sh) in front of
+test instances."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from support.server import ROOT, free_port
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+@dataclass
+class Nginx:
+    """A running nginx with its HTTPS port."""
+
+    https_port: int
+    prefix: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+def start_nginx(upstream_ports: list[int], **env: str) -> Nginx:
+    """nginx on a free HTTPS port (self-signed) proxying to 127.0.0.1:<ports>."""
+    assert NGINX, "nginx is not installed (make deploy-tools)"
+    # Not pytest's tmp_path: nginx's workers run as nobody and must enter the prefix.
+    prefix = Path(tempfile.mkdtemp(prefix="dovecote-nginx-"))
+    os.chmod(prefix, 0o755)
+    cert, key = prefix / "cert.pem", prefix / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+         "-subj", "/CN=localhost"], check=True, capture_output=True)
+    https_port = free_port()
+    subprocess.run(
+        ["sh", str(ROOT / "deploy" / "nginx" / "render.sh"), str(prefix)],
+        env={**os.environ,
+             "DOVECOTE_UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in upstream_ports),
+             "PREFIX": str(prefix), "LISTEN_PORT": str(https_port),
+             "HTTP_PORT": str(free_port()), "TLS_CERT": str(cert), "TLS_KEY": str(key),
+             "LISTEN_IPV6": "0", **env},
+        check=True, capture_output=True)
+    process = subprocess.Popen(
+        [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+         "-e", str(prefix / "logs" / "error.log"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", https_port), timeout=0.5).close()
+            return Nginx(https_port, prefix, process)
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nginx did not start") from None
+            time.sleep(0.05)
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="dovecote-test-"))
