@@ -16,6 +16,10 @@ when its backoff ends. Per attempt outcome:
 - any other 4xx: `failed` at once (the same bytes can never succeed).
 
 Every `failed` row is reported to the failure callback and stays listed until purged.
+
+DIDComm messages in a batch are sent concurrently (`http_concurrency`); posts to one room
+are sent one after another in queue order, and a post waits while an earlier post to the
+same room is backing off, so a room receives a client's posts in the order queued.
 """
 
 from __future__ import annotations
@@ -175,7 +179,27 @@ class Sender:
             async with limit:
                 return await self._attempt(item)
 
-        results = await asyncio.gather(*(attempt(i) for i in batch))
+        async def in_order(posts: list[OutboxItem]) -> list[OutboxItem]:
+            # One room's posts one after the other; after a failure the rest wait, so the
+            # room receives them in the order they were queued.
+            done: list[OutboxItem] = []
+            for index, item in enumerate(posts):
+                done.append(await attempt(item))
+                if done[-1].state != "sent":
+                    return done + posts[index + 1:]
+            return done
+
+        rooms: dict[str, list[OutboxItem]] = {}
+        for item in batch:
+            if item.kind == "room":
+                rooms.setdefault(item.target, []).append(item)
+        async def alone(item: OutboxItem) -> list[OutboxItem]:
+            return [await attempt(item)]
+
+        groups = await asyncio.gather(
+            *(alone(i) for i in batch if i.kind != "room"),
+            *(in_order(posts) for posts in rooms.values()))
+        results = [r for group in groups for r in group]
         await self.store.record(results)
         sent = sum(r.state == "sent" for r in results)
         failed = [r for r in results if r.state == "failed"]

@@ -45,6 +45,9 @@ class RoomsClient:
         self.store = store
         self.http = http
         self._enqueue = enqueue
+        # Set this to refresh tokens (called for every request and reconnect);
+        # otherwise `config.rooms_token` is used.
+        self.token_provider: Callable[[], str] | None = None
 
     @property
     def base(self) -> str:
@@ -53,7 +56,7 @@ class RoomsClient:
         return self.config.rooms_url.rstrip("/")
 
     def _auth(self) -> dict[str, str]:
-        token = self.config.rooms_token
+        token = self.token_provider() if self.token_provider else self.config.rooms_token
         return {"authorization": f"Bearer {token}"} if token else {}
 
     def headers_for(self, item: OutboxItem) -> dict[str, str]:
@@ -194,24 +197,33 @@ def _content(text: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _events(frame: Any, room: str) -> list[Event]:
-    """The events in one server frame (a bare event, or wrapped in `event` / `events`)."""
+    """The events of `room` in one server frame; raise on frames that end the stream.
+
+    Frames: {"type": "event", "event": {...}}, "subscribed", "pong", "authenticated";
+    "overflow" (we were too slow: reconnect and resume from our cursor); "error" and
+    "unsubscribed" (refused, room deleted, removed from it: no retry will help).
+    """
     if not isinstance(frame, dict):
         return []
-    if "error" in frame and "seq" not in frame:
-        status = int(frame.get("status", 400))
-        if frame.get("error") in ("slow-consumer", "resume") or status >= 500:
-            raise TransportFailure(f"rooms stream: {frame.get('error')}: {frame.get('detail')}")
-        raise RoomsFailure(status, frame)
-    if isinstance(frame.get("events"), list):
-        found = frame["events"]
-    elif isinstance(frame.get("event"), dict):
-        found = [frame["event"]]
-    elif "seq" in frame:
-        found = [frame]
-    else:
+    kind = frame.get("type")
+    if kind == "event" and isinstance(frame.get("event"), dict):
+        event = frame["event"]
+        if event.get("room", room) == room and isinstance(event.get("seq"), int):
+            return [event]
         return []
-    return [e for e in found if isinstance(e, dict) and e.get("room", room) == room
-            and isinstance(e.get("seq"), int)]
+    if kind == "overflow":
+        raise TransportFailure("rooms stream overflowed (slow consumer); resuming")
+    if kind == "error" and str(frame.get("error", "")).startswith("e.m.me"):
+        raise TransportFailure(f"rooms stream: {frame.get('error')}: {frame.get('detail')}")
+    if kind == "error":
+        raise RoomsFailure(_ERROR_STATUS.get(str(frame.get("error", "")), 400), frame)
+    if kind == "unsubscribed" and frame.get("room") == room:
+        raise RoomsFailure(410, frame)
+    return []
+
+
+# WebSocket error frames carry Dovecote error codes, not statuses; the usual ones mapped.
+_ERROR_STATUS = {"e.m.trust.token": 401, "e.p.req.forbidden": 403, "e.m.req.not-found": 404}
 
 
 def _json_or_text(response: httpx.Response) -> Any:

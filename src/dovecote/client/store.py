@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     reported          INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_target ON outbox (target, state, seq);
 CREATE TABLE IF NOT EXISTS seen (
     n  INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE
@@ -92,6 +93,19 @@ class OutboxItem:
 
 _COLUMNS = ("seq, id, kind, target, payload, endpoints, state, created_at, next_attempt_at, "
             "attempts, endpoint_index, endpoint_attempts, last_error, done_at")
+
+
+# A row is due when its time has come, or (`until`) when it was never tried and is due
+# within the batching window.
+_DUE = "(next_attempt_at <= :now OR (attempts = 0 AND next_attempt_at <= :until))"
+# Posts to one room go out in the order they were queued: a post waits while an earlier
+# post to the same room is still pending and not due itself.
+_EARLIER_ROOM_POST_WAITING = (
+    "SELECT 1 FROM outbox AS earlier WHERE outbox.kind = 'room' AND earlier.kind = 'room' "
+    "AND earlier.target = outbox.target AND earlier.state = 'pending' "
+    "AND earlier.seq < outbox.seq AND NOT (earlier.next_attempt_at <= :now "
+    "OR (earlier.attempts = 0 AND earlier.next_attempt_at <= :until))"
+)
 
 
 def _item(row: Sequence[Any]) -> OutboxItem:
@@ -166,9 +180,9 @@ class ClientStore:
         now = time.time()
         until = now if fresh_until is None else max(now, fresh_until)
         return await self._run(lambda db: [_item(r) for r in db.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND (next_attempt_at <= ? "
-            "OR (attempts = 0 AND next_attempt_at <= ?)) ORDER BY seq LIMIT ?",
-            (now, until, limit))])
+            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND {_DUE} "
+            f"AND NOT EXISTS ({_EARLIER_ROOM_POST_WAITING}) ORDER BY seq LIMIT :limit",
+            {"now": now, "until": until, "limit": limit})])
 
     async def next_due_at(self) -> float | None:
         row = await self._run(lambda db: db.execute(
