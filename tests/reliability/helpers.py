@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import sqlite3
 import subprocess
@@ -82,13 +83,13 @@ def events(server: ServerProcess, name: str) -> list[dict[str, Any]]:
     return [e for e in server.log_events() if e.get("event") == name]
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], within: float,
+async def wait_until(predicate: Callable[[], Awaitable[Any] | Any], within: float,
                      interval: float = 0.05) -> bool:
     deadline = time.monotonic() + within
     while True:
         outcome = predicate()
-        if not isinstance(outcome, bool):
+        if inspect.isawaitable(outcome):
             outcome = await outcome
         if outcome or time.monotonic() > deadline:
-            return outcome
+            return bool(outcome)
         await asyncio.sleep(interval)

@@ -1,0 +1,70 @@
+"""DID -> outbound route: endpoint choice, routing-key wrapping, private-address guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dovecote.didcomm import identity
+from dovecote.didcomm.endpoints import Endpoints, is_private_host
+from dovecote.didcomm.packing import Packer
+from dovecote.errors import UnknownRecipient
+from dovecote.ops.settings import Settings
+from support.agent import Agent
+
+
+@pytest.fixture
+async def packer(tmp_path: Path) -> Packer:
+    ident = identity.load_or_create(tmp_path / "identity.json",
+                                    ["http://127.0.0.1:8080", "ws://127.0.0.1:8080/ws"])
+    packer = Packer(ident)
+    await packer.start()
+    return packer
+
+
+def settings(**values: object) -> Settings:
+    return Settings(host="127.0.0.1", port=8080, **values)  # type: ignore[arg-type]
+
+
+def test_private_hosts() -> None:
+    for host in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.1.1", "::1", "[::1]",
+                 "localhost", "0.0.0.0", "fd00::1"):
+        assert is_private_host(host), host
+    for host in ("8.8.8.8", "agent.example", "2001:4860:4860::8888"):
+        assert not is_private_host(host), host
+
+
+async def test_routes(packer: Packer) -> None:
+    public = Endpoints(packer, settings())
+    allowed = Endpoints(packer, settings(outbound_allow_private=True))
+    remote = Agent.create("http://x", endpoint="https://agent.example/inbox")
+    route = await public.route(remote.did, b'{"a":1}')
+    assert (route.uri, route.payload, route.local) == ("https://agent.example/inbox",
+                                                       b'{"a":1}', False)
+
+    loopback = Agent.create("http://x", endpoint="http://127.0.0.1:9/")
+    with pytest.raises(UnknownRecipient, match="private"):
+        await public.route(loopback.did, b"{}")
+    assert (await allowed.route(loopback.did, b"{}")).uri == "http://127.0.0.1:9/"
+
+    ours = Agent.create("http://127.0.0.1:8080", packer.identity.did, via_mediator=True)
+    assert (await public.route(ours.did, b"{}")).local
+
+    for did in ("did:web:example.com", "did:peer:2.garbage", Agent.create("http://x").did):
+        with pytest.raises(UnknownRecipient):
+            await public.route(did, b"{}")
+
+
+async def test_routing_keys_wrap_in_forwards(packer: Packer) -> None:
+    mediator = Agent.create("http://x")
+    # Bob's DID document: endpoint https://mediator.example/, routing key = his mediator.
+    bob = Agent.create("https://mediator.example", mediator.did, via_mediator=True)
+    inner = json.dumps({"protected": "x", "ciphertext": "y", "recipients": []}).encode()
+    route = await Endpoints(packer, settings()).route(bob.did, inner)
+    assert route.uri == "https://mediator.example/" and not route.local
+    forward = await mediator.unpack(route.payload)  # anoncrypt, for the mediator's key
+    assert forward["type"] == "https://didcomm.org/routing/2.0/forward"
+    assert forward["body"]["next"] == bob.did
+    assert forward["attachments"][0]["data"]["json"] == json.loads(inner)
