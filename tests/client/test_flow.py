@@ -110,3 +110,30 @@ async def test_live_receive(relay: ServerProcess, client_factory: ClientFactory)
 
 async def test_invitation_url_helper(relay: ServerProcess) -> None:
     assert "_oob=" in invitation_url(relay)
+
+
+async def test_batch_over_one_websocket(relay: ServerProcess,
+                                        client_factory: ClientFactory) -> None:
+    alice = await client_factory(relay)
+    carol = await client_factory(relay)
+    bob = await client_factory(relay, send_transport="ws", flush_interval=5.0)
+    batcher = bob.sender.ws
+    assert batcher is not None
+
+    ids = await bob.send_many([(alice.did, bob.plaintext(alice.did, f"ws {i}"))
+                               for i in range(50)])
+    items = await bob.wait_sent(ids, max_wait=20)
+    assert [i.state for i in items] == ["sent"] * 50
+    assert (batcher.confirmed, batcher.unconfirmed) == (1, 0)
+
+    # One bad envelope in the batch: the relay reports an error frame, so the batch is
+    # not confirmed and every envelope is re-sent over HTTP (identical bytes, stored once).
+    await carol.remove_recipients([carol.did])
+    more = await bob.send_many([(alice.did, bob.plaintext(alice.did, "ws 50")),
+                                (carol.did, bob.plaintext(carol.did, "nobody home")),
+                                (alice.did, bob.plaintext(alice.did, "ws 51"))])
+    states = [i.state for i in await bob.wait_sent(more, max_wait=20)]
+    assert states == ["sent", "failed", "sent"]
+    assert batcher.unconfirmed == 1
+    got = await alice.drain()
+    assert sorted(m.body["content"] for m in got) == sorted(f"ws {i}" for i in range(52))

@@ -10,22 +10,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
 
 from dovecote.client import identity as identity_mod
 from dovecote.client.config import DEFAULT_PICKUP_LIMIT, ClientConfig
-from dovecote.client.errors import NotMediated
+from dovecote.client.errors import ClientFailure, NotMediated
 from dovecote.client.identity import ClientIdentity, Mediation
 from dovecote.client.mediation import (
     MediatorChannel,
     mediator_endpoints,
+    message,
     parse_invitation,
     request_mediation,
 )
@@ -34,10 +37,12 @@ from dovecote.client.packing import Packer, Route
 from dovecote.client.pickup import Handler, Inbox, PickupStatus, Received
 from dovecote.client.rooms import RoomsClient
 from dovecote.client.store import ClientStore, OutboxItem, State
+from dovecote.client.wsbatch import WsBatcher, WsTarget
 
 log = structlog.get_logger("dovecote.client")
 
 BASIC_MESSAGE = "https://didcomm.org/basicmessage/2.0/message"
+PING = "https://didcomm.org/trust-ping/2.0/ping"
 
 
 def _norm(url: str) -> str:
@@ -59,6 +64,7 @@ class Client:
         self._sender: Sender | None = None
         self._routes: dict[str, Route] = {}
         self._inbox: Inbox | None = None
+        self._ws_targets: dict[str, WsTarget] = {}  # http endpoint -> its relay's WebSocket
         self.rooms = RoomsClient(self.config, self.store, self.http, self._enqueue_room)
 
     # ------------------------------------------------------------------ lifecycle
@@ -80,8 +86,12 @@ class Client:
         await self._packer.start()
         # 2. the local store, then the sender that drains whatever a previous run left
         await self.store.open()
+        batcher = WsBatcher(self._barrier, self._unpack_reply, self.config.request_timeout)
         self._sender = Sender(self.store, self.config, self.http, self.on_failed,
-                              self.rooms.headers_for)
+                              self.rooms.headers_for, batcher, self._ws_targets.get)
+        if self._identity.mediation is not None:
+            med = self._identity.mediation
+            self._learn_ws(med.mediator_did, med.endpoints, med.ws_endpoints)
         self._sender.start()
 
     async def close(self) -> None:
@@ -126,6 +136,7 @@ class Client:
         await self.packer.add_did(routed)
         await channel.update_recipients(add=[routed])
         ident.mediation = Mediation(mediator_did, routed, http, ws)
+        self._learn_ws(mediator_did, http, ws)
         self._inbox = None
         identity_mod.save(self.config.data_dir, ident)
         log.info("client.mediated", mediator=mediator_did[:40])
@@ -167,6 +178,10 @@ class Client:
         if route is None:
             route = await self.packer.resolve_route(to)
             self._routes[to] = route
+            if route.first_hop != to and not route.ws_endpoints:
+                with contextlib.suppress(ClientFailure):
+                    route.ws_endpoints = await self.packer.ws_endpoints_of(route.first_hop)
+            self._learn_ws(route.first_hop, route.endpoints, route.ws_endpoints)
         endpoints = list(route.endpoints)
         med = self.identity.mediation
         ours = {_norm(u) for u in self._relay_urls()}
@@ -174,6 +189,21 @@ class Client:
                 _norm(e) in ours for e in endpoints):
             endpoints = self._relay_urls(endpoints)
         return route, endpoints
+
+    def _learn_ws(self, relay_did: str, http: Sequence[str], ws: Sequence[str]) -> None:
+        """Pair a relay's http and ws endpoints by host and port."""
+        by_host = {urlsplit(u).netloc: u for u in ws}
+        for url in http:
+            found = by_host.get(urlsplit(url).netloc)
+            if found:
+                self._ws_targets.setdefault(url, WsTarget(found, relay_did))
+
+    async def _barrier(self, relay_did: str) -> tuple[str, bytes]:
+        ping = message(PING, {"response_requested": True}, self.identity.did, relay_did)
+        return ping["id"], await self.packer.pack(ping, relay_did, self.identity.did)
+
+    async def _unpack_reply(self, raw: bytes) -> dict[str, Any]:
+        return (await self.packer.unpack(raw)).message
 
     def plaintext(self, to: str, content: str | dict[str, Any], msg_type: str = BASIC_MESSAGE,
                   anonymous: bool = False) -> dict[str, Any]:

@@ -17,7 +17,8 @@ when its backoff ends. Per attempt outcome:
 
 Every `failed` row is reported to the failure callback and stays listed until purged.
 
-DIDComm messages in a batch are sent concurrently (`http_concurrency`); posts to one room
+DIDComm messages in a batch are sent concurrently (`http_concurrency`), or with
+`send_transport="ws"` as frames on one WebSocket per relay (see wsbatch.py); posts to one room
 are sent one after another in queue order, and a post waits while an earlier post to the
 same room is backing off, so a room receives a client's posts in the order queued.
 """
@@ -38,6 +39,7 @@ from dovecote.client import transport
 from dovecote.client.config import ClientConfig
 from dovecote.client.errors import Rejected, TransportFailure
 from dovecote.client.store import ClientStore, OutboxItem
+from dovecote.client.wsbatch import WsBatcher, WsTarget
 
 log = structlog.get_logger("dovecote.client.outbox")
 
@@ -66,13 +68,16 @@ class Sender:
 
     def __init__(self, store: ClientStore, config: ClientConfig, http: httpx.AsyncClient,
                  on_failed: FailureCallback | None = None,
-                 headers_for: HeadersFor | None = None) -> None:
+                 headers_for: HeadersFor | None = None, ws: WsBatcher | None = None,
+                 ws_target_for: Callable[[str], WsTarget | None] | None = None) -> None:
         self.store = store
         self.config = config
         self.http = http
         self.on_failed = on_failed
         self.headers_for = headers_for or (lambda item: {})
         self.backoff = Backoff(config.backoff_base, config.backoff_max)
+        self.ws = ws if config.send_transport == "ws" else None
+        self.ws_target_for = ws_target_for or (lambda url: None)
         self._wake = asyncio.Event()
         self._urgent = False
         self._flushed = asyncio.Condition()
@@ -92,6 +97,8 @@ class Sender:
             task, self._task = self._task, None
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.ws is not None:
+            await self.ws.close()
 
     def queued(self, count: int = 1) -> None:
         """Tell the sender new rows exist (it decides whether the batch is full)."""
@@ -189,16 +196,38 @@ class Sender:
                     return done + posts[index + 1:]
             return done
 
-        rooms: dict[str, list[OutboxItem]] = {}
-        for item in batch:
-            if item.kind == "room":
-                rooms.setdefault(item.target, []).append(item)
         async def alone(item: OutboxItem) -> list[OutboxItem]:
             return [await attempt(item)]
 
+        async def over_ws(target: WsTarget, items: list[OutboxItem]) -> list[OutboxItem]:
+            assert self.ws is not None
+            try:
+                confirmed = await self.ws.send(target, [i.payload for i in items])
+            except TransportFailure as exc:
+                return [self._reschedule(i, exc.detail, None) for i in items]
+            if not confirmed:
+                # The relay refused some frame; find out which over HTTP (same bytes).
+                log.info("outbox.ws_unconfirmed", url=target.url, size=len(items))
+                return list(await asyncio.gather(*(attempt(i) for i in items)))
+            now = time.time()
+            return [replace(i, state="sent", attempts=i.attempts + 1, last_error=None,
+                            done_at=now) for i in items]
+
+        rooms: dict[str, list[OutboxItem]] = {}
+        sockets: dict[WsTarget, list[OutboxItem]] = {}
+        singles: list[OutboxItem] = []
+        for item in batch:
+            target = self.ws_target_for(item.endpoint) if self.ws is not None else None
+            if item.kind == "room":
+                rooms.setdefault(item.target, []).append(item)
+            elif target is not None:
+                sockets.setdefault(target, []).append(item)
+            else:
+                singles.append(item)
         groups = await asyncio.gather(
-            *(alone(i) for i in batch if i.kind != "room"),
-            *(in_order(posts) for posts in rooms.values()))
+            *(alone(i) for i in singles),
+            *(in_order(posts) for posts in rooms.values()),
+            *(over_ws(target, items) for target, items in sockets.items()))
         results = [r for group in groups for r in group]
         await self.store.record(results)
         sent = sum(r.state == "sent" for r in results)
