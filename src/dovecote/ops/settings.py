@@ -147,7 +147,10 @@ class Settings(BaseSettings):
     retry_base: float = Field(1.0, gt=0, description="First retry delay (seconds).")
     retry_cap: float = Field(600.0, gt=0, description="Longest retry delay (seconds).")
     retry_retention: float = Field(DAY, gt=0, description="Seconds before an item dead-letters.")
-    retry_max_attempts: int = Field(100, ge=1, description="Attempts before an item dead-letters.")
+    retry_max_attempts: int = Field(
+        500, ge=1, description="Attempts before an item dead-letters (with the default "
+        "schedule about 300 fit in RETRY_RETENTION, so retention decides).",
+    )
     breaker_threshold: int = Field(5, ge=1, description="Failures that open a circuit breaker.")
     breaker_reset: float = Field(
         30.0, gt=0, description="Seconds before an open breaker half-opens."
