@@ -111,6 +111,14 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, OSError)
 
 
+def _is_gone(conn: Conn) -> bool:
+    """True when a pooled connection closed under us (asyncpg then also detaches it)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # "released back to the pool": only a close does that
+        return True
+
+
 def _rowcount(status: str) -> int:
     """Rows touched, from a command tag such as 'UPDATE 3'."""
     tail = status.rsplit(" ", 1)[-1]
@@ -185,7 +193,7 @@ class PostgresStore(PostgresRoomsMixin, Store):
                     except DRIVER_ERRORS:
                         # A pooled connection whose server went away fails in odd ways
                         # (even InternalClientError); what matters is that it is gone.
-                        broken = conn.is_closed()
+                        broken = _is_gone(conn)
                         raise
             except DRIVER_ERRORS as exc:
                 # A connection lost during COMMIT leaves the outcome unknown: never repeat.
