@@ -106,6 +106,43 @@ def mediate(ctx: click.Context, invitation_url: str) -> None:
     click.echo(_run(go))
 
 
+@main.group()
+def recipients() -> None:
+    """List, add or remove the DIDs your mediator holds messages for."""
+
+
+@recipients.command("list")
+@click.pass_context
+def recipients_list(ctx: click.Context) -> None:
+    async def go() -> list[str]:
+        async with _client(ctx) as client:
+            return await client.recipients()
+    for did_ in _run(go):
+        click.echo(did_)
+
+
+@recipients.command("add")
+@click.argument("dids", nargs=-1, required=True)
+@click.pass_context
+def recipients_add(ctx: click.Context, dids: tuple[str, ...]) -> None:
+    async def go() -> dict[str, str]:
+        async with _client(ctx) as client:
+            return await client.add_recipients(dids)
+    for did_, result in _run(go).items():
+        click.echo(f"{result} {did_}")
+
+
+@recipients.command("remove")
+@click.argument("dids", nargs=-1, required=True)
+@click.pass_context
+def recipients_remove(ctx: click.Context, dids: tuple[str, ...]) -> None:
+    async def go() -> dict[str, str]:
+        async with _client(ctx) as client:
+            return await client.remove_recipients(dids)
+    for did_, result in _run(go).items():
+        click.echo(f"{result} {did_}")
+
+
 @main.command()
 @click.argument("to")
 @click.argument("text")
