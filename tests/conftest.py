@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -57,6 +58,23 @@ def server(store_engine: dict[str, str],
     """One server, once per store engine (ids sqlite, postgres)."""
     # store_engine first: its database must outlive the processes server_factory stops.
     return server_factory(env=dict(store_engine))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def shared_server(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server per test module and store engine, for tests that create their own
+    agents and need no special settings (starting a server costs seconds)."""
+    tmp = tmp_path_factory.mktemp("shared")
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str] = {}
+        if request.param == "postgres":
+            env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
+        server = ServerProcess(data_dir=tmp / "data", port=free_port(), env=env,
+                               log_path=tmp / "server.log")
+        stack.callback(server.kill)
+        server.start()
+        yield server
 
 
 @pytest.fixture

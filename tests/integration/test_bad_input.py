@@ -84,7 +84,8 @@ async def _post(client: httpx.AsyncClient, server: ServerProcess, body: bytes | 
 
 
 @pytest.fixture
-async def mediated(server: ServerProcess, client: httpx.AsyncClient) -> Agent:
+async def mediated(shared_server: ServerProcess, client: httpx.AsyncClient) -> Agent:
+    server = shared_server
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
     return alice
@@ -134,11 +135,12 @@ EXPECTED = {
 
 @pytest.mark.parametrize("case", list(EXPECTED))
 async def test_anonymous_bad_input_gets_json_error_and_stores_nothing(
-    case: str, server: ServerProcess, client: httpx.AsyncClient, mediated: Agent
+    case: str, shared_server: ServerProcess, client: httpx.AsyncClient, mediated: Agent
 ) -> None:
+    server = shared_server
     body, content_type = await _case(case, server, mediated, Agent.create(server.base_url,
                                                                            server.did))
-    before = snapshot(server.data_dir)
+    before = snapshot(server)
     metrics_before = await _metrics(client, server)
     response = await _post(client, server, body, content_type)
     status, code = EXPECTED[case]
@@ -147,7 +149,7 @@ async def test_anonymous_bad_input_gets_json_error_and_stores_nothing(
     assert payload["error"] == code
     assert payload["detail"]
     assert payload["request_id"]
-    assert snapshot(server.data_dir) == before
+    assert snapshot(server) == before
     metrics_after = await _metrics(client, server)
     assert (metric_value(metrics_after, "dovecote_bad_input_total", code=code)
             == metric_value(metrics_before, "dovecote_bad_input_total", code=code) + 1)
@@ -155,8 +157,9 @@ async def test_anonymous_bad_input_gets_json_error_and_stores_nothing(
     assert any(e.get("code") == code for e in logged), logged
 
 
-async def test_unsupported_content_type_is_415(server: ServerProcess,
+async def test_unsupported_content_type_is_415(shared_server: ServerProcess,
                                                client: httpx.AsyncClient) -> None:
+    server = shared_server
     response = await _post(client, server, b"hello", "text/plain")
     assert response.status_code == 415
     assert response.json()["error"] == "e.m.msg.unsupported-media-type"
@@ -181,31 +184,34 @@ async def _problem(agent: Agent, client: httpx.AsyncClient, msg_type: str,
         "updates-not-list"])
 async def test_authenticated_bad_input_gets_problem_report(
     msg_type: str, body: dict[str, Any], status: int, code: str,
-    server: ServerProcess, client: httpx.AsyncClient, mediated: Agent,
+    shared_server: ServerProcess, client: httpx.AsyncClient, mediated: Agent,
 ) -> None:
-    before = snapshot(server.data_dir)
+    server = shared_server
+    before = snapshot(server)
     got_status, reply = await _problem(mediated, client, msg_type, body)
     assert got_status == status
     assert reply["type"] == PROBLEM
     assert reply["body"]["code"] == code
     assert reply["pthid"]
-    assert snapshot(server.data_dir) == before
+    assert snapshot(server) == before
 
 
-async def test_unresolvable_sender_did(server: ServerProcess, client: httpx.AsyncClient) -> None:
+async def test_unresolvable_sender_did(shared_server: ServerProcess,
+                                       client: httpx.AsyncClient) -> None:
+    server = shared_server
     agent = ExampleAgent.make(server.base_url, server.did)
-    before = snapshot(server.data_dir)
+    before = snapshot(server)
     packed = await agent.pack(agent.message("https://didcomm.org/trust-ping/2.0/ping"))
     response = await _post(client, server, packed)
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "e.m.did.unresolvable"
-    assert snapshot(server.data_dir) == before
+    assert snapshot(server) == before
 
 
 async def test_oversize_body_is_413_and_not_read(server_factory: Any,
                                                  client: httpx.AsyncClient) -> None:
     server = server_factory(env={"DOVECOTE_MAX_BODY_BYTES": "4096"})
-    before = snapshot(server.data_dir)
+    before = snapshot(server)
     response = await _post(client, server, b"x" * 10_000)
     assert response.status_code == 413
     assert response.json()["error"] == "e.m.me.res.storage.message_too_big"
@@ -222,7 +228,7 @@ async def test_oversize_body_is_413_and_not_read(server_factory: Any,
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
-    assert snapshot(server.data_dir) == before
+    assert snapshot(server) == before
 
 
 async def test_mailbox_limit_refuses_and_keeps_queue(server_factory: Any,
@@ -242,7 +248,8 @@ async def test_mailbox_limit_refuses_and_keeps_queue(server_factory: Any,
     assert status["body"]["message_count"] == 2
 
 
-async def test_websocket_bad_input_answers_on_socket(server: ServerProcess) -> None:
+async def test_websocket_bad_input_answers_on_socket(shared_server: ServerProcess) -> None:
+    server = shared_server
     async with websockets.connect(server.ws_url) as ws:
         await ws.send("not json at all")
         answer = json.loads(await ws.recv())

@@ -30,8 +30,9 @@ async def _post(client: httpx.AsyncClient, server: ServerProcess, packed: str) -
 
 
 @pytest.mark.parametrize("version", [CM3, CM2], ids=["cm3", "cm2"])
-async def test_full_flow_over_http(server: ServerProcess, client: httpx.AsyncClient,
+async def test_full_flow_over_http(shared_server: ServerProcess, client: httpx.AsyncClient,
                                    version: str) -> None:
+    server = shared_server
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     grant = await alice.mediate(client, version)
     routing_did = grant["body"]["routing_did"]
@@ -74,8 +75,9 @@ async def test_full_flow_over_http(server: ServerProcess, client: httpx.AsyncCli
     assert empty["body"]["message_count"] == 0
 
 
-async def test_recipient_update_remove_and_query(server: ServerProcess,
+async def test_recipient_update_remove_and_query(shared_server: ServerProcess,
                                                  client: httpx.AsyncClient) -> None:
+    server = shared_server
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client, CM3)
     extra = [Agent.create(server.base_url).did for _ in range(3)]
@@ -113,8 +115,9 @@ async def test_recipient_update_remove_and_query(server: ServerProcess,
     assert status["body"]["message_count"] == 0
 
 
-async def test_requests_without_grant_get_problem_report(server: ServerProcess,
+async def test_requests_without_grant_get_problem_report(shared_server: ServerProcess,
                                                          client: httpx.AsyncClient) -> None:
+    server = shared_server
     mallory = Agent.create(server.base_url, server.did)
     status, reply = await mallory.send_http(client, mallory.message(f"{PICKUP}/status-request"))
     assert status == 403
@@ -123,8 +126,9 @@ async def test_requests_without_grant_get_problem_report(server: ServerProcess,
     assert reply["body"]["code"] == "e.p.req.not-granted"
 
 
-async def test_trust_ping_and_discover_features(server: ServerProcess,
+async def test_trust_ping_and_discover_features(shared_server: ServerProcess,
                                                 client: httpx.AsyncClient) -> None:
+    server = shared_server
     agent = Agent.create(server.base_url, server.did)
     ping = agent.message(f"{PING}/ping", {"response_requested": True})
     status, pong = await agent.send_http(client, ping)
@@ -149,8 +153,9 @@ async def test_trust_ping_and_discover_features(server: ServerProcess,
     } <= ids
 
 
-async def test_live_mode_on_http_is_refused(server: ServerProcess,
+async def test_live_mode_on_http_is_refused(shared_server: ServerProcess,
                                             client: httpx.AsyncClient) -> None:
+    server = shared_server
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
     status, reply = await alice.send_http(
@@ -159,8 +164,9 @@ async def test_live_mode_on_http_is_refused(server: ServerProcess,
     assert reply["body"]["code"] == "e.m.live-mode-not-supported"
 
 
-async def test_full_flow_over_websocket_with_live_mode(server: ServerProcess,
+async def test_full_flow_over_websocket_with_live_mode(shared_server: ServerProcess,
                                                        client: httpx.AsyncClient) -> None:
+    server = shared_server
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     async with websockets.connect(server.ws_url) as ws:
         async def ask(msg_type: str, body: dict | None = None) -> dict:
@@ -200,8 +206,9 @@ async def test_full_flow_over_websocket_with_live_mode(server: ServerProcess,
         assert ack["body"]["message_count"] == 0
 
 
-async def test_unacknowledged_live_push_is_redelivered(server: ServerProcess,
+async def test_unacknowledged_live_push_is_redelivered(shared_server: ServerProcess,
                                                        client: httpx.AsyncClient) -> None:
+    server = shared_server
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
     bob = Agent.create(server.base_url)
@@ -233,8 +240,9 @@ async def test_unacknowledged_live_push_is_redelivered(server: ServerProcess,
     assert status["body"]["message_count"] == 1
 
 
-async def test_retried_forward_is_stored_once(server: ServerProcess,
+async def test_retried_forward_is_stored_once(shared_server: ServerProcess,
                                               client: httpx.AsyncClient) -> None:
+    server = shared_server
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
     packed = await forward_to(server.base_url, alice, {"type": BASIC, "body": {"content": "1"}})

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
+import subprocess
+
+from support.server import ServerProcess
 
 TABLES = ("mediations", "recipients", "messages", "dedup", "outbox", "dead_letters")
 
 
-def snapshot(data_dir: Path) -> dict[str, int]:
-    """Row counts of every state table."""
-    uri = f"file:{data_dir / 'dovecote.db'}?mode=ro"
+def snapshot(server: ServerProcess) -> dict[str, int]:
+    """Row counts of every state table, in whichever store the server uses."""
+    url = server.env.get("DOVECOTE_STORE", "")
+    if url.startswith("postgres"):
+        query = " UNION ALL ".join(f"SELECT '{t}', COUNT(*) FROM {t}" for t in TABLES)
+        out = subprocess.run(["psql", url, "-Atc", query], capture_output=True, text=True,
+                             check=True).stdout
+        return {name: int(count) for name, count in
+                (line.split("|") for line in out.splitlines() if line)}
+    uri = f"file:{server.data_dir / 'dovecote.db'}?mode=ro"
     conn = sqlite3.connect(uri, uri=True)
     try:
         return {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES}

@@ -114,6 +114,8 @@ def new_key() -> str:
 
 
 ENGINES = ["sqlite", "postgres"]
+# DOVECOTE_ROOMS_MAX_MESSAGE_BYTES of the test servers.
+MAX_MESSAGE_BYTES = 256 * 1024
 POSTGRES_URL = (
     os.environ.get("DOVECOTE_TEST_POSTGRES") or "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -167,3 +169,18 @@ def query(store_url: str, data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
             await conn.close()
 
     return asyncio.run(run())
+
+
+async def ws_connect(base_url: str, token: str | None = None, **options: Any) -> Any:
+    """A client WebSocket to /v1/rooms/ws (Bearer on the upgrade unless token is None)."""
+    from websockets.asyncio.client import connect
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = base_url.replace("http://", "ws://") + "/v1/rooms/ws"
+    return await connect(url, additional_headers=headers, compression=None, proxy=None,
+                         open_timeout=10, **options)
+
+
+async def ws_recv(ws: Any, within: float = 10.0) -> dict[str, Any]:
+    frame = await asyncio.wait_for(ws.recv(), within)
+    return dict(json.loads(frame))
