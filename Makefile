@@ -51,3 +51,12 @@ lint: $(DEVSTAMP)
 
 clean:
 	rm -rf $(VENV) .venv-tools .test-env
+
+## Benchmarks into bench/results/: BENCH_PROFILE=quick (default, ~10 min) or full (soak, 1M).
+bench: $(DEVSTAMP) postgres
+	. ./.test-env 2>/dev/null; $(BIN)/python -m bench.run --profile $${BENCH_PROFILE:-quick}
+
+## Chaos suite: every fault-injection scenario under load (make test runs the fast ones).
+chaos: $(DEVSTAMP) deploy-tools postgres
+	. ./.test-env 2>/dev/null; DOVECOTE_CHAOS=all $(BIN)/python -m pytest -q -s \
+	  -p no:cacheprovider tests/chaos $(PYTEST_ARGS)

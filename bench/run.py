@@ -1,0 +1,166 @@
+"""`make bench`: run the benchmark suite, print the tables, write bench/results/.
+
+    python -m bench.run [--profile quick|full] [--only forward,e2e,...] [--soak-seconds N]
+
+Profiles: quick (default, ~10 minutes) and full (longer steps, 1M-message pickup, 1,000
+room subscribers, a 10-minute soak). Everything runs on loopback with processes it starts
+itself and stops at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench import forwards, report, scenarios, servers
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ["reference", "forward", "peer", "e2e", "pickup", "rooms", "soak"]
+
+
+class Output:
+    """Collects Markdown sections and echoes them to stdout."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        print(text, flush=True)
+
+    def text(self) -> str:
+        return "\n\n".join(self.parts) + "\n"
+
+
+async def main(args: argparse.Namespace) -> int:
+    profile = scenarios.PROFILES[args.profile]
+    if args.step_seconds:
+        profile.step_seconds = args.step_seconds
+    if args.soak_seconds is not None:
+        profile.soak_seconds = args.soak_seconds
+    parts = args.only.split(",") if args.only else PARTS
+    stamp = dt.datetime.now()
+    name = args.name or f"{stamp:%Y-%m-%d}-{profile.name}"
+    plots = RESULTS / name
+    plots.mkdir(parents=True, exist_ok=True)
+    out = Output()
+    out.add(f"# Dovecote benchmark {stamp:%Y-%m-%d %H:%M} ({profile.name} profile)")
+    load = os.getloadavg()
+    out.add(
+        f"Machine: {os.cpu_count()} cores, {platform.python_implementation()} "
+        f"{platform.python_version()}, load average at start {load[0]:.2f}. Server and load "
+        "generator share these cores; all traffic is loopback. "
+        f"{args.note or ''}".strip()
+    )
+    started = time.monotonic()
+
+    print("preparing agents and packed forwards ...", flush=True)
+    agents = await forwards.load_agents([f"r{i}" for i in range(profile.recipients)] +
+                                        ["live", "pickup"])
+    recipients = [agents[f"r{i}"] for i in range(profile.recipients)]
+    mediator_did = forwards.mediator_did()
+    payloads = await asyncio.to_thread(forwards.pool, [a.did for a in recipients],
+                                       mediator_did, profile.pool_size)
+    data: dict[str, Any] = {"profile": profile.name, "started": stamp.isoformat()}
+    limits: dict[str, float] = {}
+    suites: list[scenarios.ForwardSuite] = []
+
+    if "reference" in parts:
+        print("reference: didcomm-messaging unpack alone ...", flush=True)
+        unpack = await scenarios.unpack_reference(payloads, seconds=5)
+        limits["unpack"] = unpack["per_second"]
+        print("reference: bare ASGI (Starlette on uvicorn) ...", flush=True)
+        asgi = await scenarios.asgi_suite("bare ASGI reference", "bench.reference_app:app",
+                                          payloads, profile, rates=[])
+        limits["asgi"] = asgi.steps[-1].run.throughput
+        data["reference"] = {"unpack": unpack, "asgi_rps": limits["asgi"]}
+        out.add("## Reference limits (same run, same machine)\n\n" + report.table(
+            ["reference", "per second", "what it is"],
+            [["anoncrypt unpack (didcomm-messaging + askar, 1 core, no I/O)",
+              f"{unpack['per_second']:.0f}",
+              f"{unpack['unpacks']} forwards unpacked in a loop; the crypto floor of a forward"],
+             ["bare ASGI POST (Starlette + uvicorn, uvloop, httptools, 1 process)",
+              f"{limits['asgi']:.0f}",
+              f"closed loop, {profile.saturation_connections} connections, same payloads"]]))
+
+    if "forward" in parts:
+        for label, engine, instances in profile.configs:
+            print(f"forward: {label} ...", flush=True)
+            suites.append(await scenarios.forward_suite(label, engine, instances, profile,
+                                                        recipients, payloads))
+    if "peer" in parts:
+        print("peer: naive mediator stand-in ...", flush=True)
+        env = {"BENCH_IDENTITY": str(forwards.mediator_identity())}
+        suites.append(await scenarios.asgi_suite(
+            "naive mediator (stand-in peer)", "bench.naive_mediator:app", payloads, profile,
+            env, rates=profile.rates[:2]))
+    if suites:
+        out.add("## Forward accept: throughput and latency\n\n"
+                "Open loop at fixed offered rates (latency from when each request was due), "
+                "then closed loop at saturation "
+                f"({profile.saturation_connections} connections). Accepted = HTTP 202 = "
+                "committed to the store. 'N processes' = N `dovecote serve` instances on N "
+                "ports against one PostgreSQL database.\n\n"
+                + report.table(FORWARD_HEADERS := report.FORWARD_HEADERS,
+                               report.forward_rows(suites, limits)))
+        report.plot_throughput(suites, limits, plots / "throughput.png")
+        report.plot_latency_over_time(suites, plots / "latency-over-time.png")
+        data["forward"] = [
+            {"label": s.label, "skipped": s.skipped,
+             "steps": [{"offered": st.run.offered, "throughput": st.run.throughput,
+                        "errors": st.run.errors, "statuses": dict(st.run.statuses),
+                        "cpu_seconds": st.cpu_seconds, **st.run.percentiles()}
+                       for st in s.steps]}
+            for s in suites]
+        del FORWARD_HEADERS
+
+    extra = await run_more(parts, profile, agents, payloads, out, plots, data)
+    data.update(extra)
+    took = time.monotonic() - started
+    out.add(f"Total run time {took / 60:.1f} min. Plots: `bench/results/{name}/`. Raw numbers: "
+            f"`bench/results/{name}.json`.")
+    (RESULTS / f"{name}.md").write_text(out.text())
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+    print(f"\nwrote {RESULTS / (name + '.md')}", flush=True)
+    return 0
+
+
+async def run_more(parts: list[str], profile: scenarios.Profile, agents: dict[str, Any],
+                   payloads: list[bytes], out: Output, plots: Path,
+                   data: dict[str, Any]) -> dict[str, Any]:
+    """e2e, pickup, rooms and soak (in scenarios_more.py)."""
+    from bench import scenarios_more
+
+    return await scenarios_more.run(parts, profile, agents, payloads, out, plots, data)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default=os.environ.get("BENCH_PROFILE", "quick"),
+                        choices=sorted(scenarios.PROFILES))
+    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
+                        help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--soak-seconds", type=float,
+                        default=float(os.environ["BENCH_SOAK_SECONDS"])
+                        if os.environ.get("BENCH_SOAK_SECONDS") else None)
+    parser.add_argument("--step-seconds", type=float, default=None)
+    parser.add_argument("--name", default=os.environ.get("BENCH_NAME", ""),
+                        help="results file name (default DATE-PROFILE)")
+    parser.add_argument("--note", default=os.environ.get("BENCH_NOTE", ""))
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    _ = servers  # imported for its side-effect-free helpers; keeps `python -m` start uniform
+    sys.exit(uvloop.run(main(parse(sys.argv[1:]))))

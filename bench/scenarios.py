@@ -1,0 +1,161 @@
+"""The benchmark scenarios. Each returns plain data for report.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bench import forwards, loadgen, servers
+from bench.agents import _CRYPTO, _PACKAGING, _RESOLVER, BenchAgent
+from bench.mediation import mediate
+
+
+@dataclass
+class Profile:
+    """How much of everything to run."""
+
+    name: str
+    rates: list[float]
+    step_seconds: float
+    saturation_seconds: float
+    saturation_connections: int
+    recipients: int
+    pool_size: int
+    e2e_rate: float
+    e2e_seconds: float
+    pickup_sizes: list[int]
+    pickup_measure: int
+    rooms_subscribers: list[int]
+    rooms_posts: int
+    soak_seconds: float
+    configs: list[tuple[str, str, int]]  # (label, "sqlite"|"postgres", instances)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES = {
+    "quick": Profile(
+        name="quick", rates=[250, 500, 1000, 2000], step_seconds=6, saturation_seconds=8,
+        saturation_connections=64, recipients=8, pool_size=40_000, e2e_rate=100,
+        e2e_seconds=8, pickup_sizes=[10_000, 100_000], pickup_measure=3_000,
+        rooms_subscribers=[100], rooms_posts=200, soak_seconds=0,
+        configs=[("sqlite, 1 process", "sqlite", 1), ("postgresql, 1 process", "postgres", 1),
+                 ("postgresql, 2 processes", "postgres", 2)],
+    ),
+    "full": Profile(
+        name="full", rates=[250, 500, 1000, 2000], step_seconds=20, saturation_seconds=20,
+        saturation_connections=64, recipients=16, pool_size=150_000, e2e_rate=200,
+        e2e_seconds=30, pickup_sizes=[10_000, 1_000_000], pickup_measure=10_000,
+        rooms_subscribers=[100, 1000], rooms_posts=1000, soak_seconds=600,
+        configs=[("sqlite, 1 process", "sqlite", 1), ("postgresql, 1 process", "postgres", 1),
+                 ("postgresql, 2 processes", "postgres", 2)],
+    ),
+}
+
+
+@dataclass
+class Step:
+    """One load step and what the server spent on it."""
+
+    run: loadgen.RunResult
+    cpu_seconds: float  # server CPU (all its processes) during the step
+
+
+@dataclass
+class ForwardSuite:
+    label: str
+    steps: list[Step] = field(default_factory=list)
+    skipped: str = ""
+
+
+async def _mediate_all(base_url: str, agents: Sequence[BenchAgent], mediator: str) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        for agent in agents:
+            await mediate(client, base_url, agent, mediator)
+
+
+async def _steps(label: str, ports: list[int], pids: list[int], payloads: Sequence[bytes],
+                 profile: Profile, rates: Sequence[float] | None = None) -> list[Step]:
+    steps: list[Step] = []
+    offset = 0
+    for rate in (profile.rates if rates is None else rates):
+        need = int(rate * profile.step_seconds)
+        chunk = payloads[offset:offset + need]
+        offset += need
+        if len(chunk) < need:
+            print(f"    {label}: pool too small for {rate:g}/s; skipped", flush=True)
+            continue
+        cpu0 = servers.process_stats(pids)[2]
+        run = await loadgen.open_loop(f"{label} @ {rate:g}/s", ports, chunk, rate,
+                                      profile.step_seconds)
+        steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
+        _print_step(steps[-1])
+        await asyncio.sleep(1.0)
+    rest = payloads[offset:]
+    cpu0 = servers.process_stats(pids)[2]
+    run = await loadgen.closed_loop(f"{label} saturation", ports, rest,
+                                    profile.saturation_seconds, profile.saturation_connections)
+    steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
+    _print_step(steps[-1])
+    return steps
+
+
+def _print_step(step: Step) -> None:
+    run = step.run
+    p = run.percentiles()
+    print(f"    {run.label:<44} {run.throughput:8.0f} msg/s  p50 {p['p50']*1e3:7.1f}  "
+          f"p99 {p['p99']*1e3:8.1f}  max {p['max']*1e3:8.1f} ms  errors {run.errors}"
+          f"{'  [' + run.stopped_early + ']' if run.stopped_early else ''}", flush=True)
+
+
+async def forward_suite(label: str, engine: str, instances: int, profile: Profile,
+                        agents: Sequence[BenchAgent], payloads: Sequence[bytes]) -> ForwardSuite:
+    """Forward accept throughput and latency at fixed rates and at saturation."""
+    suite = ForwardSuite(label)
+    if engine == "postgres" and not servers.postgres_available():
+        suite.skipped = f"PostgreSQL not reachable at {servers.POSTGRES_ADMIN}"
+        return suite
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(servers.workdir(engine))
+        store = stack.enter_context(servers.postgres_database()) if engine == "postgres" else ""
+        server = servers.Dovecote(work, store=store, instances=instances,
+                                  identity=forwards.mediator_identity()).start()
+        try:
+            await _mediate_all(server.base_urls[0], agents, server.did())
+            suite.steps = await _steps(label, server.ports, server.pids, payloads, profile)
+        finally:
+            server.stop()
+    return suite
+
+
+async def asgi_suite(label: str, app: str, payloads: Sequence[bytes], profile: Profile,
+                     env: dict[str, str] | None = None, rates: Sequence[float] = ()) -> ForwardSuite:
+    """The same load against another ASGI app (bare reference or naive mediator)."""
+    suite = ForwardSuite(label)
+    with servers.asgi_app(app, env) as (port, proc):
+        suite.steps = await _steps(label, [port], [proc.pid], payloads, profile, rates)
+    return suite
+
+
+async def unpack_reference(payloads: Sequence[bytes], seconds: float = 5.0) -> dict[str, float]:
+    """Anoncrypt unpacks/s of didcomm-messaging (askar) alone, one core, no server."""
+    from dovecote.didcomm import identity as identity_mod
+    from dovecote.didcomm.packing import IdentitySecrets
+
+    identity = identity_mod.load_or_create(forwards.mediator_identity(),
+                                           ["http://127.0.0.1:1", "ws://127.0.0.1:1/ws"])
+    secrets = IdentitySecrets(identity)
+    await _PACKAGING.unpack(_CRYPTO, _RESOLVER, secrets, payloads[0])  # warm caches
+    count, started = 0, time.perf_counter()
+    cpu0 = time.process_time()
+    while time.perf_counter() - started < seconds and count < len(payloads):
+        await _PACKAGING.unpack(_CRYPTO, _RESOLVER, secrets, payloads[count])
+        count += 1
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu0
+    return {"unpacks": count, "per_second": count / wall, "per_cpu_second": count / cpu}

@@ -1,0 +1,215 @@
+"""Processes the benchmark starts and stops: Dovecote instances, PostgreSQL databases,
+and the reference servers. Loopback only; each one is killed when its block ends."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+POSTGRES_ADMIN = os.environ.get(
+    "BENCH_POSTGRES",
+    os.environ.get("DOVECOTE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"))
+
+# Limits meant for abusive clients, not for one load generator on loopback.
+BENCH_ENV = {
+    "DOVECOTE_RATE_LIMIT_IP": "1000000",
+    "DOVECOTE_RATE_LIMIT_IP_BURST": "1000000",
+    "DOVECOTE_RATE_LIMIT_DID": "1000000",
+    "DOVECOTE_RATE_LIMIT_DID_BURST": "1000000",
+    "DOVECOTE_MAILBOX_MAX_MESSAGES": "100000000",
+    "DOVECOTE_MAILBOX_MAX_BYTES": str(1 << 40),
+    "DOVECOTE_MAX_CONCURRENT_REQUESTS": "5000",
+    "DOVECOTE_MAX_WEBSOCKETS": "20000",
+    "DOVECOTE_LOG_FORMAT": "json",
+    "DOVECOTE_DRAIN_DELAY": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 60.0,
+              log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}\n{tail}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready in {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Dovecote:
+    """One or more `dovecote serve` processes sharing one store and one key file.
+
+    `dovecote serve` runs one process (uvicorn with one worker); the `workers` setting is
+    not acted on by server.run. "N workers" here is N instances on N ports against the
+    same PostgreSQL database, which is what several workers would be, minus a shared
+    listening socket: the load generator spreads its connections over the ports.
+    """
+
+    workdir: Path
+    store: str = ""  # empty: SQLite in the data dir
+    instances: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+    identity: Path | None = None
+    ports: list[int] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.ports]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "dovecote.db"
+
+    def start(self) -> Dovecote:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.identity is not None and not (self.workdir / "identity.json").exists():
+            shutil.copy(self.identity, self.workdir / "identity.json")
+        if not self.ports:
+            self.ports = [free_port() for _ in range(self.instances)]
+        self.procs = []
+        for index, port in enumerate(self.ports):
+            env = {**os.environ, **BENCH_ENV, **self.env,
+                   "DOVECOTE_IDENTITY_FILE": str(self.workdir / "identity.json")}
+            if self.store:
+                env["DOVECOTE_STORE"] = self.store
+            log = open(self.workdir / f"server{index}.log", "ab")  # noqa: SIM115
+            data_dir = self.data_dir if not self.store else self.workdir / f"data{index}"
+            # With PostgreSQL nothing else creates it, and the free-disk check of a
+            # missing directory turns the instance read-only.
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.procs.append(subprocess.Popen(
+                [PYTHON, "-m", "dovecote", "serve", "--port", str(port),
+                 "--data-dir", str(data_dir)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            ))
+        for index, (port, proc) in enumerate(zip(self.ports, self.procs, strict=True)):
+            wait_http(f"http://127.0.0.1:{port}/health/ready", proc,
+                      log=self.workdir / f"server{index}.log")
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_process(proc)
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.poll() is None]
+
+    def did(self) -> str:
+        r = httpx.get(self.base_urls[0] + "/invitation", timeout=5)
+        return str(r.json()["from"])
+
+
+def process_stats(pids: list[int]) -> tuple[float, int, float]:
+    """(RSS MiB, open file descriptors, CPU seconds) summed over processes and children."""
+    rss, fds, cpu = 0.0, 0, 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                rss += p.memory_info().rss / (1 << 20)
+                fds += p.num_fds()
+                t = p.cpu_times()
+                cpu += t.user + t.system
+        except psutil.Error:
+            continue
+    return rss, fds, cpu
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str = POSTGRES_ADMIN) -> Iterator[str]:
+    """A fresh database on the PostgreSQL server at `admin_url`, dropped afterwards."""
+    name = f"dovecote_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    base = admin_url.rsplit("/", 1)[0]
+    subprocess.run(["psql", admin_url, "-qc", f"CREATE DATABASE {name}"], check=True,
+                   capture_output=True)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        subprocess.run(["psql", admin_url, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
+                       capture_output=True)
+
+
+def postgres_available(admin_url: str = POSTGRES_ADMIN) -> bool:
+    if shutil.which("psql") is None:
+        return False
+    done = subprocess.run(["psql", admin_url, "-qAtc", "SELECT 1"], capture_output=True)
+    return done.returncode == 0
+
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=f"dovecote-bench-{prefix}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def asgi_app(app: str, env: dict[str, str] | None = None,
+             health: str = "/health") -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """Run `module:app` on uvicorn (uvloop, httptools, one process) on a free port."""
+    port = free_port()
+    with workdir("asgi") as work:
+        log_path = work / "server.log"
+        log = open(log_path, "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "uvicorn", app, "--port", str(port), "--loop", "uvloop",
+             "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+            env={**os.environ, **(env or {}), "BENCH_WORKDIR": str(work)},
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}{health}", proc, log=log_path)
+            yield port, proc
+        finally:
+            stop_process(proc)
