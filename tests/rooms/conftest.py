@@ -1,10 +1,11 @@
 """Rooms fixtures: an issuer whose JWKS file the servers trust, servers on each store
 engine, and a client.
 
-Starting a server takes seconds, so the tests of a module share one per engine
-(`rooms_server`, ids sqlite/postgres); tests that need their own settings start one with
-`server_factory` and `rooms_env`. PostgreSQL servers get a fresh database on the server
-named by DOVECOTE_TEST_POSTGRES (see scripts/ensure-postgres.sh); unreachable fails.
+Starting a server takes seconds, so all rooms tests share one per engine (`rooms_server`,
+ids sqlite/postgres) and keep apart by using rooms of their own; tests that need other
+settings start one with `server_factory` and `rooms_env`. PostgreSQL servers get a fresh
+database on the server named by DOVECOTE_TEST_POSTGRES (see scripts/ensure-postgres.sh);
+an unreachable server fails the tests.
 """
 
 from __future__ import annotations
@@ -14,16 +15,23 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from support.rooms import ENGINES, ISSUER, Issuer, RoomsClient, fresh_postgres_database
+from support.rooms import (
+    ENGINES,
+    ISSUER,
+    MAX_MESSAGE_BYTES,
+    Issuer,
+    RoomsClient,
+    fresh_postgres_database,
+)
 from support.server import ServerProcess, free_port
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
     return Issuer(tmp_path_factory.mktemp("issuer") / "jwks.json")
 
 
-@pytest.fixture(scope="module", params=ENGINES, ids=ENGINES)
+@pytest.fixture(scope="session", params=ENGINES, ids=ENGINES)
 def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """'' for SQLite in the server's data dir, or a fresh PostgreSQL database's URL."""
     if request.param == "sqlite":
@@ -40,6 +48,13 @@ def env_for(issuer: Issuer, store_url: str) -> dict[str, str]:
         # Tests hammer one server from one address.
         "DOVECOTE_RATE_LIMIT_IP": "100000",
         "DOVECOTE_RATE_LIMIT_IP_BURST": "100000",
+        # Short enough for tests to watch: purge, sweeps, slow-consumer detection.
+        "DOVECOTE_ROOMS_PURGE_AFTER": "0.5",
+        "DOVECOTE_SWEEP_INTERVAL": "0.5",
+        "DOVECOTE_ROOMS_WS_QUEUE": "16",
+        "DOVECOTE_ROOMS_WS_STALL": "1",
+        # Big messages fill a stalled reader's socket buffers with few posts.
+        "DOVECOTE_ROOMS_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
     }
     if store_url:
         env["DOVECOTE_STORE"] = store_url
@@ -51,10 +66,10 @@ def rooms_env(issuer: Issuer, store_url: str) -> dict[str, str]:
     return env_for(issuer, store_url)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def rooms_server(tmp_path_factory: pytest.TempPathFactory, issuer: Issuer,
                  store_url: str) -> Iterator[ServerProcess]:
-    """One server per test module and engine, trusting `issuer`."""
+    """One server per engine for the whole run, trusting `issuer`."""
     base = tmp_path_factory.mktemp("rooms-server")
     server = ServerProcess(data_dir=base / "data", port=free_port(),
                            env=env_for(issuer, store_url), log_path=base / "server.log")

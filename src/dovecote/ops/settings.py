@@ -32,6 +32,7 @@ DEFAULT_DRAIN_DELAY = 1.0
 DEFAULT_ROOMS_JWKS_REFRESH = 300.0
 DEFAULT_ROOMS_MAX_MESSAGE_BYTES = 16 * 1024
 DEFAULT_ROOMS_WS_QUEUE = 1000
+DEFAULT_ROOMS_WS_STALL = 5.0
 DEFAULT_BACKUP_INTERVAL = 3600.0
 DEFAULT_BACKUP_KEEP_HOURLY = 24
 DEFAULT_BACKUP_KEEP_DAILY = 7
@@ -221,8 +222,12 @@ class Settings(BaseSettings):
     )
     rooms_ws_queue: int = Field(
         DEFAULT_ROOMS_WS_QUEUE, ge=1,
-        description="Events buffered per rooms WebSocket before a slow subscriber is "
-        "disconnected with a resume hint.",
+        description="Events buffered per rooms WebSocket (the send queue's bound).",
+    )
+    rooms_ws_stall: float = Field(
+        DEFAULT_ROOMS_WS_STALL, gt=0,
+        description="Seconds a rooms WebSocket may take no event while its send queue is "
+        "full before it is disconnected (close 4008) with a resume hint.",
     )
 
     # --- admin and observability

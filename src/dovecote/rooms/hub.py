@@ -6,15 +6,17 @@ feed's pump reads the store for events after the last seq it queued, so replay a
 `since` and live delivery are one loop: no gaps, no duplicates, and a lost wake-up only
 delays until the next safety poll.
 
-Each feed has a bounded send queue. When it is full the feed is marked overflowed and the
-connection is closed with a resume hint, so one slow reader never holds up the others.
+Each feed has a bounded send queue, filled no faster than its socket drains (a replay of
+any length needs no more memory than the queue). A subscriber whose socket takes nothing
+for `stall` seconds while events wait cannot keep up: its feed is marked overflowed and the
+connection is closed with a resume hint. Feeds share nothing, so one slow reader never
+holds up the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,7 @@ class Feed:
 
     principal: Principal
     queue_size: int
+    stall: float = 5.0
     positions: dict[str, int] = field(default_factory=dict)  # room -> last seq queued
     sent: dict[str, int] = field(default_factory=dict)  # room -> last seq written
     dirty: set[str] = field(default_factory=set)
@@ -67,13 +70,14 @@ class Feed:
         """Per room, the last seq handed to the socket (resume with since=that)."""
         return {room: self.sent.get(room, since) for room, since in self.positions.items()}
 
-    def offer(self, frame: Frame) -> bool:
-        """Queue a frame, or mark the feed overflowed and stop it."""
+    async def offer(self, frame: Frame) -> bool:
+        """Queue a frame, waiting up to `stall` seconds for room; past that the subscriber
+        cannot keep up: mark the feed overflowed (the connection closes) and return False."""
         if self.overflowed:
             return False
         try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
+            await asyncio.wait_for(self.queue.put(frame), self.stall)
+        except TimeoutError:
             self.overflowed = True
             self.done.set()
             return False
@@ -86,7 +90,6 @@ class RoomHub:
     def __init__(self, store: RoomStore) -> None:
         self.store = store
         self.by_room: dict[str, set[Feed]] = {}
-        self.on_overflow: Callable[[Feed], None] | None = None
 
     @property
     def feeds(self) -> int:
@@ -154,14 +157,17 @@ class RoomHub:
         """Queue everything after the room's position; False when the feed must stop."""
         while room in feed.positions:
             after = feed.positions[room]
-            page = await self.store.room_events(room, after=after, limit=READ_BATCH)
+            batch = min(READ_BATCH, feed.queue_size)
+            page = await self.store.room_events(room, after=after, limit=batch)
             if page is None:
                 self.unsubscribe(feed, room)
-                return feed.offer(Frame({"type": "unsubscribed", "room": room,
-                                         "reason": "room deleted"}))
+                return await feed.offer(Frame({"type": "unsubscribed", "room": room,
+                                               "reason": "room deleted"}))
             for event in page.events:
-                if not feed.offer(Frame({"type": "event", "event": event_out(event)},
-                                        room, event.seq)):
+                if room not in feed.positions:
+                    return True  # unsubscribed while we waited for room in the queue
+                if not await feed.offer(Frame({"type": "event", "event": event_out(event)},
+                                              room, event.seq)):
                     log.info("rooms.feed_overflow", participant=feed.principal.sub,
                              room=room, seq=event.seq)
                     return False
@@ -170,8 +176,8 @@ class RoomHub:
                         and event.data.get("participant") == feed.principal.sub
                         and not feed.principal.is_admin):
                     self.unsubscribe(feed, room)
-                    return feed.offer(Frame({"type": "unsubscribed", "room": room,
-                                             "reason": "removed from the room"}))
-            if len(page.events) < READ_BATCH:
+                    return await feed.offer(Frame({"type": "unsubscribed", "room": room,
+                                                   "reason": "removed from the room"}))
+            if len(page.events) < batch:
                 return True
         return True

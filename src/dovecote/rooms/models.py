@@ -30,7 +30,7 @@ MAX_SEQ = 2**63 - 1
 MAX_CREATE_PARTICIPANTS = 100
 MAX_METADATA_BYTES = 4096
 # Text length the schema allows; the byte limit (rooms_max_message_bytes) is checked after.
-MAX_TEXT_CHARS = 65_536
+MAX_TEXT_CHARS = 5 * 1024 * 1024
 
 RoomId = Annotated[str, Field(pattern=ROOM_ID_PATTERN)]
 ParticipantId = Annotated[str, Field(pattern=PARTICIPANT_PATTERN)]

@@ -45,7 +45,12 @@ AUTH_TIMEOUT = 10.0
 MAX_FRAME_BYTES = 16 * 1024
 MAX_SUBSCRIPTIONS = 100
 # Seconds spent trying to hand a slow subscriber its resume hint before closing anyway.
-HINT_TIMEOUT = 1.0
+HINT_TIMEOUT = 0.5
+# Seconds the close frame may wait for a paused transport (a slow reader that starts
+# reading again gets it; one that never does is dropped without it).
+CLOSE_TIMEOUT = 10.0
+# A WebSocket close reason holds at most 123 bytes.
+MAX_CLOSE_REASON = 123
 
 _ROOM = re.compile(ROOM_ID_PATTERN)
 
@@ -62,7 +67,7 @@ async def rooms_websocket(websocket: WebSocket) -> None:
     metrics.WS_CONNECTIONS.labels(ENDPOINT).inc()
     socket_id = uuid.uuid4().hex[:12]
     dc.sockets[socket_id] = websocket
-    code = 1000
+    code, reason = 1000, ""
     feed: Feed | None = None
     tasks: list[asyncio.Task[Any]] = []
     try:
@@ -70,14 +75,14 @@ async def rooms_websocket(websocket: WebSocket) -> None:
         if principal is None:
             code = CLOSE_UNAUTHORIZED
             return
-        feed = Feed(principal, rooms.settings.rooms_ws_queue)
+        feed = Feed(principal, rooms.settings.rooms_ws_queue, rooms.settings.rooms_ws_stall)
         tasks = [
             asyncio.create_task(rooms.hub.pump(feed), name=f"rooms-pump-{socket_id}"),
             asyncio.create_task(_send_loop(websocket, feed), name=f"rooms-send-{socket_id}"),
             asyncio.create_task(_receive_loop(websocket, rooms, feed),
                                 name=f"rooms-recv-{socket_id}"),
         ]
-        code = await _supervise(websocket, feed, tasks)
+        code, reason = await _supervise(websocket, feed, tasks)
     except WebSocketDisconnect as exc:
         code = exc.code
     except Exception as exc:  # a broken socket: positions live with the client
@@ -96,8 +101,9 @@ async def rooms_websocket(websocket: WebSocket) -> None:
         metrics.WS_CONNECTIONS.labels(ENDPOINT).dec()
         metrics.WS_DISCONNECTS.labels(ENDPOINT, str(code)).inc()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(websocket.close(code=code if code >= 1000 else 1000),
-                                   HINT_TIMEOUT)
+            await asyncio.wait_for(
+                websocket.close(code=code if code >= 1000 else 1000, reason=reason),
+                CLOSE_TIMEOUT)
 
 
 async def _authenticate(websocket: WebSocket, rooms: Rooms) -> Principal | None:
@@ -122,45 +128,66 @@ async def _authenticate(websocket: WebSocket, rooms: Rooms) -> Principal | None:
     return None
 
 
-async def _supervise(websocket: WebSocket, feed: Feed, tasks: list[asyncio.Task[Any]]) -> int:
-    """Wait until the client leaves, the feed overflows, or the token expires."""
+async def _supervise(
+    websocket: WebSocket, feed: Feed, tasks: list[asyncio.Task[Any]]
+) -> tuple[int, str]:
+    """Wait until the client leaves, the feed overflows, or the token expires; return the
+    close code and reason."""
+    sender = tasks[1]
     done_wait = asyncio.create_task(feed.done.wait())
     try:
         while True:
             remaining = feed.principal.expires_at + LEEWAY - time.time()
             if remaining <= 0:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(websocket.send_text(json.dumps(
-                        {"type": "error", "error": InvalidToken.code,
-                         "detail": "token expired; reconnect with a fresh token",
-                         "resume_from": feed.resume_hint()})), HINT_TIMEOUT)
-                return CLOSE_UNAUTHORIZED
+                return CLOSE_UNAUTHORIZED, await _last_word(websocket, sender, feed, {
+                    "type": "error", "error": InvalidToken.code,
+                    "detail": "token expired; reconnect with a fresh token"})
             finished, _ = await asyncio.wait(
                 [*tasks, done_wait], timeout=min(remaining, 60.0),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if feed.overflowed:
-                hint = feed.resume_hint()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(websocket.send_text(json.dumps(
-                        {"type": "overflow", "resume_from": hint})), HINT_TIMEOUT)
-                return CLOSE_SLOW_CONSUMER
+                log.info("rooms.slow_consumer_closed", participant=feed.principal.sub,
+                         resume_from=feed.resume_hint())
+                return CLOSE_SLOW_CONSUMER, await _last_word(
+                    websocket, sender, feed, {"type": "overflow"})
             for task in finished:
                 if task is not done_wait and task.done():
                     exc = task.exception()
                     if isinstance(exc, WebSocketDisconnect):
-                        return exc.code
+                        return exc.code, ""
                     if exc is not None:
                         raise exc
-                    return 1000
+                    return 1000, ""
     finally:
         done_wait.cancel()
+
+
+async def _last_word(
+    websocket: WebSocket, sender: asyncio.Task[Any], feed: Feed, body: dict[str, Any]
+) -> str:
+    """Stop sending events, tell the client where to resume, return the close reason.
+
+    A slow reader's socket may not take the frame in time (sends wait while the transport
+    is paused), so the hint also goes into the close reason when it fits (123 bytes)."""
+    sender.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await sender
+    hint = feed.resume_hint()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(websocket.send_text(json.dumps(body | {"resume_from": hint})),
+                               HINT_TIMEOUT)
+    reason = json.dumps({"resume_from": hint}, separators=(",", ":"))
+    if len(reason.encode()) > MAX_CLOSE_REASON:
+        reason = "resume each room from the last seq you received"
+    return reason
 
 
 async def _send_loop(websocket: WebSocket, feed: Feed) -> None:
     while True:
         frame = await feed.queue.get()
         await websocket.send_text(json.dumps(frame.body, ensure_ascii=False))
+        # Recorded after the send returned: the frame is in the transport, in order.
         if frame.room is not None and frame.seq is not None and frame.room in feed.sent:
             feed.sent[frame.room] = frame.seq
 
@@ -176,13 +203,13 @@ async def _receive_loop(websocket: WebSocket, rooms: Rooms, feed: Feed) -> None:
             for name in ("action", "room"):
                 if isinstance(frame.get(name), str):
                     body[name] = frame[name][:64]
-            feed.offer(Frame(body))
+            await feed.offer(Frame(body))
 
 
 async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
     action = frame.get("action")
     if action == "ping":
-        feed.offer(Frame({"type": "pong"}))
+        await feed.offer(Frame({"type": "pong"}))
     elif action == "auth":
         token = frame.get("token")
         if not isinstance(token, str):
@@ -191,7 +218,7 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
         if principal.sub != feed.principal.sub:
             raise Forbidden("a refreshed token must be for the same participant")
         feed.principal = principal
-        feed.offer(Frame({"type": "authenticated", "sub": principal.sub}))
+        await feed.offer(Frame({"type": "authenticated", "sub": principal.sub}))
     elif action == "subscribe":
         room, since = _room_arg(frame), frame.get("since", 0)
         if type(since) is not int or not 0 <= since <= MAX_SEQ:
@@ -205,13 +232,13 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
         if found is None:
             raise NotFound(f"no room {room!r}")
         # The acknowledgement is queued before the first event of the room.
-        feed.offer(Frame({"type": "subscribed", "room": room, "since": since,
+        await feed.offer(Frame({"type": "subscribed", "room": room, "since": since,
                           "last_seq": found.last_seq}))
         rooms.hub.subscribe(feed, room, since)
     elif action == "unsubscribe":
         room = _room_arg(frame)
         rooms.hub.unsubscribe(feed, room)
-        feed.offer(Frame({"type": "unsubscribed", "room": room, "reason": "requested"}))
+        await feed.offer(Frame({"type": "unsubscribed", "room": room, "reason": "requested"}))
     else:
         raise MalformedMessage("action must be auth, subscribe, unsubscribe or ping")
 
