@@ -13,6 +13,7 @@ from dovecote.client.errors import (
     ProblemReported,
     Rejected,
     RoomsFailure,
+    StoreFailure,
     TransportFailure,
     Undeliverable,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Received",
     "Rejected",
     "RoomsFailure",
+    "StoreFailure",
     "TransportFailure",
     "Undeliverable",
 ]

@@ -43,6 +43,7 @@ log = structlog.get_logger("dovecote.client")
 
 BASIC_MESSAGE = "https://didcomm.org/basicmessage/2.0/message"
 PING = "https://didcomm.org/trust-ping/2.0/ping"
+ROUTE_CACHE_SIZE = 10_000
 
 
 def _norm(url: str) -> str:
@@ -177,7 +178,9 @@ class Client:
         route = self._routes.get(to)
         if route is None:
             route = await self.packer.resolve_route(to)
-            self._routes[to] = route
+            if len(self._routes) >= ROUTE_CACHE_SIZE:
+                self._routes.pop(next(iter(self._routes)))
+            self._routes[to] = route  # did:peer documents never change
             if route.first_hop != to and not route.ws_endpoints:
                 with contextlib.suppress(ClientFailure):
                     route.ws_endpoints = await self.packer.ws_endpoints_of(route.first_hop)

@@ -8,6 +8,7 @@
     ├── ProblemReported         the peer answered with a DIDComm problem report
     ├── Undeliverable           a DID has no usable DIDCommMessaging service / endpoint
     ├── CryptoFailure           packing or unpacking failed (keys, DID resolution)
+    ├── StoreFailure            the local SQLite store failed (disk full, corrupt, locked)
     ├── TransportFailure        an endpoint could not be reached or answered 5xx/429
     │   └── Rejected            an endpoint answered 4xx: retrying the same bytes is futile
     └── RoomsFailure            the rooms API answered an error (status and body kept)
@@ -60,6 +61,10 @@ class Undeliverable(ClientFailure):
 
 class CryptoFailure(ClientFailure):
     """Packing or unpacking failed (keys, DID resolution, envelope)."""
+
+
+class StoreFailure(ClientFailure):
+    """The local SQLite store failed (disk full, corrupt file, locked too long)."""
 
 
 class TransportFailure(ClientFailure):

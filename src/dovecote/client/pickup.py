@@ -169,7 +169,8 @@ class Inbox:
                 await self._live_session(url, handler, stop)
                 failures = 0
             except (TransportFailure, websockets.ConnectionClosed, OSError) as exc:
-                failures += 1
+                # A session that got as far as live mode counts as a fresh start.
+                failures = 1 if self.live_on.is_set() else failures + 1
                 index += 1 if failures % self.config.attempts_per_endpoint == 0 else 0
                 log.info("pickup.live_disconnected", url=url, error=str(exc)[:200])
             self.live_on.clear()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from dovecote.client.errors import ClientFailure
+from dovecote.client.errors import StoreFailure
 
 DB_FILE = "client.db"
 T = TypeVar("T")
@@ -61,10 +61,6 @@ CREATE TABLE IF NOT EXISTS room_cursors (
 """
 
 State = Literal["pending", "sent", "failed"]
-
-
-class StoreFailure(ClientFailure):
-    """The local SQLite store failed (disk full, corrupt file, locked too long)."""
 
 
 @dataclass
