@@ -49,7 +49,8 @@ log = structlog.get_logger("dovecote.server")
 
 SAMPLE_INTERVAL = 5.0
 MIN_OUTBOX_GRACE = 0.5
-DEAD_INSTANCE_AFTER = 30.0
+# An instance that missed this many heartbeats is reported dead.
+MISSED_BEATS_DEAD = 3
 
 
 def route_label(path: str) -> str:
@@ -68,6 +69,8 @@ class Dovecote:
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
+        # The disk check and backups look at the data dir even when the store is remote.
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.instance_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.started_at = time.time()
         # Only passed when set: the cap is SQLite's (PRAGMA max_page_count).
@@ -225,7 +228,7 @@ class Dovecote:
 
     async def cluster_view(self) -> list[dict[str, Any]]:
         now = time.time()
-        limit = max(DEAD_INSTANCE_AFTER, 3 * self.settings.heartbeat_interval)
+        limit = MISSED_BEATS_DEAD * self.settings.heartbeat_interval
         return [
             {
                 "id": i.id, "host": i.host, "version": i.version, "started_at": i.started_at,

@@ -40,7 +40,7 @@ class Nginx:
         shutil.rmtree(self.prefix, ignore_errors=True)
 
 
-def start_nginx(upstream_ports: list[int], **env: str) -> Nginx:
+def start_nginx(upstream_ports: list[int], https_port: int | None = None, **env: str) -> Nginx:
     """nginx on a free HTTPS port (self-signed) proxying to 127.0.0.1:<ports>."""
     assert NGINX, "nginx is not installed (make deploy-tools)"
     # Not pytest's tmp_path: nginx's workers run as nobody and must enter the prefix.
@@ -51,7 +51,7 @@ def start_nginx(upstream_ports: list[int], **env: str) -> Nginx:
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
          "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
          "-subj", "/CN=localhost"], check=True, capture_output=True)
-    https_port = free_port()
+    https_port = https_port or free_port()
     subprocess.run(
         ["sh", str(ROOT / "deploy" / "nginx" / "render.sh"), str(prefix)],
         env={**os.environ,
