@@ -4,14 +4,21 @@ and a subscription that resumes from the last seq it handed over."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from client.conftest import ClientFactory
 from dovecote.client import Client, RoomsFailure
+from dovecote.client.cli import main
 from support.rooms import ISSUER, Issuer
 from support.server import ServerProcess, free_port
 
@@ -121,3 +128,27 @@ async def test_subscribe_resumes_from_last_seq(rooms_relay: ServerProcess, issue
     assert len(seen) > first_run
     texts = [e["data"].get("text") for e in seen if e["message_id"]]
     assert texts == [f"m{i}" for i in range(12)]
+
+
+def test_cli_rooms_post_and_tail(rooms_relay: ServerProcess, issuer: Issuer,
+                                 tmp_path: Path) -> None:
+    room = make_room(rooms_relay, issuer, ["dan"])
+    options = ["--data-dir", str(tmp_path / "dan"), "--flush-interval", "0.1",
+               "--rooms-url", rooms_relay.base_url, "--rooms-token", issuer.token("dan")]
+    runner = CliRunner()
+    assert runner.invoke(main, [*options, "init"]).exit_code == 0
+    for text in ("one", "two"):
+        result = runner.invoke(main, [*options, "rooms", "post", room, text])
+        assert result.exit_code == 0 and result.stdout.split()[1] == "sent", result.output
+
+    tail = subprocess.Popen([sys.executable, "-m", "dovecote.client.cli", *options,
+                             "rooms", "tail", room], stdout=subprocess.PIPE, text=True)
+    assert tail.stdout is not None
+    events: list[dict[str, Any]] = []
+    while len(events) < 2:
+        event = json.loads(tail.stdout.readline())
+        if event["message_id"]:
+            events.append(event)
+    tail.send_signal(signal.SIGINT)
+    assert tail.wait(timeout=20) == 0
+    assert [e["data"]["text"] for e in events] == ["one", "two"]
