@@ -10,7 +10,9 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
@@ -70,10 +72,13 @@ def main() -> None:
 @_settings_options
 def serve(**options: Any) -> None:
     """Run the relay (HTTP + WebSocket) until SIGTERM."""
+    settings = _settings(options)
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Must be set before prometheus_client is first imported (by dovecote.server).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dovecote-metrics-")
     from dovecote.ops.lock import DataDirInUse
     from dovecote.server import run
 
-    settings = _settings(options)
     configure(settings.log_format, settings.log_level)
     try:
         run(settings)

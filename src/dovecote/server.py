@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import time
@@ -337,6 +338,13 @@ async def health_full(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several workers: merge every process's samples (prometheus-client multiprocess).
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -419,21 +427,40 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def _banner(settings: Settings, identity: identity_mod.Identity) -> None:
+    print(f"Dovecote {__version__} mediator ({settings.workers} worker(s))", flush=True)
+    print(f"  DID:        {identity.did}", flush=True)
+    print(f"  Invitation: {identity.invitation_url(settings.base_url)}", flush=True)
+    print(f"  HTTP:       {settings.base_url}/   WebSocket: {settings.ws_url}", flush=True)
+    print(f"  Health:     {settings.base_url}/health   Metrics: {settings.base_url}/metrics",
+          flush=True)
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT (first drains, second forces); SIGHUP reloads TLS files."""
+    if settings.workers > 1:
+        from dovecote.workers import run_workers
+
+        run_workers(settings)
+        return
     # One process owns a SQLite data directory; `dovecote restore` checks this lock.
     lock = DataDirLock(settings.data_dir)
     if settings.store_url.startswith("sqlite:"):
         lock.acquire("serve")
+    try:
+        dovecote = Dovecote(settings)
+        _banner(settings, dovecote.identity)
+        serve_worker(settings, dovecote)
+    finally:
+        lock.release()
+
+
+def serve_worker(
+    settings: Settings, dovecote: Dovecote, sockets: list[socket.socket] | None = None
+) -> None:
+    """Run one server process (the only one, or one of several sharing `sockets`)."""
     tls = (ServerTLS(settings.tls_cert, settings.tls_key, settings.admin_client_ca)
            if settings.tls_cert and settings.tls_key else None)
-    dovecote = Dovecote(settings)
-    print(f"Dovecote {__version__} mediator", flush=True)
-    print(f"  DID:        {dovecote.identity.did}", flush=True)
-    print(f"  Invitation: {dovecote.identity.invitation_url(settings.base_url)}", flush=True)
-    print(f"  HTTP:       {settings.base_url}/   WebSocket: {settings.ws_url}", flush=True)
-    print(f"  Health:     {settings.base_url}/health   Metrics: {settings.base_url}/metrics",
-          flush=True)
     config = uvicorn.Config(
         build_app(dovecote),
         host=settings.host,
@@ -462,7 +489,4 @@ def run(settings: Settings) -> None:
 
     # SIGHUP's default action ends the process; here it only reloads the TLS files.
     signal.signal(signal.SIGHUP, reload)
-    try:
-        server.run()
-    finally:
-        lock.release()
+    server.run(sockets=sockets)

@@ -59,15 +59,22 @@ ACK_LATENCY = Histogram(
     buckets=DELIVERY_BUCKETS,
 )
 
-QUEUE_DEPTH = Gauge("dovecote_queue_depth", "Messages queued in all mailboxes (sampled).")
+QUEUE_DEPTH = Gauge(
+    "dovecote_queue_depth", "Messages queued in all mailboxes (sampled).",
+    multiprocess_mode="livemax",
+)
 QUEUE_OLDEST = Gauge(
-    "dovecote_queue_oldest_age_seconds", "Age of the oldest queued message (sampled)."
+    "dovecote_queue_oldest_age_seconds", "Age of the oldest queued message (sampled).",
+    multiprocess_mode="livemax",
 )
-OUTBOX_SIZE = Gauge("dovecote_outbox_size", "Outbox items waiting (sampled).", ["kind"])
+OUTBOX_SIZE = Gauge("dovecote_outbox_size", "Outbox items waiting (sampled).", ["kind"],
+    multiprocess_mode="livemax",
+)
 OUTBOX_LAG = Gauge(
-    "dovecote_outbox_lag_seconds", "How long the most overdue outbox item has waited.", ["kind"]
+    "dovecote_outbox_lag_seconds", "How long the most overdue outbox item has waited.", ["kind"],
+    multiprocess_mode="livemax",
 )
-DLQ_SIZE = Gauge("dovecote_dlq_size", "Dead letters held (sampled).")
+DLQ_SIZE = Gauge("dovecote_dlq_size", "Dead letters held (sampled).", multiprocess_mode="livemax")
 OUTBOX_RETRIES = Counter("dovecote_outbox_retries", "Outbound attempts that will be retried.",
                          ["kind"])
 OUTBOX_DELIVERIES = Counter(
@@ -82,17 +89,23 @@ RELAYED = Counter(
 )
 BREAKER_STATE = Gauge(
     "dovecote_circuit_breaker_state", "Circuit breaker per target: 0 closed, 1 half-open, 2 open.",
-    ["target"],
-)
+    ["target"], multiprocess_mode="livemax")
 DEGRADATION_LEVEL = Gauge(
-    "dovecote_degradation_level", "0 normal, 1 shed, 2 read-only, 3 status-only."
+    "dovecote_degradation_level", "0 normal, 1 shed, 2 read-only, 3 status-only.",
+    multiprocess_mode="livemax",
 )
-READY = Gauge("dovecote_ready", "1 when this instance is ready for traffic.")
+READY = Gauge("dovecote_ready", "1 when this instance is ready for traffic.",
+    multiprocess_mode="livemin",
+)
 CLUSTER_INSTANCES = Gauge(
-    "dovecote_cluster_instances", "Instances in the store's cluster view.", ["state"]
+    "dovecote_cluster_instances", "Instances in the store's cluster view.", ["state"],
+    multiprocess_mode="livemax",
 )
 
-WS_CONNECTIONS = Gauge("dovecote_websocket_connections", "Open WebSockets.", ["endpoint"])
+WS_CONNECTIONS = Gauge(
+    "dovecote_websocket_connections", "Open WebSockets.", ["endpoint"],
+    multiprocess_mode="livesum",
+)
 WS_CONNECTS = Counter("dovecote_websocket_connects", "WebSocket connects.", ["endpoint"])
 WS_DISCONNECTS = Counter(
     "dovecote_websocket_disconnects", "WebSocket disconnects by close code.", ["endpoint", "code"]

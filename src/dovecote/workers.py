@@ -1,0 +1,117 @@
+"""Several worker processes on one listening socket (PostgreSQL stores only).
+
+Why our own small supervisor instead of uvicorn's `--workers`: uvicorn's workers build a
+plain `uvicorn.Server`, which would drop our shutdown phases (drain first, then stop
+listening) and the TLS reload on SIGHUP. Here the parent binds the socket, forks the
+workers (each runs the normal single-process server on the inherited socket), forwards
+signals, and restarts a worker that dies unexpectedly.
+
+Metrics from all workers are merged by prometheus-client's multiprocess mode, which the
+CLI enables (PROMETHEUS_MULTIPROC_DIR) before anything imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import structlog
+
+from dovecote.didcomm import identity as identity_mod
+from dovecote.ops.settings import Settings
+
+log = structlog.get_logger("dovecote.workers")
+
+RESTART_BACKOFF = 1.0
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _spawn(settings: Settings, sock: socket.socket) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # Child: default signal handling until uvicorn installs its own.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    code = 0
+    try:
+        from dovecote.server import Dovecote, serve_worker
+
+        serve_worker(settings, Dovecote(settings), sockets=[sock])
+    except BaseException as exc:
+        log.error("worker.crashed", error=str(exc)[:300])
+        code = 1
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+def run_workers(settings: Settings) -> None:
+    """Supervise `settings.workers` processes until SIGTERM/SIGINT."""
+    if not settings.store_url.startswith("postgres"):
+        raise SystemExit(
+            "workers > 1 needs a PostgreSQL store (DOVECOTE_STORE=postgresql://...): "
+            "SQLite's group commit and live wake-ups live in one process"
+        )
+    ident = identity_mod.load_or_create(settings.identity_path,
+                                        [settings.base_url, settings.ws_url])
+    from dovecote.server import _banner
+
+    _banner(settings, ident)
+    sock = _bind(settings)
+    children: dict[int, float] = {}
+    stopping = {"sig": 0}
+
+    def forward(sig: int, frame: Any) -> None:
+        if sig != signal.SIGHUP:
+            stopping["sig"] = sig
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for _ in range(settings.workers):
+        children[_spawn(settings, sock)] = time.monotonic()
+    log.info("workers.started", count=len(children))
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        _mark_dead(pid)
+        if stopping["sig"]:
+            continue
+        log.warning("worker.exited", pid=pid, status=status)
+        if time.monotonic() - started < RESTART_BACKOFF:
+            time.sleep(RESTART_BACKOFF)
+        children[_spawn(settings, sock)] = time.monotonic()
+    sock.close()
+    log.info("workers.stopped")
+
+
+def _mark_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

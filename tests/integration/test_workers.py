@@ -1,0 +1,51 @@
+"""`--workers 2` on PostgreSQL: two processes share the port, metrics add up, SIGTERM
+stops both."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import httpx
+from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, forward_to
+from support.inspect import metric_value
+from support.postgres import fresh_database
+
+
+async def test_two_workers_share_port_and_metrics(server_factory: Any) -> None:
+    with fresh_database() as url:
+        server = server_factory(env={"DOVECOTE_STORE": url}, args=["--workers", "2"])
+        instances = set()
+        for _ in range(40):
+            # A new connection each time, so the kernel spreads them over both workers.
+            health = httpx.get(server.base_url + "/health", timeout=10).json()
+            instances.add(health["instance"])
+        assert len(instances) == 2, instances
+
+        async with httpx.AsyncClient(timeout=30) as client:
+            alice = Agent.create(server.base_url, server.did, via_mediator=True)
+            await alice.mediate(client)
+            total = 20
+            for i in range(total):
+                packed = await forward_to(server.base_url, alice, {"type": BASIC,
+                                                                   "body": {"n": i}})
+                async with httpx.AsyncClient() as fresh:  # new connection per message
+                    r = await fresh.post(server.base_url + "/", content=packed,
+                                         headers={"content-type": ENCRYPTED})
+                assert r.status_code == 202
+            status = await alice.request(client, f"{PICKUP}/status-request")
+            assert status["body"]["message_count"] == total
+            text = (await client.get(server.base_url + "/metrics")).text
+            assert metric_value(text, "dovecote_messages_accepted_total") == total
+
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0
+
+
+def test_workers_refuse_sqlite(server_factory: Any) -> None:
+    server = server_factory(args=["--workers", "2"], start=False)
+    server.start(wait=False)
+    assert server.proc is not None
+    assert server.proc.wait(timeout=60) != 0
+    assert "PostgreSQL" in server.logs()
