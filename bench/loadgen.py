@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 ENCRYPTED = b"application/didcomm-encrypted+json"
@@ -82,6 +82,7 @@ class Sample:
     latency: float  # seconds from due to answer
     service: float  # seconds from send to answer (without queueing for a connection)
     status: int  # HTTP status, 0 for a transport error, -1 for not answered in time
+    index: int = -1  # which payload
 
 
 @dataclass
@@ -93,6 +94,7 @@ class RunResult:
     duration: float  # seconds from first due to last answer counted
     samples: list[Sample] = field(default_factory=list)
     stopped_early: str = ""
+    started_at: float = 0.0  # time.perf_counter() when request 0 was due
 
     @property
     def statuses(self) -> Counter[int]:
@@ -146,13 +148,14 @@ class Pool:
 async def open_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes], rate: float,
                     duration: float, connections: int = 256, max_backlog: int = 20_000,
                     grace: float = 15.0, path: bytes = b"/",
-                    content_type: bytes = ENCRYPTED) -> RunResult:
+                    content_type: bytes = ENCRYPTED,
+                    on_sample: Callable[[Sample], None] | None = None) -> RunResult:
     """Offer `rate` requests/s for `duration` s (at most len(payloads) requests)."""
     total = min(len(payloads), int(rate * duration))
     pool = Pool(ports, connections)
     result = RunResult(label, rate, 0.0)
     pending: set[asyncio.Task[None]] = set()
-    start = time.perf_counter()
+    start = result.started_at = time.perf_counter()
 
     async def one(index: int, due: float) -> None:
         conn = await pool.idle.get()
@@ -165,7 +168,10 @@ async def open_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes],
         finally:
             pool.idle.put_nowait(conn)
         done = time.perf_counter()
-        result.samples.append(Sample(due - start, done - due, done - sent, status))
+        sample = Sample(due - start, done - due, done - sent, status, index)
+        result.samples.append(sample)
+        if on_sample is not None:
+            on_sample(sample)
 
     issued = 0
     while issued < total:

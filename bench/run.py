@@ -48,6 +48,8 @@ async def main(args: argparse.Namespace) -> int:
         profile.step_seconds = args.step_seconds
     if args.soak_seconds is not None:
         profile.soak_seconds = args.soak_seconds
+    if args.soak_rate:
+        profile.extra["soak_rate"] = args.soak_rate
     parts = args.only.split(",") if args.only else PARTS
     stamp = dt.datetime.now()
     name = args.name or f"{stamp:%Y-%m-%d}-{profile.name}"
@@ -154,6 +156,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--soak-seconds", type=float,
                         default=float(os.environ["BENCH_SOAK_SECONDS"])
                         if os.environ.get("BENCH_SOAK_SECONDS") else None)
+    parser.add_argument("--soak-rate", type=float, default=None,
+                        help="forwards/s during the soak (default: half the SQLite saturation)")
     parser.add_argument("--step-seconds", type=float, default=None)
     parser.add_argument("--name", default=os.environ.get("BENCH_NAME", ""),
                         help="results file name (default DATE-PROFILE)")

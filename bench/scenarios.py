@@ -39,6 +39,14 @@ class Profile:
 
 
 PROFILES = {
+    # For trying the tooling: seconds per part, not numbers to quote.
+    "smoke": Profile(
+        name="smoke", rates=[250, 500], step_seconds=3, saturation_seconds=4,
+        saturation_connections=64, recipients=8, pool_size=6_000, e2e_rate=50,
+        e2e_seconds=4, pickup_sizes=[2_000, 20_000], pickup_measure=1_000,
+        rooms_subscribers=[100], rooms_posts=50, soak_seconds=30,
+        configs=[("sqlite, 1 process", "sqlite", 1), ("postgresql, 2 processes", "postgres", 2)],
+    ),
     "quick": Profile(
         name="quick", rates=[250, 500, 1000, 2000], step_seconds=6, saturation_seconds=8,
         saturation_connections=64, recipients=8, pool_size=40_000, e2e_rate=100,
