@@ -122,8 +122,9 @@ async def test_backup_under_load_restores_every_message_accepted_before_it(
 
 
 async def test_second_server_on_a_held_data_dir_is_refused(
-    server: ServerProcess, tmp_path: Path
+    server_factory: Callable[..., ServerProcess],
 ) -> None:
+    server = server_factory()  # SQLite: the lock is the SQLite store's
     code, out = await dovecote("serve", "--port", "0", "--data-dir", str(server.data_dir))
     assert code == 1 and "in use by pid" in out, out
     assert server.proc is not None and server.proc.poll() is None

@@ -95,7 +95,10 @@ async def test_https_serves_didcomm_and_reloads_certificate_on_sighup(
     assert "tls.reloaded" in events
 
 
-def test_sighup_without_tls_does_not_stop_the_server(server: ServerProcess) -> None:
+def test_sighup_without_tls_does_not_stop_the_server(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    server = server_factory()
     assert server.proc is not None
     server.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
