@@ -86,7 +86,7 @@ async def test_dead_endpoint_dead_letters_then_replay_delivers(
     endpoint = endpoints()
     port = endpoint.port
     endpoint.stop()  # nothing listens: every attempt is refused
-    server = server_factory(env={**FAST_OUTBOUND, "DOVECOTE_RETRY_RETENTION": "3",
+    server = server_factory(env={**FAST_OUTBOUND, "DOVECOTE_RETRY_RETENTION": "2",
                                  "DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN})
     bob = Agent.create(server.base_url)
     carol = Agent.create(server.base_url, endpoint=f"http://127.0.0.1:{port}/")
@@ -122,10 +122,9 @@ async def test_dead_endpoint_dead_letters_then_replay_delivers(
     revived = endpoints(port=port)
     assert "replayed 1" in dlq_cli(server, "replay", str(item["id"]))
     assert await wait_until(lambda: len(revived.received) >= 1, 10)
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(0.5)
     assert await received_ids(carol, revived.bodies(succeeded_only=True)) == [message_id]
     assert await dead_letters() == []
-    assert "0 dead letter(s)" in dlq_cli(server, "list")
 
     # A permanent failure (404) dead-letters at once; admin replay and purge work too.
     revived.set_default("404")

@@ -19,7 +19,7 @@ from support.endpoint import FlakyEndpoint
 from support.server import ServerProcess
 
 SENDERS = 4
-PER_SENDER = 100
+PER_SENDER = 60
 
 
 async def test_sigterm_under_load_loses_nothing(
@@ -29,7 +29,7 @@ async def test_sigterm_under_load_loses_nothing(
     # The webhook hangs: notification sends are in flight (leased) when SIGTERM comes.
     webhook = endpoints(default="hang")
     server = server_factory(env={
-        "DOVECOTE_DRAIN_DELAY": "1.5", "DOVECOTE_SHUTDOWN_TIMEOUT": "4",
+        "DOVECOTE_DRAIN_DELAY": "1.5", "DOVECOTE_SHUTDOWN_TIMEOUT": "3",
         "DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url, "DOVECOTE_NOTIFY_WORKERS": "2",
     })
     alices = [Agent.create(server.base_url, server.did, via_mediator=True) for _ in range(4)]
