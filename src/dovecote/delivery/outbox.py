@@ -150,6 +150,9 @@ class OutboxWorkers:
         except DovecoteError as exc:
             log.warning("outbox.lease_failed", kind=pool.kind, error=exc.detail)
             return
+        except Exception:  # a bug must not stop the pool: log it and poll again
+            log.exception("outbox.lease_crashed", kind=pool.kind)
+            return
         for item in items:
             # Our own lease on an item we are still sending was just extended; one send.
             if item.id in pool.inflight or self.stopping:
