@@ -253,7 +253,8 @@ def cluster_status(**options: Any) -> None:
     now = time.time()
     for i in instances:
         age = now - i.last_beat
-        state = "alive" if age < 3 * settings.heartbeat_interval else "dead"
+        state = ("stopped" if i.level == "stopped"
+                 else "alive" if age < 3 * settings.heartbeat_interval else "dead")
         click.echo(f"{i.id:<40} {state:<6} {i.level:<12} v{i.version:<8} "
                    f"conns={i.connections:<5} last_beat={age:.0f}s ago host={i.host}")
 

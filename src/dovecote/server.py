@@ -52,6 +52,8 @@ SAMPLE_INTERVAL = 5.0
 MIN_OUTBOX_GRACE = 0.5
 # An instance that missed this many heartbeats is reported dead.
 MISSED_BEATS_DEAD = 3
+# The level an instance reports as its last heartbeat when it shuts down cleanly.
+STOPPED = "stopped"
 
 
 def route_label(path: str) -> str:
@@ -162,6 +164,9 @@ class Dovecote:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.rooms.stop()
+        # A clean exit says so in the cluster view: "stopped" is not a dead instance.
+        with contextlib.suppress(Exception):
+            await self.store.heartbeat(self._instance_info(STOPPED))
         # Pending writes commit before the store closes: nothing accepted is dropped.
         await self.store.close()
         log.info("dovecote.stopped")
@@ -207,21 +212,23 @@ class Dovecote:
                 log.debug("sample.failed", error=str(exc)[:200])
             await asyncio.sleep(SAMPLE_INTERVAL)
 
+    def _instance_info(self, level: str) -> InstanceInfo:
+        return InstanceInfo(
+            id=self.instance_id, host=socket.gethostname(), version=__version__,
+            started_at=self.started_at, last_beat=time.time(), level=level,
+            connections=len(self.sockets),
+        )
+
     async def _heartbeat(self) -> None:
-        host = socket.gethostname()
         while True:
             try:
-                await self.store.heartbeat(InstanceInfo(
-                    id=self.instance_id, host=host, version=__version__,
-                    started_at=self.started_at, last_beat=time.time(),
-                    level="draining" if self.degradation.draining else self.degradation.level,
-                    connections=len(self.sockets),
-                ))
+                level = "draining" if self.degradation.draining else self.degradation.level
+                await self.store.heartbeat(self._instance_info(level))
                 view = await self.cluster_view()
-                alive = sum(1 for i in view if i["alive"])
-                metrics.CLUSTER_INSTANCES.labels("alive").set(alive)
+                metrics.CLUSTER_INSTANCES.labels("alive").set(sum(i["alive"] for i in view))
+                # Dead = stopped beating without saying goodbye (recently enough to matter).
                 metrics.CLUSTER_INSTANCES.labels("dead").set(
-                    sum(1 for i in view if not i["alive"] and i["recent"])
+                    sum(1 for i in view if i["state"] == "dead" and i["recent"])
                 )
             except Exception as exc:
                 log.debug("heartbeat.failed", error=str(exc)[:200])
@@ -234,7 +241,10 @@ class Dovecote:
             {
                 "id": i.id, "host": i.host, "version": i.version, "started_at": i.started_at,
                 "last_beat": i.last_beat, "level": i.level, "connections": i.connections,
-                "alive": now - i.last_beat < limit, "recent": now - i.last_beat < 3600,
+                "alive": i.level != STOPPED and now - i.last_beat < limit,
+                "state": ("stopped" if i.level == STOPPED
+                          else "alive" if now - i.last_beat < limit else "dead"),
+                "recent": now - i.last_beat < 3600,
                 "self": i.id == self.instance_id,
             }
             for i in await self.store.instances()
