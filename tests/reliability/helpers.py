@@ -60,7 +60,15 @@ async def received_ids(recipient: Agent, bodies: list[bytes]) -> list[str]:
 
 
 def query(server: ServerProcess, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Read the server's SQLite store directly (read-only)."""
+    """Read the server's store directly: SQLite file (read-only) or PostgreSQL via psql."""
+    url = server.env.get("DOVECOTE_STORE", "")
+    if url.startswith("postgres"):
+        for param in params:
+            sql = sql.replace("?", "'" + str(param).replace("'", "''") + "'", 1)
+        out = subprocess.run(["psql", url, "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+        return [tuple(int(v) if v.lstrip("-").isdigit() else v for v in line.split("|"))
+                for line in out.splitlines()]
     conn = sqlite3.connect(f"file:{server.data_dir / 'dovecote.db'}?mode=ro", uri=True,
                            timeout=5)
     try:
@@ -71,8 +79,10 @@ def query(server: ServerProcess, sql: str, *params: Any) -> list[tuple[Any, ...]
 
 def dlq_cli(server: ServerProcess, *args: str) -> str:
     """Run `dovecote dlq ...` against the server's data directory; its stdout."""
+    store = server.env.get("DOVECOTE_STORE")
     result = subprocess.run(
-        [sys.executable, "-m", "dovecote", "dlq", *args, "--data-dir", str(server.data_dir)],
+        [sys.executable, "-m", "dovecote", "dlq", *args, "--data-dir", str(server.data_dir),
+         *(["--store", store] if store else [])],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert result.returncode == 0, result.stderr[-2000:]

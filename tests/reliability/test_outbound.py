@@ -1,7 +1,8 @@
 """Outbound delivery through the outbox: retries, breaker, dead letters, replay, leases.
 
 The mediator relays forwards whose `next` is a DID with its own endpoint; the endpoint is
-a loopback server of the test that fails on purpose.
+a loopback server of the test that fails on purpose. Retries and leases run once per store
+engine (ids sqlite, postgres); the DLQ round trip on SQLite only, to keep the folder fast.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ from support.server import ServerProcess
 
 
 async def test_failing_endpoint_retries_opens_breaker_then_delivers_once(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
-    client: httpx.AsyncClient,
+    store_engine: dict[str, str], server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint], client: httpx.AsyncClient,
 ) -> None:
     # 500, timeout, reset: three consecutive failures open the breaker (threshold 3).
     # After 1 s it half-opens; the trial gets a 500 and it opens again; the next trial
     # succeeds and closes it.
     endpoint = endpoints("500", "hang", "reset", "500")
-    server = server_factory(env=FAST_OUTBOUND)
+    server = server_factory(env={**FAST_OUTBOUND, **store_engine})
     bob = Agent.create(server.base_url)
     carol = Agent.create(server.base_url, endpoint=endpoint.url)
 
@@ -152,12 +153,13 @@ async def test_dead_endpoint_dead_letters_then_replay_delivers(
 
 
 async def test_worker_killed_holding_leases_items_resume_without_loss(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
-    client: httpx.AsyncClient,
+    store_engine: dict[str, str], server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint], client: httpx.AsyncClient,
 ) -> None:
     endpoint = endpoints(default="hang")
     env = {**FAST_OUTBOUND, "DOVECOTE_OUTBOX_LEASE": "2", "DOVECOTE_FORWARD_WORKERS": "4",
-           "DOVECOTE_OUTBOUND_TIMEOUT": "15", "DOVECOTE_BREAKER_THRESHOLD": "100"}
+           "DOVECOTE_OUTBOUND_TIMEOUT": "15", "DOVECOTE_BREAKER_THRESHOLD": "100",
+           **store_engine}
     server = server_factory(env=env)
     bob = Agent.create(server.base_url)
     carol = Agent.create(server.base_url, endpoint=endpoint.url)
