@@ -125,7 +125,7 @@ async def _post_many(base_url: str, issuer: Issuer, room: str, count: int,
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
 
 
-POSTS = 150
+POSTS = 100
 
 
 async def test_resume_at_random_points_sees_each_event_once(
@@ -155,7 +155,7 @@ async def test_resume_at_random_points_sees_each_event_once(
             reconnects += 1
             await ws.send(json.dumps({"action": "subscribe", "room": room, "since": since}))
             assert (await ws_recv(ws))["type"] == "subscribed"
-            take = rng.randint(1, 40)
+            take = rng.randint(1, 20)  # so at least POSTS / 20 connections
             try:
                 for _ in range(take):
                     frame = await ws_recv(ws, within=1)
@@ -172,7 +172,7 @@ async def test_resume_at_random_points_sees_each_event_once(
         assert seqs == list(range(1, final + 1))
         assert len({e["id"] for e in seen}) == len(seen)
         assert sum(e["type"] == "message.posted" for e in seen) == POSTS
-        assert reconnects > 5
+        assert reconnects >= POSTS // 20
     finally:
         if extra is not None:
             extra.kill()

@@ -24,8 +24,9 @@ from typing import Any
 
 import httpx
 import structlog
+from joserfc import errors as jose_errors
 from joserfc import jwt
-from joserfc.errors import JoseError, SecurityWarning
+from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from dovecote.errors import InvalidToken, Unavailable
@@ -47,7 +48,8 @@ ADMIN = "admin"
 MODERATOR = "moderator"
 
 # RFC 9864 deprecates the "EdDSA" name in favour of "Ed25519"; issuers still use it.
-warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
+warnings.filterwarnings("ignore", message="EdDSA is deprecated",
+                        category=getattr(jose_errors, "SecurityWarning", Warning))
 
 _PARTICIPANT = re.compile(PARTICIPANT_PATTERN)
 

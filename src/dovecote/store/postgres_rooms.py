@@ -155,8 +155,7 @@ class PostgresRoomsMixin(RoomStore):
 
     async def room_delete(self, room: str, actor: str, manage: bool) -> None:
         async def fn(c: Conn) -> None:
-            await _lock_room(c, room)
-            check_manage(actor, await _role(c, room, actor), manage)
+            check_manage(actor, await _lock_room(c, room, actor), manage)
             await c.execute("DELETE FROM rooms WHERE id = $1", room)
 
         await self._room_write(room, fn)
@@ -183,8 +182,7 @@ class PostgresRoomsMixin(RoomStore):
         now = time.time()
 
         async def fn(c: Conn) -> tuple[Participant, RoomEvent | None]:
-            await _lock_room(c, room)
-            check_manage(actor, await _role(c, room, actor), manage)
+            check_manage(actor, await _lock_room(c, room, actor), manage)
             row = await c.fetchrow(
                 "SELECT role, added_at FROM room_participants "
                 "WHERE room = $1 AND participant = $2", room, participant,
@@ -215,9 +213,9 @@ class PostgresRoomsMixin(RoomStore):
         now = time.time()
 
         async def fn(c: Conn) -> RoomEvent:
-            await _lock_room(c, room)
+            role = await _lock_room(c, room, actor)
             if actor != participant:
-                check_manage(actor, await _role(c, room, actor), manage)
+                check_manage(actor, role, manage)
             role = await c.fetchval(
                 "DELETE FROM room_participants WHERE room = $1 AND participant = $2 "
                 "RETURNING role", room, participant,
@@ -235,8 +233,7 @@ class PostgresRoomsMixin(RoomStore):
         message_id = uuid.uuid4().hex
 
         async def fn(c: Conn) -> PostResult:
-            await _lock_room(c, post.room)
-            if await _role(c, post.room, post.author) is None:
+            if await _lock_room(c, post.room, post.author) is None:
                 raise Forbidden("not a participant of this room")
             if post.idempotency_key is not None:
                 row = await c.fetchrow(
@@ -288,9 +285,9 @@ class PostgresRoomsMixin(RoomStore):
         now = time.time()
 
         async def fn(c: Conn) -> RoomEvent:
-            await _lock_room(c, room)
+            role = await _lock_room(c, room, actor)
             author, deleted_at = await _message_head(c, room, message_id)
-            check_moderation(actor, author, await _role(c, room, actor), moderate)
+            check_moderation(actor, author, role, moderate)
             if deleted_at is not None:
                 raise Conflict("the message is deleted")
             await c.execute(
@@ -307,9 +304,9 @@ class PostgresRoomsMixin(RoomStore):
         now = time.time()
 
         async def fn(c: Conn) -> RoomEvent:
-            await _lock_room(c, room)
+            role = await _lock_room(c, room, actor)
             author, deleted_at = await _message_head(c, room, message_id)
-            check_moderation(actor, author, await _role(c, room, actor), moderate)
+            check_moderation(actor, author, role, moderate)
             if deleted_at is not None:
                 raise Conflict("the message is already deleted")
             await c.execute(
@@ -326,8 +323,7 @@ class PostgresRoomsMixin(RoomStore):
         now = time.time()
 
         async def fn(c: Conn) -> ReactionResult:
-            await _lock_room(c, room)
-            if await _role(c, room, participant) is None:
+            if await _lock_room(c, room, participant) is None:
                 raise Forbidden("not a participant of this room")
             _, deleted_at = await _message_head(c, room, message_id)
             if deleted_at is not None:
@@ -410,12 +406,17 @@ class PostgresRoomsMixin(RoomStore):
 
 
 # ---------------------------------------------------------------------- helpers
-async def _lock_room(c: Conn, room: str) -> int:
-    """Lock the room's row for this transaction (every room write starts here)."""
-    last_seq = await c.fetchval("SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE", room)
-    if last_seq is None:
+async def _lock_room(c: Conn, room: str, actor: str) -> Role | None:
+    """Lock the room's row for this transaction (every room write starts here) and return
+    the actor's role in the room, in one round trip."""
+    row = await c.fetchrow(
+        "SELECT r.last_seq, p.role FROM rooms r LEFT JOIN room_participants p "
+        "ON p.room = r.id AND p.participant = $2 WHERE r.id = $1 FOR UPDATE OF r",
+        room, actor,
+    )
+    if row is None:
         raise NotFound(f"no room {room!r}")
-    return int(last_seq)
+    return cast(Role, row[1]) if row[1] is not None else None
 
 
 async def _role(c: Conn, room: str, participant: str) -> Role | None:
