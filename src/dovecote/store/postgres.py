@@ -447,17 +447,25 @@ class PostgresStore(PostgresRoomsMixin, Store):
         new_id = uuid.uuid4().hex
         size = len(message.body)
 
+        payload = message.mediatee
+        if len(payload.encode()) > MAX_NOTIFY_PAYLOAD:
+            payload = WAKE_ALL
+
         async def fn(c: Conn) -> EnqueueResult:
-            # Claim the digest first: a concurrent identical enqueue waits here on the key
-            # until we commit (then sees our id) or roll back (then stores its own).
+            # Claim the digest, then store the message, in one statement: a concurrent
+            # identical enqueue waits on the dedup key until we commit (then sees our id)
+            # or roll back (then stores its own).
             for _ in range(DEDUP_ROUNDS):
-                claimed = await c.fetchval(
-                    "INSERT INTO dedup (recipient, digest, message_id, created_at) "
-                    "VALUES ($1, $2, $3, $4) ON CONFLICT (recipient, digest) DO NOTHING "
-                    "RETURNING 1",
-                    message.recipient, message.digest, new_id, now,
+                stored = await c.fetchval(
+                    "WITH claim AS (INSERT INTO dedup (recipient, digest, message_id, "
+                    " created_at) VALUES ($3, $8, $1, $6) "
+                    " ON CONFLICT (recipient, digest) DO NOTHING RETURNING message_id) "
+                    "INSERT INTO messages (id, mediatee, recipient, body, size, received_at, "
+                    " expires_at) SELECT $1, $2, $3, $4, $5, $6, $7 FROM claim RETURNING 1",
+                    new_id, message.mediatee, message.recipient, message.body, size, now,
+                    message.expires_at, message.digest,
                 )
-                if claimed:
+                if stored:
                     break
                 existing = await c.fetchval(
                     "SELECT message_id FROM dedup WHERE recipient = $1 AND digest = $2",
@@ -467,37 +475,24 @@ class PostgresStore(PostgresRoomsMixin, Store):
                     return EnqueueResult(id=existing, duplicate=True)
             else:
                 raise StoreError("dedup entry kept changing; retry")
-            # Lock the mailbox's totals row so concurrent enqueues check limits in turn.
-            await c.execute(
-                "INSERT INTO mailboxes (mediatee) VALUES ($1) ON CONFLICT DO NOTHING",
-                message.mediatee,
+            await _insert_outbox(c, outbox, now)
+            # Last, so the mailbox row stays locked only until COMMIT: count this message
+            # into the totals (creating the row, or waiting for the row lock held by a
+            # concurrent enqueue/ack/expiry) and check the limits on the result. Over a
+            # limit, the whole transaction rolls back. NOTIFY is delivered only on COMMIT.
+            count, total, _ = await c.fetchrow(
+                "INSERT INTO mailboxes (mediatee, message_count, total_bytes) "
+                "VALUES ($1, 1, $2) ON CONFLICT (mediatee) DO UPDATE SET "
+                "message_count = mailboxes.message_count + 1, "
+                "total_bytes = mailboxes.total_bytes + excluded.total_bytes "
+                "RETURNING message_count, total_bytes, pg_notify($3, $4)",
+                message.mediatee, size, CHANNEL, payload,
             )
-            count, total = await c.fetchrow(
-                "SELECT message_count, total_bytes FROM mailboxes WHERE mediatee = $1 "
-                "FOR UPDATE",
-                message.mediatee,
-            )
-            if count + 1 > max_messages or total + size > max_bytes:
+            if count > max_messages or total > max_bytes:
                 raise MailboxFull(
-                    f"mailbox holds {count} messages / {total} bytes "
+                    f"mailbox holds {count - 1} messages / {total - size} bytes "
                     f"(limits {max_messages} / {max_bytes})"
                 )
-            await c.execute(
-                "INSERT INTO messages (id, mediatee, recipient, body, size, received_at, "
-                "expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                new_id, message.mediatee, message.recipient, message.body, size, now,
-                message.expires_at,
-            )
-            await c.execute(
-                "UPDATE mailboxes SET message_count = message_count + 1, "
-                "total_bytes = total_bytes + $2 WHERE mediatee = $1",
-                message.mediatee, size,
-            )
-            await _insert_outbox(c, outbox, now)
-            payload = message.mediatee
-            if len(payload.encode()) > MAX_NOTIFY_PAYLOAD:
-                payload = WAKE_ALL
-            await c.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
             return EnqueueResult(id=new_id, duplicate=False)
 
         result = await self._write(fn)
