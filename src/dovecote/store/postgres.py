@@ -2,9 +2,10 @@
 
 Several instances share one database. Concurrency is settled by the database, never by
 process-local state: dedup by the (recipient, digest) primary key with ON CONFLICT, mailbox
-limits by locking the mailbox's totals row, outbox leases with FOR UPDATE SKIP LOCKED.
-Lock order is always mailbox row before its messages, so acks, enqueues and expiry sweeps
-from different instances queue up behind each other instead of deadlocking.
+limits by the row lock on the mailbox's totals row, outbox leases with FOR UPDATE SKIP
+LOCKED. Acks and expiry sweeps lock a mailbox row before touching its messages (sweeps take
+several in sorted order); an enqueue touches only rows nobody else can see yet and takes
+the mailbox row last. So instances queue up behind each other instead of deadlocking.
 
 Wake-ups: an enqueue wakes this instance's listeners itself after COMMIT (as SQLite does)
 and sends `NOTIFY dovecote_mailbox, '<mediatee>'` in its transaction for the others; one
