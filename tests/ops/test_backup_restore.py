@@ -24,6 +24,7 @@ from support.mailbox import drain, pack_forwards, post, post_all
 from support.server import ROOT, ServerProcess
 
 BEFORE = 100  # accepted before the background sender starts
+COMMAND_TIMEOUT = 120.0
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -37,7 +38,12 @@ async def dovecote(*args: str) -> tuple[int, str]:
         sys.executable, "-m", "dovecote", *args, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"dovecote {' '.join(args)} still running") from None
     assert proc.returncode is not None
     return proc.returncode, out.decode()
 
