@@ -280,7 +280,7 @@ def backup(file: Path, step_pages: int, step_sleep: float, **options: Any) -> No
         manifest = backups.make_backup(backups.sqlite_path(settings.store_url),
                                        settings.identity_path, file,
                                        step_pages=step_pages, step_sleep=step_sleep)
-    except backups.BackupError as exc:
+    except (backups.BackupError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"backup {file}: schema v{manifest.schema_version}, "
                f"{sum(manifest.tables.values())} rows, {manifest.database.bytes} bytes, "
@@ -318,7 +318,7 @@ def restore(file: Path, force: bool, **options: Any) -> None:
     try:
         done = backups.restore_backup(file, backups.sqlite_path(settings.store_url),
                                       settings.identity_path, settings.data_dir, force=force)
-    except (backups.BackupError, DataDirInUse) as exc:
+    except (backups.BackupError, DataDirInUse, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"restored {file} (taken {_when(done.manifest.created_at)} UTC) into "
                f"{done.database}; keys in {done.identity}")
