@@ -8,6 +8,7 @@ import json
 import os
 import random
 import socket
+import time
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from dovecote.rooms.auth import LEEWAY
+from dovecote.rooms.hub import SAFETY_POLL_SECONDS
 from support.rooms import Issuer, RoomsClient, ws_connect, ws_recv
 from support.server import ServerProcess, free_port
 
@@ -173,6 +175,18 @@ async def test_resume_at_random_points_sees_each_event_once(
         assert len({e["id"] for e in seen}) == len(seen)
         assert sum(e["type"] == "message.posted" for e in seen) == POSTS
         assert reconnects >= POSTS // 20
+
+        if extra is not None:
+            # Live fan-out across instances comes from NOTIFY, well before the 5 s poll.
+            ws = await ws_connect(servers[1], rooms.issuer.token("reader"))
+            await ws.send(json.dumps({"action": "subscribe", "room": room, "since": final}))
+            assert (await ws_recv(ws))["type"] == "subscribed"
+            started = time.monotonic()
+            assert rooms.post(room, "writer", "across").status_code == 201
+            frame = await ws_recv(ws, within=SAFETY_POLL_SECONDS - 1)
+            assert frame["event"]["seq"] == final + 1
+            assert time.monotonic() - started < SAFETY_POLL_SECONDS - 1
+            await ws.close()
     finally:
         if extra is not None:
             extra.kill()
