@@ -3,23 +3,29 @@ stops both."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from typing import Any
 
 import httpx
+
 from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, forward_to
 from support.inspect import metric_value
 from support.postgres import fresh_database
 
 
+def _instances_seen(base_url: str, tries: int = 40) -> set[str]:
+    seen = set()
+    for _ in range(tries):
+        # A new connection each time, so the kernel spreads them over both workers.
+        seen.add(httpx.get(base_url + "/health", timeout=10).json()["instance"])
+    return seen
+
+
 async def test_two_workers_share_port_and_metrics(server_factory: Any) -> None:
     with fresh_database() as url:
         server = server_factory(env={"DOVECOTE_STORE": url}, args=["--workers", "2"])
-        instances = set()
-        for _ in range(40):
-            # A new connection each time, so the kernel spreads them over both workers.
-            health = httpx.get(server.base_url + "/health", timeout=10).json()
-            instances.add(health["instance"])
+        instances = await asyncio.to_thread(_instances_seen, server.base_url)
         assert len(instances) == 2, instances
 
         async with httpx.AsyncClient(timeout=30) as client:
