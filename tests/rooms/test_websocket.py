@@ -260,3 +260,30 @@ async def test_slow_consumer_is_disconnected_with_resume_hint(
     assert rest == list(range(hint + 1, count + 5))
     await again.close()
     await fast.close()
+
+
+async def test_resubscribe_with_new_since_drops_stale_queue(rooms: RoomsClient) -> None:
+    room = rooms.create_room({"alice": "member"})
+    for i in range(40):
+        assert rooms.post(room, "alice", f"m{i}").status_code == 201
+    last = rooms.events(room)["last_seq"]
+    ws = await ws_connect(rooms.base_url, rooms.issuer.token("alice"))
+    try:
+        await ws.send(json.dumps({"action": "subscribe", "room": room, "since": 0}))
+        assert (await ws_recv(ws))["type"] == "subscribed"
+        assert (await ws_recv(ws))["event"]["seq"] == 1
+        await ws.send(json.dumps({"action": "unsubscribe", "room": room}))
+        await ws.send(json.dumps({"action": "subscribe", "room": room, "since": 30}))
+        frames = []
+        while not frames or frames[-1].get("event", {}).get("seq") != last:
+            frames.append(await ws_recv(ws))
+        kinds = [f["type"] for f in frames]
+        first_ack = kinds.index("unsubscribed")
+        # Events of the first subscription may precede its end; after it, only the new one.
+        before = [f["event"]["seq"] for f in frames[:first_ack]]
+        assert before == list(range(2, 2 + len(before)))
+        assert kinds[first_ack + 1] == "subscribed"
+        after = [f["event"]["seq"] for f in frames[first_ack + 2:]]
+        assert after == list(range(31, last + 1))
+    finally:
+        await ws.close()

@@ -46,6 +46,7 @@ class Frame:
     body: dict[str, Any]
     room: str | None = None
     seq: int | None = None
+    generation: int = 0
 
 
 @dataclass(eq=False)
@@ -57,6 +58,8 @@ class Feed:
     stall: float = 5.0
     positions: dict[str, int] = field(default_factory=dict)  # room -> last seq queued
     sent: dict[str, int] = field(default_factory=dict)  # room -> last seq written
+    # Bumped by every (un)subscribe: queued events of an earlier subscription are dropped.
+    generations: dict[str, int] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,6 +68,10 @@ class Feed:
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.queue_size)
+
+    def current(self, frame: Frame) -> bool:
+        """False for an event queued for a subscription that has since ended."""
+        return frame.room is None or frame.generation == self.generations.get(frame.room)
 
     def resume_hint(self) -> dict[str, int]:
         """Per room, the last seq handed to the socket (resume with since=that)."""
@@ -109,12 +116,14 @@ class RoomHub:
             feed.wake.set()
 
     def subscribe(self, feed: Feed, room: str, since: int) -> None:
+        feed.generations[room] = feed.generations.get(room, 0) + 1
         feed.positions[room] = since
         feed.sent[room] = since
         self.by_room.setdefault(room, set()).add(feed)
         self.notify(room)
 
     def unsubscribe(self, feed: Feed, room: str) -> None:
+        feed.generations[room] = feed.generations.get(room, 0) + 1
         feed.positions.pop(room, None)
         feed.sent.pop(room, None)
         feed.dirty.discard(room)
@@ -155,7 +164,8 @@ class RoomHub:
 
     async def _fill(self, feed: Feed, room: str) -> bool:
         """Queue everything after the room's position; False when the feed must stop."""
-        while room in feed.positions:
+        generation = feed.generations.get(room)
+        while room in feed.positions and feed.generations.get(room) == generation:
             after = feed.positions[room]
             batch = min(READ_BATCH, feed.queue_size)
             page = await self.store.room_events(room, after=after, limit=batch)
@@ -164,13 +174,15 @@ class RoomHub:
                 return await feed.offer(Frame({"type": "unsubscribed", "room": room,
                                                "reason": "room deleted"}))
             for event in page.events:
-                if room not in feed.positions:
-                    return True  # unsubscribed while we waited for room in the queue
+                if feed.generations.get(room) != generation:
+                    return True  # (re)subscribed while we waited for room in the queue
                 if not await feed.offer(Frame({"type": "event", "event": event_out(event)},
-                                              room, event.seq)):
+                                              room, event.seq, generation or 0)):
                     log.info("rooms.feed_overflow", participant=feed.principal.sub,
                              room=room, seq=event.seq)
                     return False
+                if feed.generations.get(room) != generation:
+                    return True
                 feed.positions[room] = event.seq
                 if (event.type == PARTICIPANT_REMOVED
                         and event.data.get("participant") == feed.principal.sub

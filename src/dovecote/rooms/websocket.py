@@ -186,6 +186,8 @@ async def _last_word(
 async def _send_loop(websocket: WebSocket, feed: Feed) -> None:
     while True:
         frame = await feed.queue.get()
+        if not feed.current(frame):
+            continue
         await websocket.send_text(json.dumps(frame.body, ensure_ascii=False))
         # Recorded after the send returned: the frame is in the transport, in order.
         if frame.room is not None and frame.seq is not None and frame.room in feed.sent:
