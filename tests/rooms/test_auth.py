@@ -5,9 +5,14 @@ restart. Every refusal is 401/403 JSON and changes nothing."""
 from __future__ import annotations
 
 import base64
+import http.server
 import json
+import threading
 import time
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, OKPKey
@@ -122,3 +127,44 @@ def test_issuer_keys_rotate_without_restart(rooms: RoomsClient, issuer: Issuer) 
 def test_malformed_tokens_never_500(rooms: RoomsClient, header: str) -> None:
     r = rooms.http.get(f"{rooms.base_url}/v1/rooms", headers={"Authorization": header})
     assert r.status_code == 401
+
+
+def test_jwks_url_is_refetched(server_factory: Any, tmp_path: Path) -> None:
+    """Keys from a JWKS URL: a key published there later is picked up by the periodic
+    refetch (DOVECOTE_ROOMS_JWKS_REFRESH), without a restart."""
+    issuer = Issuer(tmp_path / "served.json")
+    issuer.publish(["ed"])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = issuer.jwks_path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        server = server_factory(env={
+            "DOVECOTE_ROOMS_JWKS_URL": f"http://127.0.0.1:{httpd.server_port}/jwks.json",
+            "DOVECOTE_ROOMS_JWKS_REFRESH": "0.5",
+            "DOVECOTE_ROOMS_JWT_ISSUER": issuer.iss,
+        })
+        url = f"{server.base_url}/v1/rooms"
+        assert httpx.get(url, headers=issuer.headers("a", key="ed")).status_code == 200
+        assert httpx.get(url, headers=issuer.headers("a", key="es")).status_code == 401
+        issuer.publish(["ed", "es"])
+        deadline = time.monotonic() + 10
+        status = 0
+        while time.monotonic() < deadline and status != 200:
+            time.sleep(0.3)
+            status = httpx.get(url, headers=issuer.headers("a", key="es")).status_code
+        assert status == 200
+    finally:
+        httpd.shutdown()
