@@ -176,8 +176,14 @@ class OutboxWorkers:
                 return
             try:
                 result = await self.sender.send(item)
-            except DovecoteError as exc:  # the store, while rendering a notification
-                result = Attempt("transient", error=exc.detail[:200])
+            except DovecoteError as exc:
+                # Our store failed while rendering a notification: nothing was sent, the
+                # target is not to blame, and no attempt is counted.
+                self.breakers.release(item.target)
+                bound.warning("outbox.render_failed", error=exc.detail)
+                await self.store.outbox_retry(item.id, pool.owner, time.time() + POLL_SECONDS,
+                                              {}, count_attempt=False)
+                return
             except asyncio.CancelledError:
                 self.breakers.release(item.target)
                 bound.info("outbox.abandoned")
@@ -210,7 +216,10 @@ class OutboxWorkers:
         record = result.record(now, number)
         metrics.OUTBOX_ATTEMPT_SECONDS.labels(item.kind).observe(result.duration)
         if result.outcome in ("delivered", "skipped"):
-            self.breakers.success(item.target)
+            if result.outcome == "delivered":
+                self.breakers.success(item.target)
+            else:  # nothing was sent: no evidence either way
+                self.breakers.release(item.target)
             await self.store.outbox_done(item.id, pool.owner)
             metrics.OUTBOX_DELIVERIES.labels(item.kind, result.outcome).inc()
             bound.info("outbox.delivered", status=result.status, outcome=result.outcome,
