@@ -47,6 +47,15 @@ class LiveSession:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.closed = False
+        # Set while the request that enabled live mode is being answered, so its status
+        # reply reaches the client before the first push.
+        self.held = False
+
+    def release(self) -> None:
+        """The transport sent the current request's replies: pushes may follow."""
+        if self.held:
+            self.held = False
+            self.wake.set()
 
 
 class LiveRegistry:
@@ -72,6 +81,7 @@ class LiveRegistry:
         self.by_mediatee[mediatee] = session
         session.mediatees.add(mediatee)
         session.pushed.setdefault(mediatee, set())
+        session.held = True
         if session.task is None:
             session.task = asyncio.create_task(self._pump(session), name=f"live-{session.id}")
         session.wake.set()
@@ -119,6 +129,8 @@ class LiveRegistry:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.wake.wait(), SAFETY_POLL_SECONDS)
             session.wake.clear()
+            if session.held:
+                continue
             for mediatee in list(session.mediatees):
                 try:
                     await self._push_mailbox(session, mediatee)

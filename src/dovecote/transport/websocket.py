@@ -71,6 +71,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 body = outcome.error.to_json() | {"request_id": request_id}
                 async with send_lock:
                     await websocket.send_text(json.dumps(body))
+            # Live pushes enabled by this request start only after its reply went out.
+            session.release()
     except WebSocketDisconnect as exc:
         code = exc.code
     except Exception as exc:  # a broken socket: everything unacknowledged stays queued
