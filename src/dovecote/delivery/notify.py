@@ -21,6 +21,7 @@ import json
 from typing import TYPE_CHECKING
 
 from dovecote.store.base import NewOutboxItem, OutboxItem
+from dovecote.store.rooms_base import ROOM_HEADER
 
 if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
@@ -54,6 +55,8 @@ def notification_items(settings: Settings, mediatee: str) -> list[NewOutboxItem]
 
 async def render(item: OutboxItem, store: Store) -> bytes | None:
     """The body to send now, or None when the mailbox has been emptied meanwhile."""
+    if item.headers.get(ROOM_HEADER):
+        return item.payload  # room notifications are rendered when queued (rooms_base)
     mediatee = item.headers.get(MEDIATEE, "")
     status = await store.status(mediatee)
     if status.message_count == 0:

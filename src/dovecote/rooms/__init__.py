@@ -3,6 +3,7 @@
     api.py        HTTP JSON API under /v1/rooms
     websocket.py  /v1/rooms/ws: subscribe with `since`, replay, then live events
     hub.py        store-driven fan-out to subscribed connections (bounded queues)
+    presence.py   who follows a room live (so posts notify only the offline)
     auth.py       Bearer JWTs checked against the issuer's JWKS (file or URL, reloaded)
     models.py     request/response shapes (validation and OpenAPI schemas)
     openapi.py    /openapi.json and the /docs page
@@ -23,6 +24,7 @@ import structlog
 from dovecote.errors import DovecoteError, Unavailable
 from dovecote.rooms.auth import Authenticator, KeySource
 from dovecote.rooms.hub import RoomHub
+from dovecote.rooms.presence import Presence
 from dovecote.store.rooms_base import RoomStore
 
 if TYPE_CHECKING:
@@ -50,9 +52,17 @@ class Rooms:
             audience=settings.rooms_jwt_audience,
         )
         self.hub = RoomHub(self._store if self._store is not None else cast(RoomStore, _NoRooms()))
+        self.presence = Presence(self.hub.store)
         if self._store is not None:
             self._store.add_room_listener(self.hub.notify)
         self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def notify_targets(self) -> list[tuple[str, str]]:
+        """Where offline participants are notified (the mailboxes' webhook and push)."""
+        channels = [("webhook", self.settings.notify_webhook_url),
+                    ("push", self.settings.push_url)]
+        return [(channel, url) for channel, url in channels if url]
 
     @property
     def store(self) -> RoomStore:
@@ -66,6 +76,8 @@ class Rooms:
                      hint="set DOVECOTE_ROOMS_JWKS_FILE or DOVECOTE_ROOMS_JWKS_URL")
         if self._store is not None:
             self._tasks.append(asyncio.create_task(self._purge(), name="rooms-purge"))
+            self._tasks.append(asyncio.create_task(self.presence.refresh_forever(),
+                                                   name="rooms-presence"))
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -210,7 +210,8 @@ async def post_message(call: Call) -> Response:
     content = models.message_content(body, call.rooms.settings.rooms_max_message_bytes)
     result = await call.store.message_post(
         NewPost(room=room, author=call.principal.sub, content=content,
-                idempotency_key=key, request_hash=models.request_hash(content)),
+                idempotency_key=key, request_hash=models.request_hash(content),
+                notify=call.rooms.notify_targets),
         idempotency_since=time.time() - IDEMPOTENCY_WINDOW,
     )
     message = result.message

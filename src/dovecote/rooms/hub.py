@@ -58,6 +58,8 @@ class Feed:
     stall: float = 5.0
     positions: dict[str, int] = field(default_factory=dict)  # room -> last seq queued
     sent: dict[str, int] = field(default_factory=dict)  # room -> last seq written
+    # Rooms this connection counts as present in (rooms/presence.py).
+    present: set[str] = field(default_factory=set)
     # Bumped by every (un)subscribe: queued events of an earlier subscription are dropped.
     generations: dict[str, int] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)

@@ -96,6 +96,8 @@ async def rooms_websocket(websocket: WebSocket) -> None:
                 await task
         if feed is not None:
             rooms.hub.detach(feed)
+            for room in list(feed.present):
+                await rooms.presence.leave(room, feed.principal.sub)
         dc.sockets.pop(socket_id, None)
         dc.ws_slots.release()
         metrics.WS_CONNECTIONS.labels(ENDPOINT).dec()
@@ -237,9 +239,15 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
         await feed.offer(Frame({"type": "subscribed", "room": room, "since": since,
                           "last_seq": found.last_seq}))
         rooms.hub.subscribe(feed, room, since)
+        if room not in feed.present:
+            feed.present.add(room)
+            await rooms.presence.join(room, feed.principal.sub)
     elif action == "unsubscribe":
         room = _room_arg(frame)
         rooms.hub.unsubscribe(feed, room)
+        if room in feed.present:
+            feed.present.discard(room)
+            await rooms.presence.leave(room, feed.principal.sub)
         await feed.offer(Frame({"type": "unsubscribed", "room": room, "reason": "requested"}))
     else:
         raise MalformedMessage("action must be auth, subscribe, unsubscribe or ping")

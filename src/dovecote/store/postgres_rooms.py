@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
@@ -46,6 +46,7 @@ from dovecote.store.rooms_base import (
     RoomStore,
     check_manage,
     check_moderation,
+    room_notifications,
     visible_data,
 )
 from dovecote.store.sqlite_rooms import PURGE_BATCH, _dump, _room
@@ -266,6 +267,17 @@ class PostgresRoomsMixin(RoomStore):
                     post.room, post.author, post.idempotency_key, post.request_hash,
                     message_id, now,
                 )
+            if post.notify:
+                offline = [row[0] for row in await c.fetch(
+                    "SELECT participant FROM room_participants WHERE room = $1 "
+                    "AND participant != $2 AND participant NOT IN (SELECT participant "
+                    "FROM room_presence WHERE room = $1 AND until > $3) "
+                    'ORDER BY participant COLLATE "C"', post.room, post.author, now,
+                )]
+                from dovecote.store.postgres import _insert_outbox  # (imports this module)
+
+                await _insert_outbox(
+                    c, room_notifications(post, message_id, event.seq, offline), now)
             await c.execute("SELECT pg_notify($1, $2)", ROOM_CHANNEL, post.room)
             message = RoomMessage(message_id, post.room, event.seq, post.author,
                                   post.content, now, None, None, {})
@@ -380,6 +392,32 @@ class PostgresRoomsMixin(RoomStore):
 
         return await self._read(fn)
 
+    # ------------------------------------------------------------------ presence
+    async def presence_set(
+        self, instance: str, entries: Sequence[tuple[str, str]], until: float
+    ) -> None:
+        async def fn(c: Conn) -> None:
+            await c.executemany(
+                "INSERT INTO room_presence (room, participant, instance, until) "
+                "SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM rooms WHERE id = $1) "
+                "ON CONFLICT (room, participant, instance) DO UPDATE SET until = excluded.until",
+                [(room, participant, instance, until) for room, participant in entries],
+            )
+
+        if entries:
+            await self._write(fn)
+
+    async def presence_clear(self, instance: str, entries: Sequence[tuple[str, str]]) -> None:
+        async def fn(c: Conn) -> None:
+            await c.executemany(
+                "DELETE FROM room_presence WHERE room = $1 AND participant = $2 "
+                "AND instance = $3",
+                [(room, participant, instance) for room, participant in entries],
+            )
+
+        if entries:
+            await self._write(fn)
+
     # ------------------------------------------------------------------ housekeeping
     async def rooms_purge(self, deleted_before: float, idempotency_before: float) -> int:
         now = time.time()
@@ -400,6 +438,7 @@ class PostgresRoomsMixin(RoomStore):
             await c.execute(
                 "DELETE FROM room_idempotency WHERE created_at < $1", idempotency_before
             )
+            await c.execute("DELETE FROM room_presence WHERE until < $1", now)
             return len(ids)
 
         return await self._write(fn)

@@ -12,11 +12,16 @@ Every engine provides it through a mixin (`sqlite_rooms.SQLiteRoomsMixin`,
 - Reactions are a set keyed (message, participant, emoji): add and remove are single
   statements, so concurrent updates never lose one.
 - Room listeners are called after the commit of any room event, on every instance.
+- A post with notification targets queues, in its own transaction, one outbox item
+  (kind "notify") per target for every other participant with no live presence row;
+  pending notifications coalesce per (room, participant, channel).
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -116,6 +121,8 @@ class NewPost:
     content: dict[str, Any]
     idempotency_key: str | None
     request_hash: str
+    # (channel, url) pairs: "webhook" or "push"; empty: notify nobody.
+    notify: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +150,44 @@ class EventPage:
 
 
 REDACTED: dict[str, Any] = {"redacted": True}
+
+# Outbox kind and headers of room notifications (headers starting "_" are never sent).
+NOTIFY_KIND = "notify"
+NOTIFY_EVENT = "room_message"
+ROOM_HEADER = "_room"
+CHANNEL_HEADER = "_channel"
+TOPIC_PREFIX = "dovecote-room-"
+
+
+def participant_hash(room: str, participant: str) -> str:
+    """What a notification names instead of the participant (the receiver maps it)."""
+    return hashlib.sha256(f"{room}\0{participant}".encode()).hexdigest()
+
+
+def room_notifications(
+    post: NewPost, message_id: str, seq: int, offline: Sequence[str]
+) -> list[Any]:
+    """Outbox items telling offline participants a room has news; no content leaves."""
+    from dovecote.store.base import NewOutboxItem
+
+    items = []
+    for participant in offline:
+        digest = participant_hash(post.room, participant)
+        fields = {"event": NOTIFY_EVENT, "room": post.room, "participant_hash": digest,
+                  "seq": seq, "message_id": message_id}
+        for channel, url in post.notify:
+            body: dict[str, Any] = fields
+            if channel == "push":
+                body = {"message": {"topic": TOPIC_PREFIX + digest,
+                                    "data": {k: str(v) for k, v in fields.items()}}}
+            items.append(NewOutboxItem(
+                kind=NOTIFY_KIND, target=url,
+                payload=json.dumps(body, separators=(",", ":")).encode(),
+                headers={"content-type": "application/json", CHANNEL_HEADER: channel,
+                         ROOM_HEADER: post.room},
+                dedup_key=f"notify:room:{channel}:{digest}",
+            ))
+    return items
 
 
 def visible_data(event_type: str, data: dict[str, Any], deleted: bool) -> dict[str, Any]:
@@ -255,6 +300,17 @@ class RoomStore(abc.ABC):
     ) -> EventPage | None:
         """Events with after < seq < before, ascending; the newest `limit` when only `before`
         (or neither) is given, the oldest `limit` otherwise. None if there is no such room."""
+
+    # --- presence
+    @abc.abstractmethod
+    async def presence_set(
+        self, instance: str, entries: Sequence[tuple[str, str]], until: float
+    ) -> None:
+        """Record (room, participant) pairs as followed live on `instance` until `until`."""
+
+    @abc.abstractmethod
+    async def presence_clear(self, instance: str, entries: Sequence[tuple[str, str]]) -> None:
+        """Forget those pairs for `instance` (the subscriptions ended)."""
 
     # --- housekeeping
     @abc.abstractmethod

@@ -40,6 +40,7 @@ from dovecote.store.rooms_base import (
     RoomStore,
     check_manage,
     check_moderation,
+    room_notifications,
     visible_data,
 )
 
@@ -237,6 +238,17 @@ class SQLiteRoomsMixin(RoomStore):
                     (post.room, post.author, post.idempotency_key, post.request_hash,
                      message_id, now),
                 )
+            if post.notify:
+                offline = [row[0] for row in c.execute(
+                    "SELECT participant FROM room_participants WHERE room = ? "
+                    "AND participant != ? AND participant NOT IN (SELECT participant "
+                    "FROM room_presence WHERE room = ? AND until > ?) ORDER BY participant",
+                    (post.room, post.author, post.room, now),
+                )]
+                from dovecote.store.sqlite import _insert_outbox  # (imports this module)
+
+                _insert_outbox(c, room_notifications(post, message_id, event.seq, offline),
+                               now)
             message = RoomMessage(message_id, post.room, event.seq, post.author, post.content,
                                   now, None, None, {})
             return PostResult(message, duplicate=False)
@@ -348,6 +360,34 @@ class SQLiteRoomsMixin(RoomStore):
 
         return await self._read(fn)
 
+    # ------------------------------------------------------------------ presence
+    async def presence_set(
+        self, instance: str, entries: Sequence[tuple[str, str]], until: float
+    ) -> None:
+        def fn(c: Conn) -> None:
+            for room, participant in entries:
+                c.execute(
+                    "INSERT INTO room_presence (room, participant, instance, until) "
+                    "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM rooms WHERE id = ?) "
+                    "ON CONFLICT (room, participant, instance) DO UPDATE "
+                    "SET until = excluded.until",
+                    (room, participant, instance, until, room),
+                )
+
+        if entries:
+            await self._write(fn)
+
+    async def presence_clear(self, instance: str, entries: Sequence[tuple[str, str]]) -> None:
+        def fn(c: Conn) -> None:
+            for room, participant in entries:
+                c.execute(
+                    "DELETE FROM room_presence WHERE room = ? AND participant = ? "
+                    "AND instance = ?", (room, participant, instance),
+                )
+
+        if entries:
+            await self._write(fn)
+
     # ------------------------------------------------------------------ housekeeping
     async def rooms_purge(self, deleted_before: float, idempotency_before: float) -> int:
         now = time.time()
@@ -372,6 +412,7 @@ class SQLiteRoomsMixin(RoomStore):
                     (_dump(REDACTED), chosen, content_types),
                 )
             c.execute("DELETE FROM room_idempotency WHERE created_at < ?", (idempotency_before,))
+            c.execute("DELETE FROM room_presence WHERE until < ?", (now,))
             return len(ids)
 
         result: int = await self._write(fn)
