@@ -168,7 +168,9 @@ class Inbox:
             try:
                 await self._live_session(url, handler, stop)
                 failures = 0
-            except (TransportFailure, websockets.ConnectionClosed, OSError) as exc:
+            except (ClientFailure, websockets.ConnectionClosed, OSError, TimeoutError) as exc:
+                if _fatal(exc):
+                    raise
                 # A session that got as far as live mode counts as a fresh start.
                 failures = 1 if self.live_on.is_set() else failures + 1
                 index += 1 if failures % self.config.attempts_per_endpoint == 0 else 0
@@ -191,7 +193,12 @@ class Inbox:
                              mediator)
             await ws.send((await self.packer.pack(enable, mediator, me)).decode())
             while True:
-                frame = await self._next_frame(ws, stop, bool(unanswered))
+                if self.live_on.is_set():
+                    frame = await self._next_frame(ws, stop, bool(unanswered))
+                else:  # the mediator must confirm live mode in time, or we reconnect
+                    frame = await asyncio.wait_for(
+                        self._next_frame(ws, stop, bool(unanswered)),
+                        self.config.request_timeout)
                 if frame is None:
                     return
                 reply = await self._decode(frame)
@@ -246,13 +253,18 @@ class Inbox:
             parsed = json.loads(data)
         except ValueError as exc:
             raise TransportFailure("mediator sent a frame that is not JSON") from exc
-        if isinstance(parsed, dict) and "error" in parsed and "ciphertext" not in parsed:
-            # A plain JSON error: the mediator could not read our envelope.
-            raise ClientFailure(f"mediator error {parsed.get('error')}: {parsed.get('detail')}")
-        reply = (await self.packer.unpack(data)).message
         try:
-            return raise_for_problem(reply)
+            if isinstance(parsed, dict) and "error" in parsed and "ciphertext" not in parsed:
+                # A plain JSON error: the mediator could not read our envelope.
+                raise ProblemReported(str(parsed["error"]), str(parsed.get("detail", "")))
+            return raise_for_problem((await self.packer.unpack(data)).message)
         except ProblemReported as exc:
             if exc.code.startswith("e.m.me") or ".me." in exc.code:
                 raise TransportFailure(f"mediator problem {exc.code}") from exc
             raise
+
+
+def _fatal(exc: BaseException) -> bool:
+    """Errors no reconnect can fix (no grant, a refused request, a broken local store);
+    the mediator's own trouble (e.m.me.*) arrives here as TransportFailure."""
+    return isinstance(exc, ClientFailure) and not isinstance(exc, TransportFailure | CryptoFailure)
