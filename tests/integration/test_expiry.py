@@ -36,9 +36,10 @@ async def test_expired_messages_move_to_dead_letters(server_factory: Any,
     metrics = (await client.get(server.base_url + "/metrics")).text
     assert metric_value(metrics, "dovecote_messages_expired_total") == 3
     assert metric_value(metrics, "dovecote_messages_dead_lettered_total", kind="mailbox") == 3
-    listing = subprocess.run(
+    listing = (await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "dovecote", "dlq", "list", "--data-dir", str(server.data_dir)],
-        capture_output=True, text=True, check=True, timeout=60).stdout
+        capture_output=True, text=True, check=True, timeout=60)).stdout
     assert "3 dead letter(s)" in listing
     assert listing.count("expired") == 3
     assert any(e.get("event") == "sweep.expired" for e in server.log_events())
