@@ -286,4 +286,9 @@ class Store(abc.ABC):
 
     def _notify(self, mediatee: str) -> None:
         for callback in list(self._listeners):
-            callback(mediatee)
+            try:
+                callback(mediatee)
+            except Exception:  # one broken listener must not starve the others
+                import structlog
+
+                structlog.get_logger("dovecote.store").exception("store.listener_failed")
