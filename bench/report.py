@@ -10,15 +10,15 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench import loadgen  # noqa: E402
-from bench.scenarios import ForwardSuite  # noqa: E402
+from bench import loadgen
+from bench.scenarios import ForwardSuite
 
 
 def ms(value: float) -> str:
     if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
-        return "–"
+        return "-"
     return f"{value * 1e3:.1f}"
 
 
@@ -32,7 +32,7 @@ def forward_rows(suites: Sequence[ForwardSuite], limits: dict[str, float]) -> li
     rows: list[list[Any]] = []
     for suite in suites:
         if suite.skipped:
-            rows.append([suite.label, "–", "not run: " + suite.skipped] + ["–"] * 8)
+            rows.append([suite.label, "-", "not run: " + suite.skipped] + ["-"] * 8)
             continue
         for step in suite.steps:
             run = step.run
@@ -46,9 +46,9 @@ def forward_rows(suites: Sequence[ForwardSuite], limits: dict[str, float]) -> li
             errors = f"{run.errors}" + (f" {dict(run.statuses)}" if run.errors else "")
             rows.append([suite.label, offered, f"{run.throughput:.0f}", ms(p["p50"]),
                          ms(p["p95"]), ms(p["p99"]), ms(p["max"]), errors,
-                         f"{cpu_us:.0f}" if not math.isnan(cpu_us) else "–",
-                         f"{ratio_unpack:.2f}" if ratio_unpack else "–",
-                         f"{ratio_asgi:.2f}" if ratio_asgi else "–"] + ([note] if note else []))
+                         f"{cpu_us:.0f}" if not math.isnan(cpu_us) else "-",
+                         f"{ratio_unpack:.2f}" if ratio_unpack else "-",
+                         f"{ratio_asgi:.2f}" if ratio_asgi else "-"] + ([note] if note else []))
     return rows
 
 

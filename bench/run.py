@@ -101,6 +101,11 @@ async def main(args: argparse.Namespace) -> int:
             suites.append(await scenarios.forward_suite(label, engine, instances, profile,
                                                         recipients, payloads))
     if "peer" in parts:
+        peer = await scenarios.acapy_suite(profile)
+        suites.append(peer)
+        if peer.skipped:
+            print(f"peer: ACA-Py not measured: {peer.skipped}", flush=True)
+        data["peer"] = {"acapy": peer.skipped or "measured"}
         print("peer: naive mediator stand-in ...", flush=True)
         env = {"BENCH_IDENTITY": str(forwards.mediator_identity())}
         suites.append(await scenarios.asgi_suite(

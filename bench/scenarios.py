@@ -88,7 +88,8 @@ async def _mediate_all(base_url: str, agents: Sequence[BenchAgent], mediator: st
 
 
 async def _steps(label: str, ports: list[int], pids: list[int], payloads: Sequence[bytes],
-                 profile: Profile, rates: Sequence[float] | None = None) -> list[Step]:
+                 profile: Profile, rates: Sequence[float] | None = None,
+                 content_type: bytes = loadgen.ENCRYPTED) -> list[Step]:
     steps: list[Step] = []
     offset = 0
     for rate in (profile.rates if rates is None else rates):
@@ -100,14 +101,15 @@ async def _steps(label: str, ports: list[int], pids: list[int], payloads: Sequen
             continue
         cpu0 = servers.process_stats(pids)[2]
         run = await loadgen.open_loop(f"{label} @ {rate:g}/s", ports, chunk, rate,
-                                      profile.step_seconds)
+                                      profile.step_seconds, content_type=content_type)
         steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
         _print_step(steps[-1])
         await asyncio.sleep(1.0)
     rest = payloads[offset:]
     cpu0 = servers.process_stats(pids)[2]
     run = await loadgen.closed_loop(f"{label} saturation", ports, rest,
-                                    profile.saturation_seconds, profile.saturation_connections)
+                                    profile.saturation_seconds, profile.saturation_connections,
+                                    content_type=content_type)
     steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
     _print_step(steps[-1])
     return steps
@@ -142,7 +144,8 @@ async def forward_suite(label: str, engine: str, instances: int, profile: Profil
 
 
 async def asgi_suite(label: str, app: str, payloads: Sequence[bytes], profile: Profile,
-                     env: dict[str, str] | None = None, rates: Sequence[float] = ()) -> ForwardSuite:
+                     env: dict[str, str] | None = None,
+                     rates: Sequence[float] = ()) -> ForwardSuite:
     """The same load against another ASGI app (bare reference or naive mediator)."""
     suite = ForwardSuite(label)
     with servers.asgi_app(app, env) as (port, proc):
@@ -167,3 +170,29 @@ async def unpack_reference(payloads: Sequence[bytes], seconds: float = 5.0) -> d
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu0
     return {"unpacks": count, "per_second": count / wall, "per_cpu_second": count / cpu}
+
+
+async def acapy_suite(profile: Profile) -> ForwardSuite:
+    """ACA-Py as mediator, same steps as Dovecote (DIDComm v1 forwards; see bench/peer)."""
+    from bench.peer import acapy
+
+    rates = profile.rates[:2]
+    suite = ForwardSuite("ACA-Py mediator (peer)")
+    if why := acapy.installed():
+        suite.skipped = why
+        return suite
+    need = int(sum(rates) * profile.step_seconds + 1500 * profile.saturation_seconds)
+    with servers.workdir("acapy") as work:
+        mediator = acapy.AcaPyMediator(work)
+        try:
+            print(f"peer: ACA-Py mediator: setting up and packing {need} forwards ...",
+                  flush=True)
+            payloads = await asyncio.to_thread(mediator.start, need)
+            suite.label = f"ACA-Py {mediator.version} mediator (peer)"
+            suite.steps = await _steps(suite.label, [mediator.port], [mediator.pid], payloads,
+                                       profile, rates, content_type=acapy.WIRE)
+        except Exception as exc:  # the peer failing must not lose Dovecote's results
+            suite.skipped = f"ACA-Py run failed: {exc!r}"[:300]
+        finally:
+            mediator.stop()
+    return suite

@@ -16,7 +16,7 @@ import websockets
 
 from bench import forwards, loadgen, report, servers
 from bench.agents import _CRYPTO, _PACKAGING, _RESOLVER, PICKUP, BenchAgent
-from bench.mediation import attachment_key, call, mediate
+from bench.mediation import attachment_key, mediate
 from bench.scenarios import Profile
 
 ONE_MESSAGE_HEADERS = ["measure", "p50 ms", "p95 ms", "p99 ms", "max ms", "n"]
@@ -120,7 +120,7 @@ async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> di
             run = await loadgen.open_loop("e2e", server.ports, payloads, profile.e2e_rate,
                                           profile.e2e_seconds, connections=32)
             deadline = time.monotonic() + 20
-            while len(consumer.acked) < len(run.ok) and time.monotonic() < deadline:
+            while len(consumer.acked) < len(run.ok) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             await consumer.stop()
         finally:
@@ -270,7 +270,7 @@ async def rooms(profile: Profile) -> list[dict[str, Any]]:
             jwks = work / "jwks.json"
             jwks.write_text(json.dumps(KeySet([key]).as_dict(private=False)))
 
-            def token(sub: str, roles: list[str] | None = None) -> str:
+            def token(sub: str, roles: list[str] | None = None, key: Any = key) -> str:
                 now = int(time.time())
                 claims = {"sub": sub, "iss": "bench", "iat": now, "exp": now + 3600,
                           "rooms": "*", "roles": roles or []}
@@ -346,7 +346,7 @@ async def _rooms_run(server: servers.Dovecote, subscribers: int, posts: int,
             if len(tasks) % 50 == 0:
                 await asyncio.sleep(0.2)
         deadline = time.monotonic() + 120
-        while ready < subscribers and time.monotonic() < deadline:
+        while ready < subscribers and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         poster = {"Authorization": f"Bearer {token('poster')}"}
         sent: dict[str, float] = {}
@@ -379,7 +379,8 @@ async def _rooms_run(server: servers.Dovecote, subscribers: int, posts: int,
         post_seconds = time.perf_counter() - started
         expected = (paced + posts) * subscribers
         deadline = time.monotonic() + 60
-        while sum(len(v) for v in received.values()) < expected and time.monotonic() < deadline:
+        while (sum(len(v) for v in received.values()) < expected  # noqa: ASYNC110
+               and time.monotonic() < deadline):
             await asyncio.sleep(0.2)
         for ws in sockets:
             with contextlib.suppress(Exception):

@@ -114,7 +114,7 @@ class Dovecote:
                    "DOVECOTE_IDENTITY_FILE": str(self.workdir / "identity.json")}
             if self.store:
                 env["DOVECOTE_STORE"] = self.store
-            log = open(self.workdir / f"server{index}.log", "ab")  # noqa: SIM115
+            log = open(self.workdir / f"server{index}.log", "ab")
             data_dir = self.data_dir if not self.store else self.workdir / f"data{index}"
             # With PostgreSQL nothing else creates it, and the free-disk check of a
             # missing directory turns the instance read-only.
@@ -201,7 +201,7 @@ def asgi_app(app: str, env: dict[str, str] | None = None,
     port = free_port()
     with workdir("asgi") as work:
         log_path = work / "server.log"
-        log = open(log_path, "ab")  # noqa: SIM115
+        log = open(log_path, "ab")
         proc = subprocess.Popen(
             [PYTHON, "-m", "uvicorn", app, "--port", str(port), "--loop", "uvloop",
              "--http", "httptools", "--no-access-log", "--log-level", "warning"],

@@ -10,6 +10,7 @@ never delivered) and duplicates (one inner message stored or delivered twice) mu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl
 import time
 from collections import Counter
@@ -78,7 +79,7 @@ class Load:
         """Longest stretch without a 202 between two monotonic times."""
         end = min(end, max(self.ok_times, default=end))  # not the quiet after the load
         times = [start, *sorted(t for t in self.ok_times if start <= t <= end), end]
-        return max(b - a for a, b in zip(times, times[1:], strict=False))
+        return max(b - a for a, b in itertools.pairwise(times))
 
 
 def outcome(name: str, load: Load, delivered: Counter[str], recovery: float | None,
