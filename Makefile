@@ -42,7 +42,7 @@ postgres:
 
 ## Every test: unit, store (SQLite and PostgreSQL), integration, interop, chaos, deploy.
 test: $(DEVSTAMP) deploy-tools postgres
-	. ./.test-env 2>/dev/null; $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); \
+	. ./.test-env 2>/dev/null; $(BIN)/python -m pytest -q -rs --durations=30 -p no:cacheprovider $(PYTEST_ARGS); \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 lint: $(DEVSTAMP)
