@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections import Counter
 
 import httpx
@@ -27,18 +29,21 @@ async def post(client: httpx.AsyncClient, base_url: str, packed: str) -> int:
 
 
 async def post_all(client: httpx.AsyncClient, base_url: str, packed: dict[str, str],
-                   concurrency: int = 8) -> set[str]:
-    """POST every forward (retrying non-202s a few times); the ids that got a 202."""
+                   concurrency: int = 8, patience: float = 60.0) -> set[str]:
+    """POST every forward, retrying (same bytes) as senders must until a 202 or until
+    `patience` seconds have passed; the ids that got a 202."""
     gate = asyncio.Semaphore(concurrency)
     accepted: set[str] = set()
+    deadline = time.monotonic() + patience
 
     async def one(mid: str, body: str) -> None:
         async with gate:
-            for _ in range(5):
-                if await post(client, base_url, body) == 202:
-                    accepted.add(mid)
-                    return
-                await asyncio.sleep(0.1)
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):
+                    if await post(client, base_url, body) == 202:
+                        accepted.add(mid)
+                        return
+                await asyncio.sleep(0.2)
 
     await asyncio.gather(*(one(mid, body) for mid, body in packed.items()))
     return accepted
