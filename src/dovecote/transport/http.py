@@ -19,6 +19,8 @@ ACCEPTED_TYPES = {
     "didcomm-encrypted+json",
     "application/json",
     "",  # some agents send no content type at all; the body is checked anyway
+    # didcomm-messaging's quickstart client posts raw bytes with aiohttp's default type.
+    "application/octet-stream",
 }
 
 
