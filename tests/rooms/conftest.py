@@ -21,6 +21,7 @@ from support.rooms import (
     MAX_MESSAGE_BYTES,
     Issuer,
     RoomsClient,
+    Webhook,
     fresh_postgres_database,
 )
 from support.server import ServerProcess, free_port
@@ -29,6 +30,14 @@ from support.server import ServerProcess, free_port
 @pytest.fixture(scope="session")
 def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
     return Issuer(tmp_path_factory.mktemp("issuer") / "jwks.json")
+
+
+@pytest.fixture(scope="session")
+def webhook() -> Iterator[Webhook]:
+    """Where the shared servers send offline notifications."""
+    hook = Webhook()
+    yield hook
+    hook.httpd.shutdown()
 
 
 @pytest.fixture(scope="session", params=ENGINES, ids=ENGINES)
@@ -41,8 +50,9 @@ def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
 
 
-def env_for(issuer: Issuer, store_url: str) -> dict[str, str]:
+def env_for(issuer: Issuer, store_url: str, webhook: Webhook) -> dict[str, str]:
     env = {
+        "DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url,
         "DOVECOTE_ROOMS_JWKS_FILE": str(issuer.jwks_path),
         "DOVECOTE_ROOMS_JWT_ISSUER": ISSUER,
         # Tests hammer one server from one address.
@@ -62,17 +72,18 @@ def env_for(issuer: Issuer, store_url: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def rooms_env(issuer: Issuer, store_url: str) -> dict[str, str]:
-    return env_for(issuer, store_url)
+def rooms_env(issuer: Issuer, store_url: str, webhook: Webhook) -> dict[str, str]:
+    return env_for(issuer, store_url, webhook)
 
 
 @pytest.fixture(scope="session")
 def rooms_server(tmp_path_factory: pytest.TempPathFactory, issuer: Issuer,
-                 store_url: str) -> Iterator[ServerProcess]:
+                 store_url: str, webhook: Webhook) -> Iterator[ServerProcess]:
     """One server per engine for the whole run, trusting `issuer`."""
     base = tmp_path_factory.mktemp("rooms-server")
     server = ServerProcess(data_dir=base / "data", port=free_port(),
-                           env=env_for(issuer, store_url), log_path=base / "server.log")
+                           env=env_for(issuer, store_url, webhook),
+                           log_path=base / "server.log")
     server.start()
     yield server
     server.kill()

@@ -192,9 +192,16 @@ async def test_resume_at_random_points_sees_each_event_once(
             extra.kill()
 
 
-# Enough bytes to fill a stalled reader's socket buffers (client and server side).
-SLOW_COUNT = 60
+# Messages (of SLOW_SIZE characters) posted per step until a stalled reader's socket
+# buffers and send queue are full, and at most.
+SLOW_STEP = 10
+SLOW_MAX = 400
 SLOW_SIZE = 200_000
+
+
+def _gave_up_on(server: ServerProcess, room: str) -> bool:
+    return any(e.get("event") == "rooms.slow_consumer_closed"
+               and room in (e.get("resume_from") or {}) for e in server.log_events())
 
 
 def _slow_socket(base_url: str) -> socket.socket:
@@ -212,7 +219,7 @@ async def test_slow_consumer_is_disconnected_with_resume_hint(
     """The servers here allow a full send queue 1 s (DOVECOTE_ROOMS_WS_STALL)."""
     server = rooms_server
     room = rooms.create_room({"writer": "member", "slow": "member", "fast": "member"})
-    count = SLOW_COUNT
+    target = {"events": 10**9}  # set once we know how many were posted
 
     fast = await ws_connect(server.base_url, issuer.token("fast"))
     await fast.send(json.dumps({"action": "subscribe", "room": room, "since": 0}))
@@ -220,8 +227,11 @@ async def test_slow_consumer_is_disconnected_with_resume_hint(
     fast_seen: list[int] = []
 
     async def read_fast() -> None:
-        while len(fast_seen) < count + 4:
-            fast_seen.append((await ws_recv(fast, within=30))["event"]["seq"])
+        while len(fast_seen) < target["events"]:
+            try:  # short waits: `target` is only known once the posting is over
+                fast_seen.append((await ws_recv(fast, within=1))["event"]["seq"])
+            except TimeoutError:
+                continue
 
     fast_reader = asyncio.create_task(read_fast())
     slow = await ws_connect(server.base_url, issuer.token("slow"), max_queue=1,
@@ -229,9 +239,17 @@ async def test_slow_consumer_is_disconnected_with_resume_hint(
     await slow.send(json.dumps({"action": "subscribe", "room": room, "since": 0}))
     assert (await ws_recv(slow))["type"] == "subscribed"
 
-    # The slow reader reads nothing while the messages go out; its socket fills,
-    # the server gives up on it (stall 1 s) and waits for it to take the close frame.
-    await _post_many(server.base_url, issuer, room, count, size=SLOW_SIZE, concurrency=4)
+    # The slow reader reads nothing while messages go out until its socket and queue are
+    # full and the server gives up on it (stall 1 s; how many that takes depends on the
+    # kernel's socket buffers); the server then waits for it to take the close frame.
+    count = 0
+    while count < SLOW_MAX and not _gave_up_on(server, room):
+        await _post_many(server.base_url, issuer, room, SLOW_STEP, size=SLOW_SIZE,
+                         concurrency=4)
+        count += SLOW_STEP
+        await asyncio.sleep(0.2)
+    assert _gave_up_on(server, room), f"no slow-consumer close after {count} messages"
+    target["events"] = count + 4
     slow_seen: list[int] = []
     hint = None
     with pytest.raises(ConnectionClosed) as closed:
@@ -274,9 +292,11 @@ async def test_resubscribe_with_new_since_drops_stale_queue(rooms: RoomsClient) 
         assert (await ws_recv(ws))["event"]["seq"] == 1
         await ws.send(json.dumps({"action": "unsubscribe", "room": room}))
         await ws.send(json.dumps({"action": "subscribe", "room": room, "since": 30}))
-        frames = []
-        while not frames or frames[-1].get("event", {}).get("seq") != last:
+        frames: list[dict[str, Any]] = []
+        resubscribed = False
+        while not (resubscribed and frames[-1].get("event", {}).get("seq") == last):
             frames.append(await ws_recv(ws))
+            resubscribed = resubscribed or frames[-1]["type"] == "subscribed"
         kinds = [f["type"] for f in frames]
         first_ack = kinds.index("unsubscribed")
         # Events of the first subscription may precede its end; after it, only the new one.

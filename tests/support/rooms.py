@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -184,3 +186,38 @@ async def ws_connect(base_url: str, token: str | None = None, **options: Any) ->
 async def ws_recv(ws: Any, within: float = 10.0) -> dict[str, Any]:
     frame = await asyncio.wait_for(ws.recv(), within)
     return dict(json.loads(frame))
+
+
+class Webhook:
+    """A local HTTP endpoint that records every JSON body posted to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", "0"))
+                hook.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def for_room(self, room: str) -> list[dict[str, Any]]:
+        return [b for b in list(self.bodies) if b.get("room") == room]
+
+    async def wait_for(self, room: str, count: int,
+                       within: float = 15.0) -> list[dict[str, Any]]:
+        """The notifications about `room`, once there are `count` (or `within` passed)."""
+        deadline = time.monotonic() + within
+        for _ in range(int(within * 10)):
+            if len(self.for_room(room)) >= count or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        return self.for_room(room)
