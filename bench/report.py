@@ -42,18 +42,22 @@ def forward_rows(suites: Sequence[ForwardSuite], limits: dict[str, float]) -> li
             offered = f"{run.offered:g}" if run.offered else "saturation"
             ratio_unpack = run.throughput / limits["unpack"] if limits.get("unpack") else None
             ratio_asgi = run.throughput / limits["asgi"] if limits.get("asgi") else None
+            floor = limits.get("unpack_cpu_us")
+            cpu_ratio = f"{cpu_us / floor:.1f}" if floor and not math.isnan(cpu_us) else "-"
             note = run.stopped_early or ""
             errors = f"{run.errors}" + (f" {dict(run.statuses)}" if run.errors else "")
             rows.append([suite.label, offered, f"{run.throughput:.0f}", ms(p["p50"]),
                          ms(p["p95"]), ms(p["p99"]), ms(p["max"]), errors,
                          f"{cpu_us:.0f}" if not math.isnan(cpu_us) else "-",
                          f"{ratio_unpack:.2f}" if ratio_unpack else "-",
-                         f"{ratio_asgi:.2f}" if ratio_asgi else "-"] + ([note] if note else []))
+                         f"{ratio_asgi:.2f}" if ratio_asgi else "-", cpu_ratio]
+                        + ([note] if note else []))
     return rows
 
 
 FORWARD_HEADERS = ["target", "offered msg/s", "accepted msg/s", "p50 ms", "p95 ms", "p99 ms",
-                   "max ms", "errors", "server CPU µs/msg", "÷ unpack/s", "÷ bare ASGI/s"]
+                   "max ms", "errors", "server CPU µs/msg", "÷ unpack/s", "÷ bare ASGI/s",
+                   "CPU ÷ unpack CPU"]
 
 
 def plot_throughput(suites: Sequence[ForwardSuite], limits: dict[str, float],
@@ -76,6 +80,8 @@ def plot_throughput(suites: Sequence[ForwardSuite], limits: dict[str, float],
     if xs_all:
         ax.plot(xs_all, xs_all, color="grey", linestyle="--", linewidth=1, label="offered")
     for name, value in limits.items():
+        if name not in ("unpack", "asgi"):
+            continue
         ax.axhline(value, color="black", linestyle="-.", linewidth=0.8)
         ax.text(ax.get_xlim()[0], value, f" {name} limit {value:.0f}/s", va="bottom",
                 fontsize=8)
@@ -110,7 +116,11 @@ def plot_latency_over_time(suites: Sequence[ForwardSuite], path: Path) -> None:
             ax.text(offset, 1.0, " " + name, transform=ax.get_xaxis_transform(), va="top",
                     fontsize=7)
             offset = ts[-1] + 1.0
-        ax.set_yscale("log")
+        if offset == 0.0:
+            ax.text(0.5, 0.5, "no request accepted (see the table)", ha="center",
+                    transform=ax.transAxes)
+        else:
+            ax.set_yscale("log")
         ax.set_ylabel("latency ms (log)")
         ax.set_title(f"{suite.label}: p50 (blue), p99 (red), max (grey) per 0.5 s", fontsize=9)
         ax.grid(True, alpha=0.3, which="both")

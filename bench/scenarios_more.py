@@ -169,14 +169,17 @@ def _fill_direct(db: Path, mediatee: str, body: bytes, count: int) -> float:
 
 
 async def _drain_head(base_url: str, agent: BenchAgent, mediator: str, measure: int,
-                      pids: list[int], batch: int = 100) -> dict[str, Any]:
-    """Pick up and acknowledge `measure` messages from the head of the queue."""
+                      pids: list[int], batch: int = 100,
+                      time_limit: float = 180.0) -> dict[str, Any]:
+    """Pick up and acknowledge `measure` messages from the head of the queue (or as many
+    as fit in `time_limit` seconds: when per-message cost grows with the queue, a 1M queue
+    could otherwise take hours)."""
     delivery_t, ack_t, client_t = [], [], []
     got = 0
     cpu0 = servers.process_stats(pids)[2]
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=60) as client:
-        while got < measure:
+        while got < measure and time.perf_counter() - started < time_limit:
             t0 = time.perf_counter()
             packed = await agent.request(f"{PICKUP}/delivery-request", mediator,
                                          {"limit": min(batch, measure - got)})
