@@ -235,13 +235,15 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
         found = await rooms.store.room_get(room)
         if found is None:
             raise NotFound(f"no room {room!r}")
-        # The acknowledgement is queued before the first event of the room.
-        await feed.offer(Frame({"type": "subscribed", "room": room, "since": since,
-                          "last_seq": found.last_seq}))
-        rooms.hub.subscribe(feed, room, since)
+        # Present before the acknowledgement: a post the client makes after it never
+        # notifies this participant as offline.
         if room not in feed.present:
             feed.present.add(room)
             await rooms.presence.join(room, feed.principal.sub)
+        # The acknowledgement is queued before the first event of the room.
+        await feed.offer(Frame({"type": "subscribed", "room": room, "since": since,
+                                "last_seq": found.last_seq}))
+        rooms.hub.subscribe(feed, room, since)
     elif action == "unsubscribe":
         room = _room_arg(frame)
         rooms.hub.unsubscribe(feed, room)
