@@ -24,6 +24,7 @@ from did_peer_2 import KeySpec, generate
 from didcomm_messaging.multiformats import multibase, multicodec
 
 from dovecote.client.errors import NotInitialised
+from dovecote.files import write_private
 
 IDENTITY_FILE = "identity.json"
 
@@ -119,16 +120,5 @@ def save(data_dir: Path, ident: ClientIdentity) -> None:
         "x25519": base64.b64encode(ident.agreement_key.get_secret_bytes()).decode(),
         "mediation": ident.mediation.__dict__ if ident.mediation else None,
     }
-    _write_private(data_dir / IDENTITY_FILE, json.dumps(stored, indent=2))
+    write_private(data_dir / IDENTITY_FILE, json.dumps(stored, indent=2))
 
-
-def _write_private(path: Path, text: str) -> None:
-    """Write atomically with mode 0600: the file holds private keys."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)

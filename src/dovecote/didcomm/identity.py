@@ -22,6 +22,8 @@ from aries_askar import Key, KeyAlg
 from did_peer_2 import KeySpec, generate
 from didcomm_messaging.multiformats import multibase, multicodec
 
+from dovecote.files import write_private
+
 log = structlog.get_logger("dovecote.identity")
 
 IDENTITY_FILE = "identity.json"
@@ -116,7 +118,7 @@ def load_or_create(path: Path, endpoints: list[str]) -> Identity:
         dids = [current, *[d for d in dids if d != current]]
         stored["dids"] = dids
         try:
-            _write_private(path, json.dumps(stored, indent=2))
+            write_private(path, json.dumps(stored, indent=2))
         except OSError as exc:
             # A read-only secret mount: the new DID is still valid (same keys).
             log.warning("identity.not_saved", error=str(exc))
@@ -139,14 +141,3 @@ def _create_exclusive(path: Path, text: str) -> bool:
     finally:
         os.unlink(tmp)
 
-
-def _write_private(path: Path, text: str) -> None:
-    """Write atomically with mode 0600: the file holds private keys."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
