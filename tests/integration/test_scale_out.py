@@ -24,11 +24,11 @@ import httpx
 import pytest
 import websockets
 
+from chaos.proxy import FaultProxy
 from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, forward_to
 from support.nginx import Nginx, start_nginx
 from support.postgres import fresh_database, with_port
 from support.server import ServerProcess, free_port
-from support.tcpproxy import TcpProxy
 
 ADMIN = "scale-out-token"
 RETRYABLE = {429, 502, 503, 504}
@@ -202,7 +202,8 @@ async def test_database_connection_cut_gives_503_and_recovers(
         from urllib.parse import urlsplit
 
         target = urlsplit(url)
-        proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432).start()
+        proxy = FaultProxy(upstream_port=target.port or 5432,
+                           upstream_host=target.hostname or "127.0.0.1").start()
         server = ServerProcess(
             data_dir=tmp_path / "data", port=free_port(),
             env={"DOVECOTE_STORE": with_port(url, "127.0.0.1", proxy.port),
@@ -242,7 +243,7 @@ async def test_database_connection_cut_gives_503_and_recovers(
             async def outage() -> dict[str, Any]:
                 while len(accepted) < total // 4:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
-                proxy.cut_all()
+                proxy.refuse()
                 seen_unready = False
                 for _ in range(50):
                     if await asyncio.to_thread(_ready, server) == 503:
@@ -250,7 +251,7 @@ async def test_database_connection_cut_gives_503_and_recovers(
                         break
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(3)
-                proxy.restore()
+                proxy.heal()
                 return {"unready": seen_unready}
 
             results = await asyncio.wait_for(asyncio.gather(send_all(), outage()), 240)
