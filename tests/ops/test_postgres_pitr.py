@@ -44,13 +44,13 @@ PG_BIN = _pg_bin()
 pytestmark = pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL server binaries missing")
 
 
-def _as_owner(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
+def _as_owner(*cmd: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a PostgreSQL tool as the clusters' owner (initdb refuses root)."""
     args = [str(c) for c in cmd]
     if os.geteuid() == 0:
         args = ["runuser", "-u", RUN_USER, "--", *args]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+    assert not check or result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
     return result
 
 
@@ -71,9 +71,24 @@ class Cluster:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("\n".join(["", "# dovecote test", *lines, ""]))
 
+    @property
+    def log(self) -> Path:
+        return self.data.parent / f"{self.data.name}.log"
+
     def start(self) -> None:
-        _as_owner(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.data.parent /
-                  f"{self.data.name}.log", "-w", "-t", "60", "start")
+        for _ in range(3):
+            result = _as_owner(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.log, "-w",
+                               "-t", "60", "start", check=False)
+            if result.returncode == 0:
+                return
+            log = self.log.read_text() if self.log.exists() else ""
+            if "could not bind" not in log and "already in use" not in log:
+                break
+            # Another process took the port between free_port() and the bind: move on.
+            self.port = free_port()
+            self.configure(port=str(self.port))
+        raise AssertionError(f"{self.data.name} did not start:\n{result.stderr}\n"
+                             + (self.log.read_text()[-3000:] if self.log.exists() else ""))
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():
@@ -98,8 +113,7 @@ class Cluster:
                     return
             except (OSError, asyncpg.PostgresError):
                 pass
-            assert time.monotonic() < deadline, (self.data.parent /
-                                                 f"{self.data.name}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, self.log.read_text()[-3000:]
             await asyncio.sleep(0.2)
 
 
