@@ -40,6 +40,7 @@ from typing import Any
 import structlog
 
 from dovecote import __version__
+from dovecote.files import PRIVATE, write_atomic, write_private
 from dovecote.ops.lock import DataDirLock
 
 log = structlog.get_logger("dovecote.backup")
@@ -50,7 +51,6 @@ STEP_SLEEP = 0.005  # seconds between steps, for the writer's sake
 MANIFEST_SUFFIX = ".manifest.json"
 IDENTITY_SUFFIX = ".identity.json"
 PARTIAL_SUFFIX = ".partial"
-PRIVATE = 0o600
 
 
 class BackupError(RuntimeError):
@@ -146,7 +146,7 @@ def make_backup(
         problems = _check_database(partial, schema, counts)
         if problems:
             raise BackupError("the copy failed its check: " + "; ".join(problems))
-        _write_private(partial_identity, identity.read_bytes())
+        write_private(partial_identity, identity.read_bytes())
         manifest = Manifest(
             created_at=snapshot_at, schema_version=schema, tables=counts,
             database=_digest(partial, out.database.name),
@@ -157,7 +157,7 @@ def make_backup(
         os.replace(partial, out.database)
         os.replace(partial_identity, out.identity)
         # The manifest last: its presence is what says "this backup is complete".
-        _write_atomic(out.manifest, manifest.to_json().encode(), 0o644)
+        write_atomic(out.manifest, manifest.to_json().encode(), 0o644)
         _fsync_dir(out.database.parent)
     finally:
         for leftover in (partial, partial_identity, Path(f"{partial}-journal")):
@@ -343,7 +343,7 @@ def restore_backup(
         finally:
             incoming.unlink(missing_ok=True)
         if not same_keys:
-            _write_private(identity, files.identity.read_bytes())
+            write_private(identity, files.identity.read_bytes())
         _fsync_dir(db.parent)
         _fsync_dir(identity.parent)
     log.info("backup.restored", file=str(file), database=str(db), identity=str(identity),
@@ -369,21 +369,6 @@ def _digest(path: Path, name: str) -> FileDigest:
             sha.update(chunk)
             size += len(chunk)
     return FileDigest(name=name, bytes=size, sha256=sha.hexdigest())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    _write_atomic(path, data, PRIVATE)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = Path(f"{path}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
-    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:
