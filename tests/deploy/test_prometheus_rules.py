@@ -49,6 +49,7 @@ GAUGES = {
     "dovecote_circuit_breaker_state",
     "dovecote_degradation_level",
     "dovecote_ready",
+    "dovecote_backup_last_success_timestamp_seconds",
     "dovecote_cluster_instances",
     "dovecote_websocket_connections",
 }
