@@ -195,8 +195,7 @@ async def open_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes],
     for task in list(pending):
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    unanswered = total - len(result.samples) if not result.stopped_early else issued - len(
-        result.samples)
+    unanswered = issued - len(result.samples)
     result.samples.extend(Sample(0, float("inf"), float("inf"), -1) for _ in range(unanswered))
     answered = [s.due + s.latency for s in result.samples if s.status != -1]
     result.duration = max(answered, default=duration)
@@ -207,10 +206,12 @@ async def open_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes],
 
 async def closed_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes],
                       duration: float, connections: int = 64, path: bytes = b"/",
-                      content_type: bytes = ENCRYPTED, warmup: float = 1.0) -> RunResult:
+                      content_type: bytes = ENCRYPTED, warmup: float = 1.0,
+                      cycle: bool = False) -> RunResult:
     """`connections` clients sending back to back for `duration` s (saturation).
 
-    Requests answered in the first `warmup` seconds are not counted.
+    Requests answered in the first `warmup` seconds are not counted. With `cycle` the
+    payloads are reused round-robin (only for targets that do not deduplicate).
     """
     pool = Pool(ports, connections)
     counter = itertools.count()
@@ -221,7 +222,9 @@ async def closed_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes
     async def client(conn: HTTPConnection) -> None:
         while time.perf_counter() < end:
             index = next(counter)
-            if index >= len(payloads):
+            if cycle:
+                index %= len(payloads)
+            elif index >= len(payloads):
                 return
             sent = time.perf_counter()
             try:
@@ -239,7 +242,7 @@ async def closed_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes
                            warmup + duration + 30)
     measured_end = max((s.due + s.latency for s in result.samples), default=duration)
     result.duration = min(duration, measured_end) if measured_end > 0 else duration
-    if next(counter) >= len(payloads):
+    if not cycle and next(counter) >= len(payloads):
         result.stopped_early = f"payload pool ({len(payloads)}) exhausted"
     pool.close()
     return result

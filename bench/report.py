@@ -79,12 +79,23 @@ def plot_throughput(suites: Sequence[ForwardSuite], limits: dict[str, float],
     xs_all = sorted({s.run.offered for su in suites for s in su.steps if s.run.offered})
     if xs_all:
         ax.plot(xs_all, xs_all, color="grey", linestyle="--", linewidth=1, label="offered")
+    shown = [v for k, v in limits.items() if k in ("unpack", "asgi")]
+    ceiling = max([top, *xs_all, *[v for v in shown if v <= 3 * max(top, *xs_all, 1)]]) * 1.15
+    ax.set_ylim(0, ceiling)
+    above = []
     for name, value in limits.items():
         if name not in ("unpack", "asgi"):
             continue
+        label = {"unpack": "anoncrypt unpack", "asgi": "bare ASGI"}[name]
+        if value > ceiling:
+            above.append(f"{label} limit {value:.0f}/s")
+            continue
         ax.axhline(value, color="black", linestyle="-.", linewidth=0.8)
-        ax.text(ax.get_xlim()[0], value, f" {name} limit {value:.0f}/s", va="bottom",
-                fontsize=8)
+        ax.text(ax.get_xlim()[1], value, f"{label} limit {value:.0f}/s ", va="bottom",
+                ha="right", fontsize=8)
+    if above:
+        ax.text(0.99, 0.99, "above the chart: " + ", ".join(above), transform=ax.transAxes,
+                ha="right", va="top", fontsize=8)
     ax.set_xlabel("offered load (msg/s, open loop)")
     ax.set_ylabel("accepted (202) msg/s")
     ax.set_title("Forward accept throughput per offered rate (dotted: closed-loop saturation)")

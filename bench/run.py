@@ -22,7 +22,7 @@ from typing import Any
 
 import uvloop
 
-from bench import forwards, report, scenarios, servers
+from bench import forwards, report, scenarios
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ["reference", "forward", "peer", "e2e", "pickup", "rooms", "soak"]
@@ -121,8 +121,7 @@ async def main(args: argparse.Namespace) -> int:
                 f"({profile.saturation_connections} connections). Accepted = HTTP 202 = "
                 "committed to the store. 'N processes' = N `dovecote serve` instances on N "
                 "ports against one PostgreSQL database.\n\n"
-                + report.table(FORWARD_HEADERS := report.FORWARD_HEADERS,
-                               report.forward_rows(suites, limits)))
+                + report.table(report.FORWARD_HEADERS, report.forward_rows(suites, limits)))
         report.plot_throughput(suites, limits, plots / "throughput.png")
         report.plot_latency_over_time(suites, plots / "latency-over-time.png")
         data["forward"] = [
@@ -132,7 +131,6 @@ async def main(args: argparse.Namespace) -> int:
                         "cpu_seconds": st.cpu_seconds, **st.run.percentiles()}
                        for st in s.steps]}
             for s in suites]
-        del FORWARD_HEADERS
 
     extra = await run_more(parts, profile, agents, payloads, out, plots, data)
     data.update(extra)
@@ -174,5 +172,4 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    _ = servers  # imported for its side-effect-free helpers; keeps `python -m` start uniform
     sys.exit(uvloop.run(main(parse(sys.argv[1:]))))

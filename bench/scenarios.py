@@ -59,7 +59,7 @@ PROFILES = {
         name="full", rates=[250, 500, 1000, 2000], step_seconds=20, saturation_seconds=20,
         saturation_connections=64, recipients=16, pool_size=150_000, e2e_rate=200,
         e2e_seconds=30, pickup_sizes=[10_000, 1_000_000], pickup_measure=10_000,
-        rooms_subscribers=[100, 1000], rooms_posts=1000, soak_seconds=600,
+        rooms_subscribers=[100, 1000], rooms_posts=300, soak_seconds=600,
         configs=[("sqlite, 1 process", "sqlite", 1), ("postgresql, 1 process", "postgres", 1),
                  ("postgresql, 2 processes", "postgres", 2)],
     ),
@@ -89,7 +89,7 @@ async def _mediate_all(base_url: str, agents: Sequence[BenchAgent], mediator: st
 
 async def _steps(label: str, ports: list[int], pids: list[int], payloads: Sequence[bytes],
                  profile: Profile, rates: Sequence[float] | None = None,
-                 content_type: bytes = loadgen.ENCRYPTED) -> list[Step]:
+                 content_type: bytes = loadgen.ENCRYPTED, cycle: bool = False) -> list[Step]:
     steps: list[Step] = []
     offset = 0
     for rate in (profile.rates if rates is None else rates):
@@ -109,7 +109,7 @@ async def _steps(label: str, ports: list[int], pids: list[int], payloads: Sequen
     cpu0 = servers.process_stats(pids)[2]
     run = await loadgen.closed_loop(f"{label} saturation", ports, rest,
                                     profile.saturation_seconds, profile.saturation_connections,
-                                    content_type=content_type)
+                                    content_type=content_type, cycle=cycle)
     steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
     _print_step(steps[-1])
     return steps
@@ -149,7 +149,9 @@ async def asgi_suite(label: str, app: str, payloads: Sequence[bytes], profile: P
     """The same load against another ASGI app (bare reference or naive mediator)."""
     suite = ForwardSuite(label)
     with servers.asgi_app(app, env) as (port, proc):
-        suite.steps = await _steps(label, [port], [proc.pid], payloads, profile, rates)
+        # Neither the bare reference nor the naive mediator deduplicates: reuse payloads.
+        suite.steps = await _steps(label, [port], [proc.pid], payloads, profile, rates,
+                                   cycle=True)
     return suite
 
 
@@ -190,7 +192,7 @@ async def acapy_suite(profile: Profile) -> ForwardSuite:
             payloads = await asyncio.to_thread(mediator.start, need)
             suite.label = f"ACA-Py {mediator.version} mediator (peer)"
             suite.steps = await _steps(suite.label, [mediator.port], [mediator.pid], payloads,
-                                       profile, rates, content_type=acapy.WIRE)
+                                       profile, rates, content_type=acapy.WIRE, cycle=True)
         except Exception as exc:  # the peer failing must not lose Dovecote's results
             suite.skipped = f"ACA-Py run failed: {exc!r}"[:300]
         finally:
