@@ -45,11 +45,12 @@ def _write(path: Path, items: list[bytes]) -> None:
 def _read(path: Path) -> list[bytes]:
     data = path.read_bytes()
     items, offset = [], 0
-    while offset < len(data):
+    while offset + 4 <= len(data):
         (size,) = struct.unpack_from("<I", data, offset)
-        offset += 4
-        items.append(data[offset:offset + size])
-        offset += size
+        if offset + 4 + size > len(data):
+            break  # a record cut short by an interrupted run
+        items.append(data[offset + 4:offset + 4 + size])
+        offset += 4 + size
     return items
 
 
@@ -68,10 +69,16 @@ def pool(recipients: list[str], mediator_did: str, count: int, pad: int = 200,
     chunk = 2000
     jobs = [(recipients, mediator_did, s, min(s + chunk, count), pad)
             for s in range(len(have), count, chunk)]
-    with ProcessPoolExecutor(processes) as executor:
+    if not path.exists():
+        _write(path, [])
+    with ProcessPoolExecutor(processes) as executor, open(path, "ab") as out:
+        # Appended chunk by chunk: an interrupted run keeps what it packed.
         for part in executor.map(_pack_range, jobs):
             have.extend(part)
-    _write(path, have)
+            for item in part:
+                out.write(struct.pack("<I", len(item)))
+                out.write(item)
+            out.flush()
     if log:
         took = time.perf_counter() - started
         print(f"  packed {len(have) - before} forwards in {took:.0f}s ({path.name})",

@@ -71,8 +71,10 @@ async def main(args: argparse.Namespace) -> int:
                                         ["live", "pickup"])
     recipients = [agents[f"r{i}"] for i in range(profile.recipients)]
     mediator_did = forwards.mediator_did()
-    payloads = await asyncio.to_thread(forwards.pool, [a.did for a in recipients],
-                                       mediator_did, profile.pool_size)
+    payloads: list[bytes] = []
+    if {"reference", "forward", "peer", "soak"} & set(parts):
+        payloads = await asyncio.to_thread(forwards.pool, [a.did for a in recipients],
+                                           mediator_did, profile.pool_size)
     data: dict[str, Any] = {"profile": profile.name, "started": stamp.isoformat()}
     limits: dict[str, float] = {}
     suites: list[scenarios.ForwardSuite] = []

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sqlite3
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import websockets
 
-from bench import forwards, loadgen, report, servers
+from bench import fill, forwards, loadgen, report, servers
 from bench.agents import _CRYPTO, _PACKAGING, _RESOLVER, PICKUP, BenchAgent
 from bench.mediation import attachment_key, mediate
 from bench.scenarios import Profile
@@ -140,34 +138,6 @@ async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> di
             "accept": accept, "push": push, "ack": acked}
 
 
-def _fill_direct(db: Path, mediatee: str, body: bytes, count: int) -> float:
-    """Queue `count` copies of `body` for `mediatee` straight into the SQLite schema."""
-    started = time.perf_counter()
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("PRAGMA synchronous=OFF")  # the fill is setup, not measurement
-    now = time.time()
-    batch = 50_000
-    done = 0
-    while done < count:
-        n = min(batch, count - done)
-        conn.execute("BEGIN")
-        conn.executemany(
-            "INSERT INTO messages (id, mediatee, recipient, body, size, received_at, "
-            "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            ((uuid.uuid4().hex, mediatee, mediatee, body, len(body), now, now + 30 * 86400)
-             for _ in range(n)))
-        conn.execute(
-            "INSERT INTO mailboxes (mediatee, message_count, total_bytes) VALUES (?, ?, ?) "
-            "ON CONFLICT (mediatee) DO UPDATE SET message_count = message_count + "
-            "excluded.message_count, total_bytes = total_bytes + excluded.total_bytes",
-            (mediatee, n, n * len(body)))
-        conn.execute("COMMIT")
-        done += n
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    return time.perf_counter() - started
-
-
 async def _drain_head(base_url: str, agent: BenchAgent, mediator: str, measure: int,
                       pids: list[int], batch: int = 100,
                       time_limit: float = 180.0) -> dict[str, Any]:
@@ -231,7 +201,7 @@ async def pickup(profile: Profile, agent: BenchAgent) -> list[dict[str, Any]]:
                                                   forwards.mediator_did(), 1)
                     inner = await _inner_body(one[0])
                     server.stop()
-                    took = await asyncio.to_thread(_fill_direct, server.db_path, agent.did,
+                    took = await asyncio.to_thread(fill.fill, server.db_path, agent.did,
                                                    inner, size)
                     fill_how = f"direct SQLite insert ({took:.0f}s)"
                     server.start()
