@@ -46,6 +46,7 @@ def _spawn(settings: Settings, sock: socket.socket) -> int:
     # Child: default signal handling until uvicorn installs its own.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    _die_with_parent()
     code = 0
     try:
         from dovecote.server import Dovecote, serve_worker
@@ -57,6 +58,20 @@ def _spawn(settings: Settings, sock: socket.socket) -> int:
     finally:
         sys.stdout.flush()
         os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the supervisor dies (even by SIGKILL), so a
+    killed supervisor never leaves workers serving on their own."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 def run_workers(settings: Settings) -> None:

@@ -49,6 +49,24 @@ async def test_two_workers_share_port_and_metrics(server_factory: Any) -> None:
         assert server.proc.wait(timeout=60) == 0
 
 
+def test_killed_supervisor_takes_its_workers_along(server_factory: Any) -> None:
+    import os
+    import time
+
+    with fresh_database() as url:
+        server = server_factory(env={"DOVECOTE_STORE": url}, args=["--workers", "2"])
+        assert server.proc is not None
+        children = [int(p) for p in open(f"/proc/{server.proc.pid}/task/{server.proc.pid}"
+                                          "/children").read().split()]
+        assert len(children) == 2
+        server.kill(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{pid}") and
+                  open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in children):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            time.sleep(0.2)
+
+
 def test_workers_refuse_sqlite(server_factory: Any) -> None:
     server = server_factory(args=["--workers", "2"], start=False)
     server.start(wait=False)
