@@ -104,10 +104,10 @@ async def main(args: argparse.Namespace) -> int:
               f"closed loop, {profile.saturation_connections} connections, same payloads"]]))
 
     if "forward" in parts:
-        for label, engine, instances in profile.configs:
+        for label, engine, instances, workers in profile.configs:
             print(f"forward: {label} ...", flush=True)
-            suites.append(await scenarios.forward_suite(label, engine, instances, profile,
-                                                        recipients, payloads))
+            suites.append(await scenarios.forward_suite(label, engine, instances, workers,
+                                                        profile, recipients, payloads))
     if "peer" in parts:
         peer = await scenarios.acapy_suite(profile)
         suites.append(peer)
@@ -124,7 +124,8 @@ async def main(args: argparse.Namespace) -> int:
                 "Open loop at fixed offered rates (latency from when each request was due), "
                 "then closed loop at saturation "
                 f"({profile.saturation_connections} connections). Accepted = HTTP 202 = "
-                "committed to the store. 'N processes' = N `dovecote serve` instances on N "
+                "committed to the store. '--workers 2' = `dovecote serve --workers 2` (two "
+                "worker processes on one socket); '2 instances' = two `dovecote serve` on two "
                 "ports against one PostgreSQL database.\n\n"
                 + report.table(report.FORWARD_HEADERS, report.forward_rows(suites, limits)))
         report.plot_throughput(suites, limits, plots / "throughput.png")

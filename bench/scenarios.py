@@ -34,7 +34,7 @@ class Profile:
     rooms_subscribers: list[int]
     rooms_posts: int
     soak_seconds: float
-    configs: list[tuple[str, str, int]]  # (label, "sqlite"|"postgres", instances)
+    configs: list[tuple[str, str, int, int]]  # (label, "sqlite"|"postgres", instances, workers)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,23 +45,27 @@ PROFILES = {
         saturation_connections=64, recipients=8, pool_size=6_000, e2e_rate=50,
         e2e_seconds=4, pickup_sizes=[2_000, 20_000], pickup_measure=1_000,
         rooms_subscribers=[100], rooms_posts=50, soak_seconds=30,
-        configs=[("sqlite, 1 process", "sqlite", 1), ("postgresql, 2 processes", "postgres", 2)],
+        configs=[("sqlite, 1 process", "sqlite", 1, 1),
+                 ("postgresql, --workers 2", "postgres", 1, 2)],
     ),
     "quick": Profile(
         name="quick", rates=[250, 500, 1000, 2000], step_seconds=6, saturation_seconds=8,
         saturation_connections=64, recipients=8, pool_size=40_000, e2e_rate=100,
         e2e_seconds=8, pickup_sizes=[10_000, 100_000], pickup_measure=3_000,
         rooms_subscribers=[100], rooms_posts=200, soak_seconds=0,
-        configs=[("sqlite, 1 process", "sqlite", 1), ("postgresql, 1 process", "postgres", 1),
-                 ("postgresql, 2 processes", "postgres", 2)],
+        configs=[("sqlite, 1 process", "sqlite", 1, 1),
+                 ("postgresql, 1 process", "postgres", 1, 1),
+                 ("postgresql, --workers 2", "postgres", 1, 2)],
     ),
     "full": Profile(
         name="full", rates=[250, 500, 1000, 2000], step_seconds=20, saturation_seconds=20,
         saturation_connections=64, recipients=16, pool_size=150_000, e2e_rate=200,
         e2e_seconds=30, pickup_sizes=[10_000, 1_000_000], pickup_measure=10_000,
         rooms_subscribers=[100, 1000], rooms_posts=300, soak_seconds=600,
-        configs=[("sqlite, 1 process", "sqlite", 1), ("postgresql, 1 process", "postgres", 1),
-                 ("postgresql, 2 processes", "postgres", 2)],
+        configs=[("sqlite, 1 process", "sqlite", 1, 1),
+                 ("postgresql, 1 process", "postgres", 1, 1),
+                 ("postgresql, --workers 2", "postgres", 1, 2),
+                 ("postgresql, 2 instances on 2 ports", "postgres", 2, 1)],
     ),
 }
 
@@ -123,8 +127,9 @@ def _print_step(step: Step) -> None:
           f"{'  [' + run.stopped_early + ']' if run.stopped_early else ''}", flush=True)
 
 
-async def forward_suite(label: str, engine: str, instances: int, profile: Profile,
-                        agents: Sequence[BenchAgent], payloads: Sequence[bytes]) -> ForwardSuite:
+async def forward_suite(label: str, engine: str, instances: int, workers: int,
+                        profile: Profile, agents: Sequence[BenchAgent],
+                        payloads: Sequence[bytes]) -> ForwardSuite:
     """Forward accept throughput and latency at fixed rates and at saturation."""
     suite = ForwardSuite(label)
     if engine == "postgres" and not servers.postgres_available():
@@ -133,7 +138,7 @@ async def forward_suite(label: str, engine: str, instances: int, profile: Profil
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(servers.workdir(engine))
         store = stack.enter_context(servers.postgres_database()) if engine == "postgres" else ""
-        server = servers.Dovecote(work, store=store, instances=instances,
+        server = servers.Dovecote(work, store=store, instances=instances, workers=workers,
                                   identity=forwards.mediator_identity()).start()
         try:
             await _mediate_all(server.base_urls[0], agents, server.did())

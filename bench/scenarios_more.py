@@ -45,7 +45,8 @@ class LiveConsumer:
     """A mediatee on a WebSocket in live mode that acknowledges every push.
 
     Records, per delivered message (keyed by its inner IV), when it was pushed and when the
-    acknowledgement's answer came back.
+    acknowledgement's answer came back. Like a real client it reconnects (and turns live
+    mode on again) when the socket closes; `reconnects` counts how often.
     """
 
     def __init__(self, agent: BenchAgent, ws_url: str, mediator: str) -> None:
@@ -53,20 +54,38 @@ class LiveConsumer:
         self.pushed: dict[str, float] = {}
         self.acked: dict[str, float] = {}
         self.duplicates = 0
+        self.reconnects = 0
+        self.closes: dict[str, int] = {}
         self._acks: dict[str, list[str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ws: Any = None
         self._live = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
-        self._ws = await websockets.connect(self.ws_url, max_size=None)
-        self._task = asyncio.create_task(self._read())
-        await self._ws.send(await self.agent.request(f"{PICKUP}/live-delivery-change",
-                                                     self.mediator, {"live_delivery": True}))
+        self._task = asyncio.create_task(self._run())
         await asyncio.wait_for(self._live.wait(), 30)
 
-    async def _read(self) -> None:
-        async for frame in self._ws:
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                async with websockets.connect(self.ws_url, max_size=None,
+                                              open_timeout=30) as ws:
+                    self._ws = ws
+                    await ws.send(await self.agent.request(
+                        f"{PICKUP}/live-delivery-change", self.mediator,
+                        {"live_delivery": True}))
+                    await self._read(ws)
+                    reason = f"closed {ws.close_code}"
+            except Exception as exc:  # a dropped socket: reconnect, as clients do
+                reason = type(exc).__name__
+            self.closes[reason] = self.closes.get(reason, 0) + 1
+            if not self._stopping:
+                self.reconnects += 1
+                await asyncio.sleep(0.5)
+
+    async def _read(self, ws: Any) -> None:
+        async for frame in ws:
             now = time.perf_counter()
             message = await self.agent.unpack(frame)
             kind = message.get("type", "")
@@ -83,15 +102,17 @@ class LiveConsumer:
                 ack = self.agent.message(f"{PICKUP}/messages-received", self.mediator,
                                          {"message_id_list": ids})
                 self._acks[ack["id"]] = keys
-                await self._ws.send(await self.agent.pack(ack, self.mediator))
+                await ws.send(await self.agent.pack(ack, self.mediator))
             elif kind.endswith("/status"):
                 self._live.set()
                 for key in self._acks.pop(message.get("thid", ""), []):
                     self.acked.setdefault(key, now)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._ws is not None:
-            await self._ws.close()
+            with contextlib.suppress(Exception):
+                await self._ws.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -135,6 +156,7 @@ async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> di
     return {"engine": engine, "rate": profile.e2e_rate, "seconds": profile.e2e_seconds,
             "sent": count, "accepted": len(run.ok), "pushed": len(consumer.pushed),
             "acked": len(consumer.acked), "duplicate_pushes": consumer.duplicates,
+            "reconnects": consumer.reconnects,
             "accept": accept, "push": push, "ack": acked}
 
 
@@ -438,11 +460,21 @@ async def soak(profile: Profile, agents: list[BenchAgent], payloads: list[bytes]
         "errors": run.errors, "statuses": dict(run.statuses), "server_duplicates": duplicates,
         "pushed": sum(len(c.pushed) for c in consumers),
         "acked": sum(len(c.acked) for c in consumers), "samples": samples,
+        "reconnects": sum(c.reconnects for c in consumers),
+        "closes": _merge([c.closes for c in consumers]),
         "rss_slope_mib_per_min": report.slope([s["t"] for s in half],
                                               [s["rss_mib"] for s in half]) * 60,
         "fd_slope_per_min": report.slope([s["t"] for s in half], [s["fds"] for s in half]) * 60,
         "latency": run.percentiles(),
     }
+
+
+def _merge(counts: list[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for count in counts:
+        for key, n in count.items():
+            merged[key] = merged.get(key, 0) + n
+    return merged
 
 
 async def run(parts: list[str], profile: Profile, agents: dict[str, Any],
@@ -466,7 +498,8 @@ async def run(parts: list[str], profile: Profile, agents: dict[str, Any],
             rows.append([f"{engine}: counts", f"sent {result['sent']}",
                          f"accepted {result['accepted']}", f"pushed {result['pushed']}",
                          f"acked {result['acked']} (not acked: {lost})",
-                         f"duplicate pushes {result['duplicate_pushes']}"])
+                         f"duplicate pushes {result['duplicate_pushes']}, "
+                         f"reconnects {result['reconnects']}"])
         out.add("## End to end: accept -> live WebSocket push -> acknowledge\n\n"
                 f"{profile.e2e_rate:g} forwards/s for {profile.e2e_seconds:g} s to one "
                 "mediatee in live mode on a WebSocket; it decrypts each push and acknowledges "
@@ -547,6 +580,8 @@ async def run(parts: list[str], profile: Profile, agents: dict[str, Any],
                 ["sent / accepted / errors", f"{result['sent']} / {result['accepted']} / "
                                              f"{result['errors']} {result['statuses']}"],
                 ["pushed / acked (live consumers)", f"{result['pushed']} / {result['acked']}"],
+                ["live sockets dropped and reconnected", f"{result['reconnects']} "
+                                                         f"{result['closes']}"],
                 ["accept latency p50 / p99 / max ms",
                  f"{report.ms(lat['p50'])} / {report.ms(lat['p99'])} / {report.ms(lat['max'])}"],
                 ["RSS first / last sample MiB",

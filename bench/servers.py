@@ -76,15 +76,16 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) ->
 class Dovecote:
     """One or more `dovecote serve` processes sharing one store and one key file.
 
-    `dovecote serve` runs one process (uvicorn with one worker); the `workers` setting is
-    not acted on by server.run. "N workers" here is N instances on N ports against the
-    same PostgreSQL database, which is what several workers would be, minus a shared
-    listening socket: the load generator spreads its connections over the ports.
+    Two ways to run several processes on PostgreSQL: `workers` > 1 is
+    `dovecote serve --workers N` (a supervisor forking N workers on one listening socket);
+    `instances` > 1 is N separate servers on N ports (as behind a load balancer), the load
+    generator spreading its connections over the ports.
     """
 
     workdir: Path
     store: str = ""  # empty: SQLite in the data dir
     instances: int = 1
+    workers: int = 1
     env: dict[str, str] = field(default_factory=dict)
     identity: Path | None = None
     ports: list[int] = field(default_factory=list)
@@ -121,7 +122,8 @@ class Dovecote:
             data_dir.mkdir(parents=True, exist_ok=True)
             self.procs.append(subprocess.Popen(
                 [PYTHON, "-m", "dovecote", "serve", "--port", str(port),
-                 "--data-dir", str(data_dir)],
+                 "--data-dir", str(data_dir),
+                 *(["--workers", str(self.workers)] if self.workers > 1 else [])],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             ))
         for index, (port, proc) in enumerate(zip(self.ports, self.procs, strict=True)):
