@@ -48,7 +48,7 @@ from dovecote.store.postgres_rooms import PostgresRoomsMixin
 
 # The SQLite engine is the reference: share its row decoding and DID URL matching so
 # both engines answer identically.
-from dovecote.store.sqlite import _dead_letter, _outbox_item, _recipient_candidates
+from dovecote.store.sqlite import STATUS_SQL, _dead_letter, _outbox_item, _recipient_candidates
 
 log = structlog.get_logger("dovecote.store.postgres")
 
@@ -502,6 +502,10 @@ class PostgresStore(PostgresRoomsMixin, Store):
         return result
 
     async def status(self, mediatee: str, recipient: str | None = None) -> MailboxStatus:
+        if recipient is None:
+            # Totals row and the ends of the (mediatee, seq) index: flat in queue size.
+            row = await self._read(lambda c: c.fetchrow(STATUS_SQL, mediatee))
+            return MailboxStatus(int(row[0]), int(row[1]), row[2], row[3])
         sql = (
             "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at), MAX(received_at) "
             "FROM messages WHERE mediatee = $1"

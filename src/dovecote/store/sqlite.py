@@ -447,11 +447,9 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
     async def status(self, mediatee: str, recipient: str | None = None) -> MailboxStatus:
         def fn(c: sqlite3.Connection) -> MailboxStatus:
             if recipient is None:
-                row = c.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at), "
-                    "MAX(received_at) FROM messages WHERE mediatee = ?",
-                    (mediatee,),
-                ).fetchone()
+                # Running totals and the two ends of the (mediatee, seq) index: the cost
+                # does not grow with the queue (a COUNT over 1M rows took seconds).
+                row = c.execute(STATUS_SQL.replace("$1", "?1"), (mediatee,)).fetchone()
             else:
                 row = c.execute(
                     "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at), "
@@ -738,6 +736,14 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
             )
 
         return await self._read(fn)
+
+
+STATUS_SQL = (
+    "SELECT COALESCE((SELECT message_count FROM mailboxes WHERE mediatee = $1), 0), "
+    "COALESCE((SELECT total_bytes FROM mailboxes WHERE mediatee = $1), 0), "
+    "(SELECT received_at FROM messages WHERE mediatee = $1 ORDER BY seq LIMIT 1), "
+    "(SELECT received_at FROM messages WHERE mediatee = $1 ORDER BY seq DESC LIMIT 1)"
+)
 
 
 class _Notifying:
