@@ -50,6 +50,7 @@ async def main(args: argparse.Namespace) -> int:
         profile.soak_seconds = args.soak_seconds
     if args.soak_rate:
         profile.extra["soak_rate"] = args.soak_rate
+    profile.extra["soak_live"] = args.soak_live
     parts = args.only.split(",") if args.only else PARTS
     stamp = dt.datetime.now()
     name = args.name or f"{stamp:%Y-%m-%d}-{profile.name}"
@@ -170,6 +171,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         if os.environ.get("BENCH_SOAK_SECONDS") else None)
     parser.add_argument("--soak-rate", type=float, default=None,
                         help="forwards/s during the soak (default: half the SQLite saturation)")
+    parser.add_argument("--soak-live", action="store_true",
+                        default=bool(os.environ.get("BENCH_SOAK_LIVE")),
+                        help="soak with the mediatees on live WebSockets (default: offline)")
     parser.add_argument("--step-seconds", type=float, default=None)
     parser.add_argument("--name", default=os.environ.get("BENCH_NAME", ""),
                         help="results file name (default DATE-PROFILE)")

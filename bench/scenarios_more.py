@@ -404,9 +404,15 @@ async def _rooms_run(server: servers.Dovecote, subscribers: int, posts: int,
 
 
 async def soak(profile: Profile, agents: list[BenchAgent], payloads: list[bytes],
-               rate: float, seconds: float) -> dict[str, Any]:
-    """Forwards at `rate` for `seconds` with live consumers acknowledging everything;
-    server RSS and file descriptors sampled every 5 s."""
+               rate: float, seconds: float, live: bool = False) -> dict[str, Any]:
+    """Forwards at `rate` for `seconds`; server RSS and file descriptors every 5 s.
+
+    By default the mediatees are offline and their mailboxes grow (store-and-forward's
+    normal case, and the accept path alone at the chosen share of its saturation). With
+    `live`, each mediatee is on a WebSocket in live mode acknowledging every push: the
+    server then also packs every push and unpacks every acknowledgement, which costs more
+    than the accept (see docs/performance.md), so use a lower rate.
+    """
     with servers.workdir("soak") as work:
         # Forwards are reused once the pool is spent: a short dedup window (swept every
         # 5 s) forgets their digests long before they come round again.
@@ -418,7 +424,7 @@ async def soak(profile: Profile, agents: list[BenchAgent], payloads: list[bytes]
             async with httpx.AsyncClient(timeout=30) as client:
                 for agent in agents:
                     await mediate(client, server.base_urls[0], agent, did)
-            for agent in agents:
+            for agent in agents if live else []:
                 consumer = LiveConsumer(agent, f"ws://127.0.0.1:{server.ports[0]}/ws", did)
                 await consumer.start()
                 consumers.append(consumer)
@@ -564,7 +570,8 @@ async def run(parts: list[str], profile: Profile, agents: dict[str, Any],
                        "no saturation measured in this run: default 100")
         print(f"soak: {rate:.0f} msg/s for {profile.soak_seconds:.0f} s ...", flush=True)
         recipients = [agents[f"r{i}"] for i in range(profile.recipients)]
-        result = await soak(profile, recipients, payloads, rate, profile.soak_seconds)
+        live = bool(profile.extra.get("soak_live"))
+        result = await soak(profile, recipients, payloads, rate, profile.soak_seconds, live)
         report.plot_soak(result["samples"], plots / "soak.png")
         extra["soak"] = result
         s = result["samples"]
@@ -574,8 +581,10 @@ async def run(parts: list[str], profile: Profile, agents: dict[str, Any],
             "## Soak\n\n"
             f"{rate:.0f} forwards/s ({rate_source}) for "
             f"{profile.soak_seconds / 60:.1f} min, SQLite, {len(recipients)} mediatees "
-            "acknowledging live pushes; server sampled every 5 s. Slopes are least-squares "
-            "over the second half of the run (after warm-up).\n\n"
+            + ("on WebSockets in live mode acknowledging every push" if live else
+               "offline (their mailboxes grow; --soak-live puts them on live WebSockets)")
+            + "; server sampled every 5 s. Slopes are least-squares over the second half of "
+            "the run (after warm-up).\n\n"
             + report.table(["measure", "value"], [
                 ["sent / accepted / errors", f"{result['sent']} / {result['accepted']} / "
                                              f"{result['errors']} {result['statuses']}"],
