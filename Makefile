@@ -54,6 +54,7 @@ clean:
 
 ## Benchmarks into bench/results/: BENCH_PROFILE=quick (default, ~10 min) or full (soak, 1M).
 bench: $(DEVSTAMP) postgres
+	-sh bench/peer/install-acapy.sh  # the comparison peer (own venv); a failure only skips it
 	. ./.test-env 2>/dev/null; $(BIN)/python -m bench.run --profile $${BENCH_PROFILE:-quick}
 
 ## Chaos suite: every fault-injection scenario under load (make test runs the fast ones).
