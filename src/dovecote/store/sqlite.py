@@ -493,8 +493,10 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
             removed: list[StoredMessage] = []
             for chunk_start in range(0, len(wanted), 500):
                 chunk = wanted[chunk_start : chunk_start + 500]
+                # `+mediatee` keeps the planner on the unique id index: with the mailbox
+                # index it walked the whole mailbox (320 ms per ack at 1M queued, 2 ms now).
                 rows = c.execute(
-                    "DELETE FROM messages WHERE mediatee = ? AND id IN "
+                    "DELETE FROM messages WHERE +mediatee = ? AND id IN "
                     "(SELECT value FROM json_each(?)) "
                     "RETURNING id, seq, mediatee, recipient, body, received_at, expires_at",
                     (mediatee, json.dumps(chunk)),
