@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ DeliveryBuilder = Callable[[str, "Sequence[StoredMessage]"], Awaitable[bytes]]
 MAX_IN_FLIGHT = 1000
 # Re-check the store this often even without a wake-up (a missed notification only delays).
 SAFETY_POLL_SECONDS = 5.0
+# How many acknowledged ids a session remembers (see LiveSession.acked).
+RECENT_ACKS = 2 * MAX_IN_FLIGHT
 # A store's notification meaning "any mailbox may have new messages".
 WAKE_ALL = "*"
 
@@ -44,6 +47,9 @@ class LiveSession:
         self.endpoint = endpoint
         self.mediatees: set[str] = set()
         self.pushed: dict[str, set[str]] = {}
+        # Ids acknowledged lately: a queue read that began before an ack committed may
+        # still return them once, and they must not be pushed again.
+        self.acked: OrderedDict[str, None] = OrderedDict()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.closed = False
@@ -115,6 +121,10 @@ class LiveRegistry:
     def acknowledged(self, mediatee: str, ids: Sequence[str]) -> None:
         session = self.by_mediatee.get(mediatee)
         if session is not None:
+            for message_id in ids:
+                session.acked[message_id] = None
+            while len(session.acked) > RECENT_ACKS:
+                session.acked.popitem(last=False)
             pushed = session.pushed.get(mediatee)
             if pushed:
                 pushed.difference_update(ids)
@@ -151,7 +161,8 @@ class LiveRegistry:
             # Reading from the queue head and skipping what is in flight is correct for
             # both engines, even when PostgreSQL commits sequence numbers out of order.
             queued = await self.store.fetch(mediatee, len(pushed) + min(room, self.batch))
-            fresh = [m for m in queued if m.id not in pushed][: min(room, self.batch)]
+            fresh = [m for m in queued
+                     if m.id not in pushed and m.id not in session.acked][: min(room, self.batch)]
             if not fresh:
                 return
             packed = await self.build_delivery(mediatee, fresh)
