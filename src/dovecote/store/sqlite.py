@@ -102,7 +102,18 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=self.timeout
         )
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL needs a lock SQLite's busy handler does not wait
+        # for, so several processes opening it at once retry here.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.02)
         # FULL: a commit is on disk (fsync'd) before we answer; NORMAL could lose the last
         # commits on power loss, which the 202 contract forbids.
         conn.execute("PRAGMA synchronous=FULL")
