@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.endpoint import FlakyEndpoint
 from support.postgres import fresh_database
 from support.server import ServerProcess, free_port
 
@@ -81,3 +82,20 @@ def shared_server(request: pytest.FixtureRequest,
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=30.0) as c:
         yield c
+
+
+@pytest.fixture
+def endpoints() -> Iterator[Callable[..., FlakyEndpoint]]:
+    """Loopback endpoints standing in for remote agents, failing on purpose as scripted;
+    all stopped after the test."""
+    made: list[FlakyEndpoint] = []
+
+    def make(*script: str, default: str = "ok", port: int = 0) -> FlakyEndpoint:
+        endpoint = FlakyEndpoint(port=port, default=default)
+        endpoint.then(*script)
+        made.append(endpoint.start())
+        return endpoint
+
+    yield make
+    for endpoint in made:
+        endpoint.stop()

@@ -11,7 +11,6 @@ import pytest
 
 from chaos.pgcluster import PgCluster, available
 from chaos.proxy import FaultProxy
-from support.endpoint import FlakyEndpoint
 
 HERE = Path(__file__).parent
 
@@ -49,19 +48,3 @@ def proxies() -> Iterator[Callable[[int], FaultProxy]]:
     yield make
     for proxy in made:
         proxy.stop()
-
-
-@pytest.fixture
-def endpoints() -> Iterator[Callable[..., FlakyEndpoint]]:
-    """Loopback endpoints standing in for remote agents; all stopped after the test."""
-    made: list[FlakyEndpoint] = []
-
-    def make(*script: str, default: str = "ok", port: int = 0) -> FlakyEndpoint:
-        endpoint = FlakyEndpoint(port=port, default=default)
-        endpoint.then(*script)
-        made.append(endpoint.start())
-        return endpoint
-
-    yield make
-    for endpoint in made:
-        endpoint.stop()
