@@ -44,10 +44,21 @@ log = structlog.get_logger("dovecote.client")
 BASIC_MESSAGE = "https://didcomm.org/basicmessage/2.0/message"
 PING = "https://didcomm.org/trust-ping/2.0/ping"
 ROUTE_CACHE_SIZE = 10_000
+# recipient-update results after which the DID is (or is no longer) registered.
+_KEPT = ("success", "no_change")
+# Seconds the previous mediator gets to list its recipients during a switch.
+OLD_MEDIATOR_TIMEOUT = 5.0
 
 
 def _norm(url: str) -> str:
     return url.rstrip("/")
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    seen: dict[str, str] = {}
+    for item in items:
+        seen.setdefault(_norm(item), item)
+    return list(seen.values())
 
 
 class Client:
@@ -124,24 +135,52 @@ class Client:
 
     # ------------------------------------------------------------------ mediation
     async def mediate(self, invitation_url: str) -> str:
-        """Request mediation from the inviting mediator; register and return the routed DID."""
+        """Request mediation from the inviting mediator; register and return the routed DID.
+
+        Always talks to the invitation's mediator, never to the current one: switching
+        mediators re-registers the routed DID and every other registered DID there.
+        """
         invitation = parse_invitation(invitation_url)
         mediator_did = invitation["from"]
         http, ws = await mediator_endpoints(self.packer, mediator_did)
+        previous = self.identity.mediation
+        # The invitation's own endpoints first; configured relays only as a fallback for a
+        # connection failure (a 4xx from them never stands in for this mediator's answer).
         channel = MediatorChannel(self.packer, self.http, mediator_did,
-                                  self._relay_urls(http))
+                                  _unique([*http, *self.config.relays]))
         await request_mediation(channel)
+        carried = await self._recipients_to_carry(previous, mediator_did)
         ident = self.identity
         service = identity_mod.routed_service(mediator_did, http[0], self.config.service_form)
         routed = identity_mod.make_did(ident.signing_key, ident.agreement_key, [service])
         await self.packer.add_did(routed)
-        await channel.update_recipients(add=[routed])
-        ident.mediation = Mediation(mediator_did, routed, http, ws)
+        await channel.update_recipients(add=[routed, *carried])
+        ident.mediation = Mediation(mediator_did, routed, http, ws, recipients=carried)
         self._learn_ws(mediator_did, http, ws)
         self._inbox = None
         identity_mod.save(self.config.data_dir, ident)
-        log.info("client.mediated", mediator=mediator_did[:40])
+        log.info("client.mediated", mediator=mediator_did[:40],
+                 switched=previous is not None and previous.mediator_did != mediator_did,
+                 recipients=len(carried) + 1)
         return routed
+
+    async def _recipients_to_carry(self, previous: Mediation | None,
+                                   new_mediator: str) -> list[str]:
+        """The DIDs besides the routed one that were registered at the previous mediator.
+
+        The local record is the source; the old mediator is asked too (best effort: it may
+        be gone, which must not stop the switch).
+        """
+        if previous is None:
+            return []
+        dids = list(previous.recipients)
+        if previous.mediator_did != new_mediator:
+            old = MediatorChannel(self.packer, self.http, previous.mediator_did,
+                                  previous.endpoints)
+            with contextlib.suppress(ClientFailure, httpx.HTTPError, TimeoutError):
+                dids += await asyncio.wait_for(old.list_recipients(), OLD_MEDIATOR_TIMEOUT)
+        own = {previous.routed_did, *self.identity.dids}
+        return [d for d in _unique(dids) if d not in own]
 
     def _relay_urls(self, extra: Sequence[str] = ()) -> list[str]:
         """Configured relays first, then the mediator's own endpoints, without repeats."""
@@ -160,10 +199,25 @@ class Client:
 
     async def add_recipients(self, dids: Sequence[str]) -> dict[str, str]:
         """Register more DIDs whose messages the mediator should hold for this client."""
-        return await self.channel().update_recipients(add=dids)
+        result = await self.channel().update_recipients(add=dids)
+        self._record_recipients(added=[d for d, r in result.items() if r in _KEPT])
+        return result
 
     async def remove_recipients(self, dids: Sequence[str]) -> dict[str, str]:
-        return await self.channel().update_recipients(remove=dids)
+        result = await self.channel().update_recipients(remove=dids)
+        self._record_recipients(removed=[d for d, r in result.items() if r in _KEPT])
+        return result
+
+    def _record_recipients(self, added: Sequence[str] = (), removed: Sequence[str] = ()) -> None:
+        """Remember registered DIDs locally, so a switch of mediator can carry them over."""
+        med = self.identity.mediation
+        if med is None:
+            return
+        kept = [d for d in _unique([*med.recipients, *added])
+                if d not in removed and d != med.routed_did]
+        if kept != med.recipients:
+            med.recipients = kept
+            identity_mod.save(self.config.data_dir, self.identity)
 
     async def recipients(self) -> list[str]:
         return await self.channel().list_recipients()

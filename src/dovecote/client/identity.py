@@ -38,6 +38,8 @@ class Mediation:
     endpoints: list[str]  # the mediator's http(s) endpoints, from its DID document
     ws_endpoints: list[str]  # the mediator's ws(s) endpoints
     granted_at: float = field(default_factory=time.time)
+    # DIDs registered there besides routed_did (add_recipients), re-registered on a switch.
+    recipients: list[str] = field(default_factory=list)
 
 
 @dataclass

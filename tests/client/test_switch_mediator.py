@@ -1,0 +1,69 @@
+"""Moving a client from one mediator to another (issue 17): the new invitation's mediator
+is the one asked, and the client's DIDs are registered there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client.conftest import ClientFactory, invitation_url
+from dovecote.client.identity import load
+from support.server import ServerProcess, free_port
+
+
+@pytest.fixture
+def two_relays(tmp_path: Path) -> list[ServerProcess]:
+    servers = [ServerProcess(data_dir=tmp_path / name, port=free_port(), env={},
+                             log_path=tmp_path / f"{name}.log") for name in ("a", "b")]
+    for server in servers:
+        server.start(wait=False)
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers  # type: ignore[misc]
+    finally:
+        for server in servers:
+            server.kill()
+
+
+async def test_mediate_with_another_mediator_switches(
+    two_relays: list[ServerProcess], client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    a, b = two_relays
+    alice = await client_factory(a, name="alice")
+    first = alice.did
+    extra = await client_factory(name="extra")  # another DID alice wants held for her
+    assert (await alice.add_recipients([extra.identity.did]))[extra.identity.did] == "success"
+
+    second = await alice.mediate(invitation_url(b))
+
+    assert second != first
+    med = alice.identity.mediation
+    assert med is not None and med.mediator_did == b.did
+    assert all(f"127.0.0.1:{b.port}" in url for url in med.endpoints)
+    # B (not A) granted mediation and holds both the new routed DID and the extra DID.
+    assert set(await alice.recipients()) == {second, extra.identity.did}
+    assert load(tmp_path / "alice").mediation.mediator_did == b.did  # type: ignore[union-attr]
+
+    # A message to the new DID travels through B and is picked up there.
+    bob = await client_factory(name="bob")
+    message_id = await bob.send(second, "via B")
+    [item] = await bob.wait_sent([message_id], max_wait=20)
+    assert item.state == "sent"
+    assert any(f"127.0.0.1:{b.port}" in url for url in item.endpoints), item.endpoints
+    received = await alice.drain()
+    assert [m.body["content"] for m in received] == ["via B"]
+
+
+async def test_switch_works_when_the_old_mediator_is_gone(
+    two_relays: list[ServerProcess], client_factory: ClientFactory
+) -> None:
+    a, b = two_relays
+    alice = await client_factory(a, name="alice")
+    extra = await client_factory(name="extra")
+    await alice.add_recipients([extra.identity.did])
+    a.kill()
+    second = await alice.mediate(invitation_url(b))
+    # The extra DID came from the local record, A could not be asked.
+    assert set(await alice.recipients()) == {second, extra.identity.did}
