@@ -1,0 +1,1 @@
+"""Attacks from issue 13 driven against real server processes."""
