@@ -2,7 +2,10 @@
 #
 # Dovecote container image.
 #   docker build -t dovecote .
-#   docker run -p 8080:8080 -v dovecote-data:/data dovecote
+#   docker run -p 8080:8080 -v dovecote-data:/data \
+#     -e DOVECOTE_PUBLIC_URL=https://relay.example.com dovecote
+# DOVECOTE_PUBLIC_URL is required: the image listens on 0.0.0.0, which no client can reach,
+# and the mediator's DID embeds the URL it advertises (`dovecote serve` refuses without it).
 # Stage 1 builds wheels for Dovecote and every dependency; stage 2 installs them from those
 # wheels only (no compiler, no network, no build tools in the final image).
 

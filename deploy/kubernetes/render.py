@@ -23,14 +23,18 @@ HERE = Path(__file__).resolve().parent
 CHART = HERE.parent / "helm" / "dovecote"
 RELEASE = "dovecote"
 NAMESPACE = "default"
+# The chart requires a public URL (the DID embeds it); change it in configmap.yaml.
+PUBLIC_URL = "https://relay.example.com"
+VALUES = {"config": {"publicUrl": PUBLIC_URL}}
 
 HEADER = """\
-# GENERATED from deploy/helm/dovecote with its default values (release "dovecote") by
+# GENERATED from deploy/helm/dovecote with its default values and
+# config.publicUrl=https://relay.example.com (release "dovecote") by
 # deploy/kubernetes/render.py. Do not edit: change the chart and run the script.
 """
 
 SECRET_NOTE = """\
-# Before applying: create the Secret "dovecote" with the keys DOVECOTE_STORE (PostgreSQL
+# Before applying: set DOVECOTE_PUBLIC_URL in configmap.yaml, and create the Secret "dovecote" with the keys DOVECOTE_STORE (PostgreSQL
 # URL), identity.json (mediator keys) and, optionally, DOVECOTE_ADMIN_TOKEN:
 #   kubectl create secret generic dovecote \\
 #     --from-literal=DOVECOTE_STORE='postgresql://USER:PASS@pg1,pg2,pg3/dovecote?target_session_attrs=read-write' \\
@@ -62,7 +66,7 @@ def render() -> dict[str, str]:
     import helm_python as helm
 
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render({}, name=RELEASE, namespace=NAMESPACE)
+        rendered = chart.render(VALUES, name=RELEASE, namespace=NAMESPACE)
     files: dict[str, str] = {}
     for path, text in rendered.items():
         name = Path(path).name

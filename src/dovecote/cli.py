@@ -73,6 +73,12 @@ def main() -> None:
 def serve(**options: Any) -> None:
     """Run the relay (HTTP + WebSocket) until SIGTERM."""
     settings = _settings(options)
+    if settings.advertises_unspecified_address:
+        # did:peer:2 embeds the URL: fixing it later changes the DID clients already hold.
+        raise click.ClickException(
+            f"the mediator would advertise {settings.base_url}, which no client can reach: "
+            "set DOVECOTE_PUBLIC_URL (or --public-url) to the URL clients use, e.g. "
+            "https://relay.example.com (the DID and invitation embed it)")
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Must be set before prometheus_client is first imported (by dovecote.server).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dovecote-metrics-")

@@ -535,6 +535,24 @@ def test_dockerfile_agrees_with_chart() -> None:
         assert needed in ignore
 
 
+def test_image_refuses_to_start_without_a_public_url(tmp_path: Path) -> None:
+    """The image listens on 0.0.0.0: without DOVECOTE_PUBLIC_URL it must not advertise that."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "DOVECOTE_PUBLIC_URL=" not in re.sub(r"#.*", "", dockerfile), "no default URL"
+    assert "-e DOVECOTE_PUBLIC_URL=" in dockerfile  # the usage line shows it
+    env_block = re.search(r"^ENV PYTHONUNBUFFERED.*?(?=^\S)", dockerfile, re.M | re.S)
+    assert env_block
+    image_env = dict(re.findall(r"(DOVECOTE_\w+)=(\S+)", env_block.group(0)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOVECOTE_")}
+    env.update(image_env, DOVECOTE_DATA_DIR=str(tmp_path / "data"),
+               DOVECOTE_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-m", "dovecote", "serve"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "DOVECOTE_PUBLIC_URL" in done.stderr
+    assert not (tmp_path / "data" / "identity.json").exists(), "no DID made for 0.0.0.0"
+
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not os.access(hadolint, os.X_OK):
@@ -553,10 +571,26 @@ def helm_sdk() -> Any:
     return pytest.importorskip("helm_python", reason="helm-python-sdk not installed")
 
 
-def render_chart(overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+# The chart requires a public URL (the DID embeds it); render.py uses the same one.
+BASE_VALUES: dict[str, Any] = {"config": {"publicUrl": "https://relay.example.com"}}
+
+
+def merged(overrides: dict[str, Any] | None, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`base` (default BASE_VALUES) with `overrides` merged in, as Helm merges -f files."""
+    out = json.loads(json.dumps(BASE_VALUES if base is None else base))
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(value, out[key])
+        else:
+            out[key] = value
+    return out
+
+
+def render_chart(overrides: dict[str, Any] | None = None,
+                 base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     helm = helm_sdk()
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render(overrides or {}, name=RELEASE, namespace="default")
+        rendered = chart.render(merged(overrides, base), name=RELEASE, namespace="default")
     docs: list[dict[str, Any]] = []
     for path, text in sorted(rendered.items()):
         if path.endswith(".yaml"):
@@ -566,7 +600,7 @@ def render_chart(overrides: dict[str, Any] | None = None) -> list[dict[str, Any]
 
 def test_helm_lint_is_clean() -> None:
     helm = helm_sdk()
-    report = helm.lint(CHART, strict=True)
+    report = helm.lint(CHART, BASE_VALUES, strict=True)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert not report["errors"] and not problems, report
 
@@ -576,7 +610,7 @@ def test_helm_lint_is_clean_for_the_sqlite_profile() -> None:
     # rendering below, not by lint.)
     helm = helm_sdk()
     profile = {"store": {"type": "sqlite"}, "replicaCount": 1, "autoscaling": {"enabled": False}}
-    report = helm.lint(CHART, profile, strict=True)
+    report = helm.lint(CHART, merged(profile), strict=True)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert not report["errors"] and not problems, report
 
@@ -652,6 +686,16 @@ def test_helm_refuses_unsafe_values(overrides: dict[str, Any], message: str) -> 
         render_chart(overrides)
 
 
+def test_helm_requires_a_public_url() -> None:
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match=re.escape("set config.publicUrl")):
+        render_chart(base={})
+    # With the Ingress on, its host is the public URL.
+    docs = by_kind(render_chart({"ingress": {"enabled": True, "host": "relay.example.org"}},
+                                base={}))
+    assert docs["ConfigMap"]["data"]["DOVECOTE_PUBLIC_URL"] == "https://relay.example.org"
+
+
 def test_helm_chart_created_secret() -> None:
     identity = json.dumps({"ed25519": "x", "x25519": "y", "dids": ["did:peer:2.x"]})
     url = "postgresql://dovecote:pw@pg1:5432,pg2:5432/dovecote?target_session_attrs=read-write"
@@ -688,7 +732,8 @@ def test_helm_ingress_and_fixed_replicas() -> None:
                 "autoscaling": {"enabled": False},
                 "replicaCount": 3,
                 "serviceMonitor": {"enabled": False},
-            }
+            },
+            base={},
         )
     )
     assert "ServiceMonitor" not in docs and "HorizontalPodAutoscaler" not in docs
@@ -713,10 +758,13 @@ def test_helm_config_changes_roll_the_pods() -> None:
 
 @pytest.mark.skipif(shutil.which("helm") is None, reason="helm binary not on PATH")
 def test_helm_binary_lint_and_template() -> None:
-    lint = subprocess.run(["helm", "lint", "--strict", str(CHART)], capture_output=True, text=True)
+    url = ["--set", "config.publicUrl=" + BASE_VALUES["config"]["publicUrl"]]
+    lint = subprocess.run(["helm", "lint", "--strict", str(CHART), *url],
+                          capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     template = subprocess.run(
-        ["helm", "template", RELEASE, str(CHART)], capture_output=True, text=True, check=True
+        ["helm", "template", RELEASE, str(CHART), *url], capture_output=True, text=True,
+        check=True,
     )
     assert keyed(load_docs(template.stdout)) == keyed(plain_manifests())
 

@@ -49,3 +49,20 @@ def test_env_and_flag_precedence(monkeypatch: object, tmp_path: Path) -> None:
     assert Settings(port=9100).port == 9100
     mp.setenv("DOVECOTE_ADMIN_ALLOW", "10.0.0.0/8, 127.0.0.1/32")
     assert Settings().admin_allow == ["10.0.0.0/8", "127.0.0.1/32"]
+
+
+def test_unspecified_advertised_address_is_detected() -> None:
+    for host in ("0.0.0.0", "::", ""):
+        assert Settings(host=host).advertises_unspecified_address, host
+        assert not Settings(host=host, public_url="https://relay.example.com"
+                            ).advertises_unspecified_address
+    assert not Settings().advertises_unspecified_address
+    assert Settings(public_url="http://0.0.0.0:8080").advertises_unspecified_address
+
+
+def test_serve_refuses_to_advertise_an_unspecified_address(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "dovecote", "serve", "--host", "::",
+                          "--port", "0", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "DOVECOTE_PUBLIC_URL" in out.stderr and "http://:::0" in out.stderr

@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     public_url: str = Field(
         "",
         description="Public base URL advertised in the DID and invitation "
-        "(default http://HOST:PORT). The WebSocket URL is derived (ws[s]://.../ws).",
+        "(default http://HOST:PORT; required when HOST is 0.0.0.0 or ::, serve refuses "
+        "otherwise). The WebSocket URL is derived (ws[s]://.../ws).",
     )
     workers: int = Field(1, ge=1, le=64, description="Worker processes (PostgreSQL only for >1).")
     trusted_proxies: CsvList = Field(
@@ -285,6 +286,18 @@ class Settings(BaseSettings):
             return self.public_url.rstrip("/")
         scheme = "https" if self.tls_cert else "http"
         return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def advertises_unspecified_address(self) -> bool:
+        """True when the advertised URL names 0.0.0.0 or :: (nobody can connect there)."""
+        import ipaddress
+        from urllib.parse import urlsplit
+
+        host = urlsplit(self.base_url).hostname or ""
+        try:
+            return host == "" or ipaddress.ip_address(host).is_unspecified
+        except ValueError:
+            return False
 
     @property
     def ws_url(self) -> str:

@@ -64,6 +64,9 @@ true
 {{- if and .Values.store.url (not (hasPrefix "postgresql://" .Values.store.url)) (not (hasPrefix "postgres://" .Values.store.url)) -}}
 {{- fail "store.url must be a postgresql:// URL" -}}
 {{- end -}}
+{{- if not (or .Values.config.publicUrl .Values.ingress.enabled) -}}
+{{- fail "set config.publicUrl (DOVECOTE_PUBLIC_URL) to the URL clients use, e.g. https://relay.example.com, or enable the Ingress: the mediator's DID embeds it, and Dovecote refuses to advertise 0.0.0.0" -}}
+{{- end -}}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) (int .Values.config.shutdownTimeout)) -}}
 {{- fail "terminationGracePeriodSeconds must exceed preStopSleepSeconds + config.shutdownTimeout, or Kubernetes kills the pod mid-drain" -}}
 {{- end -}}
