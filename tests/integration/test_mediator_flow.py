@@ -120,7 +120,8 @@ async def test_requests_without_grant_get_problem_report(shared_server: ServerPr
     server = shared_server
     mallory = Agent.create(server.base_url, server.did)
     status, reply = await mallory.send_http(client, mallory.message(f"{PICKUP}/status-request"))
-    assert status == 403
+    # Issue 12.4: the problem report is delivered (200), the failure is in the message.
+    assert status == 200
     assert reply is not None
     assert reply["type"] == "https://didcomm.org/report-problem/2.0/problem-report"
     assert reply["body"]["code"] == "e.p.req.not-granted"
@@ -160,7 +161,7 @@ async def test_live_mode_on_http_is_refused(shared_server: ServerProcess,
     await alice.mediate(client)
     status, reply = await alice.send_http(
         client, alice.message(f"{PICKUP}/live-delivery-change", {"live_delivery": True}))
-    assert status == 400 and reply is not None
+    assert status == 200 and reply is not None
     assert reply["body"]["code"] == "e.m.live-mode-not-supported"
 
 

@@ -70,6 +70,12 @@ def _labels(msg_type: str) -> tuple[str, str]:
     return "unknown", "unknown"
 
 
+def _retry_later(error: DovecoteError | None) -> bool:
+    """Errors whose HTTP status means "nothing was done, send it again later" (429, 5xx):
+    that status and its Retry-After stay even when a problem report is in the body."""
+    return error is not None and (error.status >= 500 or isinstance(error, RateLimited))
+
+
 @dataclass
 class Outcome:
     """What the transport should answer."""
@@ -154,7 +160,9 @@ class Mediator:
         elif replies:
             log.info("reply.not_returned", count=len(replies), reason="anonymous sender",
                      request_id=request_id)
-        if packed and transport == "http" and error is None:
+        if packed and transport == "http" and not _retry_later(error):
+            # The transport worked; a failure is in the (problem report) message, and
+            # stacks such as Veramo read no body from a non-2xx answer.
             status = 200
         return Outcome(status=status, replies=packed, error=error, return_route=wants_return)
 
