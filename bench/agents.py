@@ -16,14 +16,14 @@ from typing import Any
 
 from aries_askar import Key, KeyAlg
 from did_peer_2 import KeySpec, generate
-from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarSecretKey
+from didcomm_messaging.crypto.backend.askar import AskarSecretKey
 from didcomm_messaging.crypto.backend.basic import InMemorySecretsManager
 from didcomm_messaging.multiformats import multibase, multicodec
 from didcomm_messaging.packaging import PackagingService
 from didcomm_messaging.resolver import DIDResolver
 from pydid import DIDDocument
 
-from dovecote.didcomm.packing import build_resolver
+from dovecote.didcomm.packing import DIDCommCrypto, build_resolver
 
 PLAINTEXT = "application/didcomm-plain+json"
 ENCRYPTED = "application/didcomm-encrypted+json"
@@ -56,7 +56,7 @@ class ParsedCache(DIDResolver):
 
 
 _RESOLVER = ParsedCache(build_resolver())
-_CRYPTO = AskarCryptoService()
+_CRYPTO = DIDCommCrypto()
 _PACKAGING: PackagingService[Any, AskarSecretKey] = PackagingService()
 
 

@@ -124,17 +124,20 @@ class Agent:
 
     @classmethod
     def create(cls, base_url: str, mediator_did: str = "", via_mediator: bool = False,
-               endpoint: str = "") -> Agent:
+               endpoint: str = "", endpoint_routing_keys: list[str] | None = None) -> Agent:
         """A new identity; with via_mediator its DID doc routes through the mediator, with
-        `endpoint` it names its own DIDComm endpoint (no routing keys)."""
+        `endpoint` it names its own DIDComm endpoint (behind `endpoint_routing_keys`)."""
         ed_priv, ed_pub = generate_ed25519_keys_as_jwk_dict()
         x_priv, x_pub = generate_x25519_keys_as_jwk_dict()
         services: list[dict[str, Any]] = []
         agent = cls(base_url=base_url, mediator_did=mediator_did)
         if endpoint:
             agent.service_uri = endpoint
-            services = [{"type": "DIDCommMessaging", "serviceEndpoint": {
-                "uri": endpoint, "accept": ["didcomm/v2"]}}]
+            agent.routing_keys = list(endpoint_routing_keys or [])
+            service: dict[str, Any] = {"uri": endpoint, "accept": ["didcomm/v2"]}
+            if agent.routing_keys:
+                service["routingKeys"] = agent.routing_keys
+            services = [{"type": "DIDCommMessaging", "serviceEndpoint": service}]
         elif via_mediator:
             agent.service_uri = base_url + "/"
             agent.routing_keys = [f"{mediator_did}#key-2"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from didcomm_messaging.crypto import SecretsManager
-from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarSecretKey
+from didcomm_messaging.crypto.backend.askar import AskarSecretKey
 from didcomm_messaging.crypto.backend.basic import InMemorySecretsManager
 from didcomm_messaging.packaging import PackagingService
 from didcomm_messaging.resolver import DIDResolver
@@ -27,7 +27,7 @@ from pydid import DIDDocument
 
 from dovecote.client.errors import CryptoFailure, Undeliverable
 from dovecote.client.identity import ClientIdentity
-from dovecote.didcomm.packing import build_resolver
+from dovecote.didcomm.packing import DIDCommCrypto, build_resolver
 
 FORWARD = "https://didcomm.org/routing/2.0/forward"
 PLAINTEXT = "application/didcomm-plain+json"
@@ -120,7 +120,7 @@ class Packer:
         self.identity = identity
         self.secrets: SecretsManager[AskarSecretKey] = InMemorySecretsManager()
         self.resolver = resolver or ParsedCache(build_resolver())
-        self.crypto = AskarCryptoService()
+        self.crypto = DIDCommCrypto()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
         self._registered: set[str] = set()
 

@@ -6,15 +6,19 @@ cached (did:peer:2 documents are immutable: the DID is the document).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
-from aries_askar import Key, KeyAlg
+from aries_askar import AskarError, Key, KeyAlg, ecdh
 from did_peer_2 import resolve as resolve_peer2
 from didcomm_messaging import DIDCommMessaging
 from didcomm_messaging.crypto import SecretsManager
-from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarSecretKey
+from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarKey, AskarSecretKey
+from didcomm_messaging.crypto.base import CryptoServiceError
+from didcomm_messaging.crypto.jwe import JweBuilder, JweRecipient, b64url
 from didcomm_messaging.multiformats import multibase, multicodec
 from didcomm_messaging.packaging import PackagingService
 from didcomm_messaging.resolver import DIDResolver, PrefixResolver
@@ -31,6 +35,61 @@ from dovecote.errors import (
 )
 
 RESOLVER_CACHE_SIZE = 10_000
+ENCRYPTED = "application/didcomm-encrypted+json"
+
+
+class DIDCommCrypto(AskarCryptoService):
+    """Askar crypto whose authcrypt envelopes carry the media type the spec names.
+
+    didcomm-messaging 0.1.1 (the newest release) writes `typ: application/didcomm+encrypted`
+    into the protected header of ECDH-1PU envelopes; strict stacks (didcomm-rust, Veramo)
+    drop such messages. The header is the AEAD's associated data, so it cannot be fixed
+    after encryption: this is the library's method with only that value changed.
+    """
+
+    async def ecdh_1pu_encrypt(
+        self, to_keys: Sequence[AskarKey], sender_key: AskarSecretKey, message: bytes,
+    ) -> bytes:
+        builder = JweBuilder(with_flatten_recipients=False)
+        alg_id, enc_id = "ECDH-1PU+A256KW", "A256CBC-HS512"
+        agree_alg = sender_key.key.algorithm
+        if not to_keys:
+            raise CryptoServiceError("No message recipients")
+        try:
+            cek = Key.generate(KeyAlg.A256CBC_HS512)
+            epk = Key.generate(agree_alg, ephemeral=True)
+        except AskarError as exc:
+            raise CryptoServiceError("Error creating keys") from exc
+        kids = []
+        for recip_key in to_keys:
+            if agree_alg != recip_key.key.algorithm:
+                raise CryptoServiceError("Recipient key types must be consistent")
+            kids.append(recip_key.kid)
+        apu = sender_key.kid
+        apv = hashlib.sha256(".".join(sorted(kids)).encode()).digest()
+        builder.set_protected(OrderedDict([
+            ("typ", ENCRYPTED),
+            ("alg", alg_id),
+            ("enc", enc_id),
+            ("apu", b64url(apu)),
+            ("apv", b64url(apv)),
+            ("epk", json.loads(epk.get_jwk_public())),
+            ("skid", sender_key.kid),
+        ]))
+        try:
+            payload = cek.aead_encrypt(message, aad=builder.protected_bytes)
+        except AskarError as exc:
+            raise CryptoServiceError("Error encrypting message payload") from exc
+        builder.set_payload(payload.ciphertext, payload.nonce, payload.tag)
+        for recip_key in to_keys:
+            enc_key = ecdh.Ecdh1PU(alg_id, apu, apv).sender_wrap_key(
+                KeyAlg.A256KW, epk, sender_key.key, recip_key.key, cek, cc_tag=payload.tag
+            )
+            builder.add_recipient(
+                JweRecipient(encrypted_key=enc_key.ciphertext, header={"kid": recip_key.kid})
+            )
+        packed: bytes = builder.build().to_json().encode("utf-8")
+        return packed
 
 
 class CachingResolver(DIDResolver):
@@ -134,7 +193,7 @@ class Packer:
         self.identity = identity
         self.secrets: SecretsManager[AskarSecretKey] = IdentitySecrets(identity)
         self.resolver = resolver or build_resolver()
-        self.crypto = AskarCryptoService()
+        self.crypto = DIDCommCrypto()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
         self.dmp = DIDCommMessaging(
             crypto=self.crypto, secrets=self.secrets, resolver=self.resolver,
@@ -156,7 +215,7 @@ class Packer:
         if not isinstance(envelope, dict):
             raise MalformedMessage("body is not a JSON object")
         if not {"protected", "ciphertext", "recipients"} <= envelope.keys():
-            raise NotEncrypted("expected a JWE (application/didcomm-encrypted+json)")
+            raise NotEncrypted(f"expected a JWE ({ENCRYPTED})")
         try:
             result = await self.dmp.unpack(raw)
         except Exception as exc:  # the library raises several unrelated types
