@@ -148,11 +148,18 @@ def dlq() -> None:
 @dlq.command("list")
 @click.option("--limit", default=50, show_default=True)
 @click.option("--offset", default=0, show_default=True)
+@click.option("--kind", default=None, help="Only this kind (forward, notify, mailbox).")
+@click.option("--target-contains", "target", default=None, help="Target URL substring.")
+@click.option("--reason-contains", "reason", default=None, help="Reason substring.")
 @_settings_options
-def dlq_list(limit: int, offset: int, **options: Any) -> None:
+def dlq_list(limit: int, offset: int, kind: str | None, target: str | None,
+             reason: str | None, **options: Any) -> None:
     """List dead letters, newest first."""
+    from dovecote.ops import admin
+
     settings = _settings(options)
-    items, total = _run(_with_store(settings, lambda s: s.dlq_list(offset, limit)))
+    items, total = _run(_with_store(settings, lambda s: admin.dead_letters(
+        s, offset, limit, kind=kind, target=target, reason=reason)))
     click.echo(f"{total} dead letter(s)")
     for item in items:
         click.echo(f"{item.id:>8}  {_when(item.dead_at)}  {item.kind:<8} {item.reason:<24} "
@@ -164,8 +171,10 @@ def dlq_list(limit: int, offset: int, **options: Any) -> None:
 @_settings_options
 def dlq_show(item_id: int, **options: Any) -> None:
     """Show one dead letter with its attempt history."""
+    from dovecote.ops import admin
+
     settings = _settings(options)
-    item = _run(_with_store(settings, lambda s: s.dlq_get(item_id)))
+    item = _run(_with_store(settings, lambda s: admin.dead_letter(s, item_id)))
     if item is None:
         click.echo(f"no dead letter {item_id}", err=True)
         sys.exit(1)
@@ -187,19 +196,21 @@ def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
     """Put dead letters back in the outbox with fresh attempts."""
     if item_id is None and not replay_all:
         raise click.UsageError("give an ID or --all")
+    from dovecote.ops import admin
+
     settings = _settings(options)
 
     async def replay(store: Any) -> int:
         if item_id is not None and not replay_all:
-            item = await store.dlq_get(item_id)
+            item = await admin.dead_letter(store, item_id)
             if item is None:
                 raise click.ClickException(f"no dead letter {item_id}")
             if item.kind == "mailbox":
                 # An expired message has no outbound target; it can be shown or purged.
                 raise click.ClickException(
                     f"dead letter {item_id} is an expired mailbox message: not replayable")
-            return int(await store.dlq_replay([item_id], target))
-        return int(await store.dlq_replay(None, target))
+            return await admin.replay(store, [item_id], target)
+        return await admin.replay(store, None, target)
 
     count = _run(_with_store(settings, replay))
     # A running server picks replayed items up at its next outbox poll (about 1 s).
@@ -212,14 +223,13 @@ def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
 @_settings_options
 def dlq_purge(item_id: int | None, older_than: float | None, **options: Any) -> None:
     """Delete dead letters by id or age."""
-    import time
+    from dovecote.ops import admin
 
     if item_id is None and older_than is None:
         raise click.UsageError("give an ID or --older-than")
     settings = _settings(options)
-    cutoff = time.time() - older_than if older_than is not None else None
     ids = [item_id] if item_id is not None else None
-    count = _run(_with_store(settings, lambda s: s.dlq_purge(ids, cutoff)))
+    count = _run(_with_store(settings, lambda s: admin.purge(s, ids, older_than)))
     click.echo(f"purged {count}")
 
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -33,7 +33,7 @@ from dovecote.didcomm.endpoints import Endpoints
 from dovecote.didcomm.messages import Context
 from dovecote.didcomm.packing import Packer
 from dovecote.errors import DovecoteError, Overloaded, RateLimited
-from dovecote.ops import admin, backup_schedule, metrics
+from dovecote.ops import admin, backup_schedule, metrics, status
 from dovecote.ops.health import Degradation, HealthMonitor
 from dovecote.ops.lock import DataDirLock
 from dovecote.ops.settings import Settings
@@ -49,6 +49,7 @@ from dovecote.transport.websocket import CLOSE_RESTART, websocket_endpoint
 log = structlog.get_logger("dovecote.server")
 
 SAMPLE_INTERVAL = 5.0
+METRIC_HISTORY_SECONDS = 300.0
 MIN_OUTBOX_GRACE = 0.5
 # An instance that missed this many heartbeats is reported dead.
 MISSED_BEATS_DEAD = 3
@@ -108,6 +109,8 @@ class Dovecote:
         self.ws_slots = InFlight(settings.max_websockets)
         self.ip_limits = TokenBuckets(settings.rate_limit_ip, settings.rate_limit_ip_burst)
         self.sockets: dict[str, WebSocket] = {}
+        self.metric_history: deque[status.Scrape] = deque(
+            maxlen=int(METRIC_HISTORY_SECONDS / SAMPLE_INTERVAL) + 2)
         self._tasks: list[asyncio.Task[Any]] = []
         self._drain_started: float | None = None
         self.store.add_listener(self.live.notify)
@@ -208,6 +211,9 @@ class Dovecote:
                     dead_letters=stats.dead_letters, live_sessions=self.live.connections,
                     websockets=len(self.sockets),
                 )
+                # What /metrics shows, kept for the console's rates of the last minutes.
+                self.metric_history.append(status.reading(
+                    time.time(), {}, metrics.exposition().decode()))
             except Exception as exc:  # sampling must never stop
                 log.debug("sample.failed", error=str(exc)[:200])
             await asyncio.sleep(SAMPLE_INTERVAL)
@@ -348,14 +354,7 @@ async def health_full(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Several workers: merge every process's samples (prometheus-client multiprocess).
-        from prometheus_client import CollectorRegistry, multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def build_app(dovecote: Dovecote) -> Starlette:

@@ -167,4 +167,7 @@ class Breakers:
             self._refresh(breaker)
             if breaker.state != "closed" or breaker.failures:
                 result[breaker.key] = {"state": breaker.state, "failures": breaker.failures}
+                if breaker.state == "open":
+                    result[breaker.key]["retry_at"] = round(time.time() + max(
+                        0.0, breaker.opened_at + self.reset - self.clock()), 3)
         return result

@@ -12,21 +12,27 @@ Disabled without ADMIN_TOKEN. Every request passes, in this order:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hmac
 import ipaddress
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dovecote.delivery.breaker import target_key
+from dovecote.delivery.notify import mediatee_hash
 from dovecote.errors import DovecoteError
-from dovecote.store.base import DeadLetter
+from dovecote.ops import backup, backup_schedule, status
+from dovecote.store.base import DeadLetter, MailboxUsage, Store
 
 if TYPE_CHECKING:
     from dovecote.server import Dovecote
@@ -38,6 +44,17 @@ def _deny(status: int, code: str, detail: str) -> JSONResponse:
 
 def authorize(request: Request) -> JSONResponse | None:
     """None when the caller may use the admin API, else the refusal to send."""
+    if (denied := authorize_network(request)) is not None:
+        return denied
+    settings = request.app.state.dovecote.settings
+    token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+        return _deny(401, "admin_unauthorized", "missing or wrong admin token")
+    return None
+
+
+def authorize_network(request: Request) -> JSONResponse | None:
+    """Checks 1 and 2 (allowlist, client certificate); the console (/console) shares them."""
     app: Dovecote = request.app.state.dovecote
     settings = app.settings
     if not settings.admin_token:
@@ -54,9 +71,6 @@ def authorize(request: Request) -> JSONResponse | None:
     if settings.admin_client_ca and not _client_cert(request):
         return _deny(403, "admin_client_cert_required",
                      "a client certificate signed by ADMIN_CLIENT_CA is required")
-    token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
-        return _deny(401, "admin_unauthorized", "missing or wrong admin token")
     return None
 
 
@@ -135,19 +149,178 @@ def dead_letter_json(item: DeadLetter, with_payload: bool = False) -> dict[str, 
     return data
 
 
+# ---------------------------------------------------------------------- operations
+# The one source of what /admin, the console (dovecote/console) and the CLI show and do:
+# handlers only parse input and render these results.
+
+async def dead_letters(
+    store: Store, offset: int = 0, limit: int = 100, *, kind: str | None = None,
+    target: str | None = None, reason: str | None = None,
+) -> tuple[list[DeadLetter], int]:
+    """A page of dead letters (newest first) matching the filters, and how many match."""
+    return await store.dlq_list(offset, limit, kind=kind or None, target=target or None,
+                                reason=reason or None)
+
+
+async def dead_letter(store: Store, item_id: int) -> DeadLetter | None:
+    return await store.dlq_get(item_id)
+
+
+async def replay(store: Store, ids: list[int] | None, target: str | None = None,
+                 wake: Callable[[str], None] | None = None) -> int:
+    """Dead letters back to the outbox with fresh attempts (ids None: all, or all of target).
+
+    Expired mailbox messages have no outbound target and stay where they are.
+    """
+    count = await store.dlq_replay(ids, target)
+    if wake is not None:
+        for kind in ("forward", "notify"):
+            wake(kind)
+    return count
+
+
+async def purge(store: Store, ids: list[int] | None, older_than: float | None) -> int:
+    """Delete dead letters by id and/or age (seconds)."""
+    cutoff = time.time() - float(older_than) if older_than is not None else None
+    return await store.dlq_purge(ids, cutoff)
+
+
+def set_degradation(app: Dovecote, level: str | None) -> None:
+    """Pin a level, or None / "auto" to go back to computed levels (ValueError if unknown)."""
+    app.degradation.force(None if level in (None, "auto") else level)
+
+
+def degradation_state(app: Dovecote) -> dict[str, Any]:
+    return {"level": app.degradation.level, "forced": app.degradation.forced is not None,
+            "reason": app.degradation.reason}
+
+
+async def cluster_view(app: Dovecote) -> list[dict[str, Any]]:
+    """Every instance with version, heartbeat and level; dead ones marked."""
+    return await app.cluster_view()
+
+
+MAILBOX_VIEW_LIMIT = 20
+TARGET_VIEW_LIMIT = 100
+
+
+def mailbox_json(usage: MailboxUsage) -> dict[str, Any]:
+    """A mailbox by its hashed id (as notifications name it), never its DID or content."""
+    return {"mailbox": mediatee_hash(usage.mediatee), "messages": usage.message_count,
+            "bytes": usage.total_bytes, "oldest_received_at": usage.oldest_received_at}
+
+
+async def mailboxes(app: Dovecote, limit: int = MAILBOX_VIEW_LIMIT) -> dict[str, Any]:
+    """The largest and the oldest mailboxes, with the limits they are held to."""
+    settings = app.settings
+    return {
+        "limits": {"max_messages": settings.mailbox_max_messages,
+                   "max_bytes": settings.mailbox_max_bytes,
+                   "message_ttl_seconds": settings.message_ttl},
+        "largest": [mailbox_json(m) for m in await app.store.mailbox_usage("bytes", limit)],
+        "oldest": [mailbox_json(m) for m in await app.store.mailbox_usage("oldest", limit)],
+    }
+
+
+async def targets(app: Dovecote, limit: int = TARGET_VIEW_LIMIT) -> list[dict[str, Any]]:
+    """Outbound targets: pending items, next attempt, and the breaker of their host:port."""
+    breakers = app.breakers.snapshot()
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for item in await app.store.outbox_targets(limit):
+        key = target_key(item.target)
+        seen.add(key)
+        breaker = breakers.get(key, {"state": "closed", "failures": 0})
+        rows.append({"target": item.target, "breaker_key": key, "kind": item.kind,
+                     "pending": item.pending, "next_attempt_at": item.next_attempt_at,
+                     "max_attempts": item.max_attempts,
+                     "oldest_created_at": item.oldest_created_at, **_breaker(breaker)})
+    # Breakers that tripped with nothing left pending still matter to an operator.
+    for key, breaker in breakers.items():
+        if key not in seen:
+            rows.append({"target": "", "breaker_key": key, "kind": "", "pending": 0,
+                         "next_attempt_at": None, "max_attempts": 0,
+                         "oldest_created_at": None, **_breaker(breaker)})
+    return rows
+
+
+def _breaker(breaker: dict[str, Any]) -> dict[str, Any]:
+    return {"breaker": breaker.get("state", "closed"), "failures": breaker.get("failures", 0),
+            "breaker_retry_at": breaker.get("retry_at")}
+
+
+async def overview(app: Dovecote) -> dict[str, Any]:
+    """/health, the traffic of the last minutes (as `dovecote status` computes it), backups."""
+    health = app.health.summary()
+    history = list(app.metric_history)
+    latest = history[-1] if history else None
+    traffic = {}
+    for window in (60.0, 300.0):
+        first = next((h for h in history if latest and latest.at - h.at <= window + 1), None)
+        if first is not None and latest is not None and latest is not first:
+            traffic[int(window)] = status.traffic(first, latest)
+    steps = [status.traffic(a, b) for a, b in itertools.pairwise(history)]
+    series = ({row["label"]: [step[i]["per_second"] for step in steps]
+               for i, row in enumerate(steps[0])} if steps else {})
+    return {
+        "health": health,
+        "degradation": degradation_state(app),
+        "traffic": traffic,
+        "series": series,
+        "queues": status.queue_numbers(latest) if latest else {},
+        "backup": await backup_status(app),
+    }
+
+
+async def backup_status(app: Dovecote) -> dict[str, Any] | None:
+    """The newest scheduled backup and `dovecote verify`'s verdict on it (None: no schedule)."""
+    backup_dir = app.settings.backup_dir
+    if backup_dir is None:
+        return None
+    found = await asyncio.to_thread(backup_schedule.existing, backup_dir)
+    if not found:
+        return {"dir": str(backup_dir), "file": None}
+    newest = max(found, key=lambda path: found[path])
+    try:
+        stat = newest.stat()
+    except OSError:
+        return {"dir": str(backup_dir), "file": None}
+    problems = await _verify_cached(str(newest), stat.st_mtime_ns)
+    return {"dir": str(backup_dir), "file": newest.name, "created_at": found[newest],
+            "bytes": stat.st_size, "verified": not problems, "problems": problems}
+
+
+_verified: dict[tuple[str, int], list[str]] = {}
+
+
+async def _verify_cached(path: str, mtime_ns: int) -> list[str]:
+    """verify_backup reads the whole copy: once per backup file, not once per page view."""
+    key = (path, mtime_ns)
+    if key not in _verified:
+        manifest, problems = await asyncio.to_thread(backup.verify_backup, Path(path))
+        if manifest is None and not problems:
+            problems = ["no manifest"]
+        _verified.clear()  # only the newest backup is ever asked about
+        _verified[key] = list(problems)
+    return _verified[key]
+
+
+# ---------------------------------------------------------------------- /admin routes
 @admin_route
 async def dlq_list(request: Request) -> Response:
     app: Dovecote = request.app.state.dovecote
     offset = _query_int(request, "offset", 0, 10**9)
     limit = _query_int(request, "limit", 100, 1000)
-    items, total = await app.store.dlq_list(offset, limit)
+    query = request.query_params
+    items, total = await dead_letters(app.store, offset, limit, kind=query.get("kind"),
+                                      target=query.get("target"), reason=query.get("reason"))
     return JSONResponse({"total": total, "items": [dead_letter_json(i) for i in items]})
 
 
 @admin_route
 async def dlq_show(request: Request) -> Response:
     app: Dovecote = request.app.state.dovecote
-    item = await app.store.dlq_get(int(request.path_params["item_id"]))
+    item = await dead_letter(app.store, int(request.path_params["item_id"]))
     if item is None:
         return _deny(404, "not_found", "no such dead letter")
     return JSONResponse(dead_letter_json(item, with_payload=True))
@@ -164,9 +337,7 @@ async def dlq_replay(request: Request) -> Response:
         raise BadRequest("target must be a string")
     if body.get("all") is not True and ids is None:
         raise BadRequest("give ids or all=true")
-    count = await app.store.dlq_replay(ids, target)
-    for kind in ("forward", "notify"):
-        app.outbox.wake(kind)
+    count = await replay(app.store, ids, target, app.outbox.wake)
     return JSONResponse({"replayed": count})
 
 
@@ -182,8 +353,7 @@ async def dlq_purge(request: Request) -> Response:
         raise BadRequest("older_than_seconds must be a non-negative number")
     if ids is None and older is None:
         raise BadRequest("give ids or older_than_seconds")
-    cutoff = time.time() - float(older) if older is not None else None
-    count = await app.store.dlq_purge(ids, cutoff)
+    count = await purge(app.store, ids, older)
     return JSONResponse({"purged": count})
 
 
@@ -195,17 +365,32 @@ async def degradation(request: Request) -> Response:
         if level is not None and not isinstance(level, str):
             raise BadRequest("level must be a string")
         try:
-            app.degradation.force(None if level in (None, "auto") else level)
+            set_degradation(app, level)
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
-    return JSONResponse({"level": app.degradation.level,
-                         "forced": app.degradation.forced is not None})
+    state = degradation_state(app)
+    return JSONResponse({"level": state["level"], "forced": state["forced"]})
 
 
 @admin_route
 async def cluster(request: Request) -> Response:
     app: Dovecote = request.app.state.dovecote
-    return JSONResponse({"instances": await app.cluster_view()})
+    return JSONResponse({"instances": await cluster_view(app)})
+
+
+@admin_route
+async def mailboxes_route(request: Request) -> Response:
+    return JSONResponse(await mailboxes(request.app.state.dovecote))
+
+
+@admin_route
+async def targets_route(request: Request) -> Response:
+    return JSONResponse({"targets": await targets(request.app.state.dovecote)})
+
+
+@admin_route
+async def overview_route(request: Request) -> Response:
+    return JSONResponse(await overview(request.app.state.dovecote))
 
 
 ROUTES = [
@@ -215,4 +400,7 @@ ROUTES = [
     Route("/admin/dlq/{item_id:int}", dlq_show, methods=["GET"]),
     Route("/admin/degradation", degradation, methods=["GET", "POST"]),
     Route("/admin/cluster", cluster, methods=["GET"]),
+    Route("/admin/mailboxes", mailboxes_route, methods=["GET"]),
+    Route("/admin/targets", targets_route, methods=["GET"]),
+    Route("/admin/overview", overview_route, methods=["GET"]),
 ]

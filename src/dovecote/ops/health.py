@@ -39,6 +39,7 @@ class Degradation:
         self.computed = "normal"
         self.forced = forced if forced in LEVELS else None
         self.draining = False
+        self.reason = "forced by configuration" if self.forced else "healthy"
         metrics.DEGRADATION_LEVEL.set(0)
 
     @property
@@ -46,6 +47,9 @@ class Degradation:
         return self.forced or self.computed
 
     def _publish(self, before: str, reason: str) -> None:
+        # The reason for the level in force: a computed one does not replace a forced one.
+        if self.forced is None or reason.startswith("forced"):
+            self.reason = reason
         if self.level != before:
             log.warning("degradation.changed", before=before, after=self.level, reason=reason)
         metrics.DEGRADATION_LEVEL.set(LEVELS.index(self.level))

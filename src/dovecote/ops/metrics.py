@@ -6,7 +6,9 @@ close codes, outbound host:port targets); never a DID, message id or raw path.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
 # 1 ms .. 10 s, dense where our latency targets (200 ms, 500 ms) sit.
 LATENCY_BUCKETS = (
@@ -127,3 +129,14 @@ BACKUP_LAST_SUCCESS = Gauge(
 )
 BACKUP_SECONDS = Gauge("dovecote_backup_duration_seconds", "How long the last backup took.")
 BACKUP_FAILURES = Counter("dovecote_backup_failures", "Scheduled backups that failed.")
+
+
+def exposition() -> bytes:
+    """What /metrics serves: this process's samples, or every worker's when there are several."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()

@@ -56,13 +56,7 @@ class Scrape:
 def scrape(client: httpx.Client, url: str) -> Scrape:
     health_response = client.get(url + "/health")
     health = health_response.json()
-    result = Scrape(time.time(), health)
-    text = client.get(url + "/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = (sample.name, tuple(sorted(sample.labels.items())))
-            result.samples[key] = sample.value
-    return result
+    return reading(time.time(), health, client.get(url + "/metrics").text)
 
 
 def quantile(before: list[tuple[float, float]], after: list[tuple[float, float]],
@@ -77,6 +71,55 @@ def quantile(before: list[tuple[float, float]], after: list[tuple[float, float]]
         if count >= target:
             return le
     return math.inf
+
+
+TRAFFIC = [
+    ("accepted", "dovecote_messages_accepted_total", {}),
+    ("duplicates dropped", "dovecote_messages_duplicate_total", {}),
+    ("pushed live", "dovecote_messages_delivered_total", {"mode": "push"}),
+    ("picked up", "dovecote_messages_delivered_total", {"mode": "pickup"}),
+    ("acknowledged", "dovecote_messages_acknowledged_total", {}),
+    ("dead-lettered", "dovecote_messages_dead_lettered_total", {}),
+    ("HTTP requests", "dovecote_http_requests_total", {}),
+    ("bad input", "dovecote_bad_input_total", {}),
+]
+
+
+def traffic(first: Scrape, second: Scrape) -> list[dict[str, Any]]:
+    """Per-second rates between two readings, and the totals at the second."""
+    span = max(second.at - first.at, 1e-6)
+    rows = []
+    for label, name, labels in TRAFFIC:
+        now = second.total(name, **labels)
+        rows.append({"label": label, "per_second": max(0.0, now - first.total(name, **labels))
+                     / span, "total": now})
+    return rows
+
+
+def queue_numbers(reading: Scrape) -> dict[str, Any]:
+    """Queue depth and age, outbox sizes and lag, dead letters, sockets, breakers."""
+    return {
+        "queued": reading.total("dovecote_queue_depth"),
+        "oldest_age_seconds": reading.total("dovecote_queue_oldest_age_seconds"),
+        "outbox": dict(sorted(reading.by_label("dovecote_outbox_size", "kind").items())),
+        "outbox_lag_seconds": dict(sorted(
+            reading.by_label("dovecote_outbox_lag_seconds", "kind").items())),
+        "dead_letters": reading.total("dovecote_dlq_size"),
+        "websockets": reading.total("dovecote_websocket_connections"),
+        "breakers": {target: BREAKER_NAMES.get(int(state), str(state)) for target, state
+                     in sorted(reading.by_label("dovecote_circuit_breaker_state",
+                                                "target").items())},
+    }
+
+
+def reading(at: float, health: dict[str, Any], text: str) -> Scrape:
+    """A Scrape from a /health body and a /metrics exposition text."""
+    result = Scrape(at, health)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            result.samples[key] = sample.value
+    return result
 
 
 def _ms(value: float | None) -> str:
@@ -105,19 +148,8 @@ def render(first: Scrape, second: Scrape, cluster: list[dict[str, Any]] | None) 
                        f"{check['seconds'] * 1000:.1f} ms", str(check.get("detail", ""))[:60])
 
     flow = Table("metric", "per second", "total", title=f"Traffic (last {span:.0f}s)")
-    for label, name, labels in [
-        ("accepted", "dovecote_messages_accepted_total", {}),
-        ("duplicates dropped", "dovecote_messages_duplicate_total", {}),
-        ("pushed live", "dovecote_messages_delivered_total", {"mode": "push"}),
-        ("picked up", "dovecote_messages_delivered_total", {"mode": "pickup"}),
-        ("acknowledged", "dovecote_messages_acknowledged_total", {}),
-        ("dead-lettered", "dovecote_messages_dead_lettered_total", {}),
-        ("HTTP requests", "dovecote_http_requests_total", {}),
-        ("bad input", "dovecote_bad_input_total", {}),
-    ]:
-        now = second.total(name, **labels)
-        rate = (now - first.total(name, **labels)) / span
-        flow.add_row(label, f"{rate:.1f}", f"{now:.0f}")
+    for row in traffic(first, second):
+        flow.add_row(row["label"], f"{row['per_second']:.1f}", f"{row['total']:.0f}")
 
     latency = Table("latency", "p50", "p95", "p99", title="Latency (window)")
     for label, name in [
@@ -130,15 +162,15 @@ def render(first: Scrape, second: Scrape, cluster: list[dict[str, Any]] | None) 
         latency.add_row(label, *(_ms(quantile(before, after, q)) for q in (0.5, 0.95, 0.99)))
 
     queues = Table("queue", "value", title="Queues")
-    queues.add_row("queued messages", f"{second.total('dovecote_queue_depth'):.0f}")
-    queues.add_row("oldest queued", f"{second.total('dovecote_queue_oldest_age_seconds'):.0f} s")
-    for kind, size in sorted(second.by_label("dovecote_outbox_size", "kind").items()):
+    numbers = queue_numbers(second)
+    queues.add_row("queued messages", f"{numbers['queued']:.0f}")
+    queues.add_row("oldest queued", f"{numbers['oldest_age_seconds']:.0f} s")
+    for kind, size in numbers["outbox"].items():
         queues.add_row(f"outbox {kind}", f"{size:.0f}")
-    queues.add_row("dead letters", f"{second.total('dovecote_dlq_size'):.0f}")
-    queues.add_row("WebSockets", f"{second.total('dovecote_websocket_connections'):.0f}")
-    breakers = second.by_label("dovecote_circuit_breaker_state", "target")
-    for target, state in sorted(breakers.items()):
-        queues.add_row(f"breaker {target}", BREAKER_NAMES.get(int(state), str(state)))
+    queues.add_row("dead letters", f"{numbers['dead_letters']:.0f}")
+    queues.add_row("WebSockets", f"{numbers['websockets']:.0f}")
+    for target, state in numbers["breakers"].items():
+        queues.add_row(f"breaker {target}", state)
 
     parts: list[Any] = [Panel(head, title="Dovecote"), checks, flow, latency, queues]
     if cluster is not None:

@@ -130,6 +130,28 @@ class QueueStats:
     dead_letters: int
 
 
+@dataclass(frozen=True, slots=True)
+class MailboxUsage:
+    """How full one mailbox is (for the operator views; no message content)."""
+
+    mediatee: str
+    message_count: int
+    total_bytes: int
+    oldest_received_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxTarget:
+    """Pending outbox items for one target URL."""
+
+    target: str
+    kind: str
+    pending: int
+    next_attempt_at: float
+    max_attempts: int
+    oldest_created_at: float
+
+
 class Store(abc.ABC):
     """Durable state: mediations, mailboxes, dedup, outbox, dead letters, instances."""
 
@@ -245,8 +267,14 @@ class Store(abc.ABC):
         """Drop every lease this owner holds (graceful shutdown)."""
 
     @abc.abstractmethod
-    async def dlq_list(self, offset: int = 0, limit: int = 100) -> tuple[list[DeadLetter], int]:
-        """One page of dead letters, newest first, and the total count."""
+    async def dlq_list(
+        self, offset: int = 0, limit: int = 100, *, kind: str | None = None,
+        target: str | None = None, reason: str | None = None,
+    ) -> tuple[list[DeadLetter], int]:
+        """One page of dead letters, newest first, and the total count.
+
+        Filters: `kind` exactly; `target` and `reason` as substrings.
+        """
 
     @abc.abstractmethod
     async def dlq_get(self, item_id: int) -> DeadLetter | None:
@@ -276,6 +304,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def queue_stats(self) -> QueueStats:
         """Numbers for metrics; cheap enough to sample every few seconds."""
+
+    @abc.abstractmethod
+    async def mailbox_usage(self, order: str, limit: int) -> list[MailboxUsage]:
+        """The largest (`order="bytes"`) or oldest (`order="oldest"`) non-empty mailboxes."""
+
+    @abc.abstractmethod
+    async def outbox_targets(self, limit: int) -> list[OutboxTarget]:
+        """Pending outbox items grouped by target and kind, most pending first."""
 
     def add_listener(self, callback: Any) -> None:
         """Call `callback(mediatee)` after a message for `mediatee` commits (any instance)."""

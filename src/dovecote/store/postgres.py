@@ -35,10 +35,12 @@ from dovecote.store.base import (
     EnqueueResult,
     InstanceInfo,
     MailboxStatus,
+    MailboxUsage,
     MediationState,
     NewMessage,
     NewOutboxItem,
     OutboxItem,
+    OutboxTarget,
     QueueStats,
     Store,
     StoredMessage,
@@ -48,7 +50,15 @@ from dovecote.store.postgres_rooms import PostgresRoomsMixin
 
 # The SQLite engine is the reference: share its row decoding and DID URL matching so
 # both engines answer identically.
-from dovecote.store.sqlite import STATUS_SQL, _dead_letter, _outbox_item, _recipient_candidates
+from dovecote.store.sqlite import (
+    MAILBOX_LARGEST_SQL,
+    MAILBOX_OLDEST_SQL,
+    OUTBOX_TARGETS_SQL,
+    STATUS_SQL,
+    _dead_letter,
+    _outbox_item,
+    _recipient_candidates,
+)
 
 log = structlog.get_logger("dovecote.store.postgres")
 
@@ -697,15 +707,29 @@ class PostgresStore(PostgresRoomsMixin, Store):
         )
         return _rowcount(status)
 
-    async def dlq_list(self, offset: int = 0, limit: int = 100) -> tuple[list[DeadLetter], int]:
+    async def dlq_list(
+        self, offset: int = 0, limit: int = 100, *, kind: str | None = None,
+        target: str | None = None, reason: str | None = None,
+    ) -> tuple[list[DeadLetter], int]:
         offset, limit = _page(offset, limit)
+        clauses: list[str] = ["TRUE"]
+        params: list[Any] = []
+        for value, test in ((kind, "kind = ${}"), (target, "strpos(target, ${}) > 0"),
+                            (reason, "strpos(reason, ${}) > 0")):
+            if value is not None:
+                params.append(value)
+                clauses.append(test.format(len(params)))
+        where = " AND ".join(clauses)
+        n = len(params)
 
         async def fn(c: Conn) -> tuple[list[DeadLetter], int]:
-            total = await c.fetchval("SELECT COUNT(*) FROM dead_letters")
+            total = await c.fetchval(f"SELECT COUNT(*) FROM dead_letters WHERE {where}",
+                                     *params)
             rows = await c.fetch(
                 "SELECT id, kind, target, payload, headers, reason, history, created_at, "
-                "dead_at FROM dead_letters ORDER BY id DESC LIMIT $1 OFFSET $2",
-                limit, offset,
+                f"dead_at FROM dead_letters WHERE {where} ORDER BY id DESC "
+                f"LIMIT ${n + 1} OFFSET ${n + 2}",
+                *params, limit, offset,
             )
             return [_dead_letter(row) for row in rows], int(total)
 
@@ -797,6 +821,15 @@ class PostgresStore(PostgresRoomsMixin, Store):
             )
 
         return await self._read(fn)
+
+    async def mailbox_usage(self, order: str, limit: int) -> list[MailboxUsage]:
+        sql = MAILBOX_OLDEST_SQL if order == "oldest" else MAILBOX_LARGEST_SQL
+        rows = await self._read(lambda c: c.fetch(sql, _page(0, limit)[1]))
+        return [MailboxUsage(*row) for row in rows]
+
+    async def outbox_targets(self, limit: int) -> list[OutboxTarget]:
+        rows = await self._read(lambda c: c.fetch(OUTBOX_TARGETS_SQL, _page(0, limit)[1]))
+        return [OutboxTarget(*row) for row in rows]
 
 
 def _page(offset: int, limit: int) -> tuple[int, int]:

@@ -33,10 +33,12 @@ from dovecote.store.base import (
     EnqueueResult,
     InstanceInfo,
     MailboxStatus,
+    MailboxUsage,
     MediationState,
     NewMessage,
     NewOutboxItem,
     OutboxItem,
+    OutboxTarget,
     QueueStats,
     Store,
     StoredMessage,
@@ -649,15 +651,27 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
         )
         return result
 
-    async def dlq_list(self, offset: int = 0, limit: int = 100) -> tuple[list[DeadLetter], int]:
+    async def dlq_list(
+        self, offset: int = 0, limit: int = 100, *, kind: str | None = None,
+        target: str | None = None, reason: str | None = None,
+    ) -> tuple[list[DeadLetter], int]:
         offset, limit = _page(offset, limit)
+        clauses: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        for value, test in ((kind, "kind = ?"), (target, "instr(target, ?) > 0"),
+                            (reason, "instr(reason, ?) > 0")):
+            if value is not None:
+                clauses.append(test)
+                params.append(value)
+        where = " AND ".join(clauses)
 
         def fn(c: sqlite3.Connection) -> tuple[list[DeadLetter], int]:
-            total = c.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            total = c.execute(f"SELECT COUNT(*) FROM dead_letters WHERE {where}",
+                              params).fetchone()[0]
             rows = c.execute(
                 "SELECT id, kind, target, payload, headers, reason, history, created_at, "
-                "dead_at FROM dead_letters ORDER BY id DESC LIMIT ? OFFSET ?",
-                (limit, offset),
+                f"dead_at FROM dead_letters WHERE {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                (*params, limit, offset),
             ).fetchall()
             return [_dead_letter(row) for row in rows], int(total)
 
@@ -750,6 +764,43 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
 
         return await self._read(fn)
 
+    async def mailbox_usage(self, order: str, limit: int) -> list[MailboxUsage]:
+        sql = (MAILBOX_OLDEST_SQL if order == "oldest" else MAILBOX_LARGEST_SQL)
+        rows = await self._read(
+            lambda c: c.execute(sql.replace("$1", "?1"), (_page(0, limit)[1],)).fetchall()
+        )
+        return [MailboxUsage(*row) for row in rows]
+
+    async def outbox_targets(self, limit: int) -> list[OutboxTarget]:
+        rows = await self._read(
+            lambda c: c.execute(OUTBOX_TARGETS_SQL.replace("$1", "?1"),
+                                (_page(0, limit)[1],)).fetchall()
+        )
+        return [OutboxTarget(*row) for row in rows]
+
+
+# Both engines (PostgreSQL uses them as they are, SQLite after $1 -> ?1).
+MAILBOX_LARGEST_SQL = (
+    "SELECT b.mediatee, b.message_count, b.total_bytes, "
+    "(SELECT m.received_at FROM messages m WHERE m.mediatee = b.mediatee "
+    "ORDER BY m.seq LIMIT 1) "
+    "FROM mailboxes b WHERE b.message_count > 0 ORDER BY b.total_bytes DESC LIMIT $1"
+)
+# The oldest mailboxes are those holding the first messages in seq order: reading the
+# head of the primary key stays cheap at any queue size (a MIN over every message does
+# not). A window dominated by one mailbox may list fewer than `limit` mailboxes.
+OLDEST_WINDOW = 10_000
+MAILBOX_OLDEST_SQL = (
+    "SELECT o.mediatee, b.message_count, b.total_bytes, o.oldest FROM "
+    "(SELECT w.mediatee, MIN(w.received_at) AS oldest FROM "
+    f"(SELECT mediatee, received_at FROM messages ORDER BY seq LIMIT {OLDEST_WINDOW}) AS w "
+    "GROUP BY w.mediatee) AS o JOIN mailboxes b ON b.mediatee = o.mediatee "
+    "ORDER BY o.oldest LIMIT $1"
+)
+OUTBOX_TARGETS_SQL = (
+    "SELECT target, kind, COUNT(*), MIN(next_attempt_at), MAX(attempts), MIN(created_at) "
+    "FROM outbox GROUP BY target, kind ORDER BY COUNT(*) DESC, target LIMIT $1"
+)
 
 STATUS_SQL = (
     "SELECT COALESCE((SELECT message_count FROM mailboxes WHERE mediatee = $1), 0), "
