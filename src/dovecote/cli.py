@@ -27,9 +27,29 @@ from dovecote.ops.settings import Settings
 T = TypeVar("T")
 
 
-def _settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a command with one --option per Settings field."""
+# The settings each operator command uses (the rest still come from DOVECOTE_* and TOML):
+# `dlq --help` lists these, not every server option.
+URL_FIELDS = ("config", "host", "port", "public_url", "tls_cert", "tls_key")
+IDENTITY_FIELDS = (*URL_FIELDS, "data_dir", "identity_file")
+STORE_FIELDS = ("config", "data_dir", "store", "store_timeout")
+BACKUP_FIELDS = (*STORE_FIELDS, "identity_file")
+ROOMS_TOKEN_FIELDS = (*STORE_FIELDS, "rooms_jwks_file", "rooms_jwks_url", "rooms_jwt_issuer",
+                      "rooms_jwt_audience")
+
+
+def _settings_options(func: Callable[..., Any] | None = None, *,
+                      only: tuple[str, ...] | None = None) -> Any:
+    """Decorate a command with one --option per Settings field (or the fields in `only`)."""
+    if func is None:
+        return lambda f: _add_settings_options(f, only)
+    return _add_settings_options(func, only)
+
+
+def _add_settings_options(func: Callable[..., Any],
+                          only: tuple[str, ...] | None) -> Callable[..., Any]:
     for name, field in reversed(list(Settings.model_fields.items())):
+        if only is not None and name not in only:
+            continue
         flag = "--" + name.replace("_", "-")
         env = f"DOVECOTE_{name.upper()}"
         annotation = field.annotation
@@ -93,7 +113,7 @@ def serve(**options: Any) -> None:
 
 
 @main.command()
-@_settings_options
+@_settings_options(only=IDENTITY_FIELDS)
 def did(**options: Any) -> None:
     """Print the mediator's DID (creating its keys on first use)."""
     from dovecote.didcomm.identity import load_or_create
@@ -105,7 +125,7 @@ def did(**options: Any) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the invitation JSON.")
-@_settings_options
+@_settings_options(only=IDENTITY_FIELDS)
 def invitation(as_json: bool, **options: Any) -> None:
     """Print the Out-of-Band invitation URL (goal_code request-mediate)."""
     from dovecote.didcomm.identity import load_or_create
@@ -151,7 +171,7 @@ def dlq() -> None:
 @click.option("--kind", default=None, help="Only this kind (forward, notify, mailbox).")
 @click.option("--target-contains", "target", default=None, help="Target URL substring.")
 @click.option("--reason-contains", "reason", default=None, help="Reason substring.")
-@_settings_options
+@_settings_options(only=STORE_FIELDS)
 def dlq_list(limit: int, offset: int, kind: str | None, target: str | None,
              reason: str | None, **options: Any) -> None:
     """List dead letters, newest first."""
@@ -168,7 +188,7 @@ def dlq_list(limit: int, offset: int, kind: str | None, target: str | None,
 
 @dlq.command("show")
 @click.argument("item_id", type=int)
-@_settings_options
+@_settings_options(only=STORE_FIELDS)
 def dlq_show(item_id: int, **options: Any) -> None:
     """Show one dead letter with its attempt history."""
     from dovecote.ops import admin
@@ -190,7 +210,7 @@ def dlq_show(item_id: int, **options: Any) -> None:
 @click.argument("item_id", type=int, required=False)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
 @click.option("--target", default=None, help="Only dead letters for this target.")
-@_settings_options
+@_settings_options(only=STORE_FIELDS)
 def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
                **options: Any) -> None:
     """Put dead letters back in the outbox with fresh attempts."""
@@ -220,7 +240,7 @@ def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
 @dlq.command("purge")
 @click.argument("item_id", type=int, required=False)
 @click.option("--older-than", type=float, default=None, help="Seconds; purge older items.")
-@_settings_options
+@_settings_options(only=STORE_FIELDS)
 def dlq_purge(item_id: int | None, older_than: float | None, **options: Any) -> None:
     """Delete dead letters by id or age."""
     from dovecote.ops import admin
@@ -259,7 +279,7 @@ def cluster() -> None:
 
 
 @cluster.command("status")
-@_settings_options
+@_settings_options(only=(*STORE_FIELDS, "heartbeat_interval"))
 def cluster_status(**options: Any) -> None:
     """List instances with their last heartbeat."""
     import time
@@ -275,6 +295,70 @@ def cluster_status(**options: Any) -> None:
                    f"conns={i.connections:<5} last_beat={age:.0f}s ago host={i.host}")
 
 
+# ---------------------------------------------------------------------- rooms
+@main.group()
+def rooms() -> None:
+    """Rooms helpers for development (tokens from the built-in development issuer)."""
+
+
+@rooms.command("token")
+@click.option("--user", required=True, help="Participant id (the token's sub).")
+@click.option("--room", "room_ids", multiple=True, help="Room the token grants (repeatable); "
+              "'*' for every room.")
+@click.option("--role", "roles", multiple=True, type=click.Choice(["admin", "moderator"]),
+              help="Token role (repeatable).")
+@click.option("--ttl", type=click.FloatRange(min=1), default=86400.0, show_default=True,
+              help="Seconds the token is valid.")
+@click.option("--join/--no-join", default=True, show_default=True,
+              help="Create each --room if missing and make --user a participant (in the store).")
+@_settings_options(only=ROOMS_TOKEN_FIELDS)
+def rooms_token(user: str, room_ids: tuple[str, ...], roles: tuple[str, ...], ttl: float,
+                join: bool, **options: Any) -> None:
+    """Print a rooms token signed by the development key in DATA_DIR.
+
+    The server accepts these while no issuer JWKS is configured (DOVECOTE_ROOMS_JWKS_FILE /
+    _URL); with one configured, get tokens from that issuer instead.
+    """
+    import re
+
+    from dovecote.rooms import devkey
+    from dovecote.rooms.models import PARTICIPANT_PATTERN, ROOM_ID_PATTERN
+
+    if not re.match(PARTICIPANT_PATTERN, user):
+        raise click.BadParameter("1-256 printable ASCII characters, no '/'", param_hint="--user")
+    for room in room_ids:
+        if room != "*" and not re.match(ROOM_ID_PATTERN, room):
+            raise click.BadParameter(f"{room!r} is not a room id", param_hint="--room")
+    settings = _settings(options)
+    if settings.rooms_jwks_file or settings.rooms_jwks_url:
+        raise click.ClickException(
+            "an issuer JWKS is configured (DOVECOTE_ROOMS_JWKS_FILE/_URL): the server does not "
+            "accept development tokens; get one from that issuer")
+    key = devkey.load_or_create(settings.data_dir)
+    if join and room_ids:
+        _run(_with_store(settings, lambda s: _join_rooms(s, user, [r for r in room_ids
+                                                                    if r != "*"])))
+    click.echo(devkey.issue(key, user, list(room_ids), list(roles), ttl,
+                            settings.rooms_jwt_issuer, settings.rooms_jwt_audience))
+
+
+async def _join_rooms(store: Any, user: str, room_ids: list[str]) -> None:
+    from dovecote.errors import Conflict
+    from dovecote.store.rooms_base import NewRoom
+
+    for room in room_ids:
+        if await store.room_get(room) is None:
+            try:
+                await store.room_create(NewRoom(id=room, name=room, metadata={},
+                                                created_by=user, participants=[(user, "admin")]))
+                continue
+            except Conflict:
+                pass  # created meanwhile by someone else: join it below
+        members = await store.participants(room) or []
+        if not any(p.participant == user for p in members):
+            await store.participant_set(room, user, "member", user, manage=True)
+
+
 # ---------------------------------------------------------------------- backups
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
@@ -283,7 +367,7 @@ def cluster_status(**options: Any) -> None:
 @click.option("--step-sleep", type=click.FloatRange(min=0), default=STEP_SLEEP,
               show_default=True,
               help="Seconds to pause between steps (leaves the disk to the server).")
-@_settings_options
+@_settings_options(only=BACKUP_FIELDS)
 def backup(file: Path, step_pages: int, step_sleep: float, **options: Any) -> None:
     """Back up the SQLite store and the mediator keys to FILE (safe while serving).
 
@@ -324,7 +408,7 @@ def verify(file: Path) -> None:
 @click.option("--force", is_flag=True,
               help="Move an existing store/keys aside (DATA_DIR/pre-restore-*) instead of "
               "refusing.")
-@_settings_options
+@_settings_options(only=BACKUP_FIELDS)
 def restore(file: Path, force: bool, **options: Any) -> None:
     """Verify FILE, then restore it into a STOPPED data directory (--data-dir)."""
     from dovecote.ops import backup as backups

@@ -134,6 +134,13 @@ class NotFound(ClientError):
     code = "e.m.req.not-found"
 
 
+class RoomsDisabled(ClientError):
+    """The rooms API is switched off on this server (DOVECOTE_ROOMS_ENABLED=false)."""
+
+    status = 404
+    code = "e.m.req.rooms-disabled"
+
+
 class MethodNotAllowed(ClientError):
     """The resource does not support this HTTP method."""
 

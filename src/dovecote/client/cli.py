@@ -238,7 +238,18 @@ def outbox_purge(ctx: click.Context, states: tuple[str, ...], older_than: float 
 
 @main.group()
 def rooms() -> None:
-    """Post to and follow rooms (needs --rooms-url and --rooms-token)."""
+    """Post to and follow rooms (needs --rooms-url and --rooms-token; keeps its outbox and
+    cursors in the data directory, created on first use)."""
+
+
+def _require_rooms(ctx: click.Context) -> None:
+    """Refuse before queueing: a post without a URL or token could only fail later."""
+    config: ClientConfig = ctx.obj
+    if not config.rooms_url:
+        raise click.UsageError("give --rooms-url (or DOVECOTE_ROOMS_URL)")
+    if not config.rooms_token:
+        raise click.UsageError("give --rooms-token (or DOVECOTE_ROOMS_TOKEN); for a "
+                               "development server: dovecote rooms token --user NAME --room ROOM")
 
 
 @rooms.command("post")
@@ -248,8 +259,10 @@ def rooms() -> None:
 @click.pass_context
 def rooms_post(ctx: click.Context, room: str, text: str, wait: float) -> None:
     """Post TEXT (or @FILE) to ROOM through the outbox (with an Idempotency-Key)."""
+    _require_rooms(ctx)
+
     async def go() -> OutboxItem:
-        async with _client(ctx) as client:
+        async with _client(ctx, create=True) as client:
             key = await client.rooms.post(room, _text(text))
             [item] = await client.wait_sent([key], max_wait=wait)
             return item
@@ -266,8 +279,10 @@ def rooms_post(ctx: click.Context, room: str, text: str, wait: float) -> None:
 @click.pass_context
 def rooms_tail(ctx: click.Context, room: str, since: int | None) -> None:
     """Print ROOM's events as JSON lines, live, resuming where the last run stopped."""
+    _require_rooms(ctx)
+
     async def go() -> None:
-        async with _client(ctx) as client:
+        async with _client(ctx, create=True) as client:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

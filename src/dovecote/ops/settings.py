@@ -196,9 +196,14 @@ class Settings(BaseSettings):
     )
 
     # --- rooms
+    rooms_enabled: bool = Field(
+        True, description="Serve the rooms API (off: every rooms call answers 404 "
+        "e.m.req.rooms-disabled, which clients do not retry).",
+    )
     rooms_jwks_file: Path | None = Field(
         None, description="JWKS file with the rooms token issuer's public keys (re-read when "
-        "it changes)."
+        "it changes). Without it or ROOMS_JWKS_URL the server makes a development key, "
+        "DATA_DIR/rooms-dev-key.json, and accepts tokens from `dovecote rooms token`."
     )
     rooms_jwks_url: str = Field(
         "", description="URL of the rooms token issuer's JWKS (refetched periodically)."

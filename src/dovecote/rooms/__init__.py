@@ -51,6 +51,14 @@ class Rooms:
             issuer=settings.rooms_jwt_issuer,
             audience=settings.rooms_jwt_audience,
         )
+        keys = self.auth.keys
+        if not settings.rooms_enabled:
+            keys.disabled = True
+        elif not keys.configured:
+            from dovecote.rooms import devkey
+
+            keys.keys = devkey.public_keys(devkey.load_or_create(settings.data_dir))
+            keys.fixed = True
         self.hub = RoomHub(self._store if self._store is not None else cast(RoomStore, _NoRooms()))
         self.presence = Presence(self.hub.store)
         if self._store is not None:
@@ -71,9 +79,13 @@ class Rooms:
         return self._store
 
     async def start(self) -> None:
-        if not self.auth.keys.configured:
-            log.info("rooms.no_issuer_keys",
-                     hint="set DOVECOTE_ROOMS_JWKS_FILE or DOVECOTE_ROOMS_JWKS_URL")
+        if self.auth.keys.disabled:
+            log.info("rooms.disabled")
+        elif self.auth.keys.fixed:
+            log.warning("rooms.development_issuer", key=str(self.settings.data_dir /
+                                                            "rooms-dev-key.json"),
+                        hint="tokens from `dovecote rooms token`; set DOVECOTE_ROOMS_JWKS_FILE "
+                        "or DOVECOTE_ROOMS_JWKS_URL for a real issuer")
         if self._store is not None:
             self._tasks.append(asyncio.create_task(self._purge(), name="rooms-purge"))
             self._tasks.append(asyncio.create_task(self.presence.refresh_forever(),

@@ -29,7 +29,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from dovecote.errors import InvalidToken, Unavailable
+from dovecote.errors import InvalidToken, RoomsDisabled, Unavailable
 from dovecote.rooms.models import PARTICIPANT_PATTERN
 
 log = structlog.get_logger("dovecote.rooms.auth")
@@ -87,6 +87,10 @@ class KeySource:
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
         self._client: httpx.AsyncClient | None = None
+        # Rooms switched off on purpose: a definite 4xx, unlike missing keys (503).
+        self.disabled = False
+        # Keys given once (the development issuer, rooms/devkey.py), never reloaded.
+        self.fixed = False
 
     @property
     def configured(self) -> bool:
@@ -94,6 +98,8 @@ class KeySource:
 
     async def current(self, unknown_kid: bool = False) -> KeySet:
         """The key set, reloaded first when the file changed or the URL copy is stale."""
+        if self.disabled:
+            raise RoomsDisabled("rooms are switched off on this server")
         if self.file is not None:
             self._reload_file()
         elif self.url:
@@ -158,6 +164,8 @@ class Authenticator:
         self._claims = jwt.JWTClaimsRegistry(leeway=LEEWAY, **claims)
 
     async def from_header(self, value: str | None) -> Principal:
+        if self.keys.disabled:  # before any token check: nothing a client sends can help
+            raise RoomsDisabled("rooms are switched off on this server")
         if not value:
             raise InvalidToken("send Authorization: Bearer <token>")
         scheme, _, token = value.strip().partition(" ")
@@ -166,6 +174,8 @@ class Authenticator:
         return await self.verify(token.strip())
 
     async def verify(self, token: str) -> Principal:
+        if self.keys.disabled:
+            raise RoomsDisabled("rooms are switched off on this server")
         if len(token) > MAX_TOKEN_BYTES:
             raise InvalidToken("token too large")
         header = _unverified_header(token)
