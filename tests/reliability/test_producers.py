@@ -12,8 +12,9 @@ import httpx
 import websockets
 
 from reliability.helpers import FAST_OUTBOUND, post, query, wait_until
-from support.agent import BASIC, PICKUP, PING, Agent, forward_to
+from support.agent import BASIC, CM3, PICKUP, PING, Agent, forward_to
 from support.endpoint import FlakyEndpoint
+from support.inspect import metric_value
 from support.server import ServerProcess
 
 
@@ -33,16 +34,58 @@ async def test_reply_without_return_route_goes_to_the_senders_endpoint(
     assert reply["type"] == f"{PING}/ping-response" and reply["thid"] == ping.id
     assert reply["from"] == server.did
 
-    # A mediatee whose endpoint is this mediator gets its reply in its own mailbox.
+    assert len(endpoint.received) == 2  # nothing else went out
+
+
+async def test_reply_to_a_mediatee_without_return_route_is_never_queued(
+    server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient,
+) -> None:
+    # Issue 12.3 (Pickup 3.0: a status MUST NOT be put on the queue): a mediatee whose
+    # endpoint is this mediator gets replies on its live session, or not at all.
+    server = server_factory(env=FAST_OUTBOUND)
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
-    quiet = alice.message(f"{PING}/ping", {"response_requested": True}, return_route=False)
-    assert (await post(client, server, await alice.pack(quiet))).status_code == 202
-    delivery = await alice.request(client, f"{PICKUP}/delivery-request", {"limit": 10})
-    [attachment] = delivery["attachments"]
-    queued = await alice.unpack(json.dumps(attachment["data"]["json"]))
-    assert queued["type"] == f"{PING}/ping-response" and queued["thid"] == quiet.id
-    assert len(endpoint.received) == 2  # nothing else went out
+
+    def dropped() -> float:
+        text = httpx.get(server.base_url + "/metrics").text
+        return metric_value(text, "dovecote_replies_not_returned_total",
+                            reason="no-live-session")
+
+    before = dropped()
+    requests = [
+        alice.message(f"{PICKUP}/status-request", return_route=False),
+        alice.message(f"{PING}/ping", {"response_requested": True}, return_route=False),
+        alice.message(f"{PICKUP}/delivery-request", {"limit": 5}, return_route=False),
+        alice.message(f"{CM3}/mediate-request", return_route=False),
+        # A problem report: the HTTP answer names the error, the report is not queued.
+        alice.message(f"{PICKUP}/delivery-request", {}, return_route=False),
+    ]
+    for request in requests:
+        response = await post(client, server, await alice.pack(request))
+        if request is not requests[-1]:
+            assert response.status_code == 202 and response.content == b"", response.text
+        else:
+            assert response.status_code == 400 and response.json()["error"] == "e.m.msg.malformed"
+    status = await alice.request(client, f"{PICKUP}/status-request")
+    assert status["body"]["message_count"] == 0
+    assert query(server, "SELECT COUNT(*) FROM messages") == [(0,)]
+    assert dropped() == before + len(requests)
+    logged = [e for e in server.log_events() if e.get("event") == "reply.not_returned"]
+    assert sum(1 for e in logged if e.get("reason") == "no-live-session") == len(requests)
+
+    # With a live session open, the reply travels on it (and still is not queued).
+    async with websockets.connect(server.ws_url) as ws:
+        await ws.send(await alice.pack(alice.message(f"{PICKUP}/live-delivery-change",
+                                                     {"live_delivery": True})))
+        assert (await alice.unpack(await asyncio.wait_for(ws.recv(), 10)))["body"][
+            "live_delivery"] is True
+        quiet = alice.message(f"{PICKUP}/status-request", return_route=False)
+        assert (await post(client, server, await alice.pack(quiet))).status_code == 202
+        reply = await alice.unpack(await asyncio.wait_for(ws.recv(), 10))
+        assert reply["type"] == f"{PICKUP}/status" and reply["thid"] == quiet.id
+        assert reply["body"]["message_count"] == 0
+    assert query(server, "SELECT COUNT(*) FROM messages") == [(0,)]
+    assert dropped() == before + len(requests)
 
 
 async def test_offline_mailbox_notifications_coalesce_and_carry_no_content(

@@ -7,7 +7,8 @@ Replies go back on the same connection when the sender asked for a return route 
 is a WebSocket). Otherwise, if the sender's DID has an http(s) endpoint, the packed reply
 goes to the outbox and the HTTP answer (202) is sent only after that commit; a client
 that saw no answer retries, and the handlers' state changes are idempotent, so the reply
-is produced again rather than lost.
+is produced again rather than lost. When that endpoint is this mediator, the reply goes on
+the sender's live session or is dropped: never into its own mailbox.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def _labels(msg_type: str) -> tuple[str, str]:
         parts = piuri.rsplit("/", 2)
         return f"{parts[-2]}/{parts[-1]}", name
     return "unknown", "unknown"
+
+
+def _not_returned(reason: str, detail: str, request_id: str, count: int = 1) -> None:
+    metrics.REPLIES_NOT_RETURNED.labels(reason).inc(count)
+    log.info("reply.not_returned", reason=reason, detail=detail, count=count,
+             request_id=request_id)
 
 
 def _retry_later(error: DovecoteError | None) -> bool:
@@ -158,8 +165,7 @@ class Mediator:
                 # Not queued: answer with the error so that the client retries.
                 return Outcome(status=exc.status, error=exc, return_route=wants_return)
         elif replies:
-            log.info("reply.not_returned", count=len(replies), reason="anonymous sender",
-                     request_id=request_id)
+            _not_returned("anonymous-sender", "anonymous sender", request_id, len(replies))
         if packed and transport == "http" and not _retry_later(error):
             # The transport worked; a failure is in the (problem report) message, and
             # stacks such as Veramo read no body from a non-2xx answer.
@@ -179,18 +185,14 @@ class Mediator:
             try:
                 route = await endpoints.route(sender, packed)
             except UnknownRecipient as exc:
-                log.info("reply.not_returned", reason=exc.detail, request_id=inbound.request_id)
+                _not_returned("no-endpoint", exc.detail, inbound.request_id)
                 return
             if route.local:
-                # The sender's endpoint is this mediator: its mailbox is the way back.
-                mediatee = await self.ctx.store.find_mediatee(sender)
-                if mediatee is None:
-                    log.info("reply.not_returned", reason="routes here but not registered",
-                             request_id=inbound.request_id)
+                # The sender's endpoint is this mediator. A reply (a status above all) must
+                # never be queued as a message in its own mailbox (Pickup 3.0): it goes on
+                # the sender's live session here, or nowhere.
+                if not await self._send_live(sender, packed, inbound.request_id):
                     return
-                await routing.store_for(
-                    self.ctx, mediatee, sender, packed,
-                    time.time() + self.ctx.settings.message_ttl, inbound.request_id)
                 continue
             key = hashlib.sha256(f"{sender} {inbound.id} {index}".encode()).hexdigest()
             items.append(NewOutboxItem(
@@ -203,6 +205,25 @@ class Mediator:
                 self.ctx.wake_outbox("forward")
             log.info("reply.queued", count=len(added), target=items[0].target,
                      request_id=inbound.request_id)
+
+    async def _send_live(self, sender: str, packed: bytes, request_id: str) -> bool:
+        """Send a reply on the sender's live session on this instance; False if dropped."""
+        live = self.ctx.live
+        session = live.by_mediatee.get(sender)
+        if session is None:
+            mediatee = await self.ctx.store.find_mediatee(sender)
+            session = live.by_mediatee.get(mediatee) if mediatee else None
+        if session is None or session.closed:
+            _not_returned("no-live-session", "no return route and no live session",
+                          request_id)
+            return False
+        try:
+            await session.send(packed)
+        except Exception as exc:  # a dying socket: the reply is lost, as on any transport
+            _not_returned("live-session-failed", str(exc)[:200], request_id)
+            return False
+        log.info("reply.sent_live", session=session.id, request_id=request_id)
+        return True
 
     async def build_delivery(self, mediatee: str, messages: Sequence[StoredMessage]) -> bytes:
         """A live-mode `delivery` message for a mailbox owner, packed for it."""

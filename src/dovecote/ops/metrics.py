@@ -52,6 +52,11 @@ DEAD_LETTERED = Counter(
     "dovecote_messages_dead_lettered", "Items moved to the dead-letter queue.", ["kind"],
 )
 UNROUTABLE = Counter("dovecote_forwards_unroutable", "Forwards for unknown recipients.")
+REPLIES_NOT_RETURNED = Counter(
+    "dovecote_replies_not_returned",
+    "Replies dropped: no return route, no live session here and no other way back.",
+    ["reason"],
+)
 PUSH_LATENCY = Histogram(
     "dovecote_message_push_latency_seconds", "Accepted to pushed on a live session.",
     buckets=DELIVERY_BUCKETS,
