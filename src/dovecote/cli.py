@@ -158,6 +158,36 @@ def _when(ts: float) -> str:
 
 
 @main.group()
+def recipients() -> None:
+    """Recipient registrations (works on the store directly, like dlq)."""
+
+
+@recipients.command("conflicts")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@_settings_options
+def recipients_conflicts(as_json: bool, **options: Any) -> None:
+    """Registrations refused when recipients became one owner per base DID.
+
+    Each names the form a mediatee had registered, the base DID it belongs to, and the
+    mediatee that kept it (the first to register). Exit status 1 when there are any.
+    """
+    settings = _settings(options)
+    found = _run(_with_store(settings, lambda s: s.recipient_conflicts()))
+    for c in found:
+        if as_json:
+            click.echo(json.dumps({
+                "recipient": c.recipient, "base": c.base, "mediatee": c.mediatee,
+                "owner": c.owner, "registered_at": c.created_at, "found_at": c.found_at,
+                "queued": c.queued}))
+        else:
+            click.echo(f"{_when(c.created_at)}  {c.recipient[:80]}  mediatee={c.mediatee[:60]}"
+                       f"  kept-by={c.owner[:60]}  queued={c.queued}")
+    if not as_json:
+        click.echo(f"{len(found)} conflicting registration(s)")
+    sys.exit(1 if found else 0)
+
+
+@main.group()
 def dlq() -> None:
     """Inspect, replay and purge dead letters (works on the store directly).
 

@@ -76,6 +76,18 @@ class MalformedMessage(ClientError):
     code = "e.m.msg.malformed"
 
 
+class InvalidDID(MalformedMessage):
+    """A DID from the client is too long, not a DID, or has NUL or invalid Unicode."""
+
+    code = "e.m.msg.invalid-did"
+
+
+class LimitExceeded(MalformedMessage):
+    """Input past a size limit (nesting depth, id length), refused before any work."""
+
+    code = "e.m.msg.limit-exceeded"
+
+
 class NotEncrypted(ClientError):
     """Only encrypted DIDComm messages are accepted."""
 

@@ -118,6 +118,7 @@ class Dovecote:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.store.open()
+        await self._report_recipient_conflicts()
         await self.packer.start()
         await self.health.run_checks()
         await self.rooms.start()
@@ -132,6 +133,14 @@ class Dovecote:
             self._tasks.append(asyncio.create_task(backups.run(), name="backup"))
         log.info("dovecote.started", did=self.identity.did, url=self.settings.base_url,
                  store=self.store.engine, instance=self.instance_id, version=__version__)
+
+    async def _report_recipient_conflicts(self) -> None:
+        """Warn while registrations refused by the one-owner-per-identity migration remain."""
+        conflicts = await self.store.recipient_conflicts()
+        if conflicts:
+            log.warning("recipients.conflicts", count=len(conflicts),
+                        queued=sum(c.queued for c in conflicts),
+                        hint="dovecote recipients conflicts")
 
     def begin_drain(self) -> None:
         """First step of shutdown: not ready, refuse new work, tell sockets to reconnect.

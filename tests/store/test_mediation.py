@@ -76,26 +76,47 @@ async def test_list_recipients_pages_in_bytewise_order(engine: Store) -> None:
     assert await engine.list_recipients(BOB, 0, 10) == ([], 0)
 
 
-async def test_find_mediatee_with_did_url_fragments(engine: Store) -> None:
+async def test_a_recipient_is_its_base_did(engine: Store) -> None:
     await mediate(engine, ALICE, "did:example:plain")
     await mediate(engine, BOB, "did:example:keyed#key-2")
-    # Registered as a DID: a key of that DID (a DID URL) finds it.
-    assert await engine.find_mediatee("did:example:plain") == ALICE
-    assert await engine.find_mediatee("did:example:plain#key-1") == ALICE
-    # Registered as a DID URL: only that exact key finds it; the bare DID or another key
-    # does not (it may name another key, which would route to the wrong mailbox).
-    assert await engine.find_mediatee("did:example:keyed#key-2") == BOB
-    assert await engine.find_mediatee("did:example:keyed") is None
-    assert await engine.find_mediatee("did:example:keyed#key-3") is None
+    # Any DID URL form finds the owner of its base DID, whichever form was registered.
+    for form in ("", "#key-1", "#key-2", "?service=a", "/path#x"):
+        assert await engine.find_mediatee("did:example:plain" + form) == ALICE, form
+        assert await engine.find_mediatee("did:example:keyed" + form) == BOB, form
     assert await engine.find_mediatee("did:example:unknown") is None
+    assert await engine.list_recipients(BOB, 0, 10) == (["did:example:keyed"], 1)
 
 
-async def test_exact_did_url_registration_wins_over_bare_did(engine: Store) -> None:
+async def test_another_mediatee_cannot_take_any_form_of_an_owned_did(engine: Store) -> None:
     await mediate(engine, ALICE, "did:example:shared")
-    await mediate(engine, BOB, "did:example:shared#key-9")
-    assert await engine.find_mediatee("did:example:shared#key-9") == BOB
-    assert await engine.find_mediatee("did:example:shared#key-1") == ALICE
-    assert await engine.find_mediatee("did:example:shared") == ALICE
+    await mediate(engine, BOB)
+    forms = ["did:example:shared", "did:example:shared#key-9", "did:example:shared?x=1"]
+    assert await engine.update_recipients(BOB, [(f, "add") for f in forms]) == [
+        "client_error"] * 3
+    assert await engine.update_recipients(BOB, [(f, "remove") for f in forms]) == [
+        "no_change"] * 3
+    assert await engine.find_mediatee("did:example:shared#key-9") == ALICE
+    assert await engine.list_recipients(BOB, 0, 10) == ([], 0)
+    # The owner's later forms are the same recipient; removing any form frees it.
+    assert await engine.update_recipients(ALICE, [("did:example:shared#key-1", "add")]) == [
+        "no_change"]
+    assert await engine.update_recipients(ALICE, [("did:example:shared#key-1", "remove")]) == [
+        "success"]
+    assert await engine.update_recipients(BOB, [("did:example:shared#key-9", "add")]) == [
+        "success"]
+    assert await engine.find_mediatee("did:example:shared") == BOB
+
+
+async def test_concurrent_claims_of_forms_of_one_did_have_one_winner(engine: Store) -> None:
+    mediatees = [f"did:example:m{i}" for i in range(6)]
+    for m in mediatees:
+        await mediate(engine, m)
+    results = await asyncio.gather(*[
+        engine.update_recipients(m, [(f"did:example:contested#key-{i}", "add")])
+        for i, m in enumerate(mediatees)])
+    assert sorted(r[0] for r in results) == ["client_error"] * 5 + ["success"]
+    winner = mediatees[[r[0] for r in results].index("success")]
+    assert await engine.find_mediatee("did:example:contested") == winner
 
 
 async def test_paging_past_any_integer_is_just_past_the_end(engine: Store) -> None:

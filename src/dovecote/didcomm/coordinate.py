@@ -11,7 +11,9 @@ from typing import Any
 import structlog
 
 from dovecote.didcomm.messages import Context, Handler, Inbound, field_of, reply
-from dovecote.errors import MalformedMessage
+from dovecote.errors import InvalidDID, MalformedMessage
+from dovecote.ops import metrics
+from dovecote.util.did import base_did, did_problem
 
 log = structlog.get_logger("dovecote.coordinate")
 
@@ -34,9 +36,8 @@ def _version(inbound: Inbound) -> str:
 async def mediate_request(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
     sender = inbound.require_sender()
     version = _version(inbound)
-    allowed = (
-        ctx.settings.mediation_policy == "open" or sender in ctx.settings.mediation_allowlist
-    )
+    allowed = ctx.settings.mediation_policy == "open" or sender in {
+        base_did(entry) for entry in ctx.settings.mediation_allowlist}
     routing_did = ctx.identity.did
     await ctx.store.set_mediation(sender, "granted" if allowed else "denied", routing_did)
     log.info("mediation.decided", granted=allowed, version=version[-3:],
@@ -45,6 +46,14 @@ async def mediate_request(ctx: Context, inbound: Inbound) -> list[dict[str, Any]
         return [reply(inbound, f"{version}/mediate-deny", {})]
     grant: Any = routing_did if version == V2 else [routing_did]
     return [reply(inbound, f"{version}/mediate-grant", {"routing_did": grant})]
+
+
+def _echo(value: Any) -> Any:
+    """A refused value as the update response may repeat it: short printable text only
+    (echoing a 4 KiB or NUL-laden value would return what we refuse to keep)."""
+    if isinstance(value, str) and len(value) <= 256 and value.isprintable():
+        return value
+    return None
 
 
 async def recipient_update(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
@@ -58,11 +67,13 @@ async def recipient_update(ctx: Context, inbound: Inbound) -> list[dict[str, Any
     for index, update in enumerate(updates):
         did = update.get("recipient_did") if isinstance(update, dict) else None
         action = update.get("action") if isinstance(update, dict) else None
-        entry = {"recipient_did": did, "action": action, "result": "client_error"}
-        results.append(entry)
-        if (isinstance(did, str) and did.startswith("did:") and len(did) <= 4096
-                and action in ("add", "remove")):
-            valid.append((index, did, action))
+        problem = did_problem(did, ctx.settings.max_did_bytes)
+        results.append({"recipient_did": did if problem is None else _echo(did),
+                        "action": _echo(action), "result": "client_error"})
+        if problem is None and isinstance(did, str) and action in ("add", "remove"):
+            valid.append((index, did, str(action)))
+        elif problem is not None:
+            metrics.BAD_INPUT.labels(InvalidDID.code, inbound.transport).inc()
     if valid:
         outcomes = await ctx.store.update_recipients(
             mediatee, [(did, action) for _, did, action in valid]

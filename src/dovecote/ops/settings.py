@@ -36,6 +36,10 @@ DEFAULT_ROOMS_WS_STALL = 5.0
 DEFAULT_BACKUP_INTERVAL = 3600.0
 DEFAULT_BACKUP_KEEP_HOURLY = 24
 DEFAULT_BACKUP_KEEP_DAILY = 7
+DEFAULT_MAX_DID_BYTES = 4096
+DEFAULT_MAX_MESSAGE_ID_BYTES = 1024
+DEFAULT_MAX_JSON_DEPTH = 32
+DEFAULT_RESOLVER_CACHE_BYTES = 32 * MiB
 
 # Lists come as "a,b,c" from the environment and flags, not as JSON.
 CsvList = Annotated[list[str], NoDecode]
@@ -134,10 +138,12 @@ class Settings(BaseSettings):
     )
     sweep_interval: float = Field(60.0, gt=0, description="Seconds between expiry sweeps.")
     mediation_policy: MediationPolicy = Field(
-        "open", description="Grant mediation to anyone (open) or only to MEDIATION_ALLOWLIST."
+        "open", description="Grant mediation to anyone (open) or only to MEDIATION_ALLOWLIST "
+        "(recipient registration is first come, first served: see docs/security.md).",
     )
     mediation_allowlist: CsvList = Field(
-        default_factory=list, description="DIDs allowed mediation when the policy is allowlist."
+        default_factory=list, description="DIDs allowed mediation when the policy is "
+        "allowlist (a DID URL stands for its DID).",
     )
     live_push_batch: int = Field(
         100, ge=1, description="Most messages pushed in one live-delivery round."
@@ -180,6 +186,22 @@ class Settings(BaseSettings):
     rate_limit_ip_burst: int = Field(1000, ge=1, description="Burst size per client IP.")
     rate_limit_did: float = Field(200.0, gt=0, description="Messages/s allowed per sender DID.")
     rate_limit_did_burst: int = Field(400, ge=1, description="Burst size per sender DID.")
+    max_did_bytes: int = Field(
+        DEFAULT_MAX_DID_BYTES, ge=256, description="Longest DID or DID URL accepted from a "
+        "client (UTF-8 bytes), checked before it is resolved, stored or cached (400).",
+    )
+    max_message_id_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_ID_BYTES, ge=64, description="Longest message id (id, thid, "
+        "pthid, acknowledged ids) accepted (400).",
+    )
+    max_json_depth: int = Field(
+        DEFAULT_MAX_JSON_DEPTH, ge=8, le=512, description="Deepest JSON nesting accepted in "
+        "envelopes and plaintexts, checked before parsing (400).",
+    )
+    resolver_cache_bytes: int = Field(
+        DEFAULT_RESOLVER_CACHE_BYTES, ge=0, description="Memory for resolved and parsed DID "
+        "documents (estimated bytes, least recently used forgotten first).",
+    )
     shutdown_timeout: float = Field(
         DEFAULT_SHUTDOWN_TIMEOUT, ge=0, description="Seconds to drain on SIGTERM."
     )

@@ -120,6 +120,20 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class RecipientConflict:
+    """A registration refused when recipients became one owner per base DID (migration
+    0004): `mediatee` had registered `recipient`, a form of `base`, which `owner` keeps."""
+
+    recipient: str
+    base: str
+    mediatee: str
+    owner: str
+    created_at: float
+    found_at: float
+    queued: int  # messages `mediatee` still holds that were forwarded to `recipient`
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     """Sampled queue numbers for metrics and health."""
 
@@ -187,7 +201,10 @@ class Store(abc.ABC):
     async def update_recipients(
         self, mediatee: str, updates: Sequence[tuple[str, str]]
     ) -> list[UpdateResult]:
-        """Apply (recipient_did, 'add'|'remove') updates in one transaction."""
+        """Apply (recipient_did, 'add'|'remove') updates in one transaction.
+
+        A recipient is its base DID (any DID URL form registers or removes the base); one
+        mediatee owns it, and adding it for another gives client_error."""
 
     @abc.abstractmethod
     async def list_recipients(
@@ -197,7 +214,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def find_mediatee(self, recipient: str) -> str | None:
-        """Which mediatee registered this recipient DID (or key), if any."""
+        """Which mediatee owns this recipient: the owner of its base DID, if any."""
+
+    @abc.abstractmethod
+    async def recipient_conflicts(self) -> list[RecipientConflict]:
+        """Registrations the one-owner-per-identity migration refused (for operators)."""
 
     # --- mailboxes
     @abc.abstractmethod

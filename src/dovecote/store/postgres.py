@@ -42,6 +42,7 @@ from dovecote.store.base import (
     OutboxItem,
     OutboxTarget,
     QueueStats,
+    RecipientConflict,
     Store,
     StoredMessage,
     UpdateResult,
@@ -51,6 +52,7 @@ from dovecote.store.postgres_rooms import PostgresRoomsMixin
 # The SQLite engine is the reference: share its row decoding and DID URL matching so
 # both engines answer identically.
 from dovecote.store.sqlite import (
+    CONFLICTS_SQL,
     MAILBOX_LARGEST_SQL,
     MAILBOX_OLDEST_SQL,
     OUTBOX_TARGETS_SQL,
@@ -59,6 +61,7 @@ from dovecote.store.sqlite import (
     _outbox_item,
     _recipient_candidates,
 )
+from dovecote.util.did import base_did
 
 log = structlog.get_logger("dovecote.store.postgres")
 
@@ -401,7 +404,9 @@ class PostgresStore(PostgresRoomsMixin, Store):
 
         async def fn(c: Conn) -> list[UpdateResult]:
             results: list[UpdateResult] = []
-            for recipient, action in updates:
+            for given, action in updates:
+                # One owner per identity: every form of a DID registers its base DID.
+                recipient = base_did(given)
                 if action == "add":
                     results.append(await add(c, recipient))
                 elif action == "remove":
@@ -435,15 +440,15 @@ class PostgresStore(PostgresRoomsMixin, Store):
         return await self._read(fn)
 
     async def find_mediatee(self, recipient: str) -> str | None:
-        candidates = _recipient_candidates(recipient)
+        base = base_did(recipient)
         mediatee = await self._read(
-            lambda c: c.fetchval(
-                "SELECT mediatee FROM recipients WHERE recipient = ANY($1::text[]) "
-                "ORDER BY array_position($1::text[], recipient::text) LIMIT 1",
-                candidates,
-            )
+            lambda c: c.fetchval("SELECT mediatee FROM recipients WHERE recipient = $1", base)
         )
         return mediatee
+
+    async def recipient_conflicts(self) -> list[RecipientConflict]:
+        rows = await self._read(lambda c: c.fetch(CONFLICTS_SQL))
+        return [RecipientConflict(*row) for row in rows]
 
     # ------------------------------------------------------------------ mailboxes
     async def enqueue(

@@ -40,11 +40,13 @@ from dovecote.store.base import (
     OutboxItem,
     OutboxTarget,
     QueueStats,
+    RecipientConflict,
     Store,
     StoredMessage,
     UpdateResult,
 )
 from dovecote.store.sqlite_rooms import SQLiteRoomsMixin
+from dovecote.util.did import base_did
 
 log = structlog.get_logger("dovecote.store.sqlite")
 
@@ -339,7 +341,9 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
 
         def fn(c: sqlite3.Connection) -> list[UpdateResult]:
             results: list[UpdateResult] = []
-            for recipient, action in updates:
+            for given, action in updates:
+                # One owner per identity: every form of a DID registers its base DID.
+                recipient = base_did(given)
                 if action == "add":
                     owner = c.execute(
                         "SELECT mediatee FROM recipients WHERE recipient = ?", (recipient,)
@@ -388,16 +392,20 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
         return await self._read(fn)
 
     async def find_mediatee(self, recipient: str) -> str | None:
-        candidates = _recipient_candidates(recipient)
+        base = base_did(recipient)
 
         def fn(c: sqlite3.Connection) -> str | None:
-            for candidate in candidates:
-                row = c.execute(
-                    "SELECT mediatee FROM recipients WHERE recipient = ?", (candidate,)
-                ).fetchone()
-                if row:
-                    return str(row[0])
-            return None
+            row = c.execute(
+                "SELECT mediatee FROM recipients WHERE recipient = ?", (base,)
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._read(fn)
+
+    async def recipient_conflicts(self) -> list[RecipientConflict]:
+        def fn(c: sqlite3.Connection) -> list[RecipientConflict]:
+            rows = c.execute(CONFLICTS_SQL).fetchall()
+            return [RecipientConflict(*row) for row in rows]
 
         return await self._read(fn)
 
@@ -818,6 +826,14 @@ class _Notifying:
     def __init__(self, value: Any, mediatees: list[str]) -> None:
         self.value = value
         self.mediatees = mediatees
+
+
+# Registrations the identity migration (0004) refused, with what their mediatee still holds.
+CONFLICTS_SQL = (
+    "SELECT c.recipient, c.base, c.mediatee, c.owner, c.created_at, c.found_at, "
+    "(SELECT COUNT(*) FROM messages m WHERE m.mediatee = c.mediatee "
+    " AND m.recipient = c.recipient) FROM recipient_conflicts c ORDER BY c.found_at, c.recipient"
+)
 
 
 def _page(offset: int, limit: int) -> tuple[int, int]:
