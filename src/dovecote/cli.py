@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
 import click
+from pydantic import ValidationError
 
 from dovecote import __version__
 from dovecote.ops.backup import STEP_PAGES, STEP_SLEEP
@@ -75,7 +76,14 @@ def _settings(overrides: dict[str, Any]) -> Settings:
         import os
 
         os.environ["DOVECOTE_CONFIG"] = str(given["config"])
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        # One line per bad setting, not a traceback: the operator fixes a value.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: "
+            f"{err['msg'].removeprefix('Value error, ')}" for err in exc.errors())
+        raise click.UsageError(f"invalid settings: {problems}") from None
 
 
 def _run(coro: Awaitable[T]) -> T:
@@ -409,7 +417,8 @@ def backup(file: Path, step_pages: int, step_sleep: float, **options: Any) -> No
     try:
         manifest = backups.make_backup(backups.sqlite_path(settings.store_url),
                                        settings.identity_path, file,
-                                       step_pages=step_pages, step_sleep=step_sleep)
+                                       step_pages=step_pages, step_sleep=step_sleep,
+                                       key_file=settings.backup_key_file)
     except (backups.BackupError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"backup {file}: schema v{manifest.schema_version}, "
@@ -417,13 +426,29 @@ def backup(file: Path, step_pages: int, step_sleep: float, **options: Any) -> No
                f"sha256 {manifest.database.sha256[:16]}..., {manifest.seconds:.2f}s")
 
 
+@main.command("backup-keygen")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def backup_keygen(file: Path) -> None:
+    """Create an age key file (0600) for encrypted backups; keep a copy off this host."""
+    from dovecote.ops import backup as backups
+
+    try:
+        public = backups.keygen(file)
+    except (backups.BackupError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {file} (public key {public}); set DOVECOTE_BACKUP_KEY_FILE={file}")
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def verify(file: Path) -> None:
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="DOVECOTE_BACKUP_KEY_FILE", default=None,
+              help="Key file of an encrypted backup [env DOVECOTE_BACKUP_KEY_FILE].")
+def verify(file: Path, key_file: Path | None) -> None:
     """Check a backup: checksums, PRAGMA integrity_check, row counts, keys. Exit 1 if bad."""
     from dovecote.ops.backup import verify_backup
 
-    manifest, problems = verify_backup(file)
+    manifest, problems = verify_backup(file, key_file)
     for problem in problems:
         click.echo(f"BAD  {problem}", err=True)
     if manifest is None or problems:
@@ -447,7 +472,8 @@ def restore(file: Path, force: bool, **options: Any) -> None:
     settings = _settings(options)
     try:
         done = backups.restore_backup(file, backups.sqlite_path(settings.store_url),
-                                      settings.identity_path, settings.data_dir, force=force)
+                                      settings.identity_path, settings.data_dir, force=force,
+                                      key_file=settings.backup_key_file)
     except (backups.BackupError, DataDirInUse, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"restored {file} (taken {_when(done.manifest.created_at)} UTC) into "

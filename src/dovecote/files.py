@@ -6,6 +6,29 @@ import os
 from pathlib import Path
 
 PRIVATE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` (and parents) and make it 0700: it holds keys and every message."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(path, PRIVATE_DIR)
+    except PermissionError:
+        pass  # a mounted volume we do not own: its owner decides (docs/security.md)
+
+
+def private_file(path: Path) -> None:
+    """Create `path` if missing and make it 0600 (before SQLite opens it, so its WAL and
+    SHM files, which SQLite creates with the database file's mode, are 0600 too)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE)
+    try:
+        os.fchmod(fd, PRIVATE)
+    finally:
+        os.close(fd)
+    for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if side.exists():
+            os.chmod(side, PRIVATE)
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:

@@ -33,6 +33,7 @@ from dovecote.didcomm.endpoints import Endpoints
 from dovecote.didcomm.messages import Context
 from dovecote.didcomm.packing import Packer
 from dovecote.errors import DovecoteError, Overloaded, RateLimited
+from dovecote.files import private_dir
 from dovecote.ops import admin, backup_schedule, metrics, status
 from dovecote.ops.health import Degradation, HealthMonitor
 from dovecote.ops.lock import DataDirLock
@@ -74,7 +75,7 @@ class Dovecote:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         # The disk check and backups look at the data dir even when the store is remote.
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)
         self.instance_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.started_at = time.time()
         # Only passed when set: the cap is SQLite's (PRAGMA max_page_count).
@@ -349,20 +350,36 @@ async def health_live(request: Request) -> Response:
 async def health_ready(request: Request) -> Response:
     dc: Dovecote = request.app.state.dovecote
     ready = dc.health.ready
+    store = dc.health.results.get("store") if dc.health.results else None
+    # Only whether the store answers: its error text can name hosts (see /health details).
     body = {"ready": ready, "draining": dc.degradation.draining,
             "degradation": dc.degradation.level,
-            "store": dc.health.results.get("store").__dict__ if dc.health.results else None}
+            "store": {"ok": store.ok} if store else None}
     return JSONResponse(body, status_code=200 if ready else 503,
                         headers={} if ready else {"Retry-After": "5"})
 
 
 async def health_full(request: Request) -> Response:
+    """Status and level for anyone; the details (targets, hosts, queues) with the admin token."""
     dc: Dovecote = request.app.state.dovecote
     summary = dc.health.summary()
-    return JSONResponse(summary, status_code=200 if summary["ready"] else 503)
+    code = 200 if summary["ready"] else 503
+    if "authorization" in request.headers and dc.settings.admin_token:
+        if (denied := admin.check_token(request)) is not None:
+            return denied
+        return JSONResponse(summary, status_code=code)
+    return JSONResponse({"status": summary["status"], "degradation": summary["degradation"]},
+                        status_code=code)
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    if dc_allow := request.app.state.dovecote.settings.metrics_allow:
+        client = request.client.host if request.client else ""
+        if not admin.address_allowed(client, dc_allow):
+            metrics.METRICS_FORBIDDEN.inc()
+            return JSONResponse({"error": "metrics_forbidden",
+                                 "detail": "client address not in METRICS_ALLOW"},
+                                status_code=403)
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

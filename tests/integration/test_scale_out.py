@@ -30,7 +30,7 @@ from support.nginx import Nginx, start_nginx
 from support.postgres import fresh_database, with_port
 from support.server import ServerProcess, free_port
 
-ADMIN = "scale-out-token"
+ADMIN = "scale-out-token-0123456789abcdef0123"
 RETRYABLE = {429, 502, 503, 504}
 
 

@@ -8,15 +8,17 @@ from typing import Any
 
 import httpx
 
+TOKEN = "status-cli-admin-token-0123456789abcdef"
+
 
 def test_status_shows_health_rates_and_cluster(server_factory: Any) -> None:
-    server = server_factory(env={"DOVECOTE_ADMIN_TOKEN": "s3cret"})
+    server = server_factory(env={"DOVECOTE_ADMIN_TOKEN": TOKEN})
     for _ in range(5):
         httpx.post(server.base_url + "/", content=b"{}",
                    headers={"content-type": "application/didcomm-encrypted+json"})
     result = subprocess.run(
         [sys.executable, "-m", "dovecote", "status", "--url", server.base_url,
-         "--interval", "0.5", "--token", "s3cret"],
+         "--interval", "0.5", "--token", TOKEN],
         capture_output=True, text=True, timeout=60, env={"COLUMNS": "140", "PATH": "/usr/bin"},
     )
     assert result.returncode == 0, result.stderr

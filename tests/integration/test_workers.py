@@ -13,18 +13,23 @@ from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, forward_to
 from support.inspect import metric_value
 from support.postgres import fresh_database
 
+TOKEN = "workers-admin-token-0123456789abcdef012"
+
 
 def _instances_seen(base_url: str, tries: int = 40) -> set[str]:
     seen = set()
     for _ in range(tries):
         # A new connection each time, so the kernel spreads them over both workers.
-        seen.add(httpx.get(base_url + "/health", timeout=10).json()["instance"])
+        # The instance id is a /health detail: it needs the admin token.
+        seen.add(httpx.get(base_url + "/health", timeout=10,
+                           headers={"authorization": f"Bearer {TOKEN}"}).json()["instance"])
     return seen
 
 
 async def test_two_workers_share_port_and_metrics(server_factory: Any) -> None:
     with fresh_database() as url:
-        server = server_factory(env={"DOVECOTE_STORE": url}, args=["--workers", "2"])
+        server = server_factory(env={"DOVECOTE_STORE": url, "DOVECOTE_ADMIN_TOKEN": TOKEN},
+                                args=["--workers", "2"])
         instances = await asyncio.to_thread(_instances_seen, server.base_url)
         assert len(instances) == 2, instances
 

@@ -27,7 +27,7 @@ from support.certs import (
 )
 from support.server import ServerProcess
 
-TOKEN = "s3cret-admin-token"
+TOKEN = "s3cret-admin-token-of-at-least-32-chars"
 
 
 def _served_serial(port: int) -> int:

@@ -30,7 +30,7 @@ FAST_OUTBOUND = {
     "DOVECOTE_OUTBOUND_TIMEOUT": "1",
     "DOVECOTE_OUTBOUND_CONNECT_TIMEOUT": "0.5",
 }
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef0123"
 
 
 async def remote_forward(server: ServerProcess, sender: Agent, recipient: Agent,

@@ -99,7 +99,7 @@ async def test_concurrency_limit_websocket_limit_and_read_only(
     assert refused.json()["error"] == "e.m.me.unavailable"
     status = await alice.request(client, f"{PICKUP}/status-request")
     assert status["body"]["message_count"] == 1
-    health = (await client.get(server.base_url + "/health")).json()
+    health = (await client.get(server.base_url + "/health", headers=admin)).json()
     assert health["degradation"] == "read-only" and health["degradation_forced"] is True
     await client.post(server.base_url + "/admin/degradation", headers=admin,
                       json={"level": "auto"})

@@ -7,7 +7,11 @@ Disabled without ADMIN_TOKEN. Every request passes, in this order:
 2. with ADMIN_CLIENT_CA, a client certificate verified against that CA during the TLS
    handshake (transport/tls.py puts it in `scope["extensions"]["tls"]`)
    -> 403 admin_client_cert_required;
-3. the bearer token, compared in constant time -> 401 admin_unauthorized.
+3. the bearer token, compared in constant time -> 401 admin_unauthorized. After
+   ADMIN_AUTH_FAILURES failures from one address within ADMIN_AUTH_WINDOW seconds, that
+   address gets 429 admin_throttled (Retry-After) until the window ends, right or wrong token.
+
+Every refusal and every action is one audit line (ops/audit.py): who, what, target, outcome.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import hmac
 import ipaddress
 import itertools
 import json
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,26 +37,105 @@ from starlette.routing import Route
 from dovecote.delivery.breaker import target_key
 from dovecote.delivery.notify import mediatee_hash
 from dovecote.errors import DovecoteError
-from dovecote.ops import backup, backup_schedule, status
+from dovecote.ops import backup, backup_schedule, metrics, status
+from dovecote.ops.audit import audit, client_cert
 from dovecote.store.base import DeadLetter, MailboxUsage, Store
 
 if TYPE_CHECKING:
     from dovecote.server import Dovecote
 
 
-def _deny(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+MAX_THROTTLED_CLIENTS = 10_000  # addresses are short: this bounds the table to ~2 MB
+
+
+class AuthThrottle:
+    """Failed admin authentications per client address, in fixed windows."""
+
+    def __init__(self, failures: int, window: float) -> None:
+        self.failures = failures
+        self.window = window
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def retry_after(self, client: str, now: float | None = None) -> float:
+        """Seconds until `client` may try again (0: now)."""
+        now = time.monotonic() if now is None else now
+        count, started = self._seen.get(client, (0, now))
+        if now - started >= self.window:
+            self._seen.pop(client, None)
+            return 0.0
+        return self.window - (now - started) if count >= self.failures else 0.0
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        count, started = self._seen.pop(client, (0, now))
+        if now - started >= self.window:
+            count, started = 0, now
+        self._seen[client] = (count + 1, started)
+        while len(self._seen) > MAX_THROTTLED_CLIENTS:
+            self._seen.popitem(last=False)
+
+
+def _deny(status: int, code: str, detail: str,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def _throttle(request: Request) -> AuthThrottle:
+    state = request.app.state
+    throttle: AuthThrottle | None = getattr(state, "admin_throttle", None)
+    if throttle is None:
+        settings = state.dovecote.settings
+        throttle = state.admin_throttle = AuthThrottle(settings.admin_auth_failures,
+                                                       settings.admin_auth_window)
+    return throttle
+
+
+def check_token(request: Request) -> JSONResponse | None:
+    """None when the request carries the admin token, else the (audited) refusal.
+
+    Only the token and the per-address throttle: for surfaces that are less than admin
+    (the /health details), and the last step of `authorize`.
+    """
+    app: Dovecote = request.app.state.dovecote
+    settings = app.settings
+    client = request.client.host if request.client else ""
+    throttle = _throttle(request)
+    wait = throttle.retry_after(client)
+    if wait > 0:
+        metrics.ADMIN_AUTH_FAILURES.labels("throttled").inc()
+        audit(request, "auth", request.url.path, "throttled")
+        return _deny(429, "admin_throttled", "too many failed admin authentications",
+                     {"Retry-After": str(max(1, math.ceil(wait)))})
+    token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not settings.admin_token or not hmac.compare_digest(
+            token.encode(), settings.admin_token.encode()):
+        throttle.failed(client)
+        metrics.ADMIN_AUTH_FAILURES.labels("unauthorized").inc()
+        audit(request, "auth", request.url.path, "unauthorized")
+        return _deny(401, "admin_unauthorized", "missing or wrong admin token")
+    return None
+
+
+def address_allowed(client: str, networks: list[str]) -> bool:
+    """Whether the address `client` is in one of `networks` (CIDR; bad entries match none)."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    for net in networks:
+        try:
+            if address in ipaddress.ip_network(net, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def authorize(request: Request) -> JSONResponse | None:
-    """None when the caller may use the admin API, else the refusal to send."""
+    """None when the caller may use the admin API, else the (audited) refusal to send."""
     if (denied := authorize_network(request)) is not None:
         return denied
-    settings = request.app.state.dovecote.settings
-    token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
-        return _deny(401, "admin_unauthorized", "missing or wrong admin token")
-    return None
+    return check_token(request)
 
 
 def authorize_network(request: Request) -> JSONResponse | None:
@@ -60,25 +145,16 @@ def authorize_network(request: Request) -> JSONResponse | None:
     if not settings.admin_token:
         return _deny(404, "admin_disabled", "set DOVECOTE_ADMIN_TOKEN to enable /admin")
     client = request.client.host if request.client else ""
-    try:
-        address = ipaddress.ip_address(client)
-        allowed = any(address in ipaddress.ip_network(net, strict=False)
-                      for net in settings.admin_allow)
-    except ValueError:
-        allowed = False
-    if not allowed:
+    if not address_allowed(client, settings.admin_allow):
+        metrics.ADMIN_AUTH_FAILURES.labels("forbidden").inc()
+        audit(request, "auth", request.url.path, "forbidden")
         return _deny(403, "admin_forbidden", "client address not in ADMIN_ALLOW")
-    if settings.admin_client_ca and not _client_cert(request):
+    if settings.admin_client_ca and not client_cert(request):
+        metrics.ADMIN_AUTH_FAILURES.labels("client_cert").inc()
+        audit(request, "auth", request.url.path, "client_cert_required")
         return _deny(403, "admin_client_cert_required",
                      "a client certificate signed by ADMIN_CLIENT_CA is required")
     return None
-
-
-def _client_cert(request: Request) -> str | None:
-    """The verified client certificate (PEM) of this connection, if it presented one."""
-    tls = (request.scope.get("extensions") or {}).get("tls") or {}
-    chain = tls.get("client_cert_chain") or []
-    return str(chain[0]) if chain else None
 
 
 class BadRequest(Exception):
@@ -91,20 +167,41 @@ Handler = Callable[[Request], Awaitable[Response]]
 def admin_route(handler: Handler) -> Handler:
     """Authorize, then run `handler`; bad input is 400, store trouble 503, never 500."""
 
+    action = handler.__name__.replace("_", ".", 1)
+
     @functools.wraps(handler)
     async def guarded(request: Request) -> Response:
         if (denied := authorize(request)) is not None:
             return denied
         try:
-            return await handler(request)
+            response = await handler(request)
         except BadRequest as exc:
-            return _deny(400, "bad_request", str(exc))
+            response = _deny(400, "bad_request", str(exc))
         except DovecoteError as exc:
             headers = ({"Retry-After": str(max(1, round(exc.retry_after)))}
                        if exc.retry_after else {})
-            return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+            response = JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+        audit(request, action, _target(request),
+              "ok" if response.status_code < 400 else f"http_{response.status_code}",
+              method=request.method, status=response.status_code)
+        return response
 
     return guarded
+
+
+AUDITED_FIELDS = ("ids", "all", "target", "older_than_seconds", "level")
+
+
+def _target(request: Request) -> str:
+    """What an admin request acted on: its path, query, and the body fields that select."""
+    parts = [request.url.path]
+    if request.url.query:
+        parts.append("?" + request.url.query)
+    body = getattr(request.state, "admin_body", None) or {}
+    chosen = {k: body[k] for k in AUDITED_FIELDS if k in body}
+    if chosen:
+        parts.append(" " + json.dumps(chosen, separators=(",", ":"), default=str))
+    return "".join(parts)
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -117,6 +214,7 @@ async def _body(request: Request) -> dict[str, Any]:
         raise BadRequest("body is not JSON") from exc
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
+    request.state.admin_body = body
     return body
 
 

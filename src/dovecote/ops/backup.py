@@ -6,9 +6,15 @@ A backup is three files side by side:
     FILE.identity.json    the mediator's keys, 0600: without them a restored relay could
                           not decrypt forwards addressed to it
     FILE.manifest.json    format, schema version, row count per table, SHA-256 and size
-                          of both files, when the snapshot was taken, Dovecote version
+                          of both files, when the snapshot was taken, Dovecote version, 0600
 
 The manifest is written last, so a backup without one is incomplete.
+
+With a key file (BACKUP_KEY_FILE, an age X25519 identity made by `dovecote backup-keygen`)
+FILE and FILE.identity.json are age-encrypted to that key (pyrage, streaming); the
+manifest then records the digests of both the stored (encrypted) and the plain files, and
+`verify`/`restore` decrypt with the same key file and check the plain digests, the
+integrity check and the row counts before anything is installed.
 
 Consistency while the server writes: the copy runs in steps (`Connection.backup` with a
 page count) inside ONE read transaction held on the source connection. In WAL mode that
@@ -32,11 +38,15 @@ import os
 import shutil
 import sqlite3
 import stat
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyrage
 import structlog
 
 from dovecote import __version__
@@ -51,6 +61,7 @@ STEP_SLEEP = 0.005  # seconds between steps, for the writer's sake
 MANIFEST_SUFFIX = ".manifest.json"
 IDENTITY_SUFFIX = ".identity.json"
 PARTIAL_SUFFIX = ".partial"
+ENCRYPTION = "age-x25519"
 
 
 class BackupError(RuntimeError):
@@ -121,15 +132,67 @@ def sqlite_path(store_url: str) -> Path:
 
 
 # ---------------------------------------------------------------------- make
+def keygen(path: Path) -> str:
+    """Write a new age identity to `path` (0600, refusing to overwrite); its public key."""
+    from dovecote.files import write_private
+
+    if path.exists():
+        raise BackupError(f"{path} already exists; refusing to overwrite a backup key")
+    identity = pyrage.x25519.Identity.generate()
+    public = str(identity.to_public())
+    write_private(path, f"# public key: {public}\n{identity}\n")
+    return public
+
+
+def load_key(path: Path) -> pyrage.x25519.Identity:
+    """The age identity in a key file; refused when others may read it."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = path.read_text()
+    except OSError as exc:
+        raise BackupError(f"cannot read the backup key file {path}: {exc}") from exc
+    if mode & 0o077:
+        raise BackupError(f"backup key file {path} has mode {mode:o}; make it 600")
+    for line in text.splitlines():
+        if line.strip().startswith("AGE-SECRET-KEY-"):
+            try:
+                return pyrage.x25519.Identity.from_str(line.strip())
+            except Exception as exc:  # pyrage raises its own IdentityError types
+                raise BackupError(f"{path} holds an invalid age key: {exc}") from exc
+    raise BackupError(f"{path} has no AGE-SECRET-KEY line (make one: dovecote backup-keygen)")
+
+
+def _encrypt(plain: Path, out: Path, key: pyrage.x25519.Identity) -> None:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
+    os.close(fd)
+    try:
+        pyrage.encrypt_file(str(plain), str(out), [key.to_public()])
+    except Exception as exc:  # pyrage.EncryptError and I/O errors
+        raise BackupError(f"cannot encrypt {plain}: {exc}") from exc
+    os.chmod(out, PRIVATE)
+
+
+def _decrypt(stored: Path, out: Path, key: pyrage.x25519.Identity) -> None:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
+    os.close(fd)
+    try:
+        pyrage.decrypt_file(str(stored), str(out), [key])
+    except Exception as exc:  # wrong key, truncated or altered ciphertext
+        raise BackupError(f"cannot decrypt {stored.name} with this key: {exc}") from exc
+    os.chmod(out, PRIVATE)
+
+
 def make_backup(
     db: Path, identity: Path, file: Path, *,
     step_pages: int = STEP_PAGES, step_sleep: float = STEP_SLEEP,
+    key_file: Path | None = None,
 ) -> Manifest:
     """Copy a live SQLite store and the mediator keys to FILE; return the manifest.
 
     Safe while a server writes to `db`. The copy is checked (integrity_check, row counts)
-    before the manifest is written.
+    before the manifest is written. With `key_file` both files are stored age-encrypted.
     """
+    key = load_key(key_file) if key_file else None
     out = BackupFiles.of(file)
     if out.database.exists() or out.manifest.exists():
         raise BackupError(f"{out.database} already exists; choose a new name")
@@ -147,20 +210,31 @@ def make_backup(
         if problems:
             raise BackupError("the copy failed its check: " + "; ".join(problems))
         write_private(partial_identity, identity.read_bytes())
+        extra: dict[str, Any] = {}
+        if key is not None:
+            extra = {"encryption": ENCRYPTION, "plain": {
+                "database": asdict(_digest(partial, out.database.name)),
+                "identity": asdict(_digest(partial_identity, out.identity.name))}}
+            for plain in (partial, partial_identity):
+                sealed = Path(f"{plain}.age")
+                _encrypt(plain, sealed, key)
+                os.replace(sealed, plain)
         manifest = Manifest(
             created_at=snapshot_at, schema_version=schema, tables=counts,
             database=_digest(partial, out.database.name),
             identity=_digest(partial_identity, out.identity.name),
             source=str(db.resolve()), seconds=round(time.monotonic() - started, 3),
+            extra=extra,
         )
         _fsync(partial)
         os.replace(partial, out.database)
         os.replace(partial_identity, out.identity)
         # The manifest last: its presence is what says "this backup is complete".
-        write_atomic(out.manifest, manifest.to_json().encode(), 0o644)
+        write_atomic(out.manifest, manifest.to_json().encode(), PRIVATE)
         _fsync_dir(out.database.parent)
     finally:
-        for leftover in (partial, partial_identity, Path(f"{partial}-journal")):
+        for leftover in (partial, partial_identity, Path(f"{partial}-journal"),
+                         Path(f"{partial}.age"), Path(f"{partial_identity}.age")):
             leftover.unlink(missing_ok=True)
     log.info("backup.made", file=str(out.database), seconds=manifest.seconds,
              bytes=manifest.database.bytes, schema=schema, rows=sum(counts.values()))
@@ -245,22 +319,39 @@ def _check_database(path: Path, schema: int, counts: dict[str, int]) -> list[str
 
 
 # ---------------------------------------------------------------------- verify
-def verify_backup(file: Path) -> tuple[Manifest | None, list[str]]:
+def verify_backup(file: Path, key_file: Path | None = None
+                  ) -> tuple[Manifest | None, list[str]]:
     """Check a backup against its manifest: checksums, integrity_check, counts, keys.
 
     Returns the manifest (None when unreadable) and the problems found (empty: good).
+    An encrypted backup needs `key_file` (the one it was made with).
+    """
+    with _verified(file, key_file) as (manifest, problems, _, _):
+        return manifest, problems
+
+
+@contextmanager
+def _verified(file: Path, key_file: Path | None) -> Iterator[
+        tuple[Manifest | None, list[str], Path | None, Path | None]]:
+    """Verify FILE; yield (manifest, problems, plain database, plain identity).
+
+    The plain files of an encrypted backup live in a private temporary directory next to
+    FILE for the duration of the `with` block (a restore copies from them).
     """
     files = BackupFiles.of(file)
     try:
         manifest = Manifest.from_json(files.manifest.read_text())
     except FileNotFoundError:
-        return None, [f"no manifest {files.manifest} (incomplete backup?)"]
+        yield None, [f"no manifest {files.manifest} (incomplete backup?)"], None, None
+        return
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        return None, [f"unreadable manifest {files.manifest}: {exc}"]
+        yield None, [f"unreadable manifest {files.manifest}: {exc}"], None, None
+        return
     problems: list[str] = []
     if manifest.format != FORMAT or manifest.engine != "sqlite":
         problems.append(f"unsupported backup format {manifest.format}/{manifest.engine}")
-        return manifest, problems
+        yield manifest, problems, None, None
+        return
     for path, expected in ((files.database, manifest.database),
                            (files.identity, manifest.identity)):
         if not path.is_file():
@@ -270,11 +361,47 @@ def verify_backup(file: Path) -> tuple[Manifest | None, list[str]]:
         if actual.bytes != expected.bytes or actual.sha256 != expected.sha256:
             problems.append(f"{path.name}: checksum mismatch (sha256 {actual.sha256[:16]}..., "
                             f"manifest {expected.sha256[:16]}...)")
+    encryption = manifest.extra.get("encryption")
     if problems:
-        return manifest, problems
-    problems += _check_database(files.database, manifest.schema_version, manifest.tables)
-    problems += _check_identity(files.identity)
-    return manifest, problems
+        yield manifest, problems, None, None
+        return
+    if encryption is None:
+        problems += _check_database(files.database, manifest.schema_version, manifest.tables)
+        problems += _check_identity(files.identity)
+        yield manifest, problems, files.database, files.identity
+        return
+    if encryption != ENCRYPTION:
+        yield manifest, [f"unsupported backup encryption {encryption!r}"], None, None
+        return
+    if key_file is None:
+        yield manifest, ["the backup is encrypted: give its key file (BACKUP_KEY_FILE)"], \
+            None, None
+        return
+    try:
+        key = load_key(key_file)
+    except BackupError as exc:
+        yield manifest, [str(exc)], None, None
+        return
+    with tempfile.TemporaryDirectory(dir=files.database.parent,
+                                     prefix=".verify-") as scratch:  # created 0700
+        plain_db = Path(scratch) / files.database.name
+        plain_identity = Path(scratch) / files.identity.name
+        try:
+            _decrypt(files.database, plain_db, key)
+            _decrypt(files.identity, plain_identity, key)
+        except BackupError as exc:
+            yield manifest, [str(exc)], None, None
+            return
+        plain = manifest.extra.get("plain") or {}
+        for path, name in ((plain_db, "database"), (plain_identity, "identity")):
+            want = plain.get(name) or {}
+            actual = _digest(path, "")
+            if (actual.sha256, actual.bytes) != (want.get("sha256"), want.get("bytes")):
+                problems.append(f"decrypted {name} does not match the manifest checksum")
+        if not problems:
+            problems += _check_database(plain_db, manifest.schema_version, manifest.tables)
+            problems += _check_identity(plain_identity)
+        yield manifest, problems, plain_db, plain_identity
 
 
 def _check_identity(path: Path) -> list[str]:
@@ -303,18 +430,29 @@ class Restored:
 
 
 def restore_backup(
-    file: Path, db: Path, identity: Path, data_dir: Path, *, force: bool = False
+    file: Path, db: Path, identity: Path, data_dir: Path, *, force: bool = False,
+    key_file: Path | None = None,
 ) -> Restored:
-    """Verify FILE, then install it as the store `db` and keys `identity`.
+    """Verify FILE (decrypting with `key_file`), then install it as `db` and `identity`.
 
     Refuses while a server holds `data_dir`, and holds the directory itself meanwhile so
     no server starts half-way. Existing files are never deleted: with `force` they move to
     DATA_DIR/pre-restore-<UTC time>/; without it their presence is an error.
     """
-    manifest, problems = verify_backup(file)
-    if manifest is None or problems:
-        raise BackupError("backup failed verification: " + "; ".join(problems))
-    files = BackupFiles.of(file)
+    with _verified(file, key_file) as (manifest, problems, plain_db, plain_identity):
+        if manifest is None or problems or plain_db is None or plain_identity is None:
+            raise BackupError("backup failed verification: " + "; ".join(problems))
+        aside = _install(manifest, plain_db, plain_identity, db, identity, data_dir, force)
+    log.info("backup.restored", file=str(file), database=str(db), identity=str(identity),
+             moved_aside=str(aside) if aside else None, created_at=_utc(manifest.created_at))
+    return Restored(manifest, db, identity, aside)
+
+
+def _install(manifest: Manifest, plain_db: Path, plain_identity: Path, db: Path,
+             identity: Path, data_dir: Path, force: bool) -> Path | None:
+    files = BackupFiles(plain_db, plain_identity, Path())
+    expected_db = (manifest.extra.get("plain") or {}).get("database", {}).get(
+        "sha256", manifest.database.sha256)
     with DataDirLock(data_dir).acquire("restore"):
         existing = [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
         same_keys = identity.exists() and _same_keys(identity, files.identity)
@@ -336,7 +474,7 @@ def restore_backup(
         try:
             shutil.copyfile(files.database, incoming)
             os.chmod(incoming, PRIVATE)
-            if _digest(incoming, "").sha256 != manifest.database.sha256:
+            if _digest(incoming, "").sha256 != expected_db:
                 raise BackupError(f"copy to {incoming} does not match the manifest checksum")
             _fsync(incoming)
             os.replace(incoming, db)
@@ -346,9 +484,7 @@ def restore_backup(
             write_private(identity, files.identity.read_bytes())
         _fsync_dir(db.parent)
         _fsync_dir(identity.parent)
-    log.info("backup.restored", file=str(file), database=str(db), identity=str(identity),
-             moved_aside=str(aside) if aside else None, created_at=_utc(manifest.created_at))
-    return Restored(manifest, db, identity, aside)
+    return aside
 
 
 def _same_keys(a: Path, b: Path) -> bool:

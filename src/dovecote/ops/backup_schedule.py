@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from dovecote.files import private_dir
 from dovecote.ops import metrics
 from dovecote.ops.backup import (
     MANIFEST_SUFFIX,
@@ -96,7 +97,8 @@ class BackupSchedule:
     """The background task that makes and prunes scheduled backups."""
 
     def __init__(self, db: Path, identity: Path, backup_dir: Path, interval: float,
-                 keep_hourly: int, keep_daily: int) -> None:
+                 keep_hourly: int, keep_daily: int, key_file: Path | None = None) -> None:
+        self.key_file = key_file
         self.db = db
         self.identity = identity
         self.backup_dir = backup_dir
@@ -105,7 +107,7 @@ class BackupSchedule:
         self.keep_daily = keep_daily
 
     async def run(self) -> None:
-        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.backup_dir)
         await asyncio.to_thread(prune, self.backup_dir, self.keep_hourly, self.keep_daily)
         backups = await asyncio.to_thread(existing, self.backup_dir)
         newest = max(backups.values(), default=None)
@@ -126,7 +128,8 @@ class BackupSchedule:
 
     async def backup_once(self) -> Manifest:
         target = self.backup_dir / name_for(time.time())
-        manifest = await asyncio.to_thread(make_backup, self.db, self.identity, target)
+        manifest = await asyncio.to_thread(make_backup, self.db, self.identity, target,
+                                           key_file=self.key_file)
         metrics.BACKUP_LAST_SUCCESS.set(manifest.created_at)
         metrics.BACKUP_SECONDS.set(manifest.seconds)
         await asyncio.to_thread(prune, self.backup_dir, self.keep_hourly, self.keep_daily)
@@ -144,4 +147,5 @@ def from_settings(settings: Any, engine: str) -> BackupSchedule | None:
     return BackupSchedule(
         sqlite_path(settings.store_url), settings.identity_path, settings.backup_dir,
         settings.backup_interval, settings.backup_keep_hourly, settings.backup_keep_daily,
+        settings.backup_key_file,
     )

@@ -91,6 +91,12 @@ OUTBOX_ATTEMPT_SECONDS = Histogram(
     "dovecote_outbox_attempt_duration_seconds", "Duration of one outbound send.", ["kind"],
     buckets=(*LATENCY_BUCKETS, 15.0, 30.0),
 )
+ADMIN_AUTH_FAILURES = Counter(
+    "dovecote_admin_auth_failures", "Refused admin authentications by reason.", ["reason"],
+)
+METRICS_FORBIDDEN = Counter(
+    "dovecote_metrics_forbidden", "/metrics requests refused by METRICS_ALLOW.",
+)
 RELAYED = Counter(
     "dovecote_messages_relayed", "Forwards accepted for a remote next hop (via the outbox).",
 )

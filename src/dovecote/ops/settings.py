@@ -40,6 +40,7 @@ DEFAULT_MAX_DID_BYTES = 4096
 DEFAULT_MAX_MESSAGE_ID_BYTES = 1024
 DEFAULT_MAX_JSON_DEPTH = 32
 DEFAULT_RESOLVER_CACHE_BYTES = 32 * MiB
+MIN_ADMIN_TOKEN = 32
 
 # Lists come as "a,b,c" from the environment and flags, not as JSON.
 CsvList = Annotated[list[str], NoDecode]
@@ -114,6 +115,11 @@ class Settings(BaseSettings):
     backup_keep_daily: int = Field(
         DEFAULT_BACKUP_KEEP_DAILY, ge=0,
         description="Keep the newest backup of each of this many most recent days (UTC).",
+    )
+    backup_key_file: Path | None = Field(
+        None, description="age X25519 identity file (mode 0600; make one with `dovecote "
+        "backup-keygen FILE`): backups are encrypted to it and decrypted with it on verify "
+        "and restore (empty: backups are plain, still 0600).",
     )
     store_max_pages: int = Field(
         0, ge=0, description="SQLite max_page_count: a hard size cap for the database "
@@ -259,7 +265,22 @@ class Settings(BaseSettings):
     )
 
     # --- admin and observability
-    admin_token: str = Field("", description="Bearer token for /admin (empty: admin disabled).")
+    admin_token: str = Field(
+        "", description=f"Bearer token for /admin and the /health details (empty: admin "
+        f"disabled; else at least {MIN_ADMIN_TOKEN} characters, e.g. `openssl rand -hex 32`).",
+    )
+    admin_auth_failures: int = Field(
+        5, ge=1, description="Failed admin authentications from one address within "
+        "ADMIN_AUTH_WINDOW before that address gets 429 until the window ends.",
+    )
+    admin_auth_window: float = Field(
+        60.0, gt=0, description="Seconds of the admin authentication throttle window.",
+    )
+    metrics_allow: CsvList = Field(
+        default_factory=list,
+        description="Client networks (CIDR) allowed to read /metrics (empty: anyone who can "
+        "reach it; restrict it at the proxy or here).",
+    )
     admin_allow: CsvList = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="Client networks allowed to reach /admin (the address behind a trusted "
@@ -275,12 +296,22 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="Log every HTTP request.")
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between instance heartbeats.")
 
-    @field_validator("trusted_proxies", "mediation_allowlist", "admin_allow", mode="before")
+    @field_validator("trusted_proxies", "mediation_allowlist", "admin_allow", "metrics_allow",
+                     mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         # Environment variables and CLI flags give lists as "a,b,c".
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_admin_token(cls, value: str) -> str:
+        # A short token is guessable from the network despite the throttle.
+        if value and len(value) < MIN_ADMIN_TOKEN:
+            raise ValueError(f"admin_token must be at least {MIN_ADMIN_TOKEN} characters "
+                             f"(it has {len(value)}); generate one with `openssl rand -hex 32`")
         return value
 
     @model_validator(mode="after")

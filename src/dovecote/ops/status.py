@@ -134,10 +134,12 @@ def render(first: Scrape, second: Scrape, cluster: list[dict[str, Any]] | None) 
     span = max(second.at - first.at, 1e-6)
     health = second.health
     level = str(health.get("degradation", "?"))
+    # Without the admin token /health has only status and level.
+    ready = health.get("ready", health.get("status") == "ok")
     head = Table.grid(padding=(0, 2))
     head.add_row(
         f"[bold]{health.get('instance', '?')}[/] v{health.get('version', '?')}",
-        f"ready: {'[green]yes' if health.get('ready') else '[red]no'}[/]",
+        f"ready: {'[green]yes' if ready else '[red]no'}[/]",
         f"level: [{LEVEL_STYLE.get(level, 'white')}]{level}[/]",
         f"draining: {health.get('draining')}",
         f"uptime: {health.get('uptime_seconds', 0):.0f}s",

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import structlog
 
 from dovecote.errors import MailboxFull, StorageFull, StoreError
+from dovecote.files import private_file
 from dovecote.ops import metrics
 from dovecote.store import migrations
 from dovecote.store.base import (
@@ -242,6 +243,8 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if str(self.path) != ":memory:":
+                private_file(self.path)
         except OSError as exc:
             raise _translate(exc) from exc
         await asyncio.to_thread(self._migrate)
