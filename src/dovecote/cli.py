@@ -33,7 +33,7 @@ T = TypeVar("T")
 URL_FIELDS = ("config", "host", "port", "public_url", "tls_cert", "tls_key")
 IDENTITY_FIELDS = (*URL_FIELDS, "data_dir", "identity_file")
 STORE_FIELDS = ("config", "data_dir", "store", "store_timeout")
-BACKUP_FIELDS = (*STORE_FIELDS, "identity_file")
+BACKUP_FIELDS = (*STORE_FIELDS, "identity_file", "backup_key_file")
 ROOMS_TOKEN_FIELDS = (*STORE_FIELDS, "rooms_jwks_file", "rooms_jwks_url", "rooms_jwt_issuer",
                       "rooms_jwt_audience")
 
