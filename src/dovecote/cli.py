@@ -120,30 +120,86 @@ def serve(**options: Any) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-@main.command()
-@_settings_options(only=IDENTITY_FIELDS)
-def did(**options: Any) -> None:
-    """Print the mediator's DID (creating its keys on first use)."""
-    from dovecote.didcomm.identity import load_or_create
+def _mediator(settings: Settings, create: bool = False) -> tuple[Any, str]:
+    """The mediator's identity and base URL, without writing anything unless `create`.
 
-    settings = _settings(options)
-    ident = load_or_create(settings.identity_path, [settings.base_url, settings.ws_url])
+    With a URL setting given (--public-url, --host, --port, TLS, or their DOVECOTE_*
+    variables), the DID is the one the server makes for that URL; otherwise it is the DID
+    the server last advertised (recorded in identity.json), so the answer matches the
+    running server whatever port it was started on.
+    """
+    from dovecote.didcomm import identity as ids
+
+    explicit = bool(settings.model_fields_set & {"public_url", "host", "port", "tls_cert"})
+    endpoints = [settings.base_url, settings.ws_url]
+    if create:
+        ident = ids.load_or_create(settings.identity_path, endpoints)
+        return ident, settings.base_url
+    try:
+        ident = ids.load(settings.identity_path, endpoints if explicit else None)
+    except ids.IdentityMissing as exc:
+        raise click.ClickException(
+            f"{exc}: start the server once (dovecote serve), or create the keys with "
+            "`dovecote did --create` and the production DOVECOTE_PUBLIC_URL") from exc
+    if explicit:
+        return ident, settings.base_url
+    http = [u for u in ids.service_urls(ident.did) if u.startswith(("http://", "https://"))]
+    return ident, (http[0] if http else settings.base_url).rstrip("/")
+
+
+@main.command()
+@click.option("--create", is_flag=True,
+              help="Create the keys if there are none yet (for a cluster's shared identity).")
+@_settings_options(only=IDENTITY_FIELDS)
+def did(create: bool, **options: Any) -> None:
+    """Print the mediator's DID (read-only unless --create)."""
+    ident, _ = _mediator(_settings(options), create=create)
     click.echo(ident.did)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the invitation JSON.")
+@click.option("--full", is_flag=True, help="Print the long ?_oob= URL instead of the short one.")
+@click.option("--qr", is_flag=True, help="Print a QR code of the short URL (terminal).")
 @_settings_options(only=IDENTITY_FIELDS)
-def invitation(as_json: bool, **options: Any) -> None:
-    """Print the Out-of-Band invitation URL (goal_code request-mediate)."""
-    from dovecote.didcomm.identity import load_or_create
+@click.pass_context
+def invitation(ctx: click.Context, as_json: bool, full: bool, qr: bool, **options: Any) -> None:
+    """Print the Out-of-Band invitation (goal_code request-mediate); read-only.
 
-    settings = _settings(options)
-    ident = load_or_create(settings.identity_path, [settings.base_url, settings.ws_url])
+    The invitation keeps its id until `dovecote invitation rotate`. Its short URL,
+    <public url>/oob, answers the JSON to agents and redirects browsers.
+    """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = options
+        return
+    from dovecote.transport.invitation import qr_code, short_url
+
+    ident, base = _mediator(_settings(options))
     if as_json:
         click.echo(json.dumps(ident.invitation(), indent=2))
-    else:
-        click.echo(ident.invitation_url(settings.base_url))
+        return
+    if qr:
+        qr_code(short_url(base)).terminal(compact=True)
+    click.echo(ident.invitation_url(base) if full else short_url(base))
+
+
+@invitation.command("rotate")
+@_settings_options(only=("config", "data_dir", "identity_file"))
+@click.pass_context
+def invitation_rotate(ctx: click.Context, **options: Any) -> None:
+    """Give the invitation a new id (running servers answer with it at once)."""
+    from dovecote.didcomm import identity as ids
+
+    given = {k: v for k, v in {**(ctx.obj or {}), **options}.items() if v is not None}
+    settings = _settings(given)
+    try:
+        new_id = ids.rotate_invitation(settings.identity_path)
+    except ids.IdentityMissing as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {settings.identity_path}: {exc} (a "
+                                   "read-only secret: update the secret instead)") from exc
+    click.echo(f"invitation id {new_id}")
 
 
 # ---------------------------------------------------------------------- dead letters
@@ -291,17 +347,33 @@ def dlq_purge(item_id: int | None, older_than: float | None, **options: Any) -> 
     click.echo(f"purged {count}")
 
 
+def _server_url(url: str | None, options: dict[str, Any]) -> str:
+    """Where this instance answers: --url, else the server's own settings (env, TOML, flags)
+    with an unspecified listen address (0.0.0.0, ::) reached on loopback."""
+    if url:
+        return url.rstrip("/")
+    settings = _settings(options)
+    if settings.public_url:
+        return settings.base_url
+    if settings.advertises_unspecified_address:
+        host = "[::1]" if ":" in settings.host else "127.0.0.1"
+        return f"{'https' if settings.tls_cert else 'http'}://{host}:{settings.port}"
+    return settings.base_url
+
+
 @main.command()
-@click.option("--url", default=None, help="Instance base URL (default: this config's URL).")
+@click.option("--url", default=None, help="Instance base URL (default: from the server's "
+              "settings: DOVECOTE_PUBLIC_URL, else HOST:PORT).")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between scrapes.")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--token", envvar="DOVECOTE_ADMIN_TOKEN", default="",
               help="Admin token, to include the cluster view [env DOVECOTE_ADMIN_TOKEN].")
-def status(url: str | None, interval: float, watch: bool, token: str) -> None:
+@_settings_options(only=URL_FIELDS)
+def status(url: str | None, interval: float, watch: bool, token: str, **options: Any) -> None:
     """Health, degradation, rates, latency percentiles, queues, breakers, cluster."""
     from dovecote.ops.status import show
 
-    base = (url or Settings().base_url).rstrip("/")
+    base = _server_url(url, options)
     try:
         show(base, interval, watch, token)
     except KeyboardInterrupt:

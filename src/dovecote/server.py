@@ -9,7 +9,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -43,6 +43,7 @@ from dovecote.rooms import routes as rooms_routes
 from dovecote.store import Store, open_store
 from dovecote.store.base import InstanceInfo
 from dovecote.transport import http as http_routes
+from dovecote.transport import invitation as invitation_routes
 from dovecote.transport.limits import InFlight, TokenBuckets, retry_after_header
 from dovecote.transport.tls import PeerCertProtocol, ServerTLS
 from dovecote.transport.websocket import CLOSE_RESTART, websocket_endpoint
@@ -62,7 +63,7 @@ def route_label(path: str) -> str:
     """A bounded route label for metrics (never the raw path)."""
     if path == "/":
         return "/"
-    for prefix in ("/ws", "/invitation", "/health/live", "/health/ready", "/health",
+    for prefix in ("/ws", "/invitation", "/oob", "/health/live", "/health/ready", "/health",
                    "/metrics", "/admin", "/v1/rooms/ws", "/v1/rooms", "/openapi.json", "/docs"):
         if path == prefix or path.startswith(prefix + "/"):
             return prefix
@@ -396,9 +397,10 @@ def build_app(dovecote: Dovecote) -> Starlette:
 
     routes = [
         Route("/", http_routes.post_message, methods=["POST"]),
-        Route("/", http_routes.root, methods=["GET"]),
+        Route("/", invitation_routes.root, methods=["GET"]),
         WebSocketRoute("/ws", websocket_endpoint),
-        Route("/invitation", http_routes.invitation, methods=["GET"]),
+        Route("/invitation", invitation_routes.invitation, methods=["GET"]),
+        Route("/oob", invitation_routes.oob, methods=["GET"]),
         Route("/health/live", health_live, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
         Route("/health", health_full, methods=["GET"]),
@@ -425,6 +427,7 @@ class _Server(uvicorn.Server):
     """
 
     dovecote: Dovecote | None = None
+    banner: Callable[[], None] | None = None
     _exit_at: float | None = None
     _exit_signal: int = signal.SIGTERM
     _loop: asyncio.AbstractEventLoop | None = None
@@ -432,6 +435,9 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        # Only now is the port bound: a banner before this could name a port in use.
+        if self.started and self.banner is not None:
+            self.banner()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         dc = self.dovecote
@@ -463,10 +469,13 @@ class _Server(uvicorn.Server):
 
 
 def _banner(settings: Settings, identity: identity_mod.Identity) -> None:
-    print(f"Dovecote {__version__} mediator ({settings.workers} worker(s))", flush=True)
+    base = settings.base_url
+    print(f"Dovecote {__version__} mediator ({settings.workers} worker(s)) listening",
+          flush=True)
     print(f"  DID:        {identity.did}", flush=True)
-    print(f"  Invitation: {identity.invitation_url(settings.base_url)}", flush=True)
-    print(f"  HTTP:       {settings.base_url}/   WebSocket: {settings.ws_url}", flush=True)
+    print(f"  Invitation: {invitation_routes.short_url(base)}   (QR: {base}/invitation?format=svg,"
+          f" page: {base}/)", flush=True)
+    print(f"  HTTP:       {base}/   WebSocket: {settings.ws_url}", flush=True)
     print(f"  Health:     {settings.base_url}/health   Metrics: {settings.base_url}/metrics",
           flush=True)
 
@@ -484,14 +493,15 @@ def run(settings: Settings) -> None:
         lock.acquire("serve")
     try:
         dovecote = Dovecote(settings)
-        _banner(settings, dovecote.identity)
-        serve_worker(settings, dovecote)
+        serve_worker(settings, dovecote,
+                     banner=lambda: _banner(settings, dovecote.identity))
     finally:
         lock.release()
 
 
 def serve_worker(
-    settings: Settings, dovecote: Dovecote, sockets: list[socket.socket] | None = None
+    settings: Settings, dovecote: Dovecote, sockets: list[socket.socket] | None = None,
+    banner: Callable[[], None] | None = None,
 ) -> None:
     """Run one server process (the only one, or one of several sharing `sockets`)."""
     tls = (ServerTLS(settings.tls_cert, settings.tls_key, settings.admin_client_ca)
@@ -515,6 +525,7 @@ def serve_worker(
     )
     server = _Server(config)
     server.dovecote = dovecote
+    server.banner = banner
 
     def reload(sig: int, frame: Any) -> None:
         if tls is None:

@@ -85,8 +85,8 @@ def run_workers(settings: Settings) -> None:
                                         [settings.base_url, settings.ws_url])
     from dovecote.server import _banner
 
-    _banner(settings, ident)
     sock = _bind(settings)
+    _banner(settings, ident)  # once the port is bound
     children: dict[int, float] = {}
     stopping = {"sig": 0}
 

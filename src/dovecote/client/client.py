@@ -29,7 +29,7 @@ from dovecote.client.mediation import (
     MediatorChannel,
     mediator_endpoints,
     message,
-    parse_invitation,
+    read_invitation,
     request_mediation,
 )
 from dovecote.client.outbox import FailureCallback, Sender
@@ -140,7 +140,7 @@ class Client:
         Always talks to the invitation's mediator, never to the current one: switching
         mediators re-registers the routed DID and every other registered DID there.
         """
-        invitation = parse_invitation(invitation_url)
+        invitation = await read_invitation(self.http, invitation_url)
         mediator_did = invitation["from"]
         http, ws = await mediator_endpoints(self.packer, mediator_did)
         previous = self.identity.mediation

@@ -44,11 +44,29 @@ def parse_invitation(url: str) -> dict[str, Any]:
         invitation = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
     except (binascii.Error, ValueError) as exc:
         raise InvalidInvitation("_oob is not base64url-encoded JSON") from exc
+    return check_invitation(invitation)
+
+
+def check_invitation(invitation: Any) -> dict[str, Any]:
     if not isinstance(invitation, dict) or invitation.get("type") != OOB_INVITATION:
         raise InvalidInvitation("_oob is not an Out-of-Band 2.0 invitation")
     if not isinstance(invitation.get("from"), str) or not invitation["from"].startswith("did:"):
         raise InvalidInvitation("the invitation has no 'from' DID")
     return invitation
+
+
+async def read_invitation(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    """The invitation in an `?_oob=` URL, or behind a short one (`<mediator>/oob`)."""
+    if "_oob" in parse_qs(urlparse(url.strip()).query):
+        return parse_invitation(url)
+    if not is_http(url.strip()):
+        raise InvalidInvitation("the URL has no _oob parameter")
+    try:
+        response = await http.get(url.strip(), headers={"Accept": "application/json"})
+        response.raise_for_status()
+        return check_invitation(response.json())
+    except (httpx.HTTPError, ValueError) as exc:
+        raise InvalidInvitation(f"no invitation at {url[:100]}: {exc}") from exc
 
 
 def message(msg_type: str, body: dict[str, Any], frm: str, to: str,

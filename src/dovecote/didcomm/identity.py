@@ -31,6 +31,14 @@ OOB_INVITATION = "https://didcomm.org/out-of-band/2.0/invitation"
 GOAL_REQUEST_MEDIATE = "request-mediate"
 
 
+# Invitation ids derived from the DID (until an operator rotates the invitation).
+INVITATION_NAMESPACE = uuid.UUID("7b1f3c8e-4d52-4f0e-9d2a-5c6e8f1a2b3c")
+
+
+class IdentityMissing(Exception):
+    """No identity file yet (read-only commands do not create one)."""
+
+
 @dataclass
 class Identity:
     """The mediator's signing and key-agreement keys and its DIDs (current first)."""
@@ -38,16 +46,39 @@ class Identity:
     signing_key: Key
     agreement_key: Key
     dids: list[str] = field(default_factory=list)
+    # Stored after `dovecote invitation rotate`; otherwise derived from the DID, so the
+    # invitation stays the same across restarts and instances sharing the keys.
+    rotated_invitation_id: str = ""
+    path: Path | None = None
+    _stamp: tuple[int, int] | None = None
 
     @property
     def did(self) -> str:
         return self.dids[0]
 
+    @property
+    def invitation_id(self) -> str:
+        return self.rotated_invitation_id or str(uuid.uuid5(INVITATION_NAMESPACE, self.did))
+
+    def refresh(self) -> None:
+        """Pick up an invitation rotated by `dovecote invitation rotate` (a stat per call)."""
+        if self.path is None:
+            return
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self.rotated_invitation_id = str(
+                    json.loads(self.path.read_text()).get("invitation_id") or "")
+        except (OSError, ValueError) as exc:
+            log.warning("identity.unreadable", error=str(exc)[:200])
+
     def invitation(self) -> dict[str, Any]:
         """An Out-of-Band 2.0 invitation to request mediation from this mediator."""
         return {
             "type": OOB_INVITATION,
-            "id": str(uuid.uuid4()),
+            "id": self.invitation_id,
             "from": self.did,
             "body": {
                 "goal_code": GOAL_REQUEST_MEDIATE,
@@ -86,6 +117,55 @@ def _multikey(codec: str, key: Key) -> str:
     return multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
 
 
+def _file(path: Path) -> Path:
+    return path / IDENTITY_FILE if path.is_dir() or path.suffix != ".json" else path
+
+
+def load(path: Path, endpoints: list[str] | None = None) -> Identity:
+    """Read the identity without writing anything (IdentityMissing if there is none).
+
+    With `endpoints`, the current DID is the one for them (as the server would make it);
+    without, it is the one the server last recorded.
+    """
+    path = _file(path)
+    if not path.exists():
+        raise IdentityMissing(f"no mediator identity in {path}")
+    stored = json.loads(path.read_text())
+    signing = Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored["ed25519"]))
+    agreement = Key.from_secret_bytes(KeyAlg.X25519, base64.b64decode(stored["x25519"]))
+    dids: list[str] = list(stored.get("dids") or [])
+    if endpoints is not None or not dids:
+        current = make_did(signing, agreement, endpoints or [])
+        dids = [current, *[d for d in dids if d != current]]
+    return Identity(signing, agreement, dids, str(stored.get("invitation_id") or ""), path)
+
+
+def rotate_invitation(path: Path) -> str:
+    """Give the invitation a new id (servers pick it up at their next invitation request)."""
+    path = _file(path)
+    if not path.exists():
+        raise IdentityMissing(f"no mediator identity in {path}")
+    stored = json.loads(path.read_text())
+    stored["invitation_id"] = str(uuid.uuid4())
+    write_private(path, json.dumps(stored, indent=2))
+    return str(stored["invitation_id"])
+
+
+def service_urls(did: str) -> list[str]:
+    """The service endpoint URIs a did:peer:2 advertises, in order."""
+    from did_peer_2 import resolve
+
+    doc = resolve(did)
+    urls: list[str] = []
+    for service in doc.get("service") or []:
+        endpoint = service.get("serviceEndpoint")
+        for item in endpoint if isinstance(endpoint, list) else [endpoint]:
+            uri = item.get("uri") if isinstance(item, dict) else item
+            if isinstance(uri, str):
+                urls.append(uri)
+    return urls
+
+
 def load_or_create(path: Path, endpoints: list[str]) -> Identity:
     """Load the identity file, creating keys on first start (file mode 0600).
 
@@ -93,8 +173,7 @@ def load_or_create(path: Path, endpoints: list[str]) -> Identity:
     uses O_EXCL, so when two start at once one creates and the other reads its keys.
     A read-only file (a Kubernetes Secret) is used as is.
     """
-    if path.is_dir() or path.suffix != ".json":
-        path = path / IDENTITY_FILE
+    path = _file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         signing = Key.generate(KeyAlg.ED25519)
@@ -122,7 +201,9 @@ def load_or_create(path: Path, endpoints: list[str]) -> Identity:
         except OSError as exc:
             # A read-only secret mount: the new DID is still valid (same keys).
             log.warning("identity.not_saved", error=str(exc))
-    return Identity(signing, agreement, dids)
+    ident = Identity(signing, agreement, dids, str(stored.get("invitation_id") or ""), path)
+    ident.refresh()
+    return ident
 
 
 def _create_exclusive(path: Path, text: str) -> bool:

@@ -87,23 +87,3 @@ async def post_message(request: Request) -> Response:
     if outcome.error is not None:
         return error_response(outcome.error, request_id)
     return Response(status_code=202)
-
-
-async def invitation(request: Request) -> Response:
-    app: Dovecote = request.app.state.dovecote
-    if request.query_params.get("format") == "url":
-        return Response(app.identity.invitation_url(app.settings.base_url),
-                        media_type="text/plain")
-    return JSONResponse(app.identity.invitation())
-
-
-async def root(request: Request) -> Response:
-    """GET /: human-readable hint (and where an `_oob` invitation URL lands)."""
-    app: Dovecote = request.app.state.dovecote
-    text = (
-        "Dovecote DIDComm v2 mediator\n"
-        f"DID: {app.identity.did}\n"
-        f"Invitation: {app.identity.invitation_url(app.settings.base_url)}\n"
-        f"POST DIDComm messages ({DIDCOMM_ENCRYPTED}) here, or use {app.settings.ws_url}\n"
-    )
-    return Response(text, media_type="text/plain")
