@@ -46,7 +46,9 @@ class LiveConsumer:
 
     Records, per delivered message (keyed by its inner IV), when it was pushed and when the
     acknowledgement's answer came back. Like a real client it reconnects (and turns live
-    mode on again) when the socket closes; `reconnects` counts how often.
+    mode on again) when the socket closes; `reconnects` counts how often. Live mode pushes
+    only what arrives after it is turned on, so, like dovecote.client, it then drains what
+    was queued (pushed before a drop and never acknowledged) with delivery-request.
     """
 
     def __init__(self, agent: BenchAgent, ws_url: str, mediator: str) -> None:
@@ -61,6 +63,7 @@ class LiveConsumer:
         self._ws: Any = None
         self._live = asyncio.Event()
         self._stopping = False
+        self._draining = ""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -72,6 +75,7 @@ class LiveConsumer:
                 async with websockets.connect(self.ws_url, max_size=None,
                                               open_timeout=30) as ws:
                     self._ws = ws
+                    self._draining = ""
                     await ws.send(await self.agent.request(
                         f"{PICKUP}/live-delivery-change", self.mediator,
                         {"live_delivery": True}))
@@ -103,10 +107,23 @@ class LiveConsumer:
                                          {"message_id_list": ids})
                 self._acks[ack["id"]] = keys
                 await ws.send(await self.agent.pack(ack, self.mediator))
+                if self._draining and message.get("thid") == self._draining:
+                    await self._drain(ws)
             elif kind.endswith("/status"):
+                if message.get("thid") == self._draining:
+                    self._draining = ""
+                elif (message.get("body") or {}).get("live_delivery") and not self._draining \
+                        and message.get("thid") not in self._acks:
+                    await self._drain(ws)  # live mode is on: fetch what was queued
                 self._live.set()
                 for key in self._acks.pop(message.get("thid", ""), []):
                     self.acked.setdefault(key, now)
+
+    async def _drain(self, ws: Any) -> None:
+        request = self.agent.message(f"{PICKUP}/delivery-request", self.mediator,
+                                     {"limit": 100})
+        self._draining = request["id"]
+        await ws.send(await self.agent.pack(request, self.mediator))
 
     async def stop(self) -> None:
         self._stopping = True

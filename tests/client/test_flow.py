@@ -108,6 +108,55 @@ async def test_live_receive(relay: ServerProcess, client_factory: ClientFactory)
     assert (await alice.status()).message_count == 0
 
 
+async def test_live_mode_misses_nothing_across_the_switch(
+        relay: ServerProcess, client_factory: ClientFactory) -> None:
+    # Issue 12.2: turning live mode on pushes only what arrives afterwards; the client
+    # drains what was queued with delivery-request. Messages queued before, sent while the
+    # switch happens and sent after it are each handed over exactly once.
+    alice = await client_factory(relay)
+    bob = await client_factory(relay)
+    before = [f"before {i}" for i in range(30)]
+    for text in before:
+        await bob.send(alice.did, text)
+    await bob.flush(max_wait=10)
+    assert (await alice.status()).message_count == len(before)
+
+    received: list[Received] = []
+    stop, sending = asyncio.Event(), asyncio.Event()
+    during: list[str] = []
+
+    async def produce_during() -> None:
+        for i in range(40):
+            text = f"during {i}"
+            await bob.send(alice.did, text)
+            during.append(text)
+            if i == 5:
+                sending.set()
+            await asyncio.sleep(0.01)
+        await bob.flush(max_wait=10)
+
+    producer = asyncio.create_task(produce_during())
+    await asyncio.wait_for(sending.wait(), 10)
+    task = asyncio.create_task(alice.live(received.append, stop))
+    await asyncio.wait_for(alice.inbox().live_on.wait(), 10)
+    await producer
+    after = [f"after {i}" for i in range(20)]
+    for text in after:
+        await bob.send(alice.did, text)
+    await bob.flush(max_wait=10)
+    expected = before + during + after
+    for _ in range(400):
+        if len(received) >= len(expected):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # would a duplicate still arrive?
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    contents = [m.body["content"] for m in received]
+    assert sorted(contents) == sorted(expected), "missed or duplicated across the switch"
+    assert (await alice.status()).message_count == 0
+
+
 async def test_invitation_url_helper(relay: ServerProcess) -> None:
     assert "_oob=" in invitation_url(relay)
 

@@ -44,6 +44,10 @@ async def test_enqueue_fetch_ack_status(engine: Store) -> None:
     r2_status = await engine.status(ALICE, "did:example:alice-r2")
     assert (r2_status.message_count, r2_status.total_bytes) == (1, 7)
 
+    # The live-mode baseline starts from the highest queued seq (0 for an empty mailbox).
+    assert await engine.last_seq(ALICE) == queued[1].seq
+    assert await engine.last_seq(BOB) == 0
+
     removed = await engine.ack(ALICE, [first.id, first.id, "no-such-id"])
     assert [m.id for m in removed] == [first.id]
     assert await engine.ack(ALICE, [first.id]) == []

@@ -1,11 +1,15 @@
 """Message Pickup 3.0 from the recipient's side: status, delivery, acknowledgement, and
 live mode over WebSocket with reconnect.
 
-Delivery is at-least-once (the mediator pushes every unacknowledged message again after a
-reconnect), so each message is handed to the application once by remembering the ids of
-the most recent ones in the local store. The order per batch is: decrypt, skip the ids
-already seen, call the handler, remember the ids, then acknowledge. A crash before the
-acknowledgement only causes a redelivery that the remembered ids absorb.
+Live mode pushes only messages that arrive after it was turned on (Pickup 3.0: queued
+messages "must still be requested with delivery-request"), so every live session first
+turns live mode on, then drains the queue with delivery-request on the same socket.
+Delivery is at-least-once (a message pushed while the drain runs is also in the queue, and
+an unacknowledged one is fetched again after a reconnect), so each message is handed to
+the application once by remembering the ids of the most recent ones in the local store.
+The order per batch is: decrypt, skip the ids already seen, call the handler, remember the
+ids, then acknowledge. A crash before the acknowledgement only causes a redelivery that
+the remembered ids absorb.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from dovecote.client.store import ClientStore
 log = structlog.get_logger("dovecote.client.pickup")
 
 PICKUP = "https://didcomm.org/messagepickup/3.0"
+# Messages per delivery-request while a live session drains what was queued before.
+DRAIN_BATCH = 100
 # On stop, how long to wait for the mediator to confirm our last acknowledgement.
 ACK_DRAIN_SECONDS = 2.0
 
@@ -157,8 +163,9 @@ class Inbox:
     async def live(self, handler: Handler, stop: asyncio.Event | None = None) -> None:
         """Receive pushes over WebSocket until `stop` is set, reconnecting as needed.
 
-        On every (re)connection live mode is enabled again; the mediator then pushes
-        everything still unacknowledged, and the remembered ids drop what was handled.
+        On every (re)connection live mode is enabled again and then what is queued is
+        fetched with delivery-request (the mediator pushes only what arrives after the
+        switch); the remembered ids drop what was handled already.
         """
         stop = stop or asyncio.Event()
         failures = 0
@@ -188,10 +195,15 @@ class Inbox:
         ws = await transport.connect_ws(url, self.config.request_timeout)
         me, mediator = self.packer.identity.did, self.channel.mediator_did
         unanswered: set[str] = set()  # ids of our messages-received awaiting a status
+        draining = ""  # id of our delivery-request awaiting its answer
+
+        async def send(msg_type: str, body: dict[str, Any]) -> str:
+            request = message(msg_type, body, me, mediator)
+            await ws.send((await self.packer.pack(request, mediator, me)).decode())
+            return str(request["id"])
+
         try:
-            enable = message(f"{PICKUP}/live-delivery-change", {"live_delivery": True}, me,
-                             mediator)
-            await ws.send((await self.packer.pack(enable, mediator, me)).decode())
+            await send(f"{PICKUP}/live-delivery-change", {"live_delivery": True})
             while True:
                 if self.live_on.is_set():
                     frame = await self._next_frame(ws, stop, bool(unanswered))
@@ -203,18 +215,27 @@ class Inbox:
                     return
                 reply = await self._decode(frame)
                 kind = reply.get("type", "")
+                thid = str(reply.get("thid", ""))
                 if kind.endswith("/status"):
-                    unanswered.discard(str(reply.get("thid", "")))
+                    unanswered.discard(thid)
+                    if draining and thid == draining:
+                        draining = ""  # the queue held nothing more for us
+                        log.info("pickup.live_drained", url=url)
                     if (reply.get("body") or {}).get("live_delivery") and \
                             not self.live_on.is_set():
                         log.info("pickup.live_enabled", url=url)
                         self.live_on.set()
+                        # What was queued before the switch is not pushed: fetch it.
+                        draining = await send(f"{PICKUP}/delivery-request",
+                                              {"limit": DRAIN_BATCH})
                 elif kind.endswith("/delivery"):
                     _, ack_ids = await self._accept(reply.get("attachments") or [], handler)
-                    ack = message(f"{PICKUP}/messages-received", {"message_id_list": ack_ids},
-                                  me, mediator)
-                    unanswered.add(ack["id"])
-                    await ws.send((await self.packer.pack(ack, mediator, me)).decode())
+                    unanswered.add(await send(f"{PICKUP}/messages-received",
+                                              {"message_id_list": ack_ids}))
+                    if draining and thid == draining:
+                        # The socket is read in order: the ack is applied before this.
+                        draining = await send(f"{PICKUP}/delivery-request",
+                                              {"limit": DRAIN_BATCH})
         finally:
             with contextlib.suppress(Exception):
                 await ws.close()

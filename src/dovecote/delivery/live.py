@@ -1,9 +1,15 @@
 """Live delivery: which connected session receives pushes for which mailbox.
 
+Pickup 3.0: "Messages already in the queue are not affected by Live Mode; they must still
+be requested with delivery-request." Turning live mode on therefore records what is queued
+at that moment (the baseline) and pushes only messages that arrive afterwards; the client
+drains the rest with delivery-request.
+
 A push never removes a message. Each session remembers what it pushed and not yet saw
-acknowledged; a session that dies takes nothing with it, and the session that replaces
-it starts from the store again. Pushes are driven from the store (the commit wakes the
-pump; it reads what is queued), so a wake-up lost between instances only delays.
+acknowledged; a session that dies takes nothing with it: what it had in flight stays
+queued, is part of the next session's baseline and is fetched with delivery-request.
+Pushes are driven from the store (the commit wakes the pump; it reads what arrived after
+the baseline), so a wake-up lost between instances only delays.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ SAFETY_POLL_SECONDS = 5.0
 RECENT_ACKS = 2 * MAX_IN_FLIGHT
 # A store's notification meaning "any mailbox may have new messages".
 WAKE_ALL = "*"
+# PostgreSQL takes seq numbers before commit, so a message can become visible after one
+# with a higher seq. The baseline therefore lists the queued ids among the last this many
+# seq numbers (not just "seq <= highest"): a message committed late below the highest seq
+# still counts as arrived after the switch.
+BASELINE_LOOKBACK = 1000
 
 
 class LiveSession:
@@ -47,6 +58,10 @@ class LiveSession:
         self.endpoint = endpoint
         self.mediatees: set[str] = set()
         self.pushed: dict[str, set[str]] = {}
+        # Per mailbox: the seq below which everything was queued before live mode, and
+        # the ids queued above it at that moment; neither is pushed.
+        self.floor: dict[str, int] = {}
+        self.baseline: dict[str, set[str]] = {}
         # Ids acknowledged lately: a queue read that began before an ack committed may
         # still return them once, and they must not be pushed again.
         self.acked: OrderedDict[str, None] = OrderedDict()
@@ -76,27 +91,43 @@ class LiveRegistry:
     def is_live(self, session: LiveSession | None, mediatee: str) -> bool:
         return session is not None and self.by_mediatee.get(mediatee) is session
 
-    def enable(self, session: LiveSession, mediatee: str) -> None:
+    async def enable(self, session: LiveSession, mediatee: str) -> None:
         previous = self.by_mediatee.get(mediatee)
         if previous is not None and previous is not session:
-            # The newer connection wins; whatever the old one had in flight stays queued
-            # and is pushed again here because this session starts with nothing pushed.
-            previous.mediatees.discard(mediatee)
-            previous.pushed.pop(mediatee, None)
+            # The newer connection wins; whatever the old one had in flight stays queued,
+            # so it is in this session's baseline: the client fetches it with
+            # delivery-request.
+            self._forget(previous, mediatee)
             log.info("live.replaced", old_session=previous.id, session=session.id)
+        already = mediatee in session.mediatees
+        # Registered before the baseline is read: a message committed in between is in the
+        # baseline (fetched by the client) or pushed, never neither.
         self.by_mediatee[mediatee] = session
         session.mediatees.add(mediatee)
         session.pushed.setdefault(mediatee, set())
         session.held = True
+        if not already:
+            # Turning live mode on again on the same session changes nothing.
+            last = await self.store.last_seq(mediatee)
+            floor = max(0, last - BASELINE_LOOKBACK)
+            queued = await self.store.fetch(mediatee, 2 * BASELINE_LOOKBACK, after_seq=floor)
+            session.floor[mediatee] = floor
+            session.baseline[mediatee] = {m.id for m in queued}
         if session.task is None:
             session.task = asyncio.create_task(self._pump(session), name=f"live-{session.id}")
         session.wake.set()
 
+    @staticmethod
+    def _forget(session: LiveSession, mediatee: str) -> None:
+        session.mediatees.discard(mediatee)
+        session.pushed.pop(mediatee, None)
+        session.floor.pop(mediatee, None)
+        session.baseline.pop(mediatee, None)
+
     def disable(self, session: LiveSession, mediatee: str) -> None:
         if self.by_mediatee.get(mediatee) is session:
             del self.by_mediatee[mediatee]
-        session.mediatees.discard(mediatee)
-        session.pushed.pop(mediatee, None)
+        self._forget(session, mediatee)
 
     async def detach(self, session: LiveSession) -> None:
         """The connection ended: forget it (its unacknowledged pushes stay queued)."""
@@ -125,6 +156,9 @@ class LiveRegistry:
                 session.acked[message_id] = None
             while len(session.acked) > RECENT_ACKS:
                 session.acked.popitem(last=False)
+            baseline = session.baseline.get(mediatee)
+            if baseline:
+                baseline.difference_update(ids)
             pushed = session.pushed.get(mediatee)
             if pushed:
                 pushed.difference_update(ids)
@@ -158,11 +192,15 @@ class LiveRegistry:
             room = MAX_IN_FLIGHT - len(pushed)
             if room <= 0:
                 return
-            # Reading from the queue head and skipping what is in flight is correct for
-            # both engines, even when PostgreSQL commits sequence numbers out of order.
-            queued = await self.store.fetch(mediatee, len(pushed) + min(room, self.batch))
+            # Reading from the floor and skipping the baseline and what is in flight is
+            # correct for both engines, even when PostgreSQL commits seq numbers out of order.
+            baseline = session.baseline.get(mediatee, set())
+            queued = await self.store.fetch(
+                mediatee, len(pushed) + len(baseline) + min(room, self.batch),
+                after_seq=session.floor.get(mediatee, 0))
             fresh = [m for m in queued
-                     if m.id not in pushed and m.id not in session.acked][: min(room, self.batch)]
+                     if m.id not in pushed and m.id not in baseline
+                     and m.id not in session.acked][: min(room, self.batch)]
             if not fresh:
                 return
             packed = await self.build_delivery(mediatee, fresh)

@@ -1,8 +1,9 @@
 """Message Pickup 3.0: status, delivery, messages-received and live mode.
 
 Delivery never removes a message; only messages-received (or expiry, or an operator)
-does. Live mode pushes `delivery` messages whose attachment ids the recipient
-acknowledges the same way, so a push to a dying socket loses nothing.
+does. Live mode pushes `delivery` messages, for messages that arrive after it was turned
+on (what was queued before is fetched with delivery-request), whose attachment ids the
+recipient acknowledges the same way, so a push to a dying socket loses nothing.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ async def live_delivery_change(ctx: Context, inbound: Inbound) -> list[dict[str,
     if inbound.session is None:
         raise LiveModeNotSupported("Connection does not support Live Delivery")
     if live:
-        ctx.live.enable(inbound.session, mediatee)
+        await ctx.live.enable(inbound.session, mediatee)
     else:
         ctx.live.disable(inbound.session, mediatee)
     log.info("pickup.live_mode", live=live, request_id=inbound.request_id)

@@ -247,6 +247,10 @@ class Store(abc.ABC):
         """Oldest queued messages first; nothing is removed."""
 
     @abc.abstractmethod
+    async def last_seq(self, mediatee: str) -> int:
+        """The highest seq queued in the mailbox (0 when empty)."""
+
+    @abc.abstractmethod
     async def ack(self, mediatee: str, ids: Sequence[str]) -> list[StoredMessage]:
         """Remove exactly the listed messages of this mediatee; return those removed."""
 

@@ -551,6 +551,11 @@ class PostgresStore(PostgresRoomsMixin, Store):
         rows = await self._read(lambda c: c.fetch(sql, *args))
         return [_message(row) for row in rows]
 
+    async def last_seq(self, mediatee: str) -> int:
+        value = await self._read(lambda c: c.fetchval(
+            "SELECT MAX(seq) FROM messages WHERE mediatee = $1", mediatee))
+        return int(value or 0)
+
     async def ack(self, mediatee: str, ids: Sequence[str]) -> list[StoredMessage]:
         wanted = sorted(set(ids))
 

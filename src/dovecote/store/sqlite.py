@@ -510,6 +510,15 @@ class SQLiteStore(SQLiteRoomsMixin, Store):
 
         return await self._read(fn)
 
+    async def last_seq(self, mediatee: str) -> int:
+        def fn(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT MAX(seq) FROM messages WHERE mediatee = ?",
+                            (mediatee,)).fetchone()
+            return int(row[0] or 0)
+
+        result: int = await self._read(fn)
+        return result
+
     async def ack(self, mediatee: str, ids: Sequence[str]) -> list[StoredMessage]:
         wanted = list(dict.fromkeys(ids))
 
