@@ -6,26 +6,31 @@ every setting and its DOVECOTE_* variable.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import datetime as dt
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import ValidationError
 
 from dovecote import __version__
-from dovecote.ops.backup import STEP_PAGES, STEP_SLEEP
-from dovecote.ops.logging import configure
-from dovecote.ops.settings import Settings
+from dovecote.ops.settings_fields import FIELDS
+
+if TYPE_CHECKING:
+    from dovecote.ops.settings import Settings
+
+# Start-up time matters (`dovecote --version`, `--help`, shell completion): heavy modules
+# (pydantic, structlog, asyncio, the server) are imported inside the commands that use them.
 
 T = TypeVar("T")
+
+
+def configure(log_format: Any, level: str) -> None:
+    from dovecote.ops.logging import configure as configure_logging
+
+    configure_logging(log_format, level)
 
 
 # The settings each operator command uses (the rest still come from DOVECOTE_* and TOML):
@@ -48,21 +53,21 @@ def _settings_options(func: Callable[..., Any] | None = None, *,
 
 def _add_settings_options(func: Callable[..., Any],
                           only: tuple[str, ...] | None) -> Callable[..., Any]:
-    for name, field in reversed(list(Settings.model_fields.items())):
+    # From the generated table (ops/settings_fields.py), not the pydantic model: building
+    # the options must not cost pydantic's import on every `--help`.
+    for name, kind, choices, shown, description in reversed(FIELDS):
         if only is not None and name not in only:
             continue
         flag = "--" + name.replace("_", "-")
         env = f"DOVECOTE_{name.upper()}"
-        annotation = field.annotation
-        default = field.get_default(call_default_factory=True)
-        shown = default if not isinstance(default, list) else ",".join(default)
-        help_text = f"{field.description} [env {env}; default: {shown!r}]"
-        if annotation is bool:
+        help_text = f"{description} [env {env}; default: {shown}]"
+        if kind == "bool":
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
-        elif get_origin(annotation) is None and annotation in (int, float):
-            option = click.option(flag, name, type=annotation, default=None, help=help_text)
-        elif str(get_origin(annotation)).endswith("Literal"):
-            option = click.option(flag, name, type=click.Choice(list(get_args(annotation))),
+        elif kind in ("int", "float"):
+            option = click.option(flag, name, type=int if kind == "int" else float,
+                                  default=None, help=help_text)
+        elif kind == "choice":
+            option = click.option(flag, name, type=click.Choice(list(choices)),
                                   default=None, help=help_text)
         else:
             option = click.option(flag, name, type=str, default=None, help=help_text)
@@ -71,6 +76,10 @@ def _add_settings_options(func: Callable[..., Any],
 
 
 def _settings(overrides: dict[str, Any]) -> Settings:
+    from pydantic import ValidationError
+
+    from dovecote.ops.settings import Settings
+
     given = {k: v for k, v in overrides.items() if v is not None}
     if "config" in given:
         import os
@@ -87,6 +96,8 @@ def _settings(overrides: dict[str, Any]) -> Settings:
 
 
 def _run(coro: Awaitable[T]) -> T:
+    import asyncio
+
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
@@ -109,6 +120,8 @@ def serve(**options: Any) -> None:
             "https://relay.example.com (the DID and invitation embed it)")
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Must be set before prometheus_client is first imported (by dovecote.server).
+        import tempfile
+
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dovecote-metrics-")
     from dovecote.ops.lock import DataDirInUse
     from dovecote.server import run
@@ -218,6 +231,8 @@ async def _with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> 
 
 
 def _when(ts: float) -> str:
+    import datetime as dt
+
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -285,6 +300,8 @@ def dlq_list(limit: int, offset: int, kind: str | None, target: str | None,
 @_settings_options(only=STORE_FIELDS)
 def dlq_show(item_id: int, **options: Any) -> None:
     """Show one dead letter with its attempt history."""
+    import base64
+
     from dovecote.ops import admin
 
     settings = _settings(options)
@@ -472,13 +489,14 @@ async def _join_rooms(store: Any, user: str, room_ids: list[str]) -> None:
 # ---------------------------------------------------------------------- backups
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--step-pages", type=click.IntRange(min=1), default=STEP_PAGES,
-              show_default=True, help="Database pages copied per step.")
-@click.option("--step-sleep", type=click.FloatRange(min=0), default=STEP_SLEEP,
-              show_default=True,
-              help="Seconds to pause between steps (leaves the disk to the server).")
+@click.option("--step-pages", type=click.IntRange(min=1), default=None,
+              help="Database pages copied per step [default: 1024 pages].")
+@click.option("--step-sleep", type=click.FloatRange(min=0), default=None,
+              help="Seconds to pause between steps (leaves the disk to the server) "
+              "[default: 0.005 s].")
 @_settings_options(only=BACKUP_FIELDS)
-def backup(file: Path, step_pages: int, step_sleep: float, **options: Any) -> None:
+def backup(file: Path, step_pages: int | None, step_sleep: float | None,
+           **options: Any) -> None:
     """Back up the SQLite store and the mediator keys to FILE (safe while serving).
 
     Writes FILE, FILE.identity.json (0600) and FILE.manifest.json.
@@ -489,7 +507,9 @@ def backup(file: Path, step_pages: int, step_sleep: float, **options: Any) -> No
     try:
         manifest = backups.make_backup(backups.sqlite_path(settings.store_url),
                                        settings.identity_path, file,
-                                       step_pages=step_pages, step_sleep=step_sleep,
+                                       step_pages=step_pages or backups.STEP_PAGES,
+                                       step_sleep=(backups.STEP_SLEEP if step_sleep is None
+                                                   else step_sleep),
                                        key_file=settings.backup_key_file)
     except (backups.BackupError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc

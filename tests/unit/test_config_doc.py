@@ -26,6 +26,12 @@ def test_configuration_doc_is_current() -> None:
     assert current == rendered, "run: .venv/bin/python scripts/gen_config_doc.py"
 
 
+def test_settings_fields_table_is_current() -> None:
+    rendered = _generator().render_fields()  # type: ignore[attr-defined]
+    current = (ROOT / "src" / "dovecote" / "ops" / "settings_fields.py").read_text()
+    assert current == rendered, "run: .venv/bin/python scripts/gen_config_doc.py"
+
+
 def test_serve_help_documents_every_setting() -> None:
     out = subprocess.run([sys.executable, "-m", "dovecote", "serve", "--help"],
                          capture_output=True, text=True, check=True).stdout
@@ -66,3 +72,19 @@ def test_serve_refuses_to_advertise_an_unspecified_address(tmp_path: Path) -> No
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "DOVECOTE_PUBLIC_URL" in out.stderr and "http://:::0" in out.stderr
+
+
+def test_backup_help_shows_the_real_step_defaults() -> None:
+    from dovecote.ops.backup import STEP_PAGES, STEP_SLEEP
+
+    out = subprocess.run([sys.executable, "-m", "dovecote", "backup", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    flat = " ".join(out.split())
+    assert f"[default: {STEP_PAGES} pages]" in flat and f"[default: {STEP_SLEEP} s]" in flat
+
+
+def test_operator_subcommands_show_only_their_own_options() -> None:
+    out = subprocess.run([sys.executable, "-m", "dovecote", "dlq", "list", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert len(out.splitlines()) < 40
+    assert "--store" in out and "--data-dir" in out and "--rate-limit-ip" not in out

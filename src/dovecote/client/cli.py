@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from dovecote.client.client import Client
 from dovecote.client.config import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL, ClientConfig
 from dovecote.client.errors import ClientFailure
-from dovecote.client.pickup import Received
-from dovecote.client.store import OutboxItem
+
+if TYPE_CHECKING:
+    from dovecote.client.client import Client
+    from dovecote.client.pickup import Received
+    from dovecote.client.store import OutboxItem
+
+# The client stack (askar, httpx, websockets) is imported when a command runs, not for
+# `--help`: see _client().
 
 T = TypeVar("T")
 
@@ -37,6 +41,8 @@ def _text(value: str) -> str:
 
 
 def _when(ts: float | None) -> str:
+    import datetime as dt
+
     return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -59,9 +65,7 @@ def _when(ts: float | None) -> str:
 def main(ctx: click.Context, data_dir: Path, relays: tuple[str, ...], batch_size: int,
          flush_interval: float, rooms_url: str, rooms_token: str, verbose: bool) -> None:
     """Dovecote client: a DIDComm agent with a durable outbox, and a rooms client."""
-    from dovecote.ops.logging import configure
-
-    configure("console", "info" if verbose else "warning")
+    ctx.meta["dovecote.verbose"] = verbose  # logging is set up in _client(), when needed
     relay_list = [r for value in relays for r in value.split()]
     ctx.obj = ClientConfig(data_dir=data_dir, relays=relay_list, batch_size=batch_size,
                            flush_interval=flush_interval, rooms_url=rooms_url,
@@ -69,6 +73,11 @@ def main(ctx: click.Context, data_dir: Path, relays: tuple[str, ...], batch_size
 
 
 def _client(ctx: click.Context, create: bool = False) -> Client:
+    from dovecote.client.client import Client
+    from dovecote.ops.logging import configure
+
+    configure("console", "info" if ctx.meta.get("dovecote.verbose") else "warning")
+
     def report(item: OutboxItem) -> None:
         click.echo(f"failed: {item.id} to {item.target[:60]}: {item.last_error}", err=True)
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import structlog
 
-from dovecote.ops.settings import LogFormat
+if TYPE_CHECKING:
+    from dovecote.ops.settings import LogFormat
 
 
 def configure(log_format: LogFormat = "auto", level: str = "info") -> None:
