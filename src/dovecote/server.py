@@ -44,6 +44,7 @@ from dovecote.store import Store, open_store
 from dovecote.store.base import InstanceInfo
 from dovecote.transport import http as http_routes
 from dovecote.transport import invitation as invitation_routes
+from dovecote.transport.invitation_v1 import invitation_v1
 from dovecote.transport.limits import InFlight, TokenBuckets, retry_after_header
 from dovecote.transport.tls import PeerCertProtocol, ServerTLS
 from dovecote.transport.websocket import CLOSE_RESTART, websocket_endpoint
@@ -401,6 +402,7 @@ def build_app(dovecote: Dovecote) -> Starlette:
         WebSocketRoute("/ws", websocket_endpoint),
         Route("/invitation", invitation_routes.invitation, methods=["GET"]),
         Route("/oob", invitation_routes.oob, methods=["GET"]),
+        Route("/invitation/v1", invitation_v1, methods=["GET"]),
         Route("/health/live", health_live, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
         Route("/health", health_full, methods=["GET"]),

@@ -34,6 +34,7 @@ from dovecote.didcomm.messages import (
     problem_report,
 )
 from dovecote.didcomm.packing import Packer
+from dovecote.didcomm.v1 import envelope as v1_envelope
 from dovecote.errors import (
     ClientError,
     DovecoteError,
@@ -48,6 +49,9 @@ from dovecote.transport.limits import TokenBuckets
 
 log = structlog.get_logger("dovecote.dispatch")
 
+# v1 mailboxes are keyed by the did:key of the connection verkey; v2 senders are
+# did:peer DIDs (the only methods the v2 resolver accepts), so the prefix tells them apart.
+V1_MEDIATEE = "did:key:"
 _MODULES = (coordinate, routing, pickup, trust_ping, discover, problem)
 HANDLERS: dict[str, Handler] = {}
 for _module in _MODULES:
@@ -91,6 +95,7 @@ class Outcome:
     replies: list[bytes] = field(default_factory=list)
     error: DovecoteError | None = None
     return_route: bool = False
+    media_type: str = ENCRYPTED
 
 
 class Mediator:
@@ -102,6 +107,12 @@ class Mediator:
         self.did_limits = TokenBuckets(ctx.settings.rate_limit_did,
                                        ctx.settings.rate_limit_did_burst)
         ctx.live.build_delivery = self.build_delivery
+        self.v1: Any = None
+        if ctx.identity.v1_key is not None:
+            # Imported here: the v1 package builds on this module (Outcome).
+            from dovecote.didcomm.v1.mediator import V1Mediator
+
+            self.v1 = V1Mediator(ctx, ctx.identity.v1_key, self.did_limits)
 
     async def receive(
         self,
@@ -111,6 +122,16 @@ class Mediator:
         request_id: str | None = None,
     ) -> Outcome:
         request_id = request_id or uuid.uuid4().hex[:16]
+        if self.v1 is not None and v1_envelope.looks_like_v1(raw):
+            try:
+                envelope = v1_envelope.parse(raw)
+            except ClientError as exc:
+                metrics.BAD_INPUT.labels(exc.code, transport).inc()
+                return Outcome(status=exc.status, error=exc)
+            if envelope is not None:
+                outcome: Outcome = await self.v1.receive(envelope, transport, session,
+                                                         request_id)
+                return outcome
         try:
             unpacked = await self.packer.unpack(raw)
         except ClientError as exc:
@@ -227,6 +248,9 @@ class Mediator:
 
     async def build_delivery(self, mediatee: str, messages: Sequence[StoredMessage]) -> bytes:
         """A live-mode `delivery` message for a mailbox owner, packed for it."""
+        if self.v1 is not None and mediatee.startswith(V1_MEDIATEE):
+            packed: bytes = await self.v1.build_delivery(mediatee, messages)
+            return packed
         message: dict[str, Any] = {
             "id": str(uuid.uuid4()),
             "typ": PLAINTEXT,

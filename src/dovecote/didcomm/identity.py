@@ -9,6 +9,7 @@ keep working.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import time
@@ -29,6 +30,7 @@ log = structlog.get_logger("dovecote.identity")
 IDENTITY_FILE = "identity.json"
 OOB_INVITATION = "https://didcomm.org/out-of-band/2.0/invitation"
 GOAL_REQUEST_MEDIATE = "request-mediate"
+V1_FIELD = "v1_ed25519"
 
 
 # Invitation ids derived from the DID (until an operator rotates the invitation).
@@ -51,6 +53,8 @@ class Identity:
     rotated_invitation_id: str = ""
     path: Path | None = None
     _stamp: tuple[int, int] | None = None
+    # DIDComm v1 (Aries) key: its own ed25519 key, so the v2 keys keep a single use.
+    v1_key: Key | None = None
 
     @property
     def did(self) -> str:
@@ -137,7 +141,10 @@ def load(path: Path, endpoints: list[str] | None = None) -> Identity:
     if endpoints is not None or not dids:
         current = make_did(signing, agreement, endpoints or [])
         dids = [current, *[d for d in dids if d != current]]
-    return Identity(signing, agreement, dids, str(stored.get("invitation_id") or ""), path)
+    v1_key = (Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored[V1_FIELD]))
+              if stored.get(V1_FIELD) else None)
+    return Identity(signing, agreement, dids, str(stored.get("invitation_id") or ""), path,
+                    v1_key=v1_key)
 
 
 def rotate_invitation(path: Path) -> str:
@@ -191,17 +198,30 @@ def load_or_create(path: Path, endpoints: list[str]) -> Identity:
     agreement = Key.from_secret_bytes(KeyAlg.X25519, base64.b64decode(stored["x25519"]))
     dids: list[str] = list(stored.get("dids") or [])
     current = make_did(signing, agreement, endpoints)
+    changed = False
+    if stored.get(V1_FIELD):
+        v1_key = Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored[V1_FIELD]))
+    else:
+        # Derived from the v2 signing key, not random: instances sharing a read-only
+        # identity file (or racing to add the field) all arrive at the same v1 key.
+        seed = hashlib.sha256(b"dovecote didcomm v1 key\0" + signing.get_secret_bytes())
+        v1_key = Key.from_seed(KeyAlg.ED25519, seed.digest())
+        stored[V1_FIELD] = base64.b64encode(v1_key.get_secret_bytes()).decode()
+        changed = True
     if not dids or dids[0] != current:
         if dids:
             log.warning("identity.did_changed", reason="public endpoints changed")
         dids = [current, *[d for d in dids if d != current]]
         stored["dids"] = dids
+        changed = True
+    if changed:
         try:
             write_private(path, json.dumps(stored, indent=2))
         except OSError as exc:
             # A read-only secret mount: the new DID is still valid (same keys).
             log.warning("identity.not_saved", error=str(exc))
-    ident = Identity(signing, agreement, dids, str(stored.get("invitation_id") or ""), path)
+    ident = Identity(signing, agreement, dids, str(stored.get("invitation_id") or ""), path,
+                     v1_key=v1_key)
     ident.refresh()
     return ident
 

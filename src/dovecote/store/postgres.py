@@ -48,6 +48,7 @@ from dovecote.store.base import (
     UpdateResult,
 )
 from dovecote.store.postgres_rooms import PostgresRoomsMixin
+from dovecote.store.postgres_v1 import PostgresV1Mixin
 
 # The SQLite engine is the reference: share its row decoding and DID URL matching so
 # both engines answer identically.
@@ -139,7 +140,7 @@ def _rowcount(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-class PostgresStore(PostgresRoomsMixin, Store):
+class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
     """The scale-out store: any number of instances on one PostgreSQL database."""
 
     engine = "postgres"

@@ -47,6 +47,7 @@ from dovecote.store.base import (
     UpdateResult,
 )
 from dovecote.store.sqlite_rooms import SQLiteRoomsMixin
+from dovecote.store.sqlite_v1 import SQLiteV1Mixin
 from dovecote.util.did import base_did
 
 log = structlog.get_logger("dovecote.store.sqlite")
@@ -76,7 +77,7 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
-class SQLiteStore(SQLiteRoomsMixin, Store):
+class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
     """The embedded default store."""
 
     engine = "sqlite"

@@ -21,6 +21,9 @@ ACCEPTED_TYPES = {
     "",  # some agents send no content type at all; the body is checked anyway
     # didcomm-messaging's quickstart client posts raw bytes with aiohttp's default type.
     "application/octet-stream",
+    # DIDComm v1 (Aries RFC 0044); the envelope itself says which version it is.
+    "application/didcomm-envelope-enc",
+    "application/ssi-agent-wire",
 }
 
 
@@ -83,7 +86,7 @@ async def post_message(request: Request) -> Response:
         if outcome.error is not None and outcome.error.retry_after is not None:
             headers["Retry-After"] = retry_after_header(outcome.error.retry_after)
         return Response(outcome.replies[0], status_code=outcome.status,
-                        media_type=DIDCOMM_ENCRYPTED, headers=headers)
+                        media_type=outcome.media_type, headers=headers)
     if outcome.error is not None:
         return error_response(outcome.error, request_id)
     return Response(status_code=202)

@@ -1,0 +1,205 @@
+"""The v1 data path: open the envelope -> rate limit -> handler -> pack replies.
+
+Mirrors `dispatch.Mediator` for Aries messages: replies go back on the same connection
+when the sender asked for `~transport.return_route` (or it is a WebSocket); otherwise
+to the connection's endpoint through the outbox, committed before the HTTP answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from dovecote.didcomm.dispatch import Outcome
+from dovecote.didcomm.v1 import basic, connections, coordinate, pickup, push, routing
+from dovecote.didcomm.v1.envelope import (
+    MEDIA_TYPE,
+    Envelope,
+    Opened,
+    open_envelope,
+    pack,
+    to_verkey,
+)
+from dovecote.didcomm.v1.messages import (
+    V1Context,
+    V1Handler,
+    V1Inbound,
+    normalize_type,
+    problem_report,
+)
+from dovecote.errors import (
+    ClientError,
+    DovecoteError,
+    MalformedMessage,
+    RateLimited,
+    ServiceError,
+    UnknownMessageType,
+)
+from dovecote.ops import metrics
+from dovecote.store.base import NewOutboxItem
+
+if TYPE_CHECKING:
+    from aries_askar import Key
+
+    from dovecote.delivery.live import LiveSession
+    from dovecote.didcomm.messages import Context, Transport
+    from dovecote.store.base import StoredMessage
+    from dovecote.transport.limits import TokenBuckets
+
+log = structlog.get_logger("dovecote.v1")
+
+_MODULES = (connections, coordinate, routing, pickup, push, basic)
+HANDLERS: dict[str, V1Handler] = {}
+for _module in _MODULES:
+    for _type, _handler in _module.HANDLERS.items():
+        HANDLERS[normalize_type(_type)] = _handler
+REPLY_HINT = "~dovecote_to"
+
+
+def supported_protocols() -> dict[str, list[str]]:
+    protocols: dict[str, list[str]] = {}
+    for module in _MODULES:
+        protocols.update(module.PROTOCOLS)
+    return protocols
+
+
+def _labels(msg_type: str) -> tuple[str, str]:
+    """(protocol, name) metric labels, `v1/` first so each version is counted apart."""
+    if msg_type in HANDLERS:
+        piuri, name = msg_type.rsplit("/", 1)
+        parts = piuri.rsplit("/", 2)
+        return f"v1/{parts[-2]}/{parts[-1]}", name
+    return "v1/unknown", "unknown"
+
+
+class V1Mediator:
+    """Turns one inbound v1 envelope into replies."""
+
+    def __init__(self, ctx: Context, key: Key, did_limits: TokenBuckets) -> None:
+        from dovecote.didcomm.v1.envelope import b58encode
+
+        self.core = ctx
+        self.key = key
+        self.verkey = b58encode(key.get_public_bytes())
+        self.keys = {self.verkey: key}
+        self.ctx = V1Context(ctx, key, self.verkey)
+        self.did_limits = did_limits
+        pickup.IMPLICIT.attach(ctx.store)
+
+    async def receive(self, envelope: Envelope, transport: Transport,
+                      session: LiveSession | None, request_id: str) -> Outcome:
+        try:
+            opened = open_envelope(envelope, self.keys)
+            inbound = self._inbound(opened, transport, session, request_id)
+        except ClientError as exc:
+            metrics.BAD_INPUT.labels(exc.code, transport).inc()
+            log.info("message.rejected", code=exc.code, detail=exc.detail, version="v1",
+                     transport=transport, request_id=request_id)
+            return Outcome(status=exc.status, error=exc)
+        wants_return = inbound.return_route in ("all", "thread")
+        protocol, name = _labels(inbound.type)
+        started = time.perf_counter()
+        error: DovecoteError | None = None
+        try:
+            sender_key = inbound.sender_did_key if inbound.sender else None
+            if sender_key and (wait := self.did_limits.take(sender_key)):
+                raise RateLimited("rate limit per sender key", retry_after=wait)
+            handler = HANDLERS.get(inbound.type)
+            if handler is None:
+                raise UnknownMessageType(f"unsupported message type {inbound.raw_type[:200]!r}")
+            replies = await handler(self.ctx, inbound)
+            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok").inc()
+            if (transport == "ws" and session is not None and inbound.return_route == "all"
+                    and sender_key
+                    and await self.core.store.get_mediation(sender_key) == "granted"):
+                pickup.IMPLICIT.enable(session, sender_key)
+        except DovecoteError as exc:
+            error = exc
+            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
+            if isinstance(exc, ClientError):
+                metrics.BAD_INPUT.labels(exc.code, transport).inc()
+            log.info("message.failed", type=inbound.raw_type[:200], code=exc.code,
+                     detail=exc.detail, version="v1", transport=transport,
+                     request_id=request_id)
+            replies = [problem_report(exc.code, exc.detail, inbound)] if inbound.sender else []
+        finally:
+            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(
+                time.perf_counter() - started)
+
+        status = error.status if error is not None else 202
+        packed: list[bytes] = []
+        if replies and (wants_return or transport == "ws"):
+            for message in replies:
+                target = self._target(message, inbound)
+                if target is not None:
+                    packed.append(self._pack(message, target[0]))
+        elif replies and not isinstance(error, RateLimited | ServiceError):
+            try:
+                await self._reply_later(inbound, replies)
+            except DovecoteError as exc:
+                return Outcome(status=exc.status, error=exc, return_route=wants_return)
+        if packed and transport == "http" and error is None:
+            status = 200
+        return Outcome(status=status, replies=packed, error=error, return_route=wants_return,
+                       media_type=MEDIA_TYPE)
+
+    def _inbound(self, opened: Opened, transport: Transport, session: LiveSession | None,
+                 request_id: str) -> V1Inbound:
+        try:
+            message = json.loads(opened.plaintext)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MalformedMessage("v1 plaintext is not JSON") from exc
+        if not isinstance(message, dict) or not isinstance(message.get("@type"), str):
+            raise MalformedMessage("v1 plaintext has no @type")
+        return V1Inbound(message, opened.sender, transport, session, request_id)
+
+    def _target(self, message: dict[str, Any],
+                inbound: V1Inbound) -> tuple[str, str, list[str]] | None:
+        """(verkey, endpoint, routing keys) a reply goes to; endpoint '' when unknown."""
+        hint = message.pop(REPLY_HINT, None)
+        if isinstance(hint, dict):
+            return hint["verkey"], hint.get("endpoint", ""), list(hint.get("routing", []))
+        if inbound.sender:
+            return inbound.sender, "", []
+        return None
+
+    def _pack(self, message: dict[str, Any], verkey: str) -> bytes:
+        return pack(json.dumps(message, separators=(",", ":")).encode(), [verkey], self.key)
+
+    async def _reply_later(self, inbound: V1Inbound, replies: list[dict[str, Any]]) -> None:
+        """Queue replies for a sender that asked for no return route, via its endpoint."""
+        items: list[NewOutboxItem] = []
+        for index, message in enumerate(replies):
+            target = self._target(message, inbound)
+            if target is None:
+                continue
+            verkey, endpoint, routing_keys = target
+            if not endpoint:
+                connection = await self.ctx.store.v1_connection_get(verkey)
+                if connection is not None:
+                    endpoint, routing_keys = connection.endpoint, connection.routing_keys
+            uri = routing.deliverable_endpoint(self.ctx, endpoint) if endpoint else None
+            if uri is None:
+                log.info("reply.not_returned", reason="no deliverable endpoint", version="v1",
+                         request_id=inbound.request_id)
+                continue
+            payload = routing.wrap(self._pack(message, verkey), verkey, routing_keys)
+            key = hashlib.sha256(f"{verkey} {inbound.id} {index}".encode()).hexdigest()
+            items.append(NewOutboxItem(kind="forward", target=uri, payload=payload,
+                                       headers={"content-type": MEDIA_TYPE},
+                                       dedup_key=f"v1reply:{key}"))
+        if items:
+            added = await self.core.store.outbox_add(items)
+            if added:
+                self.core.wake_outbox("forward")
+            log.info("reply.queued", count=len(added), version="v1",
+                     request_id=inbound.request_id)
+
+    async def build_delivery(self, mediatee: str, messages: Sequence[StoredMessage]) -> bytes:
+        """A live-mode pickup 2.0 `delivery` for a v1 mailbox owner, packed for it."""
+        return self._pack(pickup.delivery(None, None, messages), to_verkey(mediatee))

@@ -1,0 +1,96 @@
+"""Routing 1.0 `forward` (RFC 0094): `to` a did:key or raw verkey, `msg` the packed message.
+
+The packed message is stored as received (compact JSON). A mediatee whose connection
+has an http(s) endpoint gets it through the outbox (retries, breaker, dead letters); any
+other mediatee (a phone: no endpoint, or `didcomm:transport/queue`) gets it in its
+mailbox for pickup. Either way the forward is answered only after the commit, and a
+retried forward with the same bytes for the same key is recognised (dedup window).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from dovecote.didcomm import routing as v2_routing
+from dovecote.didcomm.endpoints import is_private_host
+from dovecote.didcomm.v1.envelope import MEDIA_TYPE, pack, to_did_key, to_verkey
+from dovecote.didcomm.v1.messages import DIDCOMM_PREFIX, V1Context, V1Handler, V1Inbound
+from dovecote.errors import MalformedMessage, UnknownRecipient
+from dovecote.ops import metrics
+from dovecote.store.base import NewOutboxItem
+
+log = structlog.get_logger("dovecote.v1.routing")
+
+PIURI = f"{DIDCOMM_PREFIX}routing/1.0"
+FORWARD = f"{PIURI}/forward"
+
+
+def wrap(payload: bytes, to_verkey_: str, routing_keys: list[str]) -> bytes:
+    """Wrap for each routing key in front of the recipient, last key innermost."""
+    target = to_verkey_
+    for key in reversed(routing_keys):
+        forward = {"@type": FORWARD, "@id": hashlib.sha256(payload).hexdigest()[:32],
+                   "to": target, "msg": json.loads(payload)}
+        payload = pack(json.dumps(forward, separators=(",", ":")).encode(), [key], None)
+        target = key
+    return payload
+
+
+def deliverable_endpoint(ctx: V1Context, endpoint: str) -> str | None:
+    """The endpoint if the outbox may POST to it (http(s), not private unless allowed)."""
+    parts = urlsplit(endpoint)
+    if parts.scheme.lower() not in ("http", "https"):
+        return None
+    if not ctx.core.settings.outbound_allow_private and is_private_host(parts.hostname or ""):
+        return None
+    own = {ctx.core.settings.base_url.rstrip("/"), ctx.core.settings.ws_url.rstrip("/")}
+    return None if endpoint.rstrip("/") in own else endpoint
+
+
+async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
+    ctx.core.degradation.require_accepting()
+    recipient = to_did_key(inbound.message.get("to"))
+    msg = inbound.message.get("msg")
+    if isinstance(msg, dict):
+        payload = json.dumps(msg, separators=(",", ":")).encode()
+    elif isinstance(msg, str) and msg:
+        payload = msg.encode()
+    else:
+        raise MalformedMessage("forward needs msg (the packed message)")
+    mediatee = await ctx.core.store.find_mediatee(recipient)
+    if mediatee is None:
+        metrics.UNROUTABLE.inc()
+        raise UnknownRecipient("to is not a key registered with this mediator")
+    digest = hashlib.sha256(payload).hexdigest()
+    connection = await ctx.store.v1_connection_get(to_verkey(mediatee)) \
+        if mediatee.startswith("did:key:") else None
+    endpoint = deliverable_endpoint(ctx, connection.endpoint) if connection else None
+    if connection is not None and endpoint:
+        item = NewOutboxItem(
+            kind="forward", target=endpoint,
+            payload=wrap(payload, to_verkey(recipient), connection.routing_keys),
+            headers={"content-type": MEDIA_TYPE}, dedup_key=f"v1forward:{recipient}:{digest}")
+        new = await ctx.store.v1_relay_once(recipient, digest, item)
+        if new:
+            ctx.core.wake_outbox("forward")
+            metrics.ACCEPTED.inc()
+            metrics.RELAYED.inc()
+        else:
+            metrics.DUPLICATES.inc()
+        log.info("forward.accepted", duplicate=not new, size=len(payload), route="endpoint",
+                 version="v1", request_id=inbound.request_id)
+        return []
+    expires_at = time.time() + ctx.core.settings.message_ttl
+    await v2_routing.store_for(ctx.core, mediatee, recipient, payload, expires_at,
+                               inbound.request_id)
+    return []
+
+
+HANDLERS: dict[str, V1Handler] = {FORWARD: forward}
+PROTOCOLS = {PIURI: ["mediator"]}

@@ -1,0 +1,200 @@
+"""DIDComm v1 against a real server on both engines: invitation, DID Exchange, trust ping,
+discover features, coordinate mediation 1.0, forward 1.0, pickup 2.0, push device info."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import httpx
+from aries_askar import Key, KeyAlg
+
+from dovecote.didcomm.v1 import envelope
+from support.server import ServerProcess
+from support.v1agent import V1, V1Agent, forward_for, msg, post_raw
+
+
+def _mediated(server: ServerProcess) -> tuple[V1Agent, str]:
+    agent = V1Agent(server.base_url)
+    agent.connect()
+    agent.mediate()
+    recipient = envelope.b58encode(Key.generate(KeyAlg.ED25519).get_public_bytes())
+    update = agent.add_key(envelope.to_did_key(recipient))
+    assert update["updated"][0]["result"] == "success", update
+    return agent, recipient
+
+
+def test_invitation_v1(shared_server: ServerProcess) -> None:
+    invite = httpx.get(shared_server.base_url + "/invitation/v1").json()
+    assert invite["@type"] == "https://didcomm.org/out-of-band/1.1/invitation"
+    assert invite["handshake_protocols"][0] == "https://didcomm.org/didexchange/1.1"
+    service = invite["services"][0]
+    assert service["serviceEndpoint"] == shared_server.base_url
+    assert service["recipientKeys"][0].startswith("did:key:z6Mk")
+    ws = httpx.get(shared_server.base_url + "/invitation/v1?transport=ws").json()
+    assert ws["services"][0]["serviceEndpoint"] == shared_server.ws_url
+    url = httpx.get(shared_server.base_url + "/invitation/v1?format=url").text
+    assert url.startswith(shared_server.base_url + "/?oob=")
+    encoded = url.split("?oob=", 1)[1]
+    decoded = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    assert decoded["services"][0]["recipientKeys"] == service["recipientKeys"]
+    # Stable across requests, like the v2 invitation.
+    assert httpx.get(shared_server.base_url + "/invitation/v1").json()["@id"] == invite["@id"]
+
+
+def test_did_exchange_response_is_signed_by_the_invitation_key(
+        shared_server: ServerProcess) -> None:
+    agent = V1Agent(shared_server.base_url)
+    response = agent.connect()
+    assert response["@type"] == "https://didcomm.org/didexchange/1.1/response"
+    data = response["did_doc~attach"]["data"]
+    jws = data["jws"]
+    signing_input = f"{jws['protected']}.{data['base64'].rstrip('=')}".encode()
+    signature = envelope.unb64url(jws["signature"])
+    invitation_key = Key.from_public_bytes(KeyAlg.ED25519,
+                                           envelope.b58decode(agent.mediator_verkey))
+    assert invitation_key.verify_signature(signing_input, signature)
+    doc = json.loads(envelope.unb64url(data["base64"]))
+    assert doc["id"] == f"did:sov:{response['did']}"
+    assert doc["service"][0]["recipientKeys"] == [agent.mediator_verkey]
+
+
+def test_trust_ping_and_discover_features(shared_server: ServerProcess) -> None:
+    agent = V1Agent(shared_server.base_url)
+    agent.connect()
+    ping = msg("trust_ping/1.0/ping", response_requested=True)
+    pong = agent.ask(ping)
+    assert pong["@type"] == "https://didcomm.org/trust_ping/1.0/ping_response"
+    assert pong["~thread"]["thid"] == ping["@id"]
+    disclose = agent.ask(msg("discover-features/1.0/query", query="https://didcomm.org/*"))
+    pids = {p["pid"] for p in disclose["protocols"]}
+    assert {"https://didcomm.org/coordinate-mediation/1.0", "https://didcomm.org/routing/1.0",
+            "https://didcomm.org/messagepickup/2.0", "https://didcomm.org/trust_ping/1.0",
+            "https://didcomm.org/push-notifications-fcm/1.0"} <= pids
+    # An unknown type is answered with a Report Problem 1.0 message, as a 400.
+    response = agent.post(msg("nonsense/1.0/thing"))
+    assert response.status_code == 400
+    report = agent.open(response.content)
+    assert report["@type"] == "https://didcomm.org/report-problem/1.0/problem-report"
+    assert report["description"]["code"] == "e.m.msg.unsupported-type"
+
+
+def test_mediation_forward_and_pickup(server: ServerProcess) -> None:
+    agent, recipient = _mediated(server)
+    keys = agent.ask(msg("coordinate-mediation/1.0/keylist-query", paginate={"limit": 10}))
+    assert keys["keys"] == [{"recipient_key": envelope.to_did_key(recipient)}]
+    assert keys["pagination"]["remaining"] == 0
+
+    sent = forward_for(agent.routing_key, recipient, "hello", to_form="verkey")
+    assert post_raw(server.base_url, sent).status_code == 202
+    assert post_raw(server.base_url, sent).status_code == 202  # the sender's retry
+    other = forward_for(agent.routing_key, recipient, "second")
+    assert post_raw(server.base_url, other).status_code == 202
+    status = agent.ask(msg("messagepickup/2.0/status-request"))
+    assert status["message_count"] == 2, status  # the retry was stored once
+
+    delivery = agent.ask(msg("messagepickup/2.0/delivery-request", limit=10))
+    assert delivery["@type"] == "https://didcomm.org/messagepickup/2.0/delivery"
+    attached = delivery["~attach"]
+    assert len(attached) == 2
+    # Delivered is not removed: a second request returns the same messages.
+    again = agent.ask(msg("messagepickup/2.0/delivery-request", limit=10))
+    assert [a["@id"] for a in again["~attach"]] == [a["@id"] for a in attached]
+    first = attached[0]
+    after = agent.ask(msg("messagepickup/2.0/messages-received",
+                          message_id_list=[first["@id"]]))
+    assert after["message_count"] == 1
+    # The other one acknowledged by its RFC 0685 tag (the JWE tag).
+    tag = attached[1]["data"]["json"]["tag"]
+    after = agent.ask(msg("messagepickup/2.0/messages-received", message_tag_list=[tag]))
+    assert after["message_count"] == 0
+
+
+def test_forward_to_unknown_key_and_unmediated_pickup(shared_server: ServerProcess) -> None:
+    agent = V1Agent(shared_server.base_url)
+    agent.connect()
+    refused = agent.post(msg("messagepickup/2.0/status-request"))
+    assert refused.status_code == 403
+    assert agent.open(refused.content)["description"]["code"] == "e.p.req.not-granted"
+    agent.mediate()
+    stranger = envelope.b58encode(Key.generate(KeyAlg.ED25519).get_public_bytes())
+    response = post_raw(shared_server.base_url, forward_for(agent.routing_key, stranger, "x"))
+    assert response.status_code == 404
+    assert response.json()["error"] == "e.m.msg.unregistered-recipient"
+
+
+def test_hostile_v1_envelopes_get_4xx(shared_server: ServerProcess) -> None:
+    protected = envelope.b64url(json.dumps({"enc": envelope.ENC, "typ": "JWM/1.0",
+                                            "alg": "Anoncrypt", "recipients": [
+                                                {"encrypted_key": "AAAA",
+                                                 "header": {"kid": "nope"}}]}).encode())
+    bodies = [
+        json.dumps({"protected": protected, "iv": "AA", "ciphertext": "AA", "tag": "AA"}),
+        json.dumps({"protected": envelope.b64url(json.dumps({
+            "enc": envelope.ENC, "alg": "Weird"}).encode()), "iv": "", "ciphertext": ""}),
+        json.dumps({"protected": envelope.b64url(json.dumps({
+            "enc": envelope.ENC, "alg": "Anoncrypt", "recipients": [1] * 500}).encode())}),
+        json.dumps({"protected": protected, "iv": "!!", "ciphertext": 5, "tag": None}),
+    ]
+    for body in bodies:
+        response = post_raw(shared_server.base_url, body.encode())
+        assert 400 <= response.status_code < 500, (body[:80], response.status_code)
+        assert "error" in response.json()
+    # A correctly packed envelope with a nonsense plaintext.
+    agent = V1Agent(shared_server.base_url)
+    agent.connect()
+    raw = envelope.pack(b"[1,2]", [agent.mediator_verkey], agent.key)
+    assert post_raw(shared_server.base_url, raw).status_code == 400
+    # A forward with a bad `to`.
+    agent.mediate()
+    bad = envelope.pack(json.dumps(msg("routing/1.0/forward", to="did:key:zzz",
+                                       msg={})).encode(), [agent.routing_key], None)
+    assert post_raw(shared_server.base_url, bad).status_code == 400
+
+
+def test_push_device_info(shared_server: ServerProcess) -> None:
+    agent = V1Agent(shared_server.base_url)
+    agent.connect()
+    agent.mediate()
+    response = agent.post(msg("push-notifications-fcm/1.0/set-device-info",
+                              device_token="tok-1", device_platform="android"),
+                          return_route=False)
+    assert response.status_code == 202
+    info = agent.ask(msg("push-notifications-fcm/1.0/get-device-info"))
+    assert info["@type"] == "https://didcomm.org/push-notifications-fcm/1.0/device-info"
+    assert (info["device_token"], info["device_platform"]) == ("tok-1", "android")
+    agent.post(msg("push-notifications-apns/1.0/set-device-info", device_token="apns-1"),
+               return_route=False)
+    apns = agent.ask(msg("push-notifications-apns/1.0/get-device-info"))
+    assert apns["device_token"] == "apns-1"
+    assert agent.ask(msg("push-notifications-fcm/1.0/get-device-info"))["device_token"] is None
+
+
+def test_mediatee_with_endpoint_gets_forwards_through_the_outbox(
+        server_factory: Any, endpoints: Any) -> None:
+    target = endpoints()
+    server = server_factory(env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"})
+    agent = V1Agent(server.base_url, endpoint=target.url)
+    agent.connect()
+    agent.mediate()
+    agent.add_key(agent.verkey)
+    sent = forward_for(agent.routing_key, agent.verkey, "to my endpoint")
+    assert post_raw(server.base_url, sent).status_code == 202
+    assert post_raw(server.base_url, sent).status_code == 202  # a retry is not sent twice
+    deadline = time.monotonic() + 20
+    while not target.received and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert len(target.received) == 1
+    got = target.received[0]
+    assert got.headers["content-type"] == V1
+    inner = agent.open(got.body)
+    assert inner["content"] == "to my endpoint"
+    # Replies without a return route go to the endpoint too.
+    assert agent.post(msg("trust_ping/1.0/ping"), return_route=False).status_code == 202
+    deadline = time.monotonic() + 20
+    while len(target.received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent.open(target.received[1].body)["@type"].endswith("/ping_response")
