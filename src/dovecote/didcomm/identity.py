@@ -190,6 +190,7 @@ def load_or_create(path: Path, endpoints: list[str]) -> Identity:
             "ed25519": base64.b64encode(signing.get_secret_bytes()).decode(),
             "x25519": base64.b64encode(agreement.get_secret_bytes()).decode(),
             "dids": [make_did(signing, agreement, endpoints)],
+            V1_FIELD: base64.b64encode(_derive_v1_key(signing).get_secret_bytes()).decode(),
         }
         if _create_exclusive(path, json.dumps(fresh, indent=2)):
             log.info("identity.created", path=str(path))
@@ -202,10 +203,7 @@ def load_or_create(path: Path, endpoints: list[str]) -> Identity:
     if stored.get(V1_FIELD):
         v1_key = Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored[V1_FIELD]))
     else:
-        # Derived from the v2 signing key, not random: instances sharing a read-only
-        # identity file (or racing to add the field) all arrive at the same v1 key.
-        seed = hashlib.sha256(b"dovecote didcomm v1 key\0" + signing.get_secret_bytes())
-        v1_key = Key.from_seed(KeyAlg.ED25519, seed.digest())
+        v1_key = _derive_v1_key(signing)  # an identity file from before v1 support
         stored[V1_FIELD] = base64.b64encode(v1_key.get_secret_bytes()).decode()
         changed = True
     if not dids or dids[0] != current:
@@ -224,6 +222,13 @@ def load_or_create(path: Path, endpoints: list[str]) -> Identity:
                      v1_key=v1_key)
     ident.refresh()
     return ident
+
+
+def _derive_v1_key(signing: Key) -> Key:
+    """The v1 key for an identity: derived from the v2 signing key, not random, so that
+    instances sharing a read-only identity file (or racing to add the field) agree."""
+    seed = hashlib.sha256(b"dovecote didcomm v1 key\0" + signing.get_secret_bytes())
+    return Key.from_seed(KeyAlg.ED25519, seed.digest())
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
