@@ -56,6 +56,10 @@ def test_cli_failed_message_is_listed_and_retried(relay: ServerProcess, tmp_path
     failed = run(bob, "outbox", "list", "--state", "failed")
     assert failed.startswith(message_id) and "404" in failed
 
+    # Retried while still unregistered: it fails again, and the exit code says so (2).
+    assert "requeued 1" in run(bob, "outbox", "retry", code=2)
+    assert run(bob, "outbox", "list").splitlines()[-1] == "pending=0 sent=0 failed=1"
+
     run(carol, "recipients", "add", carol_did)
     assert "requeued 1" in run(bob, "outbox", "retry")
     assert run(bob, "outbox", "list").splitlines()[-1] == "pending=0 sent=1 failed=0"

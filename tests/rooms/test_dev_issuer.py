@@ -90,7 +90,7 @@ def test_rooms_token_refuses_with_a_real_issuer(tmp_path: Path) -> None:
 
 def test_rooms_post_refuses_without_a_token(tmp_path: Path) -> None:
     err = client(tmp_path / "c", "--rooms-url", "http://127.0.0.1:9", "rooms", "post", "r1",
-                 "x", code=2)
+                 "x", code=1)
     assert "--rooms-token" in err and "dovecote rooms token" in err
     assert not (tmp_path / "c" / "client.db").exists(), "nothing queued"
 

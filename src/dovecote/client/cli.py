@@ -224,12 +224,21 @@ def outbox_list(ctx: click.Context, state: str | None, limit: int) -> None:
 @click.pass_context
 def outbox_retry(ctx: click.Context, ids: tuple[str, ...], wait: float) -> None:
     """Queue failed messages again (all, or the IDS given) and try to send them."""
-    async def go() -> tuple[int, dict[str, int]]:
+    async def go() -> tuple[int, dict[str, int], int]:
         async with _client(ctx) as client:
+            wanted = set(ids)
+            requeued = {i.id for i in await client.outbox("failed", 1_000_000)
+                        if not wanted or i.id in wanted}
             count = await client.retry_failed(list(ids) or None)
-            return count, await client.flush(max_wait=wait)
-    count, counts = _run(go)
+            counts = await client.flush(max_wait=wait)
+            again = sum(1 for i in await client.outbox("failed", 1_000_000)
+                        if i.id in requeued)
+            return count, counts, again
+    count, counts, again = _run(go)
     click.echo(f"requeued {count}; " + " ".join(f"{k}={v}" for k, v in counts.items()))
+    if again:  # documented: 2 when a message is (still) failed
+        click.echo(f"{again} failed again", err=True)
+        sys.exit(2)
 
 
 @outbox.command("purge")
@@ -255,9 +264,9 @@ def _require_rooms(ctx: click.Context) -> None:
     """Refuse before queueing: a post without a URL or token could only fail later."""
     config: ClientConfig = ctx.obj
     if not config.rooms_url:
-        raise click.UsageError("give --rooms-url (or DOVECOTE_ROOMS_URL)")
+        raise click.ClickException("give --rooms-url (or DOVECOTE_ROOMS_URL)")
     if not config.rooms_token:
-        raise click.UsageError("give --rooms-token (or DOVECOTE_ROOMS_TOKEN); for a "
+        raise click.ClickException("give --rooms-token (or DOVECOTE_ROOMS_TOKEN); for a "
                                "development server: dovecote rooms token --user NAME --room ROOM")
 
 
