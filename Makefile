@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 DEVSTAMP= $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install dev deploy-tools postgres bench chaos clean
+.PHONY: serve test lint install dev deploy-tools interop-node postgres bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,12 +36,16 @@ deploy-tools: .venv-tools/.installed
 	.venv-tools/bin/pip install -q 'kubernetes-validate>=1.31'
 	touch $@
 
+## didcomm-rust (npm didcomm-node) for tests/interop, from tests/interop/node/package-lock.json.
+interop-node:
+	bash scripts/install-interop-node.sh
+
 ## A PostgreSQL server for the tests: the local one if it answers, else a throwaway cluster.
 postgres:
 	bash scripts/ensure-postgres.sh
 
 ## Every test: unit, store (SQLite and PostgreSQL), integration, interop, chaos, deploy.
-test: $(DEVSTAMP) deploy-tools postgres
+test: $(DEVSTAMP) deploy-tools interop-node postgres
 	. ./.test-env 2>/dev/null; $(BIN)/python -m pytest -q -rs --durations=30 -p no:cacheprovider $(PYTEST_ARGS); \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
@@ -50,7 +54,7 @@ lint: $(DEVSTAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .venv-tools .test-env
+	rm -rf $(VENV) .venv-tools .test-env tests/interop/node/node_modules
 
 ## Benchmarks into bench/results/: BENCH_PROFILE=quick (default, ~10 min) or full (soak, 1M).
 bench: $(DEVSTAMP) postgres
