@@ -133,12 +133,22 @@ class V1Mediator:
 
         status = error.status if error is not None else 202
         packed: list[bytes] = []
-        if replies and (wants_return or transport == "ws"):
+        if replies and transport == "ws" and not wants_return:
+            # RFC 0092: without return_route the sender did not offer this socket for
+            # replies (ACA-Py's WebSocket transport closes it right after sending), so
+            # replies go to the peer's endpoint when it has one, else on the socket.
+            if await self._has_endpoint(replies[0], inbound):
+                wants_later = True
+            else:
+                wants_return, wants_later = True, False
+        else:
+            wants_later = not wants_return
+        if replies and wants_return:
             for message in replies:
                 target = self._target(message, inbound)
                 if target is not None:
                     packed.append(self._pack(message, target[0]))
-        elif replies and not isinstance(error, RateLimited | ServiceError):
+        elif replies and wants_later and not isinstance(error, RateLimited | ServiceError):
             try:
                 await self._reply_later(inbound, replies)
             except DovecoteError as exc:
@@ -157,6 +167,14 @@ class V1Mediator:
         if not isinstance(message, dict) or not isinstance(message.get("@type"), str):
             raise MalformedMessage("v1 plaintext has no @type")
         return V1Inbound(message, opened.sender, transport, session, request_id)
+
+    async def _has_endpoint(self, message: dict[str, Any], inbound: V1Inbound) -> bool:
+        hint = message.get(REPLY_HINT)
+        endpoint = hint.get("endpoint", "") if isinstance(hint, dict) else ""
+        if not endpoint and inbound.sender:
+            connection = await self.ctx.store.v1_connection_get(inbound.sender)
+            endpoint = connection.endpoint if connection is not None else ""
+        return bool(endpoint) and routing.deliverable_endpoint(self.ctx, endpoint) is not None
 
     def _target(self, message: dict[str, Any],
                 inbound: V1Inbound) -> tuple[str, str, list[str]] | None:

@@ -169,7 +169,7 @@ async def live_delivery_change(ctx: V1Context, inbound: V1Inbound) -> list[dict[
     if inbound.session is None:
         raise LiveModeNotSupported("Connection does not support Live Delivery")
     if live:
-        ctx.core.live.enable(inbound.session, mediatee)
+        await ctx.core.live.enable(inbound.session, mediatee)
     else:
         ctx.core.live.disable(inbound.session, mediatee)
     log.info("pickup.live_mode", live=live, version="v1", request_id=inbound.request_id)
