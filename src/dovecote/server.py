@@ -60,10 +60,37 @@ MISSED_BEATS_DEAD = 3
 STOPPED = "stopped"
 
 
+# Rooms API path shapes (segments after /v1/rooms, "*" = one id) -> route template.
+ROOMS_TEMPLATES = {
+    (): "/v1/rooms",
+    ("ws",): "/v1/rooms/ws",
+    ("*",): "/v1/rooms/{room}",
+    ("*", "participants"): "/v1/rooms/{room}/participants",
+    ("*", "participants", "*"): "/v1/rooms/{room}/participants/{participant}",
+    ("*", "messages"): "/v1/rooms/{room}/messages",
+    ("*", "messages", "*"): "/v1/rooms/{room}/messages/{message}",
+    ("*", "messages", "*", "reactions", "*"):
+        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
+    ("*", "events"): "/v1/rooms/{room}/events",
+}
+ROOMS_FIXED = {"participants", "messages", "reactions", "events"}
+
+
+def rooms_route_label(path: str) -> str:
+    """The rooms route template of `path` (ids replaced), or /v1/rooms/other."""
+    parts = [p for p in path.removeprefix("/v1/rooms").split("/") if p]
+    if parts == ["ws"]:
+        return "/v1/rooms/ws"
+    shape = tuple(p if i % 2 == 1 and p in ROOMS_FIXED else "*" for i, p in enumerate(parts))
+    return ROOMS_TEMPLATES.get(shape, "/v1/rooms/other")
+
+
 def route_label(path: str) -> str:
     """A bounded route label for metrics (never the raw path)."""
     if path == "/":
         return "/"
+    if path == "/v1/rooms" or path.startswith("/v1/rooms/"):
+        return rooms_route_label(path)
     for prefix in ("/ws", "/invitation", "/oob", "/health/live", "/health/ready", "/health",
                    "/metrics", "/admin", "/v1/rooms/ws", "/v1/rooms", "/openapi.json", "/docs"):
         if path == prefix or path.startswith(prefix + "/"):

@@ -39,6 +39,8 @@ COUNTERS = {
     "dovecote_messages_duplicate_total",
     "dovecote_outbox_retries_total",
     "dovecote_websocket_disconnects_total",
+    "dovecote_rooms_posts_total",
+    "dovecote_rooms_fanout_deliveries_total",
 }
 GAUGES = {
     "dovecote_queue_depth",
@@ -52,6 +54,7 @@ GAUGES = {
     "dovecote_backup_last_success_timestamp_seconds",
     "dovecote_cluster_instances",
     "dovecote_websocket_connections",
+    "dovecote_rooms_subscriptions",
 }
 HISTOGRAMS = {
     "dovecote_http_request_duration_seconds",

@@ -29,6 +29,7 @@ from dovecote.errors import (
     NotFound,
     UnsupportedMediaType,
 )
+from dovecote.ops import metrics
 from dovecote.rooms import IDEMPOTENCY_WINDOW, models
 from dovecote.rooms.auth import Principal
 from dovecote.store.rooms_base import NewPost, NewRoom, RoomStore
@@ -215,6 +216,7 @@ async def post_message(call: Call) -> Response:
         idempotency_since=time.time() - IDEMPOTENCY_WINDOW,
     )
     message = result.message
+    metrics.ROOMS_POSTS.labels("duplicate" if result.duplicate else "created").inc()
     return json_response(models.message_out(message), 200 if result.duplicate else 201,
                          {"Location": f"/v1/rooms/{room}/messages/{message.id}"})
 

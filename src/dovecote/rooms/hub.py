@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from dovecote.errors import DovecoteError
+from dovecote.ops import metrics
 from dovecote.rooms.auth import Principal
 from dovecote.rooms.models import event_out
 from dovecote.store.rooms_base import PARTICIPANT_REMOVED, RoomStore
@@ -121,7 +122,10 @@ class RoomHub:
         feed.generations[room] = feed.generations.get(room, 0) + 1
         feed.positions[room] = since
         feed.sent[room] = since
-        self.by_room.setdefault(room, set()).add(feed)
+        feeds = self.by_room.setdefault(room, set())
+        if feed not in feeds:
+            metrics.ROOMS_SUBSCRIPTIONS.inc()
+        feeds.add(feed)
         self.notify(room)
 
     def unsubscribe(self, feed: Feed, room: str) -> None:
@@ -131,6 +135,8 @@ class RoomHub:
         feed.dirty.discard(room)
         feeds = self.by_room.get(room)
         if feeds is not None:
+            if feed in feeds:
+                metrics.ROOMS_SUBSCRIPTIONS.dec()
             feeds.discard(feed)
             if not feeds:
                 del self.by_room[room]
@@ -183,6 +189,7 @@ class RoomHub:
                     log.info("rooms.feed_overflow", participant=feed.principal.sub,
                              room=room, seq=event.seq)
                     return False
+                metrics.ROOMS_FANOUT.inc()
                 if feed.generations.get(room) != generation:
                     return True
                 feed.positions[room] = event.seq
