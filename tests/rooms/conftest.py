@@ -53,6 +53,8 @@ def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
 def env_for(issuer: Issuer, store_url: str, webhook: Webhook) -> dict[str, str]:
     env = {
         "DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url,
+        # The webhook listens on loopback; outbound calls refuse non-public addresses.
+        "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8",
         "DOVECOTE_ROOMS_JWKS_FILE": str(issuer.jwks_path),
         "DOVECOTE_ROOMS_JWT_ISSUER": ISSUER,
         # Tests hammer one server from one address.

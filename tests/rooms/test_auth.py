@@ -154,6 +154,8 @@ def test_jwks_url_is_refetched(server_factory: Any, tmp_path: Path) -> None:
         server = server_factory(env={
             "DOVECOTE_ROOMS_JWKS_URL": f"http://127.0.0.1:{httpd.server_port}/jwks.json",
             "DOVECOTE_ROOMS_JWKS_REFRESH": "0.5",
+            # An issuer on loopback: allowed by network, not by allowing everything private.
+            "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8",
             "DOVECOTE_ROOMS_JWT_ISSUER": issuer.iss,
         })
         url = f"{server.base_url}/v1/rooms"

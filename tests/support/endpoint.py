@@ -10,6 +10,7 @@ default when the script is empty:
     "reset"       read the request, answer with a TCP RST
     "close"       read the request, close the connection without an answer
     "slow:0.5"    wait that many seconds, then 200
+    "302>URL"     that redirect status with Location: URL
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class FlakyEndpoint:
 
     port: int = 0
     default: str = "ok"
+    host: str = "127.0.0.1"
     script: deque[str] = field(default_factory=deque)
     received: list[Received] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -55,7 +57,7 @@ class FlakyEndpoint:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        return f"http://{self.host}:{self.port}/"
 
     def then(self, *behaviours: str) -> FlakyEndpoint:
         with self._lock:
@@ -78,7 +80,7 @@ class FlakyEndpoint:
             loop = asyncio.new_event_loop()
             self._loop = loop
             self._server = loop.run_until_complete(asyncio.start_server(
-                self._handle, "127.0.0.1", self.port, reuse_address=True))
+                self._handle, self.host, self.port, reuse_address=True))
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
@@ -149,10 +151,15 @@ class FlakyEndpoint:
             status, retry_after = 200, ""
             if behaviour.startswith("slow:"):
                 await asyncio.sleep(float(behaviour.split(":", 1)[1]))
+            elif ">" in behaviour:
+                code, _, location = behaviour.partition(">")
+                status = int(code)
             elif behaviour != "ok":
                 code, _, retry_after = behaviour.partition(":")
                 status = int(code)
             extra = f"Retry-After: {retry_after}\r\n" if retry_after else ""
+            if ">" in behaviour:
+                extra += f"Location: {location}\r\n"
             writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n{extra}"
                          "Connection: close\r\n\r\n".encode())
             await writer.drain()

@@ -3,19 +3,21 @@
     2xx                                  delivered
     4xx other than 408/429, 3xx          permanent  (dead letter now, reason http_<status>)
     408, 429, 5xx                        transient  (retry; 429/503 Retry-After respected)
-    timeout, refused, reset, DNS error   transient
+    timeout, refused, reset              transient
+    lookup failed or timed out           transient  (nothing was sent: fail closed)
     target not allowed / not a URL       permanent  (target_forbidden / bad_target)
 
 Every attempt has explicit timeouts: connect OUTBOUND_CONNECT_TIMEOUT and a total of
 OUTBOUND_TIMEOUT, never longer than 80 % of the outbox lease, so a send cannot outlive
 the lease that protects it from a second worker. Each kind has its own client and
-connection pool (bulkheads). Redirects are not followed.
+connection pool (bulkheads). Every connection is checked and pinned by
+delivery/outbound.py (resolve once, every address public, connect to what was checked),
+webhooks and push included. Redirects are not followed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -25,8 +27,7 @@ import httpx
 import structlog
 
 from dovecote import __version__
-from dovecote.delivery import notify
-from dovecote.didcomm.endpoints import is_private_host
+from dovecote.delivery import notify, outbound
 
 if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
@@ -76,17 +77,18 @@ class Sender:
             log.warning("sender.timeout_clamped", timeout=self.total_timeout,
                         reason="OUTBOX_LEASE is shorter than OUTBOUND_TIMEOUT")
         self._clients: dict[str, httpx.AsyncClient] = {}
+        self.policy = outbound.Policy.from_settings(settings)
 
     def _client(self, kind: str) -> httpx.AsyncClient:
         client = self._clients.get(kind)
         if client is None:
             size = (self.settings.notify_workers if kind == notify.KIND
                     else self.settings.forward_workers)
-            client = self._clients[kind] = httpx.AsyncClient(
+            client = self._clients[kind] = outbound.client(
+                self.policy,
                 timeout=httpx.Timeout(self.total_timeout,
                                       connect=self.settings.outbound_connect_timeout),
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-                follow_redirects=False,
                 headers={"user-agent": USER_AGENT},
             )
         return client
@@ -106,9 +108,6 @@ class Sender:
             body = await notify.render(item, self.store)
             if body is None:
                 return Attempt("skipped", error="mailbox already empty")
-        elif not self.settings.outbound_allow_private and await self._private(parts.hostname):
-            return Attempt("permanent", error="target resolves to a private address",
-                           reason="target_forbidden")
         headers = {k: v for k, v in item.headers.items() if not k.startswith("_")}
         if item.headers.get(notify.CHANNEL) == "push" and self.settings.push_token:
             headers["authorization"] = f"Bearer {self.settings.push_token}"
@@ -116,6 +115,12 @@ class Sender:
             async with asyncio.timeout(self.total_timeout):
                 response = await self._client(item.kind).post(
                     item.target, content=body, headers=headers)
+        except outbound.OutboundRefused as exc:
+            if exc.reason == "private_address":
+                return Attempt("permanent", error=exc.detail, reason="target_forbidden",
+                               duration=time.perf_counter() - started)
+            return Attempt("transient", error=exc.detail,
+                           duration=time.perf_counter() - started)
         except (TimeoutError, httpx.TimeoutException) as exc:
             return Attempt("transient", error=f"timeout ({type(exc).__name__})",
                            duration=time.perf_counter() - started)
@@ -130,15 +135,3 @@ class Sender:
         if status in (408, 429) or status >= 500:
             return Attempt("transient", status, error, duration, _retry_after(response))
         return Attempt("permanent", status, error, duration, reason=f"http_{status}")
-
-    async def _private(self, host: str) -> bool:
-        """Whether `host` is, or resolves to, a private address (forwards only)."""
-        if is_private_host(host):
-            return True
-        try:
-            async with asyncio.timeout(self.settings.outbound_connect_timeout):
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, None, type=socket.SOCK_STREAM)
-        except (OSError, TimeoutError):
-            return False  # the send itself will fail and be retried
-        return any(is_private_host(str(info[4][0])) for info in infos)

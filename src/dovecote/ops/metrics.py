@@ -101,6 +101,10 @@ OUTBOX_ATTEMPT_SECONDS = Histogram(
     "dovecote_outbox_attempt_duration_seconds", "Duration of one outbound send.", ["kind"],
     buckets=(*LATENCY_BUCKETS, 15.0, 30.0),
 )
+OUTBOUND_REFUSED = Counter(
+    "dovecote_outbound_refused", "Outbound calls not made: the target's lookup failed or "
+    "timed out, or it resolved to a non-public address.", ["reason"],
+)
 ADMIN_AUTH_FAILURES = Counter(
     "dovecote_admin_auth_failures", "Refused admin authentications by reason.", ["reason"],
 )

@@ -177,6 +177,15 @@ class Settings(BaseSettings):
         False, description="Allow forwards and replies to DID endpoints on loopback, "
         "private or link-local addresses (off: such targets are refused or dead-lettered).",
     )
+    outbound_allow_networks: CsvList = Field(
+        default_factory=list,
+        description="Networks (CIDR) outbound calls may reach although they are not public "
+        "(e.g. an internal JWKS issuer or webhook), without allowing every private address.",
+    )
+    outbound_dns_server: str = Field(
+        "", description="host:port of the DNS server for outbound lookups (empty: the system "
+        "resolver). Lookups that fail or time out are refused either way.",
+    )
     notify_webhook_url: str = Field(
         "", description="Webhook called when a message waits for an offline mediatee."
     )
@@ -297,6 +306,7 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between instance heartbeats.")
 
     @field_validator("trusted_proxies", "mediation_allowlist", "admin_allow", "metrics_allow",
+                     "outbound_allow_networks",
                      mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:

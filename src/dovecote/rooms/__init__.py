@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
+from dovecote.delivery import outbound
 from dovecote.errors import DovecoteError, Unavailable
 from dovecote.rooms.auth import Authenticator, KeySource
 from dovecote.rooms.hub import RoomHub
@@ -47,7 +48,7 @@ class Rooms:
         self._store = store if isinstance(store, RoomStore) else None
         self.auth = Authenticator(
             KeySource(settings.rooms_jwks_file, settings.rooms_jwks_url,
-                      settings.rooms_jwks_refresh),
+                      settings.rooms_jwks_refresh, outbound.Policy.from_settings(settings)),
             issuer=settings.rooms_jwt_issuer,
             audience=settings.rooms_jwt_audience,
         )

@@ -29,6 +29,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from dovecote.delivery import outbound
 from dovecote.errors import InvalidToken, RoomsDisabled, Unavailable
 from dovecote.rooms.models import PARTICIPANT_PATTERN
 
@@ -78,7 +79,10 @@ class Principal:
 class KeySource:
     """The issuer's current public keys, reloaded from a file or URL without restart."""
 
-    def __init__(self, file: Path | None, url: str, refresh: float) -> None:
+    def __init__(self, file: Path | None, url: str, refresh: float,
+                 policy: outbound.Policy | None = None) -> None:
+        # The URL is fetched like every outbound call: checked address, no redirects.
+        self.policy = policy or outbound.Policy()
         self.file = file
         self.url = url
         self.refresh = refresh
@@ -136,13 +140,13 @@ class KeySource:
                 return  # another caller just refetched
             self._fetched_at = time.monotonic()
             if self._client is None:
-                self._client = httpx.AsyncClient(timeout=FETCH_TIMEOUT)
+                self._client = outbound.client(self.policy, httpx.Timeout(FETCH_TIMEOUT))
             try:
                 response = await self._client.get(self.url)
                 response.raise_for_status()
                 self.keys = _key_set(response.json())
                 log.info("rooms.jwks_loaded", source="url", keys=len(self.keys.keys))
-            except (httpx.HTTPError, ValueError, JoseError) as exc:
+            except (httpx.HTTPError, ValueError, JoseError, outbound.OutboundRefused) as exc:
                 log.warning("rooms.jwks_fetch_failed", url=self.url, error=str(exc)[:200])
 
     async def close(self) -> None:
