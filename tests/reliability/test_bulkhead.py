@@ -23,7 +23,8 @@ async def test_hanging_webhook_keeps_forward_latency_within_twice_baseline(
 ) -> None:
     webhook = endpoints(default="ok")
     server = server_factory(env={"DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url,
-                                 "DOVECOTE_NOTIFY_WORKERS": "2"})
+                                 "DOVECOTE_NOTIFY_WORKERS": "2",
+                                 "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8"})
     mailboxes = [Agent.create(server.base_url, server.did, via_mediator=True)
                  for _ in range(MAILBOXES)]
     for agent in mailboxes:

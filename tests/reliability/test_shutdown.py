@@ -31,6 +31,7 @@ async def test_sigterm_under_load_loses_nothing(
     server = server_factory(env={
         "DOVECOTE_DRAIN_DELAY": "1.5", "DOVECOTE_SHUTDOWN_TIMEOUT": "3",
         "DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url, "DOVECOTE_NOTIFY_WORKERS": "2",
+        "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8",
     })
     alices = [Agent.create(server.base_url, server.did, via_mediator=True) for _ in range(4)]
     for alice in alices:
