@@ -65,3 +65,12 @@ bench: $(DEVSTAMP) postgres
 chaos: $(DEVSTAMP) deploy-tools postgres
 	. ./.test-env 2>/dev/null; DOVECOTE_CHAOS=all $(BIN)/python -m pytest -q -s \
 	  -p no:cacheprovider tests/chaos $(PYTEST_ARGS)
+
+## ACA-Py 0.12 in its own venv (bench/peer/.venv-acapy): the v1 interop peer and bench peer.
+acapy:
+	sh bench/peer/install-acapy.sh
+
+## DIDComm v1 interop with ACA-Py agents (mediation, forwards, SIGKILL); CI runs it.
+interop: $(DEVSTAMP) acapy postgres
+	. ./.test-env 2>/dev/null; DOVECOTE_INTEROP_ACAPY=1 $(BIN)/python -m pytest -q -rs \
+	  --durations=10 -p no:cacheprovider tests/interop/test_acapy_mediation.py $(PYTEST_ARGS)

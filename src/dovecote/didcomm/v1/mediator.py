@@ -55,9 +55,15 @@ log = structlog.get_logger("dovecote.v1")
 
 _MODULES = (connections, coordinate, routing, pickup, push, basic)
 HANDLERS: dict[str, V1Handler] = {}
+# Normalised type -> (protocol, name) metric labels, "v1/" first and the version as
+# registered, so each protocol version is counted apart.
+LABELS: dict[str, tuple[str, str]] = {}
 for _module in _MODULES:
     for _type, _handler in _module.HANDLERS.items():
         HANDLERS[normalize_type(_type)] = _handler
+        _piuri, _name = _type.rsplit("/", 1)
+        _family = _piuri.rsplit("/", 2)
+        LABELS[normalize_type(_type)] = (f"v1/{_family[-2]}/{_family[-1]}", _name)
 REPLY_HINT = "~dovecote_to"
 
 
@@ -69,12 +75,7 @@ def supported_protocols() -> dict[str, list[str]]:
 
 
 def _labels(msg_type: str) -> tuple[str, str]:
-    """(protocol, name) metric labels, `v1/` first so each version is counted apart."""
-    if msg_type in HANDLERS:
-        piuri, name = msg_type.rsplit("/", 1)
-        parts = piuri.rsplit("/", 2)
-        return f"v1/{parts[-2]}/{parts[-1]}", name
-    return "v1/unknown", "unknown"
+    return LABELS.get(msg_type, ("v1/unknown", "unknown"))
 
 
 class V1Mediator:
