@@ -70,8 +70,8 @@ def render() -> dict[str, str]:
     files: dict[str, str] = {}
     for path, text in rendered.items():
         name = Path(path).name
-        if not name.endswith(".yaml") or not text.strip():
-            continue
+        if not name.endswith(".yaml") or not text.strip() or "/tests/" in path:
+            continue  # (templates/tests/: `helm test` hooks, not part of the deployment)
         body = strip_helm_only(text)
         header = HEADER + (SECRET_NOTE if name == "deployment.yaml" else "")
         files[name] = header + body

@@ -422,6 +422,58 @@ def cluster_status(**options: Any) -> None:
                    f"conns={i.connections:<5} last_beat={age:.0f}s ago host={i.host}")
 
 
+# ---------------------------------------------------------------------- probe
+@main.command()
+@click.argument("url")
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds one run may take before it counts as failed.")
+@click.option("--every", default=None, metavar="INTERVAL",
+              help="Repeat every INTERVAL (30s, 2m, ...) until stopped, exporting "
+              "dovecote_probe_* metrics.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="With --every: address of the metrics endpoint.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9109,
+              show_default=True, help="With --every: port of the metrics endpoint (0: none).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
+def probe(url: str, timeout: float, every: str | None, metrics_host: str, metrics_port: int,
+          as_json: bool) -> None:
+    """Check a deployment end to end, as a user would: exit 0 if it works.
+
+    A throwaway identity mediates at URL (the base URL or an invitation URL), sends itself a
+    message through the mediator, picks it up and acknowledges it. Prints the result and
+    the latency of each step.
+    """
+    from dovecote.ops import probe as probes
+
+    def show(result: probes.ProbeResult) -> None:
+        click.echo(json.dumps(result.as_dict()) if as_json else result.line(),
+                   err=not result.ok and not as_json)
+
+    configure("auto", "error")
+    if every is None:
+        result = _run(probes.run_once(url, timeout))
+        show(result)
+        sys.exit(0 if result.ok else 1)
+    try:
+        interval = probes.parse_interval(every)
+    except ValueError as exc:
+        raise click.BadParameter("e.g. 30s, 2m or 60", param_hint="--every") from exc
+    exported = probes.ProbeMetrics(probes.invitation_url(url).removesuffix("/oob"))
+    if metrics_port:
+        exported.serve(metrics_host, metrics_port)
+    import time
+
+    try:
+        while True:
+            begun = time.monotonic()
+            result = _run(probes.run_once(url, timeout))
+            exported.record(result)
+            show(result)
+            time.sleep(max(0.0, interval - (time.monotonic() - begun)))
+    except KeyboardInterrupt:
+        pass
+
+
 # ---------------------------------------------------------------------- rooms
 @main.group()
 def rooms() -> None:
