@@ -33,7 +33,7 @@ deploy-tools: .venv-tools/.installed
 # kubernetes-validate's jsonschema conflicts with the interop client's pins: own venv.
 .venv-tools/.installed:
 	$(PYTHON) -m venv .venv-tools
-	.venv-tools/bin/pip install -q 'kubernetes-validate>=1.31'
+	.venv-tools/bin/pip install -q 'kubernetes-validate>=1.31' 'jsonschema>=4.18'
 	touch $@
 
 ## didcomm-rust (npm didcomm-node) for tests/interop, from tests/interop/node/package-lock.json.
