@@ -198,3 +198,48 @@ def test_mediatee_with_endpoint_gets_forwards_through_the_outbox(
     while len(target.received) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert agent.open(target.received[1].body)["@type"].endswith("/ping_response")
+
+
+def test_registered_fcm_device_gets_the_push_for_an_offline_mailbox(
+        server_factory: Any, endpoints: Any) -> None:
+    push = endpoints()
+    server = server_factory(env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
+                                 "DOVECOTE_PUSH_URL": push.url})
+    agent, recipient = _mediated(server)
+    agent.post(msg("push-notifications-fcm/1.0/set-device-info", device_token="phone-1",
+                   device_platform="ios"), return_route=False)
+    sent = forward_for(agent.routing_key, recipient, "secret text")
+    assert post_raw(server.base_url, sent).status_code == 202
+    deadline = time.monotonic() + 20
+    while not push.received and time.monotonic() < deadline:
+        time.sleep(0.1)
+    message = json.loads(push.received[0].body)["message"]
+    assert message["token"] == "phone-1" and "topic" not in message
+    assert message["data"]["count"] == "1"
+    assert b"secret" not in push.received[0].body
+
+
+def test_v1_mailbox_limit_and_dead_letters(server_factory: Any, endpoints: Any) -> None:
+    gone = endpoints(default="404")
+    server = server_factory(env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
+                                 "DOVECOTE_MAILBOX_MAX_MESSAGES": "1"})
+    agent, recipient = _mediated(server)
+    assert post_raw(server.base_url, forward_for(agent.routing_key, recipient, "1")
+                    ).status_code == 202
+    full = post_raw(server.base_url, forward_for(agent.routing_key, recipient, "2"))
+    assert full.status_code == 507 and full.json()["error"].endswith("mailbox-full")
+    # A mediatee whose endpoint refuses for good: the forward ends in the dead letters.
+    routed = V1Agent(server.base_url, endpoint=gone.url)
+    routed.connect()
+    routed.mediate()
+    routed.add_key(routed.verkey)
+    assert post_raw(server.base_url, forward_for(routed.routing_key, routed.verkey, "x")
+                    ).status_code == 202
+    dead = 'dovecote_messages_dead_lettered_total{kind="forward"} 1.0'
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if dead in httpx.get(server.base_url + "/metrics").text:
+            break
+        time.sleep(0.5)
+    assert gone.received
+    assert dead in httpx.get(server.base_url + "/metrics").text

@@ -8,6 +8,9 @@ Two channels, each enabled by its setting:
   `{"message": {"topic": "dovecote-<mediatee_hash>", "data": {...the same, as strings}}}`;
   an app subscribes its device to that topic.
 
+A DIDComm v1 mediatee that registered an FCM device token (push-notifications-fcm 1.0,
+RFC 0734) is addressed by `"token"` instead of the topic.
+
 `mediatee_hash` is the SHA-256 of the mediatee's DID; neither the DID nor any message
 content leaves the mediator. Notifications coalesce: at most one is pending per mailbox
 and channel (its dedup key), so a burst for an offline mediatee costs one call. The count
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from dovecote.store.base import NewOutboxItem, OutboxItem
 from dovecote.store.rooms_base import ROOM_HEADER
+from dovecote.store.v1_base import V1Store
 
 if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
@@ -71,9 +75,13 @@ async def render(item: OutboxItem, store: Store) -> bytes | None:
     }
     if item.headers.get(CHANNEL) == "push":
         data = {key: str(value) for key, value in fields.items()}
-        body: dict[str, object] = {
-            "message": {"topic": TOPIC_PREFIX + digest, "data": data}
-        }
+        target: dict[str, object] = {"topic": TOPIC_PREFIX + digest}
+        if isinstance(store, V1Store):
+            # A DIDComm v1 wallet registered its FCM token (RFC 0734): address the device.
+            device = await store.v1_device_for(mediatee)
+            if device.get("service") == "fcm" and device.get("device_token"):
+                target = {"token": device["device_token"]}
+        body: dict[str, object] = {"message": {**target, "data": data}}
     else:
         body = fields
     return json.dumps(body, separators=(",", ":")).encode()

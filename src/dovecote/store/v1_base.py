@@ -39,6 +39,20 @@ class V1Store(abc.ABC):
     async def v1_set_device(self, their_verkey: str, device: dict[str, Any]) -> bool:
         """Store push device info for a connection; False if there is none."""
 
+    async def v1_device_for(self, mediatee: str) -> dict[str, Any]:
+        """Push device info of a v1 mediatee (its did:key), {} when none is registered."""
+        if not mediatee.startswith("did:key:"):
+            return {}
+        from didcomm_messaging.multiformats import multibase, multicodec
+        from didcomm_messaging.multiformats.multibase import Base58BtcEncoder
+
+        try:
+            _codec, raw = multicodec.unwrap(multibase.decode(mediatee[len("did:key:"):]))
+        except Exception:  # not a did:key we could have stored
+            return {}
+        connection = await self.v1_connection_get(Base58BtcEncoder().encode(raw))
+        return dict(connection.device) if connection is not None else {}
+
     @abc.abstractmethod
     async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem) -> bool:
         """Queue `item` unless (recipient, digest) was accepted in the dedup window.
