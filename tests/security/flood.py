@@ -1,0 +1,192 @@
+"""Floods of distinct maximum-size inputs, and the server's resident memory around them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from aries_askar import Key, KeyAlg, ecdh
+from did_peer_2 import KeySpec
+from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarSecretKey
+from didcomm_messaging.crypto.backend.basic import InMemorySecretsManager
+from didcomm_messaging.multiformats import multibase, multicodec
+from didcomm_messaging.packaging import PackagingService
+
+from dovecote.didcomm.packing import build_resolver
+
+ENCRYPTED = "application/didcomm-encrypted+json"
+PLAINTEXT = "application/didcomm-plain+json"
+FORWARD = "https://didcomm.org/routing/2.0/forward"
+PING = "https://didcomm.org/trust-ping/2.0/ping"
+
+_CRYPTO = AskarCryptoService()
+_PACKAGING: PackagingService[Any, Any] = PackagingService()
+# Cached: the mediator's DID is resolved for every envelope packed for it.
+_RESOLVER = build_resolver()
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process, from /proc (what the kernel charges it now)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _multikey(codec: str, key: Key) -> str:
+    return str(multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc"))
+
+
+@dataclass
+class Peer:
+    did: str
+    secrets: InMemorySecretsManager
+
+
+_SHARED_KEYS = (Key.generate(KeyAlg.ED25519), Key.generate(KeyAlg.X25519))
+
+
+def _keys_part(signing: Key, agreement: Key) -> str:
+    return "".join(f".{k.purpose.value}{k.material}" for k in (
+        KeySpec.verification(_multikey("ed25519-pub", signing)),
+        KeySpec.key_agreement(_multikey("x25519-pub", agreement))))
+
+
+def peer_did(size: int, signing: Key | None = None, agreement: Key | None = None,
+             uri_host: str = "http://127.0.0.1:9") -> Peer:
+    """A distinct did:peer:2 of at most `size` bytes (a few under): its one service URL
+    is padded to fit. Built by hand (the did_peer_2 encoding: base64url of the abbreviated
+    service JSON) because generating 10,000 through the library takes too long."""
+    keys = _keys_part(signing or _SHARED_KEYS[0], agreement or _SHARED_KEYS[1])
+    head = f"did:peer:2{keys}.S"
+    # 4 base64url characters per 3 JSON bytes; the JSON around the URL is ~40 bytes.
+    room = (size - len(head)) * 3 // 4 - 60 - len(uri_host)
+    uri = f"{uri_host}/{uuid.uuid4().hex}{'a' * max(0, room - 33)}"
+    service = json.dumps({"t": "dm", "s": {"uri": uri, "a": ["didcomm/v2"]}},
+                         separators=(",", ":")).encode()
+    did = head + base64.urlsafe_b64encode(service).decode().rstrip("=")
+    assert len(did) <= size, len(did)
+    return Peer(did, InMemorySecretsManager())
+
+
+async def with_keys(size: int) -> Peer:
+    signing, agreement = Key.generate(KeyAlg.ED25519), Key.generate(KeyAlg.X25519)
+    peer = peer_did(size, signing, agreement)
+    await peer.secrets.add_secret(AskarSecretKey(signing, f"{peer.did}#key-1"))
+    await peer.secrets.add_secret(AskarSecretKey(agreement, f"{peer.did}#key-2"))
+    return peer
+
+
+class AnonPacker:
+    """Anoncrypt (ECDH-ES+A256KW, XC20P) for the mediator, fast enough for 10,000.
+
+    One content key, wrapped once for the mediator's key-agreement key; each message is
+    then one AEAD encryption with a fresh nonce. The envelopes are ordinary JWEs the
+    mediator decrypts as any other (only a test client would share a content key)."""
+
+    def __init__(self, protected: bytes, recipients: list[dict[str, Any]], cek: Key) -> None:
+        self.protected, self.recipients, self.cek = protected, recipients, cek
+
+    @classmethod
+    async def for_mediator(cls, mediator_did: str) -> AnonPacker:
+        kid = f"{mediator_did}#key-2"
+        recipient = await _PACKAGING.recip_for_kid_or_default_for_did(_CRYPTO, _RESOLVER, kid)
+        cek = Key.generate(KeyAlg.XC20P)
+        epk = Key.generate(KeyAlg.X25519, ephemeral=True)
+        apv = hashlib.sha256(recipient.kid.encode()).digest()
+        wrapped = ecdh.EcdhEs("ECDH-ES+A256KW", None, apv).sender_wrap_key(  # type: ignore[arg-type]
+            KeyAlg.A256KW, epk, recipient.key, cek)
+        header = {"typ": ENCRYPTED, "alg": "ECDH-ES+A256KW", "enc": "XC20P",
+                  "apv": _b64(apv)}
+        recipients = [{"encrypted_key": _b64(wrapped.ciphertext),
+                       "header": {"kid": recipient.kid,
+                                  "epk": json.loads(epk.get_jwk_public())}}]
+        return cls(_b64(json.dumps(header).encode()).encode(), recipients, cek)
+
+    def pack(self, message: dict[str, Any]) -> bytes:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        sealed = self.cek.aead_encrypt(data, aad=self.protected)
+        return json.dumps({"protected": self.protected.decode(), "recipients": self.recipients,
+                           "iv": _b64(sealed.nonce), "ciphertext": _b64(sealed.ciphertext),
+                           "tag": _b64(sealed.tag)}).encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def anon_forward(packer: AnonPacker, mediator_did: str, next_did: str) -> bytes:
+    """An anonymous forward to `next_did` (a small opaque attachment)."""
+    return packer.pack({"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": FORWARD,
+                        "to": [mediator_did], "body": {"next": next_did},
+                        "attachments": [{"id": uuid.uuid4().hex, "media_type": ENCRYPTED,
+                                         "data": {"json": {"protected": "e30", "iv": "",
+                                                           "tag": "", "recipients": [],
+                                                           "ciphertext": uuid.uuid4().hex}}}]})
+
+
+async def authcrypt_ping(mediator_did: str, sender: Peer) -> bytes:
+    """An authcrypted trust ping from `sender` (the mediator must resolve its DID)."""
+    message = {"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": PING, "from": sender.did,
+               "to": [mediator_did], "body": {"response_requested": False}}
+    return await _pack(message, mediator_did, sender.did, sender.secrets)
+
+
+async def _pack(message: dict[str, Any], mediator_did: str, frm: str | None,
+                secrets: InMemorySecretsManager) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    packed = await _PACKAGING.pack(_CRYPTO, _RESOLVER, secrets, data,
+                                   [f"{mediator_did}#key-2"], frm)
+    return bytes(packed)
+
+
+async def flood(url: str, bodies: list[bytes], concurrency: int = 32) -> dict[int, int]:
+    """POST every body (`concurrency` at a time); status -> count. aiohttp rather than
+    httpx: its per-request overhead is a fraction, and the client must not be the limit."""
+    import aiohttp
+
+    counts: dict[int, int] = {}
+    queue = list(reversed(bodies))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async def worker() -> None:
+            while queue:
+                body = queue.pop()
+                async with session.post(url, data=body,
+                                        headers={"content-type": ENCRYPTED}) as response:
+                    await response.read()
+                    counts[response.status] = counts.get(response.status, 0) + 1
+
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return counts
+
+
+if __name__ == "__main__":  # measuring by hand: python tests/security/flood.py URL PID N
+    import sys
+
+    async def main() -> None:
+        url, pid, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        size = int(os.environ.get("FLOOD_DID_BYTES", "4096"))
+        async with httpx.AsyncClient() as client:
+            mediator = (await client.get(url + "/invitation")).json()["from"]
+        t0 = time.monotonic()
+        packer = await AnonPacker.for_mediator(mediator)
+        bodies = [anon_forward(packer, mediator, peer_did(size).did) for _ in range(count)]
+        t1 = time.monotonic()
+        before = rss_bytes(pid)
+        counts = await flood(url + "/", bodies)
+        after = rss_bytes(pid)
+        print(f"packed {count} in {t1 - t0:.1f}s, flood {time.monotonic() - t1:.1f}s, "
+              f"{counts}, RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
+
+    asyncio.run(main())
