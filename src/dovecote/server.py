@@ -121,7 +121,10 @@ class Dovecote:
         self.identity = identity_mod.load_or_create(
             settings.identity_path, [settings.base_url, settings.ws_url]
         )
-        self.packer = Packer(self.identity)
+        self.packer = Packer(self.identity, max_did_bytes=settings.max_did_bytes,
+                             max_json_depth=settings.max_json_depth,
+                             max_id_bytes=settings.max_message_id_bytes,
+                             cache_bytes=settings.resolver_cache_bytes)
         self.live = LiveRegistry(self.store, batch=settings.live_push_batch)
         self.rooms = Rooms(settings, self.store)
         self.breakers = Breakers(settings.breaker_threshold, settings.breaker_reset,

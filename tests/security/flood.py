@@ -78,14 +78,6 @@ def peer_did(size: int, signing: Key | None = None, agreement: Key | None = None
     return Peer(did, InMemorySecretsManager())
 
 
-async def with_keys(size: int) -> Peer:
-    signing, agreement = Key.generate(KeyAlg.ED25519), Key.generate(KeyAlg.X25519)
-    peer = peer_did(size, signing, agreement)
-    await peer.secrets.add_secret(AskarSecretKey(signing, f"{peer.did}#key-1"))
-    await peer.secrets.add_secret(AskarSecretKey(agreement, f"{peer.did}#key-2"))
-    return peer
-
-
 class AnonPacker:
     """Anoncrypt (ECDH-ES+A256KW, XC20P) for the mediator, fast enough for 10,000.
 
@@ -106,46 +98,61 @@ class AnonPacker:
         wrapped = ecdh.EcdhEs("ECDH-ES+A256KW", None, apv).sender_wrap_key(  # type: ignore[arg-type]
             KeyAlg.A256KW, epk, recipient.key, cek)
         header = {"typ": ENCRYPTED, "alg": "ECDH-ES+A256KW", "enc": "XC20P",
-                  "apv": _b64(apv)}
-        recipients = [{"encrypted_key": _b64(wrapped.ciphertext),
+                  "apv": b64(apv)}
+        recipients = [{"encrypted_key": b64(wrapped.ciphertext),
                        "header": {"kid": recipient.kid,
                                   "epk": json.loads(epk.get_jwk_public())}}]
-        return cls(_b64(json.dumps(header).encode()).encode(), recipients, cek)
+        return cls(b64(json.dumps(header).encode()).encode(), recipients, cek)
 
     def pack(self, message: dict[str, Any]) -> bytes:
         data = json.dumps(message, separators=(",", ":")).encode()
         sealed = self.cek.aead_encrypt(data, aad=self.protected)
         return json.dumps({"protected": self.protected.decode(), "recipients": self.recipients,
-                           "iv": _b64(sealed.nonce), "ciphertext": _b64(sealed.ciphertext),
-                           "tag": _b64(sealed.tag)}).encode()
+                           "iv": b64(sealed.nonce), "ciphertext": b64(sealed.ciphertext),
+                           "tag": b64(sealed.tag)}).encode()
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
+def forward_message(mediator_did: str, next_did: str, **extra: Any) -> dict[str, Any]:
+    """A forward plaintext to `next_did` with a small opaque attachment."""
+    return {"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": FORWARD,
+            "to": [mediator_did], "body": {"next": next_did},
+            "attachments": [{"id": uuid.uuid4().hex, "media_type": ENCRYPTED,
+                             "data": {"json": {"protected": "e30", "iv": "", "tag": "",
+                                               "recipients": [],
+                                               "ciphertext": uuid.uuid4().hex}}}], **extra}
+
+
 def anon_forward(packer: AnonPacker, mediator_did: str, next_did: str) -> bytes:
-    """An anonymous forward to `next_did` (a small opaque attachment)."""
-    return packer.pack({"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": FORWARD,
-                        "to": [mediator_did], "body": {"next": next_did},
-                        "attachments": [{"id": uuid.uuid4().hex, "media_type": ENCRYPTED,
-                                         "data": {"json": {"protected": "e30", "iv": "",
-                                                           "tag": "", "recipients": [],
-                                                           "ciphertext": uuid.uuid4().hex}}}]})
+    """An anonymous forward to `next_did`."""
+    return packer.pack(forward_message(mediator_did, next_did))
 
 
-async def authcrypt_ping(mediator_did: str, sender: Peer) -> bytes:
-    """An authcrypted trust ping from `sender` (the mediator must resolve its DID)."""
-    message = {"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": PING, "from": sender.did,
+class _AnySecrets(InMemorySecretsManager):
+    """One X25519 key under whatever key id is asked for (many DIDs, one key pair)."""
+
+    def __init__(self, key: Key) -> None:
+        super().__init__()
+        self.key = key
+
+    async def get_secret_by_kid(self, kid: str) -> AskarSecretKey | None:
+        return AskarSecretKey(self.key, kid)
+
+
+_SENDER_SECRETS = _AnySecrets(_SHARED_KEYS[1])
+
+
+async def authcrypt_ping(mediator_did: str, sender_did: str) -> bytes:
+    """An authcrypted trust ping from `sender_did` (the mediator must resolve it to find
+    the sender's key). Every sender DID embeds the same key pair."""
+    message = {"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": PING, "from": sender_did,
                "to": [mediator_did], "body": {"response_requested": False}}
-    return await _pack(message, mediator_did, sender.did, sender.secrets)
-
-
-async def _pack(message: dict[str, Any], mediator_did: str, frm: str | None,
-                secrets: InMemorySecretsManager) -> bytes:
     data = json.dumps(message, separators=(",", ":")).encode()
-    packed = await _PACKAGING.pack(_CRYPTO, _RESOLVER, secrets, data,
-                                   [f"{mediator_did}#key-2"], frm)
+    packed = await _PACKAGING.pack(_CRYPTO, _RESOLVER, _SENDER_SECRETS, data,
+                                   [f"{mediator_did}#key-2"], f"{sender_did}#key-2")
     return bytes(packed)
 
 

@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
 
 from dovecote.ops import metrics
+from dovecote.util.lru import ByteLRU
 
 if TYPE_CHECKING:
     from dovecote.store.base import Store, StoredMessage
@@ -38,8 +38,11 @@ DeliveryBuilder = Callable[[str, "Sequence[StoredMessage]"], Awaitable[bytes]]
 MAX_IN_FLIGHT = 1000
 # Re-check the store this often even without a wake-up (a missed notification only delays).
 SAFETY_POLL_SECONDS = 5.0
-# How many acknowledged ids a session remembers (see LiveSession.acked).
+# How many acknowledged ids a session remembers (see LiveSession.acked), and the bytes
+# that may take: ids are ours (36-character UUIDs, ~300 bytes an entry with bookkeeping),
+# and the byte bound holds even if that ever changes.
 RECENT_ACKS = 2 * MAX_IN_FLIGHT
+RECENT_ACKS_BYTES = RECENT_ACKS * 320
 # A store's notification meaning "any mailbox may have new messages".
 WAKE_ALL = "*"
 # PostgreSQL takes seq numbers before commit, so a message can become visible after one
@@ -64,7 +67,7 @@ class LiveSession:
         self.baseline: dict[str, set[str]] = {}
         # Ids acknowledged lately: a queue read that began before an ack committed may
         # still return them once, and they must not be pushed again.
-        self.acked: OrderedDict[str, None] = OrderedDict()
+        self.acked: ByteLRU[str, bool] = ByteLRU(RECENT_ACKS_BYTES)
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.closed = False
@@ -153,9 +156,7 @@ class LiveRegistry:
         session = self.by_mediatee.get(mediatee)
         if session is not None:
             for message_id in ids:
-                session.acked[message_id] = None
-            while len(session.acked) > RECENT_ACKS:
-                session.acked.popitem(last=False)
+                session.acked.put(message_id, True, size=0)
             baseline = session.baseline.get(mediatee)
             if baseline:
                 baseline.difference_update(ids)

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from dovecote.errors import MalformedMessage, NotMediated, Unauthenticated
+from dovecote.errors import InvalidDID, MalformedMessage, NotMediated, Unauthenticated
+from dovecote.util.did import did_problem
 
 if TYPE_CHECKING:
     from dovecote.delivery.live import LiveRegistry, LiveSession
@@ -99,6 +100,18 @@ class Context:
 
 
 Handler = Callable[[Context, Inbound], Awaitable[list[dict[str, Any]]]]
+
+
+def did_field(ctx: Context, body: dict[str, Any], name: str,
+              required: bool = True) -> str | None:
+    """A body field holding a DID, checked (length, NUL, Unicode) before any lookup."""
+    value = field_of(body, name, str, required=required)
+    if value is None:
+        return None
+    problem = did_problem(value, ctx.settings.max_did_bytes)
+    if problem is not None:
+        raise InvalidDID(f"body.{name} {problem}")
+    return str(value)
 
 
 def reply(inbound: Inbound, msg_type: str, body: dict[str, Any], **headers: Any) -> dict[str, Any]:

@@ -6,6 +6,8 @@ cached (did:peer:2 documents are immutable: the DID is the document).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from collections import OrderedDict
@@ -28,13 +30,28 @@ from pydid import DIDDocument
 
 from dovecote.didcomm.identity import Identity
 from dovecote.errors import (
+    InvalidDID,
+    LimitExceeded,
     MalformedMessage,
     NotEncrypted,
     UnpackFailed,
     UnresolvableDID,
 )
+from dovecote.util.did import DEFAULT_MAX_DID_BYTES, did_problem
+from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH, depth_exceeds, too_deep
+from dovecote.util.lru import ByteLRU
 
-RESOLVER_CACHE_SIZE = 10_000
+# Defaults for the resolver cache (settings.resolver_cache_bytes) and the estimate of
+# what one document keeps alive, calibrated with tracemalloc on did:peer:2 documents.
+RESOLVER_CACHE_BYTES = 32 * 1024 * 1024
+DOC_OVERHEAD = 4096
+PARSED_PER_DID_BYTE = 14
+PARSED_OVERHEAD = 16384
+# Our own key ids (any did:peer:2 embedding our keys); bounded as every client-keyed map.
+SECRETS_CACHE_BYTES = 1024 * 1024
+DEFAULT_MAX_ID_BYTES = 1024
+# A JWE for a mediator names its keys; more recipients than this is not for us.
+MAX_RECIPIENTS = 32
 ENCRYPTED = "application/didcomm-encrypted+json"
 
 
@@ -93,13 +110,17 @@ class DIDCommCrypto(AskarCryptoService):
 
 
 class CachingResolver(DIDResolver):
-    """An LRU cache in front of another resolver (only for immutable DID methods)."""
+    """A cache in front of another resolver (only for immutable DID methods), bounded by
+    the bytes its documents keep alive: any client can make us resolve any DID, so a
+    count bound would let a few thousand 4 KiB DIDs (or a few 2 MB ones) hold gigabytes.
+    """
 
-    def __init__(self, inner: DIDResolver, size: int = RESOLVER_CACHE_SIZE) -> None:
+    def __init__(self, inner: DIDResolver, max_bytes: int = RESOLVER_CACHE_BYTES) -> None:
         self.inner = inner
-        self.size = size
-        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._parsed: OrderedDict[str, DIDDocument] = OrderedDict()
+        # Parsed documents cost ~12x their DID (pydid keeps many DID URL objects), raw
+        # ones ~1.3x (measured with tracemalloc): parsed ones get the larger share.
+        self._cache: ByteLRU[str, dict[str, Any]] = ByteLRU(max_bytes // 4)
+        self._parsed: ByteLRU[str, DIDDocument] = ByteLRU(max_bytes - max_bytes // 4)
 
     async def is_resolvable(self, did: str) -> bool:
         return did in self._cache or await self.inner.is_resolvable(did)
@@ -107,24 +128,18 @@ class CachingResolver(DIDResolver):
     async def resolve(self, did: str) -> dict[str, Any]:
         doc = self._cache.get(did)
         if doc is not None:
-            self._cache.move_to_end(did)
             return doc
         doc = await self.inner.resolve(did)
-        self._cache[did] = doc
-        if len(self._cache) > self.size:
-            self._cache.popitem(last=False)
+        self._cache.put(did, doc, size=2 * len(did) + DOC_OVERHEAD)
         return doc
 
     async def resolve_and_parse(self, did: str) -> DIDDocument:
         # Parsing (pydid) costs more than resolving: measured ~5 ms per reply packed.
         parsed = self._parsed.get(did)
         if parsed is not None:
-            self._parsed.move_to_end(did)
             return parsed
         parsed = DIDDocument.deserialize(await self.resolve(did))
-        self._parsed[did] = parsed
-        if len(self._parsed) > self.size:
-            self._parsed.popitem(last=False)
+        self._parsed.put(did, parsed, size=PARSED_PER_DID_BYTE * len(did) + PARSED_OVERHEAD)
         return parsed
 
 
@@ -137,7 +152,7 @@ class IdentitySecrets(SecretsManager[AskarSecretKey]):
 
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
-        self._known: dict[str, AskarSecretKey] = {}
+        self._known: ByteLRU[str, AskarSecretKey] = ByteLRU(SECRETS_CACHE_BYTES)
         self._ours = {
             _multibase(identity.signing_key): identity.signing_key,
             _multibase(identity.agreement_key): identity.agreement_key,
@@ -159,8 +174,7 @@ class IdentitySecrets(SecretsManager[AskarSecretKey]):
                 key = self._ours.get(method.get("publicKeyMultibase", ""))
                 if key is not None:
                     secret = AskarSecretKey(key, kid)
-                    if len(self._known) < RESOLVER_CACHE_SIZE:
-                        self._known[kid] = secret
+                    self._known.put(kid, secret, size=256)
                     return secret
         return None
 
@@ -181,18 +195,26 @@ class Unpacked:
         self.recipient_kid = recipient_kid
 
 
-def build_resolver() -> DIDResolver:
+def build_resolver(max_bytes: int = RESOLVER_CACHE_BYTES) -> DIDResolver:
     """did:peer:2 and did:peer:4 resolution, cached."""
-    return CachingResolver(PrefixResolver({"did:peer:2": Peer2(), "did:peer:4": Peer4()}))
+    return CachingResolver(PrefixResolver({"did:peer:2": Peer2(), "did:peer:4": Peer4()}),
+                           max_bytes)
 
 
 class Packer:
     """The mediator's DIDComm envelope operations."""
 
-    def __init__(self, identity: Identity, resolver: DIDResolver | None = None) -> None:
+    def __init__(self, identity: Identity, resolver: DIDResolver | None = None, *,
+                 max_did_bytes: int = DEFAULT_MAX_DID_BYTES,
+                 max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+                 max_id_bytes: int = DEFAULT_MAX_ID_BYTES,
+                 cache_bytes: int = RESOLVER_CACHE_BYTES) -> None:
         self.identity = identity
+        self.max_did_bytes = max_did_bytes
+        self.max_json_depth = max_json_depth
+        self.max_id_bytes = max_id_bytes
         self.secrets: SecretsManager[AskarSecretKey] = IdentitySecrets(identity)
-        self.resolver = resolver or build_resolver()
+        self.resolver = resolver or build_resolver(cache_bytes)
         self.crypto = DIDCommCrypto()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
         self.dmp = DIDCommMessaging(
@@ -207,15 +229,17 @@ class Packer:
                 raise RuntimeError("identity keys do not match the mediator DID")
 
     async def unpack(self, raw: bytes) -> Unpacked:
-        """Decrypt one envelope addressed to this mediator."""
-        try:
-            envelope = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedMessage("body is not JSON") from exc
+        """Decrypt one envelope addressed to this mediator.
+
+        Sizes are checked before the library sees the envelope: it resolves the sender's
+        DID and our key ids, which a client could make arbitrarily large or deep.
+        """
+        envelope = parse_json(raw, self.max_json_depth, "body")
         if not isinstance(envelope, dict):
             raise MalformedMessage("body is not a JSON object")
         if not {"protected", "ciphertext", "recipients"} <= envelope.keys():
             raise NotEncrypted(f"expected a JWE ({ENCRYPTED})")
+        self._check_envelope(envelope)
         try:
             result = await self.dmp.unpack(raw)
         except Exception as exc:  # the library raises several unrelated types
@@ -223,6 +247,15 @@ class Packer:
         message = result.message
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise MalformedMessage("plaintext has no type")
+        if depth_exceeds(message, self.max_json_depth):
+            raise LimitExceeded(f"plaintext nests deeper than {self.max_json_depth} levels")
+        for header in ("id", "thid", "pthid"):
+            value = message.get(header)
+            if value is not None and (not isinstance(value, str)
+                                      or len(value.encode("utf-8", "replace"))
+                                      > self.max_id_bytes):
+                raise LimitExceeded(f"{header} must be a string of at most "
+                                    f"{self.max_id_bytes} bytes")
         sender = None
         if result.sender_kid:
             sender = result.sender_kid.split("#", 1)[0]
@@ -230,6 +263,30 @@ class Packer:
             if claimed is not None and claimed != sender:
                 raise UnpackFailed("plaintext 'from' does not match the sender's key")
         return Unpacked(message, sender, result.recipient_kid)
+
+    def _check_envelope(self, envelope: dict[str, Any]) -> None:
+        """Key ids and the sender's key id within the DID limit, before any resolving."""
+        recipients = envelope.get("recipients")
+        if not isinstance(recipients, list) or not recipients or len(recipients) > MAX_RECIPIENTS:
+            raise MalformedMessage(f"a JWE needs 1 to {MAX_RECIPIENTS} recipients")
+        kids = [r.get("header", {}).get("kid") if isinstance(r, dict)
+                and isinstance(r.get("header"), dict) else None for r in recipients]
+        protected = envelope.get("protected")
+        if not isinstance(protected, str) or len(protected) > 4 * self.max_did_bytes + 4096:
+            raise MalformedMessage("the JWE protected header is missing or too large")
+        try:
+            header = parse_json(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)),
+                                self.max_json_depth, "protected header")
+        except (binascii.Error, ValueError) as exc:
+            raise MalformedMessage("the JWE protected header is not base64url JSON") from exc
+        if not isinstance(header, dict):
+            raise MalformedMessage("the JWE protected header is not a JSON object")
+        if header.get("skid") is not None:
+            kids.append(header["skid"])
+        for kid in kids:
+            problem = did_problem(kid, self.max_did_bytes)
+            if problem is not None:
+                raise InvalidDID(f"a key id in the envelope {problem}")
 
     async def pack_for(self, message: dict[str, Any], to: str) -> bytes:
         """Authcrypt a reply to `to` directly (no forward wrapping: it goes back this hop)."""
@@ -241,6 +298,18 @@ class Packer:
         except Exception as exc:
             raise _unpack_error(exc) from exc
         return bytes(packed)
+
+
+def parse_json(raw: bytes | str, max_depth: int, what: str) -> Any:
+    """JSON from a client: depth checked on the raw text first, never a RecursionError."""
+    if too_deep(raw, max_depth):
+        raise LimitExceeded(f"{what} nests deeper than {max_depth} levels")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessage(f"{what} is not JSON") from exc
+    except RecursionError as exc:  # malformed in a way the pre-check could not prove deep
+        raise LimitExceeded(f"{what} nests too deeply") from exc
 
 
 def _unpack_error(exc: Exception) -> Exception:

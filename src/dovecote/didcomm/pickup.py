@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from dovecote.didcomm.messages import Context, Handler, Inbound, field_of, reply
+from dovecote.didcomm.messages import Context, Handler, Inbound, did_field, field_of, reply
 from dovecote.errors import LiveModeNotSupported, MalformedMessage
 from dovecote.ops import metrics
 from dovecote.store.base import StoredMessage
@@ -63,14 +63,13 @@ async def status_message(
     return reply(inbound, STATUS, body)
 
 
-def _recipient(inbound: Inbound) -> str | None:
-    value: str | None = field_of(inbound.body, "recipient_did", str, required=False)
-    return value
+def _recipient(ctx: Context, inbound: Inbound) -> str | None:
+    return did_field(ctx, inbound.body, "recipient_did", required=False)
 
 
 async def status_request(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
     mediatee = await ctx.require_grant(inbound)
-    return [await status_message(ctx, inbound, mediatee, _recipient(inbound))]
+    return [await status_message(ctx, inbound, mediatee, _recipient(ctx, inbound))]
 
 
 async def delivery_request(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
@@ -78,7 +77,7 @@ async def delivery_request(ctx: Context, inbound: Inbound) -> list[dict[str, Any
     limit = field_of(inbound.body, "limit", int)
     if limit < 1:
         raise MalformedMessage("body.limit must be at least 1")
-    recipient = _recipient(inbound)
+    recipient = _recipient(ctx, inbound)
     messages = await ctx.store.fetch(mediatee, min(limit, MAX_DELIVERY), recipient)
     if not messages:
         return [await status_message(ctx, inbound, mediatee, recipient)]
@@ -102,7 +101,9 @@ async def acknowledge(ctx: Context, mediatee: str, ids: Sequence[str]) -> int:
 async def messages_received(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
     mediatee = await ctx.require_grant(inbound)
     ids = field_of(inbound.body, "message_id_list", list)
-    if len(ids) > MAX_ACK_IDS or not all(isinstance(i, str) for i in ids):
+    limit = ctx.settings.max_message_id_bytes
+    if len(ids) > MAX_ACK_IDS or not all(
+            isinstance(i, str) and len(i) <= limit and "\x00" not in i for i in ids):
         raise MalformedMessage("message_id_list must be a list of message ids")
     removed = await acknowledge(ctx, mediatee, ids)
     log.info("pickup.acknowledged", listed=len(ids), removed=removed,

@@ -23,7 +23,7 @@ import structlog
 
 from dovecote.delivery import notify
 from dovecote.didcomm.endpoints import ENCRYPTED
-from dovecote.didcomm.messages import Context, Handler, Inbound, field_of
+from dovecote.didcomm.messages import Context, Handler, Inbound, did_field
 from dovecote.errors import MalformedMessage, UnknownRecipient
 from dovecote.ops import metrics
 from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem
@@ -54,7 +54,7 @@ def attachment_bytes(attachment: Any) -> bytes:
 async def forward(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
     ctx.degradation.require_accepting()
     body = inbound.body
-    next_hop = field_of(body, "next", str)
+    next_hop = str(did_field(ctx, body, "next"))
     attachments = inbound.message.get("attachments")
     if not isinstance(attachments, list) or not attachments:
         raise MalformedMessage("forward needs at least one attachment")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+DEFAULT_MAX_JSON_DEPTH = 32
+
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = re.compile(rb"[^\[\]{}]+")
 _INNERMOST = re.compile(rb"\[\]|\{\}")
