@@ -137,6 +137,8 @@ def test_hostile_v1_envelopes_get_4xx(shared_server: ServerProcess) -> None:
         json.dumps({"protected": envelope.b64url(json.dumps({
             "enc": envelope.ENC, "alg": "Anoncrypt", "recipients": [1] * 500}).encode())}),
         json.dumps({"protected": protected, "iv": "!!", "ciphertext": 5, "tag": None}),
+        '{"protected": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        json.dumps({"protected": envelope.b64url(b"[" * 5000), "iv": "AA"}),
     ]
     for body in bodies:
         response = post_raw(shared_server.base_url, body.encode())
@@ -147,6 +149,10 @@ def test_hostile_v1_envelopes_get_4xx(shared_server: ServerProcess) -> None:
     agent.connect()
     raw = envelope.pack(b"[1,2]", [agent.mediator_verkey], agent.key)
     assert post_raw(shared_server.base_url, raw).status_code == 400
+    deep = envelope.pack(b'{"@type": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                         [agent.mediator_verkey], agent.key)
+    refused = post_raw(shared_server.base_url, deep)
+    assert refused.status_code == 400, refused.text
     # A forward with a bad `to`.
     agent.mediate()
     bad = envelope.pack(json.dumps(msg("routing/1.0/forward", to="did:key:zzz",

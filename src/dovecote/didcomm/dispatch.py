@@ -124,7 +124,7 @@ class Mediator:
         request_id = request_id or uuid.uuid4().hex[:16]
         if self.v1 is not None and v1_envelope.looks_like_v1(raw):
             try:
-                envelope = v1_envelope.parse(raw)
+                envelope = v1_envelope.parse(raw, self.packer.max_json_depth)
             except ClientError as exc:
                 metrics.BAD_INPUT.labels(exc.code, transport).inc()
                 return Outcome(status=exc.status, error=exc)

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from dovecote.didcomm.packing import parse_json
 from dovecote.didcomm.v1.basic import problem_received
 from dovecote.didcomm.v1.envelope import (
     b58encode,
@@ -34,6 +35,7 @@ from dovecote.didcomm.v1.messages import (
 )
 from dovecote.errors import MalformedMessage, Unauthenticated
 from dovecote.store.v1_base import V1Connection
+from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH
 
 log = structlog.get_logger("dovecote.v1.connections")
 
@@ -152,10 +154,7 @@ def _attached_doc(message: dict[str, Any]) -> dict[str, Any]:
     raw = unb64url(data.get("base64"))
     if len(raw) > MAX_DOC_BYTES:
         raise MalformedMessage("attached DID document is too large")
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedMessage("attached DID document is not JSON") from exc
+    doc = parse_json(raw, DEFAULT_MAX_JSON_DEPTH, "attached DID document")
     if not isinstance(doc, dict):
         raise MalformedMessage("attached DID document must be an object")
     return doc

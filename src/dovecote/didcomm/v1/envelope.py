@@ -18,7 +18,8 @@ from aries_askar import Key, KeyAlg, crypto_box
 from didcomm_messaging.multiformats import multibase, multicodec
 from didcomm_messaging.multiformats.multibase import Base58BtcEncoder
 
-from dovecote.errors import MalformedMessage, UnpackFailed
+from dovecote.errors import LimitExceeded, MalformedMessage, UnpackFailed
+from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH, too_deep
 
 ENC = "xchacha20poly1305_ietf"
 TYP = "JWM/1.0"
@@ -112,17 +113,25 @@ class Envelope:
         return [r["header"]["kid"] for r in self.recipients]
 
 
-def parse(raw: bytes) -> Envelope | None:
-    """The envelope if `raw` is a v1 JWE (None if it is not one at all)."""
+def parse(raw: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Envelope | None:
+    """The envelope if `raw` is a v1 JWE (None if it is not one at all).
+
+    LimitExceeded for JSON nested deeper than `max_depth` (checked before parsing).
+    """
+    if too_deep(raw, max_depth):
+        raise LimitExceeded(f"body nests deeper than {max_depth} levels")
     try:
         outer = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(outer, dict) or not isinstance(outer.get("protected"), str):
         return None
     try:
-        protected = json.loads(unb64url(outer["protected"]))
-    except (MalformedMessage, UnicodeDecodeError, json.JSONDecodeError):
+        protected_raw = unb64url(outer["protected"])
+        if too_deep(protected_raw, max_depth):
+            raise LimitExceeded(f"protected header nests deeper than {max_depth} levels")
+        protected = json.loads(protected_raw)
+    except (MalformedMessage, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(protected, dict) or protected.get("enc") != ENC:
         return None

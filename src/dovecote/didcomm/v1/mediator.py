@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dovecote.didcomm.dispatch import Outcome
+from dovecote.didcomm.packing import parse_json
 from dovecote.didcomm.v1 import basic, connections, coordinate, pickup, push, routing
 from dovecote.didcomm.v1.envelope import (
     MEDIA_TYPE,
@@ -161,10 +162,7 @@ class V1Mediator:
 
     def _inbound(self, opened: Opened, transport: Transport, session: LiveSession | None,
                  request_id: str) -> V1Inbound:
-        try:
-            message = json.loads(opened.plaintext)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedMessage("v1 plaintext is not JSON") from exc
+        message = parse_json(opened.plaintext, self.core.settings.max_json_depth, "plaintext")
         if not isinstance(message, dict) or not isinstance(message.get("@type"), str):
             raise MalformedMessage("v1 plaintext has no @type")
         return V1Inbound(message, opened.sender, transport, session, request_id)
