@@ -17,6 +17,8 @@
     │   ├── UnknownRecipient             404  e.m.msg.unregistered-recipient
     │   ├── LiveModeNotSupported         400  e.m.live-mode-not-supported
     │   ├── PayloadTooLarge              413  e.m.me.res.storage.message_too_big
+    │   ├── RequestTimeout               408  e.m.req.timeout
+    │   ├── HeadersTooLarge              431  e.m.msg.headers-too-large
     │   ├── Conflict                     409  e.m.req.conflict
     │   ├── MailboxFull                  507  e.m.me.res.storage.mailbox-full
     │   └── RateLimited                  429  e.m.me.res.rate-limited
@@ -185,6 +187,20 @@ class PayloadTooLarge(ClientError):
 
     status = 413
     code = "e.m.me.res.storage.message_too_big"
+
+
+class RequestTimeout(ClientError):
+    """The client sent its request (headers or body) too slowly."""
+
+    status = 408
+    code = "e.m.req.timeout"
+
+
+class HeadersTooLarge(ClientError):
+    """A request line, header line or the header section exceeds its size limit."""
+
+    status = 431
+    code = "e.m.msg.headers-too-large"
 
 
 class Conflict(ClientError):

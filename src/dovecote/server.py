@@ -32,7 +32,7 @@ from dovecote.didcomm.dispatch import Mediator
 from dovecote.didcomm.endpoints import Endpoints
 from dovecote.didcomm.messages import Context
 from dovecote.didcomm.packing import Packer
-from dovecote.errors import DovecoteError, Overloaded, RateLimited
+from dovecote.errors import DovecoteError, Overloaded, RateLimited, RequestTimeout
 from dovecote.files import private_dir
 from dovecote.ops import admin, backup_schedule, metrics, status
 from dovecote.ops.health import Degradation, HealthMonitor
@@ -44,10 +44,16 @@ from dovecote.store import Store, open_store
 from dovecote.store.base import InstanceInfo
 from dovecote.transport import http as http_routes
 from dovecote.transport import invitation as invitation_routes
+from dovecote.transport.connections import GuardedProtocol, PeerConnections, guarded_protocol
 from dovecote.transport.invitation_v1 import invitation_v1
 from dovecote.transport.limits import InFlight, TokenBuckets, retry_after_header
 from dovecote.transport.tls import PeerCertProtocol, ServerTLS
-from dovecote.transport.websocket import CLOSE_RESTART, websocket_endpoint
+from dovecote.transport.websocket import (
+    CLOSE_RESTART,
+    CLOSE_TRY_AGAIN,
+    refuse_websocket,
+    websocket_endpoint,
+)
 
 log = structlog.get_logger("dovecote.server")
 
@@ -140,7 +146,15 @@ class Dovecote:
         )
         self.requests = InFlight(settings.max_concurrent_requests)
         self.ws_slots = InFlight(settings.max_websockets)
-        self.ip_limits = TokenBuckets(settings.rate_limit_ip, settings.rate_limit_ip_burst)
+        self.ip_limits = TokenBuckets(settings.rate_limit_ip, settings.rate_limit_ip_burst,
+                                      settings.rate_limit_memory_bytes, name="ip")
+        # Open TCP connections per peer address (counted by the HTTP protocol) and open
+        # WebSockets per client address (behind a trusted proxy: the forwarded address).
+        self.peers = PeerConnections(
+            settings.max_connections_per_ip, settings.max_websockets_per_ip,
+            settings.ws_handshake_rate_ip, settings.ws_handshake_burst_ip,
+            settings.trusted_proxies, settings.rate_limit_memory_bytes)
+        self.ws_per_ip: dict[str, int] = {}
         self.sockets: dict[str, WebSocket] = {}
         self.metric_history: deque[status.Scrape] = deque(
             maxlen=int(METRIC_HISTORY_SECONDS / SAMPLE_INTERVAL) + 2)
@@ -312,6 +326,9 @@ class GuardMiddleware:
         self.dc = dovecote
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -324,6 +341,8 @@ class GuardMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500}
+        body = _BodyDeadline(receive, dc.settings.body_read_timeout, dc.settings.body_min_rate)
+        receive = body.receive
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -331,6 +350,10 @@ class GuardMiddleware:
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
                                       (b"x-request-id", request_id.encode())]
+                body.responded = True
+                if body.timed_out:
+                    # The rest of a too slow body is not worth waiting for.
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         async def refuse(exc: DovecoteError) -> None:
@@ -359,6 +382,10 @@ class GuardMiddleware:
                     await self.app(scope, receive, send_wrapper)
                 finally:
                     dc.requests.release()
+        except RequestTimeout as exc:
+            # A route that let the body deadline through: answer it here.
+            if not body.responded:
+                await refuse(exc)
         finally:
             elapsed = time.perf_counter() - started
             status = str(status_holder["status"])
@@ -368,11 +395,79 @@ class GuardMiddleware:
                 log.info("http.request", method=method, route=route, status=status,
                          seconds=round(elapsed, 4), request_id=request_id)
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handshakes count against the per-IP rate limit; open sockets per IP are capped."""
+        dc = self.dc
+        client = self._client_ip(scope, {})
+        endpoint = "rooms" if route_label(scope["path"]) == "/v1/rooms/ws" else "ws"
+        limit = ""
+        if dc.ip_limits.take(client):
+            limit = "websocket_rate"
+        elif dc.ws_per_ip.get(client, 0) >= dc.settings.max_websockets_per_ip:
+            limit = "websockets_per_ip"
+        if limit:
+            metrics.LIMIT_REFUSALS.labels(limit).inc()
+            metrics.WS_DISCONNECTS.labels(endpoint, str(CLOSE_TRY_AGAIN)).inc()
+            await refuse_websocket(receive, send, CLOSE_TRY_AGAIN,
+                                   "too many sockets or handshakes from this address; retry "
+                                   "later")
+            return
+        dc.ws_per_ip[client] = dc.ws_per_ip.get(client, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            left = dc.ws_per_ip.get(client, 1) - 1
+            if left <= 0:
+                dc.ws_per_ip.pop(client, None)
+            else:
+                dc.ws_per_ip[client] = left
+
     def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
         # Behind a proxy in TRUSTED_PROXIES, uvicorn's proxy-headers middleware has already
         # replaced the peer with the last untrusted X-Forwarded-For entry (see run()); from
         # anyone else the header is ignored, so it cannot be used to dodge the rate limit.
         return str((scope.get("client") or ("", 0))[0])
+
+
+class _BodyDeadline:
+    """Times the request body (uvicorn has no body read timeout).
+
+    Each chunk must come within `gap` seconds of the previous one, and after the first
+    `gap` seconds the body must average `min_rate` bytes/s: a client sending a byte every
+    few seconds holds its request slot for `gap` seconds, not for as long as it likes.
+    Past either, `receive` raises RequestTimeout (408). Once the body is complete, receive
+    is not timed (Starlette waits on it for the disconnect).
+    """
+
+    def __init__(self, receive: Receive, gap: float, min_rate: int) -> None:
+        self._receive = receive
+        self.gap = gap
+        self.min_rate = min_rate
+        self.started = time.monotonic()
+        self.received = 0
+        self.complete = False
+        self.timed_out = False
+        self.responded = False
+
+    async def receive(self) -> Message:
+        if self.complete:
+            return await self._receive()
+        now = time.monotonic()
+        deadline = min(now + self.gap, self.started + self.gap + self.received / self.min_rate)
+        try:
+            message = await asyncio.wait_for(self._receive(), max(0.0, deadline - now))
+        except TimeoutError:
+            self.timed_out = True
+            idle = now + self.gap <= deadline
+            metrics.LIMIT_REFUSALS.labels("body_timeout" if idle else "body_rate").inc()
+            raise RequestTimeout("request body not received in time"
+                                 if idle else "request body arrives too slowly") from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+        else:
+            self.complete = True
+        return message
 
 
 async def health_live(request: Request) -> Response:
@@ -538,6 +633,9 @@ def serve_worker(
     """Run one server process (the only one, or one of several sharing `sockets`)."""
     tls = (ServerTLS(settings.tls_cert, settings.tls_key, settings.admin_client_ca)
            if settings.tls_cert and settings.tls_key else None)
+    protocol = guarded_protocol(
+        PeerCertProtocol if tls else GuardedProtocol, dovecote.peers,
+        settings.header_timeout, settings.max_header_line_bytes, settings.max_header_bytes)
     config = uvicorn.Config(
         build_app(dovecote),
         host=settings.host,
@@ -548,11 +646,14 @@ def serve_worker(
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
         # Our own SSLContext, kept so SIGHUP can load new files into it (transport/tls.py).
         ssl_context_factory=tls.uvicorn_factory if tls else None,
-        http=PeerCertProtocol if tls else "auto",
+        # httptools with connection limits, header deadline and sizes (connections.py).
+        http=protocol,
         # Proxy headers only from TRUSTED_PROXIES (uvicorn alone would trust 127.0.0.1).
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=settings.trusted_proxies or None,
         ws_max_size=settings.max_body_bytes + 1024,
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_timeout,
         server_header=False,
     )
     server = _Server(config)

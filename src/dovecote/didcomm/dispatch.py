@@ -105,7 +105,8 @@ class Mediator:
         self.ctx = ctx
         self.packer = packer
         self.did_limits = TokenBuckets(ctx.settings.rate_limit_did,
-                                       ctx.settings.rate_limit_did_burst)
+                                       ctx.settings.rate_limit_did_burst,
+                                       ctx.settings.rate_limit_memory_bytes, name="did")
         ctx.live.build_delivery = self.build_delivery
         self.v1: Any = None
         if ctx.identity.v1_key is not None:

@@ -129,6 +129,20 @@ CLUSTER_INSTANCES = Gauge(
     multiprocess_mode="livemax",
 )
 
+LIMIT_REFUSALS = Counter(
+    "dovecote_limit_refusals",
+    "Connections, requests, sockets and socket messages refused or closed by a limit.",
+    ["limit"],
+)
+CONNECTIONS_OPEN = Gauge(
+    "dovecote_connections_open", "Open client TCP connections (HTTP and WebSocket).",
+    multiprocess_mode="livesum",
+)
+RATE_LIMIT_BYTES = Gauge(
+    "dovecote_rate_limit_memory_bytes", "Estimated bytes held by rate-limit buckets.",
+    ["limiter"], multiprocess_mode="livesum",
+)
+
 WS_CONNECTIONS = Gauge(
     "dovecote_websocket_connections", "Open WebSockets.", ["endpoint"],
     multiprocess_mode="livesum",

@@ -218,6 +218,57 @@ class Settings(BaseSettings):
         DEFAULT_RESOLVER_CACHE_BYTES, ge=0, description="Memory for resolved and parsed DID "
         "documents (estimated bytes, least recently used forgotten first).",
     )
+    rate_limit_memory_bytes: int = Field(
+        16 * MiB, ge=64 * 1024, description="Bytes of memory each rate limiter (per IP, "
+        "per DID) may keep for its buckets; least recently used buckets are forgotten.",
+    )
+    max_connections_per_ip: int = Field(
+        256, ge=1, description="Open TCP connections (HTTP and WebSocket) per client "
+        "address; past it a new connection gets 429 and is closed (proxies in "
+        "TRUSTED_PROXIES are not counted: their clients are, by MAX_WEBSOCKETS_PER_IP and "
+        "the rate limit).",
+    )
+    max_websockets_per_ip: int = Field(
+        128, ge=1, description="Open WebSockets (/ws and /v1/rooms/ws) per client address: "
+        "past it a handshake gets 429 (behind a trusted proxy: close 1013).",
+    )
+    ws_handshake_rate_ip: float = Field(
+        20.0, gt=0, description="WebSocket handshakes/s per client address (beyond "
+        "RATE_LIMIT_IP, which they also count against); past it 429 before the handshake.",
+    )
+    ws_handshake_burst_ip: int = Field(
+        100, ge=1, description="Burst size of WS_HANDSHAKE_RATE_IP.",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection may take to send a request's headers "
+        "(from connect, or from the first byte of the next request); then 408 and close.",
+    )
+    max_header_line_bytes: int = Field(
+        16 * 1024, ge=1024, description="Longest request line or header line (bytes); "
+        "past it 431.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=4096, description="Most bytes of request line and headers together; "
+        "past it 431.",
+    )
+    body_read_timeout: float = Field(
+        10.0, gt=0, description="Seconds a request body may pause between chunks, and the "
+        "grace before BODY_MIN_RATE applies; then 408 and close.",
+    )
+    body_min_rate: int = Field(
+        4096, ge=1, description="Bytes/s a request body must average after the first "
+        "BODY_READ_TIMEOUT seconds; slower uploads get 408.",
+    )
+    ws_idle_timeout: float = Field(
+        60.0, gt=0, description="Seconds a WebSocket without live mode (/ws) or "
+        "subscriptions (/v1/rooms/ws) may stay silent before it is closed (1000, idle).",
+    )
+    ws_ping_interval: float = Field(
+        20.0, gt=0, description="Seconds between keepalive pings on each WebSocket.",
+    )
+    ws_ping_timeout: float = Field(
+        20.0, gt=0, description="Seconds to wait for a pong before closing (1011).",
+    )
     shutdown_timeout: float = Field(
         DEFAULT_SHUTDOWN_TIMEOUT, ge=0, description="Seconds to drain on SIGTERM."
     )
@@ -267,6 +318,9 @@ class Settings(BaseSettings):
     rooms_ws_queue: int = Field(
         DEFAULT_ROOMS_WS_QUEUE, ge=1,
         description="Events buffered per rooms WebSocket (the send queue's bound).",
+    )
+    rooms_ws_max_subscriptions: int = Field(
+        100, ge=1, le=10_000, description="Rooms one rooms WebSocket may subscribe to.",
     )
     rooms_ws_stall: float = Field(
         DEFAULT_ROOMS_WS_STALL, gt=0,

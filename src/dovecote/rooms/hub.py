@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,12 +62,16 @@ class Feed:
     sent: dict[str, int] = field(default_factory=dict)  # room -> last seq written
     # Rooms this connection counts as present in (rooms/presence.py).
     present: set[str] = field(default_factory=set)
-    # Bumped by every (un)subscribe: queued events of an earlier subscription are dropped.
+    # A new number for every subscription (from one counter, so a room's entry can go
+    # with its subscription): queued events of an earlier subscription are dropped.
     generations: dict[str, int] = field(default_factory=dict)
+    next_generation: int = 1
     dirty: set[str] = field(default_factory=set)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     overflowed: bool = False
+    # When the client last sent a frame (idle sockets without subscriptions are closed).
+    last_frame: float = field(default_factory=time.monotonic)
     queue: asyncio.Queue[Frame] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -119,7 +124,8 @@ class RoomHub:
             feed.wake.set()
 
     def subscribe(self, feed: Feed, room: str, since: int) -> None:
-        feed.generations[room] = feed.generations.get(room, 0) + 1
+        feed.generations[room] = feed.next_generation
+        feed.next_generation += 1
         feed.positions[room] = since
         feed.sent[room] = since
         feeds = self.by_room.setdefault(room, set())
@@ -129,7 +135,9 @@ class RoomHub:
         self.notify(room)
 
     def unsubscribe(self, feed: Feed, room: str) -> None:
-        feed.generations[room] = feed.generations.get(room, 0) + 1
+        # Nothing per room outlives the subscription: a feed holds at most its subscribed
+        # rooms (ROOMS_WS_MAX_SUBSCRIPTIONS), whatever a client subscribes over time.
+        feed.generations.pop(room, None)
         feed.positions.pop(room, None)
         feed.sent.pop(room, None)
         feed.dirty.discard(room)
@@ -195,7 +203,10 @@ class RoomHub:
                 feed.positions[room] = event.seq
                 if (event.type == PARTICIPANT_REMOVED
                         and event.data.get("participant") == feed.principal.sub
-                        and not feed.principal.is_admin):
+                        and not feed.principal.is_admin
+                        # A replay from before a re-add: the participant is back.
+                        and await self.store.participant_role(room, feed.principal.sub)
+                        is None):
                     self.unsubscribe(feed, room)
                     return await feed.offer(Frame({"type": "unsubscribed", "room": room,
                                                    "reason": "removed from the room"}))

@@ -24,7 +24,14 @@ import structlog
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from dovecote.errors import DovecoteError, Forbidden, InvalidToken, MalformedMessage, NotFound
+from dovecote.errors import (
+    DovecoteError,
+    Forbidden,
+    InvalidToken,
+    MalformedMessage,
+    NotFound,
+    RateLimited,
+)
 from dovecote.ops import metrics
 from dovecote.rooms.auth import LEEWAY, Principal
 from dovecote.rooms.hub import Feed, Frame
@@ -33,17 +40,19 @@ from dovecote.rooms.models import MAX_SEQ, ROOM_ID_PATTERN
 if TYPE_CHECKING:
     from dovecote.rooms import Rooms
     from dovecote.server import Dovecote
+    from dovecote.transport.limits import TokenBuckets
 
 log = structlog.get_logger("dovecote.rooms.websocket")
 
 ENDPOINT = "rooms"
+CLOSE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
+IDLE_REASON = "idle timeout"
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_SLOW_CONSUMER = 4008
 # Seconds a connection without an Authorization header has to send its auth frame.
 AUTH_TIMEOUT = 10.0
 MAX_FRAME_BYTES = 16 * 1024
-MAX_SUBSCRIPTIONS = 100
 # Seconds spent trying to hand a slow subscriber its resume hint before closing anyway.
 HINT_TIMEOUT = 0.5
 # Seconds the close frame may wait for a paused transport (a slow reader that starts
@@ -58,9 +67,14 @@ _ROOM = re.compile(ROOM_ID_PATTERN)
 async def rooms_websocket(websocket: WebSocket) -> None:
     dc: Dovecote = websocket.app.state.dovecote
     rooms: Rooms = dc.rooms
-    if dc.degradation.draining or not dc.ws_slots.try_acquire():
-        await websocket.close(code=CLOSE_TRY_AGAIN, reason="busy or draining; retry later")
-        metrics.WS_DISCONNECTS.labels(ENDPOINT, str(CLOSE_TRY_AGAIN)).inc()
+    # As on /ws: accepted, then closed with 1012 (draining) or 1013 (busy), so that the
+    # client retries; a close before accepting would be an HTTP 403, which is final.
+    refusal = (CLOSE_RESTART, "server restarting; reconnect") if dc.degradation.draining \
+        else None if dc.ws_slots.try_acquire() else (CLOSE_TRY_AGAIN, "busy; retry later")
+    if refusal is not None:
+        await websocket.accept()
+        await websocket.close(code=refusal[0], reason=refusal[1])
+        metrics.WS_DISCONNECTS.labels(ENDPOINT, str(refusal[0])).inc()
         return
     await websocket.accept()
     metrics.WS_CONNECTS.labels(ENDPOINT).inc()
@@ -76,13 +90,15 @@ async def rooms_websocket(websocket: WebSocket) -> None:
             code = CLOSE_UNAUTHORIZED
             return
         feed = Feed(principal, rooms.settings.rooms_ws_queue, rooms.settings.rooms_ws_stall)
+        client = str((websocket.client or ("", 0))[0])
         tasks = [
             asyncio.create_task(rooms.hub.pump(feed), name=f"rooms-pump-{socket_id}"),
             asyncio.create_task(_send_loop(websocket, feed), name=f"rooms-send-{socket_id}"),
-            asyncio.create_task(_receive_loop(websocket, rooms, feed),
+            asyncio.create_task(_receive_loop(websocket, rooms, feed, dc.ip_limits, client),
                                 name=f"rooms-recv-{socket_id}"),
         ]
-        code, reason = await _supervise(websocket, feed, tasks)
+        code, reason = await _supervise(websocket, feed, tasks,
+                                        rooms.settings.ws_idle_timeout)
     except WebSocketDisconnect as exc:
         code = exc.code
     except Exception as exc:  # a broken socket: positions live with the client
@@ -131,10 +147,11 @@ async def _authenticate(websocket: WebSocket, rooms: Rooms) -> Principal | None:
 
 
 async def _supervise(
-    websocket: WebSocket, feed: Feed, tasks: list[asyncio.Task[Any]]
+    websocket: WebSocket, feed: Feed, tasks: list[asyncio.Task[Any]], idle: float
 ) -> tuple[int, str]:
-    """Wait until the client leaves, the feed overflows, or the token expires; return the
-    close code and reason."""
+    """Wait until the client leaves, the feed overflows, the token expires, or a socket
+    without subscriptions stays silent for `idle` seconds; return the close code and
+    reason."""
     sender = tasks[1]
     done_wait = asyncio.create_task(feed.done.wait())
     try:
@@ -144,9 +161,15 @@ async def _supervise(
                 return CLOSE_UNAUTHORIZED, await _last_word(websocket, sender, feed, {
                     "type": "error", "error": InvalidToken.code,
                     "detail": "token expired; reconnect with a fresh token"})
+            wait = min(remaining, 60.0)
+            if not feed.positions:
+                silent_for = time.monotonic() - feed.last_frame
+                if silent_for >= idle:
+                    metrics.LIMIT_REFUSALS.labels("websocket_idle").inc()
+                    return 1000, IDLE_REASON
+                wait = min(wait, idle - silent_for)
             finished, _ = await asyncio.wait(
-                [*tasks, done_wait], timeout=min(remaining, 60.0),
-                return_when=asyncio.FIRST_COMPLETED,
+                [*tasks, done_wait], timeout=wait, return_when=asyncio.FIRST_COMPLETED,
             )
             if feed.overflowed:
                 log.info("rooms.slow_consumer_closed", participant=feed.principal.sub,
@@ -196,11 +219,17 @@ async def _send_loop(websocket: WebSocket, feed: Feed) -> None:
             feed.sent[frame.room] = frame.seq
 
 
-async def _receive_loop(websocket: WebSocket, rooms: Rooms, feed: Feed) -> None:
+async def _receive_loop(websocket: WebSocket, rooms: Rooms, feed: Feed,
+                        limits: TokenBuckets, client: str) -> None:
     while True:
         frame: dict[str, Any] = {}
         try:
             frame = await _next_frame(websocket)
+            feed.last_frame = time.monotonic()
+            # Every frame counts against the address's limit, as an HTTP request does.
+            if wait := limits.take(client):
+                metrics.LIMIT_REFUSALS.labels("websocket_message_rate").inc()
+                raise RateLimited("rate limit per client address", retry_after=wait)
             await _handle(frame, rooms, feed)
         except DovecoteError as exc:
             body = _error_body(exc)
@@ -222,6 +251,16 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
         if principal.sub != feed.principal.sub:
             raise Forbidden("a refreshed token must be for the same participant")
         feed.principal = principal
+        # A narrower token ends what it does not grant, before it is acknowledged: from the
+        # "authenticated" frame on, nothing of those rooms reaches the client.
+        for room in list(feed.positions):
+            if not principal.may_enter(room):
+                await _drop(rooms, feed, room, "not granted by the new token")
+        for room in list(feed.positions):
+            try:
+                await _check_reader(rooms, principal, room)
+            except (Forbidden, NotFound):
+                await _drop(rooms, feed, room, "not granted by the new token")
         await feed.offer(Frame({"type": "authenticated", "sub": principal.sub}))
     elif action == "subscribe":
         room, since = _room_arg(frame), frame.get("since", 0)
@@ -229,8 +268,10 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
             raise MalformedMessage("since must be a non-negative integer")
         if room in feed.positions:
             raise MalformedMessage(f"already subscribed to {room!r}")
-        if len(feed.positions) >= MAX_SUBSCRIPTIONS:
-            raise MalformedMessage(f"at most {MAX_SUBSCRIPTIONS} rooms per connection")
+        most = rooms.settings.rooms_ws_max_subscriptions
+        if len(feed.positions) >= most:
+            metrics.LIMIT_REFUSALS.labels("room_subscriptions").inc()
+            raise MalformedMessage(f"at most {most} rooms per connection")
         await _check_reader(rooms, feed.principal, room)
         found = await rooms.store.room_get(room)
         if found is None:
@@ -245,14 +286,18 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
                                 "last_seq": found.last_seq}))
         rooms.hub.subscribe(feed, room, since)
     elif action == "unsubscribe":
-        room = _room_arg(frame)
-        rooms.hub.unsubscribe(feed, room)
-        if room in feed.present:
-            feed.present.discard(room)
-            await rooms.presence.leave(room, feed.principal.sub)
-        await feed.offer(Frame({"type": "unsubscribed", "room": room, "reason": "requested"}))
+        await _drop(rooms, feed, _room_arg(frame), "requested")
     else:
         raise MalformedMessage("action must be auth, subscribe, unsubscribe or ping")
+
+
+async def _drop(rooms: Rooms, feed: Feed, room: str, reason: str) -> None:
+    """End the subscription to `room` (events of it still queued are not sent)."""
+    rooms.hub.unsubscribe(feed, room)
+    if room in feed.present:
+        feed.present.discard(room)
+        await rooms.presence.leave(room, feed.principal.sub)
+    await feed.offer(Frame({"type": "unsubscribed", "room": room, "reason": reason}))
 
 
 async def _check_reader(rooms: Rooms, principal: Principal, room: str) -> None:
@@ -292,7 +337,7 @@ def _room_arg(frame: dict[str, Any]) -> str:
 
 
 def _error_body(exc: DovecoteError) -> dict[str, Any]:
-    return {"type": "error", "error": exc.code, "detail": exc.detail}
+    return {"type": "error", **exc.to_json()}
 
 
 ROUTES: list[BaseRoute] = [WebSocketRoute("/v1/rooms/ws", rooms_websocket)]

@@ -8,9 +8,16 @@ in-flight work. Both fit in a few lines.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections import OrderedDict
+
+from dovecote.ops import metrics
+from dovecote.util.lru import ByteLRU, approx_size
+
+# Keys longer than this (characters) are kept as a 16-byte digest.
+MAX_KEY_CHARS = 64
+_BUCKET_BYTES = approx_size((0.0, 0.0))
 
 
 class InFlight:
@@ -31,27 +38,44 @@ class InFlight:
 
 
 class TokenBuckets:
-    """One token bucket per key (client IP, sender DID); least recently used keys expire."""
+    """One token bucket per key (client IP, sender DID), in at most `max_bytes` of memory.
 
-    def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
+    Keys are client input (a DID can be megabytes): long keys are replaced by a digest, and
+    the buckets live in a byte-bounded LRU, so a flood of distinct keys costs at most
+    `max_bytes`; a forgotten bucket starts full again, which is what a new key gets anyway.
+    """
+
+    def __init__(self, rate: float, burst: int, max_bytes: int = 16 * 1024 * 1024,
+                 name: str = "") -> None:
         self.rate = rate
         self.burst = float(burst)
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self.name = name
+        self._buckets: ByteLRU[str | bytes, tuple[float, float]] = ByteLRU(max_bytes)
+
+    @property
+    def bytes(self) -> int:
+        return self._buckets.bytes
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def take(self, key: str, cost: float = 1.0) -> float:
         """0.0 if allowed; otherwise the seconds to wait before retrying."""
+        slot: str | bytes = key if len(key) <= MAX_KEY_CHARS else _digest(key)
         now = time.monotonic()
-        tokens, stamp = self._buckets.get(key, (self.burst, now))
+        tokens, stamp = self._buckets.get(slot) or (self.burst, now)
         tokens = min(self.burst, tokens + (now - stamp) * self.rate)
-        if tokens >= cost:
-            self._buckets[key] = (tokens - cost, now)
-            self._buckets.move_to_end(key)
-            if len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
+        allowed = tokens >= cost
+        self._buckets.put(slot, (tokens - cost if allowed else tokens, now), _BUCKET_BYTES)
+        if self.name:
+            metrics.RATE_LIMIT_BYTES.labels(self.name).set(self._buckets.bytes)
+        if allowed:
             return 0.0
-        self._buckets[key] = (tokens, now)
         return max(0.001, (cost - tokens) / self.rate)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def retry_after_header(seconds: float) -> str:

@@ -10,7 +10,7 @@ Client certificates (ADMIN_CLIENT_CA): the context asks for a client certificate
 (CERT_OPTIONAL) and verifies any it gets against that CA; OpenSSL aborts the handshake
 for a certificate that does not verify, and a client without one connects normally.
 uvicorn does not tell the application about the peer certificate, so `PeerCertProtocol`
-(uvicorn's HTTP protocol plus one step in `connection_made`) wraps the application per
+(our HTTP protocol, connections.py, plus one step in `connection_made`) wraps the application per
 connection and adds the ASGI TLS extension, `scope["extensions"]["tls"]`, with
 `client_cert_chain` (the verified leaf certificate as PEM; empty without one) and
 `client_cert_name`. `/admin` checks it (ops/admin.py).
@@ -27,12 +27,7 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _BaseProtocol
-except ImportError:  # uvicorn without httptools
-    from uvicorn.protocols.http.h11_impl import (  # type: ignore[assignment]
-        H11Protocol as _BaseProtocol,
-    )
+from dovecote.transport.connections import GuardedProtocol
 
 log = structlog.get_logger("dovecote.tls")
 
@@ -114,8 +109,9 @@ def _with_extension(app: ASGIApp, extension: dict[str, Any]) -> ASGIApp:
     return wrapped
 
 
-class PeerCertProtocol(_BaseProtocol):
-    """uvicorn's HTTP protocol, passing the connection's TLS details to the application."""
+class PeerCertProtocol(GuardedProtocol):
+    """Our HTTP protocol (connections.py), passing the connection's TLS details to the
+    application."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
