@@ -52,8 +52,9 @@ def agents(tmp_path: Path) -> Iterator[Callable[..., AcaPy]]:
 
 
 def _setup(server: ServerProcess, agents: Callable[..., AcaPy],
-           transport: str) -> tuple[AcaPy, AcaPy, str]:
+           transport: str, handshake: str = "") -> tuple[AcaPy, AcaPy, str]:
     query = "?format=url" + ("&transport=ws" if transport == "ws" else "")
+    query += f"&handshake={handshake}" if handshake else ""
     invitation_url = httpx.get(server.base_url + "/invitation/v1" + query).text
     a = agents("alice", "--mediator-invitation", invitation_url)
     grant = a.granted()
@@ -122,3 +123,17 @@ def test_acapy_messages_survive_a_sigkill_of_dovecote(
     counts = _received(a, texts, timeout=180)
     assert set(counts) == set(texts)  # nothing lost
     assert max(counts.values()) == 1, counts  # nothing duplicated
+
+
+def test_acapy_connections_1_0_fallback(
+        server_factory: Callable[..., ServerProcess], agents: Callable[..., AcaPy]) -> None:
+    """A wallet that only speaks Connections 1.0 (RFC 0160) gets mediation too."""
+    server = server_factory(env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"})
+    a, b, conn = _setup(server, agents, "http", handshake="connections")
+    mediator = [c for c in a.get("/connections")["results"] if c["their_label"] ==
+                "Dovecote mediator"]
+    assert mediator and mediator[0]["connection_protocol"] == "connections/1.0", mediator
+    texts = [f"rfc0160 message {i}" for i in range(5)]
+    _send(b, conn, texts)
+    counts = _received(a, texts)
+    assert set(counts) == set(texts) and max(counts.values()) == 1, counts

@@ -61,6 +61,28 @@ def test_did_exchange_response_is_signed_by_the_invitation_key(
     assert doc["service"][0]["recipientKeys"] == [agent.mediator_verkey]
 
 
+def test_connections_1_0_fallback(shared_server: ServerProcess) -> None:
+    invite = httpx.get(shared_server.base_url + "/invitation/v1?handshake=connections").json()
+    assert invite["handshake_protocols"] == ["https://didcomm.org/connections/1.0"]
+    legacy = httpx.get(shared_server.base_url + "/invitation/v1?handshake=legacy").json()
+    assert legacy["@type"] == "https://didcomm.org/connections/1.0/invitation"
+    url = httpx.get(shared_server.base_url + "/invitation/v1?handshake=legacy&format=url").text
+    assert "/?c_i=" in url
+    agent = V1Agent(shared_server.base_url)
+    agent.mediator_verkey = legacy["recipientKeys"][0]
+    response = agent.ask(msg("connections/1.0/request", label="old wallet", connection={
+        "DID": agent.did, "DIDDoc": agent.doc()}))
+    assert response["@type"] == "https://didcomm.org/connections/1.0/response"
+    sig = response["connection~sig"]
+    assert sig["signer"] == agent.mediator_verkey
+    data = base64.urlsafe_b64decode(sig["sig_data"])
+    signer = Key.from_public_bytes(KeyAlg.ED25519, envelope.b58decode(sig["signer"]))
+    assert signer.verify_signature(data, base64.urlsafe_b64decode(sig["signature"]))
+    connection = json.loads(data[8:])
+    assert connection["DIDDoc"]["id"] == f"did:sov:{connection['DID']}"
+    assert agent.mediate()["routing_keys"]
+
+
 def test_trust_ping_and_discover_features(shared_server: ServerProcess) -> None:
     agent = V1Agent(shared_server.base_url)
     agent.connect()

@@ -18,7 +18,8 @@ async def invitation_v1(request: Request) -> Response:
     """The invitation (DID Exchange 1.1/1.0, did:key recipient key, public endpoint).
 
     `?transport=ws` puts the WebSocket URL in the service; `?format=url` gives the
-    `?oob=` URL form.
+    `?oob=` URL form; `?handshake=connections` offers only Connections 1.0 and
+    `?handshake=legacy` gives a Connections 1.0 invitation (`?c_i=` URL) for older wallets.
     """
     app: Dovecote = request.app.state.dovecote
     key = app.identity.v1_key
@@ -29,8 +30,13 @@ async def invitation_v1(request: Request) -> Response:
                 else settings.base_url)
     # Stable like the v2 invitation (and rotated with it): derived from its id.
     stable = str(uuid.uuid5(uuid.NAMESPACE_URL, f"dovecote:v1:{app.identity.invitation_id}"))
-    invite = connections.invitation(envelope.b58encode(key.get_public_bytes()), endpoint,
-                                    stable)
+    verkey = envelope.b58encode(key.get_public_bytes())
+    handshake = request.query_params.get("handshake")
+    if handshake == "legacy":
+        invite = connections.legacy_invitation(verkey, endpoint, stable)
+    else:
+        only = [connections.CONNECTIONS] if handshake == "connections" else None
+        invite = connections.invitation(verkey, endpoint, stable, handshakes=only)
     if request.query_params.get("format") == "url":
         return Response(connections.invitation_url(invite, settings.base_url),
                         media_type="text/plain")

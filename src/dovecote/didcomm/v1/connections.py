@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -37,12 +39,21 @@ from dovecote.errors import MalformedMessage, Unauthenticated
 from dovecote.store.v1_base import V1Connection
 from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH
 
+if TYPE_CHECKING:
+    from aries_askar import Key
+
 log = structlog.get_logger("dovecote.v1.connections")
 
 DIDEXCHANGE = f"{DIDCOMM_PREFIX}didexchange"
 OOB_INVITATION = f"{DIDCOMM_PREFIX}out-of-band/1.1/invitation"
-HANDSHAKES = [f"{DIDEXCHANGE}/1.1", f"{DIDEXCHANGE}/1.0"]
+CONNECTIONS = f"{DIDCOMM_PREFIX}connections/1.0"
+SIGNATURE_TYPE = f"{DIDCOMM_PREFIX}signature/1.0/ed25519Sha512_single"
+# DID Exchange first; Connections 1.0 (RFC 0160) for wallets that predate it.
+HANDSHAKES = [f"{DIDEXCHANGE}/1.1", f"{DIDEXCHANGE}/1.0", CONNECTIONS]
 MAX_DOC_BYTES = 64 * 1024
+# Where a handshake reply goes (the requester has no connection record yet); the
+# mediator pops it before packing.
+REPLY_TO = "~dovecote_to"
 MAX_ROUTING_KEYS = 4
 
 
@@ -70,7 +81,8 @@ def our_doc(verkey: str, endpoint: str) -> dict[str, Any]:
 
 
 def invitation(verkey: str, endpoint: str, invitation_id: str = "",
-               label: str = "Dovecote mediator") -> dict[str, Any]:
+               label: str = "Dovecote mediator",
+               handshakes: list[str] | None = None) -> dict[str, Any]:
     """An Out-of-Band 1.1 invitation with one inline service (did:key recipient key)."""
     return {
         "@type": OOB_INVITATION,
@@ -78,7 +90,7 @@ def invitation(verkey: str, endpoint: str, invitation_id: str = "",
         "label": label,
         "goal_code": "aries.vc.mediate",
         "goal": "Request mediation from this Dovecote mediator",
-        "handshake_protocols": HANDSHAKES,
+        "handshake_protocols": handshakes or HANDSHAKES,
         "accept": ["didcomm/aip1", "didcomm/aip2;env=rfc19"],
         "services": [{
             "id": "#inline",
@@ -90,10 +102,19 @@ def invitation(verkey: str, endpoint: str, invitation_id: str = "",
     }
 
 
+def legacy_invitation(verkey: str, endpoint: str, invitation_id: str,
+                      label: str = "Dovecote mediator") -> dict[str, Any]:
+    """A Connections 1.0 invitation (RFC 0160), for wallets that only scan `?c_i=`."""
+    return {"@type": f"{CONNECTIONS}/invitation", "@id": invitation_id, "label": label,
+            "recipientKeys": [verkey], "routingKeys": [], "serviceEndpoint": endpoint}
+
+
 def invitation_url(invite: dict[str, Any], base_url: str) -> str:
+    """`<base>/?oob=` (Out-of-Band) or `<base>/?c_i=` (Connections 1.0 invitation)."""
     minified = json.dumps(invite, separators=(",", ":")).encode()
     encoded = base64.urlsafe_b64encode(minified).decode().rstrip("=")
-    return f"{base_url.rstrip('/')}/?oob={encoded}"
+    param = "c_i" if invite["@type"].endswith("connections/1.0/invitation") else "oob"
+    return f"{base_url.rstrip('/')}/?{param}={encoded}"
 
 
 def _key_of(ref: Any, doc: dict[str, Any]) -> str:
@@ -203,7 +224,42 @@ async def request(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
                            "data": attachment},
     })
     # The reply must reach the requester's key even though no connection existed before.
-    response["~dovecote_to"] = {"verkey": verkey, "endpoint": endpoint, "routing": routing}
+    response[REPLY_TO] = {"verkey": verkey, "endpoint": endpoint, "routing": routing}
+    return [response]
+
+
+def sign_field(value: Any, key: Key) -> dict[str, Any]:
+    """An RFC 0234 signature decorator: 8-byte big-endian time + JSON, signed by `key`."""
+    data = struct.pack("!Q", int(time.time())) + json.dumps(value).encode()
+    return {
+        "@type": SIGNATURE_TYPE,
+        "signature": base64.urlsafe_b64encode(key.sign_message(data)).decode(),
+        "sig_data": base64.urlsafe_b64encode(data).decode(),
+        "signer": b58encode(key.get_public_bytes()),
+    }
+
+
+async def connection_request(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
+    """Connections 1.0 request: the same connection record, a signed `connection` back."""
+    connection = field(inbound.message, "connection", dict)
+    their_did = field(connection, "DID", str)[:4096]
+    verkey, endpoint, routing = parse_doc(connection.get("DIDDoc"))
+    if inbound.sender and inbound.sender != verkey:
+        raise Unauthenticated("the request is not authcrypted with the key of its DID document")
+    endpoint_ours = (ctx.core.settings.ws_url if inbound.transport == "ws"
+                     else ctx.core.settings.base_url)
+    saved = await ctx.store.v1_connection_save(V1Connection(
+        their_verkey=verkey, connection_id=str(uuid.uuid4()), their_did=their_did,
+        protocol="connections/1.0", state="responded", endpoint=endpoint,
+        routing_keys=routing,
+    ))
+    log.info("v1.connection.responded", connection=saved.connection_id,
+             version="connections/1.0", has_endpoint=bool(endpoint),
+             request_id=inbound.request_id)
+    value = {"DID": our_did(ctx.verkey), "DIDDoc": our_doc(ctx.verkey, endpoint_ours)}
+    response = reply(inbound, f"{CONNECTIONS}/response",
+                     {"connection~sig": sign_field(value, ctx.key)})
+    response[REPLY_TO] = {"verkey": verkey, "endpoint": endpoint, "routing": routing}
     return [response]
 
 
@@ -221,5 +277,8 @@ HANDLERS: dict[str, V1Handler] = {
     f"{DIDEXCHANGE}/1.0/request": request,
     f"{DIDEXCHANGE}/1.0/complete": complete,
     f"{DIDEXCHANGE}/1.0/problem_report": problem_received,
+    f"{CONNECTIONS}/request": connection_request,
+    f"{CONNECTIONS}/problem_report": problem_received,
 }
-PROTOCOLS = {f"{DIDEXCHANGE}/1.1": ["responder"], f"{DIDEXCHANGE}/1.0": ["responder"]}
+PROTOCOLS = {f"{DIDEXCHANGE}/1.1": ["responder"], f"{DIDEXCHANGE}/1.0": ["responder"],
+             CONNECTIONS: ["inviter"]}

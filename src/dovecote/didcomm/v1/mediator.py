@@ -65,7 +65,7 @@ for _module in _MODULES:
         _piuri, _name = _type.rsplit("/", 1)
         _family = _piuri.rsplit("/", 2)
         LABELS[normalize_type(_type)] = (f"v1/{_family[-2]}/{_family[-1]}", _name)
-REPLY_HINT = "~dovecote_to"
+REPLY_HINT = connections.REPLY_TO
 
 
 def supported_protocols() -> dict[str, list[str]]:
