@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 DEVSTAMP= $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install dev deploy-tools interop-node postgres bench chaos clean
+.PHONY: serve test lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEVSTAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install -q -e '.[dev,deploy,bench]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/pip install -q -e '.[dev,deploy,bench]'
 	touch $(DEVSTAMP)
 
 install: $(STAMP)
@@ -44,10 +44,19 @@ interop-node:
 postgres:
 	bash scripts/ensure-postgres.sh
 
-## Every test: unit, store (SQLite and PostgreSQL), integration, interop, chaos, deploy.
-test: $(DEVSTAMP) deploy-tools interop-node postgres
-	. ./.test-env 2>/dev/null; $(BIN)/python -m pytest -q -rs --durations=30 -p no:cacheprovider $(PYTEST_ARGS); \
+## Debian's chromium for the console's browser tests (Playwright drives it; no download).
+browser:
+	bash scripts/install-chromium.sh
+
+## Every test: unit, store (SQLite and PostgreSQL), integration, interop, chaos, deploy, console.
+test: $(DEVSTAMP) deploy-tools interop-node postgres browser
+	. ./.test-env 2>/dev/null; PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q -rs --durations=30 -p no:cacheprovider $(PYTEST_ARGS); \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+## Re-take the console screenshots in docs/console/ (shown by docs/console.md).
+console-screenshots: $(DEVSTAMP) postgres browser
+	. ./.test-env 2>/dev/null; PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 DOVECOTE_UPDATE_SCREENSHOTS=1 \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/console/test_browser.py
 
 lint: $(DEVSTAMP)
 	$(BIN)/ruff check src tests bench examples

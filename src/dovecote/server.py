@@ -23,7 +23,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from dovecote import __version__
+from dovecote import __version__, console
 from dovecote.delivery.breaker import Breakers
 from dovecote.delivery.live import LiveRegistry
 from dovecote.delivery.outbox import OutboxWorkers
@@ -98,7 +98,8 @@ def route_label(path: str) -> str:
     if path == "/v1/rooms" or path.startswith("/v1/rooms/"):
         return rooms_route_label(path)
     for prefix in ("/ws", "/invitation", "/oob", "/health/live", "/health/ready", "/health",
-                   "/metrics", "/admin", "/v1/rooms/ws", "/v1/rooms", "/openapi.json", "/docs"):
+                   "/metrics", "/admin", "/console", "/v1/rooms/ws", "/v1/rooms", "/openapi.json",
+                   "/docs"):
         if path == prefix or path.startswith(prefix + "/"):
             return prefix
     return "other"
@@ -363,7 +364,8 @@ class GuardMiddleware:
             await response(scope, receive, send_wrapper)
 
         try:
-            exempt = route in ("/health/live", "/health/ready", "/health", "/metrics", "/admin")
+            exempt = route in ("/health/live", "/health/ready", "/health", "/metrics", "/admin",
+                               "/console")
             client = self._client_ip(scope, headers)
             if not exempt:
                 wait = dc.ip_limits.take(client)
@@ -533,6 +535,7 @@ def build_app(dovecote: Dovecote) -> Starlette:
         Route("/health", health_full, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *admin.ROUTES,
+        *console.routes(),
         *rooms_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -352,11 +352,12 @@ async def overview(app: Dovecote) -> dict[str, Any]:
     health = app.health.summary()
     history = list(app.metric_history)
     latest = history[-1] if history else None
-    traffic = {}
+    traffic, spans = {}, {}
     for window in (60.0, 300.0):
         first = next((h for h in history if latest and latest.at - h.at <= window + 1), None)
         if first is not None and latest is not None and latest is not first:
             traffic[int(window)] = status.traffic(first, latest)
+            spans[int(window)] = round(latest.at - first.at, 1)
     steps = [status.traffic(a, b) for a, b in itertools.pairwise(history)]
     series = ({row["label"]: [step[i]["per_second"] for step in steps]
                for i, row in enumerate(steps[0])} if steps else {})
@@ -364,6 +365,7 @@ async def overview(app: Dovecote) -> dict[str, Any]:
         "health": health,
         "degradation": degradation_state(app),
         "traffic": traffic,
+        "traffic_seconds": spans,
         "series": series,
         "queues": status.queue_numbers(latest) if latest else {},
         "backup": await backup_status(app),

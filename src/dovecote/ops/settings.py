@@ -355,6 +355,11 @@ class Settings(BaseSettings):
         description="CA file (PEM): when set, /admin also requires a client certificate "
         "signed by it (needs TLS_CERT/TLS_KEY; other routes do not ask for one).",
     )
+    console_session_seconds: float = Field(
+        8 * 3600.0, gt=0, le=7 * 86_400,
+        description="Seconds a web console (/console) login lasts; the console is enabled "
+        "with ADMIN_TOKEN and shares ADMIN_ALLOW and ADMIN_CLIENT_CA.",
+    )
     log_format: LogFormat = Field("auto", description="json, console, or auto (console on a tty).")
     log_level: LogLevel = Field("info", description="Lowest log level written.")
     access_log: bool = Field(False, description="Log every HTTP request.")

@@ -1,0 +1,531 @@
+"""The operator console at /console: server-rendered pages over ops/admin.py.
+
+Every number and every action comes from the functions /admin serves (ops/admin.py), so
+the console, the admin API and the CLI cannot disagree. Access is the admin API's: the
+same ADMIN_ALLOW networks and ADMIN_CLIENT_CA certificate checks, then a login with
+ADMIN_TOKEN that sets a session cookie (console/session.py). Without a session only the
+login form (and its stylesheet) is served. Actions are POSTs carrying the session's CSRF
+token, from this origin only, and each one writes an audit line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hmac
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import structlog
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dovecote.console.session import COOKIE, COOKIE_PATH, ConsoleAuth, Session
+from dovecote.delivery.notify import MEDIATEE, mediatee_hash
+from dovecote.errors import DovecoteError
+from dovecote.ops import admin
+from dovecote.ops.health import LEVELS
+
+if TYPE_CHECKING:
+    from dovecote.server import Dovecote
+
+HERE = Path(__file__).parent
+MAX_FORM_BYTES = 64 * 1024
+PAGE_SIZE = 50
+REFRESH_SECONDS = 5
+DLQ_KINDS = ("forward", "notify", "mailbox")
+OVERVIEW_TRAFFIC = ("accepted", "pushed live", "picked up", "acknowledged", "dead-lettered",
+                    "duplicates dropped", "bad input")
+
+# Nothing from anywhere but this origin; no inline script or style at all.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),  # no-referrer would make Origin "null"
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+
+audit_log = structlog.get_logger("dovecote.audit")
+
+
+def audit(request: Request, action: str, target: Any = "", outcome: str = "ok",
+          **fields: Any) -> None:
+    """One audit line, in the admin API's format (event `audit` on `dovecote.audit`)."""
+    client = request.client.host if request.client else "?"
+    text = target if isinstance(target, str) else json.dumps(target)
+    audit_log.info("audit", who=client, action=action, target=text[:200], outcome=outcome,
+                   via="console", **fields)
+
+
+class SecurityHeaders:
+    """CSP and friends on every console response; pages are never cached."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                names = {name.lower() for name, _ in headers}
+                headers += [h for h in HEADERS if h[0] not in names]
+                if b"cache-control" not in names:
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# ---------------------------------------------------------------------- formatting
+def fmt_count(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{round(value):,}"
+
+
+def fmt_bytes(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def fmt_rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value / 1000:.1f}k/s"
+    if value >= 10:
+        return f"{value:.0f}/s"
+    return f"{value:.1f}/s" if value >= 0.1 or value == 0 else f"{value:.2f}/s"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "-"
+    s = abs(float(seconds))
+    if s < 0.001:
+        return "< 1 ms" if s else "0 s"
+    if s < 1:
+        return f"{s * 1000:.0f} ms" if s >= 0.01 else f"{s * 1000:.1f} ms"
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        big, small, units = int(s // 60), int(s % 60), ("min", "s")
+    elif s < 86_400:
+        big, small, units = int(s // 3600), int(s % 3600 // 60), ("h", "min")
+    else:
+        big, small, units = int(s // 86_400), int(s % 86_400 // 3600), ("d", "h")
+    return f"{big} {units[0]} {small} {units[1]}" if small else f"{big} {units[0]}"
+
+
+def fmt_percent(value: float | int, limit: float | int) -> str:
+    if not limit:
+        return "-"
+    share = 100.0 * float(value) / float(limit)
+    return "< 0.1 %" if 0 < share < 0.1 else f"{share:.1f} %"
+
+
+def fmt_took(seconds: float | None) -> str:
+    """A check's timing (/health rounds to 0.1 ms)."""
+    if seconds is not None and 0 <= seconds < 0.0001:
+        return "< 0.1 ms"
+    return fmt_duration(seconds)
+
+
+def fmt_ago(ts: float | None, now: float | None = None) -> str:
+    if not ts:
+        return "never"
+    delta = (now or time.time()) - float(ts)
+    if abs(delta) < 1:
+        return "just now"
+    return f"{fmt_duration(delta)} ago" if delta > 0 else f"in {fmt_duration(delta)}"
+
+
+def fmt_utc(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def fmt_iso(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return dt.datetime.fromtimestamp(float(ts), dt.UTC).isoformat(timespec="seconds")
+
+
+def spark_points(values: list[float], width: int = 120, height: int = 28) -> str:
+    """SVG polyline points for a sparkline (inline SVG: no script, no external image)."""
+    if len(values) < 2:
+        return ""
+    top = max(values) or 1.0
+    step = width / (len(values) - 1)
+    return " ".join(f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}"
+                    for i, v in enumerate(values))
+
+
+TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
+TEMPLATES.env.filters.update(count=fmt_count, bytes=fmt_bytes, rate=fmt_rate,
+                             duration=fmt_duration, took=fmt_took, percent=fmt_percent,
+                             ago=fmt_ago, utc=fmt_utc, iso=fmt_iso,
+                             spark=spark_points, mailbox_hash=mediatee_hash)
+
+
+# ---------------------------------------------------------------------- plumbing
+def _dc(request: Request) -> Dovecote:
+    dc: Dovecote = request.app.state.dovecote
+    return dc
+
+
+def _auth(request: Request) -> ConsoleAuth:
+    settings = _dc(request).settings
+    state = request.app.state
+    auth: ConsoleAuth | None = getattr(state, "console_auth", None)
+    if auth is None:
+        auth = state.console_auth = ConsoleAuth(settings.admin_token,
+                                                settings.console_session_seconds)
+    return auth
+
+
+def render(request: Request, template: str, session: Session | None, status: int = 200,
+           **context: Any) -> Response:
+    context.update(
+        csrf=session.csrf if session else "", signed_in=session is not None,
+        now=time.time(), path=request.url.path,
+        partial=request.headers.get("x-console-partial") == "1",
+    )
+    return TEMPLATES.TemplateResponse(request, template, context, status_code=status)
+
+
+def _message(request: Request, status: int, title: str, detail: str) -> Response:
+    return render(request, "message.html", None, status=status, title=title, detail=detail)
+
+
+async def _form(request: Request) -> dict[str, list[str]]:
+    """The urlencoded form body, bounded.
+
+    Parsed with the standard library: Starlette's form parser needs python-multipart,
+    a dependency only these few small forms would use.
+    """
+    if not request.headers.get("content-type", "").startswith(
+            "application/x-www-form-urlencoded"):
+        return {}
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise FormTooLarge
+    try:
+        return parse_qs(body.decode(), keep_blank_values=True, max_num_fields=2000)
+    except (UnicodeDecodeError, ValueError):
+        return {}
+
+
+class FormTooLarge(Exception):
+    """A console form over MAX_FORM_BYTES (answered 413)."""
+
+
+def _first(form: dict[str, list[str]], name: str, default: str = "") -> str:
+    values = form.get(name)
+    return values[0] if values else default
+
+
+def _same_origin(request: Request) -> bool:
+    """POSTs come from the console's own pages (SameSite=Strict is the other half)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not sent by every client; the CSRF token still has to match
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+def _local_path(value: str, default: str = "/console/") -> str:
+    """`value` if it is a console path of this server (no open redirect), else default."""
+    if value.startswith(COOKIE_PATH) and not value.startswith("//") and "\\" not in value:
+        parts = urlsplit(value)
+        if not parts.scheme and not parts.netloc:
+            return value
+    return default
+
+
+def _refusal(request: Request, denied: Response) -> Response:
+    try:
+        code = json.loads(bytes(denied.body)).get("error", "")
+    except ValueError:
+        code = ""
+    audit(request, "console.access", request.url.path, code or "forbidden")
+    if denied.status_code == 404:
+        return _message(request, 404, "Console disabled",
+                        "Set DOVECOTE_ADMIN_TOKEN to enable the console and /admin.")
+    if code == "admin_client_cert_required":
+        return _message(request, 403, "Client certificate required",
+                        "The console needs a client certificate signed by ADMIN_CLIENT_CA.")
+    return _message(request, 403, "Not allowed from this address",
+                    "The console is reachable only from ADMIN_ALLOW networks.")
+
+
+Page = Callable[[Request, Session, dict[str, list[str]]], Awaitable[Response]]
+
+
+def page(handler: Page) -> Callable[[Request], Awaitable[Response]]:
+    """Network checks, then a session, then (for POSTs) origin and CSRF; store trouble 503."""
+
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        if (denied := admin.authorize_network(request)) is not None:
+            return _refusal(request, denied)
+        auth = _auth(request)
+        session = auth.session(request.cookies.get(COOKIE))
+        if session is None:
+            if request.method != "GET":
+                return _message(request, 403, "Signed out",
+                                "Your console session ended; sign in again.")
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return render(request, "login.html", None, status=401, next=target, error="")
+        form: dict[str, list[str]] = {}
+        if request.method == "POST":
+            try:
+                form = await _form(request)
+            except FormTooLarge:
+                return _message(request, 413, "Too large", "That form was too large.")
+            if not _same_origin(request) or not auth.csrf_ok(session, _first(form, "csrf")):
+                audit(request, "console.csrf", request.url.path, "forbidden")
+                return _message(request, 403, "Refused",
+                                "This action did not carry a valid CSRF token; reload the "
+                                "page and try again.")
+        try:
+            return await handler(request, session, form)
+        except DovecoteError as exc:
+            return _message(request, exc.status, "Store unavailable", exc.detail)
+
+    return guarded
+
+
+class GuardedStatic:
+    """The stylesheet and script: network checks only (the login form needs them)."""
+
+    def __init__(self) -> None:
+        self.files = StaticFiles(directory=str(HERE / "static"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        if (denied := admin.authorize_network(request)) is not None:
+            await _refusal(request, denied)(scope, receive, send)
+            return
+        await self.files(scope, receive, send)
+
+
+# ---------------------------------------------------------------------- login, logout
+async def login_form(request: Request) -> Response:
+    if (denied := admin.authorize_network(request)) is not None:
+        return _refusal(request, denied)
+    if _auth(request).session(request.cookies.get(COOKIE)) is not None:
+        return RedirectResponse(_local_path(request.query_params.get("next", "")), 303)
+    return render(request, "login.html", None,
+                  next=_local_path(request.query_params.get("next", "")), error="")
+
+
+async def login(request: Request) -> Response:
+    if (denied := admin.authorize_network(request)) is not None:
+        return _refusal(request, denied)
+    auth = _auth(request)
+    client = request.client.host if request.client else ""
+    if not _same_origin(request):
+        audit(request, "console.login", "", "forbidden")
+        return _message(request, 403, "Refused", "Sign in from the console's own page.")
+    wait = auth.throttled(client)
+    if wait:
+        audit(request, "console.login", "", "throttled")
+        response = render(request, "login.html", None, status=429, next="/console/",
+                          error=f"Too many failed sign-ins; try again in "
+                                f"{fmt_duration(wait)}.")
+        response.headers["retry-after"] = str(max(1, math.ceil(wait)))
+        return response
+    try:
+        form = await _form(request)
+    except FormTooLarge:
+        return _message(request, 413, "Too large", "That form was too large.")
+    token = _first(form, "token").strip()
+    target = _local_path(_first(form, "next"))
+    expected = _dc(request).settings.admin_token
+    if not token or not hmac.compare_digest(token.encode(), expected.encode()):
+        auth.failed(client)
+        audit(request, "console.login", "", "unauthorized")
+        return render(request, "login.html", None, status=401, next=target,
+                      error="That is not the admin token.")
+    auth.succeeded(client)
+    audit(request, "console.login", "", "ok")
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(COOKIE, auth.issue(), max_age=int(auth.max_age), path=COOKIE_PATH,
+                        secure=request.url.scheme == "https", httponly=True,
+                        samesite="strict")
+    return response
+
+
+@page
+async def logout(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
+    _auth(request).revoke(session)
+    audit(request, "console.logout")
+    response = RedirectResponse("/console/login", status_code=303)
+    response.delete_cookie(COOKIE, path=COOKIE_PATH, secure=request.url.scheme == "https",
+                           httponly=True, samesite="strict")
+    return response
+
+
+# ---------------------------------------------------------------------- pages
+@page
+async def overview(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
+    data = await admin.overview(_dc(request))
+    one = {row["label"]: row for row in data["traffic"].get(60, [])}
+    five = {row["label"]: row for row in data["traffic"].get(300, [])} or one
+    traffic = [{"label": label, "one": one[label]["per_second"],
+                "five": five.get(label, one[label])["per_second"],
+                "total": one[label]["total"], "series": data["series"].get(label, [])}
+               for label in OVERVIEW_TRAFFIC if label in one]
+    seconds = data["traffic_seconds"]
+    # Until the server has run a full window, say how long the rates are over.
+    spans = {name: (label if seconds.get(window, 0) >= window - 5
+                    else f"Last {fmt_duration(seconds.get(window, 0))}")
+             for name, window, label in (("one", 60, "Last 1 min"), ("five", 300, "Last 5 min"))}
+    return render(request, "overview.html", session, ov=data, traffic=traffic, levels=LEVELS,
+                  spans=spans,
+                  refresh=REFRESH_SECONDS, done=request.query_params.get("done", ""))
+
+
+@page
+async def degradation(request: Request, session: Session,
+                      form: dict[str, list[str]]) -> Response:
+    level = _first(form, "level", "auto")
+    try:
+        admin.set_degradation(_dc(request), level)
+    except ValueError:
+        audit(request, "degradation.set", level, "bad_request")
+        return _message(request, 400, "Unknown level", f"{level!r} is not a level.")
+    audit(request, "degradation.set", level)
+    return RedirectResponse("/console/?" + urlencode({"done": f"level {level}"}), 303)
+
+
+@page
+async def cluster(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
+    instances = await admin.cluster_view(_dc(request))
+    return render(request, "cluster.html", session, instances=instances,
+                  refresh=REFRESH_SECONDS,
+                  beat=_dc(request).settings.heartbeat_interval)
+
+
+def _filters(request: Request) -> dict[str, str]:
+    query = request.query_params
+    kind = query.get("kind", "")
+    return {"kind": kind if kind in DLQ_KINDS else "",
+            "target": query.get("target", "")[:500], "reason": query.get("reason", "")[:200]}
+
+
+@page
+async def dead_letters(request: Request, session: Session,
+                       form: dict[str, list[str]]) -> Response:
+    filters = _filters(request)
+    offset_text = request.query_params.get("offset", "0")
+    offset = min(int(offset_text), 10**9) if offset_text.isdigit() else 0
+    items, total = await admin.dead_letters(_dc(request).store, offset, PAGE_SIZE, **filters)
+    query = {k: v for k, v in filters.items() if v}
+    here = "/console/dead-letters" + (f"?{urlencode(query)}" if query else "")
+    return render(request, "dead_letters.html", session, items=items, total=total,
+                  filters=filters, kinds=DLQ_KINDS, offset=offset, page_size=PAGE_SIZE,
+                  query=query, here=here, done=request.query_params.get("done", ""),
+                  count=request.query_params.get("count", ""))
+
+
+def _shown_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Headers as an operator may see them: a mediatee's DID only as its hash."""
+    return {name: (mediatee_hash(value)[:16] + "… (hashed)" if name == MEDIATEE else value)
+            for name, value in headers.items()}
+
+
+@page
+async def dead_letter(request: Request, session: Session,
+                      form: dict[str, list[str]]) -> Response:
+    item = await admin.dead_letter(_dc(request).store, int(request.path_params["item_id"]))
+    if item is None:
+        return _message(request, 404, "Not found",
+                        "No such dead letter (replayed or purged already?).")
+    return render(request, "dead_letter.html", session, item=item,
+                  headers=_shown_headers(item.headers))
+
+
+def _ids(form: dict[str, list[str]]) -> list[int]:
+    ids = sorted({int(v) for v in form.get("ids", []) if v.isdigit() and len(v) < 19})
+    return ids[:PAGE_SIZE * 4]
+
+
+@page
+async def dead_letter_action(request: Request, session: Session,
+                             form: dict[str, list[str]]) -> Response:
+    """Replay or purge the chosen dead letters, after a confirmation page."""
+    action = _first(form, "action")
+    ids = _ids(form)
+    back = _local_path(_first(form, "back"), "/console/dead-letters")
+    if action not in ("replay", "purge") or not ids:
+        return _message(request, 400, "Nothing chosen",
+                        "Choose one or more dead letters, then Replay or Purge.")
+    store = _dc(request).store
+    if _first(form, "confirm") != "yes":
+        items = [item for i in ids if (item := await admin.dead_letter(store, i)) is not None]
+        return render(request, "confirm.html", session, action=action, items=items,
+                      back=back)
+    if action == "replay":
+        count = await admin.replay(store, ids, None, _dc(request).outbox.wake)
+    else:
+        count = await admin.purge(store, ids, None)
+    audit(request, f"dlq.{action}", ids, count=count)
+    separator = "&" if "?" in back else "?"
+    return RedirectResponse(
+        back + separator + urlencode({"done": action, "count": count, "asked": len(ids)}), 303)
+
+
+@page
+async def mailboxes(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
+    data = await admin.mailboxes(_dc(request))
+    return render(request, "mailboxes.html", session, data=data, refresh=REFRESH_SECONDS * 2)
+
+
+@page
+async def targets(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
+    rows = await admin.targets(_dc(request))
+    return render(request, "targets.html", session, rows=rows, refresh=REFRESH_SECONDS)
+
+
+def routes() -> list[BaseRoute]:
+    """Everything under /console."""
+    inner = [
+        Route("/", overview, methods=["GET"]),
+        Route("/login", login_form, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/degradation", degradation, methods=["POST"]),
+        Route("/cluster", cluster, methods=["GET"]),
+        Route("/dead-letters", dead_letters, methods=["GET"]),
+        Route("/dead-letters/action", dead_letter_action, methods=["POST"]),
+        Route("/dead-letters/{item_id:int}", dead_letter, methods=["GET"]),
+        Route("/mailboxes", mailboxes, methods=["GET"]),
+        Route("/targets", targets, methods=["GET"]),
+        Mount("/static", app=GuardedStatic()),
+    ]
+    return [Mount("/console", routes=inner, middleware=[Middleware(SecurityHeaders)])]
