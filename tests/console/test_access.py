@@ -31,6 +31,12 @@ def _login(c: httpx.Client, server: ServerProcess, token: str = ADMIN_TOKEN) -> 
     return c.post(server.base_url + "/console/login", data={"token": token, "next": "/console/"})
 
 
+def _level(server: ServerProcess) -> dict[str, object]:
+    response = httpx.get(server.base_url + "/admin/degradation", timeout=10,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    return dict(response.json())
+
+
 def _audit(server: ServerProcess, action: str) -> list[str]:
     return [e["outcome"] for e in server.log_events()
             if e.get("event") == "audit" and e.get("action") == action]
@@ -62,7 +68,7 @@ def test_without_a_session_only_the_login_form_is_served(
             refused = c.post(server.base_url + path, data={"action": "purge", "ids": "1",
                                                             "confirm": "yes", "level": "shed"})
             assert refused.status_code == 403, path
-        assert c.get(server.base_url + "/health").json()["degradation"] == "normal"
+        assert _level(server) == {"level": "normal", "forced": False}
         # A forged cookie is no session.
         c.cookies.set("dovecote_console", "eyJuIjoiYSJ9.forged.sig", path="/console")
         assert c.get(server.base_url + "/console/").status_code == 401
@@ -112,17 +118,16 @@ def test_login_sets_a_strict_session_actions_need_csrf_logout_ends_it(
                       headers={"origin": "https://evil.example"}).status_code == 403
         assert c.post(action, data={"level": "shed", "csrf": csrf},
                       headers={"origin": "null"}).status_code == 403
-        assert c.get(server.base_url + "/health").json()["degradation"] == "normal"
+        assert _level(server) == {"level": "normal", "forced": False}
         assert _audit(server, "console.csrf") == ["forbidden"] * 4
         # With it: done, and audited like the admin API.
         done = c.post(action, data={"level": "shed", "csrf": csrf},
                       headers={"origin": server.base_url})
         assert done.status_code == 303
-        health = c.get(server.base_url + "/health").json()
-        assert health["degradation"] == "shed" and health["degradation_forced"]
+        assert _level(server) == {"level": "shed", "forced": True}
         assert _audit(server, "degradation.set") == ["ok"]
         c.post(action, data={"level": "auto", "csrf": csrf})
-        assert c.get(server.base_url + "/health").json()["degradation"] == "normal"
+        assert _level(server) == {"level": "normal", "forced": False}
         # Hostile form input is a 4xx page, never a 5xx.
         assert c.post(action, data={"level": "nonsense", "csrf": csrf}).status_code == 400
         assert c.post(server.base_url + "/console/dead-letters/action",
@@ -146,7 +151,7 @@ def test_login_sets_a_strict_session_actions_need_csrf_logout_ends_it(
         assert c.get(server.base_url + "/console/").status_code == 401
 
 
-def test_failed_logins_are_throttled_and_logged(
+def test_failed_logins_are_throttled_and_logged_like_admin_auth(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
     server = server_factory(env={"DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -160,6 +165,11 @@ def test_failed_logins_are_throttled_and_logged(
         assert _login(c, server).status_code == 429
         assert "set-cookie" not in throttled.headers
     assert _audit(server, "console.login") == ["unauthorized"] * 5 + ["throttled"] * 2
+    # One budget per address with the admin API: /admin is throttled for it too.
+    with httpx.Client(timeout=10) as c:
+        admin = c.get(server.base_url + "/admin/cluster",
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert admin.status_code == 429 and admin.json()["error"] == "admin_throttled"
     # Another address is not affected.
     with httpx.Client(timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as c:
         assert _login(c, server).status_code == 303
@@ -204,5 +214,6 @@ def test_console_shares_the_admin_allowlist_and_client_certificate_checks(
         refused = c.get(narrow.base_url + "/console/")
         assert refused.status_code == 403 and "ADMIN_ALLOW" in refused.text
         assert _login(c, narrow).status_code == 403
-    outcomes = _audit(server, "console.access")
-    assert outcomes.count("admin_client_cert_required") >= 4
+    # Refusals are the admin API's audit lines (action "auth").
+    assert _audit(server, "auth").count("client_cert_required") >= 4
+    assert _audit(narrow, "auth").count("forbidden") >= 2

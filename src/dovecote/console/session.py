@@ -1,10 +1,11 @@
-"""Console logins: signed session cookies, CSRF tokens, throttled failures.
+"""Console logins: signed session cookies and CSRF tokens.
 
 A session is a cookie signed (itsdangerous) with a key derived from ADMIN_TOKEN, so every
 worker process accepts it without shared state, and changing the token ends every
 session. It carries a random nonce and its issue time; the CSRF token of a session is an
 HMAC of that nonce, sent in a hidden field with every action and compared in constant time.
-Logout revokes the nonce in this process and deletes the cookie.
+Logout revokes the nonce in this process and deletes the cookie. Failed logins count in
+the admin API's per-address throttle (ops/admin.py AuthThrottle).
 """
 
 from __future__ import annotations
@@ -13,18 +14,14 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 COOKIE = "dovecote_console"
 COOKIE_PATH = "/console"
-# Failed logins per client address within the window before further attempts get 429.
-MAX_FAILURES = 5
-FAILURE_WINDOW = 60.0
-MAX_TRACKED = 10_000  # addresses remembered (oldest forgotten first): bounded memory
-MAX_REVOKED = 10_000
+MAX_REVOKED = 10_000  # logged-out sessions remembered until they expire (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,6 @@ class ConsoleAuth:
         self._serializer = URLSafeTimedSerializer(key, salt="dovecote-console")
         self.max_age = max_age
         self._revoked: OrderedDict[str, float] = OrderedDict()
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
     def _csrf(self, nonce: str) -> str:
         return hmac.new(self._key, b"csrf:" + nonce.encode(), hashlib.sha256).hexdigest()
@@ -77,26 +73,3 @@ class ConsoleAuth:
         while self._revoked and (len(self._revoked) > MAX_REVOKED
                                  or next(iter(self._revoked.values())) < now):
             self._revoked.popitem(last=False)
-
-    # ------------------------------------------------------------------ login throttle
-    def throttled(self, client: str) -> float:
-        """Seconds until `client` may try to log in again (0: now)."""
-        window = self._failures.get(client)
-        if not window:
-            return 0.0
-        now = time.monotonic()
-        while window and window[0] <= now - FAILURE_WINDOW:
-            window.popleft()
-        if len(window) < MAX_FAILURES:
-            return 0.0
-        return max(0.1, window[0] + FAILURE_WINDOW - now)
-
-    def failed(self, client: str) -> None:
-        window = self._failures.pop(client, None) or deque(maxlen=MAX_FAILURES)
-        window.append(time.monotonic())
-        self._failures[client] = window
-        while len(self._failures) > MAX_TRACKED:
-            self._failures.popitem(last=False)
-
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-import structlog
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -33,7 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dovecote.console.session import COOKIE, COOKIE_PATH, ConsoleAuth, Session
 from dovecote.delivery.notify import MEDIATEE, mediatee_hash
 from dovecote.errors import DovecoteError
-from dovecote.ops import admin
+from dovecote.ops import admin, metrics
+from dovecote.ops.audit import audit as audit_line
 from dovecote.ops.health import LEVELS
 
 if TYPE_CHECKING:
@@ -59,16 +59,11 @@ HEADERS = [
     (b"cross-origin-resource-policy", b"same-origin"),
 ]
 
-audit_log = structlog.get_logger("dovecote.audit")
-
 
 def audit(request: Request, action: str, target: Any = "", outcome: str = "ok",
           **fields: Any) -> None:
-    """One audit line, in the admin API's format (event `audit` on `dovecote.audit`)."""
-    client = request.client.host if request.client else "?"
-    text = target if isinstance(target, str) else json.dumps(target)
-    audit_log.info("audit", who=client, action=action, target=text[:200], outcome=outcome,
-                   via="console", **fields)
+    """The admin API's audit line (ops/audit.py), marked as coming from the console."""
+    audit_line(request, action, target, outcome, via="console", **fields)
 
 
 class SecurityHeaders:
@@ -267,11 +262,11 @@ def _local_path(value: str, default: str = "/console/") -> str:
 
 
 def _refusal(request: Request, denied: Response) -> Response:
+    """The console's page for a refusal of admin.authorize_network (which audited it)."""
     try:
         code = json.loads(bytes(denied.body)).get("error", "")
     except ValueError:
         code = ""
-    audit(request, "console.access", request.url.path, code or "forbidden")
     if denied.status_code == 404:
         return _message(request, 404, "Console disabled",
                         "Set DOVECOTE_ADMIN_TOKEN to enable the console and /admin.")
@@ -347,12 +342,14 @@ async def login(request: Request) -> Response:
     if (denied := admin.authorize_network(request)) is not None:
         return _refusal(request, denied)
     auth = _auth(request)
+    throttle = admin.auth_throttle(request)  # one budget per address for /admin and here
     client = request.client.host if request.client else ""
     if not _same_origin(request):
         audit(request, "console.login", "", "forbidden")
         return _message(request, 403, "Refused", "Sign in from the console's own page.")
-    wait = auth.throttled(client)
+    wait = throttle.retry_after(client)
     if wait:
+        metrics.ADMIN_AUTH_FAILURES.labels("throttled").inc()
         audit(request, "console.login", "", "throttled")
         response = render(request, "login.html", None, status=429, next="/console/",
                           error=f"Too many failed sign-ins; try again in "
@@ -367,11 +364,11 @@ async def login(request: Request) -> Response:
     target = _local_path(_first(form, "next"))
     expected = _dc(request).settings.admin_token
     if not token or not hmac.compare_digest(token.encode(), expected.encode()):
-        auth.failed(client)
+        throttle.failed(client)
+        metrics.ADMIN_AUTH_FAILURES.labels("unauthorized").inc()
         audit(request, "console.login", "", "unauthorized")
         return render(request, "login.html", None, status=401, next=target,
                       error="That is not the admin token.")
-    auth.succeeded(client)
     audit(request, "console.login", "", "ok")
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(COOKIE, auth.issue(), max_age=int(auth.max_age), path=COOKIE_PATH,

@@ -90,6 +90,11 @@ def _throttle(request: Request) -> AuthThrottle:
     return throttle
 
 
+def auth_throttle(request: Request) -> AuthThrottle:
+    """The failed-authentication throttle that /admin and the console (/console) share."""
+    return _throttle(request)
+
+
 def check_token(request: Request) -> JSONResponse | None:
     """None when the request carries the admin token, else the (audited) refusal.
 

@@ -190,6 +190,8 @@ FIELDS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
      'Client networks allowed to reach /admin (the address behind a trusted proxy).'),
     ('admin_client_ca', 'str', (), 'None',
      'CA file (PEM): when set, /admin also requires a client certificate signed by it (needs TLS_CERT/TLS_KEY; other routes do not ask for one).'),
+    ('console_session_seconds', 'float', (), '28800.0',
+     'Seconds a web console (/console) login lasts; the console is enabled with ADMIN_TOKEN and shares ADMIN_ALLOW and ADMIN_CLIENT_CA.'),
     ('log_format', 'choice', ('auto', 'json', 'console'), "'auto'",
      'json, console, or auto (console on a tty).'),
     ('log_level', 'choice', ('debug', 'info', 'warning', 'error'), "'info'",
