@@ -199,8 +199,8 @@ async def test_dead_letter_from_a_failing_endpoint_appears_and_replay_delivers_i
             "total"] == 0
         events = [e for e in server.log_events() if e.get("event") == "audit"]
         assert [(e["action"], e["outcome"], e.get("count")) for e in events
-                if e.get("via") == "console" and e["action"].startswith("dlq.")] == [("dlq.replay", "ok", 1),
-                                                       ("dlq.purge", "ok", 1)]
+                if e.get("via") == "console" and e["action"].startswith("dlq.")] == [
+            ("dlq.replay", "ok", 1), ("dlq.purge", "ok", 1)]
         watched.check()
 
 
