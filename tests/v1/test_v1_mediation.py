@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import time
 from typing import Any
 
@@ -61,6 +62,23 @@ def test_did_exchange_response_is_signed_by_the_invitation_key(
     assert doc["service"][0]["recipientKeys"] == [agent.mediator_verkey]
 
 
+def test_did_exchange_1_0_is_answered_in_1_0(shared_server: ServerProcess) -> None:
+    agent = V1Agent(shared_server.base_url)
+    invite = httpx.get(shared_server.base_url + "/invitation/v1").json()
+    agent.mediator_verkey = envelope.to_verkey(invite["services"][0]["recipientKeys"][0])
+    doc = base64.urlsafe_b64encode(json.dumps(agent.doc()).encode()).decode()
+    response = agent.ask(msg("didexchange/1.0/request", label="old", did=agent.did, **{
+        "~thread": {"pthid": invite["@id"]},
+        "did_doc~attach": {"@id": "d", "data": {"base64": doc}}}))
+    assert response["@type"] == "https://didcomm.org/didexchange/1.0/response"
+    assert response["~thread"]["pthid"] == invite["@id"]
+    # The request must be authcrypted by the key its document names.
+    impostor = V1Agent(shared_server.base_url, mediator_verkey=agent.mediator_verkey)
+    forged = impostor.post(msg("didexchange/1.1/request", did=agent.did, **{
+        "did_doc~attach": {"@id": "d", "data": {"base64": doc}}}))
+    assert forged.status_code == 401
+
+
 def test_connections_1_0_fallback(shared_server: ServerProcess) -> None:
     invite = httpx.get(shared_server.base_url + "/invitation/v1?handshake=connections").json()
     assert invite["handshake_protocols"] == ["https://didcomm.org/connections/1.0"]
@@ -114,8 +132,15 @@ def test_mediation_forward_and_pickup(server: ServerProcess) -> None:
     assert post_raw(server.base_url, sent).status_code == 202  # the sender's retry
     other = forward_for(agent.routing_key, recipient, "second")
     assert post_raw(server.base_url, other).status_code == 202
+    # Connections, grants, keylists and mailboxes are durable: SIGKILL and restart.
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    server.start()
     status = agent.ask(msg("messagepickup/2.0/status-request"))
     assert status["message_count"] == 2, status  # the retry was stored once
+    assert post_raw(server.base_url, sent).status_code == 202  # still a duplicate
+    assert agent.ask(msg("messagepickup/2.0/status-request"))["message_count"] == 2
 
     delivery = agent.ask(msg("messagepickup/2.0/delivery-request", limit=10))
     assert delivery["@type"] == "https://didcomm.org/messagepickup/2.0/delivery"
@@ -124,6 +149,18 @@ def test_mediation_forward_and_pickup(server: ServerProcess) -> None:
     # Delivered is not removed: a second request returns the same messages.
     again = agent.ask(msg("messagepickup/2.0/delivery-request", limit=10))
     assert [a["@id"] for a in again["~attach"]] == [a["@id"] for a in attached]
+    # Keylist pagination and removal (per-key results).
+    extra = envelope.b58encode(Key.generate(KeyAlg.ED25519).get_public_bytes())
+    agent.add_key(extra)
+    page = agent.ask(msg("coordinate-mediation/1.0/keylist-query",
+                         paginate={"limit": 1, "offset": 1}))
+    assert page["pagination"] == {"count": 1, "offset": 1, "remaining": 0}
+    removed = agent.ask(msg("coordinate-mediation/1.0/keylist-update", updates=[
+        {"recipient_key": extra, "action": "remove"},
+        {"recipient_key": extra, "action": "remove"},
+        {"recipient_key": "not a key", "action": "add"}]))
+    assert [u["result"] for u in removed["updated"]] == ["success", "no_change",
+                                                         "client_error"]
     first = attached[0]
     after = agent.ask(msg("messagepickup/2.0/messages-received",
                           message_id_list=[first["@id"]]))
