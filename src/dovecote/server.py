@@ -269,8 +269,8 @@ class Dovecote:
                     websockets=len(self.sockets),
                 )
                 # What /metrics shows, kept for the console's rates of the last minutes.
-                self.metric_history.append(status.reading(
-                    time.time(), {}, metrics.exposition().decode()))
+                self.metric_history.append(status.Scrape(
+                    time.time(), {}, metrics.samples(status.SAMPLED)))
             except Exception as exc:  # sampling must never stop
                 log.debug("sample.failed", error=str(exc)[:200])
             await asyncio.sleep(SAMPLE_INTERVAL)

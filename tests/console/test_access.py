@@ -138,7 +138,15 @@ def test_login_sets_a_strict_session_actions_need_csrf_logout_ends_it(
         assert huge.status_code == 413
         assert c.get(server.base_url + "/console/dead-letters?offset=-1&kind=%00").status_code \
             == 200
-        assert c.get(server.base_url + "/console/dead-letters/99999999").status_code == 404
+        for item in ("99999999", "0", "9" * 30):
+            assert c.get(f"{server.base_url}/console/dead-letters/{item}").status_code == 404
+        admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        assert c.get(f"{server.base_url}/admin/dlq/{'9' * 30}", headers=admin).status_code \
+            == 404
+        for path in ("replay", "purge"):
+            done = c.post(f"{server.base_url}/admin/dlq/{path}", headers=admin,
+                          json={"ids": [10**30, -1]})
+            assert done.status_code == 200 and list(done.json().values()) == [0]
 
         session_cookie = c.cookies.get("dovecote_console")
         out = c.post(server.base_url + "/console/logout", data={"csrf": csrf})

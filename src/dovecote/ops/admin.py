@@ -265,7 +265,16 @@ async def dead_letters(
                                 reason=reason or None)
 
 
+MAX_ID = 2**63 - 1  # ids are BIGINT / SQLite INTEGER: a larger one names nothing
+
+
+def _existing(ids: list[int] | None) -> list[int] | None:
+    return None if ids is None else [i for i in ids if 0 < i <= MAX_ID]
+
+
 async def dead_letter(store: Store, item_id: int) -> DeadLetter | None:
+    if not 0 < item_id <= MAX_ID:
+        return None
     return await store.dlq_get(item_id)
 
 
@@ -275,7 +284,8 @@ async def replay(store: Store, ids: list[int] | None, target: str | None = None,
 
     Expired mailbox messages have no outbound target and stay where they are.
     """
-    count = await store.dlq_replay(ids, target)
+    ids = _existing(ids)
+    count = await store.dlq_replay(ids, target) if ids != [] else 0
     if wake is not None:
         for kind in ("forward", "notify"):
             wake(kind)
@@ -285,7 +295,8 @@ async def replay(store: Store, ids: list[int] | None, target: str | None = None,
 async def purge(store: Store, ids: list[int] | None, older_than: float | None) -> int:
     """Delete dead letters by id and/or age (seconds)."""
     cutoff = time.time() - float(older_than) if older_than is not None else None
-    return await store.dlq_purge(ids, cutoff)
+    ids = _existing(ids)
+    return await store.dlq_purge(ids, cutoff) if ids != [] else 0
 
 
 def set_degradation(app: Dovecote, level: str | None) -> None:

@@ -85,6 +85,15 @@ TRAFFIC = [
 ]
 
 
+QUEUE_SAMPLES = {
+    "dovecote_queue_depth", "dovecote_queue_oldest_age_seconds", "dovecote_outbox_size",
+    "dovecote_outbox_lag_seconds", "dovecote_dlq_size", "dovecote_websocket_connections",
+    "dovecote_circuit_breaker_state",
+}
+# Every sample name traffic() and queue_numbers() read (the console's history keeps these).
+SAMPLED = {name for _, name, _ in TRAFFIC} | QUEUE_SAMPLES
+
+
 def traffic(first: Scrape, second: Scrape) -> list[dict[str, Any]]:
     """Per-second rates between two readings, and the totals at the second."""
     span = max(second.at - first.at, 1e-6)
