@@ -115,7 +115,10 @@ class Dovecote:
         self.instance_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.started_at = time.time()
         # Only passed when set: the cap is SQLite's (PRAGMA max_page_count).
-        size_cap = {"max_page_count": settings.store_max_pages} if settings.store_max_pages else {}
+        size_cap: dict[str, object] = (
+            {"max_page_count": settings.store_max_pages} if settings.store_max_pages else {})
+        if settings.store_patroni:  # PostgreSQL only: the nodes' Patroni REST URLs
+            size_cap["patroni"] = settings.store_patroni
         self.store = store or open_store(
             settings.store_url,
             timeout=settings.store_timeout,

@@ -176,3 +176,48 @@ async def test_concurrent_leases_never_share_an_item(engine: Store) -> None:
     )
     ids = [i.id for batch in batches for i in batch]
     assert len(ids) == len(set(ids)) == 60
+
+
+async def test_replayed_dead_letter_keeps_its_dedup_key(engine: Store) -> None:
+    # A notification died; another one for the same mailbox is pending: the replay
+    # coalesces with it instead of notifying twice.
+    (dead_id,) = await engine.outbox_add([item(kind="notify", dedup_key="notify:push:box")])
+    await engine.outbox_lease(["notify"], "w1", 10, 30)
+    await engine.outbox_dead(dead_id, "w1", "http_400", None)
+    (pending,) = await engine.outbox_add([item(kind="notify", dedup_key="notify:push:box")])
+    (letter,) = (await engine.dlq_list())[0]
+    assert await engine.dlq_replay([letter.id]) == 1
+    assert (await engine.queue_stats()).outbox == {"notify": 1}
+    (only,) = await engine.outbox_lease(["notify"], "w1", 10, 30)
+    assert only.id == pending
+    # With nothing pending, the replayed item is queued under its key: a new one then
+    # coalesces with it.
+    await engine.outbox_dead(only.id, "w1", "http_400", None)
+    (letter,) = (await engine.dlq_list())[0]
+    assert await engine.dlq_replay([letter.id]) == 1
+    assert await engine.outbox_add([item(kind="notify", dedup_key="notify:push:box")]) == []
+    assert (await engine.queue_stats()).outbox == {"notify": 1}
+
+
+async def test_relayed_forward_key_is_remembered_for_the_dedup_window(engine: Store) -> None:
+    relay = item(dedup_key="forward:digest-1", remember=True)
+    (first,) = await engine.outbox_add([relay])
+    (leased,) = await engine.outbox_lease(["forward"], "w1", 10, 30)
+    await engine.outbox_done(leased.id, "w1")
+    # Delivered and gone from the outbox: the same forward again is still a duplicate.
+    assert await engine.outbox_add([relay]) == []
+    assert (await engine.queue_stats()).outbox == {}
+    # Dead, then retried by its sender: not queued beside the dead letter; replayed once.
+    other = item(dedup_key="forward:digest-2", remember=True)
+    (second,) = await engine.outbox_add([other])
+    await engine.outbox_lease(["forward"], "w1", 10, 30)
+    await engine.outbox_dead(second, "w1", "retention_exceeded", None)
+    assert await engine.outbox_add([other]) == []
+    (letter,) = (await engine.dlq_list())[0]
+    assert await engine.dlq_replay([letter.id]) == 1
+    assert await engine.dlq_replay([letter.id]) == 0
+    assert (await engine.queue_stats()).outbox == {"forward": 1}
+    # Past the dedup window the key is forgotten, as a mailbox digest is.
+    await engine.expire(time.time(), dedup_before=time.time() + 1)
+    assert len(await engine.outbox_add([relay])) == 1
+    assert first not in {i.id for i in await engine.outbox_lease(["forward"], "w2", 10, 30)}

@@ -6,7 +6,8 @@ dedup key, so a sender retrying the same POST is answered with success and store
 
 When `next` is not registered here but resolves to a DID with an http(s) DIDComm
 endpoint, the forward is accepted into the outbox (one transaction, dedup key = the
-digest) and the outbox workers POST it there. Queuing for a mediatee with no live session
+digest, remembered for the dedup window like a mailbox digest) and the outbox workers
+POST it there. Queuing for a mediatee with no live session
 on this instance also queues its notifications, in the same transaction.
 """
 
@@ -121,6 +122,7 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
                 kind="forward", target=route.uri, payload=route.payload,
                 headers={"content-type": ENCRYPTED},
                 dedup_key="forward:" + hashlib.sha256(payload).hexdigest(),
+                remember=True,
             ))
     except UnknownRecipient as exc:
         metrics.UNROUTABLE.inc()

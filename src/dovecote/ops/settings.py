@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Seconds a store operation may take before it fails (503)."
     )
     store_pool_size: int = Field(10, ge=1, description="PostgreSQL connection pool size.")
+    store_patroni: CsvList = Field(
+        default_factory=list,
+        description="Patroni REST API URLs, one per host of STORE in the same order "
+        "(e.g. http://pg1:8008,http://pg2:8008,http://pg3:8008): only the node holding the "
+        "leader lock is used, and connections to a node that lost it are closed within "
+        "seconds. Empty: no leader check (use HAProxy, deploy/haproxy/).",
+    )
     group_commit_max: int = Field(
         512, ge=1, description="Most writes one SQLite transaction may group."
     )
@@ -366,7 +373,7 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between instance heartbeats.")
 
     @field_validator("trusted_proxies", "mediation_allowlist", "admin_allow", "metrics_allow",
-                     "outbound_allow_networks",
+                     "outbound_allow_networks", "store_patroni",
                      mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:

@@ -84,6 +84,10 @@ class NewOutboxItem:
     payload: bytes
     headers: dict[str, str] = field(default_factory=dict)
     dedup_key: str | None = None
+    # Keep dedup_key for the dedup window after the item left the outbox (delivered or
+    # dead): a second add within it is a no-op. Relayed forwards need this, notifications
+    # must not (they coalesce only while one is pending).
+    remember: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +265,8 @@ class Store(abc.ABC):
     # --- outbox and dead letters
     @abc.abstractmethod
     async def outbox_add(self, items: Sequence[NewOutboxItem]) -> list[int]:
-        """Add outbox items (each dedup_key at most once)."""
+        """Add outbox items (each dedup_key at most once while pending, or for the dedup
+        window when `remember`); return the ids of the items added."""
 
     @abc.abstractmethod
     async def outbox_lease(

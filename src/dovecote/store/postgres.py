@@ -47,6 +47,7 @@ from dovecote.store.base import (
     StoredMessage,
     UpdateResult,
 )
+from dovecote.store.pg_ha import HOST_CONNECT_TIMEOUT, Hosts, is_sync_cancel
 from dovecote.store.postgres_rooms import PostgresRoomsMixin
 from dovecote.store.postgres_v1 import PostgresV1Mixin
 
@@ -146,14 +147,19 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
     engine = "postgres"
 
     def __init__(
-        self, url: str, *, timeout: float = 5.0, pool_size: int = 10, **_: Any
+        self, url: str, *, timeout: float = 5.0, pool_size: int = 10,
+        patroni: Sequence[str] = (), **_: Any
     ) -> None:
         super().__init__()
         self.url = url
         self.timeout = timeout
         self.pool_size = max(1, int(pool_size))
+        self._hosts = Hosts(url, patroni,
+                            connect_timeout=min(HOST_CONNECT_TIMEOUT, timeout))
         self._pool: Any = None
         self._own_pids: set[int] = set()
+        # Backends whose last COMMIT stopped waiting for synchronous replication.
+        self._sync_cancelled: set[int] = set()
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -171,6 +177,10 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         pid = conn.get_server_pid()
         self._own_pids.add(pid)
         conn.add_termination_listener(lambda _conn: self._own_pids.discard(pid))
+
+    def _on_server_log(self, conn: Conn, message: Any) -> None:
+        if is_sync_cancel(message):
+            self._sync_cancelled.add(conn.get_server_pid())
 
     async def _call(
         self, op: str, fn: Callable[[Conn], Awaitable[T]], *, write: bool
@@ -201,14 +211,35 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                     try:
                         if not write:
                             return await fn(conn)
-                        async with conn.transaction():
-                            result = await fn(conn)
-                            committing = True
+                        pid = conn.get_server_pid()
+                        self._sync_cancelled.discard(pid)
+                        # Only while writing: the pool expects no listeners on release.
+                        conn.add_log_listener(self._on_server_log)
+                        try:
+                            async with conn.transaction():
+                                result = await fn(conn)
+                                committing = True
+                            # A warning that came with COMMIT's reply reached its
+                            # listener (call_soon) before we resumed; one more turn anyway.
+                            await asyncio.sleep(0)
+                        finally:
+                            conn.remove_log_listener(self._on_server_log)
+                        if pid in self._sync_cancelled:
+                            self._sync_cancelled.discard(pid)
+                            log.warning("store.commit_unconfirmed", host=self._hosts.host_of(conn))
+                            raise StoreError(
+                                "commit not confirmed by a synchronous standby; retry"
+                            )
                         return result
                     except DRIVER_ERRORS:
                         # A pooled connection whose server went away fails in odd ways
                         # (even InternalClientError); what matters is that it is gone.
                         broken = _is_gone(conn)
+                        raise
+                    except asyncio.CancelledError:
+                        # Our timeout: the server may be hung or still waiting for a
+                        # standby. Its state is unknown, so never hand it out again.
+                        conn.terminate()
                         raise
             except DRIVER_ERRORS as exc:
                 # A connection lost during COMMIT leaves the outcome unknown: never repeat.
@@ -238,7 +269,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             self._pool = await asyncio.wait_for(
                 asyncpg.create_pool(
                     self.url, min_size=1, max_size=self.pool_size,
-                    init=self._init_connection, **self._connect_options(),
+                    init=self._init_connection, connect=self._hosts.connect,
+                    **self._connect_options(),
                 ),
                 CONNECT_TIMEOUT + self.timeout,
             )
@@ -252,6 +284,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             await self._close_pool()
             raise
         self._listener = asyncio.create_task(self._listen(listen_conn), name="pg-listen")
+        self._hosts.start()
         log.info("store.opened", engine=self.engine, pool_size=self.pool_size)
 
     async def _migrate(self, conn: Conn) -> None:
@@ -284,6 +317,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 await self._listener
             self._listener = None
         await self._close_pool()
+        # Also the LISTEN connection when its task was cancelled before it ran.
+        await self._hosts.close()
 
     async def _close_pool(self) -> None:
         pool, self._pool = self._pool, None
@@ -295,15 +330,29 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             pool.terminate()
 
     async def ping(self) -> None:
+        """Ready only on a writable leader: a standby (after a switchover) or a node
+        Patroni no longer calls the leader fails the check and loses its connections."""
         if self._pool is None:
             raise StoreError("store is not open")
+        if self._hosts.watching and not self._hosts.leaders:
+            raise StoreError("no PostgreSQL node holds the Patroni leader lock")
         try:
-            await asyncio.wait_for(
-                self._pool.fetchval("SELECT 1", timeout=PING_TIMEOUT),
-                min(self.timeout, PING_TIMEOUT),
-            )
+            await asyncio.wait_for(self._ping(), min(self.timeout, PING_TIMEOUT))
         except DRIVER_OR_TIMEOUT as exc:
             raise _translate(exc) from exc
+
+    async def _ping(self) -> None:
+        async with self._pool.acquire() as conn:
+            try:
+                standby = await conn.fetchval("SELECT pg_is_in_recovery()")
+            except asyncio.CancelledError:
+                conn.terminate()
+                raise
+            if standby:
+                host = self._hosts.host_of(conn)
+                if host is not None:
+                    self._hosts.drop(host, "in recovery (a standby)")
+                raise StoreError(f"PostgreSQL host {host} is a standby, not the primary")
 
     async def schema_version(self) -> int:
         value = await self._read(
@@ -313,7 +362,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
 
     # ------------------------------------------------------------------ wake-ups
     async def _listen_connect(self) -> Conn:
-        conn = await asyncpg.connect(self.url, **self._connect_options(LISTENER_NAME))
+        conn = await self._hosts.connect(**self._connect_options(LISTENER_NAME))
         try:
             await conn.add_listener(CHANNEL, self._on_notification)
             await self._listen_rooms(conn)
@@ -484,8 +533,11 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 )
                 if stored:
                     break
+                # A write, not a read: this COMMIT must wait for a standby before the
+                # duplicate is answered (see dovecote.store.pg_ha).
                 existing = await c.fetchval(
-                    "SELECT message_id FROM dedup WHERE recipient = $1 AND digest = $2",
+                    "UPDATE dedup SET message_id = message_id "
+                    "WHERE recipient = $1 AND digest = $2 RETURNING message_id",
                     message.recipient, message.digest,
                 )
                 if existing is not None:
@@ -624,6 +676,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 )
                 moved += len(rows)
             await c.execute("DELETE FROM dedup WHERE created_at < $1", dedup_before)
+            await c.execute("DELETE FROM outbox_keys WHERE created_at < $1", dedup_before)
             return moved
 
         return await self._write(fn)
@@ -631,7 +684,24 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
     # ------------------------------------------------------------------ outbox
     async def outbox_add(self, items: Sequence[NewOutboxItem]) -> list[int]:
         now = time.time()
-        return await self._write(lambda c: _insert_outbox(c, items, now))
+
+        async def fn(c: Conn) -> list[int]:
+            ids = await _insert_outbox(c, items, now)
+            if ids or not items:
+                return ids
+            # All already queued (or remembered): rewrite those rows so that this COMMIT
+            # waits for a standby, as a duplicate's success answer must (pg_ha).
+            keys = [item.dedup_key for item in items if item.dedup_key is not None]
+            touched = _rowcount(await c.execute(
+                "UPDATE outbox SET dedup_key = dedup_key WHERE dedup_key = ANY($1::text[])",
+                keys)) + _rowcount(await c.execute(
+                "UPDATE outbox_keys SET created_at = created_at "
+                "WHERE dedup_key = ANY($1::text[])", keys))
+            if not touched:  # delivered and forgotten meanwhile
+                raise StoreError("outbox entry changed meanwhile; retry")
+            return ids
+
+        return await self._write(fn)
 
     async def outbox_lease(
         self, kinds: Sequence[str], owner: str, limit: int, lease_seconds: float,
@@ -691,19 +761,20 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         async def fn(c: Conn) -> None:
             row = await c.fetchrow(
                 "DELETE FROM outbox WHERE id = $1 AND lease_owner = $2 "
-                "RETURNING kind, target, payload, headers, history, created_at",
+                "RETURNING kind, target, payload, headers, history, created_at, dedup_key",
                 item_id, owner,
             )
             if row is None:
                 return
-            kind, target, payload, headers, history_json, created_at = row
+            kind, target, payload, headers, history_json, created_at, dedup_key = row
             history = json.loads(history_json)
             if attempt:
                 history.append(attempt)
             await c.execute(
                 "INSERT INTO dead_letters (kind, target, payload, headers, reason, history, "
-                "created_at, dead_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "created_at, dead_at, dedup_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 kind, target, payload, headers, reason, json.dumps(history), created_at, now,
+                dedup_key,
             )
 
         await self._write(fn)
@@ -765,17 +836,19 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         async def fn(c: Conn) -> int:
             rows = await c.fetch(
                 f"DELETE FROM dead_letters WHERE {where} AND kind <> 'mailbox' "
-                "RETURNING kind, target, payload, headers, history",
+                "RETURNING kind, target, payload, headers, history, dedup_key",
                 *params,
             )
             replay_note = {"at": now, "event": "replayed"}
+            # With its dedup key: an identical pending item absorbs the replay.
             await c.executemany(
                 "INSERT INTO outbox (kind, target, payload, headers, created_at, "
-                "next_attempt_at, attempts, history) VALUES ($1, $2, $3, $4, $5, $5, 0, $6)",
+                "next_attempt_at, attempts, history, dedup_key) "
+                "VALUES ($1, $2, $3, $4, $5, $5, 0, $6, $7) ON CONFLICT (dedup_key) DO NOTHING",
                 [
                     (kind, tgt, payload, headers, now,
-                     json.dumps([*json.loads(history), replay_note][-100:]))
-                    for kind, tgt, payload, headers, history in rows
+                     json.dumps([*json.loads(history), replay_note][-100:]), dedup_key)
+                    for kind, tgt, payload, headers, history, dedup_key in rows
                 ],
             )
             return len(rows)
@@ -856,6 +929,12 @@ def _message(row: Sequence[Any]) -> StoredMessage:
 async def _insert_outbox(c: Conn, items: Sequence[NewOutboxItem], now: float) -> list[int]:
     ids: list[int] = []
     for item in items:
+        if item.remember and item.dedup_key is not None and await c.fetchval(
+            "INSERT INTO outbox_keys (dedup_key, created_at) VALUES ($1, $2) "
+            "ON CONFLICT (dedup_key) DO NOTHING RETURNING 1",
+            item.dedup_key, now,
+        ) is None:
+            continue  # added within the dedup window (maybe delivered since)
         item_id = await c.fetchval(
             "INSERT INTO outbox (kind, target, payload, headers, dedup_key, created_at, "
             "next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $6) "

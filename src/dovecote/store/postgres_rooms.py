@@ -247,6 +247,13 @@ class PostgresRoomsMixin(RoomStore):
                         raise Conflict("idempotency key was used for a different request")
                     original = await _message(c, post.room, row[1])
                     if original is not None:
+                        # A write (the room row lock is one too): this COMMIT must wait
+                        # for a standby before the duplicate is answered (pg_ha).
+                        await c.execute(
+                            "UPDATE room_idempotency SET created_at = created_at "
+                            "WHERE room = $1 AND participant = $2 AND key = $3",
+                            post.room, post.author, post.idempotency_key,
+                        )
                         return PostResult(original, duplicate=True)
                 if row is not None:
                     await c.execute(

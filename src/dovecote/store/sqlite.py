@@ -574,6 +574,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
                     (count, total, mediatee),
                 )
             c.execute("DELETE FROM dedup WHERE created_at < ?", (dedup_before,))
+            c.execute("DELETE FROM outbox_keys WHERE created_at < ?", (dedup_before,))
             return len(rows)
 
         result: int = await self._write(fn)
@@ -645,19 +646,20 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         def fn(c: sqlite3.Connection) -> None:
             row = c.execute(
                 "DELETE FROM outbox WHERE id = ? AND lease_owner = ? "
-                "RETURNING kind, target, payload, headers, history, created_at",
+                "RETURNING kind, target, payload, headers, history, created_at, dedup_key",
                 (item_id, owner),
             ).fetchone()
             if row is None:
                 return
-            kind, target, payload, headers, history_json, created_at = row
+            kind, target, payload, headers, history_json, created_at, dedup_key = row
             history = json.loads(history_json)
             if attempt:
                 history.append(attempt)
             c.execute(
                 "INSERT INTO dead_letters (kind, target, payload, headers, reason, history, "
-                "created_at, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, target, payload, headers, reason, json.dumps(history), created_at, now),
+                "created_at, dead_at, dedup_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, target, payload, headers, reason, json.dumps(history), created_at, now,
+                 dedup_key),
             )
 
         await self._write(fn)
@@ -717,16 +719,18 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
             where, params = _dlq_filter(ids, target, None)
             rows = c.execute(
                 f"DELETE FROM dead_letters WHERE {where} AND kind != 'mailbox' "
-                "RETURNING kind, target, payload, headers, history",
+                "RETURNING kind, target, payload, headers, history, dedup_key",
                 params,
             ).fetchall()
-            for kind, tgt, payload, headers, history in rows:
+            for kind, tgt, payload, headers, history, dedup_key in rows:
                 replay_note = {"at": now, "event": "replayed"}
+                # With its dedup key: an identical pending item absorbs the replay.
                 c.execute(
                     "INSERT INTO outbox (kind, target, payload, headers, created_at, "
-                    "next_attempt_at, attempts, history) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                    "next_attempt_at, attempts, history, dedup_key) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (dedup_key) DO NOTHING",
                     (kind, tgt, payload, headers, now, now,
-                     json.dumps([*json.loads(history), replay_note][-100:])),
+                     json.dumps([*json.loads(history), replay_note][-100:]), dedup_key),
                 )
             return len(rows)
 
@@ -868,6 +872,12 @@ def _insert_outbox(
 ) -> list[int]:
     ids: list[int] = []
     for item in items:
+        if item.remember and item.dedup_key is not None and c.execute(
+            "INSERT INTO outbox_keys (dedup_key, created_at) VALUES (?, ?) "
+            "ON CONFLICT (dedup_key) DO NOTHING RETURNING 1",
+            (item.dedup_key, now),
+        ).fetchone() is None:
+            continue  # added within the dedup window (maybe delivered since)
         row = c.execute(
             "INSERT INTO outbox (kind, target, payload, headers, dedup_key, created_at, "
             "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
