@@ -34,6 +34,8 @@ FIELDS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
      'Seconds a store operation may take before it fails (503).'),
     ('store_pool_size', 'int', (), '10',
      'PostgreSQL connection pool size.'),
+    ('store_patroni', 'str', (), "''",
+     'Patroni REST API URLs, one per host of STORE in the same order (e.g. http://pg1:8008,http://pg2:8008,http://pg3:8008): only the node holding the leader lock is used, and connections to a node that lost it are closed within seconds. Empty: no leader check (use HAProxy, deploy/haproxy/).'),
     ('group_commit_max', 'int', (), '512',
      'Most writes one SQLite transaction may group.'),
     ('backup_dir', 'str', (), 'None',
