@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -86,3 +87,21 @@ async def test_live_mode_delivers_wrapped_and_needs_messages_received(
     refused = agent.post(msg("messagepickup/2.0/live-delivery-change", live_delivery=True))
     assert refused.status_code == 400
     assert agent.open(refused.content)["@type"].endswith("/problem-report")
+
+
+async def test_implicit_pickup_socket_is_not_closed_as_idle(server_factory: Any) -> None:
+    server = server_factory(env={"DOVECOTE_WS_IDLE_TIMEOUT": "1"})
+    agent, recipient = _mediated(server)
+    async with websockets.connect(server.ws_url) as ws:
+        await ws.send(agent.pack(msg("trust_ping/1.0/ping", response_requested=False, **{
+            "~transport": {"return_route": "all"}})).decode())
+        await asyncio.sleep(2.5)  # past the idle timeout, the client silent
+        post_raw(server.base_url, forward_for(agent.routing_key, recipient, "late"))
+        pushed = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        kid = json.loads(envelope.unb64url(pushed["protected"]))["recipients"][0]["header"]
+        assert kid["kid"] == recipient
+    # A plain request/reply socket is still closed when idle.
+    async with websockets.connect(server.ws_url) as ws:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1000

@@ -74,6 +74,9 @@ class LiveSession:
         # Set while the request that enabled live mode is being answered, so its status
         # reply reaches the client before the first push.
         self.held = False
+        # Something other than live mode pushes on this socket (DIDComm v1 implicit
+        # pickup): like live mode, it is not idle while the client is silent.
+        self.pushing = False
 
     def release(self) -> None:
         """The transport sent the current request's replies: pushes may follow."""

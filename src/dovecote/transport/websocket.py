@@ -74,7 +74,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         while True:
             # A socket without live mode carries only request/reply: silent for
             # WS_IDLE_TIMEOUT, it is only holding a slot.
-            idle = None if session.mediatees else app.settings.ws_idle_timeout
+            idle = None if session.mediatees or session.pushing else app.settings.ws_idle_timeout
             try:
                 message = await asyncio.wait_for(websocket.receive(), idle)
             except TimeoutError:

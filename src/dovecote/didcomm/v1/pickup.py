@@ -212,6 +212,7 @@ class ImplicitPickup:
         if entry is not None and entry.task is not None:
             entry.task.cancel()
         entry = _Implicit(session, mediatee)
+        session.pushing = True  # exempt from the idle timeout, as live mode is
         self.by_mediatee[mediatee] = entry
         entry.task = asyncio.create_task(self._pump(entry), name=f"v1-implicit-{session.id}")
         entry.wake.set()
