@@ -320,6 +320,14 @@ async def test_every_page_at_desktop_and_phone_width(
             await page.get_by_role("link", name="Cluster").click()
             await expect(page.locator("tr.self")).to_contain_text("alive")
             if suffix:
+                # Everything a filter matches, in one confirmed action.
+                await page.goto(server.base_url + "/console/dead-letters?reason=http_404")
+                await page.get_by_role("button", name="Purge all…").click()
+                await expect(page.locator("h1")).to_have_text("Purge 2 dead letters?")
+                await page.get_by_role("button", name="Yes, purge 2").click()
+                await expect(page.locator("#result")).to_contain_text("Purged 2 dead letters")
+                dlq = await client.get(server.base_url + "/admin/dlq", headers=admin)
+                assert dlq.json()["total"] == 0
                 # Readable at 360 px: the page itself never scrolls sideways (tables may).
                 width = await page.evaluate("() => document.documentElement.scrollWidth")
                 assert width <= PHONE["width"], width

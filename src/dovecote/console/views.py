@@ -44,6 +44,7 @@ MAX_FORM_BYTES = 64 * 1024
 PAGE_SIZE = 50
 REFRESH_SECONDS = 5
 DLQ_KINDS = ("forward", "notify", "mailbox")
+MAX_BULK = 1000  # dead letters one confirmed action may touch
 OVERVIEW_TRAFFIC = ("accepted", "pushed live", "picked up", "acknowledged", "dead-lettered",
                     "duplicates dropped", "bad input")
 
@@ -211,8 +212,10 @@ def render(request: Request, template: str, session: Session | None, status: int
     return TEMPLATES.TemplateResponse(request, template, context, status_code=status)
 
 
-def _message(request: Request, status: int, title: str, detail: str) -> Response:
-    return render(request, "message.html", None, status=status, title=title, detail=detail)
+def _message(request: Request, status: int, title: str, detail: str,
+             session: Session | None = None) -> Response:
+    return render(request, "message.html", session, status=status, title=title,
+                  detail=detail)
 
 
 async def _form(request: Request) -> dict[str, list[str]]:
@@ -309,7 +312,7 @@ def page(handler: Page) -> Callable[[Request], Awaitable[Response]]:
         try:
             return await handler(request, session, form)
         except DovecoteError as exc:
-            return _message(request, exc.status, "Store unavailable", exc.detail)
+            return _message(request, exc.status, "Store unavailable", exc.detail, session)
 
     return guarded
 
@@ -415,7 +418,7 @@ async def degradation(request: Request, session: Session,
         admin.set_degradation(_dc(request), level)
     except ValueError:
         audit(request, "degradation.set", level, "bad_request")
-        return _message(request, 400, "Unknown level", f"{level!r} is not a level.")
+        return _message(request, 400, "Unknown level", f"{level!r} is not a level.", session)
     audit(request, "degradation.set", level)
     return RedirectResponse("/console/?" + urlencode({"done": f"level {level}"}), 303)
 
@@ -428,8 +431,9 @@ async def cluster(request: Request, session: Session, form: dict[str, list[str]]
                   beat=_dc(request).settings.heartbeat_interval)
 
 
-def _filters(request: Request) -> dict[str, str]:
-    query = request.query_params
+def _filters(request: Request, form: dict[str, list[str]] | None = None) -> dict[str, str]:
+    query: Any = request.query_params if form is None else {
+        name: _first(form, name) for name in ("kind", "target", "reason")}
     kind = query.get("kind", "")
     return {"kind": kind if kind in DLQ_KINDS else "",
             "target": query.get("target", "")[:500], "reason": query.get("reason", "")[:200]}
@@ -462,14 +466,14 @@ async def dead_letter(request: Request, session: Session,
     item = await admin.dead_letter(_dc(request).store, int(request.path_params["item_id"]))
     if item is None:
         return _message(request, 404, "Not found",
-                        "No such dead letter (replayed or purged already?).")
+                        "No such dead letter (replayed or purged already?).", session)
     return render(request, "dead_letter.html", session, item=item,
                   headers=_shown_headers(item.headers))
 
 
 def _ids(form: dict[str, list[str]]) -> list[int]:
     ids = sorted({int(v) for v in form.get("ids", []) if v.isdigit() and len(v) < 19})
-    return ids[:PAGE_SIZE * 4]
+    return ids[:MAX_BULK]
 
 
 @page
@@ -477,16 +481,27 @@ async def dead_letter_action(request: Request, session: Session,
                              form: dict[str, list[str]]) -> Response:
     """Replay or purge the chosen dead letters, after a confirmation page."""
     action = _first(form, "action")
-    ids = _ids(form)
     back = _local_path(_first(form, "back"), "/console/dead-letters")
+    store = _dc(request).store
+    matching = _first(form, "scope") == "matching" and _first(form, "confirm") != "yes"
+    if matching:
+        # Every dead letter the filters match (newest first, up to MAX_BULK); the
+        # confirmation then carries their ids, so exactly what was shown is acted on.
+        items, total = await admin.dead_letters(store, 0, MAX_BULK,
+                                                **_filters(request, form))
+        ids = [item.id for item in items]
+    else:
+        ids = _ids(form)
     if action not in ("replay", "purge") or not ids:
         return _message(request, 400, "Nothing chosen",
-                        "Choose one or more dead letters, then Replay or Purge.")
-    store = _dc(request).store
+                        "Choose one or more dead letters, then Replay or Purge.", session)
     if _first(form, "confirm") != "yes":
-        items = [item for i in ids if (item := await admin.dead_letter(store, i)) is not None]
+        if not matching:
+            items = [item for i in ids
+                     if (item := await admin.dead_letter(store, i)) is not None]
+            total = len(items)
         return render(request, "confirm.html", session, action=action, items=items,
-                      back=back)
+                      shown=items[:PAGE_SIZE], total=total, back=back)
     if action == "replay":
         count = await admin.replay(store, ids, None, _dc(request).outbox.wake)
     else:
