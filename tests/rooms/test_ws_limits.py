@@ -10,11 +10,19 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from support.rooms import RoomsClient, ws_connect, ws_recv
+from rooms.conftest import env_for
+from support.rooms import Issuer, RoomsClient, Webhook, ws_connect, ws_recv
 from support.server import ServerProcess
+
+
+def _sqlite_env(issuer: Issuer, webhook: Webhook, **extra: str) -> dict[str, str]:
+    """Settings of the shared rooms servers on SQLite, plus `extra` (these limits do not
+    depend on the store engine: one server, not one per engine)."""
+    return {**env_for(issuer, "", webhook), **extra}
 
 
 async def _frames_until(ws: Any, kind: str, within: float = 10.0) -> list[dict[str, Any]]:
@@ -96,13 +104,14 @@ async def test_removed_and_readded_participant_replays_from_zero(rooms: RoomsCli
 
 
 async def test_subscriptions_per_socket_are_capped(
-    server_factory: Callable[..., ServerProcess], rooms_env: dict[str, str],
-    rooms: RoomsClient,
+    server_factory: Callable[..., ServerProcess], issuer: Issuer, webhook: Webhook,
 ) -> None:
-    server = server_factory(env={**rooms_env, "DOVECOTE_ROOMS_WS_MAX_SUBSCRIPTIONS": "3"})
-    client = RoomsClient(server.base_url, rooms.issuer, rooms.http)
-    made = [client.create_room({"alice": "member"}) for _ in range(4)]
-    ws = await ws_connect(server.base_url, rooms.issuer.token("alice"))
+    server = server_factory(env=_sqlite_env(issuer, webhook,
+                                            DOVECOTE_ROOMS_WS_MAX_SUBSCRIPTIONS="3"))
+    with httpx.Client(timeout=30.0) as http:
+        client = RoomsClient(server.base_url, issuer, http)
+        made = [client.create_room({"alice": "member"}) for _ in range(4)]
+    ws = await ws_connect(server.base_url, issuer.token("alice"))
     try:
         for room in made[:3]:
             await ws.send(json.dumps({"action": "subscribe", "room": room, "since": 0}))
@@ -120,13 +129,12 @@ async def test_subscriptions_per_socket_are_capped(
 
 
 async def test_idle_socket_closes_and_frames_count_against_the_ip_limit(
-    server_factory: Callable[..., ServerProcess], rooms_env: dict[str, str],
-    rooms: RoomsClient,
+    server_factory: Callable[..., ServerProcess], issuer: Issuer, webhook: Webhook,
 ) -> None:
-    server = server_factory(env={**rooms_env, "DOVECOTE_WS_IDLE_TIMEOUT": "1",
-                                 "DOVECOTE_RATE_LIMIT_IP": "1",
-                                 "DOVECOTE_RATE_LIMIT_IP_BURST": "8"})
-    token = rooms.issuer.token("alice")
+    server = server_factory(env=_sqlite_env(issuer, webhook, DOVECOTE_WS_IDLE_TIMEOUT="1",
+                                            DOVECOTE_RATE_LIMIT_IP="1",
+                                            DOVECOTE_RATE_LIMIT_IP_BURST="8"))
+    token = issuer.token("alice")
     # Authenticated but subscribed to nothing: closed after a second of silence.
     idle = await ws_connect(server.base_url, token)
     with pytest.raises(ConnectionClosed):
@@ -148,12 +156,11 @@ async def test_idle_socket_closes_and_frames_count_against_the_ip_limit(
 
 
 async def test_admission_over_the_limit_or_draining_closes_1013_or_1012(
-    server_factory: Callable[..., ServerProcess], rooms_env: dict[str, str],
-    rooms: RoomsClient,
+    server_factory: Callable[..., ServerProcess], issuer: Issuer, webhook: Webhook,
 ) -> None:
-    server = server_factory(env={**rooms_env, "DOVECOTE_MAX_WEBSOCKETS": "1",
-                                 "DOVECOTE_DRAIN_DELAY": "5"})
-    token = rooms.issuer.token("alice")
+    server = server_factory(env=_sqlite_env(issuer, webhook, DOVECOTE_MAX_WEBSOCKETS="1",
+                                            DOVECOTE_DRAIN_DELAY="5"))
+    token = issuer.token("alice")
     first = await ws_connect(server.base_url, token)
     try:
         # Before: HTTP 403 (websockets.InvalidStatus), which the rooms client takes as final.
