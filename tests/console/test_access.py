@@ -138,6 +138,11 @@ def test_login_sets_a_strict_session_actions_need_csrf_logout_ends_it(
         assert huge.status_code == 413
         assert c.get(server.base_url + "/console/dead-letters?offset=-1&kind=%00").status_code \
             == 200
+        # Whatever comes back in a page is escaped.
+        hostile = c.get(server.base_url + "/console/dead-letters",
+                        params={"target": '"><script>alert(1)</script>'})
+        assert hostile.status_code == 200 and "<script>alert" not in hostile.text
+        assert "&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in hostile.text
         for item in ("99999999", "0", "9" * 30):
             assert c.get(f"{server.base_url}/console/dead-letters/{item}").status_code == 404
         admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
