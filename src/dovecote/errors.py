@@ -21,6 +21,7 @@
     │   ├── HeadersTooLarge              431  e.m.msg.headers-too-large
     │   ├── Conflict                     409  e.m.req.conflict
     │   ├── MailboxFull                  507  e.m.me.res.storage.mailbox-full
+    │   ├── OutboxFull                   507  e.m.me.res.storage.outbox-full (relay quota)
     │   └── RateLimited                  429  e.m.me.res.rate-limited
     └── ServiceError                     503  e.m.me                 (ours; retry later)
         ├── Overloaded                   503  e.m.me.res.overloaded
@@ -215,6 +216,14 @@ class MailboxFull(ClientError):
 
     status = 507
     code = "e.m.me.res.storage.mailbox-full"
+
+
+class OutboxFull(ClientError):
+    """The relay's outbox is at its global quota; retry after it drains."""
+
+    status = 507
+    code = "e.m.me.res.storage.outbox-full"
+    default_retry_after = 30.0
 
 
 class RateLimited(ClientError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,18 @@ from dovecote.didcomm.packing import Packer
 from dovecote.errors import UnknownRecipient
 from dovecote.ops.settings import Settings
 from support.agent import Agent
+from support.dns import ScriptedDNS
+
+PUBLIC = "93.184.216.34"  # resolved, never connected to
+
+
+@pytest.fixture
+def dns() -> Iterator[ScriptedDNS]:
+    """agent.example and mediator.example resolve to a public address."""
+    server = ScriptedDNS({"agent.example": [PUBLIC], "mediator.example": [PUBLIC],
+                          "inside.example": ["10.0.0.7"]}).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -36,13 +49,23 @@ def test_private_hosts() -> None:
         assert not is_private_host(host), host
 
 
-async def test_routes(packer: Packer) -> None:
-    public = Endpoints(packer, settings())
+async def test_routes(packer: Packer, dns: ScriptedDNS) -> None:
+    public = Endpoints(packer, settings(outbound_dns_server=dns.address))
     allowed = Endpoints(packer, settings(outbound_allow_private=True))
     remote = Agent.create("http://x", endpoint="https://agent.example/inbox")
     route = await public.route(remote.did, b'{"a":1}')
     assert (route.uri, route.payload, route.local) == ("https://agent.example/inbox",
                                                        b'{"a":1}', False)
+    assert route.origin == "https://agent.example/"
+    # The URI is kept as the DID document names it, in canonical form.
+    odd = Agent.create("http://x", endpoint="HTTPS://Agent.Example:443")
+    assert (await public.route(odd.did, b"{}")).uri == "https://agent.example/"
+    # Names that do not resolve, or resolve to a private address, are refused now.
+    for endpoint in ("https://nowhere.example/", "https://inside.example/",
+                     "https://user:pw@agent.example/"):
+        refused = Agent.create("http://x", endpoint=endpoint)
+        with pytest.raises(UnknownRecipient):
+            await public.route(refused.did, b"{}")
 
     loopback = Agent.create("http://x", endpoint="http://127.0.0.1:9/")
     with pytest.raises(UnknownRecipient, match="private"):
@@ -57,12 +80,13 @@ async def test_routes(packer: Packer) -> None:
             await public.route(did, b"{}")
 
 
-async def test_routing_keys_wrap_in_forwards(packer: Packer) -> None:
+async def test_routing_keys_wrap_in_forwards(packer: Packer, dns: ScriptedDNS) -> None:
     mediator = Agent.create("http://x")
     # Bob's DID document: endpoint https://mediator.example/, routing key = his mediator.
     bob = Agent.create("https://mediator.example", mediator.did, via_mediator=True)
     inner = json.dumps({"protected": "x", "ciphertext": "y", "recipients": []}).encode()
-    route = await Endpoints(packer, settings()).route(bob.did, inner)
+    route = await Endpoints(packer, settings(outbound_dns_server=dns.address)).route(
+        bob.did, inner)
     assert route.uri == "https://mediator.example/" and not route.local
     forward = await mediator.unpack(route.payload)  # anoncrypt, for the mediator's key
     assert forward["type"] == "https://didcomm.org/routing/2.0/forward"

@@ -9,6 +9,13 @@ envelope is POSTed to the URI.
 
 Not supported (the DID counts as having no endpoint): ws(s) URIs and service URIs that
 are themselves DIDs (mediator chains resolved through further DID documents).
+
+A route's URI is exactly the one the DID document names, in canonical form (lower-case
+scheme and host, no default port, no user info or fragment, "/" for an empty path): that
+is the URL the outbox POSTs to, and its origin keys the relay quotas. The host is resolved
+when the route is made and must pass the outbound policy (delivery/outbound.py): a `next`
+whose endpoint does not resolve, times out or is not public is refused before anything is
+stored (the connection is checked again when the outbox sends).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from dovecote.delivery import outbound
 from dovecote.errors import UnknownRecipient
 
 if TYPE_CHECKING:
@@ -38,6 +46,35 @@ class Route:
     uri: str
     payload: bytes
     local: bool
+
+    @property
+    def origin(self) -> str:
+        """`scheme://host[:port]/` of a canonical URI (the relay quota's target key)."""
+        parts = urlsplit(self.uri)
+        return f"{parts.scheme}://{parts.netloc}/"
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_uri(uri: str) -> str | None:
+    """The canonical http(s) form of a service URI (see the module doc), or None."""
+    try:
+        parts = urlsplit(uri.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").rstrip(".")
+    if scheme not in DEFAULT_PORTS or not host or parts.username is not None \
+            or parts.password is not None or any(c in host for c in "/\\%@ "):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    path = parts.path or "/"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{scheme}://{netloc}{path}{query}"
 
 
 def _services(doc: dict[str, Any]) -> list[tuple[str, list[str]]]:
@@ -75,6 +112,7 @@ class Endpoints:
     def __init__(self, packer: Packer, settings: Settings) -> None:
         self.packer = packer
         self.allow_private = settings.outbound_allow_private
+        self.policy = outbound.Policy.from_settings(settings)
         own = {settings.base_url, settings.ws_url}
         self.own_uris = {u.rstrip("/") for u in own}
 
@@ -91,12 +129,17 @@ class Endpoints:
                      or bool(key_dids & set(self.packer.identity.dids)))
             if local:
                 return Route(uri, payload, True)
-            host = urlsplit(uri).hostname or ""
-            if not self.allow_private and is_private_host(host):
-                raise UnknownRecipient("the DID's endpoint is a private address")
+            canonical = canonical_uri(uri)
+            if canonical is None:
+                raise UnknownRecipient("the DID's endpoint is not a plain http(s) URL")
+            host = urlsplit(canonical).hostname or ""
             if len(keys) > MAX_ROUTING_KEYS:
                 raise UnknownRecipient("the DID's endpoint has too many routing keys")
-            return Route(uri, await self._wrap(did, keys, payload), False)
+            try:
+                await self.policy.resolve(host)
+            except outbound.OutboundRefused as exc:
+                raise UnknownRecipient(f"the DID's endpoint is refused: {exc.detail}") from None
+            return Route(canonical, await self._wrap(did, keys, payload), False)
         raise UnknownRecipient("the DID has no http(s) DIDComm endpoint")
 
     async def _resolve(self, did: str) -> dict[str, Any]:

@@ -9,6 +9,13 @@ endpoint, the forward is accepted into the outbox (one transaction, dedup key = 
 digest, remembered for the dedup window like a mailbox digest) and the outbox workers
 POST it there. Queuing for a mediatee with no live session
 on this instance also queues its notifications, in the same transaction.
+
+Such an anonymous relay must not make this mediator an amplifier or a proxy: every
+attachment must be a JWE (DIDComm encrypted message, JSON serialization; base64 data must
+decode to one), the endpoint must resolve to allowed addresses (didcomm/endpoints.py), the
+item goes only to the URL the DID document names, and the pending `forward` outbox is
+bounded per target origin and in total, in count and bytes (RELAY_TARGET_MAX_ITEMS/_BYTES,
+RELAY_MAX_ITEMS/_BYTES): past them 429 / 507 with Retry-After, nothing stored.
 """
 
 from __future__ import annotations
@@ -25,9 +32,14 @@ import structlog
 from dovecote.delivery import notify
 from dovecote.didcomm.endpoints import ENCRYPTED
 from dovecote.didcomm.messages import Context, Handler, Inbound, did_field
-from dovecote.errors import MalformedMessage, UnknownRecipient
+from dovecote.errors import (
+    MalformedMessage,
+    OutboxFull,
+    RateLimited,
+    UnknownRecipient,
+)
 from dovecote.ops import metrics
-from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem
+from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem, RelayQuota
 
 log = structlog.get_logger("dovecote.routing")
 
@@ -50,6 +62,30 @@ def attachment_bytes(attachment: Any) -> bytes:
         except (binascii.Error, ValueError) as exc:
             raise MalformedMessage("forward attachment base64 is invalid") from exc
     raise MalformedMessage("forward attachment needs data.json or data.base64")
+
+
+JWE_MEMBERS = ("protected", "iv", "ciphertext", "tag")
+
+
+def is_jwe(payload: bytes) -> bool:
+    """Whether `payload` is a JWE in JSON serialization with at least one recipient."""
+    try:
+        jwe = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    if not isinstance(jwe, dict) or not all(isinstance(jwe.get(k), str) for k in JWE_MEMBERS):
+        return False
+    recipients = jwe.get("recipients")
+    if not isinstance(recipients, list) or not recipients or not all(
+            isinstance(r, dict) and isinstance(r.get("encrypted_key"), str)
+            for r in recipients):
+        return False
+    try:
+        text = jwe["protected"]
+        header = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(header, dict) and isinstance(header.get("enc"), str)
 
 
 async def forward(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
@@ -111,10 +147,15 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
     if ctx.endpoints is None:
         metrics.UNROUTABLE.inc()
         raise UnknownRecipient("next is not a recipient registered with this mediator")
+    if not all(is_jwe(p) for p in payloads):
+        metrics.RELAY_REFUSED.labels("not_jwe").inc()
+        raise MalformedMessage("only encrypted messages (JWE) are relayed to another mediator")
     items: list[NewOutboxItem] = []
+    origin = ""
     try:
         for payload in payloads:
             route = await ctx.endpoints.route(next_hop, payload)
+            origin = route.origin
             if route.local:
                 raise UnknownRecipient(
                     "next is not registered here and its endpoint is this mediator")
@@ -126,9 +167,21 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
             ))
     except UnknownRecipient as exc:
         metrics.UNROUTABLE.inc()
+        metrics.RELAY_REFUSED.labels("unroutable").inc()
         log.warning("forward.unroutable", reason=exc.detail, request_id=inbound.request_id)
         raise
-    added = await ctx.store.outbox_add(items)
+    settings = ctx.settings
+    quota = RelayQuota(origin, settings.relay_target_max_items, settings.relay_target_max_bytes,
+                       settings.relay_max_items, settings.relay_max_bytes,
+                       settings.relay_retry_after)
+    try:
+        added = await ctx.store.outbox_add(items, quota=quota)
+    except (RateLimited, OutboxFull) as exc:
+        reason = "global_quota" if isinstance(exc, OutboxFull) else "target_quota"
+        metrics.RELAY_REFUSED.labels(reason).inc()
+        log.warning("forward.relay_refused", reason=reason, target=origin,
+                    request_id=inbound.request_id)
+        raise
     if added:
         ctx.wake_outbox("forward")
     metrics.RELAYED.inc(len(added))

@@ -102,6 +102,10 @@ OUTBOX_ATTEMPT_SECONDS = Histogram(
     "dovecote_outbox_attempt_duration_seconds", "Duration of one outbound send.", ["kind"],
     buckets=(*LATENCY_BUCKETS, 15.0, 30.0),
 )
+RELAY_REFUSED = Counter(
+    "dovecote_relay_refused", "Forwards for a remote next hop refused at accept time.",
+    ["reason"],
+)
 OUTBOUND_REFUSED = Counter(
     "dovecote_outbound_refused", "Outbound calls not made: the target's lookup failed or "
     "timed out, or it resolved to a non-public address.", ["reason"],

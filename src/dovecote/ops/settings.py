@@ -194,6 +194,25 @@ class Settings(BaseSettings):
         "", description="host:port of the DNS server for outbound lookups (empty: the system "
         "resolver). Lookups that fail or time out are refused either way.",
     )
+    relay_target_max_items: int = Field(
+        500, ge=1, description="Most pending relayed forwards for one target origin "
+        "(scheme://host:port) before new ones get 429 with Retry-After.",
+    )
+    relay_target_max_bytes: int = Field(
+        32 * MiB, ge=1, description="Most pending relayed bytes for one target origin "
+        "before new forwards get 429 with Retry-After.",
+    )
+    relay_max_items: int = Field(
+        5000, ge=1, description="Most pending relayed forwards in total before new ones get "
+        "507 with Retry-After.",
+    )
+    relay_max_bytes: int = Field(
+        256 * MiB, ge=1, description="Most pending relayed bytes in total before new "
+        "forwards get 507 with Retry-After.",
+    )
+    relay_retry_after: float = Field(
+        30.0, gt=0, description="Retry-After (seconds) on forwards refused by a relay quota.",
+    )
     notify_webhook_url: str = Field(
         "", description="Webhook called when a message waits for an offline mediatee."
     )

@@ -91,6 +91,36 @@ class NewOutboxItem:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayQuota:
+    """Limits on pending `forward` outbox items, checked in the transaction that adds.
+
+    `origin` is the target's `scheme://host[:port]/` (targets are stored canonical, see
+    didcomm/endpoints.py): past its per-target share the add raises RateLimited (429), past
+    the totals OutboxFull (507); both carry `retry_after`. Duplicates never count.
+    """
+
+    origin: str
+    target_items: int
+    target_bytes: int
+    total_items: int
+    total_bytes: int
+    retry_after: float = 30.0
+
+    def check(self, usage: tuple[int, int, int, int], items: int, size: int) -> None:
+        """Raise when adding `items` of `size` bytes to `usage` (target n, bytes, total n,
+        bytes) passes a limit."""
+        from dovecote.errors import OutboxFull, RateLimited
+
+        target_n, target_b, total_n, total_b = usage
+        if total_n + items > self.total_items or total_b + size > self.total_bytes:
+            raise OutboxFull("the relay outbox is full; retry later",
+                             retry_after=self.retry_after)
+        if target_n + items > self.target_items or target_b + size > self.target_bytes:
+            raise RateLimited("relay quota for this target reached; retry later",
+                              retry_after=self.retry_after)
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An item that could not be delivered, with why and every attempt."""
 
@@ -264,9 +294,10 @@ class Store(abc.ABC):
 
     # --- outbox and dead letters
     @abc.abstractmethod
-    async def outbox_add(self, items: Sequence[NewOutboxItem]) -> list[int]:
+    async def outbox_add(self, items: Sequence[NewOutboxItem],
+                         quota: RelayQuota | None = None) -> list[int]:
         """Add outbox items (each dedup_key at most once while pending, or for the dedup
-        window when `remember`); return the ids of the items added."""
+        window when `remember`), within `quota` if given; return the ids of those added."""
 
     @abc.abstractmethod
     async def outbox_lease(

@@ -43,6 +43,7 @@ from dovecote.store.base import (
     OutboxTarget,
     QueueStats,
     RecipientConflict,
+    RelayQuota,
     Store,
     StoredMessage,
     UpdateResult,
@@ -682,10 +683,31 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         return await self._write(fn)
 
     # ------------------------------------------------------------------ outbox
-    async def outbox_add(self, items: Sequence[NewOutboxItem]) -> list[int]:
+    async def outbox_add(self, items: Sequence[NewOutboxItem],
+                         quota: RelayQuota | None = None) -> list[int]:
         now = time.time()
 
         async def fn(c: Conn) -> list[int]:
+            if quota is not None:
+                # One relay add at a time cluster-wide, so concurrent accepts cannot each
+                # see room under the quota; other outbox traffic does not take this lock.
+                await c.execute("SELECT pg_advisory_xact_lock(hashtext('dovecote.relay'))")
+                keys = [i.dedup_key for i in items if i.dedup_key is not None]
+                known = {r[0] for r in await c.fetch(
+                    "SELECT dedup_key FROM outbox WHERE dedup_key = ANY($1::text[]) "
+                    "UNION SELECT dedup_key FROM outbox_keys "
+                    "WHERE dedup_key = ANY($1::text[])", keys)}
+                fresh = [i for i in items if i.dedup_key is None or i.dedup_key not in known]
+                row = await c.fetchrow(
+                    "SELECT COUNT(*) FILTER (WHERE left(target, $1) = $2), "
+                    "COALESCE(SUM(octet_length(payload)) FILTER "
+                    "(WHERE left(target, $1) = $2), 0), COUNT(*), "
+                    "COALESCE(SUM(octet_length(payload)), 0) "
+                    "FROM outbox WHERE kind = 'forward'",
+                    len(quota.origin), quota.origin,
+                )
+                quota.check(tuple(int(v) for v in row),  # type: ignore[arg-type]
+                            len(fresh), sum(len(i.payload) for i in fresh))
             ids = await _insert_outbox(c, items, now)
             if ids or not items:
                 return ids

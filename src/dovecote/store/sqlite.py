@@ -42,6 +42,7 @@ from dovecote.store.base import (
     OutboxTarget,
     QueueStats,
     RecipientConflict,
+    RelayQuota,
     Store,
     StoredMessage,
     UpdateResult,
@@ -581,9 +582,28 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         return result
 
     # ------------------------------------------------------------------ outbox
-    async def outbox_add(self, items: Sequence[NewOutboxItem]) -> list[int]:
+    async def outbox_add(self, items: Sequence[NewOutboxItem],
+                         quota: RelayQuota | None = None) -> list[int]:
         now = time.time()
-        result: list[int] = await self._write(lambda c: _insert_outbox(c, items, now))
+
+        def fn(c: sqlite3.Connection) -> list[int]:
+            if quota is not None:
+                fresh = [i for i in items if i.dedup_key is None or not c.execute(
+                    "SELECT 1 FROM outbox WHERE dedup_key = ? UNION ALL "
+                    "SELECT 1 FROM outbox_keys WHERE dedup_key = ?",
+                    (i.dedup_key, i.dedup_key)).fetchone()]
+                row = c.execute(
+                    "SELECT COALESCE(SUM(substr(target, 1, ?) = ?), 0), "
+                    "COALESCE(SUM(CASE WHEN substr(target, 1, ?) = ? THEN length(payload) "
+                    "END), 0), COUNT(*), COALESCE(SUM(length(payload)), 0) "
+                    "FROM outbox WHERE kind = 'forward'",
+                    (len(quota.origin), quota.origin, len(quota.origin), quota.origin),
+                ).fetchone()
+                quota.check(tuple(int(v) for v in row), len(fresh),  # type: ignore[arg-type]
+                            sum(len(i.payload) for i in fresh))
+            return _insert_outbox(c, items, now)
+
+        result: list[int] = await self._write(fn)
         return result
 
     async def outbox_lease(
