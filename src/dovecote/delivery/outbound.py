@@ -122,7 +122,8 @@ class Policy:
         if refused:
             metrics.OUTBOUND_REFUSED.labels("private_address").inc()
             raise OutboundRefused("private_address",
-                                  f"{host} resolves to a non-public address ({refused[0]})")
+                                  f"{host} is or resolves to a private or otherwise "
+                                  f"non-public address ({refused[0]})")
         return [str(a) for a in found]
 
     async def _lookup(self, host: str) -> list[Address]:

@@ -147,9 +147,6 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
     if ctx.endpoints is None:
         metrics.UNROUTABLE.inc()
         raise UnknownRecipient("next is not a recipient registered with this mediator")
-    if not all(is_jwe(p) for p in payloads):
-        metrics.RELAY_REFUSED.labels("not_jwe").inc()
-        raise MalformedMessage("only encrypted messages (JWE) are relayed to another mediator")
     items: list[NewOutboxItem] = []
     origin = ""
     try:
@@ -170,6 +167,10 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
         metrics.RELAY_REFUSED.labels("unroutable").inc()
         log.warning("forward.unroutable", reason=exc.detail, request_id=inbound.request_id)
         raise
+    # After routing, so an unroutable next is told so (404) whatever it carries.
+    if not all(is_jwe(p) for p in payloads):
+        metrics.RELAY_REFUSED.labels("not_jwe").inc()
+        raise MalformedMessage("only encrypted messages (JWE) are relayed to another mediator")
     settings = ctx.settings
     quota = RelayQuota(origin, settings.relay_target_max_items, settings.relay_target_max_bytes,
                        settings.relay_max_items, settings.relay_max_bytes,
