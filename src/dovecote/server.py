@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import socket
 import time
@@ -322,6 +323,9 @@ class Dovecote:
                  request_id=request_id)
 
 
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
 class GuardMiddleware:
     """Request id, RED metrics, concurrency limit, per-IP rate limit, access log."""
 
@@ -341,7 +345,11 @@ class GuardMiddleware:
         route = route_label(path)
         method = scope["method"]
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex[:16]
+        # A client's id is echoed in bodies, headers and logs: only plain tokens are kept
+        # (bytes that are not UTF-8 used to end in a 500 here).
+        given = headers.get(b"x-request-id", b"")[:64]
+        request_id = (given.decode() if _REQUEST_ID.fullmatch(given)
+                      else uuid.uuid4().hex[:16])
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500}

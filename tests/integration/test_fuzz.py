@@ -27,8 +27,17 @@ jwe_like = st.fixed_dictionaries(
         max_size=3)},
     optional={"iv": b64, "tag": b64, "unprotected": json_values},
 )
+# Nesting far past MAX_JSON_DEPTH, closed or not, and text any JSON escape can produce
+# (NUL, lone surrogates): refused before parsing deeply, never a RecursionError or 5xx.
+deep = st.tuples(st.integers(30, 20_000), st.sampled_from([b"[", b'{"a":']),
+                 st.booleans()).map(
+    lambda t: t[1] * t[0] + ((b"]" if t[1] == b"[" else b"1}") * t[0] if t[2] else b""))
+odd_text = st.text(alphabet=st.characters(codec=None, categories=None), max_size=20)
 bodies = st.one_of(
     st.binary(max_size=512),
+    deep,
+    odd_text.map(lambda t: json.dumps({"protected": t, "ciphertext": t,
+                                       "recipients": [{"header": {"kid": t}}]}).encode()),
     json_values.map(lambda v: json.dumps(v).encode()),
     jwe_like.map(lambda v: json.dumps(v).encode()),
 )

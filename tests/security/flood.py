@@ -156,6 +156,24 @@ async def authcrypt_ping(mediator_did: str, sender_did: str) -> bytes:
     return bytes(packed)
 
 
+async def authcrypt(mediator_did: str, sender_did: str, message: dict[str, Any]) -> bytes:
+    """Any plaintext, authcrypted from `sender_did` (json.dumps escapes lone surrogates,
+    which SICPA's packer cannot send)."""
+    data = json.dumps({"id": str(uuid.uuid4()), "typ": PLAINTEXT, "from": sender_did,
+                       "to": [mediator_did], "return_route": "all", **message},
+                      separators=(",", ":")).encode()
+    packed = await _PACKAGING.pack(_CRYPTO, _RESOLVER, _SENDER_SECRETS, data,
+                                   [f"{mediator_did}#key-2"], f"{sender_did}#key-2")
+    return bytes(packed)
+
+
+async def unpack_reply(raw: bytes) -> dict[str, Any]:
+    """A reply the mediator authcrypted for one of our sender DIDs."""
+    data, _meta = await _PACKAGING.unpack(_CRYPTO, _RESOLVER, _SENDER_SECRETS, raw)
+    message: dict[str, Any] = json.loads(data)
+    return message
+
+
 async def flood(url: str, bodies: list[bytes], concurrency: int = 32) -> dict[int, int]:
     """POST every body (`concurrency` at a time); status -> count. aiohttp rather than
     httpx: its per-request overhead is a fraction, and the client must not be the limit."""

@@ -38,7 +38,7 @@ from dovecote.errors import (
     UnresolvableDID,
 )
 from dovecote.util.did import DEFAULT_MAX_DID_BYTES, did_problem
-from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH, depth_exceeds, too_deep
+from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH, depth_exceeds, raw_problem
 from dovecote.util.lru import ByteLRU
 
 # Defaults for the resolver cache (settings.resolver_cache_bytes) and the estimate of
@@ -242,6 +242,8 @@ class Packer:
         self._check_envelope(envelope)
         try:
             result = await self.dmp.unpack(raw)
+        except RecursionError as exc:  # the library parsed a plaintext nested too deeply
+            raise LimitExceeded("plaintext nests too deeply") from exc
         except Exception as exc:  # the library raises several unrelated types
             raise _unpack_error(exc) from exc
         message = result.message
@@ -301,15 +303,20 @@ class Packer:
 
 
 def parse_json(raw: bytes | str, max_depth: int, what: str) -> Any:
-    """JSON from a client: depth checked on the raw text first, never a RecursionError."""
-    if too_deep(raw, max_depth):
-        raise LimitExceeded(f"{what} nests deeper than {max_depth} levels")
+    """JSON from a client: bounded before parsing, depth checked after, never a
+    RecursionError (see dovecote.util.jsonlimits)."""
+    problem = raw_problem(raw, max_depth)
+    if problem is not None:
+        raise LimitExceeded(f"{what} {problem}")
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedMessage(f"{what} is not JSON") from exc
-    except RecursionError as exc:  # malformed in a way the pre-check could not prove deep
-        raise LimitExceeded(f"{what} nests too deeply") from exc
+    except RecursionError as exc:
+        raise LimitExceeded(f"{what} nests deeper than {max_depth} levels") from exc
+    if depth_exceeds(value, max_depth):
+        raise LimitExceeded(f"{what} nests deeper than {max_depth} levels")
+    return value
 
 
 def _unpack_error(exc: Exception) -> Exception:

@@ -40,6 +40,8 @@ from dovecote.errors import DovecoteError
 from dovecote.ops import backup, backup_schedule, metrics, status
 from dovecote.ops.audit import audit, client_cert
 from dovecote.store.base import DeadLetter, MailboxUsage, Store
+from dovecote.util.did import storable
+from dovecote.util.jsonlimits import depth_exceeds, raw_problem
 
 if TYPE_CHECKING:
     from dovecote.server import Dovecote
@@ -162,6 +164,14 @@ def authorize_network(request: Request) -> JSONResponse | None:
     return None
 
 
+# Bounds on admin input: dead-letter ids are BIGINT row ids; texts are filters.
+MAX_ID = 2**63 - 1
+MAX_IDS = 10_000
+MAX_TEXT = 4096
+MAX_BODY_DEPTH = 16
+MAX_BODY_CONTAINERS = 100_000
+
+
 class BadRequest(Exception):
     """An admin request with a missing or ill-typed field (answered 400)."""
 
@@ -213,10 +223,14 @@ async def _body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
         return {}
+    if (problem := raw_problem(raw, MAX_BODY_DEPTH, MAX_BODY_CONTAINERS)) is not None:
+        raise BadRequest(f"body {problem}")
     try:
         body = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest("body is not JSON") from exc
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest("body is not JSON of a few levels") from exc
+    if depth_exceeds(body, MAX_BODY_DEPTH):
+        raise BadRequest(f"body nests deeper than {MAX_BODY_DEPTH} levels")
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     request.state.admin_body = body
@@ -226,15 +240,27 @@ async def _body(request: Request) -> dict[str, Any]:
 def _ids(value: Any) -> list[int] | None:
     if value is None:
         return None
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
-        raise BadRequest("ids must be a non-empty list of integers")
+    if (not isinstance(value, list) or not value or len(value) > MAX_IDS
+            or not all(isinstance(i, int) and not isinstance(i, bool)
+                       and 0 <= i <= MAX_ID for i in value)):
+        raise BadRequest(f"ids must be a list of 1 to {MAX_IDS} dead-letter ids")
+    return value
+
+
+def _text(value: Any, name: str) -> str | None:
+    """An optional string field or query parameter every store can hold."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT or not storable(value):
+        raise BadRequest(f"{name} must be text of at most {MAX_TEXT} characters, "
+                         "without NUL or invalid Unicode")
     return value
 
 
 def _query_int(request: Request, name: str, default: int, high: int) -> int:
     text = request.query_params.get(name, str(default))
-    if not text.isdigit():
+    # isdigit() alone also accepts "²" and other digits int() refuses.
+    if not (text.isascii() and text.isdigit()) or len(text) > 30:
         raise BadRequest(f"{name} must be a non-negative integer")
     return min(int(text), high)
 
@@ -428,15 +454,18 @@ async def dlq_list(request: Request) -> Response:
     offset = _query_int(request, "offset", 0, 10**9)
     limit = _query_int(request, "limit", 100, 1000)
     query = request.query_params
-    items, total = await dead_letters(app.store, offset, limit, kind=query.get("kind"),
-                                      target=query.get("target"), reason=query.get("reason"))
+    items, total = await dead_letters(app.store, offset, limit,
+                                      kind=_text(query.get("kind"), "kind"),
+                                      target=_text(query.get("target"), "target"),
+                                      reason=_text(query.get("reason"), "reason"))
     return JSONResponse({"total": total, "items": [dead_letter_json(i) for i in items]})
 
 
 @admin_route
 async def dlq_show(request: Request) -> Response:
     app: Dovecote = request.app.state.dovecote
-    item = await dead_letter(app.store, int(request.path_params["item_id"]))
+    item_id = int(request.path_params["item_id"])
+    item = await dead_letter(app.store, item_id) if 0 <= item_id <= MAX_ID else None
     if item is None:
         return _deny(404, "not_found", "no such dead letter")
     return JSONResponse(dead_letter_json(item, with_payload=True))
@@ -448,9 +477,7 @@ async def dlq_replay(request: Request) -> Response:
     app: Dovecote = request.app.state.dovecote
     body = await _body(request)
     ids = _ids(body.get("ids"))
-    target = body.get("target")
-    if target is not None and not isinstance(target, str):
-        raise BadRequest("target must be a string")
+    target = _text(body.get("target"), "target")
     if body.get("all") is not True and ids is None:
         raise BadRequest("give ids or all=true")
     count = await replay(app.store, ids, target, app.outbox.wake)
@@ -465,8 +492,8 @@ async def dlq_purge(request: Request) -> Response:
     ids = _ids(body.get("ids"))
     older = body.get("older_than_seconds")
     if older is not None and (not isinstance(older, int | float) or isinstance(older, bool)
-                              or older < 0):
-        raise BadRequest("older_than_seconds must be a non-negative number")
+                              or not 0 <= older < 1e12):
+        raise BadRequest("older_than_seconds must be a non-negative number of seconds")
     if ids is None and older is None:
         raise BadRequest("give ids or older_than_seconds")
     count = await purge(app.store, ids, older)
@@ -477,9 +504,7 @@ async def dlq_purge(request: Request) -> Response:
 async def degradation(request: Request) -> Response:
     app: Dovecote = request.app.state.dovecote
     if request.method == "POST":
-        level = (await _body(request)).get("level")
-        if level is not None and not isinstance(level, str):
-            raise BadRequest("level must be a string")
+        level = _text((await _body(request)).get("level"), "level")
         try:
             set_degradation(app, level)
         except ValueError as exc:

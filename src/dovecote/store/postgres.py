@@ -64,7 +64,7 @@ from dovecote.store.sqlite import (
     _outbox_item,
     _recipient_candidates,
 )
-from dovecote.util.did import base_did
+from dovecote.util.did import base_did, storable
 
 log = structlog.get_logger("dovecote.store.postgres")
 
@@ -425,6 +425,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         )
 
     async def get_mediation(self, did: str) -> MediationState | None:
+        if not storable(did):
+            return None
         state = await self._read(
             lambda c: c.fetchval("SELECT state FROM mediations WHERE did = $1", did)
         )
@@ -458,6 +460,9 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             for given, action in updates:
                 # One owner per identity: every form of a DID registers its base DID.
                 recipient = base_did(given)
+                if not storable(recipient):
+                    results.append("client_error")
+                    continue
                 if action == "add":
                     results.append(await add(c, recipient))
                 elif action == "remove":
@@ -492,6 +497,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
 
     async def find_mediatee(self, recipient: str) -> str | None:
         base = base_did(recipient)
+        if not storable(base):
+            return None
         mediatee = await self._read(
             lambda c: c.fetchval("SELECT mediatee FROM recipients WHERE recipient = $1", base)
         )

@@ -49,7 +49,7 @@ from dovecote.store.base import (
 )
 from dovecote.store.sqlite_rooms import SQLiteRoomsMixin
 from dovecote.store.sqlite_v1 import SQLiteV1Mixin
-from dovecote.util.did import base_did
+from dovecote.util.did import base_did, storable
 
 log = structlog.get_logger("dovecote.store.sqlite")
 
@@ -334,6 +334,8 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         await self._write(fn)
 
     async def get_mediation(self, did: str) -> MediationState | None:
+        if not storable(did):
+            return None
         row = await self._read(
             lambda c: c.execute("SELECT state FROM mediations WHERE did = ?", (did,)).fetchone()
         )
@@ -349,6 +351,9 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
             for given, action in updates:
                 # One owner per identity: every form of a DID registers its base DID.
                 recipient = base_did(given)
+                if not storable(recipient):
+                    results.append("client_error")
+                    continue
                 if action == "add":
                     owner = c.execute(
                         "SELECT mediatee FROM recipients WHERE recipient = ?", (recipient,)
@@ -398,6 +403,8 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
 
     async def find_mediatee(self, recipient: str) -> str | None:
         base = base_did(recipient)
+        if not storable(base):
+            return None
 
         def fn(c: sqlite3.Connection) -> str | None:
             row = c.execute(

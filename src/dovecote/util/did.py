@@ -46,3 +46,17 @@ def did_problem(value: object, max_bytes: int = DEFAULT_MAX_DID_BYTES) -> str | 
     if not value.startswith("did:") or value.count(":") < 2:
         return "is not a DID"
     return None
+
+
+def storable(text: str) -> bool:
+    """True when every store can hold `text` as is: no NUL (PostgreSQL text refuses it)
+    and no lone surrogate (not encodable as UTF-8). Callers validate first; the stores
+    check again so that an unvalidated path answers "unknown" rather than a driver error.
+    """
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
