@@ -200,9 +200,11 @@ async def test_websockets_per_address_and_handshake_rate(
         await first.close()
         await second.close()
     await asyncio.sleep(0.3)
-    # The cap freed, but 3 handshakes used the burst: the next one is over the rate.
+    # The cap freed, but 3 handshakes used the burst: the next one is over the rate, on
+    # the rooms socket as on /ws (the limits are per address, not per path).
+    rooms_url = server.ws_url.removesuffix("/ws") + "/v1/rooms/ws"
     with pytest.raises(websockets.InvalidStatus) as refused:
-        await websockets.connect(server.ws_url)
+        await websockets.connect(rooms_url)
     assert refused.value.response.status_code == 429
 
 
