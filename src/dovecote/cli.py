@@ -344,6 +344,10 @@ def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
         return await admin.replay(store, None, target)
 
     count = _run(_with_store(settings, replay))
+    from dovecote.ops.audit import audit, cli_caller
+
+    audit(None, "dlq.replay", f"ids={[item_id] if item_id is not None else 'all'} "
+          f"target={target}", caller=cli_caller(), level="warning", count=count)
     # A running server picks replayed items up at its next outbox poll (about 1 s).
     click.echo(f"replayed {count}")
 
@@ -361,6 +365,10 @@ def dlq_purge(item_id: int | None, older_than: float | None, **options: Any) -> 
     settings = _settings(options)
     ids = [item_id] if item_id is not None else None
     count = _run(_with_store(settings, lambda s: admin.purge(s, ids, older_than)))
+    from dovecote.ops.audit import audit, cli_caller
+
+    audit(None, "dlq.purge", f"ids={ids} older_than={older_than}", caller=cli_caller(),
+          level="warning", count=count)
     click.echo(f"purged {count}")
 
 

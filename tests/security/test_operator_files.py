@@ -8,6 +8,7 @@ details and /metrics behind the token / an allowlist.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -176,3 +177,17 @@ def test_health_details_need_the_admin_token_and_metrics_can_be_allowlisted(
         assert scraped.status_code == 200
         assert "dovecote_metrics_forbidden_total 1.0" in scraped.text
         assert 'dovecote_admin_auth_failures_total{reason="unauthorized"} 1.0' in scraped.text
+
+
+def test_operator_commands_write_audit_lines(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    server = server_factory()
+    server.stop()
+    result = dovecote("dlq", "purge", "--older-than", "0", "--data-dir", str(server.data_dir),
+                      env={"DOVECOTE_LOG_FORMAT": "json"})
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [line] = [e for e in lines if e.get("event") == "audit"]
+    assert line["action"] == "dlq.purge" and line["who"].startswith("cli:")
+    assert line["target"] == "ids=None older_than=0.0" and line["outcome"] == "ok"

@@ -14,6 +14,7 @@ Anything else that helps (counts, HTTP status) goes in extra fields. Used by the
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import structlog
@@ -50,11 +51,23 @@ def who(conn: HTTPConnection) -> str:
     return f"{address} cert={subject}" if subject else address
 
 
+def cli_caller() -> str:
+    """`cli:<user>`: who runs an operator command on this host."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (containers with arbitrary uids)
+        return f"cli:uid={os.getuid()}"
+
+
 def audit(conn: HTTPConnection | None, action: str, target: Any = "",
-          outcome: str = "ok", *, caller: str | None = None, **fields: Any) -> None:
-    """Write one audit line. `caller` overrides `who(conn)` (e.g. for the CLI)."""
+          outcome: str = "ok", *, caller: str | None = None, level: str = "info",
+          **fields: Any) -> None:
+    """Write one audit line. `caller` overrides `who(conn)` (e.g. `cli_caller()`); the CLI
+    logs at `warning` so the line passes its quieter log level."""
     text = target if isinstance(target, str) else repr(target)
-    log.info(
+    getattr(log, level)(
         "audit",
         who=caller if caller is not None else (who(conn) if conn is not None else "?"),
         action=action,
