@@ -194,3 +194,24 @@ def test_conflicts_from_before_are_reported_at_start_and_by_the_cli(
         "recipient": "did:example:r#key-2", "base": "did:example:r",
         "mediatee": "did:example:x", "owner": "did:example:y", "registered_at": 2.0,
         "queued": 1}
+
+
+async def test_allowlist_policy_closes_registration_to_strangers(
+        server_factory: Any, client: httpx.AsyncClient) -> None:
+    """MEDIATION_POLICY=allowlist: only listed DIDs (a DID URL stands for its DID) get a
+    grant; a stranger cannot register anyone's DID, so nothing is first-come any more."""
+    listed = Agent.create("http://placeholder")
+    stranger = Agent.create("http://placeholder")
+    server = server_factory(env={"DOVECOTE_MEDIATION_POLICY": "allowlist",
+                                 "DOVECOTE_MEDIATION_ALLOWLIST": f"{listed.did}#key-1"})
+    for agent in (listed, stranger):
+        agent.base_url, agent.mediator_did = server.base_url, server.did
+    grant = await listed.request(client, f"{CM3}/mediate-request")
+    assert grant["type"] == f"{CM3}/mediate-grant"
+    deny = await stranger.request(client, f"{CM3}/mediate-request")
+    assert deny["type"] == f"{CM3}/mediate-deny"
+    status, reply = await stranger.send_http(client, stranger.message(
+        f"{CM3}/recipient-update",
+        {"updates": [{"recipient_did": listed.did, "action": "add"}]}))
+    assert reply is not None and reply["body"]["code"] == "e.p.req.not-granted", reply
+    assert await _update(listed, client, CM3, listed.did) == "success"
