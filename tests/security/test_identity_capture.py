@@ -210,7 +210,7 @@ async def test_allowlist_policy_closes_registration_to_strangers(
     assert grant["type"] == f"{CM3}/mediate-grant"
     deny = await stranger.request(client, f"{CM3}/mediate-request")
     assert deny["type"] == f"{CM3}/mediate-deny"
-    status, reply = await stranger.send_http(client, stranger.message(
+    _, reply = await stranger.send_http(client, stranger.message(
         f"{CM3}/recipient-update",
         {"updates": [{"recipient_did": listed.did, "action": "add"}]}))
     assert reply is not None and reply["body"]["code"] == "e.p.req.not-granted", reply
