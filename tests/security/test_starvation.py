@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,20 @@ async def _ws_forward(server: ServerProcess, alice: Agent, packed: str,
         return type(exc).__name__, time.perf_counter() - started
 
 
+@pytest.fixture
+def open_files() -> Iterator[None]:
+    """Room for a thousand sockets in the server, which inherits this process's limit (a
+    soft limit of 1024 is common; the attacker raises its own)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 async def test_other_client_is_served_during_attack(
-    scenario: str, server_factory: Callable[..., ServerProcess],
+    scenario: str, open_files: None, server_factory: Callable[..., ServerProcess],
 ) -> None:
     server = server_factory(env=dict(ENV))
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
