@@ -66,3 +66,15 @@ def test_backoff_is_full_jitter_capped() -> None:
         assert all(0 <= s <= ceiling for s in samples)
         assert max(samples) > 0.8 * ceiling  # spread over the whole range
     assert backoff(10_000, 1.0, 600.0) <= 600.0
+
+
+def test_remembered_urls_are_bounded_in_bytes() -> None:
+    from dovecote.delivery import breaker as module
+
+    breakers = module.Breakers(threshold=1, reset=30.0, trials=1)
+    for host in range(3000):
+        for path in range(5):
+            breakers.state(f"https://h{host}.example/{path}/" + "p" * 4000)
+    assert breakers._url_bytes <= module.MAX_URL_BYTES
+    held = sum(len(u) for b in breakers._breakers.values() for u in b.urls)
+    assert held == breakers._url_bytes

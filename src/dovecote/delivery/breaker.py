@@ -36,6 +36,10 @@ State = Literal["closed", "open", "half-open"]
 STATE_VALUE = {"closed": 0, "half-open": 1, "open": 2}
 MAX_TARGETS = 10_000
 MAX_URLS_PER_TARGET = 100
+# URLs come from DID documents anyone can write: their bytes are bounded in all, not only
+# their count (10,000 targets x 100 URLs x 4 KiB would be 4 GB). A URL not remembered is
+# only not pre-filtered from leases; its sends still consult the breaker.
+MAX_URL_BYTES = 8 * 1024 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -74,6 +78,7 @@ class Breakers:
         self.max_trials = trials
         self.clock = clock
         self._breakers: OrderedDict[str, Breaker] = OrderedDict()
+        self._url_bytes = 0
 
     def _get(self, url: str) -> Breaker:
         key = target_key(url)
@@ -82,11 +87,14 @@ class Breakers:
             breaker = self._breakers[key] = Breaker(key)
             if len(self._breakers) > MAX_TARGETS:
                 _, old = self._breakers.popitem(last=False)
+                self._url_bytes -= sum(len(u) for u in old.urls)
                 with contextlib.suppress(KeyError):
                     metrics.BREAKER_STATE.remove(old.key)
         self._breakers.move_to_end(key)
-        if len(breaker.urls) < MAX_URLS_PER_TARGET:
+        if (len(breaker.urls) < MAX_URLS_PER_TARGET and url not in breaker.urls
+                and self._url_bytes + len(url) <= MAX_URL_BYTES):
             breaker.urls.add(url)
+            self._url_bytes += len(url)
         self._refresh(breaker)
         return breaker
 
