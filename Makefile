@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 DEVSTAMP= $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos clean
+.PHONY: serve test lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos ha ha-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +63,7 @@ lint: $(DEVSTAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .venv-tools .test-env tests/interop/node/node_modules
+	rm -rf $(VENV) .venv-tools .venv-ha .test-env tests/interop/node/node_modules
 
 ## Benchmarks into bench/results/: BENCH_PROFILE=quick (default, ~10 min) or full (soak, 1M).
 bench: $(DEVSTAMP) postgres
@@ -83,3 +83,13 @@ acapy:
 interop: $(DEVSTAMP) acapy postgres
 	. ./.test-env 2>/dev/null; DOVECOTE_INTEROP_ACAPY=1 $(BIN)/python -m pytest -q -rs \
 	  --durations=10 -p no:cacheprovider tests/interop/test_acapy_mediation.py $(PYTEST_ARGS)
+
+## What `make ha` needs: etcd and HAProxy (Debian packages), Patroni 4 in .venv-ha.
+ha-tools:
+	bash scripts/install-ha.sh
+
+## High availability: a real 3-node Patroni + etcd cluster on loopback (and one in network
+## namespaces), failover scenarios under load from two instances (tests/ha, ~5 min).
+ha: $(DEVSTAMP) ha-tools postgres
+	DOVECOTE_HA=1 $(BIN)/python -m pytest -q -s -rs --durations=0 -p no:cacheprovider \
+	  tests/ha $(PYTEST_ARGS)
