@@ -85,6 +85,9 @@ async def ws(args: argparse.Namespace) -> dict[str, Any]:
         except (OSError, TimeoutError, ConnectionClosed):
             outcomes["connect_failed"] += 1
             return
+        except Exception as exc:  # e.g. InvalidMessage: closed before any answer
+            outcomes[type(exc).__name__] += 1
+            return
         held.append(sock)
         try:
             await asyncio.wait_for(sock.wait_closed(), max(0.1, end - time.monotonic()))

@@ -114,7 +114,7 @@ async def test_other_client_is_served_during_attack(
 
     attacker = await asyncio.create_subprocess_exec(
         sys.executable, str(ATTACKER), *SCENARIOS[scenario], "--port", str(server.port),
-        stdout=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     results: list[tuple[str, str, float]] = []
     try:
         await asyncio.sleep(3.0)  # the attack is in place
@@ -124,12 +124,14 @@ async def test_other_client_is_served_during_attack(
                 results.append(("ws", *await _ws_forward(server, alice, forwards[probes + n],
                                                          status_request)))
             await asyncio.sleep(0.5)
-        out, _ = await asyncio.wait_for(attacker.communicate(), 60)
+        out, err = await asyncio.wait_for(attacker.communicate(), 60)
     finally:
         if attacker.returncode is None:
             attacker.kill()
             await attacker.wait()
-    attack: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    lines = out.decode().strip().splitlines()
+    assert attacker.returncode == 0 and lines, err.decode()[-3000:]
+    attack: dict[str, Any] = json.loads(lines[-1])
     latencies = [round(seconds, 3) for _, _, seconds in results]
     print(f"\n{scenario}: attacker {attack}; other client {results}")
 
