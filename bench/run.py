@@ -110,6 +110,12 @@ async def main(args: argparse.Namespace) -> int:
             suites.append(await scenarios.forward_suite(label, engine, instances, workers,
                                                         profile, recipients, payloads))
     if "peer" in parts:
+        # Like for like first: Dovecote on the ACA-Py peer's own v1 work (ACA-Py packs).
+        print("peer: Dovecote as DIDComm v1 mediator, ACA-Py as client ...", flush=True)
+        v1 = await scenarios.dovecote_v1_suite(profile)
+        suites.append(v1)
+        if v1.skipped:
+            print(f"peer: Dovecote v1 not measured: {v1.skipped}", flush=True)
         peer = await scenarios.acapy_suite(profile)
         suites.append(peer)
         if peer.skipped:

@@ -203,3 +203,37 @@ async def acapy_suite(profile: Profile) -> ForwardSuite:
         finally:
             mediator.stop()
     return suite
+
+
+async def dovecote_v1_suite(profile: Profile) -> ForwardSuite:
+    """Dovecote as the v1 mediator on the ACA-Py peer's exact work: an ACA-Py recipient
+    mediated through /invitation/v1, offline, and forwards packed by ACA-Py (the client)."""
+    from bench.peer import acapy
+
+    rates = profile.rates[:2]
+    suite = ForwardSuite("Dovecote, DIDComm v1 forwards from ACA-Py (SQLite)")
+    if why := acapy.installed():
+        suite.skipped = why
+        return suite
+    need = int(sum(rates) * profile.step_seconds + 1500 * profile.saturation_seconds)
+    with servers.workdir("dovecote-v1") as work:
+        # Set-up replies reach the recipient at its loopback endpoint; the measured run
+        # then refuses private endpoints again (the default), so the stopped recipient is an
+        # offline mailbox owner as at ACA-Py (whose undelivered queue keeps the forwards).
+        server = servers.Dovecote(work, identity=forwards.mediator_identity(),
+                                  env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"}).start()
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                url = (await client.get(server.base_urls[0] + "/invitation/v1?format=url")).text
+            print(f"v1: ACA-Py recipient via Dovecote, packing {need} forwards ...", flush=True)
+            payloads = await asyncio.to_thread(acapy.recipient_forwards, work, url, need)
+            server.stop()
+            server.env = {}
+            server.start()
+            suite.steps = await _steps(suite.label, server.ports, server.pids, payloads,
+                                       profile, rates, content_type=acapy.WIRE)
+        except Exception as exc:  # a failed v1 run must not lose the other results
+            suite.skipped = f"v1 run failed: {exc!r}"[:300]
+        finally:
+            server.stop()
+    return suite

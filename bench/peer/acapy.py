@@ -54,6 +54,46 @@ def _start(work: Path, label: str, port: int, admin: int,
         env={**os.environ, "HOME": str(work)}, stdout=log, stderr=subprocess.STDOUT, cwd=work)
 
 
+HANDSHAKE = {"handshake_protocols": ["https://didcomm.org/didexchange/1.0"]}
+
+
+def version() -> str:
+    return subprocess.run([str(ACAPY), "--version"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def recipient_forwards(work: Path, mediator_invitation: str, forwards: int) -> list[bytes]:
+    """ACA-Py as the client: a recipient mediated from `mediator_invitation` (any v1
+    mediator: ACA-Py's or Dovecote's /invitation/v1), then stopped (an offline mailbox
+    owner), and `forwards` forwards for it packed by ACA-Py's own DIDComm v1 code."""
+    r_port, r_admin = servers.free_port(), servers.free_port()
+    recipient = _start(work, "recipient", r_port, r_admin,
+                       ["--mediator-invitation", mediator_invitation])
+    try:
+        servers.wait_http(f"http://127.0.0.1:{r_admin}/status/ready", recipient, 120,
+                          work / "recipient.log")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = httpx.get(f"http://127.0.0.1:{r_admin}/mediation/requests",
+                              timeout=10).json()["results"]
+            if any(m["state"] == "granted" for m in found):
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("ACA-Py recipient was not granted mediation in 60 s")
+        invitation = httpx.post(
+            f"http://127.0.0.1:{r_admin}/out-of-band/create-invitation", json=HANDSHAKE,
+            timeout=30).json()
+        (work / "invitation.json").write_text(json.dumps(invitation))
+    finally:
+        servers.stop_process(recipient)
+    out = work / "forwards.bin"
+    subprocess.run([str(VENV / "bin" / "python"), str(HERE / "acapy_pack.py"),
+                    str(work / "invitation.json"), str(forwards), str(out)],
+                   check=True, capture_output=True)
+    return _read(out)
+
+
 class AcaPyMediator:
     """A running ACA-Py mediator with one offline mediated recipient and packed forwards."""
 
@@ -64,41 +104,14 @@ class AcaPyMediator:
         self.version = ""
 
     def start(self, forwards: int) -> list[bytes]:
-        self.version = subprocess.run([str(ACAPY), "--version"], capture_output=True,
-                                      text=True).stdout.strip()
+        self.version = version()
         self.proc = _start(self.work, "mediator", self.port, self.admin,
                            ["--open-mediation", "--enable-undelivered-queue"])
         servers.wait_http(f"http://127.0.0.1:{self.admin}/status/ready", self.proc, 120,
                           self.work / "mediator.log")
-        body = {"handshake_protocols": ["https://didcomm.org/didexchange/1.0"]}
         url = httpx.post(f"http://127.0.0.1:{self.admin}/out-of-band/create-invitation",
-                         json=body, timeout=30).json()["invitation_url"]
-        r_port, r_admin = servers.free_port(), servers.free_port()
-        recipient = _start(self.work, "recipient", r_port, r_admin,
-                           ["--mediator-invitation", url])
-        try:
-            servers.wait_http(f"http://127.0.0.1:{r_admin}/status/ready", recipient, 120,
-                              self.work / "recipient.log")
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                found = httpx.get(f"http://127.0.0.1:{r_admin}/mediation/requests",
-                                  timeout=10).json()["results"]
-                if any(m["state"] == "granted" for m in found):
-                    break
-                time.sleep(0.5)
-            else:
-                raise RuntimeError("ACA-Py recipient was not granted mediation in 60 s")
-            invitation = httpx.post(
-                f"http://127.0.0.1:{r_admin}/out-of-band/create-invitation", json=body,
-                timeout=30).json()
-            (self.work / "invitation.json").write_text(json.dumps(invitation))
-        finally:
-            servers.stop_process(recipient)
-        out = self.work / "forwards.bin"
-        subprocess.run([str(VENV / "bin" / "python"), str(HERE / "acapy_pack.py"),
-                        str(self.work / "invitation.json"), str(forwards), str(out)],
-                       check=True, capture_output=True)
-        return _read(out)
+                         json=HANDSHAKE, timeout=30).json()["invitation_url"]
+        return recipient_forwards(self.work, url, forwards)
 
     def stop(self) -> None:
         servers.stop_process(self.proc)

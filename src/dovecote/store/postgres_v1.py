@@ -80,6 +80,10 @@ class PostgresV1Mixin(V1Store):
                 "VALUES ($1, $2, 'outbox', $3) ON CONFLICT DO NOTHING RETURNING 1",
                 recipient, digest, now)
             if inserted is None:
+                # A write, so that the duplicate's success answer also waits for the
+                # synchronous standby (store/pg_ha.py), like Store.enqueue's duplicates.
+                await c.execute("UPDATE dedup SET message_id = message_id "
+                                "WHERE recipient = $1 AND digest = $2", recipient, digest)
                 return False
             await _insert_outbox(c, [item], now)
             return True
