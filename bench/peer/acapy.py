@@ -85,6 +85,18 @@ def recipient_forwards(work: Path, mediator_invitation: str, forwards: int) -> l
             f"http://127.0.0.1:{r_admin}/out-of-band/create-invitation", json=HANDSHAKE,
             timeout=30).json()
         (work / "invitation.json").write_text(json.dumps(invitation))
+        # The invitation key reaches the mediator in a keylist-update sent after the
+        # invitation is made: wait for the mediator's confirmation before stopping.
+        key = invitation["invitation"]["services"][0]["recipientKeys"][0].split("#")[0]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            routes = httpx.get(f"http://127.0.0.1:{r_admin}/mediation/keylists",
+                               params={"role": "client"}, timeout=10).json()["results"]
+            if any(str(r.get("recipient_key", "")).split("#")[0] == key for r in routes):
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("the mediator did not confirm the invitation key in 60 s")
     finally:
         servers.stop_process(recipient)
     out = work / "forwards.bin"

@@ -284,6 +284,26 @@ def test_registered_fcm_device_gets_the_push_for_an_offline_mailbox(
     assert b"secret" not in push.received[0].body
 
 
+def test_forward_expires_time_caps_the_ttl(server_factory: Any) -> None:
+    shared_server = server_factory(env={"DOVECOTE_SWEEP_INTERVAL": "0.5"})
+    agent, recipient = _mediated(shared_server)
+    inner = envelope.pack(b'{"@type": "x"}', [recipient], None)
+    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
+    fwd = msg("routing/1.0/forward", to=recipient, msg=json.loads(inner),
+              **{"~timing": {"expires_time": soon}})
+    sent = envelope.pack(json.dumps(fwd).encode(), [agent.routing_key], None)
+    assert post_raw(shared_server.base_url, sent).status_code == 202
+    status = agent.ask(msg("messagepickup/2.0/status-request"))
+    assert status["message_count"] == 1
+    # Expired messages leave the mailbox at the next sweep (dead letters), not delivered.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if agent.ask(msg("messagepickup/2.0/status-request"))["message_count"] == 0:
+            break
+        time.sleep(0.5)
+    assert agent.ask(msg("messagepickup/2.0/status-request"))["message_count"] == 0
+
+
 def test_v1_mailbox_limit_and_dead_letters(server_factory: Any, endpoints: Any) -> None:
     gone = endpoints(default="404")
     server = server_factory(env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",

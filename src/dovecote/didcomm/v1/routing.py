@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,6 +54,21 @@ def deliverable_endpoint(ctx: V1Context, endpoint: str) -> str | None:
     return None if endpoint.rstrip("/") in own else endpoint
 
 
+def _expires_time(message: dict[str, Any]) -> float | None:
+    """`~timing.expires_time` (RFC 0032, ISO 8601 UTC) as UNIX seconds, if valid."""
+    timing = message.get("~timing")
+    value = timing.get("expires_time") if isinstance(timing, dict) else None
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
 async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
     ctx.core.degradation.require_accepting()
     recipient = to_did_key(inbound.message.get("to"))
@@ -87,6 +103,9 @@ async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
                  version="v1", request_id=inbound.request_id)
         return []
     expires_at = time.time() + ctx.core.settings.message_ttl
+    requested = _expires_time(inbound.message)
+    if requested is not None:
+        expires_at = min(expires_at, requested)
     await v2_routing.store_for(ctx.core, mediatee, recipient, payload, expires_at,
                                inbound.request_id)
     return []
