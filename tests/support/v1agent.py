@@ -20,6 +20,14 @@ from dovecote.didcomm.v1 import envelope
 V1 = "application/didcomm-envelope-enc"
 
 
+@dataclass
+class Special:
+    """The v1 tests' server with non-default settings (tests/v1/conftest.py)."""
+
+    server: Any
+    push: Any
+
+
 def msg(type_: str, **body: Any) -> dict[str, Any]:
     return {"@type": f"https://didcomm.org/{type_}", "@id": str(uuid.uuid4()), **body}
 

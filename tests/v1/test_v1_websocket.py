@@ -12,7 +12,7 @@ from aries_askar import Key, KeyAlg
 
 from dovecote.didcomm.v1 import envelope
 from support.server import ServerProcess
-from support.v1agent import V1Agent, forward_for, msg, post_raw
+from support.v1agent import Special, V1Agent, forward_for, msg, post_raw
 
 
 async def _recv(agent: V1Agent, ws: Any, within: float = 10.0) -> dict[str, Any]:
@@ -30,10 +30,10 @@ def _mediated(server: ServerProcess) -> tuple[V1Agent, str]:
 
 
 async def test_implicit_pickup_keeps_messages_until_acknowledged(
-        shared_server: ServerProcess) -> None:
-    agent, recipient = _mediated(shared_server)
-    post_raw(shared_server.base_url, forward_for(agent.routing_key, recipient, "queued"))
-    async with websockets.connect(shared_server.ws_url) as ws:
+        v1_server: ServerProcess) -> None:
+    agent, recipient = _mediated(v1_server)
+    post_raw(v1_server.base_url, forward_for(agent.routing_key, recipient, "queued"))
+    async with websockets.connect(v1_server.ws_url) as ws:
         ping = msg("trust_ping/1.0/ping", **{"~transport": {"return_route": "all"}})
         await ws.send(agent.pack(ping).decode())
         frames = [await asyncio.wait_for(ws.recv(), 10) for _ in range(2)]
@@ -46,13 +46,13 @@ async def test_implicit_pickup_keeps_messages_until_acknowledged(
         assert recipient in kinds  # the queued message, raw, for the recipient key
         assert agent.verkey in kinds  # the ping response
         # A message arriving while the socket is open is pushed at once.
-        post_raw(shared_server.base_url, forward_for(agent.routing_key, recipient, "live"))
+        post_raw(v1_server.base_url, forward_for(agent.routing_key, recipient, "live"))
         pushed = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert pushed["tag"] != kinds[recipient]["tag"]
     # The socket is gone without an ack: both messages are still queued.
     status = agent.ask(msg("messagepickup/2.0/status-request"))
     assert status["message_count"] == 2
-    async with websockets.connect(shared_server.ws_url) as ws:
+    async with websockets.connect(v1_server.ws_url) as ws:
         ack = msg("messagepickup/2.0/messages-received",
                   message_tag_list=[kinds[recipient]["tag"], pushed["tag"]],
                   **{"~transport": {"return_route": "all"}})
@@ -68,14 +68,14 @@ async def test_implicit_pickup_keeps_messages_until_acknowledged(
 
 
 async def test_live_mode_delivers_wrapped_and_needs_messages_received(
-        shared_server: ServerProcess) -> None:
-    agent, recipient = _mediated(shared_server)
-    async with websockets.connect(shared_server.ws_url) as ws:
+        v1_server: ServerProcess) -> None:
+    agent, recipient = _mediated(v1_server)
+    async with websockets.connect(v1_server.ws_url) as ws:
         await ws.send(agent.pack(msg("messagepickup/2.0/live-delivery-change",
                                      live_delivery=True)).decode())
         status = await _recv(agent, ws)
         assert status["@type"].endswith("/status") and status["live_delivery"] is True
-        post_raw(shared_server.base_url, forward_for(agent.routing_key, recipient, "live"))
+        post_raw(v1_server.base_url, forward_for(agent.routing_key, recipient, "live"))
         delivery = await _recv(agent, ws)
         assert delivery["@type"] == "https://didcomm.org/messagepickup/2.0/delivery"
         attached = delivery["~attach"][0]
@@ -89,8 +89,8 @@ async def test_live_mode_delivers_wrapped_and_needs_messages_received(
     assert agent.open(refused.content)["@type"].endswith("/problem-report")
 
 
-async def test_implicit_pickup_socket_is_not_closed_as_idle(server_factory: Any) -> None:
-    server = server_factory(env={"DOVECOTE_WS_IDLE_TIMEOUT": "1"})
+async def test_implicit_pickup_socket_is_not_closed_as_idle(v1_special: Special) -> None:
+    server = v1_special.server
     agent, recipient = _mediated(server)
     async with websockets.connect(server.ws_url) as ws:
         await ws.send(agent.pack(msg("trust_ping/1.0/ping", response_requested=False, **{

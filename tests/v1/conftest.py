@@ -1,0 +1,48 @@
+"""Servers shared by the v1 tests (a server start costs seconds on a busy machine)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from support.endpoint import FlakyEndpoint
+from support.postgres import fresh_database
+from support.server import ServerProcess, free_port
+from support.v1agent import Special
+
+
+@pytest.fixture(scope="package", params=["sqlite", "postgres"])
+def v1_server(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One default server per store engine for every v1 test module."""
+    tmp = tmp_path_factory.mktemp("v1")
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str] = {}
+        if request.param == "postgres":
+            env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
+        server = ServerProcess(data_dir=tmp / "data", port=free_port(), env=env,
+                               log_path=tmp / "server.log")
+        stack.callback(server.kill)
+        server.start()
+        yield server
+
+
+@pytest.fixture(scope="package")
+def v1_special(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Special]:
+    """A SQLite server with every non-default the v1 tests need, all compatible with one
+    another: loopback endpoints allowed, a push endpoint, fast expiry sweeps, one message
+    per mailbox, and a 1 s WebSocket idle timeout."""
+    tmp = tmp_path_factory.mktemp("v1-special")
+    push = FlakyEndpoint().start()
+    server = ServerProcess(data_dir=tmp / "data", port=free_port(), log_path=tmp / "log", env={
+        "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true", "DOVECOTE_PUSH_URL": push.url,
+        "DOVECOTE_SWEEP_INTERVAL": "0.5", "DOVECOTE_MAILBOX_MAX_MESSAGES": "1",
+        "DOVECOTE_WS_IDLE_TIMEOUT": "1"})
+    try:
+        server.start()
+        yield Special(server, push)
+    finally:
+        server.kill()
+        push.stop()
