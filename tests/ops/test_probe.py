@@ -42,7 +42,7 @@ def test_probe_fails_with_the_failing_step(server_factory: Any) -> None:
     assert down.stderr.startswith("FAIL at mediate")
     # A mediator that refuses new messages: mediation works, the send does not.
     server: ServerProcess = server_factory(env={"DOVECOTE_DEGRADATION": "read-only"})
-    refused = probe(server.base_url, "--timeout", "10", "--json")
+    refused = probe(server.base_url, "--timeout", "4", "--json")
     assert refused.returncode == 1
     result = json.loads(refused.stdout)
     assert result["ok"] is False and result["failed_step"] in ("mediate", "send"), result

@@ -67,8 +67,9 @@ async def run_once(url: str, limit: float = 30.0, data_dir: Path | None = None) 
     steps: dict[str, float] = {}
     step = "mediate"
     with contextlib.ExitStack() as stack:
+        # (Cleanup errors ignored: a run interrupted by Ctrl-C may still be closing files.)
         directory = data_dir or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="dovecote-probe-")))
+            tempfile.TemporaryDirectory(prefix="dovecote-probe-", ignore_cleanup_errors=True)))
         config = ClientConfig(data_dir=directory, flush_interval=0.01, backoff_base=0.2,
                               backoff_max=2.0, request_timeout=min(10.0, limit))
         client = Client(config, create=True)
