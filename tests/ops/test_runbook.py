@@ -199,3 +199,27 @@ def test_readme_walkthrough_runs(tmp_path: Path) -> None:
     assert f"http://127.0.0.1:{port}/oob" in out and "█" in out  # invitation --qr
     assert "0 dead letter(s)" in out
     assert "--public-url" in out  # serve --help
+
+
+def test_check_a_deployment_block_runs(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """The runbook's "Check a deployment" commands, against a local instance."""
+    import os
+    import subprocess
+    import sys
+
+    server = server_factory()
+    block = RUNBOOK.split("### Check a deployment", 1)[1].split("```sh\n", 1)[1]
+    block = block.split("```", 1)[0]
+    bin_dir = Path(sys.executable).parent
+    script = "set -euo pipefail\n" + block.replace(
+        "https://relay.example.com", server.base_url).replace("dovecote ", f"{bin_dir}/dovecote ")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOVECOTE_")}
+    env["DOVECOTE_DATA_DIR"] = str(server.data_dir)  # the instance's own settings
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, script + done.stdout + done.stderr
+    out = done.stdout
+    assert '{"status":"ok"}' in out and '"ready":true' in out and '"degradation":"normal"' in out
+    assert f"{server.base_url}/?_oob=" in out
+    assert re.search(r"alive\s+normal", out), out
+    assert re.search(r"^OK\s+\d+ ms", out, re.MULTILINE), out
