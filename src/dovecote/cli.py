@@ -243,7 +243,7 @@ def recipients() -> None:
 
 @recipients.command("conflicts")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@_settings_options
+@_settings_options(only=STORE_FIELDS)
 def recipients_conflicts(as_json: bool, **options: Any) -> None:
     """Registrations refused when recipients became one owner per base DID.
 

@@ -88,3 +88,21 @@ def test_operator_subcommands_show_only_their_own_options() -> None:
                          capture_output=True, text=True, check=True).stdout
     assert len(out.splitlines()) < 40
     assert "--store" in out and "--data-dir" in out and "--rate-limit-ip" not in out
+
+    # Every command but `serve` (present and future ones): no server-only options.
+    import click
+
+    from dovecote.cli import main
+
+    def walk(group: click.Group, path: list[str]) -> list[tuple[list[str], click.Command]]:
+        found = []
+        for name, command in group.commands.items():
+            found.append(([*path, name], command))
+            if isinstance(command, click.Group):
+                found += walk(command, [*path, name])
+        return found
+
+    for path, command in walk(main, []):
+        names = {o for p in command.params for o in getattr(p, "opts", [])}
+        if path != ["serve"]:
+            assert "--rate-limit-ip" not in names, f"dovecote {' '.join(path)}"
