@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -223,3 +224,24 @@ def test_check_a_deployment_block_runs(server_factory) -> None:  # type: ignore[
     assert f"{server.base_url}/?_oob=" in out
     assert re.search(r"alive\s+normal", out), out
     assert re.search(r"^OK\s+\d+ ms", out, re.MULTILINE), out
+
+
+def test_rooms_development_issuer_block_runs(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """docs/rooms.md's development-issuer example, against a local instance."""
+    import os
+    import subprocess
+    import sys
+
+    server = server_factory()
+    doc = (ROOT / "docs" / "rooms.md").read_text()
+    block = doc.split("**development issuer**", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    bin_dir = Path(sys.executable).parent
+    script = "set -euo pipefail\n" + block.replace(
+        "http://127.0.0.1:8080", server.base_url).replace("$(dovecote ", f"$({bin_dir}/dovecote ")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOVECOTE_")}
+    env["DOVECOTE_DATA_DIR"] = str(server.data_dir)
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, script + done.stdout + done.stderr
+    room = json.loads(done.stdout)
+    assert room["id"] == "r1", room
