@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 DEVSTAMP= $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos ha ha-tools clean
+.PHONY: serve test test-fast lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos ha ha-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ browser:
 ## Every test: unit, store (SQLite and PostgreSQL), integration, interop, chaos, deploy, console.
 test: $(DEVSTAMP) deploy-tools interop-node postgres browser
 	. ./.test-env 2>/dev/null; PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q -rs --durations=30 -p no:cacheprovider $(PYTEST_ARGS); \
+	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+## The in-process tier only (tests/fast: the real app, a SQLite file, no server process);
+## under 60 s. `make test` runs it too.
+test-fast: $(DEVSTAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=5 tests/fast $(PYTEST_ARGS); \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 ## Re-take the console screenshots in docs/console/ (shown by docs/console.md).

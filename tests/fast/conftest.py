@@ -1,0 +1,74 @@
+"""The fast tier: the real ASGI app (`build_app(Dovecote(settings))`) driven in-process.
+
+No server process, no socket: httpx's ASGI transport (httpx-ws's, which also speaks
+WebSocket) calls the app directly, with its lifespan run by asgi-lifespan, so the
+background tasks (outbox, sweeps, heartbeat, health checks) run as in `dovecote serve`.
+The store is a real SQLite file in the test's tmp_path. What this tier cannot see (uvicorn's
+protocol limits, header timeouts, TLS, signals, other engines) stays in the server-process
+tests.
+
+Settings per test come from the `fast_settings` marker:
+
+    @pytest.mark.fast_settings(max_body_bytes=4096)
+    async def test_x(fast: Fast) -> None: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from httpx_ws.transport import ASGIWebSocketTransport
+
+from dovecote.server import Dovecote, build_app
+from fast.instance import BASE_URL, Fast, fast_settings
+from support.rooms import Issuer
+
+# Generous: a loaded 2-core machine can take seconds to open a store and start the loops.
+LIFESPAN_TIMEOUT = 60.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fast_settings(**overrides): Settings fields for the `fast` fixture's app")
+
+
+@pytest.fixture
+async def fast(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fast]:
+    """A started instance on a fresh SQLite file, and a client for it (127.0.0.1)."""
+    marker = request.node.get_closest_marker("fast_settings")
+    overrides = dict(marker.kwargs) if marker else {}
+    issuer = Issuer(tmp_path / "jwks.json")
+    settings = fast_settings(tmp_path / "data", issuer, **overrides)
+    dovecote = Dovecote(settings)
+    app = build_app(dovecote)
+    started: asyncio.Future[Fast] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+
+    async def host() -> None:
+        # anyio's task groups (in the WebSocket transport) must be left by the task that
+        # entered them; pytest-asyncio runs a fixture's setup and teardown in different
+        # tasks, so one task holds every context for the whole test.
+        async with LifespanManager(app, startup_timeout=LIFESPAN_TIMEOUT,
+                                   shutdown_timeout=LIFESPAN_TIMEOUT):
+            transport = ASGIWebSocketTransport(app, client=("127.0.0.1", 40000))
+            async with httpx.AsyncClient(transport=transport, base_url=BASE_URL,
+                                         timeout=60) as client:
+                instance = Fast(settings, dovecote, app, client, issuer)
+                async with instance._stack:
+                    started.set_result(instance)
+                    await stop.wait()
+
+    task = asyncio.create_task(host())
+    done, _ = await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # startup failed: raise its error here
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await task

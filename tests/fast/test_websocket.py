@@ -1,0 +1,155 @@
+"""/ws (DIDComm) and /v1/rooms/ws, in-process through httpx-ws (fast twins of the socket
+cases in tests/integration/test_mediator_flow.py, test_bad_input.py and
+tests/rooms/test_websocket.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from httpx_ws import WebSocketDisconnect, aconnect_ws
+from httpx_ws._api import AsyncWebSocketSession
+
+from fast.instance import Fast
+from support.agent import BASIC, CM3, PICKUP, Agent, forward_to
+from support.jwe import assert_encrypted_typ
+
+WITHIN = 10.0
+
+
+async def _ask(ws: AsyncWebSocketSession, agent: Agent, msg_type: str,
+               body: dict[str, Any] | None = None) -> dict[str, Any]:
+    await ws.send_text(await agent.pack(agent.message(msg_type, body)))
+    return await agent.unpack(await ws.receive_text(timeout=WITHIN))
+
+
+async def test_mediation_and_live_delivery_over_websocket(fast: Fast) -> None:
+    alice = fast.agent()
+    bob = fast.agent(via_mediator=False)
+    async with aconnect_ws("/ws", fast.client) as ws:
+        grant = await _ask(ws, alice, f"{CM3}/mediate-request")
+        assert grant["type"] == f"{CM3}/mediate-grant"
+        await _ask(ws, alice, f"{CM3}/recipient-update",
+                   {"updates": [{"recipient_did": alice.did, "action": "add"}]})
+
+        # Queued before live mode: not pushed when it starts (Pickup 3.0).
+        first = await forward_to(fast.settings.base_url, alice,
+                                 {"type": BASIC, "body": {"content": "queued"}}, bob)
+        assert (await fast.post(first)).status_code == 202
+        status = await _ask(ws, alice, f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+        assert status["type"] == f"{PICKUP}/status"
+        assert status["body"]["live_delivery"] is True
+        assert status["body"]["message_count"] == 1
+
+        # Arriving while connected: pushed at once, and only it.
+        second = await forward_to(fast.settings.base_url, alice,
+                                  {"type": BASIC, "body": {"content": "live"}}, bob)
+        assert (await fast.post(second)).status_code == 202
+        frame = await ws.receive_text(timeout=WITHIN)
+        assert_encrypted_typ(frame, "ECDH-1PU")
+        pushed = await alice.unpack(frame)
+        assert pushed["type"] == f"{PICKUP}/delivery" and "thid" not in pushed
+        inner = [await alice.unpack(json.dumps(a["data"]["json"])) for a in pushed["attachments"]]
+        assert [m["body"]["content"] for m in inner] == ["live"]
+
+        fetched = await _ask(ws, alice, f"{PICKUP}/delivery-request", {"limit": 10})
+        by_content = {}
+        for attachment in fetched["attachments"]:
+            message = await alice.unpack(json.dumps(attachment["data"]["json"]))
+            by_content[message["body"]["content"]] = attachment["id"]
+        assert "queued" in by_content
+        ack = await _ask(ws, alice, f"{PICKUP}/messages-received", {
+            "message_id_list": [by_content["queued"], pushed["attachments"][0]["id"]]})
+        assert ack["body"]["message_count"] == 0
+        with pytest.raises(TimeoutError):
+            await ws.receive_text(timeout=0.5)
+    assert fast.query("SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+async def test_unacknowledged_push_stays_queued(fast: Fast) -> None:
+    alice = fast.agent()
+    await alice.mediate(fast.client)
+    async with aconnect_ws("/ws", fast.client) as ws:
+        await _ask(ws, alice, f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+        packed = await forward_to(fast.settings.base_url, alice,
+                                  {"type": BASIC, "body": {"content": "x"}})
+        assert (await fast.post(packed)).status_code == 202
+        pushed = await alice.unpack(await ws.receive_text(timeout=WITHIN))
+        assert pushed["type"] == f"{PICKUP}/delivery"
+    # The socket closed before an acknowledgement: still queued, and fetched again.
+    status = await alice.request(fast.client, f"{PICKUP}/status-request")
+    assert status["body"]["message_count"] == 1
+    again = await alice.request(fast.client, f"{PICKUP}/delivery-request", {"limit": 5})
+    assert [a["id"] for a in again["attachments"]] == [pushed["attachments"][0]["id"]]
+
+
+async def test_bad_frames_answer_on_the_socket_which_stays_usable(fast: Fast) -> None:
+    agent = fast.agent(via_mediator=False)
+    before = fast.snapshot()
+    async with aconnect_ws("/ws", fast.client) as ws:
+        await ws.send_text("not json at all")
+        assert json.loads(await ws.receive_text(timeout=WITHIN))["error"] == "e.m.msg.malformed"
+        await ws.send_text(json.dumps({"hello": "world"}))
+        answer = json.loads(await ws.receive_text(timeout=WITHIN))
+        assert answer["error"] == "e.m.trust.crypto.not-encrypted"
+        # Still usable: a real request gets its reply.
+        pong = await _ask(ws, agent, "https://didcomm.org/trust-ping/2.0/ping",
+                          {"response_requested": True})
+        assert pong["type"].endswith("/ping-response")
+    assert fast.snapshot() == before
+
+
+@pytest.mark.fast_settings(max_websockets=1)
+async def test_websockets_past_the_limit_are_closed_with_1013(fast: Fast) -> None:
+    async with aconnect_ws("/ws", fast.client) as first:
+        async with aconnect_ws("/ws", fast.client) as second:
+            with pytest.raises(WebSocketDisconnect) as closed:
+                await second.receive_text(timeout=WITHIN)
+        assert closed.value.code == 1013
+        # The first is untouched.
+        await first.send_text("not json")
+        assert json.loads(await first.receive_text(timeout=WITHIN))["error"]
+
+
+async def test_rooms_socket_replays_then_streams_live(fast: Fast) -> None:
+    admin = {"authorization": f"Bearer {fast.issuer.token('root', roles=['admin'])}"}
+    created = await fast.client.post("/v1/rooms", headers=admin, json={
+        "name": "fast", "participants": [{"id": "alice", "role": "member"}]})
+    assert created.status_code == 201, created.text
+    room = created.json()["id"]
+    alice = {"authorization": f"Bearer {fast.issuer.token('alice')}"}
+    posted = await fast.client.post(f"/v1/rooms/{room}/messages", headers=alice,
+                                    json={"text": "before"})
+    assert posted.status_code == 201, posted.text
+
+    # A copy: httpx-ws adds its upgrade headers to the dict it is given.
+    async with aconnect_ws("/v1/rooms/ws", fast.client, headers=dict(alice)) as ws:
+        await ws.send_json({"action": "subscribe", "room": room, "since": 0})
+        ack = await ws.receive_json(timeout=WITHIN)
+        assert ack["type"] == "subscribed" and ack["last_seq"] == 3
+        replayed = [(await ws.receive_json(timeout=WITHIN))["event"] for _ in range(3)]
+        assert [e["seq"] for e in replayed] == [1, 2, 3]
+        assert replayed[-1]["data"]["text"] == "before"
+        live = await fast.client.post(f"/v1/rooms/{room}/messages", headers=alice,
+                                      json={"text": "live"})
+        assert live.status_code == 201
+        event = (await ws.receive_json(timeout=WITHIN))["event"]
+        assert event["seq"] == 4 and event["data"]["text"] == "live"
+        await ws.send_text("not json")
+        assert (await ws.receive_json(timeout=WITHIN))["type"] == "error"
+        await ws.send_json({"action": "ping"})
+        assert await ws.receive_json(timeout=WITHIN) == {"type": "pong"}
+
+
+async def test_rooms_socket_refuses_a_room_the_token_does_not_name(fast: Fast) -> None:
+    admin = {"authorization": f"Bearer {fast.issuer.token('root', roles=['admin'])}"}
+    created = await fast.client.post("/v1/rooms", headers=admin, json={
+        "name": "fast", "participants": [{"id": "alice", "role": "member"}]})
+    room = created.json()["id"]
+    token = fast.issuer.token("alice", rooms=["other"])
+    async with aconnect_ws("/v1/rooms/ws", fast.client,
+                           headers={"authorization": f"Bearer {token}"}) as ws:
+        await ws.send_json({"action": "subscribe", "room": room, "since": 0})
+        refused = await ws.receive_json(timeout=WITHIN)
+        assert refused["type"] == "error" and refused["error"] == "e.p.req.forbidden"
