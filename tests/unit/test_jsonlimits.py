@@ -39,3 +39,16 @@ def test_malformed_is_left_to_the_parser_unless_deep() -> None:
     assert not too_deep("[[]", 2)
     assert not too_deep("[]]]]]]", 2)
     assert too_deep("[[[[", 2)
+
+
+def test_room_bodies_are_bounded_too() -> None:
+    import pytest
+
+    from dovecote.errors import LimitExceeded
+    from dovecote.rooms.models import parse_json
+
+    assert parse_json(b'{"data": ' + b"[" * 20 + b"]" * 20 + b"}")
+    for raw in (b'{"data": ' + b"[" * 40 + b"]" * 40 + b"}",
+                b'{"data": ' + b'{"a":' * 900 + b"1" + b"}" * 900 + b"}"):
+        with pytest.raises(LimitExceeded):
+            parse_json(raw)

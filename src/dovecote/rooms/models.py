@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dovecote.errors import MalformedMessage, PayloadTooLarge
+from dovecote.errors import LimitExceeded, MalformedMessage, PayloadTooLarge
 from dovecote.store.rooms_base import Participant, Room, RoomEvent, RoomMessage
+from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH, depth_exceeds, raw_problem
 
 # Identifier grammars. Path segments never contain "/", and everything stored in a plain
 # TEXT column excludes control characters (PostgreSQL refuses NUL).
@@ -210,12 +211,18 @@ def parse_json(raw: bytes) -> Any:
     """Decode a JSON body; anything not storable as UTF-8 JSON is a client error."""
     if not raw.strip():
         raise MalformedMessage("a JSON body is required")
+    # Bounded before parsing; depth again after: a value stored 900 levels deep would
+    # overflow the recursion limit later, when it is serialised into an event frame.
+    if (problem := raw_problem(raw, DEFAULT_MAX_JSON_DEPTH)) is not None:
+        raise LimitExceeded(f"body {problem}")
     try:
         value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
         # Lone surrogates parse but cannot be stored or sent; catch them here.
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError, UnicodeError) as exc:
         raise MalformedMessage(f"body is not valid JSON: {str(exc)[:200]}") from exc
+    if depth_exceeds(value, DEFAULT_MAX_JSON_DEPTH):
+        raise LimitExceeded(f"body nests deeper than {DEFAULT_MAX_JSON_DEPTH} levels")
     return value
 
 
