@@ -55,8 +55,10 @@ test: $(DEVSTAMP) deploy-tools interop-node postgres browser
 
 ## The in-process tier only (tests/fast: the real app, a SQLite file, no server process);
 ## under 60 s. `make test` runs it too.
+# Without the schemathesis/hypothesis plugins (tests/fast uses neither): half the start-up.
 test-fast: $(DEVSTAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=5 tests/fast $(PYTEST_ARGS); \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -p no:schemathesis -p no:hypothesispytest \
+	  --durations=5 tests/fast $(PYTEST_ARGS); \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 ## Re-take the console screenshots in docs/console/ (shown by docs/console.md).
