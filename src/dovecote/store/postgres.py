@@ -696,25 +696,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
 
         async def fn(c: Conn) -> list[int]:
             if quota is not None:
-                # One relay add at a time cluster-wide, so concurrent accepts cannot each
-                # see room under the quota; other outbox traffic does not take this lock.
-                await c.execute("SELECT pg_advisory_xact_lock(hashtext('dovecote.relay'))")
-                keys = [i.dedup_key for i in items if i.dedup_key is not None]
-                known = {r[0] for r in await c.fetch(
-                    "SELECT dedup_key FROM outbox WHERE dedup_key = ANY($1::text[]) "
-                    "UNION SELECT dedup_key FROM outbox_keys "
-                    "WHERE dedup_key = ANY($1::text[])", keys)}
-                fresh = [i for i in items if i.dedup_key is None or i.dedup_key not in known]
-                row = await c.fetchrow(
-                    "SELECT COUNT(*) FILTER (WHERE left(target, $1) = $2), "
-                    "COALESCE(SUM(octet_length(payload)) FILTER "
-                    "(WHERE left(target, $1) = $2), 0), COUNT(*), "
-                    "COALESCE(SUM(octet_length(payload)), 0) "
-                    "FROM outbox WHERE kind = 'forward'",
-                    len(quota.origin), quota.origin,
-                )
-                quota.check(tuple(int(v) for v in row),  # type: ignore[arg-type]
-                            len(fresh), sum(len(i.payload) for i in fresh))
+                await check_relay_quota(c, quota, items)
             ids = await _insert_outbox(c, items, now)
             if ids or not items:
                 return ids
@@ -953,6 +935,30 @@ def _page(offset: int, limit: int) -> tuple[int, int]:
 def _message(row: Sequence[Any]) -> StoredMessage:
     msg_id, seq, mediatee, recipient, body, received_at, expires_at = row
     return StoredMessage(msg_id, seq, mediatee, recipient, bytes(body), received_at, expires_at)
+
+
+async def check_relay_quota(c: Conn, quota: RelayQuota,
+                            items: Sequence[NewOutboxItem]) -> None:
+    """Raise (RelayQuota.check) if adding the new ones of `items` passes a relay quota."""
+    # One relay add at a time cluster-wide, so concurrent accepts cannot each
+    # see room under the quota; other outbox traffic does not take this lock.
+    await c.execute("SELECT pg_advisory_xact_lock(hashtext('dovecote.relay'))")
+    keys = [i.dedup_key for i in items if i.dedup_key is not None]
+    known = {r[0] for r in await c.fetch(
+        "SELECT dedup_key FROM outbox WHERE dedup_key = ANY($1::text[]) "
+        "UNION SELECT dedup_key FROM outbox_keys "
+        "WHERE dedup_key = ANY($1::text[])", keys)}
+    fresh = [i for i in items if i.dedup_key is None or i.dedup_key not in known]
+    row = await c.fetchrow(
+        "SELECT COUNT(*) FILTER (WHERE left(target, $1) = $2), "
+        "COALESCE(SUM(octet_length(payload)) FILTER "
+        "(WHERE left(target, $1) = $2), 0), COUNT(*), "
+        "COALESCE(SUM(octet_length(payload)), 0) "
+        "FROM outbox WHERE kind = 'forward'",
+        len(quota.origin), quota.origin,
+    )
+    quota.check(tuple(int(v) for v in row),  # type: ignore[arg-type]
+                len(fresh), sum(len(i.payload) for i in fresh))
 
 
 async def _insert_outbox(c: Conn, items: Sequence[NewOutboxItem], now: float) -> list[int]:

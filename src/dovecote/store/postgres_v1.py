@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dovecote.store.base import NewOutboxItem
+from dovecote.store.base import NewOutboxItem, RelayQuota
 from dovecote.store.v1_base import V1Connection, V1Store
 
 T = TypeVar("T")
@@ -69,8 +69,9 @@ class PostgresV1Mixin(V1Store):
 
         return await self._write(fn)
 
-    async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem) -> bool:
-        from dovecote.store.postgres import _insert_outbox
+    async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem,
+                            quota: RelayQuota | None = None) -> bool:
+        from dovecote.store.postgres import _insert_outbox, check_relay_quota
 
         now = time.time()
 
@@ -85,6 +86,8 @@ class PostgresV1Mixin(V1Store):
                 await c.execute("UPDATE dedup SET message_id = message_id "
                                 "WHERE recipient = $1 AND digest = $2", recipient, digest)
                 return False
+            if quota is not None:
+                await check_relay_quota(c, quota, [item])
             await _insert_outbox(c, [item], now)
             return True
 

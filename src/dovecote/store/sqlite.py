@@ -595,19 +595,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
 
         def fn(c: sqlite3.Connection) -> list[int]:
             if quota is not None:
-                fresh = [i for i in items if i.dedup_key is None or not c.execute(
-                    "SELECT 1 FROM outbox WHERE dedup_key = ? UNION ALL "
-                    "SELECT 1 FROM outbox_keys WHERE dedup_key = ?",
-                    (i.dedup_key, i.dedup_key)).fetchone()]
-                row = c.execute(
-                    "SELECT COALESCE(SUM(substr(target, 1, ?) = ?), 0), "
-                    "COALESCE(SUM(CASE WHEN substr(target, 1, ?) = ? THEN length(payload) "
-                    "END), 0), COUNT(*), COALESCE(SUM(length(payload)), 0) "
-                    "FROM outbox WHERE kind = 'forward'",
-                    (len(quota.origin), quota.origin, len(quota.origin), quota.origin),
-                ).fetchone()
-                quota.check(tuple(int(v) for v in row), len(fresh),  # type: ignore[arg-type]
-                            sum(len(i.payload) for i in fresh))
+                check_relay_quota(c, quota, items)
             return _insert_outbox(c, items, now)
 
         result: list[int] = await self._write(fn)
@@ -892,6 +880,24 @@ def _recipient_candidates(recipient: str) -> list[str]:
     """A recipient may be registered as a DID or a DID URL (key); match both forms."""
     base = recipient.split("#", 1)[0]
     return [recipient] if base == recipient else [recipient, base]
+
+
+def check_relay_quota(c: sqlite3.Connection, quota: RelayQuota,
+                      items: Sequence[NewOutboxItem]) -> None:
+    """Raise (RelayQuota.check) if adding the new ones of `items` passes a relay quota."""
+    fresh = [i for i in items if i.dedup_key is None or not c.execute(
+        "SELECT 1 FROM outbox WHERE dedup_key = ? UNION ALL "
+        "SELECT 1 FROM outbox_keys WHERE dedup_key = ?",
+        (i.dedup_key, i.dedup_key)).fetchone()]
+    row = c.execute(
+        "SELECT COALESCE(SUM(substr(target, 1, ?) = ?), 0), "
+        "COALESCE(SUM(CASE WHEN substr(target, 1, ?) = ? THEN length(payload) "
+        "END), 0), COUNT(*), COALESCE(SUM(length(payload)), 0) "
+        "FROM outbox WHERE kind = 'forward'",
+        (len(quota.origin), quota.origin, len(quota.origin), quota.origin),
+    ).fetchone()
+    quota.check(tuple(int(v) for v in row), len(fresh),  # type: ignore[arg-type]
+                sum(len(i.payload) for i in fresh))
 
 
 def _insert_outbox(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dovecote.store.base import NewOutboxItem
+from dovecote.store.base import NewOutboxItem, RelayQuota
 from dovecote.store.v1_base import V1Connection, V1Store
 
 T = TypeVar("T")
@@ -68,8 +68,9 @@ class SQLiteV1Mixin(V1Store):
 
         return bool(await self._write(fn))
 
-    async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem) -> bool:
-        from dovecote.store.sqlite import _insert_outbox
+    async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem,
+                            quota: RelayQuota | None = None) -> bool:
+        from dovecote.store.sqlite import _insert_outbox, check_relay_quota
 
         now = time.time()
 
@@ -80,6 +81,8 @@ class SQLiteV1Mixin(V1Store):
                 (recipient, digest, now)).fetchone()
             if row is None:
                 return False
+            if quota is not None:
+                check_relay_quota(c, quota, [item])
             _insert_outbox(c, [item], now)
             return True
 

@@ -6,7 +6,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
-from dovecote.store.base import NewOutboxItem
+from dovecote.store.base import NewOutboxItem, RelayQuota
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +54,11 @@ class V1Store(abc.ABC):
         return dict(connection.device) if connection is not None else {}
 
     @abc.abstractmethod
-    async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem) -> bool:
+    async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem,
+                            quota: RelayQuota | None = None) -> bool:
         """Queue `item` unless (recipient, digest) was accepted in the dedup window.
 
         One transaction: the dedup row and the outbox item commit together, so a sender's
         retry after a lost answer is recognised and never sent twice. True if new.
+        With `quota`, a new item past it raises as `outbox_add` does (nothing stored).
         """

@@ -19,12 +19,13 @@ from urllib.parse import urlsplit
 import structlog
 
 from dovecote.didcomm import routing as v2_routing
-from dovecote.didcomm.endpoints import is_private_host
+from dovecote.didcomm.endpoints import canonical_uri, is_private_host
+from dovecote.didcomm.v1 import envelope
 from dovecote.didcomm.v1.envelope import MEDIA_TYPE, pack, to_did_key, to_verkey
 from dovecote.didcomm.v1.messages import DIDCOMM_PREFIX, V1Context, V1Handler, V1Inbound
-from dovecote.errors import MalformedMessage, UnknownRecipient
+from dovecote.errors import MalformedMessage, OutboxFull, RateLimited, UnknownRecipient
 from dovecote.ops import metrics
-from dovecote.store.base import NewOutboxItem
+from dovecote.store.base import NewOutboxItem, RelayQuota
 
 log = structlog.get_logger("dovecote.v1.routing")
 
@@ -44,10 +45,13 @@ def wrap(payload: bytes, to_verkey_: str, routing_keys: list[str]) -> bytes:
 
 
 def deliverable_endpoint(ctx: V1Context, endpoint: str) -> str | None:
-    """The endpoint if the outbox may POST to it (http(s), not private unless allowed)."""
-    parts = urlsplit(endpoint)
-    if parts.scheme.lower() not in ("http", "https"):
+    """The endpoint, canonical (its origin keys the relay quotas), if the outbox may POST
+    to it (http(s), not private unless allowed)."""
+    canonical = canonical_uri(endpoint)
+    if canonical is None:
         return None
+    endpoint = canonical
+    parts = urlsplit(endpoint)
     if not ctx.core.settings.outbound_allow_private and is_private_host(parts.hostname or ""):
         return None
     own = {ctx.core.settings.base_url.rstrip("/"), ctx.core.settings.ws_url.rstrip("/")}
@@ -88,11 +92,30 @@ async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
         if mediatee.startswith("did:key:") else None
     endpoint = deliverable_endpoint(ctx, connection.endpoint) if connection else None
     if connection is not None and endpoint:
+        # Anyone can be a mediatee with an endpoint of its choice (open mediation), and the
+        # forwards are anonymous: the same rules as a v2 relay (issue 13 point 4), envelopes
+        # only and the relay quotas.
+        if not (envelope.parse(payload, ctx.core.settings.max_json_depth)
+                or v2_routing.is_jwe(payload)):
+            metrics.RELAY_REFUSED.labels("not_jwe").inc()
+            raise MalformedMessage("only encrypted messages are relayed to an endpoint")
+        settings = ctx.core.settings
+        parts = urlsplit(endpoint)
+        quota = RelayQuota(f"{parts.scheme}://{parts.netloc}/", settings.relay_target_max_items,
+                           settings.relay_target_max_bytes, settings.relay_max_items,
+                           settings.relay_max_bytes, settings.relay_retry_after)
         item = NewOutboxItem(
             kind="forward", target=endpoint,
             payload=wrap(payload, to_verkey(recipient), connection.routing_keys),
             headers={"content-type": MEDIA_TYPE}, dedup_key=f"v1forward:{recipient}:{digest}")
-        new = await ctx.store.v1_relay_once(recipient, digest, item)
+        try:
+            new = await ctx.store.v1_relay_once(recipient, digest, item, quota)
+        except (RateLimited, OutboxFull) as exc:
+            reason = "global_quota" if isinstance(exc, OutboxFull) else "target_quota"
+            metrics.RELAY_REFUSED.labels(reason).inc()
+            log.warning("forward.relay_refused", reason=reason, target=quota.origin,
+                        version="v1", request_id=inbound.request_id)
+            raise
         if new:
             ctx.core.wake_outbox("forward")
             metrics.ACCEPTED.inc()
