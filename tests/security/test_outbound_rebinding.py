@@ -14,7 +14,7 @@ import asyncio
 import ipaddress
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -23,10 +23,12 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dovecote.delivery import outbound
+from reliability.helpers import post, query, remote_forward, wait_until
+from support.agent import Agent
 from support.certs import _leaf, make_ca
 from support.dns import SILENT, ScriptedDNS
 from support.endpoint import FlakyEndpoint
-from support.server import free_port
+from support.server import ServerProcess, free_port
 
 ALLOWED = "127.0.0.2"
 INTERNAL = "127.0.0.3"
@@ -194,3 +196,37 @@ async def test_the_rooms_jwks_url_is_fetched_through_the_same_guard(
         await keys.close()
     assert internal.received == []
     assert [r.path for r in allowed.received] == ["/jwks.json"]
+
+
+async def test_a_relayed_forward_checked_on_arrival_is_not_rebound_when_sent(
+    dns: ScriptedDNS, pair: tuple[FlakyEndpoint, FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """End to end: the accept-time check and every send each resolve once; whichever
+    address a lookup returns, the internal listener gets nothing."""
+    allowed, internal = pair
+    dns.answers["rebind.test"] = [ALLOWED, INTERNAL]
+    server = server_factory(env={
+        "DOVECOTE_OUTBOUND_DNS_SERVER": dns.address,
+        "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": f"{ALLOWED}/32",
+        "DOVECOTE_RETRY_BASE": "0.05", "DOVECOTE_RETRY_CAP": "0.2",
+    })
+    sender = Agent.create(server.base_url, server.did)
+    target = Agent.create("http://x", endpoint=f"http://rebind.test:{allowed.port}/inbox")
+    accepted = 0
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(6):
+            envelope, _ = await remote_forward(server, sender, target)
+            answer = await post(client, server, envelope)
+            assert answer.status_code in (202, 404), answer.text
+            accepted += answer.status_code == 202
+
+    def settled() -> bool:
+        return query(server, "SELECT COUNT(*) FROM outbox") == [(0,)]
+
+    assert await wait_until(settled, 20)
+    dead = query(server, "SELECT reason FROM dead_letters")
+    assert internal.received == []
+    assert accepted >= 1
+    assert len(allowed.received) + len(dead) == accepted
+    assert {reason for (reason,) in dead} <= {"target_forbidden"}
