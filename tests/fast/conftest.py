@@ -16,6 +16,7 @@ Settings per test come from the `fast_settings` marker:
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,7 +25,10 @@ import pytest
 from asgi_lifespan import LifespanManager
 from httpx_ws.transport import ASGIWebSocketTransport
 
+from dovecote.didcomm import identity as identity_mod
+from dovecote.files import private_dir
 from dovecote.server import Dovecote, build_app
+from dovecote.store import open_store
 from fast.instance import BASE_URL, Fast, fast_settings
 from support.rooms import Issuer
 
@@ -37,12 +41,34 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "fast_settings(**overrides): Settings fields for the `fast` fixture's app")
 
 
+@pytest.fixture(scope="session")
+def template_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir with a migrated, empty store and an identity, made once per session.
+
+    Each test gets a copy: creating keys and running the migrations is over half of an
+    instance's start-up, and each test still has its own SQLite file."""
+    path = tmp_path_factory.mktemp("fast-template") / "data"
+    private_dir(path)
+    settings = fast_settings(path, Issuer(path.parent / "jwks.json"))
+    identity_mod.load_or_create(settings.identity_path, [settings.base_url, settings.ws_url])
+
+    async def migrate() -> None:
+        store = open_store(settings.store_url)
+        await store.open()
+        await store.close()
+
+    asyncio.run(migrate())
+    return path
+
+
 @pytest.fixture
-async def fast(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fast]:
-    """A started instance on a fresh SQLite file, and a client for it (127.0.0.1)."""
+async def fast(request: pytest.FixtureRequest, tmp_path: Path,
+               template_data_dir: Path) -> AsyncIterator[Fast]:
+    """A started instance on its own SQLite file, and a client for it (127.0.0.1)."""
     marker = request.node.get_closest_marker("fast_settings")
     overrides = dict(marker.kwargs) if marker else {}
     issuer = Issuer(tmp_path / "jwks.json")
+    shutil.copytree(template_data_dir, tmp_path / "data")
     settings = fast_settings(tmp_path / "data", issuer, **overrides)
     dovecote = Dovecote(settings)
     app = build_app(dovecote)

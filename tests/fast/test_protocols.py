@@ -223,3 +223,19 @@ async def test_problem_report_from_a_client_is_accepted_quietly(fast: Fast) -> N
     # Never answered with another report (no loops between two agents).
     assert status == 202 and reply is None
     assert fast.snapshot() == before
+
+
+@pytest.mark.fast_settings(mediation_policy="allowlist")
+async def test_allowlist_policy_denies_others(fast: Fast) -> None:
+    alice, mallory = fast.agent(), fast.agent()
+    fast.settings.mediation_allowlist.append(alice.did)
+    for version in (CM2, CM3):
+        denied = await mallory.request(fast.client, f"{version}/mediate-request")
+        assert denied["type"] == f"{version}/mediate-deny"
+    status, reply = await mallory.send_http(fast.client,
+                                            mallory.message(f"{PICKUP}/status-request"))
+    assert status == 200 and reply is not None
+    assert reply["body"]["code"] == "e.p.req.not-granted"
+    assert fast.query("SELECT COUNT(*) FROM mediations WHERE state = 'granted'") == [(0,)]
+    grant = await alice.mediate(fast.client)
+    assert grant["type"] == f"{CM3}/mediate-grant"

@@ -252,3 +252,21 @@ async def test_rooms_bad_bodies_store_nothing(fast: Fast, raw: bytes, content_ty
     assert response.status_code == status, response.text
     assert {"error", "detail"} <= set(response.json())
     assert fast.query("SELECT COUNT(*) FROM room_messages") == [(0,)]
+
+
+async def test_console_login_session_and_csrf(fast: Fast) -> None:
+    page = await fast.client.get("/console/mailboxes")
+    assert page.status_code == 401 and 'name="token"' in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    wrong = await fast.client.post("/console/login", data={"token": "nope", "next": "/console/"})
+    assert wrong.status_code in (401, 403) and "Sign out" not in wrong.text
+    login = await fast.client.post("/console/login",
+                                   data={"token": ADMIN_TOKEN, "next": "/console/"})
+    assert login.status_code in (302, 303), login.text
+    assert login.headers["location"].endswith("/console/")
+    inside = await fast.client.get("/console/mailboxes")
+    assert inside.status_code == 200 and "Sign out" in inside.text
+    # A state change without the page's CSRF token is refused and changes nothing.
+    forged = await fast.client.post("/console/degradation", data={"level": "read-only"})
+    assert forged.status_code == 403
+    assert fast.dovecote.degradation.level == "normal"
