@@ -225,7 +225,7 @@ def _unverified_header(token: str) -> dict[str, Any]:
     try:
         padded = parts[0] + "=" * (-len(parts[0]) % 4)
         header = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, UnicodeError) as exc:
+    except (ValueError, UnicodeError, RecursionError) as exc:  # 6 KB of "[" recurses
         raise InvalidToken("token header is not valid") from exc
     if not isinstance(header, dict):
         raise InvalidToken("token header is not valid")
@@ -254,5 +254,8 @@ def _principal(claims: dict[str, Any]) -> Principal:
     if not isinstance(roles_claim, list) or not all(isinstance(r, str) for r in roles_claim):
         raise InvalidToken('token "roles" must be a list of strings')
     exp = claims.get("exp")
-    return Principal(sub, rooms, frozenset(roles_claim),
-                     float(exp) if isinstance(exp, int | float) else 0.0)
+    try:
+        expires_at = float(exp) if isinstance(exp, int | float) else 0.0
+    except OverflowError as exc:  # an int past float range, which joserfc accepts
+        raise InvalidToken("token exp is out of range") from exc
+    return Principal(sub, rooms, frozenset(roles_claim), expires_at)
