@@ -22,6 +22,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,20 @@ def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Until every pid has exited; a zombie counts as gone (its parent, a killed
+    postmaster, will never reap it, and in a container nobody else may either)."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.Error:
+                break
+            time.sleep(0.05)
 
 
 @dataclass
@@ -281,15 +296,24 @@ class HaCluster:
         return ",".join(n.api for n in self.nodes)
 
     def members(self) -> list[dict[str, Any]]:
-        """Patroni's view of the cluster (asked from any node that answers)."""
+        """Patroni's view of the cluster that most nodes share: a partitioned node keeps
+        serving its own stale view (itself the leader) from its REST API."""
+        views: list[list[dict[str, Any]]] = []
         for node in self.nodes:
             try:
                 r = httpx.get(node.api + "/cluster", timeout=2.0)
                 if r.status_code == 200:
-                    return list(r.json().get("members", []))
-            except httpx.HTTPError:
+                    views.append(list(r.json().get("members", [])))
+            except (httpx.HTTPError, ValueError):
                 continue
-        return []
+        if not views:
+            return []
+
+        def leader_name(view: list[dict[str, Any]]) -> str | None:
+            return next((m["name"] for m in view if m.get("role") == "leader"), None)
+
+        (common, _), *_ = Counter(leader_name(v) for v in views).most_common(1)
+        return next(v for v in views if leader_name(v) == common)
 
     def leader(self) -> Node | None:
         for m in self.members():
@@ -350,9 +374,7 @@ class HaCluster:
         if node.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.proc.wait(timeout=10)
-        for pid in victims:
-            with contextlib.suppress(psutil.Error):
-                psutil.Process(pid).wait(timeout=10)
+        _wait_gone(victims)
 
     def kill_postmaster(self, node: Node) -> None:
         """PostgreSQL crashes; Patroni stays."""

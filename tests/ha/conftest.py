@@ -1,6 +1,8 @@
-"""The high-availability suite (`make ha`): one real Patroni + etcd cluster shared by the
-scenarios of a module, two Dovecote instances on it. Skipped unless DOVECOTE_HA is set
-(`make ha` sets it; plain `make test` does not run it)."""
+"""The high-availability suite (`make ha`): one real Patroni + etcd cluster shared by
+every scenario, two Dovecote instances on it. The nodes run as separate hosts (network
+namespaces, tests/ha/netns.py) where the machine allows it, else on loopback; the
+partition scenario needs the former. Skipped unless DOVECOTE_HA is set (`make ha` sets
+it; plain `make test` does not run it)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import httpx
 import pytest
 
 from ha.cluster import HaCluster, available
+from ha.netns import Hosts3, netns_works
 from support.rooms import ISSUER, Issuer
 from support.server import ServerProcess, free_port
 
@@ -34,6 +37,9 @@ class Deployment:
     servers: list[ServerProcess]
     issuer: Issuer
     home: Path
+    # The namespaced hosts (None: all on loopback) and why not.
+    hosts: Hosts3 | None = None
+    no_netns: str = ""
     results: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
@@ -74,27 +80,41 @@ def start_instances(cluster: HaCluster, home: Path, issuer: Issuer,
     return servers
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     why = available()
     if why:
         pytest.fail(why, pytrace=False)  # `make ha` installs everything: a missing piece is a bug
     home = tmp_path_factory.mktemp("ha")
-    cluster = HaCluster()
+    no_netns = netns_works()
+    hosts = None if no_netns else Hosts3()
+    cluster: HaCluster | None = None
     try:
+        if hosts is not None:
+            hosts.create()
+            cluster = HaCluster(hosts=hosts.cluster_hosts, client_hosts=hosts.client_hosts,
+                                wrappers=hosts.wrappers)
+        else:
+            cluster = HaCluster()
         cluster.start()
-        print(f"\nHA cluster healthy {cluster.ready_after:.1f}s after start", flush=True)
+        where = "in network namespaces" if hosts else f"on loopback ({no_netns})"
+        print(f"\nHA cluster {where} healthy {cluster.ready_after:.1f}s after start",
+              flush=True)
         create_database(cluster)
         issuer = Issuer(home / "jwks.json")
         servers = start_instances(cluster, home, issuer)
-        yield Deployment(cluster, servers, issuer, home)
+        yield Deployment(cluster, servers, issuer, home, hosts, no_netns)
         for server in servers:
-            server.stop()
+            server.kill()  # (a graceful drain would only cost time here)
     except BaseException:
-        print(cluster.logs(), flush=True)
+        if cluster is not None:
+            print(cluster.logs(), flush=True)
         raise
     finally:
-        cluster.destroy()
+        if cluster is not None:
+            cluster.destroy()
+        if hosts is not None:
+            hosts.destroy()
 
 
 @pytest.fixture

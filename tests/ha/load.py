@@ -20,7 +20,7 @@ from support.mailbox import pack_forwards
 from support.server import ServerProcess
 
 # Per instance; paced so that the load outlasts the fault.
-MESSAGES = 150
+MESSAGES = 80
 SENDERS = 3
 PACE = 0.1
 RTO_LIMIT = 30.0
