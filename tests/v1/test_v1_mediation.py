@@ -212,6 +212,15 @@ def test_hostile_v1_envelopes_get_4xx(v1_server: ServerProcess) -> None:
                          [agent.mediator_verkey], agent.key)
     refused = post_raw(v1_server.base_url, deep)
     assert refused.status_code == 400, refused.text
+    # A DID document with an absurd endpoint or too many routing keys.
+    for service in ({"serviceEndpoint": "http://x/" + "a" * 5000},
+                    {"routingKeys": [agent.verkey] * 5}):
+        doc = agent.doc()
+        doc["service"][0].update(service)
+        encoded = base64.urlsafe_b64encode(json.dumps(doc).encode()).decode()
+        refused = agent.post(msg("didexchange/1.1/request", did=agent.did, **{
+            "did_doc~attach": {"@id": "d", "data": {"base64": encoded}}}))
+        assert refused.status_code == 400, refused.status_code
     # A forward with a bad `to`.
     agent.mediate()
     bad = envelope.pack(json.dumps(msg("routing/1.0/forward", to="did:key:zzz",

@@ -55,6 +55,7 @@ MAX_DOC_BYTES = 64 * 1024
 # mediator pops it before packing.
 REPLY_TO = "~dovecote_to"
 MAX_ROUTING_KEYS = 4
+MAX_ENDPOINT = 2048
 
 
 def our_did(verkey: str) -> str:
@@ -152,6 +153,8 @@ def parse_doc(doc: Any) -> tuple[str, str, list[str]]:
         endpoint = service.get("serviceEndpoint")
         if isinstance(endpoint, dict):
             endpoint = endpoint.get("uri")
+        if isinstance(endpoint, str) and len(endpoint) > MAX_ENDPOINT:
+            raise MalformedMessage(f"serviceEndpoint longer than {MAX_ENDPOINT} characters")
         routing = service.get("routingKeys") or []
         if not isinstance(routing, list) or len(routing) > MAX_ROUTING_KEYS:
             raise MalformedMessage(f"at most {MAX_ROUTING_KEYS} routing keys")
