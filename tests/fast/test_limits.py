@@ -120,12 +120,12 @@ async def test_oversize_body_is_413_whether_declared_or_streamed(fast: Fast) -> 
     assert fast.snapshot() == before
 
 
-@pytest.mark.fast_settings(rate_limit_ip=1, rate_limit_ip_burst=5)
+# Refill rates so slow that a loaded machine cannot refill a token during the test.
+@pytest.mark.fast_settings(rate_limit_ip=0.001, rate_limit_ip_burst=5)
 async def test_rate_limit_per_client_address(fast: Fast) -> None:
     answers = [await fast.client.get("/invitation") for _ in range(8)]
-    assert [r.status_code for r in answers[:5]] == [200] * 5
-    limited = [r for r in answers if r.status_code == 429]
-    assert len(limited) >= 2 and all(r.status_code in (200, 429) for r in answers)
+    assert [r.status_code for r in answers] == [200] * 5 + [429] * 3
+    limited = answers[5:]
     assert all(int(r.headers["retry-after"]) >= 1 for r in limited)
     assert limited[0].json()["error"] == "e.m.me.res.rate-limited"
     assert limited[0].json()["request_id"]
@@ -135,7 +135,7 @@ async def test_rate_limit_per_client_address(fast: Fast) -> None:
     assert (await other.get("/invitation")).status_code == 200
 
 
-@pytest.mark.fast_settings(rate_limit_did=0.5, rate_limit_did_burst=2)
+@pytest.mark.fast_settings(rate_limit_did=0.001, rate_limit_did_burst=2)
 async def test_rate_limit_per_sender_did(fast: Fast) -> None:
     chatty, quiet = fast.agent(via_mediator=False), fast.agent(via_mediator=False)
     answers = []
