@@ -88,6 +88,10 @@ class V1Agent:
     def connect(self) -> dict[str, Any]:
         """DID Exchange 1.1 with the mediator from its v1 invitation; returns the response."""
         invite = httpx.get(self.base_url + "/invitation/v1", timeout=10).json()
+        return self.ask(self.exchange_request(invite))
+
+    def exchange_request(self, invite: dict[str, Any]) -> dict[str, Any]:
+        """The DID Exchange 1.1 request answering `invite` (and the mediator's key noted)."""
         key = invite["services"][0]["recipientKeys"][0]
         self.mediator_verkey = envelope.to_verkey(key)
         doc = json.dumps(self.doc()).encode()
@@ -96,7 +100,7 @@ class V1Agent:
                          "did_doc~attach": {"@id": "d", "mime-type": "application/json",
                                             "data": {"base64": base64.urlsafe_b64encode(
                                                 doc).decode()}}})
-        return self.ask(request)
+        return request
 
     def mediate(self) -> dict[str, Any]:
         grant = self.ask(msg("coordinate-mediation/1.0/mediate-request"))
