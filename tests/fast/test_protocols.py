@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fast.instance import Fast
+from fast.instance import BASE_URL, Fast
 from support.agent import BASIC, CM2, CM3, DISCOVER, ENCRYPTED, PICKUP, PING, forward_to
 from support.inspect import metric_value
 from support.jwe import assert_encrypted_typ
@@ -239,3 +239,25 @@ async def test_allowlist_policy_denies_others(fast: Fast) -> None:
     assert fast.query("SELECT COUNT(*) FROM mediations WHERE state = 'granted'") == [(0,)]
     grant = await alice.mediate(fast.client)
     assert grant["type"] == f"{CM3}/mediate-grant"
+
+
+async def test_pickup_filters_by_recipient_did(fast: Fast) -> None:
+    alice, carol = fast.agent(), fast.agent()
+    await alice.mediate(fast.client)
+    await alice.request(fast.client, f"{CM3}/recipient-update", {"updates": [
+        {"recipient_did": carol.did, "action": "add"}]})
+    for recipient, text in ((alice, "for alice"), (carol, "for carol"), (carol, "again")):
+        packed = await forward_to(BASE_URL, recipient, {"type": BASIC, "body": {"content": text}})
+        assert (await fast.post(packed)).status_code == 202
+
+    everything = await alice.request(fast.client, f"{PICKUP}/status-request")
+    assert everything["body"]["message_count"] == 3
+    only = await alice.request(fast.client, f"{PICKUP}/status-request",
+                               {"recipient_did": carol.did})
+    assert only["body"]["message_count"] == 2 and only["body"]["recipient_did"] == carol.did
+    delivery = await alice.request(fast.client, f"{PICKUP}/delivery-request",
+                                   {"limit": 10, "recipient_did": carol.did})
+    assert delivery["body"] == {"recipient_did": carol.did}
+    texts = [(await carol.unpack(json.dumps(a["data"]["json"])))["body"]["content"]
+             for a in delivery["attachments"]]
+    assert sorted(texts) == ["again", "for carol"]

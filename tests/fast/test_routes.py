@@ -270,3 +270,41 @@ async def test_console_login_session_and_csrf(fast: Fast) -> None:
     forged = await fast.client.post("/console/degradation", data={"level": "read-only"})
     assert forged.status_code == 403
     assert fast.dovecote.degradation.level == "normal"
+
+
+async def test_rooms_edit_delete_reactions_and_idempotent_posts(fast: Fast) -> None:
+    def as_(sub: str, **kwargs: Any) -> dict[str, str]:
+        return {"authorization": f"Bearer {fast.issuer.token(sub, **kwargs)}"}
+
+    created = await fast.client.post("/v1/rooms", headers=as_("root", roles=["admin"]), json={
+        "name": "r", "participants": [{"id": "alice", "role": "member"},
+                                      {"id": "bob", "role": "member"},
+                                      {"id": "mod", "role": "moderator"}]})
+    room = created.json()["id"]
+    key = str(uuid.uuid4())
+    first = await fast.client.post(f"/v1/rooms/{room}/messages", json={"text": "once"},
+                                   headers={**as_("alice"), "Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    again = await fast.client.post(f"/v1/rooms/{room}/messages", json={"text": "once"},
+                                   headers={**as_("alice"), "Idempotency-Key": key})
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    conflict = await fast.client.post(f"/v1/rooms/{room}/messages", json={"text": "other"},
+                                      headers={**as_("alice"), "Idempotency-Key": key})
+    assert conflict.status_code == 409 and conflict.json()["error"] == "e.m.req.conflict"
+    assert fast.query("SELECT COUNT(*) FROM room_messages") == [(1,)]
+
+    url = f"/v1/rooms/{room}/messages/{first.json()['id']}"
+    assert (await fast.client.patch(url, json={"text": "bob was here"},
+                                    headers=as_("bob"))).status_code == 403
+    edited = await fast.client.patch(url, json={"text": "edited"}, headers=as_("alice"))
+    assert edited.status_code == 200 and edited.json()["type"] == "message.edited"
+    liked = await fast.client.put(f"{url}/reactions/heart", headers=as_("bob"))
+    assert liked.json()["changed"] is True and liked.json()["reactions"] == {"heart": ["bob"]}
+    twice = await fast.client.put(f"{url}/reactions/heart", headers=as_("bob"))
+    assert twice.json()["changed"] is False
+    assert (await fast.client.put(f"{url}/reactions/x", headers=as_("eve"))).status_code == 403
+    deleted = await fast.client.delete(url, headers=as_("mod"))
+    assert deleted.status_code == 200 and deleted.json()["type"] == "message.deleted"
+    assert (await fast.client.delete(url, headers=as_("mod"))).status_code == 409
+    got = (await fast.client.get(url, headers=as_("bob"))).json()
+    assert got["deleted"] is True and got["text"] is None
