@@ -9,7 +9,6 @@ recipient acknowledges the same way, so a push to a dying socket loses nothing.
 from __future__ import annotations
 
 import base64
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from dovecote.didcomm.messages import Context, Handler, Inbound, did_field, fiel
 from dovecote.errors import LiveModeNotSupported, MalformedMessage
 from dovecote.ops import metrics
 from dovecote.store.base import StoredMessage
+from dovecote.util.jsonlimits import stored_json
 
 log = structlog.get_logger("dovecote.pickup")
 
@@ -32,10 +32,9 @@ MAX_ACK_IDS = 10_000
 
 def attachment_for(message: StoredMessage) -> dict[str, Any]:
     """A queued message as a delivery attachment whose id is the queue id."""
-    try:
-        data: dict[str, Any] = {"json": json.loads(message.body)}
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        data = {"base64": base64.urlsafe_b64encode(message.body).decode().rstrip("=")}
+    parsed, value = stored_json(message.body)
+    data: dict[str, Any] = {"json": value} if parsed else {
+        "base64": base64.urlsafe_b64encode(message.body).decode().rstrip("=")}
     return {"id": message.id, "media_type": "application/didcomm-encrypted+json", "data": data}
 
 

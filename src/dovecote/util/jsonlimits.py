@@ -14,6 +14,7 @@ no maintained package bounds JSON without a full parse.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -56,3 +57,20 @@ def depth_exceeds(value: Any, limit: int) -> bool:
         stack.extend((child, depth + 1) for child in children
                      if isinstance(child, dict | list))
     return False
+
+
+def stored_json(raw: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> tuple[bool, Any]:
+    """`(True, value)` when `raw` is JSON within the bounds above, else `(False, None)`.
+
+    For stored messages: their bytes are whatever a forward's sender chose (base64
+    attachments and v1 `msg` strings are opaque when they arrive), so reading them back
+    must never raise (deep nesting, 5,000-digit numbers, invalid UTF-8)."""
+    if raw_problem(raw, max_depth) is not None:
+        return False, None
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False, None
+    if depth_exceeds(value, max_depth):
+        return False, None
+    return True, value

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from dovecote.didcomm.v1.messages import (
 )
 from dovecote.errors import LiveModeNotSupported, MalformedMessage
 from dovecote.ops import metrics
+from dovecote.util.jsonlimits import stored_json
 
 if TYPE_CHECKING:
     from dovecote.delivery.live import LiveSession
@@ -54,18 +54,14 @@ SAFETY_POLL_SECONDS = 5.0
 
 
 def _json_or_text(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return body.decode(errors="replace")
+    parsed, value = stored_json(body)
+    return value if parsed else body.decode(errors="replace")
 
 
 def tag_of(body: bytes) -> str | None:
     """The JWE `tag` of a stored v1 message (its RFC 0685 message tag)."""
-    try:
-        value = json.loads(body).get("tag")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
+    parsed, envelope = stored_json(body)
+    value = envelope.get("tag") if parsed and isinstance(envelope, dict) else None
     return value if isinstance(value, str) else None
 
 
