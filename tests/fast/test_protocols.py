@@ -195,11 +195,12 @@ async def test_live_mode_on_http_is_refused(fast: Fast) -> None:
     (f"{PICKUP}/delivery-request", {}, "e.m.msg.malformed"),
     (f"{PICKUP}/delivery-request", {"limit": "ten"}, "e.m.msg.malformed"),
     (f"{PICKUP}/delivery-request", {"limit": True}, "e.m.msg.malformed"),
+    (f"{PICKUP}/delivery-request", {"limit": 0}, "e.m.msg.malformed"),
     (f"{PICKUP}/messages-received", {"message_id_list": "abc"}, "e.m.msg.malformed"),
     (f"{CM3}/recipient-update", {"updates": "x"}, "e.m.msg.malformed"),
     (f"{CM3}/recipient-query", {"paginate": {"limit": -1}}, "e.m.msg.malformed"),
-], ids=["unknown-type", "missing-limit", "limit-string", "limit-bool", "ack-not-list",
-        "updates-not-list", "negative-page"])
+], ids=["unknown-type", "missing-limit", "limit-string", "limit-bool", "limit-zero",
+        "ack-not-list", "updates-not-list", "negative-page"])
 async def test_bad_messages_get_a_problem_report_and_change_nothing(
         fast: Fast, msg_type: str, body: dict[str, Any], code: str) -> None:
     alice = fast.agent()
