@@ -310,7 +310,7 @@ def parse_json(raw: bytes | str, max_depth: int, what: str) -> Any:
         raise LimitExceeded(f"{what} {problem}")
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or a number past 4,300 digits
         raise MalformedMessage(f"{what} is not JSON") from exc
     except RecursionError as exc:
         raise LimitExceeded(f"{what} nests deeper than {max_depth} levels") from exc

@@ -122,7 +122,7 @@ def parse(raw: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Envelope | Non
         raise LimitExceeded(f"body nests deeper than {max_depth} levels")
     try:
         outer = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: also 5,000-digit numbers
         return None
     if not isinstance(outer, dict) or not isinstance(outer.get("protected"), str):
         return None
@@ -131,7 +131,7 @@ def parse(raw: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Envelope | Non
         if too_deep(protected_raw, max_depth):
             raise LimitExceeded(f"protected header nests deeper than {max_depth} levels")
         protected = json.loads(protected_raw)
-    except (MalformedMessage, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (MalformedMessage, ValueError, RecursionError):
         return None
     if not isinstance(protected, dict) or protected.get("enc") != ENC:
         return None
