@@ -41,6 +41,11 @@ def test_invitation_v1(v1_server: ServerProcess) -> None:
     encoded = url.split("?oob=", 1)[1]
     decoded = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
     assert decoded["services"][0]["recipientKeys"] == service["recipientKeys"]
+    svg = httpx.get(v1_server.base_url + "/invitation/v1?format=svg")
+    assert svg.headers["content-type"] == "image/svg+xml" and b"<svg" in svg.content
+    png = httpx.get(v1_server.base_url + "/invitation/v1?format=png")
+    assert png.content.startswith(b"\x89PNG")
+    assert httpx.get(v1_server.base_url + "/invitation/v1?format=gif").status_code == 400
     # Stable across requests, like the v2 invitation.
     assert httpx.get(v1_server.base_url + "/invitation/v1").json()["@id"] == invite["@id"]
 
