@@ -444,7 +444,10 @@ async def dead_letters(request: Request, session: Session,
                        form: dict[str, list[str]]) -> Response:
     filters = _filters(request)
     offset_text = request.query_params.get("offset", "0")
-    offset = min(int(offset_text), 10**9) if offset_text.isdigit() else 0
+    # isdigit() alone admits "²" and 5,000-digit text, which int() refuses.
+    offset = (min(int(offset_text), 10**9)
+              if offset_text.isascii() and offset_text.isdigit() and len(offset_text) < 19
+              else 0)
     items, total = await admin.dead_letters(_dc(request).store, offset, PAGE_SIZE, **filters)
     query = {k: v for k, v in filters.items() if v}
     here = "/console/dead-letters" + (f"?{urlencode(query)}" if query else "")
@@ -472,7 +475,8 @@ async def dead_letter(request: Request, session: Session,
 
 
 def _ids(form: dict[str, list[str]]) -> list[int]:
-    ids = sorted({int(v) for v in form.get("ids", []) if v.isdigit() and len(v) < 19})
+    ids = sorted({int(v) for v in form.get("ids", [])
+                  if v.isascii() and v.isdigit() and len(v) < 19})
     return ids[:MAX_BULK]
 
 
