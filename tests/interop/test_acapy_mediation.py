@@ -109,8 +109,9 @@ def test_acapy_mediatee_receives_each_message_once(
 
 
 def test_acapy_messages_survive_a_sigkill_of_dovecote(
-        server_factory: Callable[..., ServerProcess], agents: Callable[..., AcaPy]) -> None:
-    server = server_factory(env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"})
+        store_engine: dict[str, str], server_factory: Callable[..., ServerProcess],
+        agents: Callable[..., AcaPy]) -> None:
+    server = server_factory(env={**store_engine, "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"})
     a, b, conn = _setup(server, agents, "http")
     texts = [f"kill message {i}" for i in range(COUNT)]
     _send(b, conn, texts[: COUNT // 2])
