@@ -200,6 +200,14 @@ async def _resolve(ctx: V1Context, did: str) -> dict[str, Any]:
     return doc
 
 
+def _require_own_key(inbound: V1Inbound, verkey: str) -> None:
+    """The request must be authcrypted by the key its DID document names: the connection
+    it saves is keyed by that verkey and sets where that key's forwards go, so an
+    anoncrypted request naming someone else's key would redirect their messages."""
+    if inbound.sender != verkey:
+        raise Unauthenticated("the request is not authcrypted with the key of its DID document")
+
+
 async def request(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
     their_did = field(inbound.message, "did", str)[:4096]
     if inbound.message.get("did_doc~attach") is not None:
@@ -207,8 +215,7 @@ async def request(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
     else:
         doc = await _resolve(ctx, their_did)
     verkey, endpoint, routing = parse_doc(doc)
-    if inbound.sender and inbound.sender != verkey:
-        raise Unauthenticated("the request is not authcrypted with the key of its DID document")
+    _require_own_key(inbound, verkey)
     version = inbound.version if inbound.version in ("1.0", "1.1") else "1.1"
     endpoint_ours = ctx.core.settings.ws_url if inbound.transport == "ws" else \
         ctx.core.settings.base_url
@@ -247,8 +254,7 @@ async def connection_request(ctx: V1Context, inbound: V1Inbound) -> list[dict[st
     connection = field(inbound.message, "connection", dict)
     their_did = field(connection, "DID", str)[:4096]
     verkey, endpoint, routing = parse_doc(connection.get("DIDDoc"))
-    if inbound.sender and inbound.sender != verkey:
-        raise Unauthenticated("the request is not authcrypted with the key of its DID document")
+    _require_own_key(inbound, verkey)
     endpoint_ours = (ctx.core.settings.ws_url if inbound.transport == "ws"
                      else ctx.core.settings.base_url)
     saved = await ctx.store.v1_connection_save(V1Connection(
