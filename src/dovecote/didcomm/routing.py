@@ -46,6 +46,7 @@ log = structlog.get_logger("dovecote.routing")
 PIURI = "https://didcomm.org/routing/2.0"
 FORWARD = f"{PIURI}/forward"
 MAX_ATTACHMENTS = 100
+MAX_UNIX_TIME = 2**53
 
 
 def attachment_bytes(attachment: Any) -> bytes:
@@ -107,6 +108,9 @@ async def forward(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
     expires_at = time.time() + ctx.settings.message_ttl
     requested = inbound.message.get("expires_time")
     if isinstance(requested, int | float) and not isinstance(requested, bool):
+        # 10**400 parses (and float() of it raises); NaN fails both comparisons.
+        if not -MAX_UNIX_TIME <= requested <= MAX_UNIX_TIME:
+            raise MalformedMessage("expires_time must be a UNIX time in seconds")
         expires_at = min(expires_at, float(requested))
     for payload in payloads:
         await store_for(ctx, mediatee, next_hop, payload, expires_at, inbound.request_id)
