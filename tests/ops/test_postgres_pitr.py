@@ -163,7 +163,12 @@ async def test_base_backup_and_wal_archive_restore_every_accepted_message(
     primary.configure(
         listen_addresses="127.0.0.1", port=str(primary.port),
         unix_socket_directories=str(pg_home), wal_level="replica", archive_mode="on",
-        archive_command=f"test ! -f {archive}/%f && cp %p {archive}/%f", max_wal_senders="4",
+        # Copy then rename: a restore that reads the archive while a segment is
+        # being copied must never see a partial file ("wrong size", seen on a
+        # loaded machine).
+        archive_command=(f"test ! -f {archive}/%f && cp %p {archive}/%f.part"
+                         f" && mv {archive}/%f.part {archive}/%f"),
+        max_wal_senders="4",
     )
     primary.start()
 
