@@ -222,7 +222,14 @@ class Mediator:
                 headers={"content-type": ENCRYPTED}, dedup_key=f"reply:{key}",
             ))
         if items:
-            added = await self.ctx.store.outbox_add(items)
+            quota = routing.relay_quota(self.ctx.settings, items[0].target)
+            try:
+                added = await self.ctx.store.outbox_add(items, quota=quota)
+            except DovecoteError as exc:  # quotas: 429/507, the client retries later
+                metrics.RELAY_REFUSED.labels("reply_quota").inc()
+                log.warning("reply.refused", code=exc.code, target=quota.origin,
+                            request_id=inbound.request_id)
+                raise
             if added:
                 self.ctx.wake_outbox("forward")
             log.info("reply.queued", count=len(added), target=items[0].target,

@@ -25,7 +25,8 @@ import binascii
 import hashlib
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -40,6 +41,9 @@ from dovecote.errors import (
 )
 from dovecote.ops import metrics
 from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem, RelayQuota
+
+if TYPE_CHECKING:
+    from dovecote.ops.settings import Settings
 
 log = structlog.get_logger("dovecote.routing")
 
@@ -146,6 +150,15 @@ async def store_for(ctx: Context, mediatee: str, recipient: str, payload: bytes,
     return result
 
 
+def relay_quota(settings: Settings, target: str) -> RelayQuota:
+    """The relay quotas for POSTs to `target` (a canonical URL or its origin): relayed
+    forwards and replies to a sender's endpoint alike (both go where a client says)."""
+    parts = urlsplit(target)
+    return RelayQuota(f"{parts.scheme}://{parts.netloc}/", settings.relay_target_max_items,
+                      settings.relay_target_max_bytes, settings.relay_max_items,
+                      settings.relay_max_bytes, settings.relay_retry_after)
+
+
 async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[bytes]) -> None:
     """Accept a forward for a DID that is not ours into the outbox, for its endpoint."""
     if ctx.endpoints is None:
@@ -175,10 +188,7 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
     if not all(is_jwe(p) for p in payloads):
         metrics.RELAY_REFUSED.labels("not_jwe").inc()
         raise MalformedMessage("only encrypted messages (JWE) are relayed to another mediator")
-    settings = ctx.settings
-    quota = RelayQuota(origin, settings.relay_target_max_items, settings.relay_target_max_bytes,
-                       settings.relay_max_items, settings.relay_max_bytes,
-                       settings.relay_retry_after)
+    quota = relay_quota(ctx.settings, origin)
     try:
         added = await ctx.store.outbox_add(items, quota=quota)
     except (RateLimited, OutboxFull) as exc:

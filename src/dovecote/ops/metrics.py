@@ -103,7 +103,8 @@ OUTBOX_ATTEMPT_SECONDS = Histogram(
     buckets=(*LATENCY_BUCKETS, 15.0, 30.0),
 )
 RELAY_REFUSED = Counter(
-    "dovecote_relay_refused", "Forwards for a remote next hop refused at accept time.",
+    "dovecote_relay_refused",
+    "Forwards for a remote next hop, or replies for a sender's endpoint, refused when queued.",
     ["reason"],
 )
 OUTBOUND_REFUSED = Counter(

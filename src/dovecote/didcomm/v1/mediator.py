@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from dovecote.didcomm import routing as v2_routing
 from dovecote.didcomm.dispatch import Outcome
 from dovecote.didcomm.packing import parse_json
 from dovecote.didcomm.v1 import basic, connections, coordinate, pickup, push, routing
@@ -211,7 +212,14 @@ class V1Mediator:
                                        headers={"content-type": MEDIA_TYPE},
                                        dedup_key=f"v1reply:{key}"))
         if items:
-            added = await self.core.store.outbox_add(items)
+            quota = v2_routing.relay_quota(self.core.settings, items[0].target)
+            try:
+                added = await self.core.store.outbox_add(items, quota=quota)
+            except DovecoteError as exc:  # quotas: 429/507, the client retries later
+                metrics.RELAY_REFUSED.labels("reply_quota").inc()
+                log.warning("reply.refused", code=exc.code, target=quota.origin, version="v1",
+                            request_id=inbound.request_id)
+                raise
             if added:
                 self.core.wake_outbox("forward")
             log.info("reply.queued", count=len(added), version="v1",

@@ -25,7 +25,7 @@ from dovecote.didcomm.v1.envelope import MEDIA_TYPE, pack, to_did_key, to_verkey
 from dovecote.didcomm.v1.messages import DIDCOMM_PREFIX, V1Context, V1Handler, V1Inbound
 from dovecote.errors import MalformedMessage, OutboxFull, RateLimited, UnknownRecipient
 from dovecote.ops import metrics
-from dovecote.store.base import NewOutboxItem, RelayQuota
+from dovecote.store.base import NewOutboxItem
 
 log = structlog.get_logger("dovecote.v1.routing")
 
@@ -99,11 +99,7 @@ async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
                 or v2_routing.is_jwe(payload)):
             metrics.RELAY_REFUSED.labels("not_jwe").inc()
             raise MalformedMessage("only encrypted messages are relayed to an endpoint")
-        settings = ctx.core.settings
-        parts = urlsplit(endpoint)
-        quota = RelayQuota(f"{parts.scheme}://{parts.netloc}/", settings.relay_target_max_items,
-                           settings.relay_target_max_bytes, settings.relay_max_items,
-                           settings.relay_max_bytes, settings.relay_retry_after)
+        quota = v2_routing.relay_quota(ctx.core.settings, endpoint)
         item = NewOutboxItem(
             kind="forward", target=endpoint,
             payload=wrap(payload, to_verkey(recipient), connection.routing_keys),
