@@ -90,9 +90,10 @@ class V1Mediator:
         self.key = key
         self.verkey = b58encode(key.get_public_bytes())
         self.keys = {self.verkey: key}
-        self.ctx = V1Context(ctx, key, self.verkey)
+        # One per mediator (not per process): in-process test instances each have theirs.
+        self.implicit = pickup.ImplicitPickup(ctx.store)
+        self.ctx = V1Context(ctx, key, self.verkey, self.implicit)
         self.did_limits = did_limits
-        pickup.IMPLICIT.attach(ctx.store)
 
     async def receive(self, envelope: Envelope, transport: Transport,
                       session: LiveSession | None, request_id: str) -> Outcome:
@@ -120,7 +121,7 @@ class V1Mediator:
             if (transport == "ws" and session is not None and inbound.return_route == "all"
                     and sender_key
                     and await self.core.store.get_mediation(sender_key) == "granted"):
-                pickup.IMPLICIT.enable(session, sender_key)
+                self.implicit.enable(session, sender_key)
         except DovecoteError as exc:
             error = exc
             metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from dovecote.delivery.live import LiveSession
     from dovecote.didcomm.messages import Context, Transport
+    from dovecote.didcomm.v1.pickup import ImplicitPickup
     from dovecote.store.v1_base import V1Store
 
 DIDCOMM_PREFIX = "https://didcomm.org/"
@@ -102,6 +103,7 @@ class V1Context:
     core: Context
     key: Key
     verkey: str
+    implicit: ImplicitPickup
 
     @property
     def store(self) -> V1Store:

@@ -131,7 +131,7 @@ async def _ids_for_tags(ctx: V1Context, mediatee: str, session: LiveSession | No
                         tags: list[str]) -> list[str]:
     wanted = set(tags)
     ids: list[str] = []
-    pushed = IMPLICIT.tags_for(session, mediatee) if session is not None else {}
+    pushed = ctx.implicit.tags_for(session, mediatee) if session is not None else {}
     for tag in list(wanted):
         if tag in pushed:
             ids.append(pushed[tag])
@@ -153,7 +153,7 @@ async def messages_received(ctx: V1Context, inbound: V1Inbound) -> list[dict[str
     if tags:
         ids = [*ids, *await _ids_for_tags(ctx, mediatee, inbound.session, tags)]
     removed = await acknowledge(ctx.core, mediatee, ids)
-    IMPLICIT.acknowledged(mediatee, ids)
+    ctx.implicit.acknowledged(mediatee, ids)
     log.info("pickup.acknowledged", listed=len(ids), removed=removed, version="v1",
              request_id=inbound.request_id)
     return [await status_message(ctx, inbound, mediatee, (None, None))]
@@ -184,14 +184,10 @@ class _Implicit:
 class ImplicitPickup:
     """Mediatee -> the socket its queued messages are pushed to raw (newest socket wins)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
         self.by_mediatee: dict[str, _Implicit] = {}
-        self.store: Store | None = None
-
-    def attach(self, store: Store) -> None:
-        if self.store is not store:
-            self.store = store
-            store.add_listener(self.notify)
+        self.store = store
+        store.add_listener(self.notify)
 
     def notify(self, mediatee: str) -> None:
         if mediatee == "*":
@@ -232,7 +228,7 @@ class ImplicitPickup:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(entry.wake.wait(), SAFETY_POLL_SECONDS)
                 entry.wake.clear()
-                if session.held or session.closed or self.store is None:
+                if session.held or session.closed:
                     continue
                 queued = await self.store.fetch(entry.mediatee,
                                                 len(entry.pushed) + IMPLICIT_BATCH)
@@ -250,8 +246,6 @@ class ImplicitPickup:
             if self.by_mediatee.get(entry.mediatee) is entry:
                 del self.by_mediatee[entry.mediatee]
 
-
-IMPLICIT = ImplicitPickup()
 
 HANDLERS: dict[str, V1Handler] = {
     f"{PIURI}/status-request": status_request,
