@@ -18,7 +18,7 @@ import structlog
 from dovecote.didcomm.messages import Context, Handler, Inbound, did_field, field_of, reply
 from dovecote.errors import LiveModeNotSupported, MalformedMessage
 from dovecote.ops import metrics
-from dovecote.store.base import StoredMessage
+from dovecote.store.base import Store, StoredMessage
 from dovecote.util.jsonlimits import stored_json
 
 log = structlog.get_logger("dovecote.pickup")
@@ -28,6 +28,8 @@ STATUS = f"{PIURI}/status"
 DELIVERY = f"{PIURI}/delivery"
 MAX_DELIVERY = 1000
 MAX_ACK_IDS = 10_000
+# Messages read per query by a bounded delivery (each may be up to MAX_BODY_BYTES).
+FETCH_PAGE = 8
 
 
 def attachment_for(message: StoredMessage) -> dict[str, Any]:
@@ -40,6 +42,29 @@ def attachment_for(message: StoredMessage) -> dict[str, Any]:
 
 def delivery_body(recipient: str | None) -> dict[str, Any]:
     return {"recipient_did": recipient} if recipient else {}
+
+
+async def fetch_bounded(store: Store, mediatee: str, limit: int, recipient: str | None,
+                        max_bytes: int) -> list[StoredMessage]:
+    """Up to `limit` queued messages, oldest first, stopping once they hold `max_bytes`
+    (at least one). Read a page at a time: a reply (and the read behind it) must not grow
+    with the mailbox, which may hold MAILBOX_MAX_BYTES (1,000 messages of 5 MiB made one
+    delivery-request build a multi-GiB reply). Pickup's `limit` is a maximum; the recipient
+    asks again for the rest."""
+    messages: list[StoredMessage] = []
+    size, after = 0, 0
+    while len(messages) < limit and size < max_bytes:
+        page = await store.fetch(mediatee, min(limit - len(messages), FETCH_PAGE), recipient,
+                                 after_seq=after)
+        for message in page:
+            if messages and size + len(message.body) > max_bytes:
+                return messages
+            messages.append(message)
+            size += len(message.body)
+        if len(page) < FETCH_PAGE:
+            break
+        after = page[-1].seq
+    return messages
 
 
 async def status_message(
@@ -77,7 +102,8 @@ async def delivery_request(ctx: Context, inbound: Inbound) -> list[dict[str, Any
     if limit < 1:
         raise MalformedMessage("body.limit must be at least 1")
     recipient = _recipient(ctx, inbound)
-    messages = await ctx.store.fetch(mediatee, min(limit, MAX_DELIVERY), recipient)
+    messages = await fetch_bounded(ctx.store, mediatee, min(limit, MAX_DELIVERY), recipient,
+                                   ctx.settings.max_body_bytes)
     if not messages:
         return [await status_message(ctx, inbound, mediatee, recipient)]
     metrics.DELIVERED.labels("pickup").inc(len(messages))

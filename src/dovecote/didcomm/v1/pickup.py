@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from dovecote.didcomm.pickup import MAX_ACK_IDS, MAX_DELIVERY, acknowledge
+from dovecote.didcomm.pickup import MAX_ACK_IDS, MAX_DELIVERY, acknowledge, fetch_bounded
 from dovecote.didcomm.v1.envelope import to_did_key
 from dovecote.didcomm.v1.messages import (
     DIDCOMM_PREFIX,
@@ -118,7 +118,8 @@ async def delivery_request(ctx: V1Context, inbound: V1Inbound) -> list[dict[str,
     if limit < 1:
         raise MalformedMessage("limit must be at least 1")
     recipient = _recipient(inbound)
-    messages = await ctx.core.store.fetch(mediatee, min(limit, MAX_DELIVERY), recipient[1])
+    messages = await fetch_bounded(ctx.core.store, mediatee, min(limit, MAX_DELIVERY),
+                                   recipient[1], ctx.core.settings.max_body_bytes)
     if not messages:
         return [await status_message(ctx, inbound, mediatee, recipient)]
     metrics.DELIVERED.labels("pickup").inc(len(messages))
