@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 DEVSTAMP= $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos ha ha-tools clean
+.PHONY: serve test test-fast test-lowest lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos ha ha-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,12 +66,17 @@ console-screenshots: $(DEVSTAMP) postgres browser
 	. ./.test-env 2>/dev/null; PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 DOVECOTE_UPDATE_SCREENSHOTS=1 \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/console/test_browser.py
 
+## The unit, integration, client and interop tests on the lowest dependency versions that
+## pyproject.toml allows (own venv .venv-lowest, `uv pip install --resolution lowest-direct`).
+test-lowest: deploy-tools interop-node postgres
+	PYTHON=$(PYTHON) bash scripts/test-lowest.sh $(PYTEST_ARGS)
+
 lint: $(DEVSTAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .venv-tools .venv-ha .test-env tests/interop/node/node_modules
+	rm -rf $(VENV) .venv-tools .venv-ha .venv-lowest .test-env tests/interop/node/node_modules
 
 ## Benchmarks into bench/results/: BENCH_PROFILE=quick (default, ~10 min) or full (soak, 1M).
 bench: $(DEVSTAMP) postgres
