@@ -21,5 +21,7 @@ fi
 "$VENV/bin/python" scripts/check_floors.py
 # shellcheck disable=SC1091
 . ./.test-env 2>/dev/null || true
-exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider \
-    tests/unit tests/integration tests/client tests/interop "$@"
+# LOWEST_TESTS narrows the folders (default: unit, integration, client, interop).
+# shellcheck disable=SC2086
+exec "$VENV/bin/python" -m pytest -q -rfEs -p no:cacheprovider \
+    ${LOWEST_TESTS:-tests/unit tests/integration tests/client tests/interop} "$@"
