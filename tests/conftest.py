@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from support.endpoint import FlakyEndpoint
 from support.postgres import fresh_database
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, free_port, running_server
 
 
 @pytest.fixture
@@ -66,15 +65,7 @@ def shared_server(request: pytest.FixtureRequest,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server per test module and store engine, for tests that create their own
     agents and need no special settings (starting a server costs seconds)."""
-    tmp = tmp_path_factory.mktemp("shared")
-    with contextlib.ExitStack() as stack:
-        env: dict[str, str] = {}
-        if request.param == "postgres":
-            env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
-        server = ServerProcess(data_dir=tmp / "data", port=free_port(), env=env,
-                               log_path=tmp / "server.log")
-        stack.callback(server.kill)
-        server.start()
+    with running_server(tmp_path_factory.mktemp("shared"), request.param) as server:
         yield server
 
 

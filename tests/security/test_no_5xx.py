@@ -9,7 +9,6 @@ NUL in text; its error text must never reach a client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -27,8 +26,7 @@ from security.flood import (
 )
 from support.agent import CM2, CM3, PICKUP
 from support.inspect import metric_value, snapshot
-from support.postgres import fresh_database
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 
 TOKEN = "t" * 40
 ENCRYPTED = "application/didcomm-encrypted+json"
@@ -41,16 +39,9 @@ NUL_DIDS = ["did:example:nul\x00inside", "did:example:\udc80lone", "did:\x00:x"]
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def hostile(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("no5xx")
-    with contextlib.ExitStack() as stack:
-        env = {"DOVECOTE_ADMIN_TOKEN": TOKEN, "DOVECOTE_RATE_LIMIT_IP": "100000",
-               "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"}
-        if request.param == "postgres":
-            env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
-        server = ServerProcess(data_dir=tmp / "data", port=free_port(), env=env,
-                               log_path=tmp / "server.log")
-        stack.callback(server.kill)
-        server.start()
+    env = {"DOVECOTE_ADMIN_TOKEN": TOKEN, "DOVECOTE_RATE_LIMIT_IP": "100000",
+           "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"}
+    with running_server(tmp_path_factory.mktemp("no5xx"), request.param, env) as server:
         yield server
 
 

@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from dovecote.didcomm.v1 import envelope
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 from support.v1agent import V1
 
 DIGITS = b"1" * 5000
@@ -25,14 +25,8 @@ ENVELOPE = b'{"protected":"eyJ9","iv":"","ciphertext":"","tag":"","x":' + DIGITS
 
 @pytest.fixture(scope="module")
 def numbers_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-numbers")
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), env={},
-                           log_path=tmp / "server.log")
-    try:
-        server.start()
+    with running_server(tmp_path_factory.mktemp("redteam-numbers")) as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.mark.parametrize("media_type", ["application/didcomm-encrypted+json", V1,

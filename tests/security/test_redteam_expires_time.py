@@ -16,21 +16,15 @@ import pytest
 
 from security.flood import AnonPacker, forward_message
 from support.agent import PICKUP, Agent
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 
 ENCRYPTED = "application/didcomm-encrypted+json"
 
 
 @pytest.fixture(scope="module")
 def expiry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-expiry")
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), env={},
-                           log_path=tmp / "server.log")
-    try:
-        server.start()
+    with running_server(tmp_path_factory.mktemp("redteam-expiry")) as server:
         yield server
-    finally:
-        server.kill()
 
 
 async def test_expires_time_must_be_a_time(expiry_server: ServerProcess) -> None:

@@ -20,19 +20,13 @@ from joserfc.jws import serialize_compact
 from websockets.exceptions import ConnectionClosed
 
 from support.rooms import ws_connect, ws_recv
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 
 
 @pytest.fixture(scope="module")
 def rooms_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-rooms")
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), env={},
-                           log_path=tmp / "server.log")
-    try:
-        server.start()
+    with running_server(tmp_path_factory.mktemp("redteam-rooms")) as server:
         yield server
-    finally:
-        server.kill()
 
 
 def _b64(data: bytes) -> str:

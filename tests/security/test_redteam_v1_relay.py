@@ -9,7 +9,6 @@ target. Real servers, both engines, the outbox read from the store.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 
@@ -17,8 +16,7 @@ import pytest
 
 from dovecote.didcomm.v1 import envelope
 from reliability.helpers import query
-from support.postgres import fresh_database
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, free_port, running_server
 from support.v1agent import V1Agent, forward_for, msg, post_raw
 
 TARGET_ITEMS = 3
@@ -27,19 +25,12 @@ TARGET_ITEMS = 3
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def v1_relay(request: pytest.FixtureRequest,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-v1")
-    with contextlib.ExitStack() as stack:
-        env = {"DOVECOTE_RELAY_TARGET_MAX_ITEMS": str(TARGET_ITEMS),
-               "DOVECOTE_RELAY_RETRY_AFTER": "7",
-               # v1 endpoints on loopback stand in for public ones.
-               "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
-               "DOVECOTE_RATE_LIMIT_IP": "100000", "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"}
-        if request.param == "postgres":
-            env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
-        server = ServerProcess(data_dir=tmp / "data", port=free_port(), env=env,
-                               log_path=tmp / "server.log")
-        stack.callback(server.kill)
-        server.start()
+    env = {"DOVECOTE_RELAY_TARGET_MAX_ITEMS": str(TARGET_ITEMS),
+           "DOVECOTE_RELAY_RETRY_AFTER": "7",
+           # v1 endpoints on loopback stand in for public ones.
+           "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
+           "DOVECOTE_RATE_LIMIT_IP": "100000", "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"}
+    with running_server(tmp_path_factory.mktemp("redteam-v1"), request.param, env) as server:
         yield server
 
 

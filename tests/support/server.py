@@ -9,6 +9,8 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,3 +119,21 @@ class ServerProcess:
                 except ValueError:
                     pass
         return events
+
+
+@contextmanager
+def running_server(tmp: Path, engine: str = "sqlite",
+                   env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A started server with its data and log in `tmp`, on a fresh PostgreSQL database
+    when `engine` is "postgres"; killed (and the database dropped) afterwards."""
+    from support.postgres import fresh_database
+
+    with ExitStack() as stack:
+        env = dict(env or {})
+        if engine == "postgres":
+            env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
+        server = ServerProcess(data_dir=tmp / "data", port=free_port(), env=env,
+                               log_path=tmp / "server.log")
+        stack.callback(server.kill)
+        server.start()
+        yield server

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import pytest
 
 from support.endpoint import FlakyEndpoint
-from support.postgres import fresh_database
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, free_port, running_server
 from support.v1agent import Special
 
 
@@ -17,15 +15,7 @@ from support.v1agent import Special
 def v1_server(request: pytest.FixtureRequest,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One default server per store engine for every v1 test module."""
-    tmp = tmp_path_factory.mktemp("v1")
-    with contextlib.ExitStack() as stack:
-        env: dict[str, str] = {}
-        if request.param == "postgres":
-            env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
-        server = ServerProcess(data_dir=tmp / "data", port=free_port(), env=env,
-                               log_path=tmp / "server.log")
-        stack.callback(server.kill)
-        server.start()
+    with running_server(tmp_path_factory.mktemp("v1"), request.param) as server:
         yield server
 
 
