@@ -170,6 +170,7 @@ class OutboxWorkers:
         number = item.attempts + 1
         target = target_key(item.target)
         bound = log.bind(item=item.id, kind=item.kind, attempt=number, target=target)
+        sent = False
         try:
             if not self.breakers.acquire(item.target):
                 await self._defer(pool, item, bound)
@@ -188,6 +189,7 @@ class OutboxWorkers:
                 self.breakers.release(item.target)
                 bound.info("outbox.abandoned")
                 raise
+            sent = True
             await self._settle(pool, item, result, number, bound)
         except DovecoteError as exc:
             # Recording the outcome failed; the lease expires and the item is tried again.
@@ -195,6 +197,10 @@ class OutboxWorkers:
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must not kill the pool; the lease expiry retries it
+            if not sent:
+                # A half-open breaker's trial slot would otherwise stay taken and block the
+                # target for good (seen: every later forward to it stuck after one crash).
+                self.breakers.release(item.target)
             bound.exception("outbox.crashed")
 
     async def _defer(self, pool: Pool, item: OutboxItem, bound: Any) -> None:

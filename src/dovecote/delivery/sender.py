@@ -127,6 +127,14 @@ class Sender:
         except httpx.HTTPError as exc:
             return Attempt("transient", error=f"{type(exc).__name__}: {str(exc)[:160]}",
                            duration=time.perf_counter() - started)
+        except (OSError, AttributeError) as exc:
+            # Below httpx: a peer that resets the connection between connect and httpcore's
+            # TLS-attribute read makes anyio raise AttributeError on its closed socket
+            # (seen under the chaos suite's connection cuts). It is the target's failed
+            # attempt, not a bug of ours.
+            log.warning("outbound.stack_error", target=item.target, error=type(exc).__name__)
+            return Attempt("transient", error=f"{type(exc).__name__}: {str(exc)[:160]}",
+                           duration=time.perf_counter() - started)
         duration = time.perf_counter() - started
         status = response.status_code
         if 200 <= status < 300:
