@@ -469,17 +469,22 @@ def probe(url: str, timeout: float, every: str | None, metrics_host: str, metric
     exported = probes.ProbeMetrics(probes.invitation_url(url).removesuffix("/oob"))
     if metrics_port:
         exported.serve(metrics_host, metrics_port)
+    import signal
+    import threading
     import time
 
-    try:
-        while True:
-            begun = time.monotonic()
-            result = _run(probes.run_once(url, timeout))
-            exported.record(result)
-            show(result)
-            time.sleep(max(0.0, interval - (time.monotonic() - begun)))
-    except KeyboardInterrupt:
-        pass
+    # Ctrl-C / SIGTERM end the loop after the current run (bounded by --timeout). An
+    # interrupt in the middle of a run left the client's store thread unjoined and the
+    # process hanging at exit (seen in CI).
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        begun = time.monotonic()
+        result = _run(probes.run_once(url, timeout))
+        exported.record(result)
+        show(result)
+        stop.wait(max(0.0, interval - (time.monotonic() - begun)))
 
 
 # ---------------------------------------------------------------------- rooms

@@ -48,6 +48,14 @@ def test_probe_fails_with_the_failing_step(server_factory: Any) -> None:
     assert result["ok"] is False and result["failed_step"] in ("mediate", "send"), result
 
 
+def _successes(text: str, target: str) -> float:
+    prefix = f'dovecote_probe_runs_total{{result="success",{target}}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return 0.0
+
+
 def test_probe_every_exports_metrics(server_factory: Any) -> None:
     server: ServerProcess = server_factory()
     port = free_port()
@@ -64,11 +72,12 @@ def test_probe_every_exports_metrics(server_factory: Any) -> None:
                 text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
             except httpx.HTTPError:
                 text = ""
-            if f'dovecote_probe_runs_total{{result="success",{target}}} 2.0' in text:
+            if _successes(text, target) >= 2 and f"dovecote_probe_success{{{target}}} 1.0" in text:
                 break
             time.sleep(0.3)
+        # At least two runs: a poll on a loaded machine can come after the third.
+        assert _successes(text, target) >= 2, text
         assert f"dovecote_probe_success{{{target}}} 1.0" in text, text
-        assert f'dovecote_probe_runs_total{{result="success",{target}}} 2.0' in text, text
         assert "dovecote_probe_duration_seconds_bucket" in text
         assert "dovecote_probe_last_success_timestamp_seconds" in text
         assert "_created" not in text
