@@ -73,6 +73,7 @@ test-lowest: deploy-tools interop-node postgres
 
 lint: $(DEVSTAMP)
 	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples scripts
 	$(BIN)/mypy
 
 clean:

@@ -33,7 +33,6 @@ CM3 = "https://didcomm.org/coordinate-mediation/3.0"
 PICKUP = "https://didcomm.org/messagepickup/3.0"
 
 
-
 class ParsedCache(DIDResolver):
     """Caches parsed documents too: pydid's parse costs ~10x the crypto of a pack."""
 
@@ -80,21 +79,31 @@ class BenchAgent:
             agreement = Key.from_secret_bytes(KeyAlg.X25519, base64.b64decode(seed["x25519"]))
         else:
             signing, agreement = Key.generate(KeyAlg.ED25519), Key.generate(KeyAlg.X25519)
-        did = str(generate([KeySpec.verification(_multikey("ed25519-pub", signing)),
-                            KeySpec.key_agreement(_multikey("x25519-pub", agreement))], []))
+        did = str(
+            generate(
+                [
+                    KeySpec.verification(_multikey("ed25519-pub", signing)),
+                    KeySpec.key_agreement(_multikey("x25519-pub", agreement)),
+                ],
+                [],
+            )
+        )
         secrets = InMemorySecretsManager()
         await secrets.add_secret(AskarSecretKey(signing, f"{did}#key-1"))
         await secrets.add_secret(AskarSecretKey(agreement, f"{did}#key-2"))
         return cls(signing, agreement, did, secrets)
 
     def seed(self) -> dict[str, str]:
-        return {"ed25519": base64.b64encode(self.signing.get_secret_bytes()).decode(),
-                "x25519": base64.b64encode(self.agreement.get_secret_bytes()).decode()}
+        return {
+            "ed25519": base64.b64encode(self.signing.get_secret_bytes()).decode(),
+            "x25519": base64.b64encode(self.agreement.get_secret_bytes()).decode(),
+        }
 
     async def pack(self, message: dict[str, Any], to: str, anonymous: bool = False) -> bytes:
         data = json.dumps(message, separators=(",", ":")).encode()
-        packed = await _PACKAGING.pack(_CRYPTO, _RESOLVER, self.secrets, data, [to],
-                                       None if anonymous else self.did)
+        packed = await _PACKAGING.pack(
+            _CRYPTO, _RESOLVER, self.secrets, data, [to], None if anonymous else self.did
+        )
         return bytes(packed)
 
     async def unpack(self, raw: bytes | str) -> dict[str, Any]:
@@ -102,40 +111,57 @@ class BenchAgent:
         message: dict[str, Any] = json.loads(data)
         return message
 
-    def message(self, msg_type: str, to: str, body: dict[str, Any] | None = None,
-                return_route: bool = True) -> dict[str, Any]:
-        msg: dict[str, Any] = {"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": msg_type,
-                               "from": self.did, "to": [to], "body": body or {}}
+    def message(
+        self, msg_type: str, to: str, body: dict[str, Any] | None = None, return_route: bool = True
+    ) -> dict[str, Any]:
+        msg: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "typ": PLAINTEXT,
+            "type": msg_type,
+            "from": self.did,
+            "to": [to],
+            "body": body or {},
+        }
         if return_route:
             msg["return_route"] = "all"
         return msg
 
-    async def request(self, msg_type: str, to: str,
-                      body: dict[str, Any] | None = None) -> bytes:
+    async def request(self, msg_type: str, to: str, body: dict[str, Any] | None = None) -> bytes:
         """An authcrypted request to the mediator asking for a return-routed answer."""
         return await self.pack(self.message(msg_type, to, body), to)
 
 
-async def make_forward(recipient_did: str, mediator_did: str, index: int,
-                       pad: int = 200) -> bytes:
+async def make_forward(recipient_did: str, mediator_did: str, index: int, pad: int = 200) -> bytes:
     """What any third party sends: a message anoncrypted for the recipient, wrapped in a
     forward anoncrypted for the mediator's key-agreement key."""
     sender = _ANON
-    inner_msg = {"id": f"m-{index}-{uuid.uuid4().hex[:8]}", "typ": PLAINTEXT, "type": BASIC,
-                 "to": [recipient_did], "body": {"content": "x" * pad, "n": index}}
+    inner_msg = {
+        "id": f"m-{index}-{uuid.uuid4().hex[:8]}",
+        "typ": PLAINTEXT,
+        "type": BASIC,
+        "to": [recipient_did],
+        "body": {"content": "x" * pad, "n": index},
+    }
     inner = await sender.pack(inner_msg, recipient_did, anonymous=True)
-    forward = {"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": FORWARD,
-               "to": [mediator_did], "body": {"next": recipient_did},
-               "attachments": [{"id": uuid.uuid4().hex, "media_type": ENCRYPTED,
-                                "data": {"json": json.loads(inner)}}]}
+    forward = {
+        "id": str(uuid.uuid4()),
+        "typ": PLAINTEXT,
+        "type": FORWARD,
+        "to": [mediator_did],
+        "body": {"next": recipient_did},
+        "attachments": [
+            {"id": uuid.uuid4().hex, "media_type": ENCRYPTED, "data": {"json": json.loads(inner)}}
+        ],
+    }
     return await sender.pack(forward, f"{mediator_did}#key-2", anonymous=True)
 
 
 class _Anonymous:
     async def pack(self, message: dict[str, Any], to: str, anonymous: bool = True) -> bytes:
         data = json.dumps(message, separators=(",", ":")).encode()
-        packed = await _PACKAGING.pack(_CRYPTO, _RESOLVER, InMemorySecretsManager(), data,
-                                       [to], None)
+        packed = await _PACKAGING.pack(
+            _CRYPTO, _RESOLVER, InMemorySecretsManager(), data, [to], None
+        )
         return bytes(packed)
 
 

@@ -35,13 +35,17 @@ def fill(db: Path, mediatee: str, body: bytes, count: int) -> float:
         conn.executemany(
             "INSERT INTO messages (id, mediatee, recipient, body, size, received_at, "
             "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            ((uuid.uuid4().hex, mediatee, mediatee, body, len(body), now, now + 30 * 86400)
-             for _ in range(n)))
+            (
+                (uuid.uuid4().hex, mediatee, mediatee, body, len(body), now, now + 30 * 86400)
+                for _ in range(n)
+            ),
+        )
         conn.execute(
             "INSERT INTO mailboxes (mediatee, message_count, total_bytes) VALUES (?, ?, ?) "
             "ON CONFLICT (mediatee) DO UPDATE SET message_count = message_count + "
             "excluded.message_count, total_bytes = total_bytes + excluded.total_bytes",
-            (mediatee, n, n * len(body)))
+            (mediatee, n, n * len(body)),
+        )
         conn.execute("COMMIT")
         done += n
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -53,9 +57,19 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3:
         print(__doc__, file=sys.stderr)
         return 2
-    body = (Path(argv[3]).read_bytes() if len(argv) > 3 else
-            json.dumps({"protected": "x" * 200, "recipients": [], "iv": "x" * 32,
-                        "ciphertext": "x" * 1200, "tag": "x" * 22}).encode())
+    body = (
+        Path(argv[3]).read_bytes()
+        if len(argv) > 3
+        else json.dumps(
+            {
+                "protected": "x" * 200,
+                "recipients": [],
+                "iv": "x" * 32,
+                "ciphertext": "x" * 1200,
+                "tag": "x" * 22,
+            }
+        ).encode()
+    )
     took = fill(Path(argv[0]), argv[1], body, int(argv[2]))
     print(f"queued {int(argv[2])} messages in {took:.1f}s")
     return 0

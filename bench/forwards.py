@@ -27,8 +27,10 @@ def _pack_range(args: tuple[list[str], str, int, int, int]) -> list[bytes]:
     recipients, mediator_did, start, stop, pad = args
 
     async def run() -> list[bytes]:
-        return [await make_forward(recipients[i % len(recipients)], mediator_did, i, pad)
-                for i in range(start, stop)]
+        return [
+            await make_forward(recipients[i % len(recipients)], mediator_did, i, pad)
+            for i in range(start, stop)
+        ]
 
     return asyncio.run(run())
 
@@ -49,13 +51,19 @@ def _read(path: Path) -> list[bytes]:
         (size,) = struct.unpack_from("<I", data, offset)
         if offset + 4 + size > len(data):
             break  # a record cut short by an interrupted run
-        items.append(data[offset + 4:offset + 4 + size])
+        items.append(data[offset + 4 : offset + 4 + size])
         offset += 4 + size
     return items
 
 
-def pool(recipients: list[str], mediator_did: str, count: int, pad: int = 200,
-         processes: int | None = None, log: bool = True) -> list[bytes]:
+def pool(
+    recipients: list[str],
+    mediator_did: str,
+    count: int,
+    pad: int = 200,
+    processes: int | None = None,
+    log: bool = True,
+) -> list[bytes]:
     """`count` distinct forwards spread round-robin over `recipients` (cached)."""
     CACHE.mkdir(exist_ok=True)
     # The mediator's keys, not its DID (which embeds the port), identify the cache.
@@ -67,8 +75,10 @@ def pool(recipients: list[str], mediator_did: str, count: int, pad: int = 200,
     started, before = time.perf_counter(), len(have)
     processes = processes or os.cpu_count() or 1
     chunk = 2000
-    jobs = [(recipients, mediator_did, s, min(s + chunk, count), pad)
-            for s in range(len(have), count, chunk)]
+    jobs = [
+        (recipients, mediator_did, s, min(s + chunk, count), pad)
+        for s in range(len(have), count, chunk)
+    ]
     if not path.exists():
         _write(path, [])
     with ProcessPoolExecutor(processes) as executor, open(path, "ab") as out:
@@ -81,8 +91,7 @@ def pool(recipients: list[str], mediator_did: str, count: int, pad: int = 200,
             out.flush()
     if log:
         took = time.perf_counter() - started
-        print(f"  packed {len(have) - before} forwards in {took:.0f}s ({path.name})",
-              flush=True)
+        print(f"  packed {len(have) - before} forwards in {took:.0f}s ({path.name})", flush=True)
     return have[:count]
 
 

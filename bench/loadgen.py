@@ -41,9 +41,14 @@ class HTTPConnection:
             self.writer.close()
         self.reader = self.writer = None
 
-    async def request(self, body: bytes, path: bytes = b"/", method: bytes = b"POST",
-                      content_type: bytes = ENCRYPTED,
-                      headers: bytes = b"") -> tuple[int, bytes]:
+    async def request(
+        self,
+        body: bytes,
+        path: bytes = b"/",
+        method: bytes = b"POST",
+        content_type: bytes = ENCRYPTED,
+        headers: bytes = b"",
+    ) -> tuple[int, bytes]:
         """Send one request; (status, body). Reconnects once if the kept-alive one died."""
         for attempt in (0, 1):
             if self.writer is None:
@@ -51,8 +56,10 @@ class HTTPConnection:
             assert self.reader is not None and self.writer is not None
             self.writer.write(
                 b"%s %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\n"
-                b"Content-Length: %d\r\n%s\r\n" % (method, path, self.host.encode(), self.port,
-                                                   content_type, len(body), headers) + body)
+                b"Content-Length: %d\r\n%s\r\n"
+                % (method, path, self.host.encode(), self.port, content_type, len(body), headers)
+                + body
+            )
             try:
                 head = await self.reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -120,14 +127,24 @@ class RunResult:
 def summarize(values: Sequence[float]) -> dict[str, float]:
     values = sorted(values)
     if not values:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"),
-                "max": float("nan"), "n": 0}
+        return {
+            "p50": float("nan"),
+            "p95": float("nan"),
+            "p99": float("nan"),
+            "max": float("nan"),
+            "n": 0,
+        }
 
     def pct(q: float) -> float:
         return values[min(len(values) - 1, int(q * len(values)))]
 
-    return {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "max": values[-1],
-            "n": len(values)}
+    return {
+        "p50": pct(0.50),
+        "p95": pct(0.95),
+        "p99": pct(0.99),
+        "max": values[-1],
+        "n": len(values),
+    }
 
 
 class Pool:
@@ -135,8 +152,10 @@ class Pool:
 
     def __init__(self, ports: Sequence[int], size: int, host: str = "127.0.0.1") -> None:
         self.idle: asyncio.Queue[HTTPConnection] = asyncio.Queue()
-        self.all = [HTTPConnection(host, port)
-                    for port, _ in zip(itertools.cycle(ports), range(size), strict=False)]
+        self.all = [
+            HTTPConnection(host, port)
+            for port, _ in zip(itertools.cycle(ports), range(size), strict=False)
+        ]
         for conn in self.all:
             self.idle.put_nowait(conn)
 
@@ -145,11 +164,19 @@ class Pool:
             conn.close()
 
 
-async def open_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes], rate: float,
-                    duration: float, connections: int = 256, max_backlog: int = 20_000,
-                    grace: float = 15.0, path: bytes = b"/",
-                    content_type: bytes = ENCRYPTED,
-                    on_sample: Callable[[Sample], None] | None = None) -> RunResult:
+async def open_loop(
+    label: str,
+    ports: Sequence[int],
+    payloads: Sequence[bytes],
+    rate: float,
+    duration: float,
+    connections: int = 256,
+    max_backlog: int = 20_000,
+    grace: float = 15.0,
+    path: bytes = b"/",
+    content_type: bytes = ENCRYPTED,
+    on_sample: Callable[[Sample], None] | None = None,
+) -> RunResult:
     """Offer `rate` requests/s for `duration` s (at most len(payloads) requests)."""
     total = min(len(payloads), int(rate * duration))
     pool = Pool(ports, connections)
@@ -204,10 +231,17 @@ async def open_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes],
     return result
 
 
-async def closed_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes],
-                      duration: float, connections: int = 64, path: bytes = b"/",
-                      content_type: bytes = ENCRYPTED, warmup: float = 1.0,
-                      cycle: bool = False) -> RunResult:
+async def closed_loop(
+    label: str,
+    ports: Sequence[int],
+    payloads: Sequence[bytes],
+    duration: float,
+    connections: int = 64,
+    path: bytes = b"/",
+    content_type: bytes = ENCRYPTED,
+    warmup: float = 1.0,
+    cycle: bool = False,
+) -> RunResult:
     """`connections` clients sending back to back for `duration` s (saturation).
 
     Requests answered in the first `warmup` seconds are not counted. With `cycle` the
@@ -235,11 +269,11 @@ async def closed_loop(label: str, ports: Sequence[int], payloads: Sequence[bytes
                 await asyncio.sleep(0.01)
             done = time.perf_counter()
             if sent - start >= warmup:
-                result.samples.append(Sample(sent - start - warmup, done - sent, done - sent,
-                                             status))
+                result.samples.append(
+                    Sample(sent - start - warmup, done - sent, done - sent, status)
+                )
 
-    await asyncio.wait_for(asyncio.gather(*(client(c) for c in pool.all)),
-                           warmup + duration + 30)
+    await asyncio.wait_for(asyncio.gather(*(client(c) for c in pool.all)), warmup + duration + 30)
     measured_end = max((s.due + s.latency for s in result.samples), default=duration)
     result.duration = min(duration, measured_end) if measured_end > 0 else duration
     if not cycle and next(counter) >= len(payloads):

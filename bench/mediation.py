@@ -10,24 +10,38 @@ import httpx
 from bench.agents import CM3, ENCRYPTED, PICKUP, BenchAgent
 
 
-async def call(client: httpx.AsyncClient, base_url: str, agent: BenchAgent, mediator: str,
-               msg_type: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+async def call(
+    client: httpx.AsyncClient,
+    base_url: str,
+    agent: BenchAgent,
+    mediator: str,
+    msg_type: str,
+    body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One return-routed request over HTTP; the unpacked reply."""
     packed = await agent.request(msg_type, mediator, body)
-    response = await client.post(base_url + "/", content=packed,
-                                 headers={"content-type": ENCRYPTED})
+    response = await client.post(
+        base_url + "/", content=packed, headers={"content-type": ENCRYPTED}
+    )
     if response.status_code != 200:
         raise RuntimeError(f"{msg_type}: HTTP {response.status_code} {response.text[:300]}")
     return await agent.unpack(response.content)
 
 
-async def mediate(client: httpx.AsyncClient, base_url: str, agent: BenchAgent,
-                  mediator: str) -> None:
+async def mediate(
+    client: httpx.AsyncClient, base_url: str, agent: BenchAgent, mediator: str
+) -> None:
     """mediate-request, then register the agent's own DID as a recipient."""
     grant = await call(client, base_url, agent, mediator, f"{CM3}/mediate-request")
     assert grant["type"].endswith("mediate-grant"), grant
-    update = await call(client, base_url, agent, mediator, f"{CM3}/recipient-update",
-                        {"updates": [{"recipient_did": agent.did, "action": "add"}]})
+    update = await call(
+        client,
+        base_url,
+        agent,
+        mediator,
+        f"{CM3}/recipient-update",
+        {"updates": [{"recipient_did": agent.did, "action": "add"}]},
+    )
     assert update["body"]["updated"][0]["result"] in ("success", "no_change"), update
 
 
@@ -43,6 +57,7 @@ def forward_key(forward_plain_inner: bytes) -> str:
     return str(json.loads(forward_plain_inner).get("iv"))
 
 
-async def status(client: httpx.AsyncClient, base_url: str, agent: BenchAgent,
-                 mediator: str) -> dict[str, Any]:
+async def status(
+    client: httpx.AsyncClient, base_url: str, agent: BenchAgent, mediator: str
+) -> dict[str, Any]:
     return await call(client, base_url, agent, mediator, f"{PICKUP}/status-request", {})

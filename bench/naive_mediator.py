@@ -30,21 +30,26 @@ from dovecote.didcomm.packing import IdentitySecrets
 WORK = Path(os.environ.get("BENCH_WORKDIR", "/tmp"))
 IDENTITY = Path(os.environ["BENCH_IDENTITY"])
 
-_secrets = IdentitySecrets(identity_mod.load_or_create(IDENTITY, ["http://127.0.0.1:1",
-                                                                  "ws://127.0.0.1:1/ws"]))
+_secrets = IdentitySecrets(
+    identity_mod.load_or_create(IDENTITY, ["http://127.0.0.1:1", "ws://127.0.0.1:1/ws"])
+)
 _db = sqlite3.connect(WORK / "naive.db", check_same_thread=False, isolation_level=None)
 _db.execute("PRAGMA journal_mode=WAL")
 _db.execute("PRAGMA synchronous=FULL")
-_db.execute("CREATE TABLE IF NOT EXISTS messages (id TEXT PRIMARY KEY, recipient TEXT, "
-            "body BLOB, received_at REAL)")
+_db.execute(
+    "CREATE TABLE IF NOT EXISTS messages (id TEXT PRIMARY KEY, recipient TEXT, "
+    "body BLOB, received_at REAL)"
+)
 _lock = threading.Lock()
 
 
 def _insert(recipient: str, body: bytes) -> None:
     with _lock:
         _db.execute("BEGIN")
-        _db.execute("INSERT INTO messages VALUES (?, ?, ?, julianday('now'))",
-                    (uuid.uuid4().hex, recipient, body))
+        _db.execute(
+            "INSERT INTO messages VALUES (?, ?, ?, julianday('now'))",
+            (uuid.uuid4().hex, recipient, body),
+        )
         _db.execute("COMMIT")
 
 
@@ -66,5 +71,6 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-app = Starlette(routes=[Route("/", post, methods=["POST"]),
-                        Route("/health", health, methods=["GET"])])
+app = Starlette(
+    routes=[Route("/", post, methods=["POST"]), Route("/health", health, methods=["GET"])]
+)

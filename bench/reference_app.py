@@ -18,5 +18,6 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-app = Starlette(routes=[Route("/", post, methods=["POST"]),
-                        Route("/health", health, methods=["GET"])])
+app = Starlette(
+    routes=[Route("/", post, methods=["POST"]), Route("/health", health, methods=["GET"])]
+)

@@ -46,22 +46,43 @@ def forward_rows(suites: Sequence[ForwardSuite], limits: dict[str, float]) -> li
             cpu_ratio = f"{cpu_us / floor:.1f}" if floor and not math.isnan(cpu_us) else "-"
             note = run.stopped_early or ""
             errors = f"{run.errors}" + (f" {dict(run.statuses)}" if run.errors else "")
-            rows.append([suite.label, offered, f"{run.throughput:.0f}", ms(p["p50"]),
-                         ms(p["p95"]), ms(p["p99"]), ms(p["max"]), errors,
-                         f"{cpu_us:.0f}" if not math.isnan(cpu_us) else "-",
-                         f"{ratio_unpack:.2f}" if ratio_unpack else "-",
-                         f"{ratio_asgi:.2f}" if ratio_asgi else "-", cpu_ratio]
-                        + ([note] if note else []))
+            rows.append(
+                [
+                    suite.label,
+                    offered,
+                    f"{run.throughput:.0f}",
+                    ms(p["p50"]),
+                    ms(p["p95"]),
+                    ms(p["p99"]),
+                    ms(p["max"]),
+                    errors,
+                    f"{cpu_us:.0f}" if not math.isnan(cpu_us) else "-",
+                    f"{ratio_unpack:.2f}" if ratio_unpack else "-",
+                    f"{ratio_asgi:.2f}" if ratio_asgi else "-",
+                    cpu_ratio,
+                ]
+                + ([note] if note else [])
+            )
     return rows
 
 
-FORWARD_HEADERS = ["target", "offered msg/s", "accepted msg/s", "p50 ms", "p95 ms", "p99 ms",
-                   "max ms", "errors", "server CPU µs/msg", "÷ unpack/s", "÷ bare ASGI/s",
-                   "CPU ÷ unpack CPU"]
+FORWARD_HEADERS = [
+    "target",
+    "offered msg/s",
+    "accepted msg/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "max ms",
+    "errors",
+    "server CPU µs/msg",
+    "÷ unpack/s",
+    "÷ bare ASGI/s",
+    "CPU ÷ unpack CPU",
+]
 
 
-def plot_throughput(suites: Sequence[ForwardSuite], limits: dict[str, float],
-                    path: Path) -> None:
+def plot_throughput(suites: Sequence[ForwardSuite], limits: dict[str, float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     top = 0.0
     for suite in suites:
@@ -91,11 +112,24 @@ def plot_throughput(suites: Sequence[ForwardSuite], limits: dict[str, float],
             above.append(f"{label} limit {value:.0f}/s")
             continue
         ax.axhline(value, color="black", linestyle="-.", linewidth=0.8)
-        ax.text(ax.get_xlim()[1], value, f"{label} limit {value:.0f}/s ", va="bottom",
-                ha="right", fontsize=8)
+        ax.text(
+            ax.get_xlim()[1],
+            value,
+            f"{label} limit {value:.0f}/s ",
+            va="bottom",
+            ha="right",
+            fontsize=8,
+        )
     if above:
-        ax.text(0.99, 0.99, "above the chart: " + ", ".join(above), transform=ax.transAxes,
-                ha="right", va="top", fontsize=8)
+        ax.text(
+            0.99,
+            0.99,
+            "above the chart: " + ", ".join(above),
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+        )
     ax.set_xlabel("offered load (msg/s, open loop)")
     ax.set_ylabel("accepted (202) msg/s")
     ax.set_title("Forward accept throughput per offered rate (dotted: closed-loop saturation)")
@@ -120,16 +154,17 @@ def plot_latency_over_time(suites: Sequence[ForwardSuite], path: Path) -> None:
             ts = [offset + r["t"] for r in rows]
             ax.plot(ts, [r["p50"] * 1e3 for r in rows], color="tab:blue", linewidth=1)
             ax.plot(ts, [r["p99"] * 1e3 for r in rows], color="tab:red", linewidth=1)
-            ax.plot(ts, [r["max"] * 1e3 for r in rows], color="tab:grey", linewidth=0.6,
-                    alpha=0.6)
+            ax.plot(ts, [r["max"] * 1e3 for r in rows], color="tab:grey", linewidth=0.6, alpha=0.6)
             name = f"{step.run.offered:g}/s" if step.run.offered else "sat."
             ax.axvline(offset, color="black", linewidth=0.5, alpha=0.4)
-            ax.text(offset, 1.0, " " + name, transform=ax.get_xaxis_transform(), va="top",
-                    fontsize=7)
+            ax.text(
+                offset, 1.0, " " + name, transform=ax.get_xaxis_transform(), va="top", fontsize=7
+            )
             offset = ts[-1] + 1.0
         if offset == 0.0:
-            ax.text(0.5, 0.5, "no request accepted (see the table)", ha="center",
-                    transform=ax.transAxes)
+            ax.text(
+                0.5, 0.5, "no request accepted (see the table)", ha="center", transform=ax.transAxes
+            )
         else:
             ax.set_yscale("log")
         ax.set_ylabel("latency ms (log)")

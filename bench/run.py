@@ -68,17 +68,22 @@ async def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     print("preparing agents and packed forwards ...", flush=True)
-    agents = await forwards.load_agents([f"r{i}" for i in range(profile.recipients)] +
-                                        ["live", "pickup"])
+    agents = await forwards.load_agents(
+        [f"r{i}" for i in range(profile.recipients)] + ["live", "pickup"]
+    )
     recipients = [agents[f"r{i}"] for i in range(profile.recipients)]
     mediator_did = forwards.mediator_did()
     payloads: list[bytes] = []
     if {"reference", "forward", "peer", "soak"} & set(parts):
         # The soak reuses its pool (see scenarios_more.soak): 50,000 is plenty for it alone.
-        size = (profile.pool_size if {"reference", "forward", "peer"} & set(parts)
-                else min(profile.pool_size, 50_000))
-        payloads = await asyncio.to_thread(forwards.pool, [a.did for a in recipients],
-                                           mediator_did, size)
+        size = (
+            profile.pool_size
+            if {"reference", "forward", "peer"} & set(parts)
+            else min(profile.pool_size, 50_000)
+        )
+        payloads = await asyncio.to_thread(
+            forwards.pool, [a.did for a in recipients], mediator_did, size
+        )
     data: dict[str, Any] = {"profile": profile.name, "started": stamp.isoformat()}
     limits: dict[str, float] = {}
     suites: list[scenarios.ForwardSuite] = []
@@ -89,26 +94,44 @@ async def main(args: argparse.Namespace) -> int:
         limits["unpack"] = unpack["per_second"]
         limits["unpack_cpu_us"] = 1e6 / unpack["per_cpu_second"]
         print("reference: bare ASGI (Starlette on uvicorn) ...", flush=True)
-        asgi = await scenarios.asgi_suite("bare ASGI reference", "bench.reference_app:app",
-                                          payloads, profile, rates=[])
+        asgi = await scenarios.asgi_suite(
+            "bare ASGI reference", "bench.reference_app:app", payloads, profile, rates=[]
+        )
         limits["asgi"] = asgi.steps[-1].run.throughput
         data["reference"] = {"unpack": unpack, "asgi_rps": limits["asgi"]}
-        out.add("## Reference limits (same run, same machine)\n\n" + report.table(
-            ["reference", "per second", "what it is"],
-            [["anoncrypt unpack (didcomm-messaging + askar, 1 core, no I/O)",
-              f"{unpack['per_second']:.0f}",
-              f"{unpack['unpacks']} forwards unpacked in a loop; the crypto floor of a forward"],
-             ["same, per CPU-second (load-independent)", f"{unpack['per_cpu_second']:.0f}",
-              f"{limits['unpack_cpu_us']:.0f} µs of CPU per unpack"],
-             ["bare ASGI POST (Starlette + uvicorn, uvloop, httptools, 1 process)",
-              f"{limits['asgi']:.0f}",
-              f"closed loop, {profile.saturation_connections} connections, same payloads"]]))
+        out.add(
+            "## Reference limits (same run, same machine)\n\n"
+            + report.table(
+                ["reference", "per second", "what it is"],
+                [
+                    [
+                        "anoncrypt unpack (didcomm-messaging + askar, 1 core, no I/O)",
+                        f"{unpack['per_second']:.0f}",
+                        f"{unpack['unpacks']} forwards unpacked in a loop;"
+                        " the crypto floor of a forward",
+                    ],
+                    [
+                        "same, per CPU-second (load-independent)",
+                        f"{unpack['per_cpu_second']:.0f}",
+                        f"{limits['unpack_cpu_us']:.0f} µs of CPU per unpack",
+                    ],
+                    [
+                        "bare ASGI POST (Starlette + uvicorn, uvloop, httptools, 1 process)",
+                        f"{limits['asgi']:.0f}",
+                        f"closed loop, {profile.saturation_connections} connections, same payloads",
+                    ],
+                ],
+            )
+        )
 
     if "forward" in parts:
         for label, engine, instances, workers in profile.configs:
             print(f"forward: {label} ...", flush=True)
-            suites.append(await scenarios.forward_suite(label, engine, instances, workers,
-                                                        profile, recipients, payloads))
+            suites.append(
+                await scenarios.forward_suite(
+                    label, engine, instances, workers, profile, recipients, payloads
+                )
+            )
     if "peer" in parts:
         # Like for like first: Dovecote on the ACA-Py peer's own v1 work (ACA-Py packs).
         print("peer: Dovecote as DIDComm v1 mediator, ACA-Py as client ...", flush=True)
@@ -123,42 +146,70 @@ async def main(args: argparse.Namespace) -> int:
         data["peer"] = {"acapy": peer.skipped or "measured"}
         print("peer: naive mediator stand-in ...", flush=True)
         env = {"BENCH_IDENTITY": str(forwards.mediator_identity())}
-        suites.append(await scenarios.asgi_suite(
-            "naive mediator (stand-in peer)", "bench.naive_mediator:app", payloads, profile,
-            env, rates=profile.rates[:2]))
+        suites.append(
+            await scenarios.asgi_suite(
+                "naive mediator (stand-in peer)",
+                "bench.naive_mediator:app",
+                payloads,
+                profile,
+                env,
+                rates=profile.rates[:2],
+            )
+        )
     if suites:
-        out.add("## Forward accept: throughput and latency\n\n"
-                "Open loop at fixed offered rates (latency from when each request was due), "
-                "then closed loop at saturation "
-                f"({profile.saturation_connections} connections). Accepted = HTTP 202 = "
-                "committed to the store. '--workers 2' = `dovecote serve --workers 2` (two "
-                "worker processes on one socket); '2 instances' = two `dovecote serve` on two "
-                "ports against one PostgreSQL database.\n\n"
-                + report.table(report.FORWARD_HEADERS, report.forward_rows(suites, limits)))
+        out.add(
+            "## Forward accept: throughput and latency\n\n"
+            "Open loop at fixed offered rates (latency from when each request was due), "
+            "then closed loop at saturation "
+            f"({profile.saturation_connections} connections). Accepted = HTTP 202 = "
+            "committed to the store. '--workers 2' = `dovecote serve --workers 2` (two "
+            "worker processes on one socket); '2 instances' = two `dovecote serve` on two "
+            "ports against one PostgreSQL database.\n\n"
+            + report.table(report.FORWARD_HEADERS, report.forward_rows(suites, limits))
+        )
         report.plot_throughput(suites, limits, plots / "throughput.png")
         report.plot_latency_over_time(suites, plots / "latency-over-time.png")
         data["forward"] = [
-            {"label": s.label, "skipped": s.skipped,
-             "steps": [{"offered": st.run.offered, "throughput": st.run.throughput,
-                        "errors": st.run.errors, "statuses": dict(st.run.statuses),
-                        "cpu_seconds": st.cpu_seconds, **st.run.percentiles()}
-                       for st in s.steps]}
-            for s in suites]
+            {
+                "label": s.label,
+                "skipped": s.skipped,
+                "steps": [
+                    {
+                        "offered": st.run.offered,
+                        "throughput": st.run.throughput,
+                        "errors": st.run.errors,
+                        "statuses": dict(st.run.statuses),
+                        "cpu_seconds": st.cpu_seconds,
+                        **st.run.percentiles(),
+                    }
+                    for st in s.steps
+                ],
+            }
+            for s in suites
+        ]
 
     extra = await run_more(parts, profile, agents, payloads, out, plots, data)
     data.update(extra)
     took = time.monotonic() - started
-    out.add(f"Total run time {took / 60:.1f} min. Plots: `bench/results/{name}/`. Raw numbers: "
-            f"`bench/results/{name}.json`.")
+    out.add(
+        f"Total run time {took / 60:.1f} min. Plots: `bench/results/{name}/`. Raw numbers: "
+        f"`bench/results/{name}.json`."
+    )
     (RESULTS / f"{name}.md").write_text(out.text())
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
     print(f"\nwrote {RESULTS / (name + '.md')}", flush=True)
     return 0
 
 
-async def run_more(parts: list[str], profile: scenarios.Profile, agents: dict[str, Any],
-                   payloads: list[bytes], out: Output, plots: Path,
-                   data: dict[str, Any]) -> dict[str, Any]:
+async def run_more(
+    parts: list[str],
+    profile: scenarios.Profile,
+    agents: dict[str, Any],
+    payloads: list[bytes],
+    out: Output,
+    plots: Path,
+    data: dict[str, Any],
+) -> dict[str, Any]:
     """e2e, pickup, rooms and soak (in scenarios_more.py)."""
     from bench import scenarios_more
 
@@ -166,23 +217,46 @@ async def run_more(parts: list[str], profile: scenarios.Profile, agents: dict[st
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=os.environ.get("BENCH_PROFILE", "quick"),
-                        choices=sorted(scenarios.PROFILES))
-    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
-                        help=f"comma-separated subset of {','.join(PARTS)}")
-    parser.add_argument("--soak-seconds", type=float,
-                        default=float(os.environ["BENCH_SOAK_SECONDS"])
-                        if os.environ.get("BENCH_SOAK_SECONDS") else None)
-    parser.add_argument("--soak-rate", type=float, default=None,
-                        help="forwards/s during the soak (default: half the SQLite saturation)")
-    parser.add_argument("--soak-live", action="store_true",
-                        default=bool(os.environ.get("BENCH_SOAK_LIVE")),
-                        help="soak with the mediatees on live WebSockets (default: offline)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--profile",
+        default=os.environ.get("BENCH_PROFILE", "quick"),
+        choices=sorted(scenarios.PROFILES),
+    )
+    parser.add_argument(
+        "--only",
+        default=os.environ.get("BENCH_ONLY", ""),
+        help=f"comma-separated subset of {','.join(PARTS)}",
+    )
+    parser.add_argument(
+        "--soak-seconds",
+        type=float,
+        default=float(os.environ["BENCH_SOAK_SECONDS"])
+        if os.environ.get("BENCH_SOAK_SECONDS")
+        else None,
+    )
+    parser.add_argument(
+        "--soak-rate",
+        type=float,
+        default=None,
+        help="forwards/s during the soak (default: half the SQLite saturation)",
+    )
+    parser.add_argument(
+        "--soak-live",
+        action="store_true",
+        default=bool(os.environ.get("BENCH_SOAK_LIVE")),
+        help="soak with the mediatees on live WebSockets (default: offline)",
+    )
     parser.add_argument("--step-seconds", type=float, default=None)
-    parser.add_argument("--name", default=os.environ.get("BENCH_NAME", ""),
-                        help="results file name (default DATE-PROFILE)")
+    parser.add_argument(
+        "--name",
+        default=os.environ.get("BENCH_NAME", ""),
+        help="results file name (default DATE-PROFILE)",
+    )
     parser.add_argument("--note", default=os.environ.get("BENCH_NOTE", ""))
     return parser.parse_args(argv)
 

@@ -41,31 +41,67 @@ class Profile:
 PROFILES = {
     # For trying the tooling: seconds per part, not numbers to quote.
     "smoke": Profile(
-        name="smoke", rates=[250, 500], step_seconds=3, saturation_seconds=4,
-        saturation_connections=64, recipients=8, pool_size=6_000, e2e_rate=50,
-        e2e_seconds=4, pickup_sizes=[2_000, 20_000], pickup_measure=1_000,
-        rooms_subscribers=[100], rooms_posts=50, soak_seconds=30,
-        configs=[("sqlite, 1 process", "sqlite", 1, 1),
-                 ("postgresql, --workers 2", "postgres", 1, 2)],
+        name="smoke",
+        rates=[250, 500],
+        step_seconds=3,
+        saturation_seconds=4,
+        saturation_connections=64,
+        recipients=8,
+        pool_size=6_000,
+        e2e_rate=50,
+        e2e_seconds=4,
+        pickup_sizes=[2_000, 20_000],
+        pickup_measure=1_000,
+        rooms_subscribers=[100],
+        rooms_posts=50,
+        soak_seconds=30,
+        configs=[
+            ("sqlite, 1 process", "sqlite", 1, 1),
+            ("postgresql, --workers 2", "postgres", 1, 2),
+        ],
     ),
     "quick": Profile(
-        name="quick", rates=[250, 500, 1000, 2000], step_seconds=6, saturation_seconds=8,
-        saturation_connections=64, recipients=8, pool_size=40_000, e2e_rate=100,
-        e2e_seconds=8, pickup_sizes=[10_000, 100_000], pickup_measure=3_000,
-        rooms_subscribers=[100], rooms_posts=200, soak_seconds=0,
-        configs=[("sqlite, 1 process", "sqlite", 1, 1),
-                 ("postgresql, 1 process", "postgres", 1, 1),
-                 ("postgresql, --workers 2", "postgres", 1, 2)],
+        name="quick",
+        rates=[250, 500, 1000, 2000],
+        step_seconds=6,
+        saturation_seconds=8,
+        saturation_connections=64,
+        recipients=8,
+        pool_size=40_000,
+        e2e_rate=100,
+        e2e_seconds=8,
+        pickup_sizes=[10_000, 100_000],
+        pickup_measure=3_000,
+        rooms_subscribers=[100],
+        rooms_posts=200,
+        soak_seconds=0,
+        configs=[
+            ("sqlite, 1 process", "sqlite", 1, 1),
+            ("postgresql, 1 process", "postgres", 1, 1),
+            ("postgresql, --workers 2", "postgres", 1, 2),
+        ],
     ),
     "full": Profile(
-        name="full", rates=[250, 500, 1000, 2000], step_seconds=20, saturation_seconds=20,
-        saturation_connections=64, recipients=16, pool_size=150_000, e2e_rate=200,
-        e2e_seconds=30, pickup_sizes=[10_000, 1_000_000], pickup_measure=10_000,
-        rooms_subscribers=[100, 1000], rooms_posts=300, soak_seconds=600,
-        configs=[("sqlite, 1 process", "sqlite", 1, 1),
-                 ("postgresql, 1 process", "postgres", 1, 1),
-                 ("postgresql, --workers 2", "postgres", 1, 2),
-                 ("postgresql, 2 instances on 2 ports", "postgres", 2, 1)],
+        name="full",
+        rates=[250, 500, 1000, 2000],
+        step_seconds=20,
+        saturation_seconds=20,
+        saturation_connections=64,
+        recipients=16,
+        pool_size=150_000,
+        e2e_rate=200,
+        e2e_seconds=30,
+        pickup_sizes=[10_000, 1_000_000],
+        pickup_measure=10_000,
+        rooms_subscribers=[100, 1000],
+        rooms_posts=300,
+        soak_seconds=600,
+        configs=[
+            ("sqlite, 1 process", "sqlite", 1, 1),
+            ("postgresql, 1 process", "postgres", 1, 1),
+            ("postgresql, --workers 2", "postgres", 1, 2),
+            ("postgresql, 2 instances on 2 ports", "postgres", 2, 1),
+        ],
     ),
 }
 
@@ -91,29 +127,48 @@ async def _mediate_all(base_url: str, agents: Sequence[BenchAgent], mediator: st
             await mediate(client, base_url, agent, mediator)
 
 
-async def _steps(label: str, ports: list[int], pids: list[int], payloads: Sequence[bytes],
-                 profile: Profile, rates: Sequence[float] | None = None,
-                 content_type: bytes = loadgen.ENCRYPTED, cycle: bool = False) -> list[Step]:
+async def _steps(
+    label: str,
+    ports: list[int],
+    pids: list[int],
+    payloads: Sequence[bytes],
+    profile: Profile,
+    rates: Sequence[float] | None = None,
+    content_type: bytes = loadgen.ENCRYPTED,
+    cycle: bool = False,
+) -> list[Step]:
     steps: list[Step] = []
     offset = 0
-    for rate in (profile.rates if rates is None else rates):
+    for rate in profile.rates if rates is None else rates:
         need = int(rate * profile.step_seconds)
-        chunk = payloads[offset:offset + need]
+        chunk = payloads[offset : offset + need]
         offset += need
         if len(chunk) < need:
             print(f"    {label}: pool too small for {rate:g}/s; skipped", flush=True)
             continue
         cpu0 = servers.process_stats(pids)[2]
-        run = await loadgen.open_loop(f"{label} @ {rate:g}/s", ports, chunk, rate,
-                                      profile.step_seconds, content_type=content_type)
+        run = await loadgen.open_loop(
+            f"{label} @ {rate:g}/s",
+            ports,
+            chunk,
+            rate,
+            profile.step_seconds,
+            content_type=content_type,
+        )
         steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
         _print_step(steps[-1])
         await asyncio.sleep(1.0)
     rest = payloads[offset:]
     cpu0 = servers.process_stats(pids)[2]
-    run = await loadgen.closed_loop(f"{label} saturation", ports, rest,
-                                    profile.saturation_seconds, profile.saturation_connections,
-                                    content_type=content_type, cycle=cycle)
+    run = await loadgen.closed_loop(
+        f"{label} saturation",
+        ports,
+        rest,
+        profile.saturation_seconds,
+        profile.saturation_connections,
+        content_type=content_type,
+        cycle=cycle,
+    )
     steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
     _print_step(steps[-1])
     return steps
@@ -122,14 +177,23 @@ async def _steps(label: str, ports: list[int], pids: list[int], payloads: Sequen
 def _print_step(step: Step) -> None:
     run = step.run
     p = run.percentiles()
-    print(f"    {run.label:<44} {run.throughput:8.0f} msg/s  p50 {p['p50']*1e3:7.1f}  "
-          f"p99 {p['p99']*1e3:8.1f}  max {p['max']*1e3:8.1f} ms  errors {run.errors}"
-          f"{'  [' + run.stopped_early + ']' if run.stopped_early else ''}", flush=True)
+    print(
+        f"    {run.label:<44} {run.throughput:8.0f} msg/s  p50 {p['p50'] * 1e3:7.1f}  "
+        f"p99 {p['p99'] * 1e3:8.1f}  max {p['max'] * 1e3:8.1f} ms  errors {run.errors}"
+        f"{'  [' + run.stopped_early + ']' if run.stopped_early else ''}",
+        flush=True,
+    )
 
 
-async def forward_suite(label: str, engine: str, instances: int, workers: int,
-                        profile: Profile, agents: Sequence[BenchAgent],
-                        payloads: Sequence[bytes]) -> ForwardSuite:
+async def forward_suite(
+    label: str,
+    engine: str,
+    instances: int,
+    workers: int,
+    profile: Profile,
+    agents: Sequence[BenchAgent],
+    payloads: Sequence[bytes],
+) -> ForwardSuite:
     """Forward accept throughput and latency at fixed rates and at saturation."""
     suite = ForwardSuite(label)
     if engine == "postgres" and not servers.postgres_available():
@@ -138,8 +202,13 @@ async def forward_suite(label: str, engine: str, instances: int, workers: int,
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(servers.workdir(engine))
         store = stack.enter_context(servers.postgres_database()) if engine == "postgres" else ""
-        server = servers.Dovecote(work, store=store, instances=instances, workers=workers,
-                                  identity=forwards.mediator_identity()).start()
+        server = servers.Dovecote(
+            work,
+            store=store,
+            instances=instances,
+            workers=workers,
+            identity=forwards.mediator_identity(),
+        ).start()
         try:
             await _mediate_all(server.base_urls[0], agents, server.did())
             suite.steps = await _steps(label, server.ports, server.pids, payloads, profile)
@@ -148,15 +217,19 @@ async def forward_suite(label: str, engine: str, instances: int, workers: int,
     return suite
 
 
-async def asgi_suite(label: str, app: str, payloads: Sequence[bytes], profile: Profile,
-                     env: dict[str, str] | None = None,
-                     rates: Sequence[float] = ()) -> ForwardSuite:
+async def asgi_suite(
+    label: str,
+    app: str,
+    payloads: Sequence[bytes],
+    profile: Profile,
+    env: dict[str, str] | None = None,
+    rates: Sequence[float] = (),
+) -> ForwardSuite:
     """The same load against another ASGI app (bare reference or naive mediator)."""
     suite = ForwardSuite(label)
     with servers.asgi_app(app, env) as (port, proc):
         # Neither the bare reference nor the naive mediator deduplicates: reuse payloads.
-        suite.steps = await _steps(label, [port], [proc.pid], payloads, profile, rates,
-                                   cycle=True)
+        suite.steps = await _steps(label, [port], [proc.pid], payloads, profile, rates, cycle=True)
     return suite
 
 
@@ -165,8 +238,9 @@ async def unpack_reference(payloads: Sequence[bytes], seconds: float = 5.0) -> d
     from dovecote.didcomm import identity as identity_mod
     from dovecote.didcomm.packing import IdentitySecrets
 
-    identity = identity_mod.load_or_create(forwards.mediator_identity(),
-                                           ["http://127.0.0.1:1", "ws://127.0.0.1:1/ws"])
+    identity = identity_mod.load_or_create(
+        forwards.mediator_identity(), ["http://127.0.0.1:1", "ws://127.0.0.1:1/ws"]
+    )
     secrets = IdentitySecrets(identity)
     await _PACKAGING.unpack(_CRYPTO, _RESOLVER, secrets, payloads[0])  # warm caches
     count, started = 0, time.perf_counter()
@@ -192,12 +266,19 @@ async def acapy_suite(profile: Profile) -> ForwardSuite:
     with servers.workdir("acapy") as work:
         mediator = acapy.AcaPyMediator(work)
         try:
-            print(f"peer: ACA-Py mediator: setting up and packing {need} forwards ...",
-                  flush=True)
+            print(f"peer: ACA-Py mediator: setting up and packing {need} forwards ...", flush=True)
             payloads = await asyncio.to_thread(mediator.start, need)
             suite.label = f"ACA-Py {mediator.version} mediator (peer)"
-            suite.steps = await _steps(suite.label, [mediator.port], [mediator.pid], payloads,
-                                       profile, rates, content_type=acapy.WIRE, cycle=True)
+            suite.steps = await _steps(
+                suite.label,
+                [mediator.port],
+                [mediator.pid],
+                payloads,
+                profile,
+                rates,
+                content_type=acapy.WIRE,
+                cycle=True,
+            )
         except Exception as exc:  # the peer failing must not lose Dovecote's results
             suite.skipped = f"ACA-Py run failed: {exc!r}"[:300]
         finally:
@@ -220,8 +301,11 @@ async def dovecote_v1_suite(profile: Profile) -> ForwardSuite:
         # Set-up replies reach the recipient at its loopback endpoint; the measured run
         # then refuses private endpoints again (the default), so the stopped recipient is an
         # offline mailbox owner as at ACA-Py (whose undelivered queue keeps the forwards).
-        server = servers.Dovecote(work, identity=forwards.mediator_identity(),
-                                  env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"}).start()
+        server = servers.Dovecote(
+            work,
+            identity=forwards.mediator_identity(),
+            env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"},
+        ).start()
         try:
             async with httpx.AsyncClient(timeout=10) as client:
                 url = (await client.get(server.base_urls[0] + "/invitation/v1?format=url")).text
@@ -230,8 +314,15 @@ async def dovecote_v1_suite(profile: Profile) -> ForwardSuite:
             server.stop()
             server.env = {}
             server.start()
-            suite.steps = await _steps(suite.label, server.ports, server.pids, payloads,
-                                       profile, rates, content_type=acapy.WIRE)
+            suite.steps = await _steps(
+                suite.label,
+                server.ports,
+                server.pids,
+                payloads,
+                profile,
+                rates,
+                content_type=acapy.WIRE,
+            )
         except Exception as exc:  # a failed v1 run must not lose the other results
             suite.skipped = f"v1 run failed: {exc!r}"[:300]
         finally:

@@ -22,8 +22,14 @@ ONE_MESSAGE_HEADERS = ["measure", "p50 ms", "p95 ms", "p99 ms", "max ms", "n"]
 
 def _row(name: str, values: list[float]) -> list[Any]:
     p = loadgen.summarize(values)
-    return [name, report.ms(p["p50"]), report.ms(p["p95"]), report.ms(p["p99"]),
-            report.ms(p["max"]), int(p["n"])]
+    return [
+        name,
+        report.ms(p["p50"]),
+        report.ms(p["p95"]),
+        report.ms(p["p99"]),
+        report.ms(p["max"]),
+        int(p["n"]),
+    ]
 
 
 async def _inner_keys(payloads: list[bytes]) -> list[str]:
@@ -31,8 +37,9 @@ async def _inner_keys(payloads: list[bytes]) -> list[str]:
     from dovecote.didcomm import identity as identity_mod
     from dovecote.didcomm.packing import IdentitySecrets
 
-    identity = identity_mod.load_or_create(forwards.mediator_identity(),
-                                           ["http://127.0.0.1:1", "ws://127.0.0.1:1/ws"])
+    identity = identity_mod.load_or_create(
+        forwards.mediator_identity(), ["http://127.0.0.1:1", "ws://127.0.0.1:1/ws"]
+    )
     secrets = IdentitySecrets(identity)
     keys = []
     for raw in payloads:
@@ -72,13 +79,14 @@ class LiveConsumer:
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                async with websockets.connect(self.ws_url, max_size=None,
-                                              open_timeout=30) as ws:
+                async with websockets.connect(self.ws_url, max_size=None, open_timeout=30) as ws:
                     self._ws = ws
                     self._draining = ""
-                    await ws.send(await self.agent.request(
-                        f"{PICKUP}/live-delivery-change", self.mediator,
-                        {"live_delivery": True}))
+                    await ws.send(
+                        await self.agent.request(
+                            f"{PICKUP}/live-delivery-change", self.mediator, {"live_delivery": True}
+                        )
+                    )
                     await self._read(ws)
                     reason = f"closed {ws.close_code}"
             except Exception as exc:  # a dropped socket: reconnect, as clients do
@@ -103,8 +111,9 @@ class LiveConsumer:
                         self.pushed[key] = now
                     keys.append(key)
                     ids.append(attachment["id"])
-                ack = self.agent.message(f"{PICKUP}/messages-received", self.mediator,
-                                         {"message_id_list": ids})
+                ack = self.agent.message(
+                    f"{PICKUP}/messages-received", self.mediator, {"message_id_list": ids}
+                )
                 self._acks[ack["id"]] = keys
                 await ws.send(await self.agent.pack(ack, self.mediator))
                 if self._draining and message.get("thid") == self._draining:
@@ -112,16 +121,18 @@ class LiveConsumer:
             elif kind.endswith("/status"):
                 if message.get("thid") == self._draining:
                     self._draining = ""
-                elif (message.get("body") or {}).get("live_delivery") and not self._draining \
-                        and message.get("thid") not in self._acks:
+                elif (
+                    (message.get("body") or {}).get("live_delivery")
+                    and not self._draining
+                    and message.get("thid") not in self._acks
+                ):
                     await self._drain(ws)  # live mode is on: fetch what was queued
                 self._live.set()
                 for key in self._acks.pop(message.get("thid", ""), []):
                     self.acked.setdefault(key, now)
 
     async def _drain(self, ws: Any) -> None:
-        request = self.agent.message(f"{PICKUP}/delivery-request", self.mediator,
-                                     {"limit": 100})
+        request = self.agent.message(f"{PICKUP}/delivery-request", self.mediator, {"limit": 100})
         self._draining = request["id"]
         await ws.send(await self.agent.pack(request, self.mediator))
 
@@ -139,22 +150,21 @@ class LiveConsumer:
 async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> dict[str, Any]:
     """Accept -> live WebSocket push -> acknowledged, at a steady offered rate."""
     count = int(profile.e2e_rate * profile.e2e_seconds)
-    payloads = await asyncio.to_thread(forwards.pool, [agent.did], forwards.mediator_did(),
-                                       count)
+    payloads = await asyncio.to_thread(forwards.pool, [agent.did], forwards.mediator_did(), count)
     keys = await _inner_keys(payloads)
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(servers.workdir("e2e"))
         store = stack.enter_context(servers.postgres_database()) if engine == "postgres" else ""
-        server = servers.Dovecote(work, store=store,
-                                  identity=forwards.mediator_identity()).start()
+        server = servers.Dovecote(work, store=store, identity=forwards.mediator_identity()).start()
         try:
             did = server.did()
             async with httpx.AsyncClient(timeout=30) as client:
                 await mediate(client, server.base_urls[0], agent, did)
             consumer = LiveConsumer(agent, f"ws://127.0.0.1:{server.ports[0]}/ws", did)
             await consumer.start()
-            run = await loadgen.open_loop("e2e", server.ports, payloads, profile.e2e_rate,
-                                          profile.e2e_seconds, connections=32)
+            run = await loadgen.open_loop(
+                "e2e", server.ports, payloads, profile.e2e_rate, profile.e2e_seconds, connections=32
+            )
             deadline = time.monotonic() + 20
             while len(consumer.acked) < len(run.ok) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
@@ -170,16 +180,31 @@ async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> di
             push.append(consumer.pushed[key] - due)
         if key in consumer.acked:
             acked.append(consumer.acked[key] - due)
-    return {"engine": engine, "rate": profile.e2e_rate, "seconds": profile.e2e_seconds,
-            "sent": count, "accepted": len(run.ok), "pushed": len(consumer.pushed),
-            "acked": len(consumer.acked), "duplicate_pushes": consumer.duplicates,
-            "reconnects": consumer.reconnects,
-            "accept": accept, "push": push, "ack": acked}
+    return {
+        "engine": engine,
+        "rate": profile.e2e_rate,
+        "seconds": profile.e2e_seconds,
+        "sent": count,
+        "accepted": len(run.ok),
+        "pushed": len(consumer.pushed),
+        "acked": len(consumer.acked),
+        "duplicate_pushes": consumer.duplicates,
+        "reconnects": consumer.reconnects,
+        "accept": accept,
+        "push": push,
+        "ack": acked,
+    }
 
 
-async def _drain_head(base_url: str, agent: BenchAgent, mediator: str, measure: int,
-                      pids: list[int], batch: int = 100,
-                      time_limit: float = 180.0) -> dict[str, Any]:
+async def _drain_head(
+    base_url: str,
+    agent: BenchAgent,
+    mediator: str,
+    measure: int,
+    pids: list[int],
+    batch: int = 100,
+    time_limit: float = 180.0,
+) -> dict[str, Any]:
     """Pick up and acknowledge `measure` messages from the head of the queue (or as many
     as fit in `time_limit` seconds: when per-message cost grows with the queue, a 1M queue
     could otherwise take hours)."""
@@ -190,20 +215,28 @@ async def _drain_head(base_url: str, agent: BenchAgent, mediator: str, measure: 
     async with httpx.AsyncClient(timeout=60) as client:
         while got < measure and time.perf_counter() - started < time_limit:
             t0 = time.perf_counter()
-            packed = await agent.request(f"{PICKUP}/delivery-request", mediator,
-                                         {"limit": min(batch, measure - got)})
-            r = await client.post(base_url + "/", content=packed,
-                                  headers={"content-type": "application/didcomm-encrypted+json"})
+            packed = await agent.request(
+                f"{PICKUP}/delivery-request", mediator, {"limit": min(batch, measure - got)}
+            )
+            r = await client.post(
+                base_url + "/",
+                content=packed,
+                headers={"content-type": "application/didcomm-encrypted+json"},
+            )
             t1 = time.perf_counter()
             reply = await agent.unpack(r.content)
             ids = [a["id"] for a in reply.get("attachments", [])]
             if not ids:
                 break
             t2 = time.perf_counter()
-            packed = await agent.request(f"{PICKUP}/messages-received", mediator,
-                                         {"message_id_list": ids})
-            r = await client.post(base_url + "/", content=packed,
-                                  headers={"content-type": "application/didcomm-encrypted+json"})
+            packed = await agent.request(
+                f"{PICKUP}/messages-received", mediator, {"message_id_list": ids}
+            )
+            r = await client.post(
+                base_url + "/",
+                content=packed,
+                headers={"content-type": "application/didcomm-encrypted+json"},
+            )
             t3 = time.perf_counter()
             await agent.unpack(r.content)
             t4 = time.perf_counter()
@@ -213,9 +246,16 @@ async def _drain_head(base_url: str, agent: BenchAgent, mediator: str, measure: 
             got += len(ids)
     wall = time.perf_counter() - started
     cpu = servers.process_stats(pids)[2] - cpu0
-    return {"messages": got, "seconds": wall, "per_second": got / wall if wall else 0,
-            "server_cpu_us_per_msg": cpu / got * 1e6 if got else float("nan"),
-            "delivery": delivery_t, "ack": ack_t, "client": client_t, "batch": batch}
+    return {
+        "messages": got,
+        "seconds": wall,
+        "per_second": got / wall if wall else 0,
+        "server_cpu_us_per_msg": cpu / got * 1e6 if got else float("nan"),
+        "delivery": delivery_t,
+        "ack": ack_t,
+        "client": client_t,
+        "batch": batch,
+    }
 
 
 async def pickup(profile: Profile, agent: BenchAgent) -> list[dict[str, Any]]:
@@ -230,28 +270,37 @@ async def pickup(profile: Profile, agent: BenchAgent) -> list[dict[str, Any]]:
                 async with httpx.AsyncClient(timeout=30) as client:
                     await mediate(client, server.base_urls[0], agent, did)
                 if size <= 10_000:
-                    payloads = await asyncio.to_thread(forwards.pool, [agent.did],
-                                                       forwards.mediator_did(), size)
-                    run = await loadgen.closed_loop("fill", server.ports, payloads, 600, 32,
-                                                    warmup=0)
+                    payloads = await asyncio.to_thread(
+                        forwards.pool, [agent.did], forwards.mediator_did(), size
+                    )
+                    run = await loadgen.closed_loop(
+                        "fill", server.ports, payloads, 600, 32, warmup=0
+                    )
                     fill_how = f"{len(run.ok)} forwards over HTTP"
                 else:
-                    one = await asyncio.to_thread(forwards.pool, [agent.did],
-                                                  forwards.mediator_did(), 1)
+                    one = await asyncio.to_thread(
+                        forwards.pool, [agent.did], forwards.mediator_did(), 1
+                    )
                     inner = await _inner_body(one[0])
                     server.stop()
-                    took = await asyncio.to_thread(fill.fill, server.db_path, agent.did,
-                                                   inner, size)
+                    took = await asyncio.to_thread(
+                        fill.fill, server.db_path, agent.did, inner, size
+                    )
                     fill_how = f"direct SQLite insert ({took:.0f}s)"
                     server.start()
                     did = server.did()
-                measured = await _drain_head(server.base_urls[0], agent, did,
-                                             min(profile.pickup_measure, size), server.pids)
-                measured.update(queued=size, fill=fill_how,
-                                db_mib=server.db_path.stat().st_size / (1 << 20))
+                measured = await _drain_head(
+                    server.base_urls[0], agent, did, min(profile.pickup_measure, size), server.pids
+                )
+                measured.update(
+                    queued=size, fill=fill_how, db_mib=server.db_path.stat().st_size / (1 << 20)
+                )
                 results.append(measured)
-                print(f"    pickup with {size} queued: {measured['per_second']:.0f} msg/s, "
-                      f"server {measured['server_cpu_us_per_msg']:.0f} µs CPU/msg", flush=True)
+                print(
+                    f"    pickup with {size} queued: {measured['per_second']:.0f} msg/s, "
+                    f"server {measured['server_cpu_us_per_msg']:.0f} µs CPU/msg",
+                    flush=True,
+                )
             finally:
                 server.stop()
     return results
@@ -261,8 +310,9 @@ async def _inner_body(forward: bytes) -> bytes:
     from dovecote.didcomm import identity as identity_mod
     from dovecote.didcomm.packing import IdentitySecrets
 
-    identity = identity_mod.load_or_create(forwards.mediator_identity(),
-                                           ["http://127.0.0.1:1", "ws://127.0.0.1:1/ws"])
+    identity = identity_mod.load_or_create(
+        forwards.mediator_identity(), ["http://127.0.0.1:1", "ws://127.0.0.1:1/ws"]
+    )
     data, _ = await _PACKAGING.unpack(_CRYPTO, _RESOLVER, IdentitySecrets(identity), forward)
     inner = json.loads(data)["attachments"][0]["data"]["json"]
     return json.dumps(inner, separators=(",", ":")).encode()
@@ -284,48 +334,73 @@ async def rooms(profile: Profile) -> list[dict[str, Any]]:
 
             def token(sub: str, roles: list[str] | None = None, key: Any = key) -> str:
                 now = int(time.time())
-                claims = {"sub": sub, "iss": "bench", "iat": now, "exp": now + 3600,
-                          "rooms": "*", "roles": roles or []}
-                return str(jwt.encode({"alg": "EdDSA", "kid": "bench"}, claims, key,
-                                      algorithms=["EdDSA"]))
+                claims = {
+                    "sub": sub,
+                    "iss": "bench",
+                    "iat": now,
+                    "exp": now + 3600,
+                    "rooms": "*",
+                    "roles": roles or [],
+                }
+                return str(
+                    jwt.encode({"alg": "EdDSA", "kid": "bench"}, claims, key, algorithms=["EdDSA"])
+                )
 
-            server = servers.Dovecote(work, identity=forwards.mediator_identity(),
-                                      env={"DOVECOTE_ROOMS_JWKS_FILE": str(jwks)}).start()
+            server = servers.Dovecote(
+                work,
+                identity=forwards.mediator_identity(),
+                env={"DOVECOTE_ROOMS_JWKS_FILE": str(jwks)},
+            ).start()
             try:
-                results.append(await _rooms_run(server, subscribers, profile.rooms_posts,
-                                                token))
+                results.append(await _rooms_run(server, subscribers, profile.rooms_posts, token))
             finally:
                 server.stop()
     return results
 
 
-async def _rooms_run(server: servers.Dovecote, subscribers: int, posts: int,
-                     token: Any) -> dict[str, Any]:
+async def _rooms_run(
+    server: servers.Dovecote, subscribers: int, posts: int, token: Any
+) -> dict[str, Any]:
     base = server.base_urls[0]
     names = [f"s{i}" for i in range(subscribers)]
     admin = {"Authorization": f"Bearer {token('admin', ['admin'])}"}
     async with httpx.AsyncClient(timeout=60) as client:
         members = ["poster", *names]
-        r = await client.post(f"{base}/v1/rooms", headers=admin, json={
-            "name": "bench", "participants": [{"id": n, "role": "member"}
-                                              for n in members[:100]]})
+        r = await client.post(
+            f"{base}/v1/rooms",
+            headers=admin,
+            json={
+                "name": "bench",
+                "participants": [{"id": n, "role": "member"} for n in members[:100]],
+            },
+        )
         if r.status_code != 201:
-            return {"subscribers": subscribers, "skipped": f"create room: {r.status_code} "
-                                                           f"{r.text[:200]}"}
+            return {
+                "subscribers": subscribers,
+                "skipped": f"create room: {r.status_code} {r.text[:200]}",
+            }
         room = r.json()["id"]
         gate = asyncio.Semaphore(16)
 
         async def add(name: str) -> None:  # creation takes at most 100 participants
             async with gate:
-                r = await client.put(f"{base}/v1/rooms/{room}/participants/{name}",
-                                     headers=admin, json={"role": "member"})
+                r = await client.put(
+                    f"{base}/v1/rooms/{room}/participants/{name}",
+                    headers=admin,
+                    json={"role": "member"},
+                )
                 r.raise_for_status()
 
         await asyncio.gather(*(add(n) for n in members[100:]))
         since = 0
         while True:  # subscribe after the membership events: no replay of those
-            page = (await client.get(f"{base}/v1/rooms/{room}/events", headers=admin,
-                                     params={"after": since, "limit": 1000})).json()
+            page = (
+                await client.get(
+                    f"{base}/v1/rooms/{room}/events",
+                    headers=admin,
+                    params={"after": since, "limit": 1000},
+                )
+            ).json()
             since = page["next_after"]
             if not page["has_more"]:
                 break
@@ -336,20 +411,20 @@ async def _rooms_run(server: servers.Dovecote, subscribers: int, posts: int,
         async def subscriber(name: str) -> None:
             nonlocal ready
             async with websockets.connect(
-                f"ws://127.0.0.1:{server.ports[0]}/v1/rooms/ws", max_size=None,
+                f"ws://127.0.0.1:{server.ports[0]}/v1/rooms/ws",
+                max_size=None,
                 additional_headers={"Authorization": f"Bearer {token(name)}"},
                 open_timeout=60,
             ) as ws:
                 sockets.append(ws)
-                await ws.send(json.dumps({"action": "subscribe", "room": room,
-                                          "since": since}))
+                await ws.send(json.dumps({"action": "subscribe", "room": room, "since": since}))
                 async for frame in ws:
                     now = time.perf_counter()
                     if '"subscribed"' in frame:
                         ready += 1
                     at = frame.find("bench-")
                     if at >= 0:
-                        marker = frame[at:frame.find('"', at)]
+                        marker = frame[at : frame.find('"', at)]
                         received.setdefault(marker, []).append(now)
 
         tasks = []
@@ -368,8 +443,11 @@ async def _rooms_run(server: servers.Dovecote, subscribers: int, posts: int,
         async def post(marker: str) -> None:
             t0 = time.perf_counter()
             sent[marker] = t0
-            r = await client.post(f"{base}/v1/rooms/{room}/messages", headers={
-                **poster, "Idempotency-Key": marker}, json={"text": marker})
+            r = await client.post(
+                f"{base}/v1/rooms/{room}/messages",
+                headers={**poster, "Idempotency-Key": marker},
+                json={"text": marker},
+            )
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             post_latency.append(time.perf_counter() - t0)
 
@@ -391,8 +469,9 @@ async def _rooms_run(server: servers.Dovecote, subscribers: int, posts: int,
         post_seconds = time.perf_counter() - started
         expected = (paced + posts) * subscribers
         deadline = time.monotonic() + 60
-        while (sum(len(v) for v in received.values()) < expected  # noqa: ASYNC110
-               and time.monotonic() < deadline):
+        while (  # noqa: ASYNC110
+            sum(len(v) for v in received.values()) < expected and time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.2)
         for ws in sockets:
             with contextlib.suppress(Exception):
@@ -413,15 +492,30 @@ async def _rooms_run(server: servers.Dovecote, subscribers: int, posts: int,
 
     paced_each, paced_last = fanout("bench-p")
     loaded_each, loaded_last = fanout("bench-c")
-    return {"subscribers": subscribers, "connected": ready, "posts": posts + paced,
-            "statuses": statuses, "post_rate": posts / post_seconds,
-            "post_latency": post_latency, "deliveries": sum(len(v) for v in received.values()),
-            "expected": expected, "paced_each": paced_each, "paced_last": paced_last,
-            "loaded_each": loaded_each, "loaded_last": loaded_last}
+    return {
+        "subscribers": subscribers,
+        "connected": ready,
+        "posts": posts + paced,
+        "statuses": statuses,
+        "post_rate": posts / post_seconds,
+        "post_latency": post_latency,
+        "deliveries": sum(len(v) for v in received.values()),
+        "expected": expected,
+        "paced_each": paced_each,
+        "paced_last": paced_last,
+        "loaded_each": loaded_each,
+        "loaded_last": loaded_last,
+    }
 
 
-async def soak(profile: Profile, agents: list[BenchAgent], payloads: list[bytes],
-               rate: float, seconds: float, live: bool = False) -> dict[str, Any]:
+async def soak(
+    profile: Profile,
+    agents: list[BenchAgent],
+    payloads: list[bytes],
+    rate: float,
+    seconds: float,
+    live: bool = False,
+) -> dict[str, Any]:
     """Forwards at `rate` for `seconds`; server RSS and file descriptors every 5 s.
 
     By default the mediatees are offline and their mailboxes grow (store-and-forward's
@@ -433,8 +527,11 @@ async def soak(profile: Profile, agents: list[BenchAgent], payloads: list[bytes]
     with servers.workdir("soak") as work:
         # Forwards are reused once the pool is spent: a short dedup window (swept every
         # 5 s) forgets their digests long before they come round again.
-        server = servers.Dovecote(work, identity=forwards.mediator_identity(), env={
-            "DOVECOTE_DEDUP_WINDOW": "30", "DOVECOTE_SWEEP_INTERVAL": "5"}).start()
+        server = servers.Dovecote(
+            work,
+            identity=forwards.mediator_identity(),
+            env={"DOVECOTE_DEDUP_WINDOW": "30", "DOVECOTE_SWEEP_INTERVAL": "5"},
+        ).start()
         consumers = []
         try:
             did = server.did()
@@ -458,12 +555,21 @@ async def soak(profile: Profile, agents: list[BenchAgent], payloads: list[bytes]
                     lat = loadgen.summarize([s.latency for s in window if s.status == 202])
                     errors = sum(1 for s in window if s.status != 202)
                     window.clear()
-                    samples.append({"t": time.perf_counter() - started, "rss_mib": rss,
-                                    "fds": fds, "cpu": cpu, "errors": errors, **lat})
+                    samples.append(
+                        {
+                            "t": time.perf_counter() - started,
+                            "rss_mib": rss,
+                            "fds": fds,
+                            "cpu": cpu,
+                            "errors": errors,
+                            **lat,
+                        }
+                    )
 
             task = asyncio.create_task(sampler())
-            run = await loadgen.open_loop("soak", server.ports, cycled, rate, seconds,
-                                          connections=64, on_sample=window.append)
+            run = await loadgen.open_loop(
+                "soak", server.ports, cycled, rate, seconds, connections=64, on_sample=window.append
+            )
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -479,14 +585,20 @@ async def soak(profile: Profile, agents: list[BenchAgent], payloads: list[bytes]
             duplicates = float(line.split()[-1])
     half = [s for s in samples if s["t"] >= samples[-1]["t"] / 2] if samples else []
     return {
-        "rate": rate, "seconds": seconds, "sent": len(run.samples), "accepted": len(run.ok),
-        "errors": run.errors, "statuses": dict(run.statuses), "server_duplicates": duplicates,
+        "rate": rate,
+        "seconds": seconds,
+        "sent": len(run.samples),
+        "accepted": len(run.ok),
+        "errors": run.errors,
+        "statuses": dict(run.statuses),
+        "server_duplicates": duplicates,
         "pushed": sum(len(c.pushed) for c in consumers),
-        "acked": sum(len(c.acked) for c in consumers), "samples": samples,
+        "acked": sum(len(c.acked) for c in consumers),
+        "samples": samples,
         "reconnects": sum(c.reconnects for c in consumers),
         "closes": _merge([c.closes for c in consumers]),
-        "rss_slope_mib_per_min": report.slope([s["t"] for s in half],
-                                              [s["rss_mib"] for s in half]) * 60,
+        "rss_slope_mib_per_min": report.slope([s["t"] for s in half], [s["rss_mib"] for s in half])
+        * 60,
         "fd_slope_per_min": report.slope([s["t"] for s in half], [s["fds"] for s in half]) * 60,
         "latency": run.percentiles(),
     }
@@ -500,91 +612,138 @@ def _merge(counts: list[dict[str, int]]) -> dict[str, int]:
     return merged
 
 
-async def run(parts: list[str], profile: Profile, agents: dict[str, Any],
-              payloads: list[bytes], out: Any, plots: Path,
-              data: dict[str, Any]) -> dict[str, Any]:
+async def run(
+    parts: list[str],
+    profile: Profile,
+    agents: dict[str, Any],
+    payloads: list[bytes],
+    out: Any,
+    plots: Path,
+    data: dict[str, Any],
+) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if "e2e" in parts:
         rows = []
-        engines = ["sqlite"] + (["postgres"] if profile.name == "full"
-                                and servers.postgres_available() else [])
+        engines = ["sqlite"] + (
+            ["postgres"] if profile.name == "full" and servers.postgres_available() else []
+        )
         extra["e2e"] = []
         for engine in engines:
             print(f"e2e: accept -> live push -> ack ({engine}) ...", flush=True)
             result = await e2e(profile, agents["live"], engine)
-            extra["e2e"].append({k: v for k, v in result.items()
-                                 if not isinstance(v, list)})
-            rows += [_row(f"{engine}: POST -> 202 (accepted)", result["accept"]),
-                     _row(f"{engine}: POST -> pushed on WebSocket", result["push"]),
-                     _row(f"{engine}: POST -> acknowledgement answered", result["ack"])]
+            extra["e2e"].append({k: v for k, v in result.items() if not isinstance(v, list)})
+            rows += [
+                _row(f"{engine}: POST -> 202 (accepted)", result["accept"]),
+                _row(f"{engine}: POST -> pushed on WebSocket", result["push"]),
+                _row(f"{engine}: POST -> acknowledgement answered", result["ack"]),
+            ]
             lost = result["accepted"] - result["acked"]
-            rows.append([f"{engine}: counts", f"sent {result['sent']}",
-                         f"accepted {result['accepted']}", f"pushed {result['pushed']}",
-                         f"acked {result['acked']} (not acked: {lost})",
-                         f"duplicate pushes {result['duplicate_pushes']}, "
-                         f"reconnects {result['reconnects']}"])
-        out.add("## End to end: accept -> live WebSocket push -> acknowledge\n\n"
-                f"{profile.e2e_rate:g} forwards/s for {profile.e2e_seconds:g} s to one "
-                "mediatee in live mode on a WebSocket; it decrypts each push and acknowledges "
-                "with messages-received. Times from when each POST was due.\n\n"
-                + report.table(ONE_MESSAGE_HEADERS, rows))
+            rows.append(
+                [
+                    f"{engine}: counts",
+                    f"sent {result['sent']}",
+                    f"accepted {result['accepted']}",
+                    f"pushed {result['pushed']}",
+                    f"acked {result['acked']} (not acked: {lost})",
+                    f"duplicate pushes {result['duplicate_pushes']}, "
+                    f"reconnects {result['reconnects']}",
+                ]
+            )
+        out.add(
+            "## End to end: accept -> live WebSocket push -> acknowledge\n\n"
+            f"{profile.e2e_rate:g} forwards/s for {profile.e2e_seconds:g} s to one "
+            "mediatee in live mode on a WebSocket; it decrypts each push and acknowledges "
+            "with messages-received. Times from when each POST was due.\n\n"
+            + report.table(ONE_MESSAGE_HEADERS, rows)
+        )
     if "pickup" in parts:
         print("pickup ...", flush=True)
         results = await pickup(profile, agents["pickup"])
-        extra["pickup"] = [{k: v for k, v in r.items() if not isinstance(v, list)}
-                           for r in results]
+        extra["pickup"] = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in results]
         rows = []
         for r in results:
             d = loadgen.summarize(r["delivery"])
             a = loadgen.summarize(r["ack"])
             per_msg_ms = r["seconds"] / r["messages"] * 1e3 if r["messages"] else float("nan")
-            rows.append([f"{r['queued']:,}", r["fill"], f"{r['db_mib']:.0f}", r["messages"],
-                         f"{r['per_second']:.0f}", f"{per_msg_ms:.2f}",
-                         f"{r['server_cpu_us_per_msg']:.0f}", report.ms(d["p50"]),
-                         report.ms(d["p99"]), report.ms(a["p50"]), report.ms(a["p99"])])
-        out.add("## Pickup at the head of the queue\n\n"
-                "One mediatee picks up in batches of 100 (delivery-request, decrypt, "
-                "messages-received) until the measured count is done; SQLite.\n\n"
-                + report.table(["queued", "filled by", "DB MiB", "measured msgs", "msg/s",
-                                "wall ms/msg", "server CPU µs/msg", "delivery p50 ms",
-                                "delivery p99 ms", "received p50 ms", "received p99 ms"], rows))
+            rows.append(
+                [
+                    f"{r['queued']:,}",
+                    r["fill"],
+                    f"{r['db_mib']:.0f}",
+                    r["messages"],
+                    f"{r['per_second']:.0f}",
+                    f"{per_msg_ms:.2f}",
+                    f"{r['server_cpu_us_per_msg']:.0f}",
+                    report.ms(d["p50"]),
+                    report.ms(d["p99"]),
+                    report.ms(a["p50"]),
+                    report.ms(a["p99"]),
+                ]
+            )
+        out.add(
+            "## Pickup at the head of the queue\n\n"
+            "One mediatee picks up in batches of 100 (delivery-request, decrypt, "
+            "messages-received) until the measured count is done; SQLite.\n\n"
+            + report.table(
+                [
+                    "queued",
+                    "filled by",
+                    "DB MiB",
+                    "measured msgs",
+                    "msg/s",
+                    "wall ms/msg",
+                    "server CPU µs/msg",
+                    "delivery p50 ms",
+                    "delivery p99 ms",
+                    "received p50 ms",
+                    "received p99 ms",
+                ],
+                rows,
+            )
+        )
     if "rooms" in parts:
         print("rooms ...", flush=True)
         results = await rooms(profile)
-        extra["rooms"] = [{k: v for k, v in r.items() if not isinstance(v, list)}
-                          for r in results]
+        extra["rooms"] = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in results]
         rows = []
         notes = []
         for r in results:
             if "skipped" in r:
-                notes.append(f"not measured ({r.get('subscribers', '')} subscribers): "
-                             f"{r['skipped']}")
+                notes.append(
+                    f"not measured ({r.get('subscribers', '')} subscribers): {r['skipped']}"
+                )
                 continue
             n = r["subscribers"]
-            rows += [_row(f"{n} subscribers: POST latency (closed loop, 8 posters)",
-                          r["post_latency"]),
-                     _row(f"{n} subscribers: fan-out, each delivery (10 posts/s)",
-                          r["paced_each"]),
-                     _row(f"{n} subscribers: fan-out, last subscriber (10 posts/s)",
-                          r["paced_last"]),
-                     _row(f"{n} subscribers: fan-out, each delivery (closed loop)",
-                          r["loaded_each"])]
-            notes.append(f"{n} subscribers: {r['connected']} connected, post throughput "
-                         f"{r['post_rate']:.0f} posts/s ({r['post_rate'] * n:.0f} "
-                         f"deliveries/s), delivered {r['deliveries']} of {r['expected']}, "
-                         f"statuses {r['statuses']}")
-        out.add("## Rooms: post throughput and fan-out\n\n" + "\n".join(
-            f"- {n}" for n in notes) + ("\n\n" + report.table(ONE_MESSAGE_HEADERS, rows)
-                                        if rows else ""))
+            rows += [
+                _row(f"{n} subscribers: POST latency (closed loop, 8 posters)", r["post_latency"]),
+                _row(f"{n} subscribers: fan-out, each delivery (10 posts/s)", r["paced_each"]),
+                _row(f"{n} subscribers: fan-out, last subscriber (10 posts/s)", r["paced_last"]),
+                _row(f"{n} subscribers: fan-out, each delivery (closed loop)", r["loaded_each"]),
+            ]
+            notes.append(
+                f"{n} subscribers: {r['connected']} connected, post throughput "
+                f"{r['post_rate']:.0f} posts/s ({r['post_rate'] * n:.0f} "
+                f"deliveries/s), delivered {r['deliveries']} of {r['expected']}, "
+                f"statuses {r['statuses']}"
+            )
+        out.add(
+            "## Rooms: post throughput and fan-out\n\n"
+            + "\n".join(f"- {n}" for n in notes)
+            + ("\n\n" + report.table(ONE_MESSAGE_HEADERS, rows) if rows else "")
+        )
     if "soak" in parts and profile.soak_seconds > 0:
         saturation = None
         for suite in data.get("forward", []):
             if suite["label"].startswith("sqlite") and suite["steps"]:
                 saturation = suite["steps"][-1]["throughput"]
         rate = float(profile.extra.get("soak_rate") or (saturation or 200) / 2)
-        rate_source = ("set with --soak-rate" if profile.extra.get("soak_rate") else
-                       "half of the SQLite saturation measured above" if saturation else
-                       "no saturation measured in this run: default 100")
+        rate_source = (
+            "set with --soak-rate"
+            if profile.extra.get("soak_rate")
+            else "half of the SQLite saturation measured above"
+            if saturation
+            else "no saturation measured in this run: default 100"
+        )
         print(f"soak: {rate:.0f} msg/s for {profile.soak_seconds:.0f} s ...", flush=True)
         recipients = [agents[f"r{i}"] for i in range(profile.recipients)]
         live = bool(profile.extra.get("soak_live"))
@@ -598,22 +757,40 @@ async def run(parts: list[str], profile: Profile, agents: dict[str, Any],
             "## Soak\n\n"
             f"{rate:.0f} forwards/s ({rate_source}) for "
             f"{profile.soak_seconds / 60:.1f} min, SQLite, {len(recipients)} mediatees "
-            + ("on WebSockets in live mode acknowledging every push" if live else
-               "offline (their mailboxes grow; --soak-live puts them on live WebSockets)")
+            + (
+                "on WebSockets in live mode acknowledging every push"
+                if live
+                else "offline (their mailboxes grow; --soak-live puts them on live WebSockets)"
+            )
             + "; server sampled every 5 s. Slopes are least-squares over the second half of "
             "the run (after warm-up).\n\n"
-            + report.table(["measure", "value"], [
-                ["sent / accepted / errors", f"{result['sent']} / {result['accepted']} / "
-                                             f"{result['errors']} {result['statuses']}"],
-                ["pushed / acked (live consumers)", f"{result['pushed']} / {result['acked']}"],
-                ["live sockets dropped and reconnected", f"{result['reconnects']} "
-                                                         f"{result['closes']}"],
-                ["accept latency p50 / p99 / max ms",
-                 f"{report.ms(lat['p50'])} / {report.ms(lat['p99'])} / {report.ms(lat['max'])}"],
-                ["RSS first / last sample MiB",
-                 f"{first.get('rss_mib', 0):.0f} / {last.get('rss_mib', 0):.0f}"],
-                ["RSS slope (2nd half) MiB/min", f"{result['rss_slope_mib_per_min']:.2f}"],
-                ["open fds first / last", f"{first.get('fds', 0)} / {last.get('fds', 0)}"],
-                ["fd slope (2nd half) per min", f"{result['fd_slope_per_min']:.2f}"],
-            ]) + f"\n\n![soak]({plots.name}/soak.png)")
+            + report.table(
+                ["measure", "value"],
+                [
+                    [
+                        "sent / accepted / errors",
+                        f"{result['sent']} / {result['accepted']} / "
+                        f"{result['errors']} {result['statuses']}",
+                    ],
+                    ["pushed / acked (live consumers)", f"{result['pushed']} / {result['acked']}"],
+                    [
+                        "live sockets dropped and reconnected",
+                        f"{result['reconnects']} {result['closes']}",
+                    ],
+                    [
+                        "accept latency p50 / p99 / max ms",
+                        f"{report.ms(lat['p50'])} / {report.ms(lat['p99'])}"
+                        f" / {report.ms(lat['max'])}",
+                    ],
+                    [
+                        "RSS first / last sample MiB",
+                        f"{first.get('rss_mib', 0):.0f} / {last.get('rss_mib', 0):.0f}",
+                    ],
+                    ["RSS slope (2nd half) MiB/min", f"{result['rss_slope_mib_per_min']:.2f}"],
+                    ["open fds first / last", f"{first.get('fds', 0)} / {last.get('fds', 0)}"],
+                    ["fd slope (2nd half) per min", f"{result['fd_slope_per_min']:.2f}"],
+                ],
+            )
+            + f"\n\n![soak]({plots.name}/soak.png)"
+        )
     return extra

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 POSTGRES_ADMIN = os.environ.get(
     "BENCH_POSTGRES",
-    os.environ.get("DOVECOTE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    os.environ.get("DOVECOTE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"),
+)
 
 # Limits meant for abusive clients, not for one load generator on loopback.
 BENCH_ENV = {
@@ -51,8 +52,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 60.0,
-              log: Path | None = None) -> None:
+def wait_http(
+    url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 60.0, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -115,8 +117,12 @@ class Dovecote:
             self.ports = [free_port() for _ in range(self.instances)]
         self.procs = []
         for index, port in enumerate(self.ports):
-            env = {**os.environ, **BENCH_ENV, **self.env,
-                   "DOVECOTE_IDENTITY_FILE": str(self.workdir / "identity.json")}
+            env = {
+                **os.environ,
+                **BENCH_ENV,
+                **self.env,
+                "DOVECOTE_IDENTITY_FILE": str(self.workdir / "identity.json"),
+            }
             if self.store:
                 env["DOVECOTE_STORE"] = self.store
             log = open(self.workdir / f"server{index}.log", "ab")
@@ -124,15 +130,31 @@ class Dovecote:
             # With PostgreSQL nothing else creates it, and the free-disk check of a
             # missing directory turns the instance read-only.
             data_dir.mkdir(parents=True, exist_ok=True)
-            self.procs.append(subprocess.Popen(
-                [PYTHON, "-m", "dovecote", "serve", "--port", str(port),
-                 "--data-dir", str(data_dir),
-                 *(["--workers", str(self.workers)] if self.workers > 1 else [])],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            ))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        PYTHON,
+                        "-m",
+                        "dovecote",
+                        "serve",
+                        "--port",
+                        str(port),
+                        "--data-dir",
+                        str(data_dir),
+                        *(["--workers", str(self.workers)] if self.workers > 1 else []),
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            )
         for index, (port, proc) in enumerate(zip(self.ports, self.procs, strict=True)):
-            wait_http(f"http://127.0.0.1:{port}/health/ready", proc,
-                      log=self.workdir / f"server{index}.log")
+            wait_http(
+                f"http://127.0.0.1:{port}/health/ready",
+                proc,
+                log=self.workdir / f"server{index}.log",
+            )
         return self
 
     def stop(self) -> None:
@@ -175,13 +197,16 @@ def postgres_database(admin_url: str = POSTGRES_ADMIN) -> Iterator[str]:
     """A fresh database on the PostgreSQL server at `admin_url`, dropped afterwards."""
     name = f"dovecote_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     base = admin_url.rsplit("/", 1)[0]
-    subprocess.run(["psql", admin_url, "-qc", f"CREATE DATABASE {name}"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["psql", admin_url, "-qc", f"CREATE DATABASE {name}"], check=True, capture_output=True
+    )
     try:
         yield f"{base}/{name}"
     finally:
-        subprocess.run(["psql", admin_url, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
-                       capture_output=True)
+        subprocess.run(
+            ["psql", admin_url, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
+            capture_output=True,
+        )
 
 
 def postgres_available(admin_url: str = POSTGRES_ADMIN) -> bool:
@@ -201,18 +226,34 @@ def workdir(prefix: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def asgi_app(app: str, env: dict[str, str] | None = None,
-             health: str = "/health") -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def asgi_app(
+    app: str, env: dict[str, str] | None = None, health: str = "/health"
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """Run `module:app` on uvicorn (uvloop, httptools, one process) on a free port."""
     port = free_port()
     with workdir("asgi") as work:
         log_path = work / "server.log"
         log = open(log_path, "ab")
         proc = subprocess.Popen(
-            [PYTHON, "-m", "uvicorn", app, "--port", str(port), "--loop", "uvloop",
-             "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+            [
+                PYTHON,
+                "-m",
+                "uvicorn",
+                app,
+                "--port",
+                str(port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
             env={**os.environ, **(env or {}), "BENCH_WORKDIR": str(work)},
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         try:
             wait_http(f"http://127.0.0.1:{port}{health}", proc, log=log_path)

@@ -61,11 +61,13 @@ async def main(url: str, base: Path, count: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("url", nargs="?", default="http://127.0.0.1:8080",
-                        help="base URL of a running Dovecote")
+    parser.add_argument(
+        "url", nargs="?", default="http://127.0.0.1:8080", help="base URL of a running Dovecote"
+    )
     parser.add_argument("--count", type=int, default=3)
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="directory for the agents' keys and outboxes")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="directory for the agents' keys and outboxes"
+    )
     args = parser.parse_args()
     if args.keep is not None:
         asyncio.run(main(args.url, args.keep, args.count))

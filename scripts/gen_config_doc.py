@@ -81,8 +81,9 @@ def render_fields() -> str:
             kind, choices = "choice", tuple(get_args(annotation))
         else:
             kind = "str"
-        rows.append(f"    ({name!r}, {kind!r}, {choices!r}, {shown!r},\n"
-                    f"     {field.description!r}),")
+        rows.append(
+            f"    ({name!r}, {kind!r}, {choices!r}, {shown!r},\n     {field.description!r}),"
+        )
     return FIELDS_HEADER + "\n".join(rows) + "\n)\n"
 
 

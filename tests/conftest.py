@@ -21,8 +21,12 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start `dovecote serve` processes; every one is stopped after the test."""
     started: list[ServerProcess] = []
 
-    def make(env: dict[str, str] | None = None, data_dir: Path | None = None,
-             start: bool = True, args: list[str] | None = None) -> ServerProcess:
+    def make(
+        env: dict[str, str] | None = None,
+        data_dir: Path | None = None,
+        start: bool = True,
+        args: list[str] | None = None,
+    ) -> ServerProcess:
         index = len(started)
         server = ServerProcess(
             data_dir=data_dir or tmp_path / f"data{index}",
@@ -53,16 +57,18 @@ def store_engine(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
-def server(store_engine: dict[str, str],
-           server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+def server(
+    store_engine: dict[str, str], server_factory: Callable[..., ServerProcess]
+) -> ServerProcess:
     """One server, once per store engine (ids sqlite, postgres)."""
     # store_engine first: its database must outlive the processes server_factory stops.
     return server_factory(env=dict(store_engine))
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def shared_server(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def shared_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """One server per test module and store engine, for tests that create their own
     agents and need no special settings (starting a server costs seconds)."""
     with running_server(tmp_path_factory.mktemp("shared"), request.param) as server:

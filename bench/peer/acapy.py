@@ -42,24 +42,54 @@ def installed() -> str:
     return ""
 
 
-def _start(work: Path, label: str, port: int, admin: int,
-           extra: Sequence[str]) -> subprocess.Popen[bytes]:
+def _start(
+    work: Path, label: str, port: int, admin: int, extra: Sequence[str]
+) -> subprocess.Popen[bytes]:
     log = open(work / f"{label}.log", "ab")
     return subprocess.Popen(
-        [str(ACAPY), "start", "--label", label, "-it", "http", "127.0.0.1", str(port),
-         "-ot", "http", "--admin", "127.0.0.1", str(admin), "--admin-insecure-mode",
-         "-e", f"http://127.0.0.1:{port}", "--wallet-type", "askar", "--wallet-name", label,
-         "--wallet-key", f"{label}-key", "--auto-provision", "--no-ledger",
-         "--auto-accept-invites", "--auto-accept-requests", "--log-level", "error", *extra],
-        env={**os.environ, "HOME": str(work)}, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        [
+            str(ACAPY),
+            "start",
+            "--label",
+            label,
+            "-it",
+            "http",
+            "127.0.0.1",
+            str(port),
+            "-ot",
+            "http",
+            "--admin",
+            "127.0.0.1",
+            str(admin),
+            "--admin-insecure-mode",
+            "-e",
+            f"http://127.0.0.1:{port}",
+            "--wallet-type",
+            "askar",
+            "--wallet-name",
+            label,
+            "--wallet-key",
+            f"{label}-key",
+            "--auto-provision",
+            "--no-ledger",
+            "--auto-accept-invites",
+            "--auto-accept-requests",
+            "--log-level",
+            "error",
+            *extra,
+        ],
+        env={**os.environ, "HOME": str(work)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=work,
+    )
 
 
 HANDSHAKE = {"handshake_protocols": ["https://didcomm.org/didexchange/1.0"]}
 
 
 def version() -> str:
-    return subprocess.run([str(ACAPY), "--version"], capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run([str(ACAPY), "--version"], capture_output=True, text=True).stdout.strip()
 
 
 def recipient_forwards(work: Path, mediator_invitation: str, forwards: int) -> list[bytes]:
@@ -67,31 +97,37 @@ def recipient_forwards(work: Path, mediator_invitation: str, forwards: int) -> l
     mediator: ACA-Py's or Dovecote's /invitation/v1), then stopped (an offline mailbox
     owner), and `forwards` forwards for it packed by ACA-Py's own DIDComm v1 code."""
     r_port, r_admin = servers.free_port(), servers.free_port()
-    recipient = _start(work, "recipient", r_port, r_admin,
-                       ["--mediator-invitation", mediator_invitation])
+    recipient = _start(
+        work, "recipient", r_port, r_admin, ["--mediator-invitation", mediator_invitation]
+    )
     try:
-        servers.wait_http(f"http://127.0.0.1:{r_admin}/status/ready", recipient, 120,
-                          work / "recipient.log")
+        servers.wait_http(
+            f"http://127.0.0.1:{r_admin}/status/ready", recipient, 120, work / "recipient.log"
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            found = httpx.get(f"http://127.0.0.1:{r_admin}/mediation/requests",
-                              timeout=10).json()["results"]
+            found = httpx.get(f"http://127.0.0.1:{r_admin}/mediation/requests", timeout=10).json()[
+                "results"
+            ]
             if any(m["state"] == "granted" for m in found):
                 break
             time.sleep(0.5)
         else:
             raise RuntimeError("ACA-Py recipient was not granted mediation in 60 s")
         invitation = httpx.post(
-            f"http://127.0.0.1:{r_admin}/out-of-band/create-invitation", json=HANDSHAKE,
-            timeout=30).json()
+            f"http://127.0.0.1:{r_admin}/out-of-band/create-invitation", json=HANDSHAKE, timeout=30
+        ).json()
         (work / "invitation.json").write_text(json.dumps(invitation))
         # The invitation key reaches the mediator in a keylist-update sent after the
         # invitation is made: wait for the mediator's confirmation before stopping.
         key = invitation["invitation"]["services"][0]["recipientKeys"][0].split("#")[0]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            routes = httpx.get(f"http://127.0.0.1:{r_admin}/mediation/keylists",
-                               params={"role": "client"}, timeout=10).json()["results"]
+            routes = httpx.get(
+                f"http://127.0.0.1:{r_admin}/mediation/keylists",
+                params={"role": "client"},
+                timeout=10,
+            ).json()["results"]
             if any(str(r.get("recipient_key", "")).split("#")[0] == key for r in routes):
                 break
             time.sleep(0.5)
@@ -100,9 +136,17 @@ def recipient_forwards(work: Path, mediator_invitation: str, forwards: int) -> l
     finally:
         servers.stop_process(recipient)
     out = work / "forwards.bin"
-    subprocess.run([str(VENV / "bin" / "python"), str(HERE / "acapy_pack.py"),
-                    str(work / "invitation.json"), str(forwards), str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(VENV / "bin" / "python"),
+            str(HERE / "acapy_pack.py"),
+            str(work / "invitation.json"),
+            str(forwards),
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return _read(out)
 
 
@@ -117,12 +161,24 @@ class AcaPyMediator:
 
     def start(self, forwards: int) -> list[bytes]:
         self.version = version()
-        self.proc = _start(self.work, "mediator", self.port, self.admin,
-                           ["--open-mediation", "--enable-undelivered-queue"])
-        servers.wait_http(f"http://127.0.0.1:{self.admin}/status/ready", self.proc, 120,
-                          self.work / "mediator.log")
-        url = httpx.post(f"http://127.0.0.1:{self.admin}/out-of-band/create-invitation",
-                         json=HANDSHAKE, timeout=30).json()["invitation_url"]
+        self.proc = _start(
+            self.work,
+            "mediator",
+            self.port,
+            self.admin,
+            ["--open-mediation", "--enable-undelivered-queue"],
+        )
+        servers.wait_http(
+            f"http://127.0.0.1:{self.admin}/status/ready",
+            self.proc,
+            120,
+            self.work / "mediator.log",
+        )
+        url = httpx.post(
+            f"http://127.0.0.1:{self.admin}/out-of-band/create-invitation",
+            json=HANDSHAKE,
+            timeout=30,
+        ).json()["invitation_url"]
         return recipient_forwards(self.work, url, forwards)
 
     def stop(self) -> None:

@@ -27,6 +27,7 @@ def verkey(did_key: str) -> str:
     fingerprint = did_key.split("#")[0].removeprefix("did:key:")
     _codec, raw = multicodec.unwrap(multibase.decode(fingerprint))
     from aries_cloudagent.utils.multiformats.multibase import Base58BtcEncoder
+
     return Base58BtcEncoder().encode(raw)
 
 
@@ -40,17 +41,37 @@ def main() -> None:
     router = verkey(service["routingKeys"][0])
     with open(out, "wb") as handle:
         for i in range(count):
-            inner = pack_message([recipient], None, json.dumps({
-                "@type": "https://didcomm.org/basicmessage/1.0/message",
-                "@id": str(uuid.uuid4()), "content": "x" * pad, "n": i}).encode())
-            forward = {"@type": "https://didcomm.org/routing/1.0/forward",
-                       "@id": str(uuid.uuid4()), "to": recipient,
-                       "msg": json.loads(inner)}
+            inner = pack_message(
+                [recipient],
+                None,
+                json.dumps(
+                    {
+                        "@type": "https://didcomm.org/basicmessage/1.0/message",
+                        "@id": str(uuid.uuid4()),
+                        "content": "x" * pad,
+                        "n": i,
+                    }
+                ).encode(),
+            )
+            forward = {
+                "@type": "https://didcomm.org/routing/1.0/forward",
+                "@id": str(uuid.uuid4()),
+                "to": recipient,
+                "msg": json.loads(inner),
+            }
             outer = pack_message([router], None, json.dumps(forward).encode())
             handle.write(struct.pack("<I", len(outer)))
             handle.write(outer)
-    print(json.dumps({"recipient": recipient, "router": router, "count": count,
-                      "endpoint": service["serviceEndpoint"]}))
+    print(
+        json.dumps(
+            {
+                "recipient": recipient,
+                "router": router,
+                "count": count,
+                "endpoint": service["serviceEndpoint"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

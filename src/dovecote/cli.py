@@ -39,20 +39,27 @@ URL_FIELDS = ("config", "host", "port", "public_url", "tls_cert", "tls_key")
 IDENTITY_FIELDS = (*URL_FIELDS, "data_dir", "identity_file")
 STORE_FIELDS = ("config", "data_dir", "store", "store_timeout")
 BACKUP_FIELDS = (*STORE_FIELDS, "identity_file", "backup_key_file")
-ROOMS_TOKEN_FIELDS = (*STORE_FIELDS, "rooms_jwks_file", "rooms_jwks_url", "rooms_jwt_issuer",
-                      "rooms_jwt_audience")
+ROOMS_TOKEN_FIELDS = (
+    *STORE_FIELDS,
+    "rooms_jwks_file",
+    "rooms_jwks_url",
+    "rooms_jwt_issuer",
+    "rooms_jwt_audience",
+)
 
 
-def _settings_options(func: Callable[..., Any] | None = None, *,
-                      only: tuple[str, ...] | None = None) -> Any:
+def _settings_options(
+    func: Callable[..., Any] | None = None, *, only: tuple[str, ...] | None = None
+) -> Any:
     """Decorate a command with one --option per Settings field (or the fields in `only`)."""
     if func is None:
         return lambda f: _add_settings_options(f, only)
     return _add_settings_options(func, only)
 
 
-def _add_settings_options(func: Callable[..., Any],
-                          only: tuple[str, ...] | None) -> Callable[..., Any]:
+def _add_settings_options(
+    func: Callable[..., Any], only: tuple[str, ...] | None
+) -> Callable[..., Any]:
     # From the generated table (ops/settings_fields.py), not the pydantic model: building
     # the options must not cost pydantic's import on every `--help`.
     for name, kind, choices, shown, description in reversed(FIELDS):
@@ -64,11 +71,13 @@ def _add_settings_options(func: Callable[..., Any],
         if kind == "bool":
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         elif kind in ("int", "float"):
-            option = click.option(flag, name, type=int if kind == "int" else float,
-                                  default=None, help=help_text)
+            option = click.option(
+                flag, name, type=int if kind == "int" else float, default=None, help=help_text
+            )
         elif kind == "choice":
-            option = click.option(flag, name, type=click.Choice(list(choices)),
-                                  default=None, help=help_text)
+            option = click.option(
+                flag, name, type=click.Choice(list(choices)), default=None, help=help_text
+            )
         else:
             option = click.option(flag, name, type=str, default=None, help=help_text)
         func = option(func)
@@ -91,7 +100,9 @@ def _settings(overrides: dict[str, Any]) -> Settings:
         # One line per bad setting, not a traceback: the operator fixes a value.
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: "
-            f"{err['msg'].removeprefix('Value error, ')}" for err in exc.errors())
+            f"{err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
         raise click.UsageError(f"invalid settings: {problems}") from None
 
 
@@ -117,7 +128,8 @@ def serve(**options: Any) -> None:
         raise click.ClickException(
             f"the mediator would advertise {settings.base_url}, which no client can reach: "
             "set DOVECOTE_PUBLIC_URL (or --public-url) to the URL clients use, e.g. "
-            "https://relay.example.com (the DID and invitation embed it)")
+            "https://relay.example.com (the DID and invitation embed it)"
+        )
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Must be set before prometheus_client is first imported (by dovecote.server).
         import tempfile
@@ -153,7 +165,8 @@ def _mediator(settings: Settings, create: bool = False) -> tuple[Any, str]:
     except ids.IdentityMissing as exc:
         raise click.ClickException(
             f"{exc}: start the server once (dovecote serve), or create the keys with "
-            "`dovecote did --create` and the production DOVECOTE_PUBLIC_URL") from exc
+            "`dovecote did --create` and the production DOVECOTE_PUBLIC_URL"
+        ) from exc
     if explicit:
         return ident, settings.base_url
     http = [u for u in ids.service_urls(ident.did) if u.startswith(("http://", "https://"))]
@@ -161,8 +174,11 @@ def _mediator(settings: Settings, create: bool = False) -> tuple[Any, str]:
 
 
 @main.command()
-@click.option("--create", is_flag=True,
-              help="Create the keys if there are none yet (for a cluster's shared identity).")
+@click.option(
+    "--create",
+    is_flag=True,
+    help="Create the keys if there are none yet (for a cluster's shared identity).",
+)
 @_settings_options(only=IDENTITY_FIELDS)
 def did(create: bool, **options: Any) -> None:
     """Print the mediator's DID (read-only unless --create)."""
@@ -210,8 +226,10 @@ def invitation_rotate(ctx: click.Context, **options: Any) -> None:
     except ids.IdentityMissing as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
-        raise click.ClickException(f"cannot write {settings.identity_path}: {exc} (a "
-                                   "read-only secret: update the secret instead)") from exc
+        raise click.ClickException(
+            f"cannot write {settings.identity_path}: {exc} (a "
+            "read-only secret: update the secret instead)"
+        ) from exc
     click.echo(f"invitation id {new_id}")
 
 
@@ -254,13 +272,24 @@ def recipients_conflicts(as_json: bool, **options: Any) -> None:
     found = _run(_with_store(settings, lambda s: s.recipient_conflicts()))
     for c in found:
         if as_json:
-            click.echo(json.dumps({
-                "recipient": c.recipient, "base": c.base, "mediatee": c.mediatee,
-                "owner": c.owner, "registered_at": c.created_at, "found_at": c.found_at,
-                "queued": c.queued}))
+            click.echo(
+                json.dumps(
+                    {
+                        "recipient": c.recipient,
+                        "base": c.base,
+                        "mediatee": c.mediatee,
+                        "owner": c.owner,
+                        "registered_at": c.created_at,
+                        "found_at": c.found_at,
+                        "queued": c.queued,
+                    }
+                )
+            )
         else:
-            click.echo(f"{_when(c.created_at)}  {c.recipient[:80]}  mediatee={c.mediatee[:60]}"
-                       f"  kept-by={c.owner[:60]}  queued={c.queued}")
+            click.echo(
+                f"{_when(c.created_at)}  {c.recipient[:80]}  mediatee={c.mediatee[:60]}"
+                f"  kept-by={c.owner[:60]}  queued={c.queued}"
+            )
     if not as_json:
         click.echo(f"{len(found)} conflicting registration(s)")
     sys.exit(1 if found else 0)
@@ -281,18 +310,30 @@ def dlq() -> None:
 @click.option("--target-contains", "target", default=None, help="Target URL substring.")
 @click.option("--reason-contains", "reason", default=None, help="Reason substring.")
 @_settings_options(only=STORE_FIELDS)
-def dlq_list(limit: int, offset: int, kind: str | None, target: str | None,
-             reason: str | None, **options: Any) -> None:
+def dlq_list(
+    limit: int,
+    offset: int,
+    kind: str | None,
+    target: str | None,
+    reason: str | None,
+    **options: Any,
+) -> None:
     """List dead letters, newest first."""
     from dovecote.ops import admin
 
     settings = _settings(options)
-    items, total = _run(_with_store(settings, lambda s: admin.dead_letters(
-        s, offset, limit, kind=kind, target=target, reason=reason)))
+    items, total = _run(
+        _with_store(
+            settings,
+            lambda s: admin.dead_letters(s, offset, limit, kind=kind, target=target, reason=reason),
+        )
+    )
     click.echo(f"{total} dead letter(s)")
     for item in items:
-        click.echo(f"{item.id:>8}  {_when(item.dead_at)}  {item.kind:<8} {item.reason:<24} "
-                   f"attempts={item.attempts:<3} target={item.target[:60]}")
+        click.echo(
+            f"{item.id:>8}  {_when(item.dead_at)}  {item.kind:<8} {item.reason:<24} "
+            f"attempts={item.attempts:<3} target={item.target[:60]}"
+        )
 
 
 @dlq.command("show")
@@ -309,12 +350,23 @@ def dlq_show(item_id: int, **options: Any) -> None:
     if item is None:
         click.echo(f"no dead letter {item_id}", err=True)
         sys.exit(1)
-    click.echo(json.dumps({
-        "id": item.id, "kind": item.kind, "target": item.target, "reason": item.reason,
-        "created_at": _when(item.created_at), "dead_at": _when(item.dead_at),
-        "headers": item.headers, "history": item.history, "size": len(item.payload),
-        "payload_base64": base64.b64encode(item.payload[:4096]).decode(),
-    }, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                "id": item.id,
+                "kind": item.kind,
+                "target": item.target,
+                "reason": item.reason,
+                "created_at": _when(item.created_at),
+                "dead_at": _when(item.dead_at),
+                "headers": item.headers,
+                "history": item.history,
+                "size": len(item.payload),
+                "payload_base64": base64.b64encode(item.payload[:4096]).decode(),
+            },
+            indent=2,
+        )
+    )
 
 
 @dlq.command("replay")
@@ -322,8 +374,7 @@ def dlq_show(item_id: int, **options: Any) -> None:
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
 @click.option("--target", default=None, help="Only dead letters for this target.")
 @_settings_options(only=STORE_FIELDS)
-def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
-               **options: Any) -> None:
+def dlq_replay(item_id: int | None, replay_all: bool, target: str | None, **options: Any) -> None:
     """Put dead letters back in the outbox with fresh attempts."""
     if item_id is None and not replay_all:
         raise click.UsageError("give an ID or --all")
@@ -339,15 +390,22 @@ def dlq_replay(item_id: int | None, replay_all: bool, target: str | None,
             if item.kind == "mailbox":
                 # An expired message has no outbound target; it can be shown or purged.
                 raise click.ClickException(
-                    f"dead letter {item_id} is an expired mailbox message: not replayable")
+                    f"dead letter {item_id} is an expired mailbox message: not replayable"
+                )
             return await admin.replay(store, [item_id], target)
         return await admin.replay(store, None, target)
 
     count = _run(_with_store(settings, replay))
     from dovecote.ops.audit import audit, cli_caller
 
-    audit(None, "dlq.replay", f"ids={[item_id] if item_id is not None else 'all'} "
-          f"target={target}", caller=cli_caller(), level="warning", count=count)
+    audit(
+        None,
+        "dlq.replay",
+        f"ids={[item_id] if item_id is not None else 'all'} target={target}",
+        caller=cli_caller(),
+        level="warning",
+        count=count,
+    )
     # A running server picks replayed items up at its next outbox poll (about 1 s).
     click.echo(f"replayed {count}")
 
@@ -367,8 +425,14 @@ def dlq_purge(item_id: int | None, older_than: float | None, **options: Any) -> 
     count = _run(_with_store(settings, lambda s: admin.purge(s, ids, older_than)))
     from dovecote.ops.audit import audit, cli_caller
 
-    audit(None, "dlq.purge", f"ids={ids} older_than={older_than}", caller=cli_caller(),
-          level="warning", count=count)
+    audit(
+        None,
+        "dlq.purge",
+        f"ids={ids} older_than={older_than}",
+        caller=cli_caller(),
+        level="warning",
+        count=count,
+    )
     click.echo(f"purged {count}")
 
 
@@ -387,12 +451,20 @@ def _server_url(url: str | None, options: dict[str, Any]) -> str:
 
 
 @main.command()
-@click.option("--url", default=None, help="Instance base URL (default: from the server's "
-              "settings: DOVECOTE_PUBLIC_URL, else HOST:PORT).")
+@click.option(
+    "--url",
+    default=None,
+    help="Instance base URL (default: from the server's "
+    "settings: DOVECOTE_PUBLIC_URL, else HOST:PORT).",
+)
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between scrapes.")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
-@click.option("--token", envvar="DOVECOTE_ADMIN_TOKEN", default="",
-              help="Admin token, to include the cluster view [env DOVECOTE_ADMIN_TOKEN].")
+@click.option(
+    "--token",
+    envvar="DOVECOTE_ADMIN_TOKEN",
+    default="",
+    help="Admin token, to include the cluster view [env DOVECOTE_ADMIN_TOKEN].",
+)
 @_settings_options(only=URL_FIELDS)
 def status(url: str | None, interval: float, watch: bool, token: str, **options: Any) -> None:
     """Health, degradation, rates, latency percentiles, queues, breakers, cluster."""
@@ -424,27 +496,52 @@ def cluster_status(**options: Any) -> None:
     now = time.time()
     for i in instances:
         age = now - i.last_beat
-        state = ("stopped" if i.level == "stopped"
-                 else "alive" if age < 3 * settings.heartbeat_interval else "dead")
-        click.echo(f"{i.id:<40} {state:<6} {i.level:<12} v{i.version:<8} "
-                   f"conns={i.connections:<5} last_beat={age:.0f}s ago host={i.host}")
+        state = (
+            "stopped"
+            if i.level == "stopped"
+            else "alive"
+            if age < 3 * settings.heartbeat_interval
+            else "dead"
+        )
+        click.echo(
+            f"{i.id:<40} {state:<6} {i.level:<12} v{i.version:<8} "
+            f"conns={i.connections:<5} last_beat={age:.0f}s ago host={i.host}"
+        )
 
 
 # ---------------------------------------------------------------------- probe
 @main.command()
 @click.argument("url")
-@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
-              help="Seconds one run may take before it counts as failed.")
-@click.option("--every", default=None, metavar="INTERVAL",
-              help="Repeat every INTERVAL (30s, 2m, ...) until stopped, exporting "
-              "dovecote_probe_* metrics.")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True,
-              help="With --every: address of the metrics endpoint.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9109,
-              show_default=True, help="With --every: port of the metrics endpoint (0: none).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="Seconds one run may take before it counts as failed.",
+)
+@click.option(
+    "--every",
+    default=None,
+    metavar="INTERVAL",
+    help="Repeat every INTERVAL (30s, 2m, ...) until stopped, exporting dovecote_probe_* metrics.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="With --every: address of the metrics endpoint.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=9109,
+    show_default=True,
+    help="With --every: port of the metrics endpoint (0: none).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
-def probe(url: str, timeout: float, every: str | None, metrics_host: str, metrics_port: int,
-          as_json: bool) -> None:
+def probe(
+    url: str, timeout: float, every: str | None, metrics_host: str, metrics_port: int, as_json: bool
+) -> None:
     """Check a deployment end to end, as a user would: exit 0 if it works.
 
     A throwaway identity mediates at URL (the base URL or an invitation URL), sends itself a
@@ -454,8 +551,10 @@ def probe(url: str, timeout: float, every: str | None, metrics_host: str, metric
     from dovecote.ops import probe as probes
 
     def show(result: probes.ProbeResult) -> None:
-        click.echo(json.dumps(result.as_dict()) if as_json else result.line(),
-                   err=not result.ok and not as_json)
+        click.echo(
+            json.dumps(result.as_dict()) if as_json else result.line(),
+            err=not result.ok and not as_json,
+        )
 
     configure("auto", "error")
     if every is None:
@@ -495,17 +594,41 @@ def rooms() -> None:
 
 @rooms.command("token")
 @click.option("--user", required=True, help="Participant id (the token's sub).")
-@click.option("--room", "room_ids", multiple=True, help="Room the token grants (repeatable); "
-              "'*' for every room.")
-@click.option("--role", "roles", multiple=True, type=click.Choice(["admin", "moderator"]),
-              help="Token role (repeatable).")
-@click.option("--ttl", type=click.FloatRange(min=1), default=86400.0, show_default=True,
-              help="Seconds the token is valid.")
-@click.option("--join/--no-join", default=True, show_default=True,
-              help="Create each --room if missing and make --user a participant (in the store).")
+@click.option(
+    "--room",
+    "room_ids",
+    multiple=True,
+    help="Room the token grants (repeatable); '*' for every room.",
+)
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(["admin", "moderator"]),
+    help="Token role (repeatable).",
+)
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=1),
+    default=86400.0,
+    show_default=True,
+    help="Seconds the token is valid.",
+)
+@click.option(
+    "--join/--no-join",
+    default=True,
+    show_default=True,
+    help="Create each --room if missing and make --user a participant (in the store).",
+)
 @_settings_options(only=ROOMS_TOKEN_FIELDS)
-def rooms_token(user: str, room_ids: tuple[str, ...], roles: tuple[str, ...], ttl: float,
-                join: bool, **options: Any) -> None:
+def rooms_token(
+    user: str,
+    room_ids: tuple[str, ...],
+    roles: tuple[str, ...],
+    ttl: float,
+    join: bool,
+    **options: Any,
+) -> None:
     """Print a rooms token signed by the development key in DATA_DIR.
 
     The server accepts these while no issuer JWKS is configured (DOVECOTE_ROOMS_JWKS_FILE /
@@ -525,13 +648,24 @@ def rooms_token(user: str, room_ids: tuple[str, ...], roles: tuple[str, ...], tt
     if settings.rooms_jwks_file or settings.rooms_jwks_url:
         raise click.ClickException(
             "an issuer JWKS is configured (DOVECOTE_ROOMS_JWKS_FILE/_URL): the server does not "
-            "accept development tokens; get one from that issuer")
+            "accept development tokens; get one from that issuer"
+        )
     key = devkey.load_or_create(settings.data_dir)
     if join and room_ids:
-        _run(_with_store(settings, lambda s: _join_rooms(s, user, [r for r in room_ids
-                                                                    if r != "*"])))
-    click.echo(devkey.issue(key, user, list(room_ids), list(roles), ttl,
-                            settings.rooms_jwt_issuer, settings.rooms_jwt_audience))
+        _run(
+            _with_store(settings, lambda s: _join_rooms(s, user, [r for r in room_ids if r != "*"]))
+        )
+    click.echo(
+        devkey.issue(
+            key,
+            user,
+            list(room_ids),
+            list(roles),
+            ttl,
+            settings.rooms_jwt_issuer,
+            settings.rooms_jwt_audience,
+        )
+    )
 
 
 async def _join_rooms(store: Any, user: str, room_ids: list[str]) -> None:
@@ -541,8 +675,15 @@ async def _join_rooms(store: Any, user: str, room_ids: list[str]) -> None:
     for room in room_ids:
         if await store.room_get(room) is None:
             try:
-                await store.room_create(NewRoom(id=room, name=room, metadata={},
-                                                created_by=user, participants=[(user, "admin")]))
+                await store.room_create(
+                    NewRoom(
+                        id=room,
+                        name=room,
+                        metadata={},
+                        created_by=user,
+                        participants=[(user, "admin")],
+                    )
+                )
                 continue
             except Conflict:
                 pass  # created meanwhile by someone else: join it below
@@ -554,14 +695,20 @@ async def _join_rooms(store: Any, user: str, room_ids: list[str]) -> None:
 # ---------------------------------------------------------------------- backups
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--step-pages", type=click.IntRange(min=1), default=None,
-              help="Database pages copied per step [default: 1024 pages].")
-@click.option("--step-sleep", type=click.FloatRange(min=0), default=None,
-              help="Seconds to pause between steps (leaves the disk to the server) "
-              "[default: 0.005 s].")
+@click.option(
+    "--step-pages",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Database pages copied per step [default: 1024 pages].",
+)
+@click.option(
+    "--step-sleep",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds to pause between steps (leaves the disk to the server) [default: 0.005 s].",
+)
 @_settings_options(only=BACKUP_FIELDS)
-def backup(file: Path, step_pages: int | None, step_sleep: float | None,
-           **options: Any) -> None:
+def backup(file: Path, step_pages: int | None, step_sleep: float | None, **options: Any) -> None:
     """Back up the SQLite store and the mediator keys to FILE (safe while serving).
 
     Writes FILE, FILE.identity.json (0600) and FILE.manifest.json.
@@ -570,17 +717,21 @@ def backup(file: Path, step_pages: int | None, step_sleep: float | None,
 
     settings = _settings(options)
     try:
-        manifest = backups.make_backup(backups.sqlite_path(settings.store_url),
-                                       settings.identity_path, file,
-                                       step_pages=step_pages or backups.STEP_PAGES,
-                                       step_sleep=(backups.STEP_SLEEP if step_sleep is None
-                                                   else step_sleep),
-                                       key_file=settings.backup_key_file)
+        manifest = backups.make_backup(
+            backups.sqlite_path(settings.store_url),
+            settings.identity_path,
+            file,
+            step_pages=step_pages or backups.STEP_PAGES,
+            step_sleep=(backups.STEP_SLEEP if step_sleep is None else step_sleep),
+            key_file=settings.backup_key_file,
+        )
     except (backups.BackupError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"backup {file}: schema v{manifest.schema_version}, "
-               f"{sum(manifest.tables.values())} rows, {manifest.database.bytes} bytes, "
-               f"sha256 {manifest.database.sha256[:16]}..., {manifest.seconds:.2f}s")
+    click.echo(
+        f"backup {file}: schema v{manifest.schema_version}, "
+        f"{sum(manifest.tables.values())} rows, {manifest.database.bytes} bytes, "
+        f"sha256 {manifest.database.sha256[:16]}..., {manifest.seconds:.2f}s"
+    )
 
 
 @main.command("backup-keygen")
@@ -598,9 +749,13 @@ def backup_keygen(file: Path) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="DOVECOTE_BACKUP_KEY_FILE", default=None,
-              help="Key file of an encrypted backup [env DOVECOTE_BACKUP_KEY_FILE].")
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="DOVECOTE_BACKUP_KEY_FILE",
+    default=None,
+    help="Key file of an encrypted backup [env DOVECOTE_BACKUP_KEY_FILE].",
+)
 def verify(file: Path, key_file: Path | None) -> None:
     """Check a backup: checksums, PRAGMA integrity_check, row counts, keys. Exit 1 if bad."""
     from dovecote.ops.backup import verify_backup
@@ -610,16 +765,20 @@ def verify(file: Path, key_file: Path | None) -> None:
         click.echo(f"BAD  {problem}", err=True)
     if manifest is None or problems:
         sys.exit(1)
-    click.echo(f"OK   {file}: taken {_when(manifest.created_at)} UTC by dovecote "
-               f"{manifest.dovecote_version}, schema v{manifest.schema_version}, "
-               + ", ".join(f"{t}={n}" for t, n in manifest.tables.items()))
+    click.echo(
+        f"OK   {file}: taken {_when(manifest.created_at)} UTC by dovecote "
+        f"{manifest.dovecote_version}, schema v{manifest.schema_version}, "
+        + ", ".join(f"{t}={n}" for t, n in manifest.tables.items())
+    )
 
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--force", is_flag=True,
-              help="Move an existing store/keys aside (DATA_DIR/pre-restore-*) instead of "
-              "refusing.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Move an existing store/keys aside (DATA_DIR/pre-restore-*) instead of refusing.",
+)
 @_settings_options(only=BACKUP_FIELDS)
 def restore(file: Path, force: bool, **options: Any) -> None:
     """Verify FILE, then restore it into a STOPPED data directory (--data-dir)."""
@@ -628,13 +787,20 @@ def restore(file: Path, force: bool, **options: Any) -> None:
 
     settings = _settings(options)
     try:
-        done = backups.restore_backup(file, backups.sqlite_path(settings.store_url),
-                                      settings.identity_path, settings.data_dir, force=force,
-                                      key_file=settings.backup_key_file)
+        done = backups.restore_backup(
+            file,
+            backups.sqlite_path(settings.store_url),
+            settings.identity_path,
+            settings.data_dir,
+            force=force,
+            key_file=settings.backup_key_file,
+        )
     except (backups.BackupError, DataDirInUse, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"restored {file} (taken {_when(done.manifest.created_at)} UTC) into "
-               f"{done.database}; keys in {done.identity}")
+    click.echo(
+        f"restored {file} (taken {_when(done.manifest.created_at)} UTC) into "
+        f"{done.database}; keys in {done.identity}"
+    )
     if done.moved_aside:
         click.echo(f"previous files moved to {done.moved_aside}")
 

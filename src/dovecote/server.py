@@ -76,8 +76,13 @@ ROOMS_TEMPLATES = {
     ("*", "participants", "*"): "/v1/rooms/{room}/participants/{participant}",
     ("*", "messages"): "/v1/rooms/{room}/messages",
     ("*", "messages", "*"): "/v1/rooms/{room}/messages/{message}",
-    ("*", "messages", "*", "reactions", "*"):
-        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
+    (
+        "*",
+        "messages",
+        "*",
+        "reactions",
+        "*",
+    ): "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
     ("*", "events"): "/v1/rooms/{room}/events",
 }
 ROOMS_FIXED = {"participants", "messages", "reactions", "events"}
@@ -98,9 +103,21 @@ def route_label(path: str) -> str:
         return "/"
     if path == "/v1/rooms" or path.startswith("/v1/rooms/"):
         return rooms_route_label(path)
-    for prefix in ("/ws", "/invitation", "/oob", "/health/live", "/health/ready", "/health",
-                   "/metrics", "/admin", "/console", "/v1/rooms/ws", "/v1/rooms", "/openapi.json",
-                   "/docs"):
+    for prefix in (
+        "/ws",
+        "/invitation",
+        "/oob",
+        "/health/live",
+        "/health/ready",
+        "/health",
+        "/metrics",
+        "/admin",
+        "/console",
+        "/v1/rooms/ws",
+        "/v1/rooms",
+        "/openapi.json",
+        "/docs",
+    ):
         if path == prefix or path.startswith(prefix + "/"):
             return prefix
     return "other"
@@ -117,7 +134,8 @@ class Dovecote:
         self.started_at = time.time()
         # Only passed when set: the cap is SQLite's (PRAGMA max_page_count).
         size_cap: dict[str, object] = (
-            {"max_page_count": settings.store_max_pages} if settings.store_max_pages else {})
+            {"max_page_count": settings.store_max_pages} if settings.store_max_pages else {}
+        )
         if settings.store_patroni:  # PostgreSQL only: the nodes' Patroni REST URLs
             size_cap["patroni"] = settings.store_patroni
         self.store = store or open_store(
@@ -132,37 +150,59 @@ class Dovecote:
         self.identity = identity_mod.load_or_create(
             settings.identity_path, [settings.base_url, settings.ws_url]
         )
-        self.packer = Packer(self.identity, max_did_bytes=settings.max_did_bytes,
-                             max_json_depth=settings.max_json_depth,
-                             max_id_bytes=settings.max_message_id_bytes,
-                             cache_bytes=settings.resolver_cache_bytes)
+        self.packer = Packer(
+            self.identity,
+            max_did_bytes=settings.max_did_bytes,
+            max_json_depth=settings.max_json_depth,
+            max_id_bytes=settings.max_message_id_bytes,
+            cache_bytes=settings.resolver_cache_bytes,
+        )
         self.live = LiveRegistry(self.store, batch=settings.live_push_batch)
         self.rooms = Rooms(settings, self.store)
-        self.breakers = Breakers(settings.breaker_threshold, settings.breaker_reset,
-                                 settings.breaker_trials)
+        self.breakers = Breakers(
+            settings.breaker_threshold, settings.breaker_reset, settings.breaker_trials
+        )
         self.outbox = OutboxWorkers(self.store, settings, self.instance_id, self.breakers)
-        self.ctx = Context(settings, self.store, self.identity, self.live, self.degradation,
-                           endpoints=Endpoints(self.packer, settings),
-                           wake_outbox=self.outbox.wake)
+        self.ctx = Context(
+            settings,
+            self.store,
+            self.identity,
+            self.live,
+            self.degradation,
+            endpoints=Endpoints(self.packer, settings),
+            wake_outbox=self.outbox.wake,
+        )
         self.mediator = Mediator(self.ctx, self.packer)
         self.health = HealthMonitor(
-            self.store, self.degradation, settings.data_dir, settings.min_free_disk_bytes,
+            self.store,
+            self.degradation,
+            settings.data_dir,
+            settings.min_free_disk_bytes,
             self.instance_id,
         )
         self.requests = InFlight(settings.max_concurrent_requests)
         self.ws_slots = InFlight(settings.max_websockets)
-        self.ip_limits = TokenBuckets(settings.rate_limit_ip, settings.rate_limit_ip_burst,
-                                      settings.rate_limit_memory_bytes, name="ip")
+        self.ip_limits = TokenBuckets(
+            settings.rate_limit_ip,
+            settings.rate_limit_ip_burst,
+            settings.rate_limit_memory_bytes,
+            name="ip",
+        )
         # Open TCP connections per peer address (counted by the HTTP protocol) and open
         # WebSockets per client address (behind a trusted proxy: the forwarded address).
         self.peers = PeerConnections(
-            settings.max_connections_per_ip, settings.max_websockets_per_ip,
-            settings.ws_handshake_rate_ip, settings.ws_handshake_burst_ip,
-            settings.trusted_proxies, settings.rate_limit_memory_bytes)
+            settings.max_connections_per_ip,
+            settings.max_websockets_per_ip,
+            settings.ws_handshake_rate_ip,
+            settings.ws_handshake_burst_ip,
+            settings.trusted_proxies,
+            settings.rate_limit_memory_bytes,
+        )
         self.ws_per_ip: dict[str, int] = {}
         self.sockets: dict[str, WebSocket] = {}
         self.metric_history: deque[status.Scrape] = deque(
-            maxlen=int(METRIC_HISTORY_SECONDS / SAMPLE_INTERVAL) + 2)
+            maxlen=int(METRIC_HISTORY_SECONDS / SAMPLE_INTERVAL) + 2
+        )
         self._tasks: list[asyncio.Task[Any]] = []
         self._drain_started: float | None = None
         self.store.add_listener(self.live.notify)
@@ -183,16 +223,25 @@ class Dovecote:
         ]
         if backups := backup_schedule.from_settings(self.settings, self.store.engine):
             self._tasks.append(asyncio.create_task(backups.run(), name="backup"))
-        log.info("dovecote.started", did=self.identity.did, url=self.settings.base_url,
-                 store=self.store.engine, instance=self.instance_id, version=__version__)
+        log.info(
+            "dovecote.started",
+            did=self.identity.did,
+            url=self.settings.base_url,
+            store=self.store.engine,
+            instance=self.instance_id,
+            version=__version__,
+        )
 
     async def _report_recipient_conflicts(self) -> None:
         """Warn while registrations refused by the one-owner-per-identity migration remain."""
         conflicts = await self.store.recipient_conflicts()
         if conflicts:
-            log.warning("recipients.conflicts", count=len(conflicts),
-                        queued=sum(c.queued for c in conflicts),
-                        hint="dovecote recipients conflicts")
+            log.warning(
+                "recipients.conflicts",
+                count=len(conflicts),
+                queued=sum(c.queued for c in conflicts),
+                hint="dovecote recipients conflicts",
+            )
 
     def begin_drain(self) -> None:
         """First step of shutdown: not ready, refuse new work, tell sockets to reconnect.
@@ -207,8 +256,7 @@ class Dovecote:
         # In-flight sends go on; nothing new is leased (another instance, or this one
         # after its restart, takes the rest).
         self.outbox.stop_leasing()
-        log.info("dovecote.draining", sockets=len(self.sockets),
-                 requests=self.requests.current)
+        log.info("dovecote.draining", sockets=len(self.sockets), requests=self.requests.current)
         for ws in list(self.sockets.values()):
             task = asyncio.ensure_future(
                 ws.close(code=CLOSE_RESTART, reason="server restarting; reconnect")
@@ -268,21 +316,29 @@ class Dovecote:
                 metrics.DLQ_SIZE.set(stats.dead_letters)
                 self.health.extra.update(
                     breakers=self.breakers.snapshot(),
-                    queue_depth=stats.queued, outbox=stats.outbox, outbox_lag=round(lag, 3),
-                    dead_letters=stats.dead_letters, live_sessions=self.live.connections,
+                    queue_depth=stats.queued,
+                    outbox=stats.outbox,
+                    outbox_lag=round(lag, 3),
+                    dead_letters=stats.dead_letters,
+                    live_sessions=self.live.connections,
                     websockets=len(self.sockets),
                 )
                 # What /metrics shows, kept for the console's rates of the last minutes.
-                self.metric_history.append(status.Scrape(
-                    time.time(), {}, metrics.samples(status.SAMPLED)))
+                self.metric_history.append(
+                    status.Scrape(time.time(), {}, metrics.samples(status.SAMPLED))
+                )
             except Exception as exc:  # sampling must never stop
                 log.debug("sample.failed", error=str(exc)[:200])
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     def _instance_info(self, level: str) -> InstanceInfo:
         return InstanceInfo(
-            id=self.instance_id, host=socket.gethostname(), version=__version__,
-            started_at=self.started_at, last_beat=time.time(), level=level,
+            id=self.instance_id,
+            host=socket.gethostname(),
+            version=__version__,
+            started_at=self.started_at,
+            last_beat=time.time(),
+            level=level,
             connections=len(self.sockets),
         )
 
@@ -306,11 +362,21 @@ class Dovecote:
         limit = MISSED_BEATS_DEAD * self.settings.heartbeat_interval
         return [
             {
-                "id": i.id, "host": i.host, "version": i.version, "started_at": i.started_at,
-                "last_beat": i.last_beat, "level": i.level, "connections": i.connections,
+                "id": i.id,
+                "host": i.host,
+                "version": i.version,
+                "started_at": i.started_at,
+                "last_beat": i.last_beat,
+                "level": i.level,
+                "connections": i.connections,
                 "alive": i.level != STOPPED and now - i.last_beat < limit,
-                "state": ("stopped" if i.level == STOPPED
-                          else "alive" if now - i.last_beat < limit else "dead"),
+                "state": (
+                    "stopped"
+                    if i.level == STOPPED
+                    else "alive"
+                    if now - i.last_beat < limit
+                    else "dead"
+                ),
                 "recent": now - i.last_beat < 3600,
                 "self": i.id == self.instance_id,
             }
@@ -319,8 +385,13 @@ class Dovecote:
 
     def count_bad_input(self, exc: DovecoteError, transport: str, request_id: str = "") -> None:
         metrics.BAD_INPUT.labels(exc.code, transport).inc()
-        log.info("request.rejected", code=exc.code, detail=exc.detail, transport=transport,
-                 request_id=request_id)
+        log.info(
+            "request.rejected",
+            code=exc.code,
+            detail=exc.detail,
+            transport=transport,
+            request_id=request_id,
+        )
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
@@ -348,8 +419,7 @@ class GuardMiddleware:
         # A client's id is echoed in bodies, headers and logs: only plain tokens are kept
         # (bytes that are not UTF-8 used to end in a 500 here).
         given = headers.get(b"x-request-id", b"")[:64]
-        request_id = (given.decode() if _REQUEST_ID.fullmatch(given)
-                      else uuid.uuid4().hex[:16])
+        request_id = given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500}
@@ -360,8 +430,7 @@ class GuardMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"],
-                                      (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
                 body.responded = True
                 if body.timed_out:
                     # The rest of a too slow body is not worth waiting for.
@@ -370,13 +439,22 @@ class GuardMiddleware:
 
         async def refuse(exc: DovecoteError) -> None:
             body = exc.to_json() | {"request_id": request_id}
-            response = JSONResponse(body, status_code=exc.status, headers={
-                "Retry-After": retry_after_header(exc.retry_after or 1)})
+            response = JSONResponse(
+                body,
+                status_code=exc.status,
+                headers={"Retry-After": retry_after_header(exc.retry_after or 1)},
+            )
             await response(scope, receive, send_wrapper)
 
         try:
-            exempt = route in ("/health/live", "/health/ready", "/health", "/metrics", "/admin",
-                               "/console")
+            exempt = route in (
+                "/health/live",
+                "/health/ready",
+                "/health",
+                "/metrics",
+                "/admin",
+                "/console",
+            )
             client = self._client_ip(scope, headers)
             if not exempt:
                 wait = dc.ip_limits.take(client)
@@ -405,8 +483,14 @@ class GuardMiddleware:
             metrics.HTTP_REQUESTS.labels(route, method, status).inc()
             metrics.HTTP_DURATION.labels(route, method).observe(elapsed)
             if dc.settings.access_log:
-                log.info("http.request", method=method, route=route, status=status,
-                         seconds=round(elapsed, 4), request_id=request_id)
+                log.info(
+                    "http.request",
+                    method=method,
+                    route=route,
+                    status=status,
+                    seconds=round(elapsed, 4),
+                    request_id=request_id,
+                )
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handshakes count against the per-IP rate limit; open sockets per IP are capped."""
@@ -421,9 +505,12 @@ class GuardMiddleware:
         if limit:
             metrics.LIMIT_REFUSALS.labels(limit).inc()
             metrics.WS_DISCONNECTS.labels(endpoint, str(CLOSE_TRY_AGAIN)).inc()
-            await refuse_websocket(receive, send, CLOSE_TRY_AGAIN,
-                                   "too many sockets or handshakes from this address; retry "
-                                   "later")
+            await refuse_websocket(
+                receive,
+                send,
+                CLOSE_TRY_AGAIN,
+                "too many sockets or handshakes from this address; retry later",
+            )
             return
         dc.ws_per_ip[client] = dc.ws_per_ip.get(client, 0) + 1
         try:
@@ -473,8 +560,9 @@ class _BodyDeadline:
             self.timed_out = True
             idle = now + self.gap <= deadline
             metrics.LIMIT_REFUSALS.labels("body_timeout" if idle else "body_rate").inc()
-            raise RequestTimeout("request body not received in time"
-                                 if idle else "request body arrives too slowly") from None
+            raise RequestTimeout(
+                "request body not received in time" if idle else "request body arrives too slowly"
+            ) from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             self.complete = not message.get("more_body", False)
@@ -492,11 +580,15 @@ async def health_ready(request: Request) -> Response:
     ready = dc.health.ready
     store = dc.health.results.get("store") if dc.health.results else None
     # Only whether the store answers: its error text can name hosts (see /health details).
-    body = {"ready": ready, "draining": dc.degradation.draining,
-            "degradation": dc.degradation.level,
-            "store": {"ok": store.ok} if store else None}
-    return JSONResponse(body, status_code=200 if ready else 503,
-                        headers={} if ready else {"Retry-After": "5"})
+    body = {
+        "ready": ready,
+        "draining": dc.degradation.draining,
+        "degradation": dc.degradation.level,
+        "store": {"ok": store.ok} if store else None,
+    }
+    return JSONResponse(
+        body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"}
+    )
 
 
 async def health_full(request: Request) -> Response:
@@ -508,8 +600,9 @@ async def health_full(request: Request) -> Response:
         if (denied := admin.check_token(request)) is not None:
             return denied
         return JSONResponse(summary, status_code=code)
-    return JSONResponse({"status": summary["status"], "degradation": summary["degradation"]},
-                        status_code=code)
+    return JSONResponse(
+        {"status": summary["status"], "degradation": summary["degradation"]}, status_code=code
+    )
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -517,9 +610,10 @@ async def metrics_endpoint(request: Request) -> Response:
         client = request.client.host if request.client else ""
         if not admin.address_allowed(client, dc_allow):
             metrics.METRICS_FORBIDDEN.inc()
-            return JSONResponse({"error": "metrics_forbidden",
-                                 "detail": "client address not in METRICS_ALLOW"},
-                                status_code=403)
+            return JSONResponse(
+                {"error": "metrics_forbidden", "detail": "client address not in METRICS_ALLOW"},
+                status_code=403,
+            )
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -602,8 +696,10 @@ class _Server(uvicorn.Server):
             super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        if self._exit_at is not None and not self.should_exit and (
-            time.monotonic() >= self._exit_at
+        if (
+            self._exit_at is not None
+            and not self.should_exit
+            and (time.monotonic() >= self._exit_at)
         ):
             super().handle_exit(self._exit_signal, None)
         return await super().on_tick(counter)
@@ -611,14 +707,18 @@ class _Server(uvicorn.Server):
 
 def _banner(settings: Settings, identity: identity_mod.Identity) -> None:
     base = settings.base_url
-    print(f"Dovecote {__version__} mediator ({settings.workers} worker(s)) listening",
-          flush=True)
+    print(f"Dovecote {__version__} mediator ({settings.workers} worker(s)) listening", flush=True)
     print(f"  DID:        {identity.did}", flush=True)
-    print(f"  Invitation: {invitation_routes.short_url(base)}   (QR: {base}/invitation?format=svg,"
-          f" page: {base}/)", flush=True)
+    print(
+        f"  Invitation: {invitation_routes.short_url(base)}   (QR: {base}/invitation?format=svg,"
+        f" page: {base}/)",
+        flush=True,
+    )
     print(f"  HTTP:       {base}/   WebSocket: {settings.ws_url}", flush=True)
-    print(f"  Health:     {settings.base_url}/health   Metrics: {settings.base_url}/metrics",
-          flush=True)
+    print(
+        f"  Health:     {settings.base_url}/health   Metrics: {settings.base_url}/metrics",
+        flush=True,
+    )
 
 
 def run(settings: Settings) -> None:
@@ -634,22 +734,30 @@ def run(settings: Settings) -> None:
         lock.acquire("serve")
     try:
         dovecote = Dovecote(settings)
-        serve_worker(settings, dovecote,
-                     banner=lambda: _banner(settings, dovecote.identity))
+        serve_worker(settings, dovecote, banner=lambda: _banner(settings, dovecote.identity))
     finally:
         lock.release()
 
 
 def serve_worker(
-    settings: Settings, dovecote: Dovecote, sockets: list[socket.socket] | None = None,
+    settings: Settings,
+    dovecote: Dovecote,
+    sockets: list[socket.socket] | None = None,
     banner: Callable[[], None] | None = None,
 ) -> None:
     """Run one server process (the only one, or one of several sharing `sockets`)."""
-    tls = (ServerTLS(settings.tls_cert, settings.tls_key, settings.admin_client_ca)
-           if settings.tls_cert and settings.tls_key else None)
+    tls = (
+        ServerTLS(settings.tls_cert, settings.tls_key, settings.admin_client_ca)
+        if settings.tls_cert and settings.tls_key
+        else None
+    )
     protocol = guarded_protocol(
-        PeerCertProtocol if tls else GuardedProtocol, dovecote.peers,
-        settings.header_timeout, settings.max_header_line_bytes, settings.max_header_bytes)
+        PeerCertProtocol if tls else GuardedProtocol,
+        dovecote.peers,
+        settings.header_timeout,
+        settings.max_header_line_bytes,
+        settings.max_header_bytes,
+    )
     config = uvicorn.Config(
         build_app(dovecote),
         host=settings.host,

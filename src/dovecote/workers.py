@@ -81,8 +81,9 @@ def run_workers(settings: Settings) -> None:
             "workers > 1 needs a PostgreSQL store (DOVECOTE_STORE=postgresql://...): "
             "SQLite's group commit and live wake-ups live in one process"
         )
-    ident = identity_mod.load_or_create(settings.identity_path,
-                                        [settings.base_url, settings.ws_url])
+    ident = identity_mod.load_or_create(
+        settings.identity_path, [settings.base_url, settings.ws_url]
+    )
     from dovecote.server import _banner
 
     sock = _bind(settings)

@@ -53,8 +53,11 @@ class Load:
                     while time.monotonic() < self.stop_at:
                         self.attempts += 1
                         try:
-                            r = await http.post(self.url, content=self.packed[mid],
-                                                headers={"content-type": ENCRYPTED})
+                            r = await http.post(
+                                self.url,
+                                content=self.packed[mid],
+                                headers={"content-type": ENCRYPTED},
+                            )
                             if r.status_code == 202:
                                 now = time.monotonic()
                                 self.accepted[mid] = now
@@ -82,21 +85,31 @@ class Load:
         return max(b - a for a, b in itertools.pairwise(times))
 
 
-def outcome(name: str, load: Load, delivered: Counter[str], recovery: float | None,
-            extra: str = "") -> dict[str, object]:
+def outcome(
+    name: str, load: Load, delivered: Counter[str], recovery: float | None, extra: str = ""
+) -> dict[str, object]:
     """Print the scenario's line and return the counts (lost and duplicates: must be 0)."""
     accepted = set(load.accepted)
     lost = sorted(accepted - set(delivered))
     duplicates = sum(n - 1 for n in delivered.values() if n > 1)
     unexpected = sorted(set(delivered) - set(load.packed))
     rec = f"{recovery:.2f}s" if recovery is not None else "n/a"
-    print(f"\nCHAOS {name}: sent={len(load.packed)} accepted={len(accepted)} "
-          f"delivered={len(delivered)} lost={len(lost)} duplicates={duplicates} "
-          f"recovery={rec} attempts={load.attempts} failures={dict(load.failures)}"
-          f"{' ' + extra if extra else ''}", flush=True)
-    return {"sent": len(load.packed), "accepted": len(accepted), "delivered": len(delivered),
-            "lost": lost, "duplicates": duplicates, "unexpected": unexpected,
-            "recovery": recovery}
+    print(
+        f"\nCHAOS {name}: sent={len(load.packed)} accepted={len(accepted)} "
+        f"delivered={len(delivered)} lost={len(lost)} duplicates={duplicates} "
+        f"recovery={rec} attempts={load.attempts} failures={dict(load.failures)}"
+        f"{' ' + extra if extra else ''}",
+        flush=True,
+    )
+    return {
+        "sent": len(load.packed),
+        "accepted": len(accepted),
+        "delivered": len(delivered),
+        "lost": lost,
+        "duplicates": duplicates,
+        "unexpected": unexpected,
+        "recovery": recovery,
+    }
 
 
 def assert_clean(result: dict[str, object], everything_accepted: bool = True) -> None:

@@ -23,8 +23,10 @@ from support.server import free_port
 
 
 def pg_bin(name: str) -> str | None:
-    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                  key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0)
+    dirs = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0,
+    )
     for d in reversed(dirs):
         if os.access(f"{d}/{name}", os.X_OK):
             return f"{d}/{name}"
@@ -70,23 +72,36 @@ class PgCluster:
             shutil.chown(self.home, "postgres", "postgres")
         initdb = pg_bin("initdb")
         assert initdb
-        self._run(initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync",
-                  "-E", "UTF8")
+        self._run(
+            initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"
+        )
         return self
 
     def start(self) -> None:
         pg_ctl = pg_bin("pg_ctl")
         assert pg_ctl
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.home} "
-                "-c max_connections=200 -c fsync=on")
-        self._run(pg_ctl, "-D", str(self.data), "-o", opts, "-l", str(self.home / "log"),
-                  "-w", "-t", "60", "start")
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.home} "
+            "-c max_connections=200 -c fsync=on"
+        )
+        self._run(
+            pg_ctl,
+            "-D",
+            str(self.data),
+            "-o",
+            opts,
+            "-l",
+            str(self.home / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         pg_ctl = pg_bin("pg_ctl")
         assert pg_ctl
-        self._run(pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop",
-                  check=False)
+        self._run(pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
 
     def kill(self) -> None:
         """SIGKILL the postmaster (a crash: the next start runs recovery)."""

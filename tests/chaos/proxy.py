@@ -41,7 +41,8 @@ class FaultProxy:
     _thread: threading.Thread | None = None
     _server: asyncio.Server | None = None
     _conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = field(
-        default_factory=set)
+        default_factory=set
+    )
     _healed: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ control (any thread)
@@ -102,8 +103,9 @@ class FaultProxy:
             self._loop = loop
             self._healed = asyncio.Event()
             self._healed.set()
-            self._server = loop.run_until_complete(asyncio.start_server(
-                self._handle, "127.0.0.1", self.port, reuse_address=True))
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
@@ -137,8 +139,9 @@ class FaultProxy:
             _rst(writer)
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.upstream_host,
-                                                                 self.upstream_port)
+            up_reader, up_writer = await asyncio.open_connection(
+                self.upstream_host, self.upstream_port
+            )
         except OSError:
             _rst(writer)
             return

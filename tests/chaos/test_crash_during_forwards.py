@@ -30,8 +30,9 @@ async def test_sigkill_under_load_loses_and_duplicates_nothing(
     await alice.mediate(client)
 
     packed = [
-        await forward_to(server.base_url, alice, {"id": f"m{i}", "type": BASIC,
-                                                  "body": {"content": str(i)}})
+        await forward_to(
+            server.base_url, alice, {"id": f"m{i}", "type": BASIC, "body": {"content": str(i)}}
+        )
         for i in range(MESSAGES)
     ]
     pending: asyncio.Queue[int] = asyncio.Queue()
@@ -49,8 +50,11 @@ async def test_sigkill_under_load_loses_and_duplicates_nothing(
                     return
                 while True:
                     try:
-                        r = await http.post(server.base_url + "/", content=packed[index],
-                                            headers={"content-type": ENCRYPTED})
+                        r = await http.post(
+                            server.base_url + "/",
+                            content=packed[index],
+                            headers={"content-type": ENCRYPTED},
+                        )
                         if r.status_code == 202:
                             accepted.add(index)
                             break
@@ -93,5 +97,7 @@ async def test_sigkill_under_load_loses_and_duplicates_nothing(
     assert len(seen) == MESSAGES, f"lost {MESSAGES - len(seen)} messages"
     duplicates = {k: v for k, v in seen.items() if v > 1}
     assert not duplicates, f"duplicated: {list(duplicates)[:10]}"
-    print(f"\ncrash test: sent={MESSAGES} accepted={len(accepted)} delivered={len(seen)} "
-          f"lost=0 duplicates=0 interrupted={dict(failures)}")
+    print(
+        f"\ncrash test: sent={MESSAGES} accepted={len(accepted)} delivered={len(seen)} "
+        f"lost=0 duplicates=0 interrupted={dict(failures)}"
+    )

@@ -47,8 +47,11 @@ async def _apply(proxy: FaultProxy, fault: str) -> None:
 
 @pytest.mark.parametrize("fault", ["latency", "bandwidth", "cut", "blackhole"])
 async def test_database_network_fault_under_load(
-    fault: str, pg_cluster: PgCluster, proxies: Callable[[int], FaultProxy],
-    server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient,
+    fault: str,
+    pg_cluster: PgCluster,
+    proxies: Callable[[int], FaultProxy],
+    server_factory: Callable[..., ServerProcess],
+    client: httpx.AsyncClient,
 ) -> None:
     proxy = proxies(pg_cluster.port)
     store = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
@@ -71,27 +74,36 @@ async def test_database_network_fault_under_load(
     delivered = await drain(alice, client)
     during = sum(1 for t in load.ok_times if marks["at"] <= t <= marks["healed"])
     recovery = load.recovery_after(marks["healed"]) if fault in ("cut", "blackhole") else None
-    result = outcome(f"db-network-{fault}", load, delivered, recovery,
-                     f"accepted_during_fault={during} "
-                     f"longest_gap={load.longest_gap(marks['at'], marks['healed'] + 60):.2f}s")
+    result = outcome(
+        f"db-network-{fault}",
+        load,
+        delivered,
+        recovery,
+        f"accepted_during_fault={during} "
+        f"longest_gap={load.longest_gap(marks['at'], marks['healed'] + 60):.2f}s",
+    )
     if len(load.accepted) < count:
-        pytest.xfail(f"accepting did not resume after the database network healed "
-                     f"({len(load.accepted)}/{count}; {dict(load.failures)})")
+        pytest.xfail(
+            f"accepting did not resume after the database network healed "
+            f"({len(load.accepted)}/{count}; {dict(load.failures)})"
+        )
     assert_clean(result)
-    assert not any(k.startswith("http 5") and k != "http 503" for k in load.failures), (
-        load.failures)
+    assert not any(k.startswith("http 5") and k != "http 503" for k in load.failures), load.failures
 
 
 @pytest.mark.parametrize("fault", ["latency", "cut", "blackhole"])
 async def test_remote_endpoint_network_fault_under_load(
-    fault: str, proxies: Callable[[int], FaultProxy],
-    endpoints: Callable[..., FlakyEndpoint], server_factory: Callable[..., ServerProcess],
+    fault: str,
+    proxies: Callable[[int], FaultProxy],
+    endpoints: Callable[..., FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
     client: httpx.AsyncClient,
 ) -> None:
     endpoint = endpoints()
     proxy = proxies(endpoint.port)
-    server = server_factory(env={**FAST_OUTBOUND, "DOVECOTE_OUTBOUND_TIMEOUT": "2",
-                                 "DOVECOTE_RETRY_RETENTION": "600"})
+    server = server_factory(
+        env={**FAST_OUTBOUND, "DOVECOTE_OUTBOUND_TIMEOUT": "2", "DOVECOTE_RETRY_RETENTION": "600"}
+    )
     bob = Agent.create(server.base_url)
     carol = Agent.create(server.base_url, endpoint=f"http://127.0.0.1:{proxy.port}/")
     count = 150
@@ -112,8 +124,9 @@ async def test_remote_endpoint_network_fault_under_load(
 
     await asyncio.gather(load.run(within=120), inject())
     # Everything accepted reaches the endpoint once the network is back.
-    assert await wait_until(lambda: len(set(endpoint.bodies(succeeded_only=True))) >= count,
-                            90, interval=0.5), (len(endpoint.bodies(True)), load.failures)
+    assert await wait_until(
+        lambda: len(set(endpoint.bodies(succeeded_only=True))) >= count, 90, interval=0.5
+    ), (len(endpoint.bodies(True)), load.failures)
     await asyncio.sleep(1.0)
     ids = await received_ids(carol, endpoint.bodies(succeeded_only=True))
     raw = Counter(ids)
@@ -121,9 +134,14 @@ async def test_remote_endpoint_network_fault_under_load(
     healed = marks["healed_wall"]
     after = [r.at for r in endpoint.received if r.at > healed and r.succeeded]
     recovery = min(after) - healed if after else None
-    result = outcome(f"remote-network-{fault}", load, delivered, recovery,
-                     f"raw_repeats={sum(n - 1 for n in raw.values())} "
-                     f"requests_at_endpoint={len(endpoint.received)}")
+    result = outcome(
+        f"remote-network-{fault}",
+        load,
+        delivered,
+        recovery,
+        f"raw_repeats={sum(n - 1 for n in raw.values())} "
+        f"requests_at_endpoint={len(endpoint.received)}",
+    )
     assert_clean(result)
     # Accepting into the outbox never depended on the remote endpoint (bulkhead).
     assert not load.failures, load.failures

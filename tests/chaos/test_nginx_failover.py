@@ -26,8 +26,7 @@ from support.server import ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
-                                  else None)
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 
 
 @pytest.fixture
@@ -42,19 +41,58 @@ def nginx_in_front() -> Iterator[Callable[[list[int], int], None]]:
         prefix = Path(tempfile.mkdtemp(prefix="dovecote-chaos-nginx-"))
         os.chmod(prefix, 0o755)
         cert, key = prefix / "cert.pem", prefix / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out",
-                        str(cert), "-days", "2", "-subj", "/CN=localhost"],
-                       check=True, capture_output=True)
-        subprocess.run(["sh", str(ROOT / "deploy" / "nginx" / "render.sh"), str(prefix)],
-                       check=True, capture_output=True, env={
-                           **os.environ, "PREFIX": str(prefix),
-                           "DOVECOTE_UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in ports),
-                           "LISTEN_PORT": str(https), "HTTP_PORT": str(free_port()),
-                           "TLS_CERT": str(cert), "TLS_KEY": str(key), "LISTEN_IPV6": "0"})
-        proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                                 "-e", str(prefix / "logs" / "error.log"), "-g", "daemon off;"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            ["sh", str(ROOT / "deploy" / "nginx" / "render.sh"), str(prefix)],
+            check=True,
+            capture_output=True,
+            env={
+                **os.environ,
+                "PREFIX": str(prefix),
+                "DOVECOTE_UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in ports),
+                "LISTEN_PORT": str(https),
+                "HTTP_PORT": str(free_port()),
+                "TLS_CERT": str(cert),
+                "TLS_KEY": str(key),
+                "LISTEN_IPV6": "0",
+            },
+        )
+        proc = subprocess.Popen(
+            [
+                NGINX,
+                "-p",
+                str(prefix),
+                "-c",
+                str(prefix / "nginx.conf"),
+                "-e",
+                str(prefix / "logs" / "error.log"),
+                "-g",
+                "daemon off;",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         prefixes.append((proc, prefix))
         deadline = time.monotonic() + 10
         while True:
@@ -78,15 +116,20 @@ def nginx_in_front() -> Iterator[Callable[[list[int], int], None]]:
 
 
 async def test_kill_one_of_two_instances_behind_nginx(
-    pg_cluster: PgCluster, nginx_in_front: Callable[[list[int], int], None],
-    server_factory: Callable[..., ServerProcess], tmp_path: Path,
+    pg_cluster: PgCluster,
+    nginx_in_front: Callable[[list[int], int], None],
+    server_factory: Callable[..., ServerProcess],
+    tmp_path: Path,
 ) -> None:
     ports = [free_port(), free_port()]
     https = free_port()
     public = f"https://127.0.0.1:{https}"
-    env = {"DOVECOTE_STORE": pg_cluster.url, "DOVECOTE_PUBLIC_URL": public,
-           "DOVECOTE_IDENTITY_FILE": str(tmp_path / "identity.json"),
-           "DOVECOTE_TRUSTED_PROXIES": "127.0.0.1/32"}
+    env = {
+        "DOVECOTE_STORE": pg_cluster.url,
+        "DOVECOTE_PUBLIC_URL": public,
+        "DOVECOTE_IDENTITY_FILE": str(tmp_path / "identity.json"),
+        "DOVECOTE_TRUSTED_PROXIES": "127.0.0.1/32",
+    }
     instances = []
     for port in ports:
         server = server_factory(env=env, start=False)
@@ -111,8 +154,12 @@ async def test_kill_one_of_two_instances_behind_nginx(
         await asyncio.gather(load.run(within=150), kill_one())
         delivered = await drain(alice, client)
     gap = load.longest_gap(marks["at"], marks["at"] + 60)
-    result = outcome("nginx-kill-one-of-two", load, delivered, gap,
-                     "(recovery = longest stretch without a 202 after the kill)")
+    result = outcome(
+        "nginx-kill-one-of-two",
+        load,
+        delivered,
+        gap,
+        "(recovery = longest stretch without a 202 after the kill)",
+    )
     assert_clean(result)
     assert gap < 30, f"clients went {gap:.1f}s without a 202 (target: under 30 s)"
-

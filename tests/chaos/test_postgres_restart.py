@@ -28,11 +28,12 @@ MESSAGES = 600
 
 @pytest.mark.parametrize("how", ["restart", "crash"])
 async def test_postgres_restart_under_load_loses_nothing(
-    how: str, pg_cluster: PgCluster, server_factory: Callable[..., ServerProcess],
+    how: str,
+    pg_cluster: PgCluster,
+    server_factory: Callable[..., ServerProcess],
     client: httpx.AsyncClient,
 ) -> None:
-    server = server_factory(env={"DOVECOTE_STORE": pg_cluster.url,
-                                 "DOVECOTE_STORE_TIMEOUT": "2"})
+    server = server_factory(env={"DOVECOTE_STORE": pg_cluster.url, "DOVECOTE_STORE_TIMEOUT": "2"})
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
     packed = await pack_forwards(server.base_url, alice, [f"p-{i}" for i in range(MESSAGES)])
@@ -54,13 +55,19 @@ async def test_postgres_restart_under_load_loses_nothing(
     await asyncio.gather(load.run(within=120), bounce())
     recovery = load.recovery_after(fault["back"])
     delivered = await drain(alice, client)
-    result = outcome(f"postgres-{how}", load, delivered, recovery,
-                     f"db_down={fault['back'] - fault['at']:.2f}s "
-                     f"gap_without_202={load.longest_gap(fault['at'], fault['back'] + 30):.2f}s")
+    result = outcome(
+        f"postgres-{how}",
+        load,
+        delivered,
+        recovery,
+        f"db_down={fault['back'] - fault['at']:.2f}s "
+        f"gap_without_202={load.longest_gap(fault['at'], fault['back'] + 30):.2f}s",
+    )
     if len(load.accepted) < MESSAGES:
-        pytest.xfail(f"Dovecote did not accept again within 120 s after PostgreSQL came "
-                     f"back ({len(load.accepted)}/{MESSAGES} accepted; failures "
-                     f"{dict(load.failures)}): no reconnect after a database restart")
+        pytest.xfail(
+            f"Dovecote did not accept again within 120 s after PostgreSQL came "
+            f"back ({len(load.accepted)}/{MESSAGES} accepted; failures "
+            f"{dict(load.failures)}): no reconnect after a database restart"
+        )
     assert_clean(result)
-    assert set(load.failures) <= {"http 503", "ReadTimeout", "RemoteProtocolError"}, (
-        load.failures)
+    assert set(load.failures) <= {"http 503", "ReadTimeout", "RemoteProtocolError"}, load.failures

@@ -21,8 +21,7 @@ MESSAGES = 400
 async def test_sigterm_mid_load_every_202_survives_the_restart(
     server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient
 ) -> None:
-    server = server_factory(env={"DOVECOTE_DRAIN_DELAY": "0.5",
-                                 "DOVECOTE_SHUTDOWN_TIMEOUT": "5"})
+    server = server_factory(env={"DOVECOTE_DRAIN_DELAY": "0.5", "DOVECOTE_SHUTDOWN_TIMEOUT": "5"})
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
     packed = await pack_forwards(server.base_url, alice, [f"t-{i}" for i in range(MESSAGES)])
@@ -44,7 +43,8 @@ async def test_sigterm_mid_load_every_202_survives_the_restart(
     # Recovery: from the signal until the restarted process accepted again.
     back = load.recovery_after(fault["exited"])
     recovery = None if back is None else fault["exited"] - fault["at"] + back
-    result = outcome("sigterm", load, delivered, recovery,
-                     f"drain_and_exit={fault['exited'] - fault['at']:.2f}s")
+    result = outcome(
+        "sigterm", load, delivered, recovery, f"drain_and_exit={fault['exited'] - fault['at']:.2f}s"
+    )
     assert_clean(result)
     assert load.failures, "SIGTERM should have refused or cut some requests"

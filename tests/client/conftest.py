@@ -12,8 +12,13 @@ from dovecote.client import Client, ClientConfig
 from support.server import ServerProcess, free_port
 
 # Fast settings for tests: short batching window and backoff.
-FAST = {"flush_interval": 0.2, "backoff_base": 0.1, "backoff_max": 1.0,
-        "reconnect_max": 1.0, "request_timeout": 5.0}
+FAST = {
+    "flush_interval": 0.2,
+    "backoff_base": 0.1,
+    "backoff_max": 1.0,
+    "reconnect_max": 1.0,
+    "request_timeout": 5.0,
+}
 
 ClientFactory = Callable[..., Awaitable[Client]]
 
@@ -29,8 +34,9 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server shared by a module's tests that neither stop nor restart it (every test
     makes its own client identities, so they do not see each other's messages)."""
     base = tmp_path_factory.mktemp("relay")
-    server = ServerProcess(data_dir=base / "data", port=free_port(), env={},
-                           log_path=base / "server.log")
+    server = ServerProcess(
+        data_dir=base / "data", port=free_port(), env={}, log_path=base / "server.log"
+    )
     server.start()
     yield server
     server.kill()
@@ -41,8 +47,9 @@ async def client_factory(tmp_path: Path) -> AsyncIterator[ClientFactory]:
     """Open clients (new identity each, optionally mediated); all closed after the test."""
     opened: list[Client] = []
 
-    async def make(server: ServerProcess | None = None, name: str | None = None,
-                   **config: Any) -> Client:
+    async def make(
+        server: ServerProcess | None = None, name: str | None = None, **config: Any
+    ) -> Client:
         data_dir = tmp_path / (name or f"client{len(opened)}")
         client = Client(ClientConfig(data_dir=data_dir, **{**FAST, **config}), create=True)
         await client.open()

@@ -17,8 +17,13 @@ from dovecote.client import Client, ClientConfig
 
 
 async def main(data_dir: str, to: str, start: int, count: int, prefix: str) -> None:
-    config = ClientConfig(data_dir=Path(data_dir), flush_interval=0.05, batch_size=20,
-                          backoff_base=0.05, backoff_max=0.5)
+    config = ClientConfig(
+        data_dir=Path(data_dir),
+        flush_interval=0.05,
+        batch_size=20,
+        backoff_base=0.05,
+        backoff_max=0.5,
+    )
     async with Client(config) as client:
         for i in range(start, count):
             plaintext = client.plaintext(to, f"message {i}")
@@ -32,5 +37,4 @@ async def main(data_dir: str, to: str, start: int, count: int, prefix: str) -> N
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
-                     sys.argv[5]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(data_dir: Path, *args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(main, ["--data-dir", str(data_dir), "--flush-interval", "0.1",
-                                       *args])
+    result = CliRunner().invoke(
+        main, ["--data-dir", str(data_dir), "--flush-interval", "0.1", *args]
+    )
     assert result.exit_code == code, (result.output, result.exception)
     return result.stdout
 
@@ -40,7 +41,6 @@ def test_cli_round_trip(relay: ServerProcess, tmp_path: Path) -> None:
     listing = run(bob, "outbox", "list")
     assert listing.splitlines()[-1] == "pending=0 sent=2 failed=0"
     assert run(bob, "outbox", "purge") == "purged 2\n"
-
 
 
 def test_cli_failed_message_is_listed_and_retried(relay: ServerProcess, tmp_path: Path) -> None:
@@ -68,9 +68,13 @@ def test_cli_failed_message_is_listed_and_retried(relay: ServerProcess, tmp_path
 
 
 def test_example_two_agents(relay: ServerProcess) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "two_agents.py"),
-                           relay.base_url, "--count", "2"],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "two_agents.py"), relay.base_url, "--count", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "A received 'hello #0 from B'" in done.stdout
     assert "A received 'hello #1 from B'" in done.stdout

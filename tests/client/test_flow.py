@@ -34,8 +34,9 @@ async def test_invalid_invitation(client_factory: ClientFactory) -> None:
 
 
 @pytest.mark.parametrize("form", ["routing-keys", "mediator-did"])
-async def test_send_and_pickup(relay: ServerProcess, client_factory: ClientFactory,
-                               form: str) -> None:
+async def test_send_and_pickup(
+    relay: ServerProcess, client_factory: ClientFactory, form: str
+) -> None:
     alice = await client_factory(relay, service_form=form)
     bob = await client_factory(relay)
     assert alice.identity.mediation is not None
@@ -55,8 +56,9 @@ async def test_send_and_pickup(relay: ServerProcess, client_factory: ClientFacto
     assert (await alice.status()).message_count == 0
 
 
-async def test_recipient_update_and_removal(relay: ServerProcess,
-                                            client_factory: ClientFactory) -> None:
+async def test_recipient_update_and_removal(
+    relay: ServerProcess, client_factory: ClientFactory
+) -> None:
     alice = await client_factory(relay)
     other = await client_factory()  # a DID alice also receives for
     result = await alice.add_recipients([other.did])
@@ -66,8 +68,9 @@ async def test_recipient_update_and_removal(relay: ServerProcess,
     assert other.did not in await alice.recipients()
 
 
-async def test_duplicate_redelivery_is_dropped(relay: ServerProcess,
-                                               client_factory: ClientFactory) -> None:
+async def test_duplicate_redelivery_is_dropped(
+    relay: ServerProcess, client_factory: ClientFactory
+) -> None:
     """The same plaintext id packed twice (two stored copies) reaches the app once."""
     alice = await client_factory(relay)
     bob = await client_factory(relay)
@@ -81,8 +84,13 @@ async def test_duplicate_redelivery_is_dropped(relay: ServerProcess,
     route, endpoints = await bob.route(alice.did)
     again = await bob.packer.pack_routed(plaintext, route, bob.did)
     async with httpx.AsyncClient() as http:
-        assert (await http.post(endpoints[0], content=again, headers={
-            "content-type": "application/didcomm-encrypted+json"})).status_code == 202
+        assert (
+            await http.post(
+                endpoints[0],
+                content=again,
+                headers={"content-type": "application/didcomm-encrypted+json"},
+            )
+        ).status_code == 202
     assert (await alice.status()).message_count == 2
     got = await alice.drain()
     assert [m.id for m in got] == [plaintext["id"]]
@@ -109,7 +117,8 @@ async def test_live_receive(relay: ServerProcess, client_factory: ClientFactory)
 
 
 async def test_live_mode_misses_nothing_across_the_switch(
-        relay: ServerProcess, client_factory: ClientFactory) -> None:
+    relay: ServerProcess, client_factory: ClientFactory
+) -> None:
     # Issue 12.2: turning live mode on pushes only what arrives afterwards; the client
     # drains what was queued with delivery-request. Messages queued before, sent while the
     # switch happens and sent after it are each handed over exactly once.
@@ -161,16 +170,16 @@ async def test_invitation_url_helper(relay: ServerProcess) -> None:
     assert "_oob=" in invitation_url(relay)
 
 
-async def test_batch_over_one_websocket(relay: ServerProcess,
-                                        client_factory: ClientFactory) -> None:
+async def test_batch_over_one_websocket(
+    relay: ServerProcess, client_factory: ClientFactory
+) -> None:
     alice = await client_factory(relay)
     carol = await client_factory(relay)
     bob = await client_factory(relay, send_transport="ws", flush_interval=5.0)
     batcher = bob.sender.ws
     assert batcher is not None
 
-    ids = await bob.send_many([(alice.did, bob.plaintext(alice.did, f"ws {i}"))
-                               for i in range(50)])
+    ids = await bob.send_many([(alice.did, bob.plaintext(alice.did, f"ws {i}")) for i in range(50)])
     items = await bob.wait_sent(ids, max_wait=20)
     assert [i.state for i in items] == ["sent"] * 50
     assert (batcher.confirmed, batcher.unconfirmed) == (1, 0)
@@ -178,9 +187,13 @@ async def test_batch_over_one_websocket(relay: ServerProcess,
     # One bad envelope in the batch: the relay reports an error frame, so the batch is
     # not confirmed and every envelope is re-sent over HTTP (identical bytes, stored once).
     await carol.remove_recipients([carol.did])
-    more = await bob.send_many([(alice.did, bob.plaintext(alice.did, "ws 50")),
-                                (carol.did, bob.plaintext(carol.did, "nobody home")),
-                                (alice.did, bob.plaintext(alice.did, "ws 51"))])
+    more = await bob.send_many(
+        [
+            (alice.did, bob.plaintext(alice.did, "ws 50")),
+            (carol.did, bob.plaintext(carol.did, "nobody home")),
+            (alice.did, bob.plaintext(alice.did, "ws 51")),
+        ]
+    )
     states = [i.state for i in await bob.wait_sent(more, max_wait=20)]
     assert states == ["sent", "failed", "sent"]
     assert batcher.unconfirmed == 1

@@ -24,13 +24,13 @@ async def store(tmp_path: Path) -> AsyncIterator[ClientStore]:
     await s.close()
 
 
-def _rows(prefix: str, kind: str, target: str, n: int) -> list[tuple[str, str, str, bytes,
-                                                                     list[str]]]:
+def _rows(
+    prefix: str, kind: str, target: str, n: int
+) -> list[tuple[str, str, str, bytes, list[str]]]:
     return [(f"{prefix}{i}", kind, target, b"x", ["http://a/", "http://b/"]) for i in range(n)]
 
 
-async def test_new_rows_wait_for_their_batch_but_retries_keep_backoff(
-        store: ClientStore) -> None:
+async def test_new_rows_wait_for_their_batch_but_retries_keep_backoff(store: ClientStore) -> None:
     await store.enqueue(_rows("m", "didcomm", "did:x", 3), delay=5.0)
     assert await store.due(10) == []  # lingering in the batching window
     assert [i.id for i in await store.due(10, time.time() + 5.0)] == ["m0", "m1", "m2"]
@@ -50,8 +50,7 @@ async def test_room_posts_wait_behind_an_earlier_post_backing_off(store: ClientS
     assert [i.id for i in await store.due(10)] == ["s0"]
 
 
-async def test_failover_after_three_attempts_and_failure_past_retention(
-        store: ClientStore) -> None:
+async def test_failover_after_three_attempts_and_failure_past_retention(store: ClientStore) -> None:
     config = ClientConfig(data_dir=Path("."), retention=3600, backoff_base=0.01)
     async with httpx.AsyncClient() as http:
         sender = Sender(store, config, http)
@@ -78,8 +77,13 @@ def test_invitation_padding_is_optional() -> None:
     import base64
     import json
 
-    body = json.dumps({"type": "https://didcomm.org/out-of-band/2.0/invitation",
-                       "id": "1", "from": "did:peer:2.x"}).encode()
+    body = json.dumps(
+        {
+            "type": "https://didcomm.org/out-of-band/2.0/invitation",
+            "id": "1",
+            "from": "did:peer:2.x",
+        }
+    ).encode()
     padded = base64.urlsafe_b64encode(body).decode()
     for encoded in (padded, padded.rstrip("=")):
         assert parse_invitation(f"https://r/?_oob={encoded}")["from"] == "did:peer:2.x"

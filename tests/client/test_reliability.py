@@ -20,9 +20,19 @@ HERE = Path(__file__).parent
 
 def _start_sender(data_dir: Path, to: str, start: int, count: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(HERE / "crash_sender.py"), str(data_dir), to, str(start),
-         str(count), "crash"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            str(HERE / "crash_sender.py"),
+            str(data_dir),
+            to,
+            str(start),
+            str(count),
+            "crash",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def _read_until(proc: subprocess.Popen[str], printed: list[str], stop_at: int | None) -> None:
@@ -42,7 +52,8 @@ def _read_until(proc: subprocess.Popen[str], printed: list[str], stop_at: int | 
 
 
 async def test_client_killed_mid_send_delivers_each_message_once(
-        relay: ServerProcess, client_factory: ClientFactory, tmp_path: Path) -> None:
+    relay: ServerProcess, client_factory: ClientFactory, tmp_path: Path
+) -> None:
     alice = await client_factory(relay)
     async with Client(ClientConfig(data_dir=tmp_path / "bob"), create=True):
         pass  # bob's keys; his process does the sending
@@ -70,7 +81,8 @@ async def test_client_killed_mid_send_delivers_each_message_once(
 
 
 async def test_dead_endpoint_fails_over_after_three_attempts(
-        relay: ServerProcess, client_factory: ClientFactory) -> None:
+    relay: ServerProcess, client_factory: ClientFactory
+) -> None:
     alice = await client_factory(relay)
     dead = f"http://127.0.0.1:{free_port()}/"
     bob = await client_factory(relay, relays=[dead])
@@ -83,17 +95,27 @@ async def test_dead_endpoint_fails_over_after_three_attempts(
 
 
 async def test_undeliverable_message_is_reported_and_can_be_retried(
-        client_factory: ClientFactory) -> None:
+    client_factory: ClientFactory,
+) -> None:
     failures: list[OutboxItem] = []
     bob = await client_factory(retention=1.0)
     bob.on_failed = failures.append
     bob.sender.on_failed = failures.append
     # A recipient whose only endpoint is a closed port.
     ident = bob.identity
-    nowhere = make_did(ident.signing_key, ident.agreement_key, [{
-        "type": "DIDCommMessaging",
-        "serviceEndpoint": {"uri": f"http://127.0.0.1:{free_port()}/", "accept": ["didcomm/v2"]},
-    }])
+    nowhere = make_did(
+        ident.signing_key,
+        ident.agreement_key,
+        [
+            {
+                "type": "DIDCommMessaging",
+                "serviceEndpoint": {
+                    "uri": f"http://127.0.0.1:{free_port()}/",
+                    "accept": ["didcomm/v2"],
+                },
+            }
+        ],
+    )
     message_id = await bob.send(nowhere, "into the void")
     [item] = await bob.wait_sent([message_id], max_wait=15)
     assert item.state == "failed"
@@ -104,8 +126,9 @@ async def test_undeliverable_message_is_reported_and_can_be_retried(
     assert (await bob.store.get(message_id)).state == "pending"  # type: ignore[union-attr]
 
 
-async def test_rejected_message_fails_at_once(relay: ServerProcess,
-                                              client_factory: ClientFactory) -> None:
+async def test_rejected_message_fails_at_once(
+    relay: ServerProcess, client_factory: ClientFactory
+) -> None:
     bob = await client_factory(relay)
     carol = await client_factory(relay)
     await carol.remove_recipients([carol.did])  # the relay no longer routes for carol
@@ -115,7 +138,8 @@ async def test_rejected_message_fails_at_once(relay: ServerProcess,
 
 
 async def test_live_receive_survives_server_restart(
-        server: ServerProcess, client_factory: ClientFactory) -> None:
+    server: ServerProcess, client_factory: ClientFactory
+) -> None:
     alice = await client_factory(server)
     bob = await client_factory(server)
     total = 60

@@ -29,32 +29,47 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
 
 
 @pytest.fixture(scope="module")
-def rooms_relay(tmp_path_factory: pytest.TempPathFactory,
-                issuer: Issuer) -> Iterator[ServerProcess]:
+def rooms_relay(
+    tmp_path_factory: pytest.TempPathFactory, issuer: Issuer
+) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("rooms-relay")
-    server = ServerProcess(data_dir=base / "data", port=free_port(), log_path=base / "log",
-                           env={"DOVECOTE_ROOMS_JWKS_FILE": str(issuer.jwks_path),
-                                "DOVECOTE_ROOMS_JWT_ISSUER": ISSUER})
+    server = ServerProcess(
+        data_dir=base / "data",
+        port=free_port(),
+        log_path=base / "log",
+        env={
+            "DOVECOTE_ROOMS_JWKS_FILE": str(issuer.jwks_path),
+            "DOVECOTE_ROOMS_JWT_ISSUER": ISSUER,
+        },
+    )
     server.start()
     yield server
     server.kill()
 
 
 def make_room(server: ServerProcess, issuer: Issuer, members: list[str]) -> str:
-    response = httpx.post(f"{server.base_url}/v1/rooms", headers=issuer.headers(
-        "admin", roles=["admin"]), json={"name": "client test", "participants": [
-            {"id": m, "role": "member"} for m in members]}, timeout=10)
+    response = httpx.post(
+        f"{server.base_url}/v1/rooms",
+        headers=issuer.headers("admin", roles=["admin"]),
+        json={
+            "name": "client test",
+            "participants": [{"id": m, "role": "member"} for m in members],
+        },
+        timeout=10,
+    )
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
 
 
-async def rooms_client(factory: ClientFactory, server: ServerProcess, issuer: Issuer,
-                       sub: str) -> Client:
+async def rooms_client(
+    factory: ClientFactory, server: ServerProcess, issuer: Issuer, sub: str
+) -> Client:
     return await factory(rooms_url=server.base_url, rooms_token=issuer.token(sub))
 
 
-async def test_posts_are_durable_and_stored_once(rooms_relay: ServerProcess, issuer: Issuer,
-                                                 client_factory: ClientFactory) -> None:
+async def test_posts_are_durable_and_stored_once(
+    rooms_relay: ServerProcess, issuer: Issuer, client_factory: ClientFactory
+) -> None:
     room = make_room(rooms_relay, issuer, ["ann"])
     ann = await rooms_client(client_factory, rooms_relay, issuer, "ann")
     keys = [await ann.rooms.post(room, f"post {i}") for i in range(10)]
@@ -65,8 +80,7 @@ async def test_posts_are_durable_and_stored_once(rooms_relay: ServerProcess, iss
     # row is sent again with the same Idempotency-Key, and the room keeps one copy.
     db = ann.store._db
     assert db is not None
-    db.execute("UPDATE outbox SET state = 'pending', next_attempt_at = 0 WHERE id = ?",
-               (keys[0],))
+    db.execute("UPDATE outbox SET state = 'pending', next_attempt_at = 0 WHERE id = ?", (keys[0],))
     [again] = await ann.wait_sent([keys[0]], max_wait=15)
     assert again.state == "sent" and again.attempts == 2
 
@@ -83,8 +97,9 @@ async def test_posts_are_durable_and_stored_once(rooms_relay: ServerProcess, iss
     assert len((await ann.rooms.history(room, after=0))["events"]) == len(page["events"])
 
 
-async def test_subscribe_resumes_from_last_seq(rooms_relay: ServerProcess, issuer: Issuer,
-                                               client_factory: ClientFactory) -> None:
+async def test_subscribe_resumes_from_last_seq(
+    rooms_relay: ServerProcess, issuer: Issuer, client_factory: ClientFactory
+) -> None:
     room = make_room(rooms_relay, issuer, ["bea", "cat"])
     bea = await rooms_client(client_factory, rooms_relay, issuer, "bea")
     cat = await rooms_client(client_factory, rooms_relay, issuer, "cat")
@@ -130,19 +145,31 @@ async def test_subscribe_resumes_from_last_seq(rooms_relay: ServerProcess, issue
     assert texts == [f"m{i}" for i in range(12)]
 
 
-def test_cli_rooms_post_and_tail(rooms_relay: ServerProcess, issuer: Issuer,
-                                 tmp_path: Path) -> None:
+def test_cli_rooms_post_and_tail(
+    rooms_relay: ServerProcess, issuer: Issuer, tmp_path: Path
+) -> None:
     room = make_room(rooms_relay, issuer, ["dan"])
-    options = ["--data-dir", str(tmp_path / "dan"), "--flush-interval", "0.1",
-               "--rooms-url", rooms_relay.base_url, "--rooms-token", issuer.token("dan")]
+    options = [
+        "--data-dir",
+        str(tmp_path / "dan"),
+        "--flush-interval",
+        "0.1",
+        "--rooms-url",
+        rooms_relay.base_url,
+        "--rooms-token",
+        issuer.token("dan"),
+    ]
     runner = CliRunner()
     assert runner.invoke(main, [*options, "init"]).exit_code == 0
     for text in ("one", "two"):
         result = runner.invoke(main, [*options, "rooms", "post", room, text])
         assert result.exit_code == 0 and result.stdout.split()[1] == "sent", result.output
 
-    tail = subprocess.Popen([sys.executable, "-m", "dovecote.client.cli", *options,
-                             "rooms", "tail", room], stdout=subprocess.PIPE, text=True)
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "dovecote.client.cli", *options, "rooms", "tail", room],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert tail.stdout is not None
     events: list[dict[str, Any]] = []
     while len(events) < 2:

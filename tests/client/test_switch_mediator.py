@@ -14,8 +14,12 @@ from support.server import ServerProcess, free_port
 
 @pytest.fixture
 def two_relays(tmp_path: Path) -> list[ServerProcess]:
-    servers = [ServerProcess(data_dir=tmp_path / name, port=free_port(), env={},
-                             log_path=tmp_path / f"{name}.log") for name in ("a", "b")]
+    servers = [
+        ServerProcess(
+            data_dir=tmp_path / name, port=free_port(), env={}, log_path=tmp_path / f"{name}.log"
+        )
+        for name in ("a", "b")
+    ]
     for server in servers:
         server.start(wait=False)
     try:
@@ -54,7 +58,6 @@ async def test_mediate_with_another_mediator_switches_and_back(
     assert any(f"127.0.0.1:{b.port}" in url for url in item.endpoints), item.endpoints
     received = await alice.drain()
     assert [m.body["content"] for m in received] == ["via B"]
-
 
     # Back to A while B is down: B cannot be asked, the DIDs come from the local record.
     b.kill()

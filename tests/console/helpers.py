@@ -20,9 +20,16 @@ from support.server import ROOT, ServerProcess
 ADMIN_TOKEN = "console-test-admin-token-0123456789abcdef"
 CHROMIUM = Path(os.environ.get("DOVECOTE_TEST_CHROMIUM", "/usr/bin/chromium"))
 # A headless browser that talks to nobody but the page's server.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = ROOT / "docs" / "console"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 360, "height": 780}
@@ -32,11 +39,14 @@ PHONE = {"width": 360, "height": 780}
 async def browser() -> AsyncIterator[Browser]:
     """Debian's chromium driven by Playwright (no browser download)."""
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run `bash scripts/install-chromium.sh` "
-                    "(make test does)", pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing: run `bash scripts/install-chromium.sh` (make test does)",
+            pytrace=False,
+        )
     async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                                    args=CHROMIUM_ARGS)
+        chromium = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+        )
         try:
             yield chromium
         finally:
@@ -54,9 +64,12 @@ class OriginWatch:
         self.urls.append(request.url)
 
     def foreign(self) -> list[str]:
-        return [url for url in self.urls
-                if (urlsplit(url).scheme, urlsplit(url).netloc)
-                != (self.origin.scheme, self.origin.netloc)]
+        return [
+            url
+            for url in self.urls
+            if (urlsplit(url).scheme, urlsplit(url).netloc)
+            != (self.origin.scheme, self.origin.netloc)
+        ]
 
 
 async def login(page: Page, server: ServerProcess, token: str = ADMIN_TOKEN) -> None:
@@ -65,15 +78,17 @@ async def login(page: Page, server: ServerProcess, token: str = ADMIN_TOKEN) -> 
     await page.click("form[action='/console/login'] button")
 
 
-async def queue_messages(client: httpx.AsyncClient, server: ServerProcess, count: int,
-                         agent: Agent | None = None) -> Agent:
+async def queue_messages(
+    client: httpx.AsyncClient, server: ServerProcess, count: int, agent: Agent | None = None
+) -> Agent:
     """`count` forwards queued for an offline mediatee (mediated first)."""
     if agent is None:
         agent = Agent.create(server.base_url, server.did, via_mediator=True)
         await agent.mediate(client)
     ids = [f"console-{len(agent.did)}-{i}-{os.urandom(4).hex()}" for i in range(count)]
-    accepted = await post_all(client, server.base_url,
-                              await pack_forwards(server.base_url, agent, ids))
+    accepted = await post_all(
+        client, server.base_url, await pack_forwards(server.base_url, agent, ids)
+    )
     assert len(accepted) == count
     return agent
 

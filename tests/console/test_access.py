@@ -17,8 +17,14 @@ from support.server import ServerProcess
 
 from .helpers import ADMIN_TOKEN
 
-PAGES = ["/console/", "/console/cluster", "/console/dead-letters", "/console/dead-letters/1",
-         "/console/mailboxes", "/console/targets"]
+PAGES = [
+    "/console/",
+    "/console/cluster",
+    "/console/dead-letters",
+    "/console/dead-letters/1",
+    "/console/mailboxes",
+    "/console/targets",
+]
 
 
 def _csrf(html: str) -> str:
@@ -32,14 +38,20 @@ def _login(c: httpx.Client, server: ServerProcess, token: str = ADMIN_TOKEN) -> 
 
 
 def _level(server: ServerProcess) -> dict[str, object]:
-    response = httpx.get(server.base_url + "/admin/degradation", timeout=10,
-                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    response = httpx.get(
+        server.base_url + "/admin/degradation",
+        timeout=10,
+        headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
     return dict(response.json())
 
 
 def _audit(server: ServerProcess, action: str) -> list[str]:
-    return [e["outcome"] for e in server.log_events()
-            if e.get("event") == "audit" and e.get("action") == action]
+    return [
+        e["outcome"]
+        for e in server.log_events()
+        if e.get("event") == "audit" and e.get("action") == action
+    ]
 
 
 def test_without_a_session_only_the_login_form_is_served(
@@ -63,10 +75,11 @@ def test_without_a_session_only_the_login_form_is_served(
         assert c.get(server.base_url + "/console/static/console.css").status_code == 200
         assert c.get(server.base_url + "/console/static/console.js").status_code == 200
         # Actions without a session change nothing.
-        for path in ("/console/dead-letters/action", "/console/degradation",
-                     "/console/logout"):
-            refused = c.post(server.base_url + path, data={"action": "purge", "ids": "1",
-                                                            "confirm": "yes", "level": "shed"})
+        for path in ("/console/dead-letters/action", "/console/degradation", "/console/logout"):
+            refused = c.post(
+                server.base_url + path,
+                data={"action": "purge", "ids": "1", "confirm": "yes", "level": "shed"},
+            )
             assert refused.status_code == 403, path
         assert _level(server) == {"level": "normal", "forced": False}
         # A forged cookie is no session.
@@ -87,8 +100,9 @@ def test_console_disabled_without_admin_token(
 def test_login_sets_a_strict_session_actions_need_csrf_logout_ends_it(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    server = server_factory(env={"DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN,
-                                 "DOVECOTE_CONSOLE_SESSION_SECONDS": "600"})
+    server = server_factory(
+        env={"DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN, "DOVECOTE_CONSOLE_SESSION_SECONDS": "600"}
+    )
     with httpx.Client(timeout=10) as c:
         wrong = _login(c, server, "not-the-token")
         assert wrong.status_code == 401 and "not the admin token" in wrong.text
@@ -114,15 +128,26 @@ def test_login_sets_a_strict_session_actions_need_csrf_logout_ends_it(
         # No CSRF token, a wrong one, or a foreign Origin: refused, nothing changes.
         assert c.post(action, data={"level": "shed"}).status_code == 403
         assert c.post(action, data={"level": "shed", "csrf": "0" * 64}).status_code == 403
-        assert c.post(action, data={"level": "shed", "csrf": csrf},
-                      headers={"origin": "https://evil.example"}).status_code == 403
-        assert c.post(action, data={"level": "shed", "csrf": csrf},
-                      headers={"origin": "null"}).status_code == 403
+        assert (
+            c.post(
+                action,
+                data={"level": "shed", "csrf": csrf},
+                headers={"origin": "https://evil.example"},
+            ).status_code
+            == 403
+        )
+        assert (
+            c.post(
+                action, data={"level": "shed", "csrf": csrf}, headers={"origin": "null"}
+            ).status_code
+            == 403
+        )
         assert _level(server) == {"level": "normal", "forced": False}
         assert _audit(server, "console.csrf") == ["forbidden"] * 4
         # With it: done, and audited like the admin API.
-        done = c.post(action, data={"level": "shed", "csrf": csrf},
-                      headers={"origin": server.base_url})
+        done = c.post(
+            action, data={"level": "shed", "csrf": csrf}, headers={"origin": server.base_url}
+        )
         assert done.status_code == 303
         assert _level(server) == {"level": "shed", "forced": True}
         assert _audit(server, "degradation.set") == ["ok"]
@@ -130,27 +155,37 @@ def test_login_sets_a_strict_session_actions_need_csrf_logout_ends_it(
         assert _level(server) == {"level": "normal", "forced": False}
         # Hostile form input is a 4xx page, never a 5xx.
         assert c.post(action, data={"level": "nonsense", "csrf": csrf}).status_code == 400
-        assert c.post(server.base_url + "/console/dead-letters/action",
-                      data={"csrf": csrf, "action": "replay", "ids": "x"}).status_code == 400
-        huge = c.post(server.base_url + "/console/dead-letters/action",
-                      content=b"csrf=" + csrf.encode() + b"&ids=" + b"1," * 40_000,
-                      headers={"content-type": "application/x-www-form-urlencoded"})
+        assert (
+            c.post(
+                server.base_url + "/console/dead-letters/action",
+                data={"csrf": csrf, "action": "replay", "ids": "x"},
+            ).status_code
+            == 400
+        )
+        huge = c.post(
+            server.base_url + "/console/dead-letters/action",
+            content=b"csrf=" + csrf.encode() + b"&ids=" + b"1," * 40_000,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
         assert huge.status_code == 413
-        assert c.get(server.base_url + "/console/dead-letters?offset=-1&kind=%00").status_code \
-            == 200
+        assert (
+            c.get(server.base_url + "/console/dead-letters?offset=-1&kind=%00").status_code == 200
+        )
         # Whatever comes back in a page is escaped.
-        hostile = c.get(server.base_url + "/console/dead-letters",
-                        params={"target": '"><script>alert(1)</script>'})
+        hostile = c.get(
+            server.base_url + "/console/dead-letters",
+            params={"target": '"><script>alert(1)</script>'},
+        )
         assert hostile.status_code == 200 and "<script>alert" not in hostile.text
         assert "&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in hostile.text
         for item in ("99999999", "0", "9" * 30):
             assert c.get(f"{server.base_url}/console/dead-letters/{item}").status_code == 404
         admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-        assert c.get(f"{server.base_url}/admin/dlq/{'9' * 30}", headers=admin).status_code \
-            == 404
+        assert c.get(f"{server.base_url}/admin/dlq/{'9' * 30}", headers=admin).status_code == 404
         for path in ("replay", "purge"):
-            done = c.post(f"{server.base_url}/admin/dlq/{path}", headers=admin,
-                          json={"ids": [10**30, -1]})
+            done = c.post(
+                f"{server.base_url}/admin/dlq/{path}", headers=admin, json={"ids": [10**30, -1]}
+            )
             # Ids no dead letter can have are a clear 400, not a silent no-op.
             assert done.status_code == 400 and "ids" in done.json()["detail"]
 
@@ -168,8 +203,9 @@ def test_login_sets_a_strict_session_actions_need_csrf_logout_ends_it(
 def test_failed_logins_are_throttled_and_logged_like_admin_auth(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    server = server_factory(env={"DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN,
-                                 "DOVECOTE_ADMIN_ALLOW": "127.0.0.0/8"})
+    server = server_factory(
+        env={"DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN, "DOVECOTE_ADMIN_ALLOW": "127.0.0.0/8"}
+    )
     with httpx.Client(timeout=10) as c:
         for _ in range(5):
             assert _login(c, server, "guess").status_code == 401
@@ -181,8 +217,9 @@ def test_failed_logins_are_throttled_and_logged_like_admin_auth(
     assert _audit(server, "console.login") == ["unauthorized"] * 5 + ["throttled"] * 2
     # One budget per address with the admin API: /admin is throttled for it too.
     with httpx.Client(timeout=10) as c:
-        admin = c.get(server.base_url + "/admin/cluster",
-                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin = c.get(
+            server.base_url + "/admin/cluster", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
         assert admin.status_code == 429 and admin.json()["error"] == "admin_throttled"
     # Another address is not affected.
     with httpx.Client(timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as c:
@@ -190,13 +227,22 @@ def test_failed_logins_are_throttled_and_logged_like_admin_auth(
 
 
 def test_console_shares_the_admin_allowlist_and_client_certificate_checks(
-    server_factory: Callable[..., ServerProcess], tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    tmp_path: Path,
 ) -> None:
     ca = make_ca(tmp_path)
     server_cert = make_server_cert(ca, tmp_path)
     operator = make_client_cert(ca, tmp_path, "operator")
-    tls = ["--tls-cert", str(server_cert.cert_path), "--tls-key", str(server_cert.key_path),
-           "--admin-token", ADMIN_TOKEN, "--admin-client-ca", str(ca.cert_path)]
+    tls = [
+        "--tls-cert",
+        str(server_cert.cert_path),
+        "--tls-key",
+        str(server_cert.key_path),
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--admin-client-ca",
+        str(ca.cert_path),
+    ]
     server = server_factory(start=False, args=tls)
     server.tls_ca = ca.cert_path
     narrow = server_factory(start=False, args=[*tls, "--admin-allow", "10.0.0.0/8"])

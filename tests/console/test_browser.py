@@ -61,14 +61,16 @@ class Watched:
         assert not [m for m in self.console if "Content Security Policy" in m], self.console
 
 
-async def _open(chromium: Browser, server: ServerProcess,
-                viewport: dict[str, int] = DESKTOP) -> Watched:
+async def _open(
+    chromium: Browser, server: ServerProcess, viewport: dict[str, int] = DESKTOP
+) -> Watched:
     context = await chromium.new_context(viewport=viewport)  # type: ignore[arg-type]
     return Watched(context, server)
 
 
 async def test_login_is_refused_with_a_wrong_token(
-    server_factory: Callable[..., ServerProcess], tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    tmp_path: Path,
 ) -> None:
     server = server_factory(env=ENV)
     async with browser() as chromium:
@@ -88,15 +90,16 @@ async def test_login_is_refused_with_a_wrong_token(
         await page.fill("#token", ADMIN_TOKEN)
         await page.keyboard.press("Enter")
         await expect(page.locator("h1")).to_contain_text("Dead letters")
-        cookie = next(c for c in await watched.context.cookies()
-                      if c["name"] == "dovecote_console")
+        cookie = next(c for c in await watched.context.cookies() if c["name"] == "dovecote_console")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert cookie["expires"] > time.time() + 3600
         watched.check()
 
 
 async def test_overview_shows_the_live_numbers_of_a_server_with_queued_messages(
-    server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient, tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    client: httpx.AsyncClient,
+    tmp_path: Path,
 ) -> None:
     server = server_factory(env=ENV)
     alice = await queue_messages(client, server, 7)
@@ -138,8 +141,10 @@ async def test_overview_shows_the_live_numbers_of_a_server_with_queued_messages(
 
 
 async def test_dead_letter_from_a_failing_endpoint_appears_and_replay_delivers_it(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
-    client: httpx.AsyncClient, tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
+    client: httpx.AsyncClient,
+    tmp_path: Path,
 ) -> None:
     endpoint = endpoints(default="404")
     server = server_factory(env={**FAST_OUTBOUND, **ENV})
@@ -180,7 +185,8 @@ async def test_dead_letter_from_a_failing_endpoint_appears_and_replay_delivers_i
         assert await received_ids(carol, endpoint.bodies(succeeded_only=True)) == [message_id]
         admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
         assert (await client.get(server.base_url + "/admin/dlq", headers=admin)).json()[
-            "total"] == 0
+            "total"
+        ] == 0
 
         # Purge, from the detail page, with its own confirmation.
         endpoint.set_default("410")
@@ -196,16 +202,20 @@ async def test_dead_letter_from_a_failing_endpoint_appears_and_replay_delivers_i
         await page.get_by_role("button", name="Yes, purge 1").click()
         await expect(page.locator("#result")).to_contain_text("Purged 1 dead letter")
         assert (await client.get(server.base_url + "/admin/dlq", headers=admin)).json()[
-            "total"] == 0
+            "total"
+        ] == 0
         events = [e for e in server.log_events() if e.get("event") == "audit"]
-        assert [(e["action"], e["outcome"], e.get("count")) for e in events
-                if e.get("via") == "console" and e["action"].startswith("dlq.")] == [
-            ("dlq.replay", "ok", 1), ("dlq.purge", "ok", 1)]
+        assert [
+            (e["action"], e["outcome"], e.get("count"))
+            for e in events
+            if e.get("via") == "console" and e["action"].startswith("dlq.")
+        ] == [("dlq.replay", "ok", 1), ("dlq.purge", "ok", 1)]
         watched.check()
 
 
 async def test_cluster_page_marks_dead_and_stopped_instances(
-    server_factory: Callable[..., ServerProcess], tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    tmp_path: Path,
 ) -> None:
     with fresh_database() as url:
         env = {**ENV, "DOVECOTE_STORE": url, "DOVECOTE_HEARTBEAT_INTERVAL": "1"}
@@ -232,17 +242,25 @@ async def test_cluster_page_marks_dead_and_stopped_instances(
 
 
 async def test_every_page_at_desktop_and_phone_width(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
-    client: httpx.AsyncClient, tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
+    client: httpx.AsyncClient,
+    tmp_path: Path,
 ) -> None:
     """A server with something on every page; each page is checked and photographed."""
     gone = endpoints(default="404")
     failing = endpoints(default="500")
     backups = tmp_path / "backups"
-    server = server_factory(env={**FAST_OUTBOUND, **ENV, "DOVECOTE_BREAKER_RESET": "120",
-                                 "DOVECOTE_RETRY_RETENTION": "600",
-                                 "DOVECOTE_BACKUP_DIR": str(backups),
-                                 "DOVECOTE_BACKUP_INTERVAL": "3600"})
+    server = server_factory(
+        env={
+            **FAST_OUTBOUND,
+            **ENV,
+            "DOVECOTE_BREAKER_RESET": "120",
+            "DOVECOTE_RETRY_RETENTION": "600",
+            "DOVECOTE_BACKUP_DIR": str(backups),
+            "DOVECOTE_BACKUP_INTERVAL": "3600",
+        }
+    )
     await queue_messages(client, server, 25)
     await queue_messages(client, server, 4)
     bob = Agent.create(server.base_url)
@@ -253,17 +271,31 @@ async def test_every_page_at_desktop_and_phone_width(
     # A backup taken while serving, named like the scheduled ones (safe while serving).
     backups.mkdir(exist_ok=True)
     await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "dovecote", "backup", "--data-dir",
-                         str(server.data_dir), str(backups / "dovecote-20260101T000000000Z.db")],
-        check=True, cwd=ROOT, capture_output=True, timeout=60)
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "dovecote",
+            "backup",
+            "--data-dir",
+            str(server.data_dir),
+            str(backups / "dovecote-20260101T000000000Z.db"),
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
     async def settled() -> bool:
         dlq = (await client.get(server.base_url + "/admin/dlq", headers=admin)).json()
-        overview = (await client.get(server.base_url + "/admin/overview",
-                                     headers=admin)).json()
-        return bool(dlq["total"] == 2 and overview["health"].get("breakers")
-                    and overview["queues"].get("queued") == 29)
+        overview = (await client.get(server.base_url + "/admin/overview", headers=admin)).json()
+        return bool(
+            dlq["total"] == 2
+            and overview["health"].get("breakers")
+            and overview["queues"].get("queued") == 29
+        )
 
     assert await wait_until(settled, 30, interval=0.5)
 

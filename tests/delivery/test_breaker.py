@@ -61,7 +61,7 @@ def test_opens_after_threshold_half_opens_with_bounded_trials_and_closes() -> No
 def test_backoff_is_full_jitter_capped() -> None:
     random.seed(7)
     for attempts in range(12):
-        ceiling = min(600.0, 1.0 * 2 ** attempts)
+        ceiling = min(600.0, 1.0 * 2**attempts)
         samples = [backoff(attempts, 1.0, 600.0) for _ in range(200)]
         assert all(0 <= s <= ceiling for s in samples)
         assert max(samples) > 0.8 * ceiling  # spread over the whole range

@@ -22,16 +22,18 @@ PUBLIC = "93.184.216.34"  # resolved, never connected to
 @pytest.fixture
 def dns() -> Iterator[ScriptedDNS]:
     """agent.example and mediator.example resolve to a public address."""
-    server = ScriptedDNS({"agent.example": [PUBLIC], "mediator.example": [PUBLIC],
-                          "inside.example": ["10.0.0.7"]}).start()
+    server = ScriptedDNS(
+        {"agent.example": [PUBLIC], "mediator.example": [PUBLIC], "inside.example": ["10.0.0.7"]}
+    ).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
 async def packer(tmp_path: Path) -> Packer:
-    ident = identity.load_or_create(tmp_path / "identity.json",
-                                    ["http://127.0.0.1:8080", "ws://127.0.0.1:8080/ws"])
+    ident = identity.load_or_create(
+        tmp_path / "identity.json", ["http://127.0.0.1:8080", "ws://127.0.0.1:8080/ws"]
+    )
     packer = Packer(ident)
     await packer.start()
     return packer
@@ -42,8 +44,17 @@ def settings(**values: object) -> Settings:
 
 
 def test_private_hosts() -> None:
-    for host in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.1.1", "::1", "[::1]",
-                 "localhost", "0.0.0.0", "fd00::1"):
+    for host in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "169.254.1.1",
+        "::1",
+        "[::1]",
+        "localhost",
+        "0.0.0.0",
+        "fd00::1",
+    ):
         assert is_private_host(host), host
     for host in ("8.8.8.8", "agent.example", "2001:4860:4860::8888"):
         assert not is_private_host(host), host
@@ -54,15 +65,21 @@ async def test_routes(packer: Packer, dns: ScriptedDNS) -> None:
     allowed = Endpoints(packer, settings(outbound_allow_private=True))
     remote = Agent.create("http://x", endpoint="https://agent.example/inbox")
     route = await public.route(remote.did, b'{"a":1}')
-    assert (route.uri, route.payload, route.local) == ("https://agent.example/inbox",
-                                                       b'{"a":1}', False)
+    assert (route.uri, route.payload, route.local) == (
+        "https://agent.example/inbox",
+        b'{"a":1}',
+        False,
+    )
     assert route.origin == "https://agent.example/"
     # The URI is kept as the DID document names it, in canonical form.
     odd = Agent.create("http://x", endpoint="HTTPS://Agent.Example:443")
     assert (await public.route(odd.did, b"{}")).uri == "https://agent.example/"
     # Names that do not resolve, or resolve to a private address, are refused now.
-    for endpoint in ("https://nowhere.example/", "https://inside.example/",
-                     "https://user:pw@agent.example/"):
+    for endpoint in (
+        "https://nowhere.example/",
+        "https://inside.example/",
+        "https://user:pw@agent.example/",
+    ):
         refused = Agent.create("http://x", endpoint=endpoint)
         with pytest.raises(UnknownRecipient):
             await public.route(refused.did, b"{}")
@@ -85,8 +102,7 @@ async def test_routing_keys_wrap_in_forwards(packer: Packer, dns: ScriptedDNS) -
     # Bob's DID document: endpoint https://mediator.example/, routing key = his mediator.
     bob = Agent.create("https://mediator.example", mediator.did, via_mediator=True)
     inner = json.dumps({"protected": "x", "ciphertext": "y", "recipients": []}).encode()
-    route = await Endpoints(packer, settings(outbound_dns_server=dns.address)).route(
-        bob.did, inner)
+    route = await Endpoints(packer, settings(outbound_dns_server=dns.address)).route(bob.did, inner)
     assert route.uri == "https://mediator.example/" and not route.local
     forward = await mediator.unpack(route.payload)  # anoncrypt, for the mediator's key
     assert forward["type"] == "https://didcomm.org/routing/2.0/forward"

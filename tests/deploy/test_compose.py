@@ -43,8 +43,13 @@ def compose() -> dict[str, Any]:
 
 def schema_errors(doc: dict[str, Any]) -> list[str]:
     assert TOOLS_PYTHON.exists(), "run `make deploy-tools` (creates .venv-tools)"
-    done = subprocess.run([str(TOOLS_PYTHON), "-c", _VALIDATE, str(SCHEMA)],
-                          input=json.dumps(doc), capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [str(TOOLS_PYTHON), "-c", _VALIDATE, str(SCHEMA)],
+        input=json.dumps(doc),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     errors: list[str] = json.loads(done.stdout)
     return errors
 
@@ -70,8 +75,9 @@ def _has_compose() -> bool:
 
 @pytest.mark.skipif(not _has_compose(), reason="no `docker compose` CLI on this machine")
 def test_docker_compose_config() -> None:
-    done = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "-q"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -100,13 +106,16 @@ def test_services_agree_with_each_other_and_with_dovecote() -> None:
     # The image's own settings (Dockerfile ENV) plus the compose ones must be a valid,
     # startable configuration: a public URL, a PostgreSQL store on the postgres service.
     env["DOVECOTE_PUBLIC_URL"] = "http://localhost:8080"
-    settings = Settings(host="0.0.0.0", **{k.removeprefix("DOVECOTE_").lower(): v
-                                           for k, v in env.items()})
+    settings = Settings(
+        host="0.0.0.0", **{k.removeprefix("DOVECOTE_").lower(): v for k, v in env.items()}
+    )
     assert not settings.advertises_unspecified_address
     assert settings.store_url.startswith("postgresql://")
     pg = services["postgres"]["environment"]
-    assert settings.store_url == (f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}"
-                                  f"@postgres:5432/{pg['POSTGRES_DB']}")
+    assert settings.store_url == (
+        f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}"
+        f"@postgres:5432/{pg['POSTGRES_DB']}"
+    )
     assert services["dovecote"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     # nginx is the only way in, and its address is the only trusted proxy.
     assert "ports" not in services["dovecote"]
@@ -129,8 +138,9 @@ def test_services_agree_with_each_other_and_with_dovecote() -> None:
     assert targets["dovecote"] == [f"dovecote:{settings.port}"]
     metrics_port = probe["command"][probe["command"].index("--metrics-port") + 1]
     assert targets["dovecote-probe"] == [f"nginx:{metrics_port}"]
-    provider = yaml.safe_load((COMPOSE_DIR / "grafana" / "provisioning" / "dashboards" /
-                               "dovecote.yaml").read_text())
+    provider = yaml.safe_load(
+        (COMPOSE_DIR / "grafana" / "provisioning" / "dashboards" / "dovecote.yaml").read_text()
+    )
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
@@ -141,8 +151,12 @@ def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     # The rules file sits where the compose file mounts it: point at the repository's copy.
     config["rule_files"] = [str(ROOT / "deploy" / "prometheus" / "dovecote-rules.yml")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -157,8 +171,20 @@ def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
         f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/logs/error.log;\n"
         "events {}\nhttp {\n"
         f"  client_body_temp_path {tmp_path}/cb; proxy_temp_path {tmp_path}/px;\n"
-        f"  access_log off;\n  include {tmp_path}/default.conf;\n}}\n")
-    done = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-                           "-e", str(tmp_path / "logs" / "error.log")],
-                          capture_output=True, text=True)
+        f"  access_log off;\n  include {tmp_path}/default.conf;\n}}\n"
+    )
+    done = subprocess.run(
+        [
+            NGINX,
+            "-t",
+            "-p",
+            str(tmp_path),
+            "-c",
+            str(tmp_path / "nginx.conf"),
+            "-e",
+            str(tmp_path / "logs" / "error.log"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr

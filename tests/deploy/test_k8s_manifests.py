@@ -70,11 +70,17 @@ print(json.dumps(errors))
 def kv_errors(docs: list[dict[str, Any]], version: str) -> list[str]:
     """Schema errors for these documents (empty when all are valid)."""
     assert TOOLS_PYTHON.exists(), "run `make deploy-tools` (creates .venv-tools)"
-    result = subprocess.run([str(TOOLS_PYTHON), "-c", _KV_SCRIPT, version],
-                            input=json.dumps(docs), capture_output=True, text=True)
+    result = subprocess.run(
+        [str(TOOLS_PYTHON), "-c", _KV_SCRIPT, version],
+        input=json.dumps(docs),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     errors: list[str] = json.loads(result.stdout)
     return errors
+
+
 CHART = ROOT / "deploy" / "helm" / "dovecote"
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 NGINX_DIR = ROOT / "deploy" / "nginx"
@@ -544,10 +550,14 @@ def test_image_refuses_to_start_without_a_public_url(tmp_path: Path) -> None:
     assert env_block
     image_env = dict(re.findall(r"(DOVECOTE_\w+)=(\S+)", env_block.group(0)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOVECOTE_")}
-    env.update(image_env, DOVECOTE_DATA_DIR=str(tmp_path / "data"),
-               DOVECOTE_PORT=str(free_port()))
-    done = subprocess.run([sys.executable, "-m", "dovecote", "serve"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env.update(image_env, DOVECOTE_DATA_DIR=str(tmp_path / "data"), DOVECOTE_PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, "-m", "dovecote", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0
     assert "DOVECOTE_PUBLIC_URL" in done.stderr
     assert not (tmp_path / "data" / "identity.json").exists(), "no DID made for 0.0.0.0"
@@ -586,8 +596,9 @@ def merged(overrides: dict[str, Any] | None, base: dict[str, Any] | None = None)
     return out
 
 
-def render_chart(overrides: dict[str, Any] | None = None,
-                 base: dict[str, Any] | None = None, hooks: bool = False) -> list[dict[str, Any]]:
+def render_chart(
+    overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None, hooks: bool = False
+) -> list[dict[str, Any]]:
     """The chart's objects; `helm test` hooks (templates/tests/) only with `hooks`."""
     helm = helm_sdk()
     with helm.Chart.load(CHART) as chart:
@@ -692,8 +703,9 @@ def test_helm_requires_a_public_url() -> None:
     with pytest.raises(helm.HelmError, match=re.escape("set config.publicUrl")):
         render_chart(base={})
     # With the Ingress on, its host is the public URL.
-    docs = by_kind(render_chart({"ingress": {"enabled": True, "host": "relay.example.org"}},
-                                base={}))
+    docs = by_kind(
+        render_chart({"ingress": {"enabled": True, "host": "relay.example.org"}}, base={})
+    )
     assert docs["ConfigMap"]["data"]["DOVECOTE_PUBLIC_URL"] == "https://relay.example.org"
 
 
@@ -703,18 +715,27 @@ def test_helm_test_hook_runs_the_probe() -> None:
     spec = pod["spec"]
     assert spec["restartPolicy"] == "Never"
     [probe] = spec["containers"]
-    assert probe["command"] == ["dovecote", "probe", BASE_VALUES["config"]["publicUrl"],
-                                "--timeout", "30"]
+    assert probe["command"] == [
+        "dovecote",
+        "probe",
+        BASE_VALUES["config"]["publicUrl"],
+        "--timeout",
+        "30",
+    ]
     assert probe["image"] == container(by_kind(render_chart())["Deployment"])["image"]
     assert probe["securityContext"]["readOnlyRootFilesystem"] is True
     assert {"name": "tmp", "mountPath": "/tmp"} in probe["volumeMounts"]
     assert kv_errors([pod], K8S_OLDEST) == []
-    ingress = render_chart({"ingress": {"enabled": True, "host": "relay.example.org"}},
-                           base={}, hooks=True)
+    ingress = render_chart(
+        {"ingress": {"enabled": True, "host": "relay.example.org"}}, base={}, hooks=True
+    )
     [pod] = [d for d in ingress if d["kind"] == "Pod"]
     assert pod["spec"]["containers"][0]["command"][2] == "https://relay.example.org"
-    assert not [d for d in render_chart({"tests": {"probe": {"enabled": False}}}, hooks=True)
-                if d["kind"] == "Pod"]
+    assert not [
+        d
+        for d in render_chart({"tests": {"probe": {"enabled": False}}}, hooks=True)
+        if d["kind"] == "Pod"
+    ]
 
 
 def test_helm_chart_created_secret() -> None:
@@ -780,11 +801,13 @@ def test_helm_config_changes_roll_the_pods() -> None:
 @pytest.mark.skipif(shutil.which("helm") is None, reason="helm binary not on PATH")
 def test_helm_binary_lint_and_template() -> None:
     url = ["--set", "config.publicUrl=" + BASE_VALUES["config"]["publicUrl"]]
-    lint = subprocess.run(["helm", "lint", "--strict", str(CHART), *url],
-                          capture_output=True, text=True)
+    lint = subprocess.run(
+        ["helm", "lint", "--strict", str(CHART), *url], capture_output=True, text=True
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     template = subprocess.run(
-        ["helm", "template", RELEASE, str(CHART), "--skip-tests", *url], capture_output=True,
+        ["helm", "template", RELEASE, str(CHART), "--skip-tests", *url],
+        capture_output=True,
         text=True,
         check=True,
     )

@@ -179,8 +179,9 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
 def test_known_metrics_are_exported_by_the_app() -> None:
     """The names above must exist in the app, or rules and panels would show nothing."""
     exported: dict[str, set[str]] = {"Counter": set(), "Gauge": set(), "Histogram": set()}
-    nodes = [n for path in (APP_METRICS, PROBE_METRICS)
-             for n in ast.walk(ast.parse(path.read_text()))]
+    nodes = [
+        n for path in (APP_METRICS, PROBE_METRICS) for n in ast.walk(ast.parse(path.read_text()))
+    ]
     for node in nodes:
         if (
             isinstance(node, ast.Call)

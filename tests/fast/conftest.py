@@ -39,7 +39,8 @@ LIFESPAN_TIMEOUT = 60.0
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "fast_settings(**overrides): Settings fields for the `fast` fixture's app")
+        "markers", "fast_settings(**overrides): Settings fields for the `fast` fixture's app"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +64,9 @@ def template_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def fast(request: pytest.FixtureRequest, tmp_path: Path,
-               template_data_dir: Path) -> AsyncIterator[Fast]:
+async def fast(
+    request: pytest.FixtureRequest, tmp_path: Path, template_data_dir: Path
+) -> AsyncIterator[Fast]:
     """A started instance on its own SQLite file, and a client for it (127.0.0.1)."""
     marker = request.node.get_closest_marker("fast_settings")
     overrides = dict(marker.kwargs) if marker else {}
@@ -80,11 +82,13 @@ async def fast(request: pytest.FixtureRequest, tmp_path: Path,
         # anyio's task groups (in the WebSocket transport) must be left by the task that
         # entered them; pytest-asyncio runs a fixture's setup and teardown in different
         # tasks, so one task holds every context for the whole test.
-        async with LifespanManager(app, startup_timeout=LIFESPAN_TIMEOUT,
-                                   shutdown_timeout=LIFESPAN_TIMEOUT):
+        async with LifespanManager(
+            app, startup_timeout=LIFESPAN_TIMEOUT, shutdown_timeout=LIFESPAN_TIMEOUT
+        ):
             transport = ASGIWebSocketTransport(app, client=("127.0.0.1", 40000))
-            async with httpx.AsyncClient(transport=transport, base_url=BASE_URL,
-                                         timeout=60) as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url=BASE_URL, timeout=60
+            ) as client:
                 instance = Fast(settings, dovecote, app, client, issuer)
                 async with instance._stack:
                     started.set_result(instance)

@@ -44,11 +44,16 @@ class Fast:
         """A SICPA didcomm agent talking to this instance (through `client`)."""
         return Agent.create(BASE_URL, self.did, via_mediator=via_mediator, **kwargs)
 
-    async def post(self, body: bytes | str, content_type: str = ENCRYPTED,
-                   headers: dict[str, str] | None = None) -> httpx.Response:
+    async def post(
+        self,
+        body: bytes | str,
+        content_type: str = ENCRYPTED,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         """POST `body` to / (the DIDComm front door)."""
-        return await self.client.post("/", content=body,
-                                      headers={"content-type": content_type, **(headers or {})})
+        return await self.client.post(
+            "/", content=body, headers={"content-type": content_type, **(headers or {})}
+        )
 
     def snapshot(self) -> dict[str, int]:
         """Row counts of every state table, read from the SQLite file (read-only)."""

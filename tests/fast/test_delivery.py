@@ -19,13 +19,19 @@ from support.inspect import metric_value
 from support.jwe import assert_encrypted_typ
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-OUTBOUND = {"outbound_allow_private": True, "retry_base": 0.05, "retry_cap": 0.2,
-            "outbound_timeout": 2.0, "outbound_connect_timeout": 1.0}
+OUTBOUND = {
+    "outbound_allow_private": True,
+    "retry_base": 0.05,
+    "retry_cap": 0.2,
+    "outbound_timeout": 2.0,
+    "outbound_connect_timeout": 1.0,
+}
 
 
 @pytest.mark.fast_settings(**OUTBOUND)
 async def test_forward_to_an_endpoint_is_retried_and_delivered_once(
-        fast: Fast, endpoints: Callable[..., FlakyEndpoint]) -> None:
+    fast: Fast, endpoints: Callable[..., FlakyEndpoint]
+) -> None:
     endpoint = endpoints("500")
     bob = fast.agent(via_mediator=False)
     carol = fast.agent(via_mediator=False, endpoint=endpoint.url)
@@ -41,14 +47,17 @@ async def test_forward_to_an_endpoint_is_retried_and_delivered_once(
     assert await received_ids(carol, delivered) == [message_id]
     assert endpoint.received[-1].headers["content-type"] == "application/didcomm-encrypted+json"
     after = await fast.scrape()
-    assert (metric_value(after, "dovecote_outbox_retries_total", kind="forward")
-            - metric_value(before, "dovecote_outbox_retries_total", kind="forward")) == 1
+    assert (
+        metric_value(after, "dovecote_outbox_retries_total", kind="forward")
+        - metric_value(before, "dovecote_outbox_retries_total", kind="forward")
+    ) == 1
     assert await wait_until(lambda: fast.query("SELECT COUNT(*) FROM outbox") == [(0,)], 5)
 
 
 @pytest.mark.fast_settings(**OUTBOUND)
 async def test_permanent_failure_dead_letters_then_admin_replay_and_purge(
-        fast: Fast, endpoints: Callable[..., FlakyEndpoint]) -> None:
+    fast: Fast, endpoints: Callable[..., FlakyEndpoint]
+) -> None:
     endpoint = endpoints(default="404")
     bob = fast.agent(via_mediator=False)
     carol = fast.agent(via_mediator=False, endpoint=endpoint.url)
@@ -68,8 +77,7 @@ async def test_permanent_failure_dead_letters_then_admin_replay_and_purge(
     assert detail["history"][-1]["status"] == 404 and detail["payload_base64"]
 
     endpoint.set_default("ok")
-    replay = await fast.client.post("/admin/dlq/replay", headers=ADMIN,
-                                    json={"ids": [item["id"]]})
+    replay = await fast.client.post("/admin/dlq/replay", headers=ADMIN, json={"ids": [item["id"]]})
     assert replay.json() == {"replayed": 1}
     assert await wait_until(lambda: any(r.succeeded for r in endpoint.received), 15)
     assert await received_ids(carol, endpoint.bodies(succeeded_only=True)) == [message_id]
@@ -82,15 +90,15 @@ async def test_permanent_failure_dead_letters_then_admin_replay_and_purge(
     [again] = await dead_letters()
     bad = await fast.client.post("/admin/dlq/purge", headers=ADMIN, json={"ids": ["x"]})
     assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
-    purged = await fast.client.post("/admin/dlq/purge", headers=ADMIN,
-                                    json={"ids": [again["id"]]})
+    purged = await fast.client.post("/admin/dlq/purge", headers=ADMIN, json={"ids": [again["id"]]})
     assert purged.json() == {"purged": 1}
     assert await dead_letters() == []
 
 
 @pytest.mark.fast_settings(**OUTBOUND)
 async def test_reply_without_return_route_goes_to_the_senders_endpoint(
-        fast: Fast, endpoints: Callable[..., FlakyEndpoint]) -> None:
+    fast: Fast, endpoints: Callable[..., FlakyEndpoint]
+) -> None:
     inbox = endpoints()
     carol = fast.agent(via_mediator=False, endpoint=inbox.url)
     ping = carol.message(f"{PING}/ping", {"response_requested": True}, return_route=False)
@@ -116,11 +124,14 @@ async def test_expired_messages_move_to_dead_letters(fast: Fast) -> None:
         status = await alice.request(fast.client, f"{PICKUP}/status-request")
         return int(status["body"]["message_count"])
 
-    assert await wait_until(lambda: fast.query("SELECT COUNT(*) FROM dead_letters") == [(3,)],
-                            20, interval=0.1)
+    assert await wait_until(
+        lambda: fast.query("SELECT COUNT(*) FROM dead_letters") == [(3,)], 20, interval=0.1
+    )
     assert await queued() == 0
     after = await fast.scrape()
-    assert (metric_value(after, "dovecote_messages_expired_total")
-            - metric_value(before, "dovecote_messages_expired_total")) == 3
+    assert (
+        metric_value(after, "dovecote_messages_expired_total")
+        - metric_value(before, "dovecote_messages_expired_total")
+    ) == 3
     listed = (await fast.client.get("/admin/dlq", headers=ADMIN)).json()
     assert [i["reason"] for i in listed["items"]] == ["expired"] * 3

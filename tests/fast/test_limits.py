@@ -63,7 +63,8 @@ EXPECTED = {
 
 @pytest.mark.parametrize("case", list(EXPECTED))
 async def test_bad_input_gets_a_json_error_a_metric_and_stores_nothing(
-        fast: Fast, case: str) -> None:
+    fast: Fast, case: str
+) -> None:
     alice = fast.agent()
     await alice.mediate(fast.client)
     body, content_type = await _case(case, fast, alice)
@@ -78,8 +79,10 @@ async def test_bad_input_gets_a_json_error_a_metric_and_stores_nothing(
     assert payload["request_id"] == f"fast-{case}" == response.headers["x-request-id"]
     assert fast.snapshot() == before
     metrics_after = await fast.scrape()
-    assert (metric_value(metrics_after, "dovecote_bad_input_total", code=code)
-            == metric_value(metrics_before, "dovecote_bad_input_total", code=code) + 1)
+    assert (
+        metric_value(metrics_after, "dovecote_bad_input_total", code=code)
+        == metric_value(metrics_before, "dovecote_bad_input_total", code=code) + 1
+    )
 
 
 async def test_unsupported_content_type_is_415(fast: Fast) -> None:
@@ -111,8 +114,7 @@ async def test_oversize_body_is_413_whether_declared_or_streamed(fast: Fast) -> 
             sent += 1
             yield b"y" * 1000
 
-    streamed = await fast.client.post("/", content=chunks(),
-                                      headers={"content-type": ENCRYPTED})
+    streamed = await fast.client.post("/", content=chunks(), headers={"content-type": ENCRYPTED})
     assert streamed.status_code == 413
     assert streamed.json()["error"] == "e.m.me.res.storage.message_too_big"
     # Refused once past the limit, not after reading all 100 KB.
@@ -163,8 +165,9 @@ async def test_requests_past_the_concurrency_limit_get_503(fast: Fast) -> None:
         await release.wait()
         yield packed[10:].encode()
 
-    slow = asyncio.create_task(fast.client.post("/", content=slow_body(),
-                                                headers={"content-type": ENCRYPTED}))
+    slow = asyncio.create_task(
+        fast.client.post("/", content=slow_body(), headers={"content-type": ENCRYPTED})
+    )
     for _ in range(200):  # until the slow request holds the only slot
         if fast.dovecote.requests.current:
             break
@@ -186,8 +189,9 @@ async def test_mailbox_limit_refuses_and_keeps_the_queue(fast: Fast) -> None:
     await alice.mediate(fast.client)
     statuses = []
     for i in range(3):
-        response = await fast.post(await forward_to(BASE_URL, alice,
-                                                    {"type": BASIC, "body": {"n": i}}))
+        response = await fast.post(
+            await forward_to(BASE_URL, alice, {"type": BASIC, "body": {"n": i}})
+        )
         statuses.append(response.status_code)
         if response.status_code != 202:
             assert response.json()["error"] == "e.m.me.res.storage.mailbox-full"

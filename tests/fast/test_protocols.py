@@ -29,8 +29,9 @@ async def test_mediate_forward_status_deliver_acknowledge(fast: Fast, version: s
 
     bob = fast.agent(via_mediator=False)
     text = f"hello {uuid.uuid4()}"
-    packed = await forward_to(fast.settings.base_url, alice,
-                              {"type": BASIC, "body": {"content": text}}, sender=bob)
+    packed = await forward_to(
+        fast.settings.base_url, alice, {"type": BASIC, "body": {"content": text}}, sender=bob
+    )
     response = await fast.post(packed)
     assert response.status_code == 202, response.text
     assert response.content == b""
@@ -52,8 +53,11 @@ async def test_mediate_forward_status_deliver_acknowledge(fast: Fast, version: s
     again = await alice.request(fast.client, f"{PICKUP}/status-request")
     assert again["body"]["message_count"] == 1
 
-    ack = await alice.request(fast.client, f"{PICKUP}/messages-received",
-                              {"message_id_list": [attachment["id"], "unknown-id"]})
+    ack = await alice.request(
+        fast.client,
+        f"{PICKUP}/messages-received",
+        {"message_id_list": [attachment["id"], "unknown-id"]},
+    )
     assert ack["type"] == f"{PICKUP}/status"
     assert ack["body"]["message_count"] == 0
     empty = await alice.request(fast.client, f"{PICKUP}/delivery-request", {"limit": 10})
@@ -75,25 +79,44 @@ async def test_recipient_update_query_and_keylist(fast: Fast) -> None:
     alice = fast.agent()
     await alice.mediate(fast.client, CM3)
     extra = [fast.agent(via_mediator=False).did for _ in range(3)]
-    update = await alice.request(fast.client, f"{CM3}/recipient-update", {"updates": [
-        *({"recipient_did": d, "action": "add"} for d in extra),
-        {"recipient_did": alice.did, "action": "add"},
-        {"recipient_did": "not-a-did", "action": "add"},
-        {"recipient_did": extra[0], "action": "explode"},
-    ]})
+    update = await alice.request(
+        fast.client,
+        f"{CM3}/recipient-update",
+        {
+            "updates": [
+                *({"recipient_did": d, "action": "add"} for d in extra),
+                {"recipient_did": alice.did, "action": "add"},
+                {"recipient_did": "not-a-did", "action": "add"},
+                {"recipient_did": extra[0], "action": "explode"},
+            ]
+        },
+    )
     assert [u["result"] for u in update["body"]["updated"]] == [
-        "success", "success", "success", "no_change", "client_error", "client_error"]
+        "success",
+        "success",
+        "success",
+        "no_change",
+        "client_error",
+        "client_error",
+    ]
 
-    page = await alice.request(fast.client, f"{CM3}/recipient-query",
-                               {"paginate": {"limit": 2, "offset": 0}})
+    page = await alice.request(
+        fast.client, f"{CM3}/recipient-query", {"paginate": {"limit": 2, "offset": 0}}
+    )
     assert page["type"] == f"{CM3}/recipient"
     assert len(page["body"]["dids"]) == 2
     assert page["body"]["pagination"] == {"count": 2, "offset": 0, "remaining": 2}
 
-    removed = await alice.request(fast.client, f"{CM3}/recipient-update", {"updates": [
-        {"recipient_did": extra[0], "action": "remove"},
-        {"recipient_did": extra[0], "action": "remove"},
-    ]})
+    removed = await alice.request(
+        fast.client,
+        f"{CM3}/recipient-update",
+        {
+            "updates": [
+                {"recipient_did": extra[0], "action": "remove"},
+                {"recipient_did": extra[0], "action": "remove"},
+            ]
+        },
+    )
     assert [u["result"] for u in removed["body"]["updated"]] == ["success", "no_change"]
 
     keylist = await alice.request(fast.client, f"{CM2}/keylist-query", {})
@@ -107,13 +130,20 @@ async def test_cm2_keylist_update_adds_and_removes(fast: Fast) -> None:
     grant = await alice.request(fast.client, f"{CM2}/mediate-request")
     assert grant["type"] == f"{CM2}/mediate-grant"
     other = fast.agent(via_mediator=False).did
-    added = await alice.request(fast.client, f"{CM2}/keylist-update", {"updates": [
-        {"recipient_did": other, "action": "add"}]})
+    added = await alice.request(
+        fast.client,
+        f"{CM2}/keylist-update",
+        {"updates": [{"recipient_did": other, "action": "add"}]},
+    )
     assert added["type"] == f"{CM2}/keylist-update-response"
     assert added["body"]["updated"] == [
-        {"recipient_did": other, "action": "add", "result": "success"}]
-    gone = await alice.request(fast.client, f"{CM2}/keylist-update", {"updates": [
-        {"recipient_did": other, "action": "remove"}]})
+        {"recipient_did": other, "action": "add", "result": "success"}
+    ]
+    gone = await alice.request(
+        fast.client,
+        f"{CM2}/keylist-update",
+        {"updates": [{"recipient_did": other, "action": "remove"}]},
+    )
     assert gone["body"]["updated"][0]["result"] == "success"
     keylist = await alice.request(fast.client, f"{CM2}/keylist-query", {})
     assert keylist["body"]["keys"] == []
@@ -122,8 +152,11 @@ async def test_cm2_keylist_update_adds_and_removes(fast: Fast) -> None:
 async def test_forward_to_a_removed_recipient_is_refused_and_stores_nothing(fast: Fast) -> None:
     alice = fast.agent()
     await alice.mediate(fast.client)
-    await alice.request(fast.client, f"{CM3}/recipient-update", {"updates": [
-        {"recipient_did": alice.did, "action": "remove"}]})
+    await alice.request(
+        fast.client,
+        f"{CM3}/recipient-update",
+        {"updates": [{"recipient_did": alice.did, "action": "remove"}]},
+    )
     before = fast.snapshot()
     packed = await forward_to(fast.settings.base_url, alice, {"type": BASIC, "body": {}})
     response = await fast.post(packed)
@@ -142,15 +175,18 @@ async def test_retried_forward_is_stored_once(fast: Fast) -> None:
     after = await fast.scrape()
     status = await alice.request(fast.client, f"{PICKUP}/status-request")
     assert status["body"]["message_count"] == 1
-    assert (metric_value(after, "dovecote_messages_duplicate_total")
-            - metric_value(before, "dovecote_messages_duplicate_total")) == 2
+    assert (
+        metric_value(after, "dovecote_messages_duplicate_total")
+        - metric_value(before, "dovecote_messages_duplicate_total")
+    ) == 2
 
 
 async def test_requests_without_grant_get_a_problem_report(fast: Fast) -> None:
     mallory = fast.agent(via_mediator=False)
     before = fast.snapshot()
-    status, reply = await mallory.send_http(fast.client,
-                                            mallory.message(f"{PICKUP}/status-request"))
+    status, reply = await mallory.send_http(
+        fast.client, mallory.message(f"{PICKUP}/status-request")
+    )
     # Issue 12.4: the report is delivered (200); the failure is in the message.
     assert status == 200 and reply is not None
     assert reply["type"] == PROBLEM
@@ -169,40 +205,67 @@ async def test_trust_ping_and_discover_features(fast: Fast) -> None:
     quiet = agent.message(f"{PING}/ping", {"response_requested": False})
     assert (await agent.send_http(fast.client, quiet)) == (202, None)
 
-    disclose = await agent.request(fast.client, f"{DISCOVER}/queries", {"queries": [
-        {"feature-type": "protocol", "match": "https://didcomm.org/*"}]})
+    disclose = await agent.request(
+        fast.client,
+        f"{DISCOVER}/queries",
+        {"queries": [{"feature-type": "protocol", "match": "https://didcomm.org/*"}]},
+    )
     assert disclose["type"] == f"{DISCOVER}/disclose"
     ids = {d["id"] for d in disclose["body"]["disclosures"]}
-    assert {CM2, CM3, "https://didcomm.org/routing/2.0", PICKUP, PING, DISCOVER,
-            "https://didcomm.org/report-problem/2.0"} <= ids
-    narrow = await agent.request(fast.client, f"{DISCOVER}/queries", {"queries": [
-        {"feature-type": "protocol", "match": "https://didcomm.org/trust-ping/*"}]})
+    assert {
+        CM2,
+        CM3,
+        "https://didcomm.org/routing/2.0",
+        PICKUP,
+        PING,
+        DISCOVER,
+        "https://didcomm.org/report-problem/2.0",
+    } <= ids
+    narrow = await agent.request(
+        fast.client,
+        f"{DISCOVER}/queries",
+        {"queries": [{"feature-type": "protocol", "match": "https://didcomm.org/trust-ping/*"}]},
+    )
     assert {d["id"] for d in narrow["body"]["disclosures"]} == {PING}
 
 
 async def test_live_mode_on_http_is_refused(fast: Fast) -> None:
     alice = fast.agent()
     await alice.mediate(fast.client)
-    status, reply = await alice.send_http(fast.client, alice.message(
-        f"{PICKUP}/live-delivery-change", {"live_delivery": True}))
+    status, reply = await alice.send_http(
+        fast.client, alice.message(f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+    )
     assert status == 200 and reply is not None
     assert reply["type"] == PROBLEM
     assert reply["body"]["code"] == "e.m.live-mode-not-supported"
 
 
-@pytest.mark.parametrize(("msg_type", "body", "code"), [
-    ("https://didcomm.org/nonsense/9.0/explode", {}, "e.m.msg.unsupported-type"),
-    (f"{PICKUP}/delivery-request", {}, "e.m.msg.malformed"),
-    (f"{PICKUP}/delivery-request", {"limit": "ten"}, "e.m.msg.malformed"),
-    (f"{PICKUP}/delivery-request", {"limit": True}, "e.m.msg.malformed"),
-    (f"{PICKUP}/delivery-request", {"limit": 0}, "e.m.msg.malformed"),
-    (f"{PICKUP}/messages-received", {"message_id_list": "abc"}, "e.m.msg.malformed"),
-    (f"{CM3}/recipient-update", {"updates": "x"}, "e.m.msg.malformed"),
-    (f"{CM3}/recipient-query", {"paginate": {"limit": -1}}, "e.m.msg.malformed"),
-], ids=["unknown-type", "missing-limit", "limit-string", "limit-bool", "limit-zero",
-        "ack-not-list", "updates-not-list", "negative-page"])
+@pytest.mark.parametrize(
+    ("msg_type", "body", "code"),
+    [
+        ("https://didcomm.org/nonsense/9.0/explode", {}, "e.m.msg.unsupported-type"),
+        (f"{PICKUP}/delivery-request", {}, "e.m.msg.malformed"),
+        (f"{PICKUP}/delivery-request", {"limit": "ten"}, "e.m.msg.malformed"),
+        (f"{PICKUP}/delivery-request", {"limit": True}, "e.m.msg.malformed"),
+        (f"{PICKUP}/delivery-request", {"limit": 0}, "e.m.msg.malformed"),
+        (f"{PICKUP}/messages-received", {"message_id_list": "abc"}, "e.m.msg.malformed"),
+        (f"{CM3}/recipient-update", {"updates": "x"}, "e.m.msg.malformed"),
+        (f"{CM3}/recipient-query", {"paginate": {"limit": -1}}, "e.m.msg.malformed"),
+    ],
+    ids=[
+        "unknown-type",
+        "missing-limit",
+        "limit-string",
+        "limit-bool",
+        "limit-zero",
+        "ack-not-list",
+        "updates-not-list",
+        "negative-page",
+    ],
+)
 async def test_bad_messages_get_a_problem_report_and_change_nothing(
-        fast: Fast, msg_type: str, body: dict[str, Any], code: str) -> None:
+    fast: Fast, msg_type: str, body: dict[str, Any], code: str
+) -> None:
     alice = fast.agent()
     await alice.mediate(fast.client)
     before = fast.snapshot()
@@ -217,8 +280,11 @@ async def test_bad_messages_get_a_problem_report_and_change_nothing(
 
 async def test_problem_report_from_a_client_is_accepted_quietly(fast: Fast) -> None:
     agent = fast.agent(via_mediator=False)
-    report = agent.message(PROBLEM, {"code": "e.p.xfer.cant-use-endpoint",
-                                     "comment": "testing"}, pthid=str(uuid.uuid4()))
+    report = agent.message(
+        PROBLEM,
+        {"code": "e.p.xfer.cant-use-endpoint", "comment": "testing"},
+        pthid=str(uuid.uuid4()),
+    )
     before = fast.snapshot()
     status, reply = await agent.send_http(fast.client, report)
     # Never answered with another report (no loops between two agents).
@@ -233,8 +299,9 @@ async def test_allowlist_policy_denies_others(fast: Fast) -> None:
     for version in (CM2, CM3):
         denied = await mallory.request(fast.client, f"{version}/mediate-request")
         assert denied["type"] == f"{version}/mediate-deny"
-    status, reply = await mallory.send_http(fast.client,
-                                            mallory.message(f"{PICKUP}/status-request"))
+    status, reply = await mallory.send_http(
+        fast.client, mallory.message(f"{PICKUP}/status-request")
+    )
     assert status == 200 and reply is not None
     assert reply["body"]["code"] == "e.p.req.not-granted"
     assert fast.query("SELECT COUNT(*) FROM mediations WHERE state = 'granted'") == [(0,)]
@@ -245,20 +312,27 @@ async def test_allowlist_policy_denies_others(fast: Fast) -> None:
 async def test_pickup_filters_by_recipient_did(fast: Fast) -> None:
     alice, carol = fast.agent(), fast.agent()
     await alice.mediate(fast.client)
-    await alice.request(fast.client, f"{CM3}/recipient-update", {"updates": [
-        {"recipient_did": carol.did, "action": "add"}]})
+    await alice.request(
+        fast.client,
+        f"{CM3}/recipient-update",
+        {"updates": [{"recipient_did": carol.did, "action": "add"}]},
+    )
     for recipient, text in ((alice, "for alice"), (carol, "for carol"), (carol, "again")):
         packed = await forward_to(BASE_URL, recipient, {"type": BASIC, "body": {"content": text}})
         assert (await fast.post(packed)).status_code == 202
 
     everything = await alice.request(fast.client, f"{PICKUP}/status-request")
     assert everything["body"]["message_count"] == 3
-    only = await alice.request(fast.client, f"{PICKUP}/status-request",
-                               {"recipient_did": carol.did})
+    only = await alice.request(
+        fast.client, f"{PICKUP}/status-request", {"recipient_did": carol.did}
+    )
     assert only["body"]["message_count"] == 2 and only["body"]["recipient_did"] == carol.did
-    delivery = await alice.request(fast.client, f"{PICKUP}/delivery-request",
-                                   {"limit": 10, "recipient_did": carol.did})
+    delivery = await alice.request(
+        fast.client, f"{PICKUP}/delivery-request", {"limit": 10, "recipient_did": carol.did}
+    )
     assert delivery["body"] == {"recipient_did": carol.did}
-    texts = [(await carol.unpack(json.dumps(a["data"]["json"])))["body"]["content"]
-             for a in delivery["attachments"]]
+    texts = [
+        (await carol.unpack(json.dumps(a["data"]["json"])))["body"]["content"]
+        for a in delivery["attachments"]
+    ]
     assert sorted(texts) == ["again", "for carol"]

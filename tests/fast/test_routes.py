@@ -68,8 +68,12 @@ async def test_health_endpoints(fast: Fast) -> None:
     assert live.status_code == 200 and live.json() == {"status": "ok"}
     ready = await fast.client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "draining": False, "degradation": "normal",
-                            "store": {"ok": True}}
+    assert ready.json() == {
+        "ready": True,
+        "draining": False,
+        "degradation": "normal",
+        "store": {"ok": True},
+    }
     # Without the token: status and level only; with it: the details.
     public = await fast.client.get("/health")
     assert public.status_code == 200
@@ -97,8 +101,9 @@ async def test_metrics_move_by_exactly_the_workload(fast: Fast) -> None:
     alice = fast.agent()
     await alice.mediate(fast.client)
     before = await fast.scrape()
-    packed = [await forward_to(BASE_URL, alice, {"type": BASIC, "body": {"n": i}})
-              for i in range(3)]
+    packed = [
+        await forward_to(BASE_URL, alice, {"type": BASIC, "body": {"n": i}}) for i in range(3)
+    ]
     for body in packed:
         assert (await fast.post(body)).status_code == 202
     assert (await fast.post(packed[0])).status_code == 202  # a retry: a duplicate
@@ -116,8 +121,15 @@ async def test_metrics_move_by_exactly_the_workload(fast: Fast) -> None:
     assert delta("dovecote_messages_duplicate_total") == 1
     assert delta("dovecote_messages_delivered_total", mode="pickup") == 3
     assert delta("dovecote_messages_acknowledged_total") == 2
-    assert delta("dovecote_didcomm_messages_total", protocol="routing/2.0",
-                 message_type="forward", outcome="ok") == 4
+    assert (
+        delta(
+            "dovecote_didcomm_messages_total",
+            protocol="routing/2.0",
+            message_type="forward",
+            outcome="ok",
+        )
+        == 4
+    )
     assert delta("dovecote_http_requests_total", route="/", method="POST", status="202") == 4
     assert delta("dovecote_http_requests_total", route="/", method="POST", status="200") == 2
 
@@ -125,8 +137,9 @@ async def test_metrics_move_by_exactly_the_workload(fast: Fast) -> None:
 async def test_metric_labels_stay_bounded(fast: Fast) -> None:
     for _ in range(5):
         stranger = fast.agent(via_mediator=False)
-        await stranger.send_http(fast.client, stranger.message(
-            f"https://example.org/{uuid.uuid4()}/1.0/x"))
+        await stranger.send_http(
+            fast.client, stranger.message(f"https://example.org/{uuid.uuid4()}/1.0/x")
+        )
         assert (await fast.client.get(f"/no/such/{uuid.uuid4()}")).status_code == 404
     text = await fast.scrape()
     for line in text.splitlines():
@@ -165,8 +178,10 @@ async def test_admin_needs_the_token(fast: Fast) -> None:
 async def test_failed_admin_auth_is_throttled_per_address(fast: Fast) -> None:
     attacker = await fast.client_from("127.0.0.1")
     operator = await fast.client_from("127.0.0.2")
-    answers = [await attacker.get("/admin/dlq", headers={"authorization": f"Bearer guess-{i}"})
-               for i in range(5)]
+    answers = [
+        await attacker.get("/admin/dlq", headers={"authorization": f"Bearer guess-{i}"})
+        for i in range(5)
+    ]
     assert [a.status_code for a in answers] == [401] * 5
     throttled = await attacker.get("/admin/dlq", headers=ADMIN)
     assert throttled.status_code == 429 and throttled.json()["error"] == "admin_throttled"
@@ -177,8 +192,9 @@ async def test_failed_admin_auth_is_throttled_per_address(fast: Fast) -> None:
 async def test_read_only_degradation_refuses_forwards_and_keeps_pickup(fast: Fast) -> None:
     alice = fast.agent()
     await alice.mediate(fast.client)
-    forced = await fast.client.post("/admin/degradation", headers=ADMIN,
-                                    json={"level": "read-only"})
+    forced = await fast.client.post(
+        "/admin/degradation", headers=ADMIN, json={"level": "read-only"}
+    )
     assert forced.json() == {"level": "read-only", "forced": True}
     packed = await forward_to(BASE_URL, alice, {"type": BASIC, "body": {}})
     before = fast.snapshot()
@@ -197,30 +213,41 @@ async def test_rooms_api_basics(fast: Fast) -> None:
         return {"authorization": f"Bearer {fast.issuer.token(sub, **kwargs)}"}
 
     assert (await fast.client.get("/v1/rooms")).status_code == 401
-    created = await fast.client.post("/v1/rooms", headers=as_("root", roles=["admin"]), json={
-        "id": "fast-1", "name": "fast room",
-        "participants": [{"id": "alice", "role": "admin"}, {"id": "bob", "role": "member"}]})
+    created = await fast.client.post(
+        "/v1/rooms",
+        headers=as_("root", roles=["admin"]),
+        json={
+            "id": "fast-1",
+            "name": "fast room",
+            "participants": [{"id": "alice", "role": "admin"}, {"id": "bob", "role": "member"}],
+        },
+    )
     assert created.status_code == 201, created.text
-    again = await fast.client.post("/v1/rooms", headers=as_("root", roles=["admin"]),
-                                   json={"id": "fast-1", "name": "x"})
+    again = await fast.client.post(
+        "/v1/rooms", headers=as_("root", roles=["admin"]), json={"id": "fast-1", "name": "x"}
+    )
     assert again.status_code == 409 and again.json()["error"] == "e.m.req.conflict"
-    assert (await fast.client.post("/v1/rooms", headers=as_("alice"),
-                                   json={"name": "x"})).status_code == 403
+    assert (
+        await fast.client.post("/v1/rooms", headers=as_("alice"), json={"name": "x"})
+    ).status_code == 403
 
     listed = (await fast.client.get("/v1/rooms", headers=as_("bob"))).json()
     assert [r["id"] for r in listed["rooms"]] == ["fast-1"]
     assert (await fast.client.get("/v1/rooms", headers=as_("carol"))).json()["rooms"] == []
 
-    posted = await fast.client.post("/v1/rooms/fast-1/messages", headers=as_("bob"),
-                                    json={"text": "hi"})
+    posted = await fast.client.post(
+        "/v1/rooms/fast-1/messages", headers=as_("bob"), json={"text": "hi"}
+    )
     assert posted.status_code == 201, posted.text
-    history = await fast.client.get("/v1/rooms/fast-1/events", headers=as_("alice"),
-                                    params={"after": 0})
+    history = await fast.client.get(
+        "/v1/rooms/fast-1/events", headers=as_("alice"), params={"after": 0}
+    )
     events = history.json()["events"]
     assert [e["type"] for e in events][-1] == "message.posted", events
     assert events[-1]["data"]["text"] == "hi" and history.json()["last_seq"] == 4
-    stranger = await fast.client.post("/v1/rooms/fast-1/messages", headers=as_("carol"),
-                                      json={"text": "let me in"})
+    stranger = await fast.client.post(
+        "/v1/rooms/fast-1/messages", headers=as_("carol"), json={"text": "let me in"}
+    )
     assert stranger.status_code == 403
     assert fast.query("SELECT COUNT(*) FROM room_messages") == [(1,)]
 
@@ -232,23 +259,34 @@ async def test_rooms_api_basics(fast: Fast) -> None:
     assert openapi.status_code == 200 and "/v1/rooms" in openapi.json()["paths"]
 
 
-@pytest.mark.parametrize(("raw", "content_type", "status"), [
-    (b"{", "application/json", 400),
-    (b'{"text": NaN}', "application/json", 400),
-    (b"[" * 5000 + b"]" * 5000, "application/json", 400),
-    (b'{"text": "x"}', "text/plain", 415),
-    (b"", "application/json", 400),
-    (b"{}", "application/json", 400),
-], ids=["truncated", "nan", "deep", "text-plain", "empty", "no-text"])
-async def test_rooms_bad_bodies_store_nothing(fast: Fast, raw: bytes, content_type: str,
-                                              status: int) -> None:
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status"),
+    [
+        (b"{", "application/json", 400),
+        (b'{"text": NaN}', "application/json", 400),
+        (b"[" * 5000 + b"]" * 5000, "application/json", 400),
+        (b'{"text": "x"}', "text/plain", 415),
+        (b"", "application/json", 400),
+        (b"{}", "application/json", 400),
+    ],
+    ids=["truncated", "nan", "deep", "text-plain", "empty", "no-text"],
+)
+async def test_rooms_bad_bodies_store_nothing(
+    fast: Fast, raw: bytes, content_type: str, status: int
+) -> None:
     admin = {"authorization": f"Bearer {fast.issuer.token('root', roles=['admin'])}"}
-    created = await fast.client.post("/v1/rooms", headers=admin, json={
-        "name": "r", "participants": [{"id": "alice", "role": "member"}]})
+    created = await fast.client.post(
+        "/v1/rooms",
+        headers=admin,
+        json={"name": "r", "participants": [{"id": "alice", "role": "member"}]},
+    )
     room = created.json()["id"]
     token = fast.issuer.token("alice")
-    response = await fast.client.post(f"/v1/rooms/{room}/messages", content=raw, headers={
-        "authorization": f"Bearer {token}", "content-type": content_type})
+    response = await fast.client.post(
+        f"/v1/rooms/{room}/messages",
+        content=raw,
+        headers={"authorization": f"Bearer {token}", "content-type": content_type},
+    )
     assert response.status_code == status, response.text
     assert {"error", "detail"} <= set(response.json())
     assert fast.query("SELECT COUNT(*) FROM room_messages") == [(0,)]
@@ -260,8 +298,9 @@ async def test_console_login_session_and_csrf(fast: Fast) -> None:
     assert "default-src 'none'" in page.headers["content-security-policy"]
     wrong = await fast.client.post("/console/login", data={"token": "nope", "next": "/console/"})
     assert wrong.status_code in (401, 403) and "Sign out" not in wrong.text
-    login = await fast.client.post("/console/login",
-                                   data={"token": ADMIN_TOKEN, "next": "/console/"})
+    login = await fast.client.post(
+        "/console/login", data={"token": ADMIN_TOKEN, "next": "/console/"}
+    )
     assert login.status_code in (302, 303), login.text
     assert login.headers["location"].endswith("/console/")
     inside = await fast.client.get("/console/mailboxes")
@@ -276,26 +315,44 @@ async def test_rooms_edit_delete_reactions_and_idempotent_posts(fast: Fast) -> N
     def as_(sub: str, **kwargs: Any) -> dict[str, str]:
         return {"authorization": f"Bearer {fast.issuer.token(sub, **kwargs)}"}
 
-    created = await fast.client.post("/v1/rooms", headers=as_("root", roles=["admin"]), json={
-        "name": "r", "participants": [{"id": "alice", "role": "member"},
-                                      {"id": "bob", "role": "member"},
-                                      {"id": "mod", "role": "moderator"}]})
+    created = await fast.client.post(
+        "/v1/rooms",
+        headers=as_("root", roles=["admin"]),
+        json={
+            "name": "r",
+            "participants": [
+                {"id": "alice", "role": "member"},
+                {"id": "bob", "role": "member"},
+                {"id": "mod", "role": "moderator"},
+            ],
+        },
+    )
     room = created.json()["id"]
     key = str(uuid.uuid4())
-    first = await fast.client.post(f"/v1/rooms/{room}/messages", json={"text": "once"},
-                                   headers={**as_("alice"), "Idempotency-Key": key})
+    first = await fast.client.post(
+        f"/v1/rooms/{room}/messages",
+        json={"text": "once"},
+        headers={**as_("alice"), "Idempotency-Key": key},
+    )
     assert first.status_code == 201, first.text
-    again = await fast.client.post(f"/v1/rooms/{room}/messages", json={"text": "once"},
-                                   headers={**as_("alice"), "Idempotency-Key": key})
+    again = await fast.client.post(
+        f"/v1/rooms/{room}/messages",
+        json={"text": "once"},
+        headers={**as_("alice"), "Idempotency-Key": key},
+    )
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    conflict = await fast.client.post(f"/v1/rooms/{room}/messages", json={"text": "other"},
-                                      headers={**as_("alice"), "Idempotency-Key": key})
+    conflict = await fast.client.post(
+        f"/v1/rooms/{room}/messages",
+        json={"text": "other"},
+        headers={**as_("alice"), "Idempotency-Key": key},
+    )
     assert conflict.status_code == 409 and conflict.json()["error"] == "e.m.req.conflict"
     assert fast.query("SELECT COUNT(*) FROM room_messages") == [(1,)]
 
     url = f"/v1/rooms/{room}/messages/{first.json()['id']}"
-    assert (await fast.client.patch(url, json={"text": "bob was here"},
-                                    headers=as_("bob"))).status_code == 403
+    assert (
+        await fast.client.patch(url, json={"text": "bob was here"}, headers=as_("bob"))
+    ).status_code == 403
     edited = await fast.client.patch(url, json={"text": "edited"}, headers=as_("alice"))
     assert edited.status_code == 200 and edited.json()["type"] == "message.edited"
     liked = await fast.client.put(f"{url}/reactions/heart", headers=as_("bob"))

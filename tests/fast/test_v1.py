@@ -38,10 +38,17 @@ async def test_v1_mediation_forward_pickup_and_acknowledge(fast: Fast) -> None:
     assert grant["@type"].endswith("/mediate-grant"), grant
     agent.routing_key = envelope.to_verkey(grant["routing_keys"][0])
     recipient = envelope.b58encode(Key.generate(KeyAlg.ED25519).get_public_bytes())
-    added = await _ask(fast, agent, msg("coordinate-mediation/1.0/keylist-update",
-                                        updates=[{"recipient_key": recipient, "action": "add"},
-                                                 {"recipient_key": "not a key",
-                                                  "action": "add"}]))
+    added = await _ask(
+        fast,
+        agent,
+        msg(
+            "coordinate-mediation/1.0/keylist-update",
+            updates=[
+                {"recipient_key": recipient, "action": "add"},
+                {"recipient_key": "not a key", "action": "add"},
+            ],
+        ),
+    )
     assert [u["result"] for u in added["updated"]] == ["success", "client_error"]
     keys = await _ask(fast, agent, msg("coordinate-mediation/1.0/keylist-query"))
     assert keys["keys"] == [{"recipient_key": envelope.to_did_key(recipient)}]
@@ -49,8 +56,9 @@ async def test_v1_mediation_forward_pickup_and_acknowledge(fast: Fast) -> None:
     sent = forward_for(agent.routing_key, recipient, "hello", to_form="verkey")
     for _ in range(2):  # the sender's retry is stored once
         assert (await fast.post(sent, V1)).status_code == 202
-    assert (await fast.post(forward_for(agent.routing_key, recipient, "second"),
-                            V1)).status_code == 202
+    assert (
+        await fast.post(forward_for(agent.routing_key, recipient, "second"), V1)
+    ).status_code == 202
     status = await _ask(fast, agent, msg("messagepickup/2.0/status-request"))
     assert status["message_count"] == 2, status
 
@@ -58,8 +66,11 @@ async def test_v1_mediation_forward_pickup_and_acknowledge(fast: Fast) -> None:
     assert delivery["@type"] == "https://didcomm.org/messagepickup/2.0/delivery"
     attached = delivery["~attach"]
     assert len(attached) == 2
-    after = await _ask(fast, agent, msg("messagepickup/2.0/messages-received",
-                                        message_id_list=[a["@id"] for a in attached]))
+    after = await _ask(
+        fast,
+        agent,
+        msg("messagepickup/2.0/messages-received", message_id_list=[a["@id"] for a in attached]),
+    )
     assert after["message_count"] == 0
     assert fast.query("SELECT COUNT(*) FROM messages") == [(0,)]
 
@@ -70,10 +81,13 @@ async def test_v1_ping_discover_and_problem_reports(fast: Fast) -> None:
     pong = await _ask(fast, agent, ping)
     assert pong["@type"] == "https://didcomm.org/trust_ping/1.0/ping_response"
     assert pong["~thread"]["thid"] == ping["@id"]
-    disclose = await _ask(fast, agent, msg("discover-features/1.0/query",
-                                           query="https://didcomm.org/*"))
-    assert {"https://didcomm.org/coordinate-mediation/1.0",
-            "https://didcomm.org/messagepickup/2.0"} <= {p["pid"] for p in disclose["protocols"]}
+    disclose = await _ask(
+        fast, agent, msg("discover-features/1.0/query", query="https://didcomm.org/*")
+    )
+    assert {
+        "https://didcomm.org/coordinate-mediation/1.0",
+        "https://didcomm.org/messagepickup/2.0",
+    } <= {p["pid"] for p in disclose["protocols"]}
 
     status, content = await _post(fast, agent, msg("nonsense/1.0/thing"))
     assert status == 400

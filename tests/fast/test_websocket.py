@@ -18,8 +18,9 @@ from support.jwe import assert_encrypted_typ
 WITHIN = 10.0
 
 
-async def _ask(ws: AsyncWebSocketSession, agent: Agent, msg_type: str,
-               body: dict[str, Any] | None = None) -> dict[str, Any]:
+async def _ask(
+    ws: AsyncWebSocketSession, agent: Agent, msg_type: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
     await ws.send_text(await agent.pack(agent.message(msg_type, body)))
     return await agent.unpack(await ws.receive_text(timeout=WITHIN))
 
@@ -30,12 +31,17 @@ async def test_mediation_and_live_delivery_over_websocket(fast: Fast) -> None:
     async with aconnect_ws("/ws", fast.client) as ws:
         grant = await _ask(ws, alice, f"{CM3}/mediate-request")
         assert grant["type"] == f"{CM3}/mediate-grant"
-        await _ask(ws, alice, f"{CM3}/recipient-update",
-                   {"updates": [{"recipient_did": alice.did, "action": "add"}]})
+        await _ask(
+            ws,
+            alice,
+            f"{CM3}/recipient-update",
+            {"updates": [{"recipient_did": alice.did, "action": "add"}]},
+        )
 
         # Queued before live mode: not pushed when it starts (Pickup 3.0).
-        first = await forward_to(fast.settings.base_url, alice,
-                                 {"type": BASIC, "body": {"content": "queued"}}, bob)
+        first = await forward_to(
+            fast.settings.base_url, alice, {"type": BASIC, "body": {"content": "queued"}}, bob
+        )
         assert (await fast.post(first)).status_code == 202
         status = await _ask(ws, alice, f"{PICKUP}/live-delivery-change", {"live_delivery": True})
         assert status["type"] == f"{PICKUP}/status"
@@ -43,8 +49,9 @@ async def test_mediation_and_live_delivery_over_websocket(fast: Fast) -> None:
         assert status["body"]["message_count"] == 1
 
         # Arriving while connected: pushed at once, and only it.
-        second = await forward_to(fast.settings.base_url, alice,
-                                  {"type": BASIC, "body": {"content": "live"}}, bob)
+        second = await forward_to(
+            fast.settings.base_url, alice, {"type": BASIC, "body": {"content": "live"}}, bob
+        )
         assert (await fast.post(second)).status_code == 202
         frame = await ws.receive_text(timeout=WITHIN)
         assert_encrypted_typ(frame, "ECDH-1PU")
@@ -59,8 +66,12 @@ async def test_mediation_and_live_delivery_over_websocket(fast: Fast) -> None:
             message = await alice.unpack(json.dumps(attachment["data"]["json"]))
             by_content[message["body"]["content"]] = attachment["id"]
         assert "queued" in by_content
-        ack = await _ask(ws, alice, f"{PICKUP}/messages-received", {
-            "message_id_list": [by_content["queued"], pushed["attachments"][0]["id"]]})
+        ack = await _ask(
+            ws,
+            alice,
+            f"{PICKUP}/messages-received",
+            {"message_id_list": [by_content["queued"], pushed["attachments"][0]["id"]]},
+        )
         assert ack["body"]["message_count"] == 0
         with pytest.raises(TimeoutError):
             await ws.receive_text(timeout=0.5)
@@ -72,8 +83,9 @@ async def test_unacknowledged_push_stays_queued(fast: Fast) -> None:
     await alice.mediate(fast.client)
     async with aconnect_ws("/ws", fast.client) as ws:
         await _ask(ws, alice, f"{PICKUP}/live-delivery-change", {"live_delivery": True})
-        packed = await forward_to(fast.settings.base_url, alice,
-                                  {"type": BASIC, "body": {"content": "x"}})
+        packed = await forward_to(
+            fast.settings.base_url, alice, {"type": BASIC, "body": {"content": "x"}}
+        )
         assert (await fast.post(packed)).status_code == 202
         pushed = await alice.unpack(await ws.receive_text(timeout=WITHIN))
         assert pushed["type"] == f"{PICKUP}/delivery"
@@ -94,8 +106,9 @@ async def test_bad_frames_answer_on_the_socket_which_stays_usable(fast: Fast) ->
         answer = json.loads(await ws.receive_text(timeout=WITHIN))
         assert answer["error"] == "e.m.trust.crypto.not-encrypted"
         # Still usable: a real request gets its reply.
-        pong = await _ask(ws, agent, "https://didcomm.org/trust-ping/2.0/ping",
-                          {"response_requested": True})
+        pong = await _ask(
+            ws, agent, "https://didcomm.org/trust-ping/2.0/ping", {"response_requested": True}
+        )
         assert pong["type"].endswith("/ping-response")
     assert fast.snapshot() == before
 
@@ -114,13 +127,17 @@ async def test_websockets_past_the_limit_are_closed_with_1013(fast: Fast) -> Non
 
 async def test_rooms_socket_replays_then_streams_live(fast: Fast) -> None:
     admin = {"authorization": f"Bearer {fast.issuer.token('root', roles=['admin'])}"}
-    created = await fast.client.post("/v1/rooms", headers=admin, json={
-        "name": "fast", "participants": [{"id": "alice", "role": "member"}]})
+    created = await fast.client.post(
+        "/v1/rooms",
+        headers=admin,
+        json={"name": "fast", "participants": [{"id": "alice", "role": "member"}]},
+    )
     assert created.status_code == 201, created.text
     room = created.json()["id"]
     alice = {"authorization": f"Bearer {fast.issuer.token('alice')}"}
-    posted = await fast.client.post(f"/v1/rooms/{room}/messages", headers=alice,
-                                    json={"text": "before"})
+    posted = await fast.client.post(
+        f"/v1/rooms/{room}/messages", headers=alice, json={"text": "before"}
+    )
     assert posted.status_code == 201, posted.text
 
     # A copy: httpx-ws adds its upgrade headers to the dict it is given.
@@ -131,8 +148,9 @@ async def test_rooms_socket_replays_then_streams_live(fast: Fast) -> None:
         replayed = [(await ws.receive_json(timeout=WITHIN))["event"] for _ in range(3)]
         assert [e["seq"] for e in replayed] == [1, 2, 3]
         assert replayed[-1]["data"]["text"] == "before"
-        live = await fast.client.post(f"/v1/rooms/{room}/messages", headers=alice,
-                                      json={"text": "live"})
+        live = await fast.client.post(
+            f"/v1/rooms/{room}/messages", headers=alice, json={"text": "live"}
+        )
         assert live.status_code == 201
         event = (await ws.receive_json(timeout=WITHIN))["event"]
         assert event["seq"] == 4 and event["data"]["text"] == "live"
@@ -144,12 +162,16 @@ async def test_rooms_socket_replays_then_streams_live(fast: Fast) -> None:
 
 async def test_rooms_socket_refuses_a_room_the_token_does_not_name(fast: Fast) -> None:
     admin = {"authorization": f"Bearer {fast.issuer.token('root', roles=['admin'])}"}
-    created = await fast.client.post("/v1/rooms", headers=admin, json={
-        "name": "fast", "participants": [{"id": "alice", "role": "member"}]})
+    created = await fast.client.post(
+        "/v1/rooms",
+        headers=admin,
+        json={"name": "fast", "participants": [{"id": "alice", "role": "member"}]},
+    )
     room = created.json()["id"]
     token = fast.issuer.token("alice", rooms=["other"])
-    async with aconnect_ws("/v1/rooms/ws", fast.client,
-                           headers={"authorization": f"Bearer {token}"}) as ws:
+    async with aconnect_ws(
+        "/v1/rooms/ws", fast.client, headers={"authorization": f"Bearer {token}"}
+    ) as ws:
         await ws.send_json({"action": "subscribe", "room": room, "since": 0})
         refused = await ws.receive_json(timeout=WITHIN)
         assert refused["type"] == "error" and refused["error"] == "e.p.req.forbidden"

@@ -42,8 +42,10 @@ RETRY_TIMEOUT = 5
 
 
 def pg_bindir() -> str | None:
-    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                  key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0)
+    dirs = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0,
+    )
     return dirs[-1] if dirs else None
 
 
@@ -108,17 +110,35 @@ class Etcd:
         return f"http://{self.host}:{self.peer_port}"
 
     def command(self, initial_cluster: str) -> list[str]:
-        return [ETCD, "--name", self.name, "--data-dir", str(self.home / self.name),
-                "--listen-client-urls", self.client_url,
-                "--advertise-client-urls", self.client_url,
-                "--listen-peer-urls", self.peer_url,
-                "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", initial_cluster, "--initial-cluster-state", "new",
-                "--initial-cluster-token", SCOPE,
-                # Loopback, a loaded machine: tolerate slow heartbeats rather than
-                # re-electing the etcd leader needlessly.
-                "--heartbeat-interval", "200", "--election-timeout", "2000",
-                "--log-level", "warn"]
+        return [
+            ETCD,
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.home / self.name),
+            "--listen-client-urls",
+            self.client_url,
+            "--advertise-client-urls",
+            self.client_url,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            initial_cluster,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            SCOPE,
+            # Loopback, a loaded machine: tolerate slow heartbeats rather than
+            # re-electing the etcd leader needlessly.
+            "--heartbeat-interval",
+            "200",
+            "--election-timeout",
+            "2000",
+            "--log-level",
+            "warn",
+        ]
 
 
 @dataclass
@@ -174,8 +194,10 @@ class Node:
             proc = psutil.Process(self.proc.pid)
             # Patroni's own children (not the postmaster, which it daemonizes).
             postmaster = set(self.postmaster_pids())
-            return [self.proc.pid, *(c.pid for c in proc.children(recursive=True)
-                                     if c.pid not in postmaster)]
+            return [
+                self.proc.pid,
+                *(c.pid for c in proc.children(recursive=True) if c.pid not in postmaster),
+            ]
         except psutil.Error:
             return [self.proc.pid]
 
@@ -183,17 +205,28 @@ class Node:
 class HaCluster:
     """3 etcd members + 3 Patroni/PostgreSQL nodes; the helpers the scenarios use."""
 
-    def __init__(self, hosts: list[str] | None = None, client_hosts: list[str] | None = None,
-                 wrappers: list[list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        hosts: list[str] | None = None,
+        client_hosts: list[str] | None = None,
+        wrappers: list[list[str]] | None = None,
+    ) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="dovecote-ha-"))
         os.chmod(self.home, 0o755)
         hosts = hosts or ["127.0.0.1"] * 3
         client_hosts = client_hosts or [""] * 3
         wrappers = wrappers or [[], [], []]
         self.etcd = [Etcd(f"e{i + 1}", self.home, host=hosts[i]) for i in range(3)]
-        self.nodes = [Node(f"n{i + 1}", self.home / f"n{i + 1}", host=hosts[i],
-                           client_host=client_hosts[i], wrapper=wrappers[i])
-                      for i in range(3)]
+        self.nodes = [
+            Node(
+                f"n{i + 1}",
+                self.home / f"n{i + 1}",
+                host=hosts[i],
+                client_host=client_hosts[i],
+                wrapper=wrappers[i],
+            )
+            for i in range(3)
+        ]
         self.started_at = 0.0
         self.ready_after = 0.0
 
@@ -203,8 +236,9 @@ class HaCluster:
         initial = ",".join(f"{e.name}={e.peer_url}" for e in self.etcd)
         for i, e in enumerate(self.etcd):
             log = open(self.home / f"{e.name}.log", "ab")
-            e.proc = subprocess.Popen([*self.nodes[i].wrapper, *e.command(initial)],
-                                      stdout=log, stderr=subprocess.STDOUT)
+            e.proc = subprocess.Popen(
+                [*self.nodes[i].wrapper, *e.command(initial)], stdout=log, stderr=subprocess.STDOUT
+            )
         for node in self.nodes:
             self._write_config(node)
             self.start_node(node)
@@ -219,12 +253,16 @@ class HaCluster:
             "scope": SCOPE,
             "name": node.name,
             "log": {"level": "INFO", "dir": str(node.home), "file_num": 2},
-            "restapi": {"listen": f"{node.listen}:{node.api_port}",
-                        "connect_address": f"{node.host}:{node.api_port}"},
+            "restapi": {
+                "listen": f"{node.listen}:{node.api_port}",
+                "connect_address": f"{node.host}:{node.api_port}",
+            },
             "etcd3": {"hosts": [f"{e.host}:{e.client_port}" for e in self.etcd]},
             "bootstrap": {
                 "dcs": {
-                    "ttl": TTL, "loop_wait": LOOP_WAIT, "retry_timeout": RETRY_TIMEOUT,
+                    "ttl": TTL,
+                    "loop_wait": LOOP_WAIT,
+                    "retry_timeout": RETRY_TIMEOUT,
                     "maximum_lag_on_failover": 1048576,
                     "synchronous_mode": "quorum",
                     "synchronous_node_count": 1,
@@ -233,11 +271,16 @@ class HaCluster:
                         "use_pg_rewind": True,
                         "use_slots": True,
                         "parameters": {
-                            "wal_level": "replica", "hot_standby": "on",
-                            "synchronous_commit": "on", "wal_log_hints": "on",
-                            "max_connections": 100, "max_wal_senders": 10,
-                            "max_replication_slots": 10, "wal_keep_size": "64MB",
-                            "shared_buffers": "16MB", "lc_messages": "C",
+                            "wal_level": "replica",
+                            "hot_standby": "on",
+                            "synchronous_commit": "on",
+                            "wal_log_hints": "on",
+                            "max_connections": 100,
+                            "max_wal_senders": 10,
+                            "max_replication_slots": 10,
+                            "wal_keep_size": "64MB",
+                            "shared_buffers": "16MB",
+                            "lc_messages": "C",
                         },
                     },
                 },
@@ -253,8 +296,11 @@ class HaCluster:
                     "superuser": {"username": "postgres", "password": PASSWORD},
                     "replication": {"username": "replicator", "password": PASSWORD},
                 },
-                "pg_hba": ["local all all trust", "host all all 0.0.0.0/0 trust",
-                           "host replication all 0.0.0.0/0 trust"],
+                "pg_hba": [
+                    "local all all trust",
+                    "host all all 0.0.0.0/0 trust",
+                    "host replication all 0.0.0.0/0 trust",
+                ],
                 "parameters": {"unix_socket_directories": str(node.home)},
             },
             "tags": {"nofailover": False, "noloadbalance": False},
@@ -269,13 +315,27 @@ class HaCluster:
         env = {**os.environ, "HOME": str(node.home), "PATRONI_LOG_LEVEL": "INFO"}
         command = [str(PATRONI), str(node.home / "patroni.yml")]
         if node.wrapper:
-            drop = (["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
-                    if os.geteuid() == 0 else [])
-            node.proc = subprocess.Popen([*node.wrapper, *drop, *command], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, cwd=node.home)
+            drop = (
+                ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+                if os.geteuid() == 0
+                else []
+            )
+            node.proc = subprocess.Popen(
+                [*node.wrapper, *drop, *command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=node.home,
+            )
         else:
-            node.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, cwd=node.home, **_as_postgres())
+            node.proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=node.home,
+                **_as_postgres(),
+            )
 
     def destroy(self) -> None:
         for node in self.nodes:
@@ -289,8 +349,9 @@ class HaCluster:
     # ------------------------------------------------------------------ state
     def dsn(self, database: str = "dovecote") -> str:
         hosts = ",".join(n.hostport for n in self.nodes)
-        return (f"postgresql://postgres:{PASSWORD}@{hosts}/{database}"
-                "?target_session_attrs=read-write")
+        return (
+            f"postgresql://postgres:{PASSWORD}@{hosts}/{database}?target_session_attrs=read-write"
+        )
 
     def patroni_urls(self) -> str:
         return ",".join(n.api for n in self.nodes)
@@ -332,10 +393,14 @@ class HaCluster:
         members = self.members()
         if len(members) != 3:
             return False
-        leaders = [m for m in members if m.get("role") == "leader"
-                   and m.get("state") == "running"]
-        quorum = [m for m in members if m.get("role") in ("quorum_standby", "sync_standby")
-                  and m.get("state") == "streaming" and m.get("lag", 1) in (0, "0")]
+        leaders = [m for m in members if m.get("role") == "leader" and m.get("state") == "running"]
+        quorum = [
+            m
+            for m in members
+            if m.get("role") in ("quorum_standby", "sync_standby")
+            and m.get("state") == "streaming"
+            and m.get("lag", 1) in (0, "0")
+        ]
         return len(leaders) == 1 and len(quorum) == 2
 
     def wait_healthy(self, timeout: float = 90.0) -> float:
@@ -343,8 +408,9 @@ class HaCluster:
         started = time.monotonic()
         while not self.healthy():
             if time.monotonic() - started > timeout:
-                raise RuntimeError(f"cluster not healthy in {timeout}s: {self.members()}\n"
-                                   f"{self.logs()}")
+                raise RuntimeError(
+                    f"cluster not healthy in {timeout}s: {self.members()}\n{self.logs()}"
+                )
             time.sleep(0.5)
         return time.monotonic() - started
 
@@ -361,8 +427,10 @@ class HaCluster:
         out = []
         for path in sorted(self.home.glob("**/patroni.out")) + sorted(self.home.glob("e*.log")):
             with contextlib.suppress(OSError):
-                out.append(f"--- {path.name} ({path.parent.name})\n"
-                           + "\n".join(path.read_text().splitlines()[-lines:]))
+                out.append(
+                    f"--- {path.name} ({path.parent.name})\n"
+                    + "\n".join(path.read_text().splitlines()[-lines:])
+                )
         return "\n".join(out)
 
     # ------------------------------------------------------------------ faults
@@ -406,9 +474,11 @@ class HaCluster:
         assert leader is not None
         if candidate is None:
             candidate = next(n for n in self.nodes if n is not leader)
-        r = httpx.post(leader.api + "/switchover",
-                       json={"leader": leader.name, "candidate": candidate.name},
-                       timeout=60.0)
+        r = httpx.post(
+            leader.api + "/switchover",
+            json={"leader": leader.name, "candidate": candidate.name},
+            timeout=60.0,
+        )
         assert r.status_code == 200, (r.status_code, r.text)
         return self.wait_leader(not_this=leader)
 

@@ -58,9 +58,13 @@ def create_database(cluster: HaCluster, name: str = "dovecote") -> None:
     asyncio.run(run())
 
 
-def start_instances(cluster: HaCluster, home: Path, issuer: Issuer,
-                    extra_env: dict[str, str] | None = None,
-                    store: str | None = None) -> list[ServerProcess]:
+def start_instances(
+    cluster: HaCluster,
+    home: Path,
+    issuer: Issuer,
+    extra_env: dict[str, str] | None = None,
+    store: str | None = None,
+) -> list[ServerProcess]:
     ports = [free_port(), free_port()]
     env = {
         "DOVECOTE_STORE": store or cluster.dsn(),
@@ -74,8 +78,9 @@ def start_instances(cluster: HaCluster, home: Path, issuer: Issuer,
     }
     servers = []
     for i, port in enumerate(ports):
-        server = ServerProcess(data_dir=home / f"data{i}", port=port, env=env,
-                               log_path=home / f"server{i}.log")
+        server = ServerProcess(
+            data_dir=home / f"data{i}", port=port, env=env, log_path=home / f"server{i}.log"
+        )
         servers.append(server.start())
     return servers
 
@@ -92,14 +97,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     try:
         if hosts is not None:
             hosts.create()
-            cluster = HaCluster(hosts=hosts.cluster_hosts, client_hosts=hosts.client_hosts,
-                                wrappers=hosts.wrappers)
+            cluster = HaCluster(
+                hosts=hosts.cluster_hosts, client_hosts=hosts.client_hosts, wrappers=hosts.wrappers
+            )
         else:
             cluster = HaCluster()
         cluster.start()
         where = "in network namespaces" if hosts else f"on loopback ({no_netns})"
-        print(f"\nHA cluster {where} healthy {cluster.ready_after:.1f}s after start",
-              flush=True)
+        print(f"\nHA cluster {where} healthy {cluster.ready_after:.1f}s after start", flush=True)
         create_database(cluster)
         issuer = Issuer(home / "jwks.json")
         servers = start_instances(cluster, home, issuer)

@@ -27,8 +27,12 @@ RTO_LIMIT = 30.0
 
 
 async def forward_load(
-    dep: Deployment, client: httpx.AsyncClient, name: str,
-    fault: Callable[[], Awaitable[None]], *, after: int = MESSAGES // 2,
+    dep: Deployment,
+    client: httpx.AsyncClient,
+    name: str,
+    fault: Callable[[], Awaitable[None]],
+    *,
+    after: int = MESSAGES // 2,
     servers: list[ServerProcess] | None = None,
 ) -> dict[str, object]:
     """Two loads (one per instance) into one mailbox; `fault` runs once `after` 202s
@@ -39,8 +43,10 @@ async def forward_load(
     await alice.mediate(client)
     ids = [f"{name}-{i}" for i in range(2 * MESSAGES)]
     packed = await pack_forwards(a.base_url, alice, ids)
-    loads = [Load(s.base_url + "/", dict(list(packed.items())[i::2]), senders=SENDERS,
-                  pace=PACE) for i, s in enumerate(servers)]
+    loads = [
+        Load(s.base_url + "/", dict(list(packed.items())[i::2]), senders=SENDERS, pace=PACE)
+        for i, s in enumerate(servers)
+    ]
     marks: dict[str, float] = {}
 
     async def inject() -> None:
@@ -61,16 +67,22 @@ async def forward_load(
         combined.failures.update(load.failures)
         combined.attempts += load.attempts
     rto = combined.longest_gap(marks["fault"], max(combined.ok_times))
-    result = outcome(f"ha-{name}", combined, delivered, rto,
-                     f"(RTO = longest stretch without a 202 after the fault; "
-                     f"fault took {marks['fault_done'] - marks['fault']:.1f}s)")
+    result = outcome(
+        f"ha-{name}",
+        combined,
+        delivered,
+        rto,
+        f"(RTO = longest stretch without a 202 after the fault; "
+        f"fault took {marks['fault_done'] - marks['fault']:.1f}s)",
+    )
     dep.results[name] = result
     assert_clean(result)
     return result
 
 
-async def patient_drain(agent: Agent, client: httpx.AsyncClient, base_url: str,
-                        within: float = 60.0) -> Counter[str]:
+async def patient_drain(
+    agent: Agent, client: httpx.AsyncClient, base_url: str, within: float = 60.0
+) -> Counter[str]:
     """support.mailbox.drain that rides out a store hiccup (a problem report while a
     node rejoins): each stored message counted once by its mailbox id, every inner id
     counted per stored copy, so a real duplicate still shows."""
@@ -109,5 +121,3 @@ def leader_of(cluster: HaCluster) -> Node:
     leader = cluster.leader()
     assert leader is not None, cluster.members()
     return leader
-
-

@@ -66,10 +66,22 @@ class Hosts3:
             ns = f"{TAG}n{i}"
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
-            for kind, bridge, dev, net in (("c", client_br, "eth0", 231),
-                                           ("s", cluster_br, "eth1", 232)):
-                ip("link", "add", f"{TAG}{kind}{i}", "type", "veth", "peer", "name", dev,
-                   "netns", ns)
+            for kind, bridge, dev, net in (
+                ("c", client_br, "eth0", 231),
+                ("s", cluster_br, "eth1", 232),
+            ):
+                ip(
+                    "link",
+                    "add",
+                    f"{TAG}{kind}{i}",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    dev,
+                    "netns",
+                    ns,
+                )
                 ip("link", "set", f"{TAG}{kind}{i}", "master", bridge, "up")
                 ip("-n", ns, "addr", "add", f"10.{net}.{SUBNET}.{10 + i}/24", "dev", dev)
                 ip("-n", ns, "link", "set", dev, "up")

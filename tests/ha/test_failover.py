@@ -47,10 +47,13 @@ async def test_commit_latency_local_vs_quorum(deployment: Deployment) -> None:
         await conn.execute("DROP TABLE latency_probe")
     finally:
         await conn.close()
-    print(f"\nHA commit latency: local p50={timings['local'][0] * 1000:.2f}ms "
-          f"p99={timings['local'][1] * 1000:.2f}ms; quorum (ANY 1) "
-          f"p50={timings['on'][0] * 1000:.2f}ms p99={timings['on'][1] * 1000:.2f}ms; "
-          f"cluster bring-up {deployment.cluster.ready_after:.1f}s", flush=True)
+    print(
+        f"\nHA commit latency: local p50={timings['local'][0] * 1000:.2f}ms "
+        f"p99={timings['local'][1] * 1000:.2f}ms; quorum (ANY 1) "
+        f"p50={timings['on'][0] * 1000:.2f}ms p99={timings['on'][1] * 1000:.2f}ms; "
+        f"cluster bring-up {deployment.cluster.ready_after:.1f}s",
+        flush=True,
+    )
     assert timings["on"][0] > 0
 
 
@@ -97,8 +100,7 @@ def _healthy_cluster(deployment: Deployment) -> None:
     deployment.cluster.wait_healthy(120)
 
 
-async def test_hung_primary_listed_first(deployment: Deployment,
-                                         client: httpx.AsyncClient) -> None:
+async def test_hung_primary_listed_first(deployment: Deployment, client: httpx.AsyncClient) -> None:
     cluster = deployment.cluster
     first = cluster.nodes[0]  # first host of the DSN
     await thread(cluster.ensure_leader, first)
@@ -127,8 +129,10 @@ async def test_zombie_primary(deployment: Deployment, client: httpx.AsyncClient)
         await thread(cluster.kill_patroni, victim)
         # Readiness reflects it: both instances stop being ready within seconds.
         while time.monotonic() - started < 15:
-            states = [(await client.get(s.base_url + "/health/ready")).status_code
-                      for s in deployment.servers]
+            states = [
+                (await client.get(s.base_url + "/health/ready")).status_code
+                for s in deployment.servers
+            ]
             if all(code == 503 for code in states):
                 ready["not_ready_after"] = time.monotonic() - started
                 break
@@ -160,8 +164,9 @@ async def test_both_standbys_down(deployment: Deployment, client: httpx.AsyncCli
 
     async def forward(mid: str, server: ServerProcess) -> int:
         try:
-            r = await client.post(server.base_url + "/", content=packed[mid],
-                                  headers={"content-type": ENCRYPTED})
+            r = await client.post(
+                server.base_url + "/", content=packed[mid], headers={"content-type": ENCRYPTED}
+            )
             return r.status_code
         except httpx.HTTPError:
             return 0
@@ -169,8 +174,9 @@ async def test_both_standbys_down(deployment: Deployment, client: httpx.AsyncCli
     async def post(text: str, server: ServerProcess) -> int:
         headers = {**deployment.issuer.headers("alice"), "Idempotency-Key": posts[text]}
         try:
-            r = await client.post(f"{server.base_url}/v1/rooms/{room}/messages",
-                                  json={"text": text}, headers=headers)
+            r = await client.post(
+                f"{server.base_url}/v1/rooms/{room}/messages", json={"text": text}, headers=headers
+            )
             return r.status_code
         except httpx.HTTPError:
             return 0
@@ -188,8 +194,11 @@ async def test_both_standbys_down(deployment: Deployment, client: httpx.AsyncCli
     answers: list[int] = []
     for _ in range(2):  # the first tries, then every one retried
         answers.extend(await asyncio.gather(*(send() for send in requests)))
-    print(f"\nHA both-standbys-down: answers while down {sorted(set(answers))} "
-          f"({len(answers)} requests, {time.monotonic() - down_at:.1f}s)", flush=True)
+    print(
+        f"\nHA both-standbys-down: answers while down {sorted(set(answers))} "
+        f"({len(answers)} requests, {time.monotonic() - down_at:.1f}s)",
+        flush=True,
+    )
     assert not [code for code in answers if 200 <= code < 300], answers
 
     await thread(cluster.restart_node, standbys[0])
@@ -206,12 +215,17 @@ async def test_both_standbys_down(deployment: Deployment, client: httpx.AsyncCli
     delivered = await drain(alice, client)
     events = await thread(rooms.all_events, room)
     texts = Counter(e["data"].get("text") for e in events if e["type"] == "message.posted")
-    print(f"HA both-standbys-down: all {len(ids)} forwards and {len(posts)} posts accepted "
-          f"{recovered:.1f}s after one standby was restarted; delivered "
-          f"{sum(delivered.values())}, posts stored {sum(texts.values())}", flush=True)
+    print(
+        f"HA both-standbys-down: all {len(ids)} forwards and {len(posts)} posts accepted "
+        f"{recovered:.1f}s after one standby was restarted; delivered "
+        f"{sum(delivered.values())}, posts stored {sum(texts.values())}",
+        flush=True,
+    )
     deployment.results["both-standbys-down"] = {
-        "success_while_down": 0, "requests_while_down": len(answers),
-        "recovered_after_standby": recovered}
+        "success_while_down": 0,
+        "requests_while_down": len(answers),
+        "recovered_after_standby": recovered,
+    }
     assert delivered == Counter({mid: 1 for mid in ids})
     assert texts == Counter({text: 1 for text in posts})
 
@@ -227,18 +241,22 @@ def haproxy(deployment: Deployment) -> Iterator[int]:
         env[f"PG{i}"] = node.hostport
         env[f"API{i}"] = str(node.api_port)
     cfg = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
-    check = subprocess.run([binary, "-c", "-f", str(cfg)], env=env, capture_output=True,
-                           text=True)
+    check = subprocess.run([binary, "-c", "-f", str(cfg)], env=env, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "-db", "-f", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     yield port
     proc.terminate()
     proc.wait(timeout=10)
 
 
-async def test_switchover_through_haproxy(deployment: Deployment, haproxy: int,
-                                          client: httpx.AsyncClient) -> None:
+async def test_switchover_through_haproxy(
+    deployment: Deployment, haproxy: int, client: httpx.AsyncClient
+) -> None:
     """The production path: one address (HAProxy checking Patroni's /primary), no
     multi-host DSN and no DOVECOTE_STORE_PATRONI in Dovecote."""
     cluster = deployment.cluster
@@ -246,14 +264,17 @@ async def test_switchover_through_haproxy(deployment: Deployment, haproxy: int,
     home.mkdir()
     (home / "identity.json").write_bytes((deployment.home / "identity.json").read_bytes())
     dsn = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{haproxy}/dovecote"
-    servers = start_instances(cluster, home, deployment.issuer, store=dsn,
-                              extra_env={"DOVECOTE_STORE_PATRONI": ""})
+    servers = start_instances(
+        cluster, home, deployment.issuer, store=dsn, extra_env={"DOVECOTE_STORE_PATRONI": ""}
+    )
     try:
+
         async def switch() -> None:
             await thread(cluster.switchover)
 
-        result = await forward_load(deployment, client, "switchover-haproxy", switch,
-                                    servers=servers)
+        result = await forward_load(
+            deployment, client, "switchover-haproxy", switch, servers=servers
+        )
         assert result["recovery"] < RTO_LIMIT  # type: ignore[operator]
     finally:
         for server in servers:

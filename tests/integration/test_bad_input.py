@@ -39,7 +39,7 @@ class ExampleAgent(Agent):
         agent.did = f"did:example:{uuid.uuid4().hex}"
         agent._peer = peer  # type: ignore[attr-defined]
         for secret in peer.secrets:
-            secret.kid = agent.did + secret.kid[secret.kid.index("#"):]
+            secret.kid = agent.did + secret.kid[secret.kid.index("#") :]
         agent.secrets = peer.secrets
         return agent
 
@@ -77,10 +77,15 @@ async def _metrics(client: httpx.AsyncClient, server: ServerProcess) -> str:
     return (await client.get(server.base_url + "/metrics")).text
 
 
-async def _post(client: httpx.AsyncClient, server: ServerProcess, body: bytes | str,
-                content_type: str = ENCRYPTED) -> httpx.Response:
-    return await client.post(server.base_url + "/", content=body,
-                             headers={"content-type": content_type})
+async def _post(
+    client: httpx.AsyncClient,
+    server: ServerProcess,
+    body: bytes | str,
+    content_type: str = ENCRYPTED,
+) -> httpx.Response:
+    return await client.post(
+        server.base_url + "/", content=body, headers={"content-type": content_type}
+    )
 
 
 @pytest.fixture
@@ -98,8 +103,9 @@ def _tamper(packed: str) -> str:
     return json.dumps(envelope)
 
 
-async def _case(name: str, server: ServerProcess, alice: Agent,
-                other: Agent) -> tuple[bytes | str, str]:
+async def _case(
+    name: str, server: ServerProcess, alice: Agent, other: Agent
+) -> tuple[bytes | str, str]:
     """The raw body and content type for each anonymous bad-input case."""
     if name == "malformed-json":
         return b'{"protected": "abc", ', ENCRYPTED
@@ -138,8 +144,9 @@ async def test_anonymous_bad_input_gets_json_error_and_stores_nothing(
     case: str, shared_server: ServerProcess, client: httpx.AsyncClient, mediated: Agent
 ) -> None:
     server = shared_server
-    body, content_type = await _case(case, server, mediated, Agent.create(server.base_url,
-                                                                           server.did))
+    body, content_type = await _case(
+        case, server, mediated, Agent.create(server.base_url, server.did)
+    )
     before = snapshot(server)
     metrics_before = await _metrics(client, server)
     response = await _post(client, server, body, content_type)
@@ -151,40 +158,61 @@ async def test_anonymous_bad_input_gets_json_error_and_stores_nothing(
     assert payload["request_id"]
     assert snapshot(server) == before
     metrics_after = await _metrics(client, server)
-    assert (metric_value(metrics_after, "dovecote_bad_input_total", code=code)
-            == metric_value(metrics_before, "dovecote_bad_input_total", code=code) + 1)
+    assert (
+        metric_value(metrics_after, "dovecote_bad_input_total", code=code)
+        == metric_value(metrics_before, "dovecote_bad_input_total", code=code) + 1
+    )
     logged = [e for e in server.log_events() if e.get("request_id") == payload["request_id"]]
     assert any(e.get("code") == code for e in logged), logged
 
 
-async def test_unsupported_content_type_is_415(shared_server: ServerProcess,
-                                               client: httpx.AsyncClient) -> None:
+async def test_unsupported_content_type_is_415(
+    shared_server: ServerProcess, client: httpx.AsyncClient
+) -> None:
     server = shared_server
     response = await _post(client, server, b"hello", "text/plain")
     assert response.status_code == 415
     assert response.json()["error"] == "e.m.msg.unsupported-media-type"
 
 
-async def _problem(agent: Agent, client: httpx.AsyncClient, msg_type: str,
-                   body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+async def _problem(
+    agent: Agent, client: httpx.AsyncClient, msg_type: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
     status, reply = await agent.send_http(client, agent.message(msg_type, body))
     assert reply is not None
     return status, reply
 
 
-@pytest.mark.parametrize(("msg_type", "body", "code"), [
-    ("https://didcomm.org/nonsense/9.0/explode", {}, "e.m.msg.unsupported-type"),
-    (f"{PICKUP}/delivery-request", {}, "e.m.msg.malformed"),
-    (f"{PICKUP}/delivery-request", {"limit": "ten"}, "e.m.msg.malformed"),
-    (f"{PICKUP}/delivery-request", {"limit": True}, "e.m.msg.malformed"),
-    (f"{PICKUP}/messages-received", {"message_id_list": "abc"}, "e.m.msg.malformed"),
-    ("https://didcomm.org/coordinate-mediation/3.0/recipient-update", {"updates": "x"},
-     "e.m.msg.malformed"),
-], ids=["unknown-type", "missing-limit", "limit-string", "limit-bool", "ack-not-list",
-        "updates-not-list"])
+@pytest.mark.parametrize(
+    ("msg_type", "body", "code"),
+    [
+        ("https://didcomm.org/nonsense/9.0/explode", {}, "e.m.msg.unsupported-type"),
+        (f"{PICKUP}/delivery-request", {}, "e.m.msg.malformed"),
+        (f"{PICKUP}/delivery-request", {"limit": "ten"}, "e.m.msg.malformed"),
+        (f"{PICKUP}/delivery-request", {"limit": True}, "e.m.msg.malformed"),
+        (f"{PICKUP}/messages-received", {"message_id_list": "abc"}, "e.m.msg.malformed"),
+        (
+            "https://didcomm.org/coordinate-mediation/3.0/recipient-update",
+            {"updates": "x"},
+            "e.m.msg.malformed",
+        ),
+    ],
+    ids=[
+        "unknown-type",
+        "missing-limit",
+        "limit-string",
+        "limit-bool",
+        "ack-not-list",
+        "updates-not-list",
+    ],
+)
 async def test_authenticated_bad_input_gets_problem_report(
-    msg_type: str, body: dict[str, Any], code: str,
-    shared_server: ServerProcess, client: httpx.AsyncClient, mediated: Agent,
+    msg_type: str,
+    body: dict[str, Any],
+    code: str,
+    shared_server: ServerProcess,
+    client: httpx.AsyncClient,
+    mediated: Agent,
 ) -> None:
     # Issue 12.4: with return_route the problem report is the answer: HTTP 200, packed.
     server = shared_server
@@ -197,8 +225,9 @@ async def test_authenticated_bad_input_gets_problem_report(
     assert snapshot(server) == before
 
 
-async def test_unresolvable_sender_did(shared_server: ServerProcess,
-                                       client: httpx.AsyncClient) -> None:
+async def test_unresolvable_sender_did(
+    shared_server: ServerProcess, client: httpx.AsyncClient
+) -> None:
     server = shared_server
     agent = ExampleAgent.make(server.base_url, server.did)
     before = snapshot(server)
@@ -209,8 +238,9 @@ async def test_unresolvable_sender_did(shared_server: ServerProcess,
     assert snapshot(server) == before
 
 
-async def test_oversize_body_is_413_and_not_read(server_factory: Any,
-                                                 client: httpx.AsyncClient) -> None:
+async def test_oversize_body_is_413_and_not_read(
+    server_factory: Any, client: httpx.AsyncClient
+) -> None:
     server = server_factory(env={"DOVECOTE_MAX_BODY_BYTES": "4096"})
     before = snapshot(server)
     response = await _post(client, server, b"x" * 10_000)
@@ -221,8 +251,9 @@ async def test_oversize_body_is_413_and_not_read(server_factory: Any,
         for _ in range(10):
             yield b"y" * 1000
 
-    chunked = await client.post(server.base_url + "/", content=chunks(),
-                                headers={"content-type": ENCRYPTED})
+    chunked = await client.post(
+        server.base_url + "/", content=chunks(), headers={"content-type": ENCRYPTED}
+    )
     assert chunked.status_code == 413
     async with websockets.connect(server.ws_url, max_size=None) as ws:
         await ws.send("z" * 20_000)
@@ -232,8 +263,9 @@ async def test_oversize_body_is_413_and_not_read(server_factory: Any,
     assert snapshot(server) == before
 
 
-async def test_mailbox_limit_refuses_and_keeps_queue(server_factory: Any,
-                                                     client: httpx.AsyncClient) -> None:
+async def test_mailbox_limit_refuses_and_keeps_queue(
+    server_factory: Any, client: httpx.AsyncClient
+) -> None:
     server = server_factory(env={"DOVECOTE_MAILBOX_MAX_MESSAGES": "2"})
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)

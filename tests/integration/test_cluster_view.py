@@ -11,9 +11,21 @@ from typing import Any
 
 def _cluster_status(server: Any) -> str:
     return subprocess.run(
-        [sys.executable, "-m", "dovecote", "cluster", "status", "--data-dir",
-         str(server.data_dir), "--heartbeat-interval", "1"],
-        capture_output=True, text=True, check=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "dovecote",
+            "cluster",
+            "status",
+            "--data-dir",
+            str(server.data_dir),
+            "--heartbeat-interval",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
 
 

@@ -52,9 +52,13 @@ def decoded_oob(url: str) -> dict[str, Any]:
 
 def qr_bytes(text: str, kind: str) -> bytes:
     out = io.BytesIO()
-    segno.make(text, error="m", micro=False).save(out, kind=kind, scale=8, border=4,
-                                                  **({"title": "Dovecote invitation"}
-                                                     if kind == "svg" else {}))
+    segno.make(text, error="m", micro=False).save(
+        out,
+        kind=kind,
+        scale=8,
+        border=4,
+        **({"title": "Dovecote invitation"} if kind == "svg" else {}),
+    )
     return out.getvalue()
 
 
@@ -100,8 +104,9 @@ def test_stable_invitation_short_url_qr_and_landing_page(server_factory: Any) ->
     assert httpx.get(short, headers={"Accept": "application/json"}).json()["id"] == new_id
 
     # A client mediates from the short URL (it fetches the JSON).
-    result = CliRunner().invoke(client_main, ["--data-dir", str(server.data_dir.parent / "c"),
-                                              "mediate", short])
+    result = CliRunner().invoke(
+        client_main, ["--data-dir", str(server.data_dir.parent / "c"), "mediate", short]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("did:peer:2.")
 
@@ -116,14 +121,14 @@ def test_read_only_commands_match_the_server_and_never_write(server_factory: Any
     assert printed == f"{server.base_url}/oob"
     full = dovecote("invitation", "--full", "--data-dir", str(server.data_dir)).stdout.strip()
     assert full == httpx.get(server.base_url + "/invitation?format=url").text
-    listed = json.loads(dovecote("invitation", "--json", "--data-dir",
-                                 str(server.data_dir)).stdout)
+    listed = json.loads(dovecote("invitation", "--json", "--data-dir", str(server.data_dir)).stdout)
     assert listed == httpx.get(server.base_url + "/invitation").json()
     qr = dovecote("invitation", "--qr", "--data-dir", str(server.data_dir)).stdout
     assert "█" in qr and qr.rstrip().endswith(f"{server.base_url}/oob")
     # Another URL asked for explicitly: the DID for it, still nothing written.
-    other = dovecote("did", "--data-dir", str(server.data_dir),
-                     "--public-url", "https://relay.example.com").stdout.strip()
+    other = dovecote(
+        "did", "--data-dir", str(server.data_dir), "--public-url", "https://relay.example.com"
+    ).stdout.strip()
     assert other != server.did
     assert fingerprint(identity) == before
 
@@ -151,8 +156,21 @@ def test_banner_only_once_the_port_is_bound(server_factory: Any, tmp_path: Path)
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         busy.bind(("127.0.0.1", port))
         busy.listen()
-        done = subprocess.run([sys.executable, "-m", "dovecote", "serve", "--port", str(port),
-                               "--data-dir", str(tmp_path / "busy")], capture_output=True,
-                              text=True, timeout=60, cwd=ROOT)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dovecote",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path / "busy"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
     assert done.returncode != 0
     assert "DID:" not in done.stdout and "listening" not in done.stdout

@@ -20,15 +20,17 @@ from support.server import ServerProcess
 
 
 async def test_every_kind_of_envelope_has_the_spec_media_type(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
     client: httpx.AsyncClient,
 ) -> None:
     server = server_factory(env=dict(FAST_OUTBOUND))
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
 
-    async def http_reply(agent: Agent, msg_type: str, body: dict | None = None,
-                         want: int = 200) -> dict:
+    async def http_reply(
+        agent: Agent, msg_type: str, body: dict | None = None, want: int = 200
+    ) -> dict:
         response = await post(client, server, await agent.pack(agent.message(msg_type, body)))
         assert response.status_code == want, response.text
         assert response.headers["content-type"].startswith(ENCRYPTED)
@@ -43,23 +45,31 @@ async def test_every_kind_of_envelope_has_the_spec_media_type(
 
     # A pickup delivery.
     bob = Agent.create(server.base_url)
-    queued = await forward_to(server.base_url, alice, {"type": BASIC, "body": {"content": "q"}},
-                              bob)
+    queued = await forward_to(
+        server.base_url, alice, {"type": BASIC, "body": {"content": "q"}}, bob
+    )
     assert (await post(client, server, queued)).status_code == 202
     delivery = await http_reply(alice, f"{PICKUP}/delivery-request", {"limit": 10})
     assert delivery["type"] == f"{PICKUP}/delivery"
-    await http_reply(alice, f"{PICKUP}/messages-received",
-                     {"message_id_list": [a["id"] for a in delivery["attachments"]]})
+    await http_reply(
+        alice,
+        f"{PICKUP}/messages-received",
+        {"message_id_list": [a["id"] for a in delivery["attachments"]]},
+    )
 
     # A WebSocket reply and a live push.
     async with websockets.connect(server.ws_url) as ws:
-        await ws.send(await alice.pack(alice.message(f"{PICKUP}/live-delivery-change",
-                                                     {"live_delivery": True})))
+        await ws.send(
+            await alice.pack(
+                alice.message(f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+            )
+        )
         frame = await asyncio.wait_for(ws.recv(), 10)
         assert_encrypted_typ(frame, "ECDH-1PU")
         assert (await alice.unpack(frame))["body"]["live_delivery"] is True
-        live = await forward_to(server.base_url, alice, {"type": BASIC, "body": {"content": "l"}},
-                                bob)
+        live = await forward_to(
+            server.base_url, alice, {"type": BASIC, "body": {"content": "l"}}, bob
+        )
         assert (await post(client, server, live)).status_code == 202
         push = await asyncio.wait_for(ws.recv(), 10)
         assert_encrypted_typ(push, "ECDH-1PU")
@@ -78,8 +88,9 @@ async def test_every_kind_of_envelope_has_the_spec_media_type(
     # A forward wrapper Dovecote creates for the next hop's routing key (anoncrypt).
     relay_inbox = endpoints()
     relay = Agent.create(server.base_url)
-    dave = Agent.create(server.base_url, endpoint=relay_inbox.url,
-                        endpoint_routing_keys=[f"{relay.did}#key-2"])
+    dave = Agent.create(
+        server.base_url, endpoint=relay_inbox.url, endpoint_routing_keys=[f"{relay.did}#key-2"]
+    )
     envelope, _ = await remote_forward(server, bob, dave)
     assert (await post(client, server, envelope)).status_code == 202
     assert await wait_until(lambda: bool(relay_inbox.bodies()), 20)

@@ -52,8 +52,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             "DOVECOTE_ADMIN_TOKEN": ADMIN,
         }
         instances = [
-            ServerProcess(data_dir=tmp_path / f"node{i}", port=free_port(), env=env,
-                          log_path=tmp_path / f"node{i}.log")
+            ServerProcess(
+                data_dir=tmp_path / f"node{i}",
+                port=free_port(),
+                env=env,
+                log_path=tmp_path / f"node{i}.log",
+            )
             for i in range(2)
         ]
         try:
@@ -75,8 +79,9 @@ async def _post(http: httpx.AsyncClient, url: str, body: str) -> int:
     return response.status_code
 
 
-async def test_live_delivery_and_pickup_cross_instances(cluster: Cluster,
-                                                        client: httpx.AsyncClient) -> None:
+async def test_live_delivery_and_pickup_cross_instances(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
     a, b = cluster.instances
     alice = Agent.create(b.base_url, b.did, via_mediator=True)
     await alice.mediate(client)  # through B
@@ -90,14 +95,20 @@ async def test_live_delivery_and_pickup_cross_instances(cluster: Cluster,
     assert status["body"]["message_count"] == 1
     alice.base_url = a.base_url
     delivery = await alice.request(client, f"{PICKUP}/delivery-request", {"limit": 10})
-    await alice.request(client, f"{PICKUP}/messages-received",
-                        {"message_id_list": [x["id"] for x in delivery["attachments"]]})
+    await alice.request(
+        client,
+        f"{PICKUP}/messages-received",
+        {"message_id_list": [x["id"] for x in delivery["attachments"]]},
+    )
 
     # Live on B, sent through A: pushed across instances.
     latencies = []
     async with websockets.connect(b.ws_url) as ws:
-        await ws.send(await alice.pack(alice.message(f"{PICKUP}/live-delivery-change",
-                                                     {"live_delivery": True})))
+        await ws.send(
+            await alice.pack(
+                alice.message(f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+            )
+        )
         assert (await alice.unpack(await ws.recv()))["body"]["live_delivery"] is True
         for n in range(30):
             packed = await forward_to(a.base_url, alice, {"type": BASIC, "body": {"n": n}}, bob)
@@ -109,24 +120,32 @@ async def test_live_delivery_and_pickup_cross_instances(cluster: Cluster,
             inner = await alice.unpack(json.dumps(pushed["attachments"][0]["data"]["json"]))
             assert inner["body"]["n"] == n
             ids = [x["id"] for x in pushed["attachments"]]
-            await ws.send(await alice.pack(alice.message(f"{PICKUP}/messages-received",
-                                                         {"message_id_list": ids})))
+            await ws.send(
+                await alice.pack(
+                    alice.message(f"{PICKUP}/messages-received", {"message_id_list": ids})
+                )
+            )
             await alice.unpack(await ws.recv())  # the status answering the ack
     latencies.sort()
-    print(f"\ncross-instance push: median {statistics.median(latencies) * 1000:.0f} ms, "
-          f"max {latencies[-1] * 1000:.0f} ms over {len(latencies)} messages")
+    print(
+        f"\ncross-instance push: median {statistics.median(latencies) * 1000:.0f} ms, "
+        f"max {latencies[-1] * 1000:.0f} ms over {len(latencies)} messages"
+    )
 
 
-async def test_kill_one_instance_behind_nginx_loses_nothing(cluster: Cluster,
-                                                            client: httpx.AsyncClient) -> None:
+async def test_kill_one_instance_behind_nginx_loses_nothing(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
     a, b = cluster.instances
     base = cluster.nginx.base_url
     async with httpx.AsyncClient(verify=False, timeout=10.0) as tls:
         alice = Agent.create(base, a.did, via_mediator=True)
         await alice.mediate(tls)
         total = 600
-        packed = [await forward_to(base, alice, {"id": f"k{i}", "type": BASIC,
-                                                 "body": {"n": i}}) for i in range(total)]
+        packed = [
+            await forward_to(base, alice, {"id": f"k{i}", "type": BASIC, "body": {"n": i}})
+            for i in range(total)
+        ]
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(total):
             queue.put_nowait(i)
@@ -160,8 +179,10 @@ async def test_kill_one_instance_behind_nginx_loses_nothing(cluster: Cluster,
         await asyncio.wait_for(asyncio.gather(killer(), *(sender() for _ in range(6))), 300)
         assert len(accepted) == total
         recovery = (max(errors) - killed_at[0]) if errors else 0.0
-        print(f"\nnginx failover: sent={total} accepted={len(accepted)} "
-              f"client retries={len(errors)} recovery={recovery:.1f}s")
+        print(
+            f"\nnginx failover: sent={total} accepted={len(accepted)} "
+            f"client retries={len(errors)} recovery={recovery:.1f}s"
+        )
 
         seen: Counter[str] = Counter()
         while True:
@@ -171,16 +192,22 @@ async def test_kill_one_instance_behind_nginx_loses_nothing(cluster: Cluster,
             for attachment in delivery["attachments"]:
                 inner = await alice.unpack(json.dumps(attachment["data"]["json"]))
                 seen[inner["id"]] += 1
-            await alice.request(tls, f"{PICKUP}/messages-received", {
-                "message_id_list": [x["id"] for x in delivery["attachments"]]})
+            await alice.request(
+                tls,
+                f"{PICKUP}/messages-received",
+                {"message_id_list": [x["id"] for x in delivery["attachments"]]},
+            )
         assert len(seen) == total, f"lost {total - len(seen)}"
         assert max(seen.values()) == 1
 
         # The cluster view (asked of the survivor) reports the dead instance.
         deadline = time.monotonic() + 20
         while True:
-            view = (await client.get(b.base_url + "/admin/cluster",
-                                     headers={"authorization": f"Bearer {ADMIN}"})).json()
+            view = (
+                await client.get(
+                    b.base_url + "/admin/cluster", headers={"authorization": f"Bearer {ADMIN}"}
+                )
+            ).json()
             alive = {i["alive"] for i in view["instances"]}
             if len(view["instances"]) == 2 and alive == {True, False}:
                 break
@@ -202,20 +229,27 @@ async def test_database_connection_cut_gives_503_and_recovers(
         from urllib.parse import urlsplit
 
         target = urlsplit(url)
-        proxy = FaultProxy(upstream_port=target.port or 5432,
-                           upstream_host=target.hostname or "127.0.0.1").start()
+        proxy = FaultProxy(
+            upstream_port=target.port or 5432, upstream_host=target.hostname or "127.0.0.1"
+        ).start()
         server = ServerProcess(
-            data_dir=tmp_path / "data", port=free_port(),
-            env={"DOVECOTE_STORE": with_port(url, "127.0.0.1", proxy.port),
-                 "DOVECOTE_STORE_TIMEOUT": "2"},
-            log_path=tmp_path / "server.log")
+            data_dir=tmp_path / "data",
+            port=free_port(),
+            env={
+                "DOVECOTE_STORE": with_port(url, "127.0.0.1", proxy.port),
+                "DOVECOTE_STORE_TIMEOUT": "2",
+            },
+            log_path=tmp_path / "server.log",
+        )
         try:
             server.start()
             alice = Agent.create(server.base_url, server.did, via_mediator=True)
             await alice.mediate(client)
             total = 300
-            packed = [await forward_to(server.base_url, alice, {"id": f"c{i}", "type": BASIC,
-                                                                "body": {}}) for i in range(total)]
+            packed = [
+                await forward_to(server.base_url, alice, {"id": f"c{i}", "type": BASIC, "body": {}})
+                for i in range(total)
+            ]
             accepted: set[int] = set()
             statuses: Counter[int] = Counter()
             retry_after: set[str] = set()
@@ -225,8 +259,11 @@ async def test_database_connection_cut_gives_503_and_recovers(
                     for i in range(total):
                         while True:
                             try:
-                                r = await http.post(server.base_url + "/", content=packed[i],
-                                                    headers={"content-type": ENCRYPTED})
+                                r = await http.post(
+                                    server.base_url + "/",
+                                    content=packed[i],
+                                    headers={"content-type": ENCRYPTED},
+                                )
                             except httpx.HTTPError:
                                 statuses[0] += 1
                                 await asyncio.sleep(0.2)

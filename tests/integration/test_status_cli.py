@@ -14,12 +14,28 @@ TOKEN = "status-cli-admin-token-0123456789abcdef"
 def test_status_shows_health_rates_and_cluster(server_factory: Any) -> None:
     server = server_factory(env={"DOVECOTE_ADMIN_TOKEN": TOKEN})
     for _ in range(5):
-        httpx.post(server.base_url + "/", content=b"{}",
-                   headers={"content-type": "application/didcomm-encrypted+json"})
+        httpx.post(
+            server.base_url + "/",
+            content=b"{}",
+            headers={"content-type": "application/didcomm-encrypted+json"},
+        )
     result = subprocess.run(
-        [sys.executable, "-m", "dovecote", "status", "--url", server.base_url,
-         "--interval", "0.5", "--token", TOKEN],
-        capture_output=True, text=True, timeout=60, env={"COLUMNS": "140", "PATH": "/usr/bin"},
+        [
+            sys.executable,
+            "-m",
+            "dovecote",
+            "status",
+            "--url",
+            server.base_url,
+            "--interval",
+            "0.5",
+            "--token",
+            TOKEN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "140", "PATH": "/usr/bin"},
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -31,8 +47,19 @@ def test_status_shows_health_rates_and_cluster(server_factory: Any) -> None:
 
 def test_status_reports_unreachable_server() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "dovecote", "status", "--url", "http://127.0.0.1:9",
-         "--interval", "0.1"], capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "dovecote",
+            "status",
+            "--url",
+            "http://127.0.0.1:9",
+            "--interval",
+            "0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "cannot read" in result.stderr

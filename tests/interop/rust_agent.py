@@ -31,11 +31,17 @@ class RustDriver:
         node = shutil.which("node")
         assert node, "node is not installed"
         assert (NODE_DIR / "node_modules" / "didcomm-node").is_dir(), (
-            "didcomm-node is not installed: run `make interop-node`")
+            "didcomm-node is not installed: run `make interop-node`"
+        )
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
-            [node, str(DRIVER)], cwd=NODE_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, text=True, bufsize=1,
+            [node, str(DRIVER)],
+            cwd=NODE_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
         )
 
     def call(self, cmd: str, **args: Any) -> dict[str, Any]:

@@ -36,15 +36,24 @@ async def test_quickstart_agent_mediates_receives_and_acknowledges(
     async with aiohttp.ClientSession() as http:
         for text in texts:
             packed = await bob.pack(
-                {"type": "https://didcomm.org/basicmessage/2.0/message", "id": text,
-                 "body": {"content": text}, "from": str(bob_did), "to": [str(routed)]},
-                to=str(routed), frm=str(bob_did))
+                {
+                    "type": "https://didcomm.org/basicmessage/2.0/message",
+                    "id": text,
+                    "body": {"content": text},
+                    "from": str(bob_did),
+                    "to": [str(routed)],
+                },
+                to=str(routed),
+                frm=str(bob_did),
+            )
             # The library resolved Alice's routed DID to Dovecote and wrapped a forward.
             endpoint = packed.get_endpoint("http")
             assert endpoint.startswith(shared_server.base_url)
-            async with http.post(endpoint, data=packed.message,
-                                 headers={"content-type": "application/didcomm-encrypted+json"}
-                                 ) as response:
+            async with http.post(
+                endpoint,
+                data=packed.message,
+                headers={"content-type": "application/didcomm-encrypted+json"},
+            ) as response:
                 assert response.status == 202, await response.text()
 
     received: list[dict[str, Any]] = []

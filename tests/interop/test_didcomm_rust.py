@@ -33,8 +33,9 @@ ENCRYPTED = "application/didcomm-encrypted+json"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("rust")
-    server = ServerProcess(data_dir=base / "data", port=free_port(), env={},
-                           log_path=base / "server.log")
+    server = ServerProcess(
+        data_dir=base / "data", port=free_port(), env={}, log_path=base / "server.log"
+    )
     server.start()
     yield server
     server.kill()
@@ -61,10 +62,18 @@ class Peer:
         services = [{"uri": self.url, "routing_keys": self.routing_keys}] if routed else []
         self.did: str = driver.call("agent", name=self.name, services=services)["did"]
 
-    def request(self, msg_type: str, body: dict[str, Any] | None = None,
-                return_route: bool = True) -> dict[str, Any]:
-        answer = self.driver.call("request", agent=self.name, to=self.server.did, url=self.url,
-                                  type=msg_type, body=body or {}, return_route=return_route)
+    def request(
+        self, msg_type: str, body: dict[str, Any] | None = None, return_route: bool = True
+    ) -> dict[str, Any]:
+        answer = self.driver.call(
+            "request",
+            agent=self.name,
+            to=self.server.did,
+            url=self.url,
+            type=msg_type,
+            body=body or {},
+            return_route=return_route,
+        )
         if "message" in answer:
             assert answer["content_type"].startswith(ENCRYPTED)
             _check_envelope(answer, self.server.did)
@@ -79,9 +88,14 @@ class Peer:
 
     def forward_to(self, recipient: Peer, content: str, sender: Peer | None = None) -> str:
         answer = self.driver.call(
-            "forward", url=self.url, sender=sender.name if sender else None,
-            recipient=recipient.did, routing_keys=recipient.routing_keys, type=BASIC,
-            body={"content": content})
+            "forward",
+            url=self.url,
+            sender=sender.name if sender else None,
+            recipient=recipient.did,
+            routing_keys=recipient.routing_keys,
+            type=BASIC,
+            body={"content": content},
+        )
         assert answer["status"] == 202, answer
         assert answer["protected"]["typ"] == ENCRYPTED  # what didcomm-rust itself writes
         return str(answer["id"])
@@ -102,8 +116,16 @@ class Peer:
         return socket
 
     def ws_send(self, socket: str, msg_type: str, body: dict[str, Any] | None = None) -> str:
-        return str(self.driver.call("ws_send", id=socket, agent=self.name, to=self.server.did,
-                                    type=msg_type, body=body or {})["id"])
+        return str(
+            self.driver.call(
+                "ws_send",
+                id=socket,
+                agent=self.name,
+                to=self.server.did,
+                type=msg_type,
+                body=body or {},
+            )["id"]
+        )
 
     def ws_recv(self, socket: str, timeout: float = 10) -> dict[str, Any] | None:
         frame = self.driver.call("ws_recv", id=socket, timeout=timeout)
@@ -127,23 +149,25 @@ def _mediate(peer: Peer, version: str) -> dict[str, Any]:
     grant = peer.reply(f"{version}/mediate-request")
     assert grant["type"] == f"{version}/mediate-grant", grant
     name = "recipient-update" if version == CM3 else "keylist-update"
-    update = peer.reply(f"{version}/{name}",
-                        {"updates": [{"recipient_did": peer.did, "action": "add"}]})
+    update = peer.reply(
+        f"{version}/{name}", {"updates": [{"recipient_did": peer.did, "action": "add"}]}
+    )
     assert update["type"] == f"{version}/{name}-response"
     assert update["body"]["updated"] == [
-        {"recipient_did": peer.did, "action": "add", "result": "success"}]
+        {"recipient_did": peer.did, "action": "add", "result": "success"}
+    ]
     return grant
 
 
 @pytest.mark.parametrize("version", [CM3, CM2], ids=["cm3", "cm2"])
-def test_mediate_forward_status_delivery_ack(server: ServerProcess, driver: RustDriver,
-                                             version: str) -> None:
+def test_mediate_forward_status_delivery_ack(
+    server: ServerProcess, driver: RustDriver, version: str
+) -> None:
     alice = Peer(driver, server)
     grant = _mediate(alice, version)
     routing = grant["body"]["routing_did"]
     assert routing == (server.did if version == CM2 else [server.did])
-    listed = alice.reply(f"{CM3}/recipient-query" if version == CM3 else f"{CM2}/keylist-query",
-                         {})
+    listed = alice.reply(f"{CM3}/recipient-query" if version == CM3 else f"{CM2}/keylist-query", {})
     assert alice.did in json.dumps(listed["body"])
 
     bob = Peer(driver, server, routed=False)
@@ -168,16 +192,26 @@ def test_trust_ping_and_discover_features(server: ServerProcess, driver: RustDri
     carol = Peer(driver, server, routed=False)
     pong = carol.reply(f"{PING}/ping", {"response_requested": True})
     assert pong["type"] == f"{PING}/ping-response"
-    disclose = carol.reply(f"{DISCOVER}/queries", {"queries": [
-        {"feature-type": "protocol", "match": "https://didcomm.org/*"}]})
+    disclose = carol.reply(
+        f"{DISCOVER}/queries",
+        {"queries": [{"feature-type": "protocol", "match": "https://didcomm.org/*"}]},
+    )
     assert disclose["type"] == f"{DISCOVER}/disclose"
     ids = {d["id"] for d in disclose["body"]["disclosures"]}
-    assert {CM2, CM3, PICKUP, PING, DISCOVER, "https://didcomm.org/routing/2.0",
-            "https://didcomm.org/report-problem/2.0"} <= ids
+    assert {
+        CM2,
+        CM3,
+        PICKUP,
+        PING,
+        DISCOVER,
+        "https://didcomm.org/routing/2.0",
+        "https://didcomm.org/report-problem/2.0",
+    } <= ids
 
 
 def test_problem_reports_are_http_200_with_the_packed_report(
-        server: ServerProcess, driver: RustDriver) -> None:
+    server: ServerProcess, driver: RustDriver
+) -> None:
     # Issue 12.4: with return_route the problem report is delivered with HTTP 200.
     mallory = Peer(driver, server)
     answer = mallory.request(f"{PICKUP}/status-request")
@@ -202,7 +236,8 @@ def test_problem_reports_are_http_200_with_the_packed_report(
 
 
 def test_live_mode_over_websocket_leaves_the_queue_to_delivery_request(
-        server: ServerProcess, driver: RustDriver) -> None:
+    server: ServerProcess, driver: RustDriver
+) -> None:
     # Issue 12.2: messages queued before live mode are not pushed; later ones are.
     alice = Peer(driver, server)
     _mediate(alice, CM3)
@@ -237,8 +272,9 @@ def test_live_mode_over_websocket_leaves_the_queue_to_delivery_request(
         driver.call("ws_close", id=socket)
 
 
-def test_status_without_return_route_is_never_queued(server: ServerProcess,
-                                                     driver: RustDriver) -> None:
+def test_status_without_return_route_is_never_queued(
+    server: ServerProcess, driver: RustDriver
+) -> None:
     # Issue 12.3: no return_route, endpoint is this mediator: live session or nothing.
     alice = Peer(driver, server)
     _mediate(alice, CM3)
@@ -263,7 +299,8 @@ def test_status_without_return_route_is_never_queued(server: ServerProcess,
 
 
 def test_tampered_and_misaddressed_input_keeps_its_json_error(
-        server: ServerProcess, driver: RustDriver, tmp_path: Path) -> None:
+    server: ServerProcess, driver: RustDriver, tmp_path: Path
+) -> None:
     # Nothing here loosens validation: undecryptable input is a 4xx JSON error.
     import httpx
 
@@ -271,11 +308,20 @@ def test_tampered_and_misaddressed_input_keeps_its_json_error(
     _mediate(alice, CM3)
     stranger = Peer(driver, server, routed=False)
     # A forward wrapped for the wrong key (the stranger's own) reaches the mediator.
-    answer = driver.call("forward", url=alice.url, sender=None, recipient=alice.did,
-                         routing_keys=[f"{stranger.did}#key-2"], type=BASIC,
-                         body={"content": "not for you"})
+    answer = driver.call(
+        "forward",
+        url=alice.url,
+        sender=None,
+        recipient=alice.did,
+        routing_keys=[f"{stranger.did}#key-2"],
+        type=BASIC,
+        body={"content": "not for you"},
+    )
     assert answer["status"] == 400 and answer["json"]["error"].startswith("e.m.trust.crypto")
-    body = httpx.post(alice.url, content=b'{"protected": "x", "recipients": [], '
-                      b'"ciphertext": "y"}', headers={"content-type": ENCRYPTED})
+    body = httpx.post(
+        alice.url,
+        content=b'{"protected": "x", "recipients": [], "ciphertext": "y"}',
+        headers={"content-type": ENCRYPTED},
+    )
     assert body.status_code == 400 and body.json()["error"]
     assert alice.reply(f"{PICKUP}/status-request")["body"]["message_count"] == 0

@@ -39,7 +39,9 @@ async def data_dir(tmp_path: Path) -> Path:
     conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO dead_letters (kind, target, payload, reason, created_at, dead_at) "
-        "VALUES ('forward', 't', randomblob(900), 'test', 0, 0)", [()] * ROWS)
+        "VALUES ('forward', 't', randomblob(900), 'test', 0, 0)",
+        [()] * ROWS,
+    )
     conn.execute("COMMIT")
     conn.close()
     fd = os.open(directory / "identity.json", os.O_WRONLY | os.O_CREAT, 0o600)
@@ -59,8 +61,10 @@ def test_stepped_backup_finishes_and_is_consistent_under_continuous_writes(
         conn = sqlite3.connect(db, isolation_level=None)
         conn.execute("PRAGMA synchronous=FULL")
         while not stop.is_set():
-            conn.execute("INSERT INTO dead_letters (kind, target, payload, reason, created_at, "
-                         "dead_at) VALUES ('forward', 't', randomblob(900), 'w', 0, 0)")
+            conn.execute(
+                "INSERT INTO dead_letters (kind, target, payload, reason, created_at, "
+                "dead_at) VALUES ('forward', 't', randomblob(900), 'w', 0, 0)"
+            )
             writes.append(time.monotonic())
         conn.close()
 
@@ -70,8 +74,9 @@ def test_stepped_backup_finishes_and_is_consistent_under_continuous_writes(
         # ~1,000 steps of 4 pages. Without the held read snapshot SQLite restarts a stepped
         # backup on every commit by another connection, and this would never finish.
         started = time.monotonic()
-        manifest = make_backup(db, data_dir / "identity.json", tmp_path / "b" / "x.db",
-                               step_pages=4, step_sleep=0.001)
+        manifest = make_backup(
+            db, data_dir / "identity.json", tmp_path / "b" / "x.db", step_pages=4, step_sleep=0.001
+        )
         finished = time.monotonic()
     finally:
         stop.set()
@@ -83,8 +88,10 @@ def test_stepped_backup_finishes_and_is_consistent_under_continuous_writes(
     assert found is not None and problems == []
     # The copy is the snapshot: exactly the rows counted, whatever was written meanwhile.
     copy = sqlite3.connect(tmp_path / "b" / "x.db")
-    assert copy.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0] == \
-        manifest.tables["dead_letters"]
+    assert (
+        copy.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        == manifest.tables["dead_letters"]
+    )
     assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     copy.close()
 
@@ -104,8 +111,9 @@ def test_verify_reports_each_kind_of_damage(data_dir: Path, tmp_path: Path) -> N
     files.database.write_bytes(bytes(damaged))
     assert any("checksum mismatch" in p for p in verify_backup(file)[1])
     with pytest.raises(BackupError, match="verification"):
-        restore_backup(file, tmp_path / "r" / "dovecote.db", tmp_path / "r" / "identity.json",
-                       tmp_path / "r")
+        restore_backup(
+            file, tmp_path / "r" / "dovecote.db", tmp_path / "r" / "identity.json", tmp_path / "r"
+        )
     files.database.write_bytes(original)
 
     # Counts that do not match the file (checksum intact): caught by the count check.
@@ -125,8 +133,11 @@ def test_verify_reports_each_kind_of_damage(data_dir: Path, tmp_path: Path) -> N
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"x" * 8192)
     make_copy = json.loads(manifest_text)
-    make_copy["database"] = {"name": junk.name, "bytes": 8192,
-                             "sha256": hashlib.sha256(b"x" * 8192).hexdigest()}
+    make_copy["database"] = {
+        "name": junk.name,
+        "bytes": 8192,
+        "sha256": hashlib.sha256(b"x" * 8192).hexdigest(),
+    }
     Path(f"{junk}.manifest.json").write_text(json.dumps(make_copy))
     Path(f"{junk}.identity.json").write_bytes(files.identity.read_bytes())
     os.chmod(f"{junk}.identity.json", 0o600)
@@ -153,11 +164,15 @@ def test_restore_refuses_a_held_or_occupied_directory_and_moves_old_files_aside(
     with pytest.raises(BackupError, match="--force"):
         restore_backup(file, target / "dovecote.db", target / "identity.json", target)
 
-    done = restore_backup(file, target / "dovecote.db", target / "identity.json", target,
-                          force=True)
+    done = restore_backup(
+        file, target / "dovecote.db", target / "identity.json", target, force=True
+    )
     assert done.moved_aside is not None
     assert sorted(p.name for p in done.moved_aside.iterdir()) == [
-        "dovecote.db", "dovecote.db-wal", "identity.json"]
+        "dovecote.db",
+        "dovecote.db-wal",
+        "identity.json",
+    ]
     assert not (target / "dovecote.db-wal").exists()
     assert (target / "dovecote.db").read_bytes() == file.read_bytes()
     assert (target / "identity.json").read_bytes() == (data_dir / "identity.json").read_bytes()
@@ -169,17 +184,31 @@ def _ts(text: str) -> float:
 
 
 def test_retention_keeps_newest_per_hour_and_per_day() -> None:
-    stamps = [_ts(t) for t in (
-        "2026-11-25T10:05", "2026-11-25T10:45",  # same hour: only 10:45 is that hour's
-        "2026-11-25T09:30", "2026-11-25T08:30", "2026-11-25T07:30",
-        "2026-11-24T23:00", "2026-11-24T12:00",  # yesterday: 23:00 is that day's
-        "2026-11-23T18:00", "2026-11-20T18:00",
-    )]
+    stamps = [
+        _ts(t)
+        for t in (
+            "2026-11-25T10:05",
+            "2026-11-25T10:45",  # same hour: only 10:45 is that hour's
+            "2026-11-25T09:30",
+            "2026-11-25T08:30",
+            "2026-11-25T07:30",
+            "2026-11-24T23:00",
+            "2026-11-24T12:00",  # yesterday: 23:00 is that day's
+            "2026-11-23T18:00",
+            "2026-11-20T18:00",
+        )
+    ]
     keep = backup_schedule.kept(stamps, keep_hourly=3, keep_daily=3)
-    assert sorted(keep) == sorted(_ts(t) for t in (
-        "2026-11-25T10:45", "2026-11-25T09:30", "2026-11-25T08:30",  # last 3 hours
-        "2026-11-24T23:00", "2026-11-23T18:00",  # + newest of the 2 earlier days
-    ))
+    assert sorted(keep) == sorted(
+        _ts(t)
+        for t in (
+            "2026-11-25T10:45",
+            "2026-11-25T09:30",
+            "2026-11-25T08:30",  # last 3 hours
+            "2026-11-24T23:00",
+            "2026-11-23T18:00",  # + newest of the 2 earlier days
+        )
+    )
     assert backup_schedule.kept(stamps, 0, 0) == {_ts("2026-11-25T10:45")}
     assert backup_schedule.kept([], 3, 3) == set()
 
@@ -195,5 +224,10 @@ def test_prune_deletes_whole_backups_and_leftovers(data_dir: Path, tmp_path: Pat
     removed = backup_schedule.prune(backups, keep_hourly=1, keep_daily=1)
     assert sorted(removed) == sorted(names[:2])
     assert sorted(p.name for p in backups.iterdir()) == sorted(
-        p.name for p in (BackupFiles.of(names[2]).database, BackupFiles.of(names[2]).identity,
-                         BackupFiles.of(names[2]).manifest))
+        p.name
+        for p in (
+            BackupFiles.of(names[2]).database,
+            BackupFiles.of(names[2]).identity,
+            BackupFiles.of(names[2]).manifest,
+        )
+    )

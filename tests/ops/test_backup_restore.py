@@ -35,8 +35,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 async def dovecote(*args: str) -> tuple[int, str]:
     """Run a `dovecote` command without blocking the event loop (senders keep sending)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dovecote", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "dovecote",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
@@ -54,8 +59,11 @@ async def test_backup_under_load_restores_every_message_accepted_before_it(
     server = server_factory()
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
-    accepted = await post_all(client, server.base_url, await pack_forwards(
-        server.base_url, alice, [f"before-{i}" for i in range(BEFORE)]))
+    accepted = await post_all(
+        client,
+        server.base_url,
+        await pack_forwards(server.base_url, alice, [f"before-{i}" for i in range(BEFORE)]),
+    )
     assert len(accepted) == BEFORE
 
     # A sender that keeps forwarding (one fresh message at a time) through the backup.
@@ -80,8 +88,16 @@ async def test_backup_under_load_restores_every_message_accepted_before_it(
     # Small steps with pauses, so the copy spans many steps while the sender writes.
     backup = tmp_path / "backups" / "relay.db"
     started = time.time()
-    code, out = await dovecote("backup", str(backup), "--data-dir", str(server.data_dir),
-                               "--step-pages", "4", "--step-sleep", "0.01")
+    code, out = await dovecote(
+        "backup",
+        str(backup),
+        "--data-dir",
+        str(server.data_dir),
+        "--step-pages",
+        "4",
+        "--step-sleep",
+        "0.01",
+    )
     finished = time.time()
     await asyncio.sleep(0.3)
     stop.set()
@@ -120,11 +136,13 @@ async def test_backup_under_load_restores_every_message_accepted_before_it(
     assert all(count == 1 for count in seen.values()), "duplicates after restore"
     assert set(seen) <= accepted | sent
     assert sum(seen.values()) == manifest["tables"]["messages"]
-    print(f"\nbackup under load: accepted before={len(before_backup)} "
-          f"during backup={len(during)} (during the copy itself {len(copying)}) "
-          f"restored={len(seen)} "
-          f"backup took {finished - started:.2f}s (incl. process start) "
-          f"copy {manifest['seconds']}s, {manifest['database']['bytes']} bytes")
+    print(
+        f"\nbackup under load: accepted before={len(before_backup)} "
+        f"during backup={len(during)} (during the copy itself {len(copying)}) "
+        f"restored={len(seen)} "
+        f"backup took {finished - started:.2f}s (incl. process start) "
+        f"copy {manifest['seconds']}s, {manifest['database']['bytes']} bytes"
+    )
 
 
 async def test_second_server_on_a_held_data_dir_is_refused(
@@ -140,8 +158,18 @@ async def test_scheduled_backups_are_made_verified_and_pruned(
     server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     backups = tmp_path / "scheduled"
-    server = server_factory(args=["--backup-dir", str(backups), "--backup-interval", "1",
-                                  "--backup-keep-hourly", "1", "--backup-keep-daily", "1"])
+    server = server_factory(
+        args=[
+            "--backup-dir",
+            str(backups),
+            "--backup-interval",
+            "1",
+            "--backup-keep-hourly",
+            "1",
+            "--backup-keep-daily",
+            "1",
+        ]
+    )
     deadline = time.monotonic() + 30
     while sum(e["event"] == "backup.made" for e in server.log_events()) < 3:
         assert time.monotonic() < deadline, server.logs()
@@ -157,6 +185,9 @@ async def test_scheduled_backups_are_made_verified_and_pruned(
     for manifest in manifests:
         code, out = await dovecote("verify", str(manifest).removesuffix(".manifest.json"))
         assert code == 0, out
-    line = next(x for x in metrics.splitlines()
-                if x.startswith("dovecote_backup_last_success_timestamp_seconds "))
+    line = next(
+        x
+        for x in metrics.splitlines()
+        if x.startswith("dovecote_backup_last_success_timestamp_seconds ")
+    )
     assert abs(float(line.split()[1]) - time.time()) < 60

@@ -35,8 +35,9 @@ RUN_USER = os.environ.get("DOVECOTE_PG_USER", "postgres")
 
 
 def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]))
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3])
+    )
     return Path(found[-1]).parent if found else None
 
 
@@ -77,8 +78,18 @@ class Cluster:
 
     def start(self) -> None:
         for _ in range(3):
-            result = _as_owner(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.log, "-w",
-                               "-t", "60", "start", check=False)
+            result = _as_owner(
+                PG_BIN / "pg_ctl",
+                "-D",
+                self.data,
+                "-l",
+                self.log,
+                "-w",
+                "-t",
+                "60",
+                "start",
+                check=False,
+            )
             if result.returncode == 0:
                 return
             log = self.log.read_text() if self.log.exists() else ""
@@ -87,15 +98,19 @@ class Cluster:
             # Another process took the port between free_port() and the bind: move on.
             self.port = free_port()
             self.configure(port=str(self.port))
-        raise AssertionError(f"{self.data.name} did not start:\n{result.stderr}\n"
-                             + (self.log.read_text()[-3000:] if self.log.exists() else ""))
+        raise AssertionError(
+            f"{self.data.name} did not start:\n{result.stderr}\n"
+            + (self.log.read_text()[-3000:] if self.log.exists() else "")
+        )
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():
             subprocess.run(
                 ["runuser", "-u", RUN_USER, "--"] * (os.geteuid() == 0)
                 + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
-                capture_output=True, timeout=60)
+                capture_output=True,
+                timeout=60,
+            )
 
     async def sql(self, query: str) -> object:
         conn = await asyncpg.connect(self.url)
@@ -135,39 +150,63 @@ def _restore(home: Path, base: Path, archive: Path, name: str, **target: str) ->
     cluster = Cluster(home, home / name, free_port())
     _as_owner("cp", "-a", base, cluster.data)
     # fsync off: this copy only has to show what the archive holds, not survive a crash.
-    cluster.configure(port=str(cluster.port), archive_mode="off", fsync="off",
-                      restore_command=f"cp {archive}/%f %p", **target)
+    cluster.configure(
+        port=str(cluster.port),
+        archive_mode="off",
+        fsync="off",
+        restore_command=f"cp {archive}/%f %p",
+        **target,
+    )
     _as_owner("touch", cluster.data / "recovery.signal")
     return cluster
 
 
-def _server_on(server_factory: Callable[..., ServerProcess], cluster: Cluster,
-               identity: Path, data_dir: Path) -> ServerProcess:
+def _server_on(
+    server_factory: Callable[..., ServerProcess], cluster: Cluster, identity: Path, data_dir: Path
+) -> ServerProcess:
     """A Dovecote server on `cluster` with the mediator keys from the original."""
     data_dir.mkdir(parents=True)
     shutil.copy2(identity, data_dir / "identity.json")
-    return server_factory(env={"DOVECOTE_STORE": cluster.url}, data_dir=data_dir,
-                          start=False).start(wait=False)
+    return server_factory(
+        env={"DOVECOTE_STORE": cluster.url}, data_dir=data_dir, start=False
+    ).start(wait=False)
 
 
 async def test_base_backup_and_wal_archive_restore_every_accepted_message(
-    server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient,
-    pg_home: Path, tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    client: httpx.AsyncClient,
+    pg_home: Path,
+    tmp_path: Path,
 ) -> None:
     assert PG_BIN is not None
     archive = pg_home / "archive"
     _as_owner("mkdir", archive)
     primary = Cluster(pg_home, pg_home / "primary", free_port())
-    _as_owner(PG_BIN / "initdb", "-D", primary.data, "-U", "postgres", "--auth=trust",
-              "-E", "UTF8", "--locale=C", "--no-sync")
+    _as_owner(
+        PG_BIN / "initdb",
+        "-D",
+        primary.data,
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+    )
     primary.configure(
-        listen_addresses="127.0.0.1", port=str(primary.port),
-        unix_socket_directories=str(pg_home), wal_level="replica", archive_mode="on",
+        listen_addresses="127.0.0.1",
+        port=str(primary.port),
+        unix_socket_directories=str(pg_home),
+        wal_level="replica",
+        archive_mode="on",
         # Copy then rename: a restore that reads the archive while a segment is
         # being copied must never see a partial file ("wrong size", seen on a
         # loaded machine).
-        archive_command=(f"test ! -f {archive}/%f && cp %p {archive}/%f.part"
-                         f" && mv {archive}/%f.part {archive}/%f"),
+        archive_command=(
+            f"test ! -f {archive}/%f && cp %p {archive}/%f.part"
+            f" && mv {archive}/%f.part {archive}/%f"
+        ),
         max_wal_senders="4",
     )
     primary.start()
@@ -177,17 +216,30 @@ async def test_base_backup_and_wal_archive_restore_every_accepted_message(
     await alice.mediate(client)
 
     async def accept(prefix: str) -> set[str]:
-        batch = await pack_forwards(server.base_url, alice,
-                                    [f"{prefix}-{i}" for i in range(BATCH)])
+        batch = await pack_forwards(server.base_url, alice, [f"{prefix}-{i}" for i in range(BATCH)])
         accepted = await post_all(client, server.base_url, batch)
         assert len(accepted) == BATCH
         return accepted
 
     batch_a = await accept("a")
     base = pg_home / "base"
-    _as_owner(PG_BIN / "pg_basebackup", "-D", base, "-h", "127.0.0.1", "-p", primary.port,
-              "-U", "postgres", "-X", "stream", "-c", "fast", "--no-password",
-              "--no-sync")  # the test's only shortcut; the runbook's command syncs
+    _as_owner(
+        PG_BIN / "pg_basebackup",
+        "-D",
+        base,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        primary.port,
+        "-U",
+        "postgres",
+        "-X",
+        "stream",
+        "-c",
+        "fast",
+        "--no-password",
+        "--no-sync",
+    )  # the test's only shortcut; the runbook's command syncs
     batch_b = await accept("b")
     await primary.sql("SELECT pg_create_restore_point('before-c')")
     batch_c = await accept("c")
@@ -202,8 +254,14 @@ async def test_base_backup_and_wal_archive_restore_every_accepted_message(
     primary.stop("immediate")
 
     latest = _restore(pg_home, base, archive, "latest")
-    pitr = _restore(pg_home, base, archive, "pitr", recovery_target_name="before-c",
-                    recovery_target_action="promote")
+    pitr = _restore(
+        pg_home,
+        base,
+        archive,
+        "pitr",
+        recovery_target_name="before-c",
+        recovery_target_action="promote",
+    )
     for cluster in (latest, pitr):
         cluster.start()
     await asyncio.gather(latest.wait_promoted(), pitr.wait_promoted())
@@ -211,8 +269,9 @@ async def test_base_backup_and_wal_archive_restore_every_accepted_message(
     identity = server.data_dir / "identity.json"
     on_latest = _server_on(server_factory, latest, identity, tmp_path / "on-latest")
     on_pitr = _server_on(server_factory, pitr, identity, tmp_path / "on-pitr")
-    await asyncio.gather(asyncio.to_thread(on_latest.wait_ready),
-                         asyncio.to_thread(on_pitr.wait_ready))
+    await asyncio.gather(
+        asyncio.to_thread(on_latest.wait_ready), asyncio.to_thread(on_pitr.wait_ready)
+    )
 
     found: dict[str, set[str]] = {}
     for name, restored in (("latest", on_latest), ("pitr", on_pitr)):
@@ -223,5 +282,7 @@ async def test_base_backup_and_wal_archive_restore_every_accepted_message(
 
     assert found["latest"] == batch_a | batch_b | batch_c
     assert found["pitr"] == batch_a | batch_b
-    print(f"\npostgres restore: base backup after {len(batch_a)}, archive replay "
-          f"{len(found['latest'])}/{3 * BATCH}, PITR to 'before-c' {len(found['pitr'])}")
+    print(
+        f"\npostgres restore: base backup after {len(batch_a)}, archive replay "
+        f"{len(found['latest'])}/{3 * BATCH}, PITR to 'before-c' {len(found['pitr'])}"
+    )

@@ -16,8 +16,13 @@ from support.server import ROOT, ServerProcess, free_port
 
 
 def probe(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dovecote", "probe", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "dovecote", "probe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_probe_succeeds_and_leaves_nothing_behind(server_factory: Any) -> None:
@@ -52,17 +57,31 @@ def _successes(text: str, target: str) -> float:
     prefix = f'dovecote_probe_runs_total{{result="success",{target}}} '
     for line in text.splitlines():
         if line.startswith(prefix):
-            return float(line[len(prefix):])
+            return float(line[len(prefix) :])
     return 0.0
 
 
 def test_probe_every_exports_metrics(server_factory: Any) -> None:
     server: ServerProcess = server_factory()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dovecote", "probe", server.base_url,
-                             "--every", "0.5s", "--metrics-port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dovecote",
+            "probe",
+            server.base_url,
+            "--every",
+            "0.5s",
+            "--metrics-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ),
+    )
     try:
         text = ""
         target = f'target="{server.base_url}"'

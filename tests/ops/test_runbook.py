@@ -28,8 +28,12 @@ ANCHORS = {_slug(m) for m in re.findall(r"^#{1,6} (.+)$", RUNBOOK, re.MULTILINE)
 
 def test_every_alert_has_the_section_its_runbook_url_names() -> None:
     rules = yaml.safe_load(RULES.read_text())
-    alerts = {r["alert"]: r["annotations"]["runbook_url"]
-              for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    alerts = {
+        r["alert"]: r["annotations"]["runbook_url"]
+        for g in rules["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
     assert alerts
     for name, url in alerts.items():
         anchor = url.split("#", 1)[1]
@@ -45,8 +49,11 @@ def test_links_inside_the_runbook_resolve() -> None:
 
 def test_dovecote_commands_and_settings_exist() -> None:
     blocks = "\n".join(re.findall(r"```(?:sh|ini|yaml)?\n(.*?)```", RUNBOOK, re.DOTALL))
-    used = re.findall(r"(?:^|[\s;(&|/])dovecote ([a-z]+)(?![\w/.-])(?: ([a-z]+)(?![\w/.-]))?",
-                      blocks, re.MULTILINE)
+    used = re.findall(
+        r"(?:^|[\s;(&|/])dovecote ([a-z]+)(?![\w/.-])(?: ([a-z]+)(?![\w/.-]))?",
+        blocks,
+        re.MULTILINE,
+    )
     assert used
     for command, sub in used:
         assert command in main.commands, f"dovecote {command}"
@@ -82,8 +89,9 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     found: list[tuple[str, list[str]]] = []
     for path in DOCS:
         text = path.read_text()
-        pieces = [b.replace("\\\n", " ") for b in re.findall(r"```[a-z]*\n(.*?)```", text,
-                                                             re.DOTALL)]
+        pieces = [
+            b.replace("\\\n", " ") for b in re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
+        ]
         outside = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
         pieces += re.findall(r"`([^`\n]+)`", outside)
         for piece in pieces:
@@ -109,8 +117,12 @@ def _check_invocation(where: str, words: list[str]) -> None:
             name = word.split("=", 1)[0]
             if name in PLACEHOLDER_OPTIONS:
                 continue
-            options = {o: p for p in command.params if isinstance(p, Option)
-                       for o in (*p.opts, *p.secondary_opts)}
+            options = {
+                o: p
+                for p in command.params
+                if isinstance(p, Option)
+                for o in (*p.opts, *p.secondary_opts)
+            }
             options["--help"] = Option(["--help"], is_flag=True)
             if command is main:
                 options["--version"] = Option(["--version"], is_flag=True)
@@ -143,6 +155,7 @@ def test_every_documented_command_line_is_valid() -> None:
 # The README walkthrough, typed as a newcomer types it, against `dovecote serve` started
 # as `make serve` starts it (defaults, data in ./data), on a free port instead of 8080.
 
+
 def _walkthrough_script(port: int, bin_dir: Path) -> str:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Two-minute walkthrough", 1)[1].split("\n## ", 1)[0]
@@ -155,9 +168,11 @@ def _walkthrough_script(port: int, bin_dir: Path) -> str:
             line = line.replace(".venv/bin/", f"{bin_dir}/")
             line = line.replace("examples/", f"{ROOT}/examples/")
             if " rooms tail " in line:  # runs until Ctrl-C: read its output, then Ctrl-C
-                line = (f"{line.split('#')[0]} > tail.out & TAIL=$!\n"
-                        "for i in $(seq 150); do grep -q message.posted tail.out && break; "
-                        "sleep 0.2; done\nkill -INT $TAIL; wait $TAIL || true; cat tail.out")
+                line = (
+                    f"{line.split('#')[0]} > tail.out & TAIL=$!\n"
+                    "for i in $(seq 150); do grep -q message.posted tail.out && break; "
+                    "sleep 0.2; done\nkill -INT $TAIL; wait $TAIL || true; cat tail.out"
+                )
             lines.append(line)
     return "set -euo pipefail\n" + "\n".join(lines) + "\n"
 
@@ -175,16 +190,27 @@ def test_readme_walkthrough_runs(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOVECOTE_")}
     env.update(HOME=str(home), DOVECOTE_LOG_FORMAT="json")
     bin_dir = Path(sys.executable).parent
-    server = subprocess.Popen([str(bin_dir / "dovecote"), "serve", "--port", str(port)],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        [str(bin_dir / "dovecote"), "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         banner = [server.stdout.readline() for _ in range(5)]
         assert f"Invitation: http://127.0.0.1:{port}/oob" in "".join(banner), banner
         script = _walkthrough_script(port, bin_dir)
-        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         out = done.stdout
         assert done.returncode == 0, script + "\n" + out[-3000:] + done.stderr[-3000:]
     finally:
@@ -213,11 +239,13 @@ def test_check_a_deployment_block_runs(server_factory) -> None:  # type: ignore[
     block = block.split("```", 1)[0]
     bin_dir = Path(sys.executable).parent
     script = "set -euo pipefail\n" + block.replace(
-        "https://relay.example.com", server.base_url).replace("dovecote ", f"{bin_dir}/dovecote ")
+        "https://relay.example.com", server.base_url
+    ).replace("dovecote ", f"{bin_dir}/dovecote ")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOVECOTE_")}
     env["DOVECOTE_DATA_DIR"] = str(server.data_dir)  # the instance's own settings
-    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
     assert done.returncode == 0, script + done.stdout + done.stderr
     out = done.stdout
     assert '{"status":"ok"}' in out and '"ready":true' in out and '"degradation":"normal"' in out
@@ -237,11 +265,13 @@ def test_rooms_development_issuer_block_runs(server_factory) -> None:  # type: i
     block = doc.split("**development issuer**", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     bin_dir = Path(sys.executable).parent
     script = "set -euo pipefail\n" + block.replace(
-        "http://127.0.0.1:8080", server.base_url).replace("$(dovecote ", f"$({bin_dir}/dovecote ")
+        "http://127.0.0.1:8080", server.base_url
+    ).replace("$(dovecote ", f"$({bin_dir}/dovecote ")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOVECOTE_")}
     env["DOVECOTE_DATA_DIR"] = str(server.data_dir)
-    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, script + done.stdout + done.stderr
     room = json.loads(done.stdout)
     assert room["id"] == "r1", room

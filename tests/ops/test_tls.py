@@ -42,10 +42,17 @@ def _client_context(ca: Issued, client: Issued | None = None) -> ssl.SSLContext:
     return context
 
 
-def _tls_server(server_factory: Callable[..., ServerProcess], ca: Issued, cert: Issued,
-                *extra: str, wait: bool = True) -> ServerProcess:
-    server = server_factory(start=False, args=[
-        "--tls-cert", str(cert.cert_path), "--tls-key", str(cert.key_path), *extra])
+def _tls_server(
+    server_factory: Callable[..., ServerProcess],
+    ca: Issued,
+    cert: Issued,
+    *extra: str,
+    wait: bool = True,
+) -> ServerProcess:
+    server = server_factory(
+        start=False,
+        args=["--tls-cert", str(cert.cert_path), "--tls-key", str(cert.key_path), *extra],
+    )
     server.tls_ca = ca.cert_path
     return server.start(wait=wait)
 
@@ -63,7 +70,8 @@ async def test_https_serves_didcomm_and_reloads_certificate_on_sighup(
     async with httpx.AsyncClient(verify=_client_context(ca), timeout=10) as client:
         agent = Agent.create(server.base_url, server.did)
         status, pong = await agent.send_http(
-            client, agent.message(f"{PING}/ping", {"response_requested": True}))
+            client, agent.message(f"{PING}/ping", {"response_requested": True})
+        )
         assert status == 200 and pong is not None and pong["type"] == f"{PING}/ping-response"
         invitation = await client.get(server.base_url + "/invitation")
         assert invitation.status_code == 200
@@ -113,11 +121,28 @@ def test_admin_requires_allowlisted_address_client_certificate_and_token(
     server_cert = make_server_cert(ca, tmp_path)
     operator = make_client_cert(ca, tmp_path, "operator")
     stranger = make_self_signed_client(tmp_path)
-    server = _tls_server(server_factory, ca, server_cert, "--admin-token", TOKEN,
-                         "--admin-client-ca", str(ca.cert_path), wait=False)
-    narrow = _tls_server(server_factory, ca, server_cert, "--admin-token", TOKEN,
-                         "--admin-client-ca", str(ca.cert_path),
-                         "--admin-allow", "10.0.0.0/8", wait=False)
+    server = _tls_server(
+        server_factory,
+        ca,
+        server_cert,
+        "--admin-token",
+        TOKEN,
+        "--admin-client-ca",
+        str(ca.cert_path),
+        wait=False,
+    )
+    narrow = _tls_server(
+        server_factory,
+        ca,
+        server_cert,
+        "--admin-token",
+        TOKEN,
+        "--admin-client-ca",
+        str(ca.cert_path),
+        "--admin-allow",
+        "10.0.0.0/8",
+        wait=False,
+    )
     server.wait_ready()
     narrow.wait_ready()
     url = server.base_url + "/admin/cluster"
@@ -140,8 +165,10 @@ def test_admin_requires_allowlisted_address_client_certificate_and_token(
         assert denied.json()["error"] == "admin_client_cert_required"
 
     # A certificate nobody we trust signed: the handshake itself fails.
-    with httpx.Client(verify=_client_context(ca, stranger), timeout=10) as c, \
-            pytest.raises(httpx.TransportError):
+    with (
+        httpx.Client(verify=_client_context(ca, stranger), timeout=10) as c,
+        pytest.raises(httpx.TransportError),
+    ):
         c.get(url, headers=auth)
 
     # Address allowlist: the same certificate and token from a network not allowed.
@@ -154,10 +181,19 @@ def test_admin_requires_allowlisted_address_client_certificate_and_token(
 def test_forwarded_for_is_honoured_only_from_trusted_proxies(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    common = ["--admin-token", TOKEN, "--admin-allow", "203.0.113.7/32",
-              "--rate-limit-ip", "0.001", "--rate-limit-ip-burst", "5"]
-    behind_proxy = server_factory(args=[*common, "--trusted-proxies", "127.0.0.1"],
-                                  start=False).start(wait=False)
+    common = [
+        "--admin-token",
+        TOKEN,
+        "--admin-allow",
+        "203.0.113.7/32",
+        "--rate-limit-ip",
+        "0.001",
+        "--rate-limit-ip-burst",
+        "5",
+    ]
+    behind_proxy = server_factory(
+        args=[*common, "--trusted-proxies", "127.0.0.1"], start=False
+    ).start(wait=False)
     direct = server_factory(args=common, start=False).start(wait=False)
     behind_proxy.wait_ready()
     direct.wait_ready()
@@ -176,8 +212,10 @@ def test_forwarded_for_is_honoured_only_from_trusted_proxies(
     assert admin(direct, "203.0.113.7") == 403
 
     def statuses(server: ServerProcess, forwarded: list[str]) -> list[int]:
-        return [httpx.get(server.base_url + "/invitation",
-                          headers={"x-forwarded-for": f}).status_code for f in forwarded]
+        return [
+            httpx.get(server.base_url + "/invitation", headers={"x-forwarded-for": f}).status_code
+            for f in forwarded
+        ]
 
     # Per-IP rate limit (burst 5): behind a trusted proxy each client has its own bucket.
     assert statuses(behind_proxy, ["198.51.100.1"] * 6) == [200] * 5 + [429]

@@ -37,16 +37,22 @@ def tiny_disk(tmp_path: Path) -> Iterator[TinyDisk]:
     """A 4 MB tmpfs; DOVECOTE_TEST_TINY_DISK=pages uses the page limit even as root."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    mounted = os.environ.get("DOVECOTE_TEST_TINY_DISK") != "pages" and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-    ).returncode == 0
+    mounted = (
+        os.environ.get("DOVECOTE_TEST_TINY_DISK") != "pages"
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
     yield TinyDisk(mount, mounted)
     if mounted:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 async def test_disk_full_refuses_keeps_everything_and_recovers(
-    tiny_disk: TinyDisk, server_factory: Callable[..., ServerProcess],
+    tiny_disk: TinyDisk,
+    server_factory: Callable[..., ServerProcess],
     client: httpx.AsyncClient,
 ) -> None:
     env = {"DOVECOTE_MIN_FREE_DISK_BYTES": "0"}
@@ -63,8 +69,12 @@ async def test_disk_full_refuses_keeps_everything_and_recovers(
         filler.write_bytes(b"\0" * max(0, free - HEADROOM))
 
     async def send(n: int) -> int:
-        packed = await forward_to(server.base_url, alice, {
-            "id": f"m-{n}", "type": BASIC, "body": {"n": n, "pad": PAD}}, bob)
+        packed = await forward_to(
+            server.base_url,
+            alice,
+            {"id": f"m-{n}", "type": BASIC, "body": {"n": n, "pad": PAD}},
+            bob,
+        )
         response = await post(client, server, packed)
         if response.status_code != 202:
             assert response.headers.get("retry-after"), response.headers

@@ -14,10 +14,12 @@ from support.agent import BASIC, ENCRYPTED, PICKUP, PING, Agent, forward_to
 from support.server import ServerProcess
 
 
-async def test_rate_limit_per_client_ip(server_factory: Callable[..., ServerProcess],
-                                        client: httpx.AsyncClient) -> None:
-    server = server_factory(env={"DOVECOTE_RATE_LIMIT_IP": "1",
-                                 "DOVECOTE_RATE_LIMIT_IP_BURST": "5"})
+async def test_rate_limit_per_client_ip(
+    server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient
+) -> None:
+    server = server_factory(
+        env={"DOVECOTE_RATE_LIMIT_IP": "1", "DOVECOTE_RATE_LIMIT_IP_BURST": "5"}
+    )
     answers = [await client.get(server.base_url + "/invitation") for _ in range(12)]
     limited = [r for r in answers if r.status_code == 429]
     assert limited and all(r.status_code in (200, 429) for r in answers)
@@ -27,12 +29,16 @@ async def test_rate_limit_per_client_ip(server_factory: Callable[..., ServerProc
     assert (await client.get(server.base_url + "/health/ready")).status_code == 200
 
 
-async def test_rate_limit_per_sender_did(server_factory: Callable[..., ServerProcess],
-                                         client: httpx.AsyncClient) -> None:
-    server = server_factory(env={"DOVECOTE_RATE_LIMIT_DID": "0.5",
-                                 "DOVECOTE_RATE_LIMIT_DID_BURST": "2"})
-    chatty, quiet = Agent.create(server.base_url, server.did), Agent.create(server.base_url,
-                                                                             server.did)
+async def test_rate_limit_per_sender_did(
+    server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient
+) -> None:
+    server = server_factory(
+        env={"DOVECOTE_RATE_LIMIT_DID": "0.5", "DOVECOTE_RATE_LIMIT_DID_BURST": "2"}
+    )
+    chatty, quiet = (
+        Agent.create(server.base_url, server.did),
+        Agent.create(server.base_url, server.did),
+    )
     answers = []
     for _ in range(4):
         packed = await chatty.pack(chatty.message(f"{PING}/ping", {"response_requested": True}))
@@ -48,11 +54,16 @@ async def test_rate_limit_per_sender_did(server_factory: Callable[..., ServerPro
 
 
 async def test_concurrency_limit_websocket_limit_and_read_only(
-    server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient,
+    server_factory: Callable[..., ServerProcess],
+    client: httpx.AsyncClient,
 ) -> None:
-    server = server_factory(env={"DOVECOTE_MAX_CONCURRENT_REQUESTS": "1",
-                                 "DOVECOTE_MAX_WEBSOCKETS": "1",
-                                 "DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN})
+    server = server_factory(
+        env={
+            "DOVECOTE_MAX_CONCURRENT_REQUESTS": "1",
+            "DOVECOTE_MAX_WEBSOCKETS": "1",
+            "DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN,
+        }
+    )
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
     packed = await forward_to(server.base_url, alice, {"type": BASIC, "body": {"n": 1}})
@@ -65,8 +76,9 @@ async def test_concurrency_limit_websocket_limit_and_read_only(
         await release.wait()
         yield packed[10:].encode()
 
-    slow = asyncio.create_task(client.post(server.base_url + "/", content=slow_body(),
-                                           headers={"content-type": ENCRYPTED}))
+    slow = asyncio.create_task(
+        client.post(server.base_url + "/", content=slow_body(), headers={"content-type": ENCRYPTED})
+    )
     await asyncio.sleep(0.3)
     busy = await post(client, server, packed)
     assert busy.status_code == 503, busy.text
@@ -90,8 +102,9 @@ async def test_concurrency_limit_websocket_limit_and_read_only(
 
     # Read-only: new forwards get 503 + Retry-After, pickup still works.
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-    forced = await client.post(server.base_url + "/admin/degradation", headers=admin,
-                               json={"level": "read-only"})
+    forced = await client.post(
+        server.base_url + "/admin/degradation", headers=admin, json={"level": "read-only"}
+    )
     assert forced.json() == {"level": "read-only", "forced": True}
     other = await forward_to(server.base_url, alice, {"type": BASIC, "body": {"n": 2}})
     refused = await post(client, server, other)
@@ -101,7 +114,6 @@ async def test_concurrency_limit_websocket_limit_and_read_only(
     assert status["body"]["message_count"] == 1
     health = (await client.get(server.base_url + "/health", headers=admin)).json()
     assert health["degradation"] == "read-only" and health["degradation_forced"] is True
-    await client.post(server.base_url + "/admin/degradation", headers=admin,
-                      json={"level": "auto"})
+    await client.post(server.base_url + "/admin/degradation", headers=admin, json={"level": "auto"})
     assert (await post(client, server, other)).status_code == 202
     assert query(server, "SELECT COUNT(*) FROM messages") == [(2,)]

@@ -34,8 +34,10 @@ from support.server import ServerProcess
 
 
 async def test_failing_endpoint_retries_opens_breaker_then_delivers_once(
-    store_engine: dict[str, str], server_factory: Callable[..., ServerProcess],
-    endpoints: Callable[..., FlakyEndpoint], client: httpx.AsyncClient,
+    store_engine: dict[str, str],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
+    client: httpx.AsyncClient,
 ) -> None:
     # 500, timeout, reset: three consecutive failures open the breaker (threshold 3).
     # After 1 s it half-opens; the trial gets a 500 and it opens again; the next trial
@@ -74,21 +76,25 @@ async def test_failing_endpoint_retries_opens_breaker_then_delivers_once(
 
     text = (await client.get(server.base_url + "/metrics")).text
     assert metric_value(text, "dovecote_outbox_retries_total", kind="forward") == 4
-    assert metric_value(text, "dovecote_outbox_deliveries_total", kind="forward",
-                        outcome="delivered") == 1
+    assert (
+        metric_value(text, "dovecote_outbox_deliveries_total", kind="forward", outcome="delivered")
+        == 1
+    )
     assert metric_value(text, "dovecote_messages_relayed_total") == 1
     assert query(server, "SELECT COUNT(*) FROM outbox") == [(0,)]
 
 
 async def test_dead_endpoint_dead_letters_then_replay_delivers(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
     client: httpx.AsyncClient,
 ) -> None:
     endpoint = endpoints()
     port = endpoint.port
     endpoint.stop()  # nothing listens: every attempt is refused
-    server = server_factory(env={**FAST_OUTBOUND, "DOVECOTE_RETRY_RETENTION": "2",
-                                 "DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN})
+    server = server_factory(
+        env={**FAST_OUTBOUND, "DOVECOTE_RETRY_RETENTION": "2", "DOVECOTE_ADMIN_TOKEN": ADMIN_TOKEN}
+    )
     bob = Agent.create(server.base_url)
     carol = Agent.create(server.base_url, endpoint=f"http://127.0.0.1:{port}/")
     envelope, message_id = await remote_forward(server, bob, carol)
@@ -136,30 +142,40 @@ async def test_dead_endpoint_dead_letters_then_replay_delivers(
     assert gone["reason"] == "http_404" and gone["attempts"] == 1
     detail = (await client.get(f"{server.base_url}/admin/dlq/{gone['id']}", headers=admin)).json()
     assert detail["history"][-1]["status"] == 404 and detail["payload_base64"]
-    replay = await client.post(server.base_url + "/admin/dlq/replay", headers=admin,
-                               json={"ids": [gone["id"]]})
+    replay = await client.post(
+        server.base_url + "/admin/dlq/replay", headers=admin, json={"ids": [gone["id"]]}
+    )
     assert replay.json() == {"replayed": 1}
     assert await wait_until(lambda: len(revived.received) >= 3, 10)
     assert await wait_until(dead_letters, 10, interval=0.2)
     [again] = await dead_letters()
-    bad = await client.post(server.base_url + "/admin/dlq/purge", headers=admin,
-                            json={"ids": ["x"]})
+    bad = await client.post(
+        server.base_url + "/admin/dlq/purge", headers=admin, json={"ids": ["x"]}
+    )
     assert bad.status_code == 400
-    purge = await client.post(server.base_url + "/admin/dlq/purge", headers=admin,
-                              json={"ids": [again["id"]]})
+    purge = await client.post(
+        server.base_url + "/admin/dlq/purge", headers=admin, json={"ids": [again["id"]]}
+    )
     assert purge.json() == {"purged": 1}
     assert "purged 0" in dlq_cli(server, "purge", "--older-than", "0")
     assert await dead_letters() == []
 
 
 async def test_worker_killed_holding_leases_items_resume_without_loss(
-    store_engine: dict[str, str], server_factory: Callable[..., ServerProcess],
-    endpoints: Callable[..., FlakyEndpoint], client: httpx.AsyncClient,
+    store_engine: dict[str, str],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
+    client: httpx.AsyncClient,
 ) -> None:
     endpoint = endpoints(default="hang")
-    env = {**FAST_OUTBOUND, "DOVECOTE_OUTBOX_LEASE": "2", "DOVECOTE_FORWARD_WORKERS": "4",
-           "DOVECOTE_OUTBOUND_TIMEOUT": "15", "DOVECOTE_BREAKER_THRESHOLD": "100",
-           **store_engine}
+    env = {
+        **FAST_OUTBOUND,
+        "DOVECOTE_OUTBOX_LEASE": "2",
+        "DOVECOTE_FORWARD_WORKERS": "4",
+        "DOVECOTE_OUTBOUND_TIMEOUT": "15",
+        "DOVECOTE_BREAKER_THRESHOLD": "100",
+        **store_engine,
+    }
     server = server_factory(env=env)
     bob = Agent.create(server.base_url)
     carol = Agent.create(server.base_url, endpoint=endpoint.url)
@@ -179,11 +195,11 @@ async def test_worker_killed_holding_leases_items_resume_without_loss(
     endpoint.set_default("ok")
     server.start()
     assert await wait_until(
-        lambda: len(endpoint.bodies(succeeded_only=True)) >= 12, 30, interval=0.2)
+        lambda: len(endpoint.bodies(succeeded_only=True)) >= 12, 30, interval=0.2
+    )
     ids = await received_ids(carol, endpoint.bodies(succeeded_only=True))
     assert set(ids) == set(sent)  # each delivered at least once ...
     duplicates = sum(n - 1 for n in Counter(ids).values())
     assert len(set(ids)) == len(sent)  # ... and none missing after dedup by id
     assert duplicates <= 4, Counter(ids)  # only the sends cut by the kill can repeat
-    assert await wait_until(
-        lambda: query(server, "SELECT COUNT(*) FROM outbox") == [(0,)], 5)
+    assert await wait_until(lambda: query(server, "SELECT COUNT(*) FROM outbox") == [(0,)], 5)

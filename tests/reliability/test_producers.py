@@ -19,7 +19,8 @@ from support.server import ServerProcess
 
 
 async def test_reply_without_return_route_goes_to_the_senders_endpoint(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
     client: httpx.AsyncClient,
 ) -> None:
     endpoint = endpoints("503")  # the first attempt fails: the reply is retried
@@ -38,7 +39,8 @@ async def test_reply_without_return_route_goes_to_the_senders_endpoint(
 
 
 async def test_reply_to_a_mediatee_without_return_route_is_never_queued(
-    server_factory: Callable[..., ServerProcess], client: httpx.AsyncClient,
+    server_factory: Callable[..., ServerProcess],
+    client: httpx.AsyncClient,
 ) -> None:
     # Issue 12.3 (Pickup 3.0: a status MUST NOT be put on the queue): a mediatee whose
     # endpoint is this mediator gets replies on its live session, or not at all.
@@ -48,8 +50,7 @@ async def test_reply_to_a_mediatee_without_return_route_is_never_queued(
 
     def dropped() -> float:
         text = httpx.get(server.base_url + "/metrics").text
-        return metric_value(text, "dovecote_replies_not_returned_total",
-                            reason="no-live-session")
+        return metric_value(text, "dovecote_replies_not_returned_total", reason="no-live-session")
 
     before = dropped()
     requests = [
@@ -75,10 +76,14 @@ async def test_reply_to_a_mediatee_without_return_route_is_never_queued(
 
     # With a live session open, the reply travels on it (and still is not queued).
     async with websockets.connect(server.ws_url) as ws:
-        await ws.send(await alice.pack(alice.message(f"{PICKUP}/live-delivery-change",
-                                                     {"live_delivery": True})))
+        await ws.send(
+            await alice.pack(
+                alice.message(f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+            )
+        )
         assert (await alice.unpack(await asyncio.wait_for(ws.recv(), 10)))["body"][
-            "live_delivery"] is True
+            "live_delivery"
+        ] is True
         quiet = alice.message(f"{PICKUP}/status-request", return_route=False)
         assert (await post(client, server, await alice.pack(quiet))).status_code == 202
         reply = await alice.unpack(await asyncio.wait_for(ws.recv(), 10))
@@ -89,16 +94,21 @@ async def test_reply_to_a_mediatee_without_return_route_is_never_queued(
 
 
 async def test_offline_mailbox_notifications_coalesce_and_carry_no_content(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
     client: httpx.AsyncClient,
 ) -> None:
     webhook = endpoints(default="500")  # failing at first: notifications pile up
     push = endpoints()
-    server = server_factory(env={
-        **FAST_OUTBOUND, "DOVECOTE_BREAKER_THRESHOLD": "100",
-        "DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url, "DOVECOTE_PUSH_URL": push.url,
-        "DOVECOTE_PUSH_TOKEN": "push-secret",
-    })
+    server = server_factory(
+        env={
+            **FAST_OUTBOUND,
+            "DOVECOTE_BREAKER_THRESHOLD": "100",
+            "DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url,
+            "DOVECOTE_PUSH_URL": push.url,
+            "DOVECOTE_PUSH_TOKEN": "push-secret",
+        }
+    )
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     erin = Agent.create(server.base_url, server.did, via_mediator=True)
     for agent in (alice, erin):
@@ -106,13 +116,15 @@ async def test_offline_mailbox_notifications_coalesce_and_carry_no_content(
     digest = hashlib.sha256(alice.did.encode()).hexdigest()
 
     for n in range(4):
-        packed = await forward_to(server.base_url, alice,
-                                  {"type": BASIC, "body": {"content": f"secret {n}"}})
+        packed = await forward_to(
+            server.base_url, alice, {"type": BASIC, "body": {"content": f"secret {n}"}}
+        )
         assert (await post(client, server, packed)).status_code == 202
     assert await wait_until(lambda: len(webhook.received) >= 2, 10)  # retrying
     # While one is pending, later messages add no second notification for the mailbox.
-    rows = query(server, "SELECT COUNT(*) FROM outbox WHERE kind = 'notify' AND target = ?",
-                 webhook.url)
+    rows = query(
+        server, "SELECT COUNT(*) FROM outbox WHERE kind = 'notify' AND target = ?", webhook.url
+    )
     assert rows == [(1,)]
     webhook.set_default("ok")
     assert await wait_until(lambda: webhook.bodies(succeeded_only=True), 10)
@@ -120,8 +132,12 @@ async def test_offline_mailbox_notifications_coalesce_and_carry_no_content(
     [sent] = webhook.bodies(succeeded_only=True)
     note = json.loads(sent)
     delivery = await alice.request(client, f"{PICKUP}/delivery-request", {"limit": 10})
-    assert note == {"event": "message_waiting", "mediatee_hash": digest,
-                    "message_id": delivery["attachments"][0]["id"], "count": 4}
+    assert note == {
+        "event": "message_waiting",
+        "mediatee_hash": digest,
+        "message_id": delivery["attachments"][0]["id"],
+        "count": 4,
+    }
     assert webhook.received[-1].headers["content-type"] == "application/json"
     assert "authorization" not in webhook.received[-1].headers
 
@@ -139,8 +155,9 @@ async def test_offline_mailbox_notifications_coalesce_and_carry_no_content(
     # A mailbox with a live session on this instance is pushed to, not notified.
     calls = len(webhook.received)
     async with websockets.connect(server.ws_url) as ws:
-        await ws.send(await erin.pack(erin.message(f"{PICKUP}/live-delivery-change",
-                                                   {"live_delivery": True})))
+        await ws.send(
+            await erin.pack(erin.message(f"{PICKUP}/live-delivery-change", {"live_delivery": True}))
+        )
         await erin.unpack(await asyncio.wait_for(ws.recv(), 10))
         packed = await forward_to(server.base_url, erin, {"type": BASIC, "body": {}})
         assert (await post(client, server, packed)).status_code == 202

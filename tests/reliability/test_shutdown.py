@@ -23,16 +23,21 @@ PER_SENDER = 60
 
 
 async def test_sigterm_under_load_loses_nothing(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
     client: httpx.AsyncClient,
 ) -> None:
     # The webhook hangs: notification sends are in flight (leased) when SIGTERM comes.
     webhook = endpoints(default="hang")
-    server = server_factory(env={
-        "DOVECOTE_DRAIN_DELAY": "1.5", "DOVECOTE_SHUTDOWN_TIMEOUT": "3",
-        "DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url, "DOVECOTE_NOTIFY_WORKERS": "2",
-        "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8",
-    })
+    server = server_factory(
+        env={
+            "DOVECOTE_DRAIN_DELAY": "1.5",
+            "DOVECOTE_SHUTDOWN_TIMEOUT": "3",
+            "DOVECOTE_NOTIFY_WEBHOOK_URL": webhook.url,
+            "DOVECOTE_NOTIFY_WORKERS": "2",
+            "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8",
+        }
+    )
     alices = [Agent.create(server.base_url, server.did, via_mediator=True) for _ in range(4)]
     for alice in alices:
         await alice.mediate(client)
@@ -40,8 +45,12 @@ async def test_sigterm_under_load_loses_nothing(
     work: list[list[tuple[str, str]]] = [[] for _ in range(SENDERS)]
     for n in range(SENDERS * PER_SENDER):
         inner_id = f"m-{n}"
-        packed = await forward_to(server.base_url, alices[n % len(alices)],
-                                  {"id": inner_id, "type": BASIC, "body": {"n": n}}, bob)
+        packed = await forward_to(
+            server.base_url,
+            alices[n % len(alices)],
+            {"id": inner_id, "type": BASIC, "body": {"n": n}},
+            bob,
+        )
         work[n % SENDERS].append((inner_id, packed))
 
     outcomes: dict[str, int | str] = {}
@@ -77,8 +86,7 @@ async def test_sigterm_under_load_loses_nothing(
     assert socket.close_code == 1012 and "restart" in socket.close_reason
 
     await asyncio.gather(*load)
-    assert await wait_until(lambda: server.proc is not None and server.proc.poll() is not None,
-                            15)
+    assert await wait_until(lambda: server.proc is not None and server.proc.poll() is not None, 15)
     statuses = Counter(outcomes.values())
     assert set(statuses) <= {202, 503, "error"}, statuses
     assert statuses[202] >= 40 and statuses[503] > 0, statuses

@@ -79,13 +79,17 @@ def rooms_env(issuer: Issuer, store_url: str, webhook: Webhook) -> dict[str, str
 
 
 @pytest.fixture(scope="session")
-def rooms_server(tmp_path_factory: pytest.TempPathFactory, issuer: Issuer,
-                 store_url: str, webhook: Webhook) -> Iterator[ServerProcess]:
+def rooms_server(
+    tmp_path_factory: pytest.TempPathFactory, issuer: Issuer, store_url: str, webhook: Webhook
+) -> Iterator[ServerProcess]:
     """One server per engine for the whole run, trusting `issuer`."""
     base = tmp_path_factory.mktemp("rooms-server")
-    server = ServerProcess(data_dir=base / "data", port=free_port(),
-                           env=env_for(issuer, store_url, webhook),
-                           log_path=base / "server.log")
+    server = ServerProcess(
+        data_dir=base / "data",
+        port=free_port(),
+        env=env_for(issuer, store_url, webhook),
+        log_path=base / "server.log",
+    )
     server.start()
     yield server
     server.kill()

@@ -18,8 +18,11 @@ def test_room_crud_and_participants(rooms: RoomsClient) -> None:
     assert room == "crud-1"
 
     # Duplicate id -> 409; a non-admin token cannot create rooms.
-    r = http.post(f"{base}/v1/rooms", json={"id": "crud-1", "name": "x"},
-                  headers=rooms.as_("root", roles=["admin"]))
+    r = http.post(
+        f"{base}/v1/rooms",
+        json={"id": "crud-1", "name": "x"},
+        headers=rooms.as_("root", roles=["admin"]),
+    )
     assert r.status_code == 409 and r.json()["error"] == "e.m.req.conflict"
     r = http.post(f"{base}/v1/rooms", json={"name": "x"}, headers=rooms.as_("alice"))
     assert r.status_code == 403
@@ -32,22 +35,34 @@ def test_room_crud_and_participants(rooms: RoomsClient) -> None:
     assert http.get(f"{base}/v1/rooms", headers=rooms.as_("carol")).json()["rooms"] == []
 
     # Only room admins (or token admins) manage participants.
-    r = http.put(f"{base}/v1/rooms/{room}/participants/carol", json={"role": "member"},
-                 headers=rooms.as_("bob"))
+    r = http.put(
+        f"{base}/v1/rooms/{room}/participants/carol",
+        json={"role": "member"},
+        headers=rooms.as_("bob"),
+    )
     assert r.status_code == 403
-    r = http.put(f"{base}/v1/rooms/{room}/participants/carol", json={"role": "moderator"},
-                 headers=rooms.as_("alice"))
+    r = http.put(
+        f"{base}/v1/rooms/{room}/participants/carol",
+        json={"role": "moderator"},
+        headers=rooms.as_("alice"),
+    )
     assert r.status_code == 200, r.text
     assert r.json()["participant"]["role"] == "moderator"
     assert r.json()["event"]["type"] == "participant.added"
     # Same role again: no event.
-    r = http.put(f"{base}/v1/rooms/{room}/participants/carol", json={"role": "moderator"},
-                 headers=rooms.as_("alice"))
+    r = http.put(
+        f"{base}/v1/rooms/{room}/participants/carol",
+        json={"role": "moderator"},
+        headers=rooms.as_("alice"),
+    )
     assert r.status_code == 200 and r.json()["event"] is None
 
     people = http.get(f"{base}/v1/rooms/{room}/participants", headers=rooms.as_("carol"))
     assert {p["id"]: p["role"] for p in people.json()["participants"]} == {
-        "alice": "admin", "bob": "member", "carol": "moderator"}
+        "alice": "admin",
+        "bob": "member",
+        "carol": "moderator",
+    }
 
     # A participant may leave on their own; removing twice is 404.
     r = http.delete(f"{base}/v1/rooms/{room}/participants/bob", headers=rooms.as_("bob"))
@@ -76,11 +91,11 @@ def test_messages_edit_delete_and_moderation(rooms: RoomsClient) -> None:
 
     url = f"{base}/v1/rooms/{room}/messages/{msg['id']}"
     # Bob may not edit or delete Alice's message.
-    assert http.patch(url, json={"text": "bob was here"},
-                      headers=rooms.as_("bob")).status_code == 403
+    assert (
+        http.patch(url, json={"text": "bob was here"}, headers=rooms.as_("bob")).status_code == 403
+    )
     assert http.delete(url, headers=rooms.as_("bob")).status_code == 403
-    r = http.patch(url, json={"text": "hello, world", "data": {"k": 1}},
-                   headers=rooms.as_("alice"))
+    r = http.patch(url, json={"text": "hello, world", "data": {"k": 1}}, headers=rooms.as_("alice"))
     assert r.status_code == 200 and r.json()["type"] == "message.edited"
     got = http.get(url, headers=rooms.as_("bob")).json()
     assert got["text"] == "hello, world" and got["data"] == {"k": 1} and got["edited_at"]
@@ -92,16 +107,26 @@ def test_messages_edit_delete_and_moderation(rooms: RoomsClient) -> None:
     got = http.get(url, headers=rooms.as_("bob")).json()
     assert got["deleted"] is True and got["text"] is None
     second = rooms.post(room, "bob", "second").json()
-    r = http.delete(f"{base}/v1/rooms/{room}/messages/{second['id']}",
-                    headers=rooms.as_("alice", roles=["moderator"]))
+    r = http.delete(
+        f"{base}/v1/rooms/{room}/messages/{second['id']}",
+        headers=rooms.as_("alice", roles=["moderator"]),
+    )
     assert r.status_code == 200
 
     # History: a tombstone event, and the deleted content is not served.
     events = rooms.all_events(room)
     types = [e["type"] for e in events]
-    assert types == ["room.created", "participant.added", "participant.added",
-                     "participant.added", "message.posted", "message.edited",
-                     "message.deleted", "message.posted", "message.deleted"]
+    assert types == [
+        "room.created",
+        "participant.added",
+        "participant.added",
+        "participant.added",
+        "message.posted",
+        "message.edited",
+        "message.deleted",
+        "message.posted",
+        "message.deleted",
+    ]
     assert [e["seq"] for e in events] == list(range(1, 10))
     assert events[4]["data"] == {"redacted": True}
     assert events[5]["data"] == {"redacted": True}
@@ -140,9 +165,11 @@ def test_idempotent_post(rooms: RoomsClient) -> None:
     assert again.status_code == 200
     assert (again.json()["id"], again.json()["seq"]) == (first.json()["id"], first.json()["seq"])
     # The key may come in the body too.
-    body_retry = http.post(f"{base}/v1/rooms/{room}/messages",
-                           json={"text": "once", "idempotency_key": key},
-                           headers=rooms.as_("alice"))
+    body_retry = http.post(
+        f"{base}/v1/rooms/{room}/messages",
+        json={"text": "once", "idempotency_key": key},
+        headers=rooms.as_("alice"),
+    )
     assert body_retry.status_code == 200 and body_retry.json()["id"] == first.json()["id"]
     # Same key, different body: 409 and nothing stored.
     before = rooms.events(room)["last_seq"]
@@ -152,9 +179,11 @@ def test_idempotent_post(rooms: RoomsClient) -> None:
     # Keys are per participant: Bob's use of the same key is a new message.
     assert rooms.post(room, "bob", "once", key=key).status_code == 201
     # Header and body keys that differ are refused.
-    r = http.post(f"{base}/v1/rooms/{room}/messages",
-                  json={"text": "x", "idempotency_key": new_key()},
-                  headers={**rooms.as_("alice"), "Idempotency-Key": new_key()})
+    r = http.post(
+        f"{base}/v1/rooms/{room}/messages",
+        json={"text": "x", "idempotency_key": new_key()},
+        headers={**rooms.as_("alice"), "Idempotency-Key": new_key()},
+    )
     assert r.status_code == 400
 
 
@@ -179,41 +208,50 @@ def test_reactions_are_a_set(rooms: RoomsClient) -> None:
     assert http.put(f"{url}/x", headers=rooms.as_("eve")).status_code == 403
 
 
-@pytest.mark.parametrize("body, status", [
-    ({}, 400),
-    ({"text": 5}, 400),
-    ({"text": "ok", "extra": 1}, 400),
-    ({"data": []}, 400),
-    ({"text": "x" * (MAX_MESSAGE_BYTES + 1)}, 413),
-    ({"text": "ok", "idempotency_key": ""}, 400),
-], ids=["empty", "int-text", "extra-field", "list-data", "too-big", "empty-key"])
-def test_invalid_posts_store_nothing(rooms: RoomsClient, body: dict[str, Any],
-                                     status: int) -> None:
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({}, 400),
+        ({"text": 5}, 400),
+        ({"text": "ok", "extra": 1}, 400),
+        ({"data": []}, 400),
+        ({"text": "x" * (MAX_MESSAGE_BYTES + 1)}, 413),
+        ({"text": "ok", "idempotency_key": ""}, 400),
+    ],
+    ids=["empty", "int-text", "extra-field", "list-data", "too-big", "empty-key"],
+)
+def test_invalid_posts_store_nothing(rooms: RoomsClient, body: dict[str, Any], status: int) -> None:
     room = rooms.create_room({"alice": "member"})
     before = rooms.events(room)["last_seq"]
-    r = rooms.http.post(f"{rooms.base_url}/v1/rooms/{room}/messages", json=body,
-                        headers=rooms.as_("alice"))
+    r = rooms.http.post(
+        f"{rooms.base_url}/v1/rooms/{room}/messages", json=body, headers=rooms.as_("alice")
+    )
     assert r.status_code == status, r.text
     assert set(r.json()) >= {"error", "detail"}
     assert rooms.events(room)["last_seq"] == before
 
 
-@pytest.mark.parametrize("raw, content_type, status", [
-    (b"{", "application/json", 400),
-    (b'{"text": NaN}', "application/json", 400),
-    (b'{"text": 1e999}', "application/json", 400),
-    (b'{"text": "\\ud800"}', "application/json", 400),
-    (b"[" * 5000 + b"]" * 5000, "application/json", 400),
-    (b"[" * 600_000 + b"]" * 600_000, "application/json", 413),
-    (b'{"text": "x"}', "text/plain", 415),
-    (b"", "application/json", 400),
-], ids=["truncated", "nan", "infinite", "lone-surrogate", "deep", "huge", "text-plain",
-        "empty"])
-def test_malformed_bodies(rooms: RoomsClient, raw: bytes, content_type: str,
-                          status: int) -> None:
+@pytest.mark.parametrize(
+    "raw, content_type, status",
+    [
+        (b"{", "application/json", 400),
+        (b'{"text": NaN}', "application/json", 400),
+        (b'{"text": 1e999}', "application/json", 400),
+        (b'{"text": "\\ud800"}', "application/json", 400),
+        (b"[" * 5000 + b"]" * 5000, "application/json", 400),
+        (b"[" * 600_000 + b"]" * 600_000, "application/json", 413),
+        (b'{"text": "x"}', "text/plain", 415),
+        (b"", "application/json", 400),
+    ],
+    ids=["truncated", "nan", "infinite", "lone-surrogate", "deep", "huge", "text-plain", "empty"],
+)
+def test_malformed_bodies(rooms: RoomsClient, raw: bytes, content_type: str, status: int) -> None:
     room = rooms.create_room({"alice": "member"})
-    r = rooms.http.post(f"{rooms.base_url}/v1/rooms/{room}/messages", content=raw,
-                        headers={**rooms.as_("alice"), "Content-Type": content_type})
+    r = rooms.http.post(
+        f"{rooms.base_url}/v1/rooms/{room}/messages",
+        content=raw,
+        headers={**rooms.as_("alice"), "Content-Type": content_type},
+    )
     assert r.status_code == status, r.text
     assert "error" in r.json()
 
@@ -228,8 +266,9 @@ def test_unknown_paths_and_methods_are_json(rooms: RoomsClient) -> None:
     assert r.status_code == 404
 
 
-def test_purge_erases_deleted_content(rooms: RoomsClient, rooms_server: ServerProcess,
-                                      store_url: str) -> None:
+def test_purge_erases_deleted_content(
+    rooms: RoomsClient, rooms_server: ServerProcess, store_url: str
+) -> None:
     """The servers here purge 0.5 s after a delete (DOVECOTE_ROOMS_PURGE_AFTER)."""
     http, base = rooms.http, rooms.base_url
     room = rooms.create_room({"alice": "member"})
@@ -238,13 +277,20 @@ def test_purge_erases_deleted_content(rooms: RoomsClient, rooms_server: ServerPr
     http.delete(f"{base}/v1/rooms/{room}/messages/{msg['id']}", headers=rooms.as_("alice"))
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        rows = query(store_url, rooms_server.data_dir,
-                     f"SELECT content, purged_at FROM room_messages WHERE id = '{msg['id']}'")
+        rows = query(
+            store_url,
+            rooms_server.data_dir,
+            f"SELECT content, purged_at FROM room_messages WHERE id = '{msg['id']}'",
+        )
         if rows[0][1] is not None:
             break
         time.sleep(0.2)
     assert rows[0][0] is None and rows[0][1] is not None
-    data = [r[0] for r in query(store_url, rooms_server.data_dir,
-                                f"SELECT data FROM room_events WHERE room = '{room}'")]
+    data = [
+        r[0]
+        for r in query(
+            store_url, rooms_server.data_dir, f"SELECT data FROM room_events WHERE room = '{room}'"
+        )
+    ]
     assert not any("secret purge me" in d for d in data)
     assert any('"kept"' in d for d in data)  # only the deleted message's content goes

@@ -31,8 +31,7 @@ def _unsigned(claims: dict[str, object]) -> str:
 
 def _claims(sub: str = "alice", **extra: object) -> dict[str, object]:
     now = int(time.time())
-    return {"sub": sub, "iss": "https://issuer.test", "exp": now + 600, "rooms": "*",
-            **extra}
+    return {"sub": sub, "iss": "https://issuer.test", "exp": now + 600, "rooms": "*", **extra}
 
 
 def test_bad_tokens_get_401(rooms: RoomsClient, issuer: Issuer) -> None:
@@ -43,20 +42,23 @@ def test_bad_tokens_get_401(rooms: RoomsClient, issuer: Issuer) -> None:
     tokens = {
         "expired": issuer.token("alice", ttl=-3600),
         "wrong issuer": issuer.token("alice", iss="https://evil.test"),
-        "unknown key": jwt.encode({"alg": "ES256", "kid": "nope"}, _claims(),
-                                  ECKey.generate_key("P-256"), algorithms=["ES256"]),
-        "forged with the same kid": jwt.encode({"alg": "EdDSA", "kid": "ed-1"}, _claims(),
-                                               stranger, algorithms=["EdDSA"]),
+        "unknown key": jwt.encode(
+            {"alg": "ES256", "kid": "nope"},
+            _claims(),
+            ECKey.generate_key("P-256"),
+            algorithms=["ES256"],
+        ),
+        "forged with the same kid": jwt.encode(
+            {"alg": "EdDSA", "kid": "ed-1"}, _claims(), stranger, algorithms=["EdDSA"]
+        ),
         "alg none": _unsigned(_claims()),
-        "hmac": jwt.encode({"alg": "HS256", "kid": "ed-1"}, _claims(), hmac,
-                           algorithms=["HS256"]),
+        "hmac": jwt.encode({"alg": "HS256", "kid": "ed-1"}, _claims(), hmac, algorithms=["HS256"]),
         "no sub": issuer.token("", extra={"sub": None}),
         "rooms not a list": issuer.token("alice", extra={"rooms": 5}),
         "garbage": "a.b.c",
     }
     for name, token in tokens.items():
-        r = rooms.http.post(url, json={"text": "x"},
-                            headers={"Authorization": f"Bearer {token}"})
+        r = rooms.http.post(url, json={"text": "x"}, headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 401, (name, r.text)
         assert r.json()["error"] == "e.m.trust.token", name
         assert r.headers["www-authenticate"].startswith("Bearer")
@@ -69,8 +71,11 @@ def test_bad_tokens_get_401(rooms: RoomsClient, issuer: Issuer) -> None:
 def test_both_key_types_verify(rooms: RoomsClient) -> None:
     room = rooms.create_room({"alice": "member"})
     for key in ("ed", "es"):
-        r = rooms.http.post(f"{rooms.base_url}/v1/rooms/{room}/messages", json={"text": key},
-                            headers=rooms.as_("alice", key=key))
+        r = rooms.http.post(
+            f"{rooms.base_url}/v1/rooms/{room}/messages",
+            json={"text": key},
+            headers=rooms.as_("alice", key=key),
+        )
         assert r.status_code == 201, r.text
 
 
@@ -87,11 +92,13 @@ def test_wrong_room_and_wrong_role_get_403(rooms: RoomsClient) -> None:
     listed = rooms.http.get(f"{base}/v1/rooms", headers=narrow).json()["rooms"]
     assert [r["id"] for r in listed] == [other]
     # Roles: creating rooms and managing participants need admin.
-    r = rooms.http.post(f"{base}/v1/rooms", json={"name": "x"},
-                        headers=rooms.as_("bob", roles=["moderator"]))
+    r = rooms.http.post(
+        f"{base}/v1/rooms", json={"name": "x"}, headers=rooms.as_("bob", roles=["moderator"])
+    )
     assert r.status_code == 403
-    r = rooms.http.put(f"{base}/v1/rooms/{room}/participants/eve", json={"role": "admin"},
-                       headers=rooms.as_("bob"))
+    r = rooms.http.put(
+        f"{base}/v1/rooms/{room}/participants/eve", json={"role": "admin"}, headers=rooms.as_("bob")
+    )
     assert r.status_code == 403
     r = rooms.http.delete(f"{base}/v1/rooms/{room}", headers=rooms.as_("alice"))
     assert r.status_code == 403
@@ -105,12 +112,14 @@ def test_issuer_keys_rotate_without_restart(rooms: RoomsClient, issuer: Issuer) 
     try:
         token = issuer.token("alice", key="rotated")
         # Not yet published: unknown key.
-        before = rooms.http.post(url, json={"text": "1"},
-                                 headers={"Authorization": f"Bearer {token}"})
+        before = rooms.http.post(
+            url, json={"text": "1"}, headers={"Authorization": f"Bearer {token}"}
+        )
         assert before.status_code == 401
         issuer.publish()
-        after = rooms.http.post(url, json={"text": "2"},
-                                headers={"Authorization": f"Bearer {token}"})
+        after = rooms.http.post(
+            url, json={"text": "2"}, headers={"Authorization": f"Bearer {token}"}
+        )
         assert after.status_code == 201, after.text
         # Retire the old Ed25519 key: its tokens stop working at once.
         issuer.publish(["es", "rotated"])
@@ -151,13 +160,15 @@ def test_jwks_url_is_refetched(server_factory: Any, tmp_path: Path) -> None:
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        server = server_factory(env={
-            "DOVECOTE_ROOMS_JWKS_URL": f"http://127.0.0.1:{httpd.server_port}/jwks.json",
-            "DOVECOTE_ROOMS_JWKS_REFRESH": "0.5",
-            # An issuer on loopback: allowed by network, not by allowing everything private.
-            "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8",
-            "DOVECOTE_ROOMS_JWT_ISSUER": issuer.iss,
-        })
+        server = server_factory(
+            env={
+                "DOVECOTE_ROOMS_JWKS_URL": f"http://127.0.0.1:{httpd.server_port}/jwks.json",
+                "DOVECOTE_ROOMS_JWKS_REFRESH": "0.5",
+                # An issuer on loopback: allowed by network, not by allowing everything private.
+                "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8",
+                "DOVECOTE_ROOMS_JWT_ISSUER": issuer.iss,
+            }
+        )
         url = f"{server.base_url}/v1/rooms"
         assert httpx.get(url, headers=issuer.headers("a", key="ed")).status_code == 200
         assert httpx.get(url, headers=issuer.headers("a", key="es")).status_code == 401

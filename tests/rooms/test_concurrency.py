@@ -37,9 +37,20 @@ async def test_many_writers_retrying_and_reacting(rooms: RoomsClient) -> None:
             for n in range(POSTS_EACH):
                 key, text = str(uuid.uuid4()), f"{w} says {n}"
                 for _ in range(COPIES):
-                    jobs.append((w, key, text, call(
-                        http, "POST", base, json={"text": text},
-                        headers={**headers[w], "Idempotency-Key": key})))
+                    jobs.append(
+                        (
+                            w,
+                            key,
+                            text,
+                            call(
+                                http,
+                                "POST",
+                                base,
+                                json={"text": text},
+                                headers={**headers[w], "Idempotency-Key": key},
+                            ),
+                        )
+                    )
         responses = await asyncio.gather(*(job[3] for job in jobs))
         by_key: dict[str, set[tuple[str, int]]] = {}
         statuses: Counter[int] = Counter()
@@ -54,26 +65,51 @@ async def test_many_writers_retrying_and_reacting(rooms: RoomsClient) -> None:
 
         # Phase 2: late retries return the original; reuse with another body is 409.
         keyed = {key: (w, text) for (w, key, text, _) in jobs}
-        retries = await asyncio.gather(*(
-            call(http, "POST", base, json={"text": text},
-                 headers={**headers[w], "Idempotency-Key": key})
-            for key, (w, text) in keyed.items()))
+        retries = await asyncio.gather(
+            *(
+                call(
+                    http,
+                    "POST",
+                    base,
+                    json={"text": text},
+                    headers={**headers[w], "Idempotency-Key": key},
+                )
+                for key, (w, text) in keyed.items()
+            )
+        )
         for (key, _), r in zip(keyed.items(), retries, strict=True):
             assert r.status_code == 200 and {(r.json()["id"], r.json()["seq"])} == by_key[key]
-        conflicts = await asyncio.gather(*(
-            call(http, "POST", base, json={"text": "something else"},
-                 headers={**headers[w], "Idempotency-Key": key})
-            for key, (w, _) in list(keyed.items())[:WRITERS]))
+        conflicts = await asyncio.gather(
+            *(
+                call(
+                    http,
+                    "POST",
+                    base,
+                    json={"text": "something else"},
+                    headers={**headers[w], "Idempotency-Key": key},
+                )
+                for key, (w, _) in list(keyed.items())[:WRITERS]
+            )
+        )
         assert all(r.status_code == 409 for r in conflicts)
 
         # Phase 3: everyone adds 👍 and ❤ to the same messages, each twice, at once.
         targets = sorted(next(iter(v))[0] for v in by_key.values())[:REACTED]
-        adds = [call(http, "PUT", f"{base}/{m}/reactions/{emoji}", headers=headers[w])
-                for m in targets for w in writers for emoji in ("👍", "❤") for _ in range(2)]
+        adds = [
+            call(http, "PUT", f"{base}/{m}/reactions/{emoji}", headers=headers[w])
+            for m in targets
+            for w in writers
+            for emoji in ("👍", "❤")
+            for _ in range(2)
+        ]
         assert all(r.status_code == 200 for r in await asyncio.gather(*adds))
         # Phase 4: the even writers take back their 👍 (twice, at once).
-        removes = [call(http, "DELETE", f"{base}/{m}/reactions/👍", headers=headers[w])
-                   for m in targets for w in writers[::2] for _ in range(2)]
+        removes = [
+            call(http, "DELETE", f"{base}/{m}/reactions/👍", headers=headers[w])
+            for m in targets
+            for w in writers[::2]
+            for _ in range(2)
+        ]
         assert all(r.status_code == 200 for r in await asyncio.gather(*removes))
 
         for m in targets:
@@ -89,5 +125,6 @@ async def test_many_writers_retrying_and_reacting(rooms: RoomsClient) -> None:
     assert kinds["message.posted"] == WRITERS * POSTS_EACH
     assert kinds["reaction.added"] == REACTED * WRITERS * 2
     assert kinds["reaction.removed"] == REACTED * len(writers[::2])
-    assert len(events) == setup + sum(kinds[k] for k in kinds if k.startswith(("message",
-                                                                             "reaction")))
+    assert len(events) == setup + sum(
+        kinds[k] for k in kinds if k.startswith(("message", "reaction"))
+    )

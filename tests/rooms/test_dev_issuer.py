@@ -18,16 +18,26 @@ from support.server import ROOT, ServerProcess, free_port
 
 
 def dovecote(*args: str, code: int = 0, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run([sys.executable, "-m", "dovecote", *args], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-m", "dovecote", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
     assert done.returncode == code, done.stdout + done.stderr
     return done.stdout if code == 0 else done.stderr
 
 
 def client(data_dir: Path, *args: str, code: int = 0) -> str:
-    done = subprocess.run([sys.executable, "-m", "dovecote.client.cli", "--data-dir",
-                           str(data_dir), *args], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "dovecote.client.cli", "--data-dir", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert done.returncode == code, done.stdout + done.stderr
     return done.stdout if code == 0 else done.stderr
 
@@ -35,8 +45,9 @@ def client(data_dir: Path, *args: str, code: int = 0) -> str:
 @pytest.fixture(scope="module")
 def dev_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     base = tmp_path_factory.mktemp("devrooms")
-    server = ServerProcess(data_dir=base / "data", port=free_port(), env={},
-                           log_path=base / "server.log")
+    server = ServerProcess(
+        data_dir=base / "data", port=free_port(), env={}, log_path=base / "server.log"
+    )
     server.start()
     yield server  # type: ignore[misc]
     server.kill()
@@ -45,15 +56,31 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
 def test_dev_token_posts_and_tails_a_room(dev_server: ServerProcess, tmp_path: Path) -> None:
     key_file = dev_server.data_dir / "rooms-dev-key.json"
     assert key_file.stat().st_mode & 0o777 == 0o600
-    token = dovecote("rooms", "token", "--user", "alice", "--room", "r1",
-                     "--data-dir", str(dev_server.data_dir)).strip()
+    token = dovecote(
+        "rooms", "token", "--user", "alice", "--room", "r1", "--data-dir", str(dev_server.data_dir)
+    ).strip()
     rooms = ["--rooms-url", dev_server.base_url, "--rooms-token", token]
     data = tmp_path / "alice"
     assert client(data, *rooms, "rooms", "post", "r1", "hello room").split()[1] == "sent"
 
-    tail = subprocess.Popen([sys.executable, "-m", "dovecote.client.cli", "--data-dir",
-                             str(data), *rooms, "rooms", "tail", "r1", "--since", "0"],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dovecote.client.cli",
+            "--data-dir",
+            str(data),
+            *rooms,
+            "rooms",
+            "tail",
+            "r1",
+            "--since",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         assert tail.stdout is not None
         events = []
@@ -71,26 +98,47 @@ def test_dev_token_posts_and_tails_a_room(dev_server: ServerProcess, tmp_path: P
         tail.wait(timeout=15)
 
     # Another user joins the existing room; a token for a room not granted is refused.
-    bob = dovecote("rooms", "token", "--user", "bob", "--room", "r1",
-                   "--data-dir", str(dev_server.data_dir)).strip()
-    posted = httpx.post(f"{dev_server.base_url}/v1/rooms/r1/messages", json={"text": "hi"},
-                        headers={"Authorization": f"Bearer {bob}"}, timeout=10)
+    bob = dovecote(
+        "rooms", "token", "--user", "bob", "--room", "r1", "--data-dir", str(dev_server.data_dir)
+    ).strip()
+    posted = httpx.post(
+        f"{dev_server.base_url}/v1/rooms/r1/messages",
+        json={"text": "hi"},
+        headers={"Authorization": f"Bearer {bob}"},
+        timeout=10,
+    )
     assert posted.status_code == 201, posted.text
-    denied = httpx.post(f"{dev_server.base_url}/v1/rooms/r2/messages", json={"text": "hi"},
-                        headers={"Authorization": f"Bearer {bob}"}, timeout=10)
+    denied = httpx.post(
+        f"{dev_server.base_url}/v1/rooms/r2/messages",
+        json={"text": "hi"},
+        headers={"Authorization": f"Bearer {bob}"},
+        timeout=10,
+    )
     assert denied.status_code == 403
 
 
 def test_rooms_token_refuses_with_a_real_issuer(tmp_path: Path) -> None:
-    err = dovecote("rooms", "token", "--user", "alice", "--room", "r1", "--data-dir",
-                   str(tmp_path), "--rooms-jwks-url", "https://issuer.example/jwks", code=1)
+    err = dovecote(
+        "rooms",
+        "token",
+        "--user",
+        "alice",
+        "--room",
+        "r1",
+        "--data-dir",
+        str(tmp_path),
+        "--rooms-jwks-url",
+        "https://issuer.example/jwks",
+        code=1,
+    )
     assert "issuer JWKS is configured" in err
     assert not (tmp_path / "rooms-dev-key.json").exists()
 
 
 def test_rooms_post_refuses_without_a_token(tmp_path: Path) -> None:
-    err = client(tmp_path / "c", "--rooms-url", "http://127.0.0.1:9", "rooms", "post", "r1",
-                 "x", code=1)
+    err = client(
+        tmp_path / "c", "--rooms-url", "http://127.0.0.1:9", "rooms", "post", "r1", "x", code=1
+    )
     assert "--rooms-token" in err and "dovecote rooms token" in err
     assert not (tmp_path / "c" / "client.db").exists(), "nothing queued"
 
@@ -99,8 +147,13 @@ def test_rooms_switched_off_answer_a_final_4xx(server_factory) -> None:  # type:
     server = server_factory(env={"DOVECOTE_ROOMS_ENABLED": "false"})
     assert not (server.data_dir / "rooms-dev-key.json").exists()
     for method, path in (("GET", "/v1/rooms"), ("POST", "/v1/rooms/r1/messages")):
-        answer = httpx.request(method, server.base_url + path, json={"text": "x"},
-                               headers={"Authorization": "Bearer a.b.c"}, timeout=10)
+        answer = httpx.request(
+            method,
+            server.base_url + path,
+            json={"text": "x"},
+            headers={"Authorization": "Bearer a.b.c"},
+            timeout=10,
+        )
         assert answer.status_code == 404, answer.text
         assert answer.json()["error"] == "e.m.req.rooms-disabled"
         assert "retry-after" not in answer.headers

@@ -21,9 +21,15 @@ async def test_offline_participants_are_notified(rooms: RoomsClient, webhook: We
     bodies = await webhook.wait_for(room, 1)
     await asyncio.sleep(1.5)  # anything else would have arrived by now
     assert webhook.for_room(room) == bodies
-    assert bodies == [{"event": "room_message", "room": room, "seq": first["seq"],
-                       "message_id": first["id"],
-                       "participant_hash": participant_hash(room, "carol")}]
+    assert bodies == [
+        {
+            "event": "room_message",
+            "room": room,
+            "seq": first["seq"],
+            "message_id": first["id"],
+            "participant_hash": participant_hash(room, "carol"),
+        }
+    ]
     assert "secret" not in json.dumps(bodies)
 
     # Bob leaves the socket: now he is offline too.

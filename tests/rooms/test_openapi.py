@@ -22,8 +22,12 @@ from schemathesis.specs.openapi.checks import (
 from support.rooms import RoomsClient
 
 EXAMPLES = 4  # per operation and kind of input
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 def test_openapi_document_is_served(rooms: RoomsClient) -> None:
@@ -44,19 +48,27 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(rooms: RoomsClie
 
     for result in schema.get_all_operations():
         operation = result.ok()
-        params = {p["name"] for p in operation.definition.raw.get("parameters", [])
-                  if p["in"] == "path"}
+        params = {
+            p["name"] for p in operation.definition.raw.get("parameters", []) if p["in"] == "path"
+        }
         pinned = {k: v for k, v in {"room": room, "message": message}.items() if k in params}
-        strategies = [operation.as_strategy(GenerationMode.POSITIVE),
-                      operation.as_strategy(GenerationMode.NEGATIVE)]
+        strategies = [
+            operation.as_strategy(GenerationMode.POSITIVE),
+            operation.as_strategy(GenerationMode.NEGATIVE),
+        ]
         if pinned and operation.definition.raw.get("operationId") != "deleteRoom":
-            strategies.append(operation.as_strategy(GenerationMode.POSITIVE,
-                                                    path_parameters=pinned))
+            strategies.append(
+                operation.as_strategy(GenerationMode.POSITIVE, path_parameters=pinned)
+            )
 
         @given(case=st.one_of(*strategies))
-        @settings(max_examples=EXAMPLES * len(strategies), deadline=None, database=None,
-                  phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES * len(strategies),
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         def exercise(case: Any) -> None:
             nonlocal calls
             calls += 1
@@ -64,8 +76,10 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(rooms: RoomsClie
             try:
                 case.validate_response(response, checks=CHECKS)
             except Exception as exc:  # collect and report them all
-                failures.append(f"{case.method} {case.formatted_path} -> "
-                                f"{response.status_code}: {str(exc)[:300]}")
+                failures.append(
+                    f"{case.method} {case.formatted_path} -> "
+                    f"{response.status_code}: {str(exc)[:300]}"
+                )
 
         exercise()
 
@@ -73,9 +87,16 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(rooms: RoomsClie
     assert not failures, "\n".join(failures[:20])
 
 
-@pytest.mark.parametrize("path", ["/v1/rooms/x/events?after=-1", "/v1/rooms/x/events?limit=0",
-                                  "/v1/rooms/x/events?before=99999999999999999999",
-                                  "/v1/rooms?after=%00", "/v1/rooms?limit=abc"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/rooms/x/events?after=-1",
+        "/v1/rooms/x/events?limit=0",
+        "/v1/rooms/x/events?before=99999999999999999999",
+        "/v1/rooms?after=%00",
+        "/v1/rooms?limit=abc",
+    ],
+)
 def test_bad_query_values_are_400(rooms: RoomsClient, path: str) -> None:
     r = rooms.http.get(rooms.base_url + path, headers=rooms.as_("a", roles=["admin"]))
     assert r.status_code in (400, 404), r.text

@@ -35,8 +35,9 @@ def test_rooms_route_templates() -> None:
         "/v1/rooms/r1/participants/alice": "/v1/rooms/{room}/participants/{participant}",
         "/v1/rooms/r1/messages": "/v1/rooms/{room}/messages",
         "/v1/rooms/r1/messages/" + "a" * 32: "/v1/rooms/{room}/messages/{message}",
-        "/v1/rooms/r1/messages/x/reactions/👍":
-            "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
+        "/v1/rooms/r1/messages/x/reactions/👍": (
+            "/v1/rooms/{room}/messages/{message}/reactions/{emoji}"
+        ),
         "/v1/rooms/r1/events": "/v1/rooms/{room}/events",
         "/v1/rooms/r1/nonsense/x/y": "/v1/rooms/other",
         "/v1/rooms/messages/messages": "/v1/rooms/{room}/messages",
@@ -52,18 +53,20 @@ async def test_rooms_metrics_count_posts_fanout_and_subscribers(server_factory: 
     alice = devkey.issue(key, "alice", ["m1"])
     base = server.base_url
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-        created = await http.post("/v1/rooms", headers={"Authorization": f"Bearer {admin}"},
-                                  json={"id": "m1", "name": "m1",
-                                        "participants": [{"id": "alice", "role": "member"}]})
+        created = await http.post(
+            "/v1/rooms",
+            headers={"Authorization": f"Bearer {admin}"},
+            json={"id": "m1", "name": "m1", "participants": [{"id": "alice", "role": "member"}]},
+        )
         assert created.status_code == 201, created.text
         ws_url = base.replace("http", "ws", 1) + "/v1/rooms/ws"
         async with websockets.connect(
-                ws_url, additional_headers={"Authorization": f"Bearer {alice}"}) as ws:
+            ws_url, additional_headers={"Authorization": f"Bearer {alice}"}
+        ) as ws:
             await ws.send(json.dumps({"action": "subscribe", "room": "m1", "since": 0}))
             auth = {"Authorization": f"Bearer {alice}", "Idempotency-Key": "k1"}
             for _ in range(2):  # the second is an idempotent retry
-                posted = await http.post("/v1/rooms/m1/messages", headers=auth,
-                                         json={"text": "hi"})
+                posted = await http.post("/v1/rooms/m1/messages", headers=auth, json={"text": "hi"})
                 assert posted.status_code in (200, 201)
             events = []
             while not any(e.get("event", {}).get("type") == "message.posted" for e in events):
@@ -82,8 +85,16 @@ async def test_rooms_metrics_count_posts_fanout_and_subscribers(server_factory: 
     # room.created, participant.added (x1) and message.posted, to the one subscriber
     assert sample(text, "dovecote_rooms_fanout_deliveries_total") >= 3
     assert sample(text, "dovecote_rooms_subscriptions") == 0
-    assert sample(text, "dovecote_http_requests_total", route="/v1/rooms/{room}/messages",
-                  method="POST", status="201") == 1
+    assert (
+        sample(
+            text,
+            "dovecote_http_requests_total",
+            route="/v1/rooms/{room}/messages",
+            method="POST",
+            status="201",
+        )
+        == 1
+    )
     assert sample(text, "dovecote_http_requests_total", route="/v1/rooms", method="POST") == 1
     routes = set(re.findall(r'dovecote_http_requests_total\{[^}]*route="([^"]+)"', text))
     assert not any("m1" in r for r in routes), routes

@@ -51,13 +51,17 @@ async def test_replay_then_live_and_removal(rooms: RoomsClient) -> None:
         assert (await ws_recv(ws)) == {"type": "pong"}
 
         # Removed from the room: the removal event, then the subscription ends.
-        r = rooms.http.delete(f"{rooms.base_url}/v1/rooms/{room}/participants/bob",
-                              headers=rooms.as_("alice"))
+        r = rooms.http.delete(
+            f"{rooms.base_url}/v1/rooms/{room}/participants/bob", headers=rooms.as_("alice")
+        )
         assert r.status_code == 200
         removed = await ws_recv(ws)
         assert removed["event"]["type"] == "participant.removed"
-        assert await ws_recv(ws) == {"type": "unsubscribed", "room": room,
-                                     "reason": "removed from the room"}
+        assert await ws_recv(ws) == {
+            "type": "unsubscribed",
+            "room": room,
+            "reason": "removed from the room",
+        }
         rooms.post(room, "alice", "after removal")
         with pytest.raises(TimeoutError):
             await ws_recv(ws, within=0.5)
@@ -107,8 +111,9 @@ async def test_token_expiry_closes_the_socket(rooms: RoomsClient) -> None:
     assert json.loads(closed.value.rcvd.reason) == {"resume_from": {room: 2}}
 
 
-async def _post_many(base_url: str, issuer: Issuer, room: str, count: int,
-                     concurrency: int = 8, size: int = 0) -> None:
+async def _post_many(
+    base_url: str, issuer: Issuer, room: str, count: int, concurrency: int = 8, size: int = 0
+) -> None:
     headers = issuer.headers("writer")
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(count):
@@ -118,8 +123,9 @@ async def _post_many(base_url: str, issuer: Issuer, room: str, count: int,
         while not queue.empty():
             i = queue.get_nowait()
             text = f"m{i} " + (os.urandom(size // 2).hex() if size else "")
-            r = await http.post(f"{base_url}/v1/rooms/{room}/messages",
-                                json={"text": text}, headers=headers)
+            r = await http.post(
+                f"{base_url}/v1/rooms/{room}/messages", json={"text": text}, headers=headers
+            )
             assert r.status_code == 201, r.text
             await asyncio.sleep(random.uniform(0, 0.01))
 
@@ -131,16 +137,23 @@ POSTS = 100
 
 
 async def test_resume_at_random_points_sees_each_event_once(
-    rooms: RoomsClient, rooms_server: ServerProcess, rooms_env: dict[str, str],
-    store_url: str, tmp_path: Any,
+    rooms: RoomsClient,
+    rooms_server: ServerProcess,
+    rooms_env: dict[str, str],
+    store_url: str,
+    tmp_path: Any,
 ) -> None:
     """A subscriber killed at random points and resumed from its last seen seq gets every
     event exactly once, in order. On PostgreSQL it alternates between two instances."""
     servers = [rooms_server.base_url]
     extra: ServerProcess | None = None
     if store_url:
-        extra = ServerProcess(data_dir=tmp_path / "second", port=free_port(), env=rooms_env,
-                              log_path=tmp_path / "second.log")
+        extra = ServerProcess(
+            data_dir=tmp_path / "second",
+            port=free_port(),
+            env=rooms_env,
+            log_path=tmp_path / "second.log",
+        )
         extra.start()
         servers.append(extra.base_url)
     try:
@@ -152,8 +165,7 @@ async def test_resume_at_random_points_sees_each_event_once(
         final: int | None = None
         while final is None or (seen and seen[-1]["seq"] < final) or not seen:
             since = seen[-1]["seq"] if seen else 0
-            ws = await ws_connect(servers[reconnects % len(servers)],
-                                  rooms.issuer.token("reader"))
+            ws = await ws_connect(servers[reconnects % len(servers)], rooms.issuer.token("reader"))
             reconnects += 1
             await ws.send(json.dumps({"action": "subscribe", "room": room, "since": since}))
             assert (await ws_recv(ws))["type"] == "subscribed"
@@ -200,8 +212,10 @@ SLOW_SIZE = 200_000
 
 
 def _gave_up_on(server: ServerProcess, room: str) -> bool:
-    return any(e.get("event") == "rooms.slow_consumer_closed"
-               and room in (e.get("resume_from") or {}) for e in server.log_events())
+    return any(
+        e.get("event") == "rooms.slow_consumer_closed" and room in (e.get("resume_from") or {})
+        for e in server.log_events()
+    )
 
 
 def _slow_socket(base_url: str) -> socket.socket:
@@ -214,7 +228,9 @@ def _slow_socket(base_url: str) -> socket.socket:
 
 
 async def test_slow_consumer_is_disconnected_with_resume_hint(
-    rooms: RoomsClient, rooms_server: ServerProcess, issuer: Issuer,
+    rooms: RoomsClient,
+    rooms_server: ServerProcess,
+    issuer: Issuer,
 ) -> None:
     """The servers here allow a full send queue 1 s (DOVECOTE_ROOMS_WS_STALL)."""
     server = rooms_server
@@ -234,8 +250,9 @@ async def test_slow_consumer_is_disconnected_with_resume_hint(
                 continue
 
     fast_reader = asyncio.create_task(read_fast())
-    slow = await ws_connect(server.base_url, issuer.token("slow"), max_queue=1,
-                            sock=_slow_socket(server.base_url))
+    slow = await ws_connect(
+        server.base_url, issuer.token("slow"), max_queue=1, sock=_slow_socket(server.base_url)
+    )
     await slow.send(json.dumps({"action": "subscribe", "room": room, "since": 0}))
     assert (await ws_recv(slow))["type"] == "subscribed"
 
@@ -244,8 +261,7 @@ async def test_slow_consumer_is_disconnected_with_resume_hint(
     # kernel's socket buffers); the server then waits for it to take the close frame.
     count = 0
     while count < SLOW_MAX and not _gave_up_on(server, room):
-        await _post_many(server.base_url, issuer, room, SLOW_STEP, size=SLOW_SIZE,
-                         concurrency=4)
+        await _post_many(server.base_url, issuer, room, SLOW_STEP, size=SLOW_SIZE, concurrency=4)
         count += SLOW_STEP
         await asyncio.sleep(0.2)
     assert _gave_up_on(server, room), f"no slow-consumer close after {count} messages"
@@ -303,7 +319,7 @@ async def test_resubscribe_with_new_since_drops_stale_queue(rooms: RoomsClient) 
         before = [f["event"]["seq"] for f in frames[:first_ack]]
         assert before == list(range(2, 2 + len(before)))
         assert kinds[first_ack + 1] == "subscribed"
-        after = [f["event"]["seq"] for f in frames[first_ack + 2:]]
+        after = [f["event"]["seq"] for f in frames[first_ack + 2 :]]
         assert after == list(range(31, last + 1))
     finally:
         await ws.close()

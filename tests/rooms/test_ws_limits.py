@@ -43,11 +43,15 @@ async def test_reauth_with_narrower_token_drops_rooms_it_does_not_grant(
         for room in (kept, dropped):
             await ws.send(json.dumps({"action": "subscribe", "room": room, "since": 0}))
             await _frames_until(ws, "subscribed")
-        await ws.send(json.dumps({"action": "auth",
-                                  "token": rooms.issuer.token("alice", rooms=[kept])}))
+        await ws.send(
+            json.dumps({"action": "auth", "token": rooms.issuer.token("alice", rooms=[kept])})
+        )
         frames = await _frames_until(ws, "authenticated")
-        assert {"type": "unsubscribed", "room": dropped,
-                "reason": "not granted by the new token"} in frames
+        assert {
+            "type": "unsubscribed",
+            "room": dropped,
+            "reason": "not granted by the new token",
+        } in frames
         # Nothing of the dropped room after the acknowledgement; the kept one goes on.
         assert rooms.post(dropped, "alice", "not for this socket").status_code == 201
         assert rooms.post(kept, "alice", "still here").status_code == 201
@@ -72,8 +76,11 @@ async def test_reauth_from_admin_to_outsider_drops_the_room(rooms: RoomsClient) 
         # Same participant, no admin role any more, and not a participant of the room.
         await ws.send(json.dumps({"action": "auth", "token": rooms.issuer.token("carol")}))
         frames = await _frames_until(ws, "authenticated")
-        assert {"type": "unsubscribed", "room": room,
-                "reason": "not granted by the new token"} in frames
+        assert {
+            "type": "unsubscribed",
+            "room": room,
+            "reason": "not granted by the new token",
+        } in frames
     finally:
         await ws.close()
 
@@ -104,10 +111,13 @@ async def test_removed_and_readded_participant_replays_from_zero(rooms: RoomsCli
 
 
 async def test_subscriptions_per_socket_are_capped(
-    server_factory: Callable[..., ServerProcess], issuer: Issuer, webhook: Webhook,
+    server_factory: Callable[..., ServerProcess],
+    issuer: Issuer,
+    webhook: Webhook,
 ) -> None:
-    server = server_factory(env=_sqlite_env(issuer, webhook,
-                                            DOVECOTE_ROOMS_WS_MAX_SUBSCRIPTIONS="3"))
+    server = server_factory(
+        env=_sqlite_env(issuer, webhook, DOVECOTE_ROOMS_WS_MAX_SUBSCRIPTIONS="3")
+    )
     with httpx.Client(timeout=30.0) as http:
         client = RoomsClient(server.base_url, issuer, http)
         made = [client.create_room({"alice": "member"}) for _ in range(4)]
@@ -129,11 +139,19 @@ async def test_subscriptions_per_socket_are_capped(
 
 
 async def test_idle_socket_closes_and_frames_count_against_the_ip_limit(
-    server_factory: Callable[..., ServerProcess], issuer: Issuer, webhook: Webhook,
+    server_factory: Callable[..., ServerProcess],
+    issuer: Issuer,
+    webhook: Webhook,
 ) -> None:
-    server = server_factory(env=_sqlite_env(issuer, webhook, DOVECOTE_WS_IDLE_TIMEOUT="1",
-                                            DOVECOTE_RATE_LIMIT_IP="1",
-                                            DOVECOTE_RATE_LIMIT_IP_BURST="8"))
+    server = server_factory(
+        env=_sqlite_env(
+            issuer,
+            webhook,
+            DOVECOTE_WS_IDLE_TIMEOUT="1",
+            DOVECOTE_RATE_LIMIT_IP="1",
+            DOVECOTE_RATE_LIMIT_IP_BURST="8",
+        )
+    )
     token = issuer.token("alice")
     # Authenticated but subscribed to nothing: closed after a second of silence.
     idle = await ws_connect(server.base_url, token)
@@ -156,10 +174,13 @@ async def test_idle_socket_closes_and_frames_count_against_the_ip_limit(
 
 
 async def test_admission_over_the_limit_or_draining_closes_1013_or_1012(
-    server_factory: Callable[..., ServerProcess], issuer: Issuer, webhook: Webhook,
+    server_factory: Callable[..., ServerProcess],
+    issuer: Issuer,
+    webhook: Webhook,
 ) -> None:
-    server = server_factory(env=_sqlite_env(issuer, webhook, DOVECOTE_MAX_WEBSOCKETS="1",
-                                            DOVECOTE_DRAIN_DELAY="5"))
+    server = server_factory(
+        env=_sqlite_env(issuer, webhook, DOVECOTE_MAX_WEBSOCKETS="1", DOVECOTE_DRAIN_DELAY="5")
+    )
     token = issuer.token("alice")
     first = await ws_connect(server.base_url, token)
     try:

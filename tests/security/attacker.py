@@ -28,16 +28,19 @@ def _raise_open_files() -> None:
 async def slow_body(args: argparse.Namespace) -> dict[str, Any]:
     outcomes: collections.Counter[str] = collections.Counter()
     end = time.monotonic() + args.seconds
-    head = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
-            "Content-Type: application/didcomm-encrypted+json\r\n"
-            "Content-Length: 100000\r\n\r\n").encode()
+    head = (
+        f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
+        "Content-Type: application/didcomm-encrypted+json\r\n"
+        "Content-Length: 100000\r\n\r\n"
+    ).encode()
     gate = asyncio.Semaphore(200)  # connects in flight at once (the backlog is 2048)
 
     async def one() -> None:
         async with gate:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                    "127.0.0.1", args.port, local_addr=(args.source, 0)), 10)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", args.port, local_addr=(args.source, 0)), 10
+                )
             except (OSError, TimeoutError):
                 outcomes["connect_failed"] += 1
                 return
@@ -49,8 +52,9 @@ async def slow_body(args: argparse.Namespace) -> dict[str, Any]:
                 done, _ = await asyncio.wait([answer], timeout=args.interval)
                 if done:
                     data = answer.result()
-                    status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") \
-                        else "closed"
+                    status = (
+                        data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "closed"
+                    )
                     quick = "at_once" if time.monotonic() - opened < 1.0 else "later"
                     outcomes[f"{status}_{quick}"] += 1
                     return
@@ -77,8 +81,14 @@ async def ws(args: argparse.Namespace) -> dict[str, Any]:
 
     async def one() -> None:
         try:
-            sock = await connect(url, open_timeout=10, ping_interval=None, compression=None,
-                                 proxy=None, local_addr=(args.source, 0))
+            sock = await connect(
+                url,
+                open_timeout=10,
+                ping_interval=None,
+                compression=None,
+                proxy=None,
+                local_addr=(args.source, 0),
+            )
         except InvalidStatus as exc:
             outcomes[f"http_{exc.response.status_code}"] += 1
             return

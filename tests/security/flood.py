@@ -56,13 +56,21 @@ _SHARED_KEYS = (Key.generate(KeyAlg.ED25519), Key.generate(KeyAlg.X25519))
 
 
 def _keys_part(signing: Key, agreement: Key) -> str:
-    return "".join(f".{k.purpose.value}{k.material}" for k in (
-        KeySpec.verification(_multikey("ed25519-pub", signing)),
-        KeySpec.key_agreement(_multikey("x25519-pub", agreement))))
+    return "".join(
+        f".{k.purpose.value}{k.material}"
+        for k in (
+            KeySpec.verification(_multikey("ed25519-pub", signing)),
+            KeySpec.key_agreement(_multikey("x25519-pub", agreement)),
+        )
+    )
 
 
-def peer_did(size: int, signing: Key | None = None, agreement: Key | None = None,
-             uri_host: str = "http://127.0.0.1:9") -> Peer:
+def peer_did(
+    size: int,
+    signing: Key | None = None,
+    agreement: Key | None = None,
+    uri_host: str = "http://127.0.0.1:9",
+) -> Peer:
     """A distinct did:peer:2 of at most `size` bytes (a few under): its one service URL
     is padded to fit. Built by hand (the did_peer_2 encoding: base64url of the abbreviated
     service JSON) because generating 10,000 through the library takes too long."""
@@ -71,8 +79,9 @@ def peer_did(size: int, signing: Key | None = None, agreement: Key | None = None
     # 4 base64url characters per 3 JSON bytes; the JSON around the URL is ~40 bytes.
     room = (size - len(head)) * 3 // 4 - 60 - len(uri_host)
     uri = f"{uri_host}/{uuid.uuid4().hex}{'a' * max(0, room - 33)}"
-    service = json.dumps({"t": "dm", "s": {"uri": uri, "a": ["didcomm/v2"]}},
-                         separators=(",", ":")).encode()
+    service = json.dumps(
+        {"t": "dm", "s": {"uri": uri, "a": ["didcomm/v2"]}}, separators=(",", ":")
+    ).encode()
     did = head + base64.urlsafe_b64encode(service).decode().rstrip("=")
     assert len(did) <= size, len(did)
     return Peer(did, InMemorySecretsManager())
@@ -96,20 +105,29 @@ class AnonPacker:
         epk = Key.generate(KeyAlg.X25519, ephemeral=True)
         apv = hashlib.sha256(recipient.kid.encode()).digest()
         wrapped = ecdh.EcdhEs("ECDH-ES+A256KW", None, apv).sender_wrap_key(  # type: ignore[arg-type]
-            KeyAlg.A256KW, epk, recipient.key, cek)
-        header = {"typ": ENCRYPTED, "alg": "ECDH-ES+A256KW", "enc": "XC20P",
-                  "apv": b64(apv)}
-        recipients = [{"encrypted_key": b64(wrapped.ciphertext),
-                       "header": {"kid": recipient.kid,
-                                  "epk": json.loads(epk.get_jwk_public())}}]
+            KeyAlg.A256KW, epk, recipient.key, cek
+        )
+        header = {"typ": ENCRYPTED, "alg": "ECDH-ES+A256KW", "enc": "XC20P", "apv": b64(apv)}
+        recipients = [
+            {
+                "encrypted_key": b64(wrapped.ciphertext),
+                "header": {"kid": recipient.kid, "epk": json.loads(epk.get_jwk_public())},
+            }
+        ]
         return cls(b64(json.dumps(header).encode()).encode(), recipients, cek)
 
     def pack(self, message: dict[str, Any]) -> bytes:
         data = json.dumps(message, separators=(",", ":")).encode()
         sealed = self.cek.aead_encrypt(data, aad=self.protected)
-        return json.dumps({"protected": self.protected.decode(), "recipients": self.recipients,
-                           "iv": b64(sealed.nonce), "ciphertext": b64(sealed.ciphertext),
-                           "tag": b64(sealed.tag)}).encode()
+        return json.dumps(
+            {
+                "protected": self.protected.decode(),
+                "recipients": self.recipients,
+                "iv": b64(sealed.nonce),
+                "ciphertext": b64(sealed.ciphertext),
+                "tag": b64(sealed.tag),
+            }
+        ).encode()
 
 
 def b64(data: bytes) -> str:
@@ -118,12 +136,29 @@ def b64(data: bytes) -> str:
 
 def forward_message(mediator_did: str, next_did: str, **extra: Any) -> dict[str, Any]:
     """A forward plaintext to `next_did` with a small opaque attachment."""
-    return {"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": FORWARD,
-            "to": [mediator_did], "body": {"next": next_did},
-            "attachments": [{"id": uuid.uuid4().hex, "media_type": ENCRYPTED,
-                             "data": {"json": {"protected": "e30", "iv": "", "tag": "",
-                                               "recipients": [],
-                                               "ciphertext": uuid.uuid4().hex}}}], **extra}
+    return {
+        "id": str(uuid.uuid4()),
+        "typ": PLAINTEXT,
+        "type": FORWARD,
+        "to": [mediator_did],
+        "body": {"next": next_did},
+        "attachments": [
+            {
+                "id": uuid.uuid4().hex,
+                "media_type": ENCRYPTED,
+                "data": {
+                    "json": {
+                        "protected": "e30",
+                        "iv": "",
+                        "tag": "",
+                        "recipients": [],
+                        "ciphertext": uuid.uuid4().hex,
+                    }
+                },
+            }
+        ],
+        **extra,
+    }
 
 
 def anon_forward(packer: AnonPacker, mediator_did: str, next_did: str) -> bytes:
@@ -148,22 +183,38 @@ _SENDER_SECRETS = _AnySecrets(_SHARED_KEYS[1])
 async def authcrypt_ping(mediator_did: str, sender_did: str) -> bytes:
     """An authcrypted trust ping from `sender_did` (the mediator must resolve it to find
     the sender's key). Every sender DID embeds the same key pair."""
-    message = {"id": str(uuid.uuid4()), "typ": PLAINTEXT, "type": PING, "from": sender_did,
-               "to": [mediator_did], "body": {"response_requested": False}}
+    message = {
+        "id": str(uuid.uuid4()),
+        "typ": PLAINTEXT,
+        "type": PING,
+        "from": sender_did,
+        "to": [mediator_did],
+        "body": {"response_requested": False},
+    }
     data = json.dumps(message, separators=(",", ":")).encode()
-    packed = await _PACKAGING.pack(_CRYPTO, _RESOLVER, _SENDER_SECRETS, data,
-                                   [f"{mediator_did}#key-2"], f"{sender_did}#key-2")
+    packed = await _PACKAGING.pack(
+        _CRYPTO, _RESOLVER, _SENDER_SECRETS, data, [f"{mediator_did}#key-2"], f"{sender_did}#key-2"
+    )
     return bytes(packed)
 
 
 async def authcrypt(mediator_did: str, sender_did: str, message: dict[str, Any]) -> bytes:
     """Any plaintext, authcrypted from `sender_did` (json.dumps escapes lone surrogates,
     which SICPA's packer cannot send)."""
-    data = json.dumps({"id": str(uuid.uuid4()), "typ": PLAINTEXT, "from": sender_did,
-                       "to": [mediator_did], "return_route": "all", **message},
-                      separators=(",", ":")).encode()
-    packed = await _PACKAGING.pack(_CRYPTO, _RESOLVER, _SENDER_SECRETS, data,
-                                   [f"{mediator_did}#key-2"], f"{sender_did}#key-2")
+    data = json.dumps(
+        {
+            "id": str(uuid.uuid4()),
+            "typ": PLAINTEXT,
+            "from": sender_did,
+            "to": [mediator_did],
+            "return_route": "all",
+            **message,
+        },
+        separators=(",", ":"),
+    ).encode()
+    packed = await _PACKAGING.pack(
+        _CRYPTO, _RESOLVER, _SENDER_SECRETS, data, [f"{mediator_did}#key-2"], f"{sender_did}#key-2"
+    )
     return bytes(packed)
 
 
@@ -182,13 +233,16 @@ async def flood(url: str, bodies: list[bytes], concurrency: int = 32) -> dict[in
     counts: dict[int, int] = {}
     queue = list(reversed(bodies))
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
+
         async def worker() -> None:
             while queue:
                 body = queue.pop()
-                async with session.post(url, data=body,
-                                        headers={"content-type": ENCRYPTED}) as response:
+                async with session.post(
+                    url, data=body, headers={"content-type": ENCRYPTED}
+                ) as response:
                     await response.read()
                     counts[response.status] = counts.get(response.status, 0) + 1
 
@@ -211,7 +265,9 @@ if __name__ == "__main__":  # measuring by hand: python tests/security/flood.py 
         before = rss_bytes(pid)
         counts = await flood(url + "/", bodies)
         after = rss_bytes(pid)
-        print(f"packed {count} in {t1 - t0:.1f}s, flood {time.monotonic() - t1:.1f}s, "
-              f"{counts}, RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
+        print(
+            f"packed {count} in {t1 - t0:.1f}s, flood {time.monotonic() - t1:.1f}s, "
+            f"{counts}, RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB"
+        )
 
     asyncio.run(main())

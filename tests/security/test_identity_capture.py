@@ -21,11 +21,13 @@ from support.server import ServerProcess
 FORMS = ("", "#key-1", "#key-2", "?service=x", "/some/path")
 
 
-async def _update(agent: Agent, client: httpx.AsyncClient, version: str,
-                  did: str, action: str = "add") -> str:
+async def _update(
+    agent: Agent, client: httpx.AsyncClient, version: str, did: str, action: str = "add"
+) -> str:
     name = "recipient-update" if version == CM3 else "keylist-update"
-    reply = await agent.request(client, f"{version}/{name}", {
-        "updates": [{"recipient_did": did, "action": action}]})
+    reply = await agent.request(
+        client, f"{version}/{name}", {"updates": [{"recipient_did": did, "action": action}]}
+    )
     return str(reply["body"]["updated"][0]["result"])
 
 
@@ -36,20 +38,25 @@ async def _granted(server: ServerProcess, client: httpx.AsyncClient, version: st
     return agent
 
 
-async def _forward(server: ServerProcess, client: httpx.AsyncClient, victim: Agent,
-                   next_did: str, text: str) -> int:
+async def _forward(
+    server: ServerProcess, client: httpx.AsyncClient, victim: Agent, next_did: str, text: str
+) -> int:
     """A third party encrypts for the victim and forwards it with `next` = next_did."""
     from didcomm.message import Message
     from didcomm.pack_encrypted import PackEncryptedConfig, pack_encrypted
 
     sender = Agent.create(server.base_url, server.did)
     inner = await pack_encrypted(
-        sender.resolvers, Message(id=str(uuid.uuid4()), type=BASIC, body={"content": text}),
-        to=victim.did, pack_config=PackEncryptedConfig(forward=False))
+        sender.resolvers,
+        Message(id=str(uuid.uuid4()), type=BASIC, body={"content": text}),
+        to=victim.did,
+        pack_config=PackEncryptedConfig(forward=False),
+    )
     wrapper = plain_forward_message(next_did, json.loads(inner.packed_msg))
     envelope = await sender.pack(wrapper, anonymous=True)
-    response = await client.post(server.base_url + "/", content=envelope,
-                                 headers={"content-type": ENCRYPTED})
+    response = await client.post(
+        server.base_url + "/", content=envelope, headers={"content-type": ENCRYPTED}
+    )
     return response.status_code
 
 
@@ -85,14 +92,22 @@ async def _recipients(agent: Agent, client: httpx.AsyncClient, version: str) -> 
 
 
 @pytest.mark.parametrize("version", [CM3, CM2], ids=["cm3", "cm2"])
-@pytest.mark.parametrize("victim_form,attacker_form", [
-    ("", "#key-2"),        # Y registered R, X tries a key id of R
-    ("#key-2", ""),        # Y registered a key id, X tries the bare DID
-    ("#key-1", "#key-2"),  # both key ids of the same DID
-], ids=["bare-then-key", "key-then-bare", "key-then-other-key"])
+@pytest.mark.parametrize(
+    "victim_form,attacker_form",
+    [
+        ("", "#key-2"),  # Y registered R, X tries a key id of R
+        ("#key-2", ""),  # Y registered a key id, X tries the bare DID
+        ("#key-1", "#key-2"),  # both key ids of the same DID
+    ],
+    ids=["bare-then-key", "key-then-bare", "key-then-other-key"],
+)
 async def test_capture_attempt_gets_client_error_and_nothing(
-        shared_server: ServerProcess, client: httpx.AsyncClient, version: str,
-        victim_form: str, attacker_form: str) -> None:
+    shared_server: ServerProcess,
+    client: httpx.AsyncClient,
+    version: str,
+    victim_form: str,
+    attacker_form: str,
+) -> None:
     server = shared_server
     victim = await _granted(server, client, version)
     attacker = await _granted(server, client, version)
@@ -119,7 +134,8 @@ async def test_capture_attempt_gets_client_error_and_nothing(
 
 
 async def test_owner_may_register_every_form_of_its_own_did(
-        shared_server: ServerProcess, client: httpx.AsyncClient) -> None:
+    shared_server: ServerProcess, client: httpx.AsyncClient
+) -> None:
     server = shared_server
     owner = await _granted(server, client, CM3)
     r = owner.did
@@ -147,11 +163,16 @@ def _old_database(server: ServerProcess) -> None:
     real = "REAL" if engine == "sqlite" else "DOUBLE PRECISION"
     blob = "X'6f6c64'" if engine == "sqlite" else "'\\x6f6c64'::bytea"
     applied = [m for m in migrations.load(engine) if m[0] <= 3]
-    sql = "\n".join(text + "\n;" for _, _, text in applied) + f"""
+    sql = (
+        "\n".join(text + "\n;" for _, _, text in applied)
+        + f"""
         CREATE TABLE schema_migrations
             (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at {real} NOT NULL);
-        {" ".join(f"INSERT INTO schema_migrations VALUES ({v}, '{n}', 1.0);"
-                  for v, n, _ in applied)}
+        {
+            " ".join(
+                f"INSERT INTO schema_migrations VALUES ({v}, '{n}', 1.0);" for v, n, _ in applied
+            )
+        }
         INSERT INTO mediations VALUES ('did:example:x', 'granted', 'did:example:m', 1, 1);
         INSERT INTO mediations VALUES ('did:example:y', 'granted', 'did:example:m', 1, 1);
         INSERT INTO recipients VALUES ('did:example:r', 'did:example:y', 1);
@@ -159,6 +180,7 @@ def _old_database(server: ServerProcess) -> None:
         INSERT INTO messages (id, mediatee, recipient, body, size, received_at, expires_at)
             VALUES ('captured', 'did:example:x', 'did:example:r#key-2', {blob}, 3, 1, 9e9);
     """
+    )
     if engine == "sqlite":
         import sqlite3
 
@@ -167,12 +189,18 @@ def _old_database(server: ServerProcess) -> None:
         conn.executescript(sql)
         conn.close()
     else:
-        subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-q"], input=sql, text=True,
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["psql", url, "-v", "ON_ERROR_STOP=1", "-q"],
+            input=sql,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
 
 
 def test_conflicts_from_before_are_reported_at_start_and_by_the_cli(
-        store_engine: dict[str, str], server_factory: Any) -> None:
+    store_engine: dict[str, str], server_factory: Any
+) -> None:
     import os
     import subprocess
     import sys
@@ -185,33 +213,57 @@ def test_conflicts_from_before_are_reported_at_start_and_by_the_cli(
     assert event["level"] == "warning"
 
     result = subprocess.run(
-        [sys.executable, "-m", "dovecote", "recipients", "conflicts", "--json",
-         "--data-dir", str(server.data_dir)],
-        env={**os.environ, **server.env}, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "dovecote",
+            "recipients",
+            "conflicts",
+            "--json",
+            "--data-dir",
+            str(server.data_dir),
+        ],
+        env={**os.environ, **server.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1, result.stderr
     [line] = result.stdout.splitlines()
     assert {k: v for k, v in json.loads(line).items() if k not in ("found_at",)} == {
-        "recipient": "did:example:r#key-2", "base": "did:example:r",
-        "mediatee": "did:example:x", "owner": "did:example:y", "registered_at": 2.0,
-        "queued": 1}
+        "recipient": "did:example:r#key-2",
+        "base": "did:example:r",
+        "mediatee": "did:example:x",
+        "owner": "did:example:y",
+        "registered_at": 2.0,
+        "queued": 1,
+    }
 
 
 async def test_allowlist_policy_closes_registration_to_strangers(
-        server_factory: Any, client: httpx.AsyncClient) -> None:
+    server_factory: Any, client: httpx.AsyncClient
+) -> None:
     """MEDIATION_POLICY=allowlist: only listed DIDs (a DID URL stands for its DID) get a
     grant; a stranger cannot register anyone's DID, so nothing is first-come any more."""
     listed = Agent.create("http://placeholder")
     stranger = Agent.create("http://placeholder")
-    server = server_factory(env={"DOVECOTE_MEDIATION_POLICY": "allowlist",
-                                 "DOVECOTE_MEDIATION_ALLOWLIST": f"{listed.did}#key-1"})
+    server = server_factory(
+        env={
+            "DOVECOTE_MEDIATION_POLICY": "allowlist",
+            "DOVECOTE_MEDIATION_ALLOWLIST": f"{listed.did}#key-1",
+        }
+    )
     for agent in (listed, stranger):
         agent.base_url, agent.mediator_did = server.base_url, server.did
     grant = await listed.request(client, f"{CM3}/mediate-request")
     assert grant["type"] == f"{CM3}/mediate-grant"
     deny = await stranger.request(client, f"{CM3}/mediate-request")
     assert deny["type"] == f"{CM3}/mediate-deny"
-    _, reply = await stranger.send_http(client, stranger.message(
-        f"{CM3}/recipient-update",
-        {"updates": [{"recipient_did": listed.did, "action": "add"}]}))
+    _, reply = await stranger.send_http(
+        client,
+        stranger.message(
+            f"{CM3}/recipient-update", {"updates": [{"recipient_did": listed.did, "action": "add"}]}
+        ),
+    )
     assert reply is not None and reply["body"]["code"] == "e.p.req.not-granted", reply
     assert await _update(listed, client, CM3, listed.did) == "success"

@@ -30,8 +30,14 @@ def mode(path: Path) -> int:
 
 
 def dovecote(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dovecote", *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "dovecote", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def from_address(address: str) -> httpx.Client:
@@ -91,22 +97,31 @@ def test_backups_are_private_and_encrypted_with_a_key_file_verified_on_restore(
     assert good.returncode == 0, good.stderr
 
     target = tmp_path / "restored"
-    refused = dovecote("restore", str(sealed), "--data-dir", str(target),
-                       "--backup-key-file", str(other))
+    refused = dovecote(
+        "restore", str(sealed), "--data-dir", str(target), "--backup-key-file", str(other)
+    )
     assert refused.returncode != 0 and not (target / "dovecote.db").exists()
-    restored = dovecote("restore", str(sealed), "--data-dir", str(target),
-                        "--backup-key-file", str(key))
+    restored = dovecote(
+        "restore", str(sealed), "--data-dir", str(target), "--backup-key-file", str(key)
+    )
     assert restored.returncode == 0, restored.stderr
     assert mode(target / "dovecote.db") == 0o600 and mode(target / "identity.json") == 0o600
     with sqlite3.connect(target / "dovecote.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    assert (target / "identity.json").read_bytes() == (server.data_dir
-                                                       / "identity.json").read_bytes()
+    assert (target / "identity.json").read_bytes() == (
+        server.data_dir / "identity.json"
+    ).read_bytes()
 
 
 def test_an_admin_token_shorter_than_32_characters_refuses_to_start(tmp_path: Path) -> None:
-    result = dovecote("serve", "--port", "0", "--data-dir", str(tmp_path / "d"),
-                      env={"DOVECOTE_ADMIN_TOKEN": "short-token"})
+    result = dovecote(
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "d"),
+        env={"DOVECOTE_ADMIN_TOKEN": "short-token"},
+    )
     assert result.returncode != 0
     assert "admin_token must be at least 32 characters" in result.stderr
     assert "Traceback" not in result.stderr
@@ -115,13 +130,15 @@ def test_an_admin_token_shorter_than_32_characters_refuses_to_start(tmp_path: Pa
 def test_failed_admin_auth_is_throttled_per_address_and_every_attempt_is_audited(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    server = server_factory(env={"DOVECOTE_ADMIN_TOKEN": TOKEN,
-                                 "DOVECOTE_ADMIN_ALLOW": "127.0.0.0/8"})
+    server = server_factory(
+        env={"DOVECOTE_ADMIN_TOKEN": TOKEN, "DOVECOTE_ADMIN_ALLOW": "127.0.0.0/8"}
+    )
     url = server.base_url + "/admin/dlq"
     good = {"authorization": f"Bearer {TOKEN}"}
     with from_address("127.0.0.1") as attacker, from_address("127.0.0.2") as operator:
-        answers = [attacker.get(url, headers={"authorization": f"Bearer guess-{i}"})
-                   for i in range(5)]
+        answers = [
+            attacker.get(url, headers={"authorization": f"Bearer guess-{i}"}) for i in range(5)
+        ]
         assert [a.status_code for a in answers] == [401] * 5
         throttled = attacker.get(url, headers={"authorization": "Bearer guess-6"})
         assert throttled.status_code == 429, throttled.text
@@ -132,18 +149,24 @@ def test_failed_admin_auth_is_throttled_per_address_and_every_attempt_is_audited
         # Another address is not affected.
         ok = operator.get(url, headers=good)
         assert ok.status_code == 200, ok.text
-        replay = operator.post(server.base_url + "/admin/dlq/replay", headers=good,
-                               json={"ids": [41, 42]})
+        replay = operator.post(
+            server.base_url + "/admin/dlq/replay", headers=good, json={"ids": [41, 42]}
+        )
         assert replay.status_code == 200, replay.text
 
     audit = [e for e in server.log_events() if e.get("event") == "audit"]
-    refusals = [(e["who"], e["action"], e["target"], e["outcome"]) for e in audit
-                if e["outcome"] != "ok"]
-    assert refusals == ([("127.0.0.1", "auth", "/admin/dlq", "unauthorized")] * 5
-                        + [("127.0.0.1", "auth", "/admin/dlq", "throttled")] * 2)
+    refusals = [
+        (e["who"], e["action"], e["target"], e["outcome"]) for e in audit if e["outcome"] != "ok"
+    ]
+    assert refusals == (
+        [("127.0.0.1", "auth", "/admin/dlq", "unauthorized")] * 5
+        + [("127.0.0.1", "auth", "/admin/dlq", "throttled")] * 2
+    )
     actions = [(e["who"], e["action"], e["target"]) for e in audit if e["outcome"] == "ok"]
-    assert actions == [("127.0.0.2", "dlq.list", "/admin/dlq"),
-                       ("127.0.0.2", "dlq.replay", '/admin/dlq/replay {"ids":[41,42]}')]
+    assert actions == [
+        ("127.0.0.2", "dlq.list", "/admin/dlq"),
+        ("127.0.0.2", "dlq.replay", '/admin/dlq/replay {"ids":[41,42]}'),
+    ]
     assert all(TOKEN not in str(e) and "guess" not in str(e) for e in audit)
 
 
@@ -155,20 +178,24 @@ def _keys(response: httpx.Response) -> set[str]:
 def test_health_details_need_the_admin_token_and_metrics_can_be_allowlisted(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    server = server_factory(env={"DOVECOTE_ADMIN_TOKEN": TOKEN,
-                                 "DOVECOTE_METRICS_ALLOW": "127.0.0.2/32",
-                                 "DOVECOTE_NOTIFY_WEBHOOK_URL": "http://hooks.example/x"})
+    server = server_factory(
+        env={
+            "DOVECOTE_ADMIN_TOKEN": TOKEN,
+            "DOVECOTE_METRICS_ALLOW": "127.0.0.2/32",
+            "DOVECOTE_NOTIFY_WEBHOOK_URL": "http://hooks.example/x",
+        }
+    )
     with from_address("127.0.0.1") as outsider, from_address("127.0.0.2") as scraper:
         public = outsider.get(server.base_url + "/health")
         assert public.status_code == 200
         assert public.json() == {"status": "ok", "degradation": "normal"}
         ready = outsider.get(server.base_url + "/health/ready").json()
         assert ready["store"] == {"ok": True}
-        detailed = outsider.get(server.base_url + "/health",
-                                headers={"authorization": f"Bearer {TOKEN}"})
+        detailed = outsider.get(
+            server.base_url + "/health", headers={"authorization": f"Bearer {TOKEN}"}
+        )
         assert {"instance", "checks", "version", "ready"} <= _keys(detailed)
-        wrong = outsider.get(server.base_url + "/health",
-                             headers={"authorization": "Bearer nope"})
+        wrong = outsider.get(server.base_url + "/health", headers={"authorization": "Bearer nope"})
         assert wrong.status_code == 401
 
         refused = outsider.get(server.base_url + "/metrics")
@@ -184,8 +211,15 @@ def test_operator_commands_write_audit_lines(
 ) -> None:
     server = server_factory()
     server.stop()
-    result = dovecote("dlq", "purge", "--older-than", "0", "--data-dir", str(server.data_dir),
-                      env={"DOVECOTE_LOG_FORMAT": "json"})
+    result = dovecote(
+        "dlq",
+        "purge",
+        "--older-than",
+        "0",
+        "--data-dir",
+        str(server.data_dir),
+        env={"DOVECOTE_LOG_FORMAT": "json"},
+    )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     [line] = [e for e in lines if e.get("event") == "audit"]

@@ -53,8 +53,11 @@ def pair() -> Iterator[tuple[FlakyEndpoint, FlakyEndpoint]]:
 
 
 def policy(dns: ScriptedDNS, timeout: float = 2.0) -> outbound.Policy:
-    return outbound.Policy(allow_networks=[ipaddress.ip_network(f"{ALLOWED}/32")],
-                           lookup_timeout=timeout, dns_server=("127.0.0.1", dns.port))
+    return outbound.Policy(
+        allow_networks=[ipaddress.ip_network(f"{ALLOWED}/32")],
+        lookup_timeout=timeout,
+        dns_server=("127.0.0.1", dns.port),
+    )
 
 
 async def _outcomes(client: httpx.AsyncClient, url: str, count: int) -> list[object]:
@@ -68,7 +71,8 @@ async def _outcomes(client: httpx.AsyncClient, url: str, count: int) -> list[obj
 
 
 async def test_a_rebinding_name_never_reaches_the_address_it_rebinds_to(
-    dns: ScriptedDNS, pair: tuple[FlakyEndpoint, FlakyEndpoint],
+    dns: ScriptedDNS,
+    pair: tuple[FlakyEndpoint, FlakyEndpoint],
 ) -> None:
     allowed, internal = pair
     dns.answers["rebind.test"] = [ALLOWED, INTERNAL]
@@ -84,14 +88,24 @@ async def test_a_rebinding_name_never_reaches_the_address_it_rebinds_to(
 
 
 async def test_a_name_with_any_internal_address_is_refused(
-    dns: ScriptedDNS, pair: tuple[FlakyEndpoint, FlakyEndpoint],
+    dns: ScriptedDNS,
+    pair: tuple[FlakyEndpoint, FlakyEndpoint],
 ) -> None:
     allowed, internal = pair
     with pytest.raises(outbound.OutboundRefused) as refused:
         await policy(dns).resolve(INTERNAL)
     assert refused.value.reason == "private_address"
-    for literal in ("10.0.0.1", "169.254.169.254", "::1", "::ffff:127.0.0.1", "100.64.0.1",
-                    "0.0.0.0", "2002:7f00:1::", "fe80::1", "224.0.0.1"):
+    for literal in (
+        "10.0.0.1",
+        "169.254.169.254",
+        "::1",
+        "::ffff:127.0.0.1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "2002:7f00:1::",
+        "fe80::1",
+        "224.0.0.1",
+    ):
         assert outbound.is_forbidden(ipaddress.ip_address(literal)), literal
     assert not outbound.is_forbidden(ipaddress.ip_address("93.184.216.34"))
     async with outbound.client(outbound.Policy(), httpx.Timeout(5)) as client:
@@ -102,7 +116,8 @@ async def test_a_name_with_any_internal_address_is_refused(
 
 
 async def test_lookup_failures_and_timeouts_are_refused_not_treated_as_public(
-    dns: ScriptedDNS, pair: tuple[FlakyEndpoint, FlakyEndpoint],
+    dns: ScriptedDNS,
+    pair: tuple[FlakyEndpoint, FlakyEndpoint],
 ) -> None:
     allowed, _ = pair
     dns.answers["slow.test"] = [SILENT]
@@ -117,7 +132,8 @@ async def test_lookup_failures_and_timeouts_are_refused_not_treated_as_public(
 
 
 async def test_redirects_are_not_followed(
-    dns: ScriptedDNS, pair: tuple[FlakyEndpoint, FlakyEndpoint],
+    dns: ScriptedDNS,
+    pair: tuple[FlakyEndpoint, FlakyEndpoint],
 ) -> None:
     allowed, internal = pair
     dns.answers["hop.test"] = [ALLOWED]
@@ -128,8 +144,9 @@ async def test_redirects_are_not_followed(
     assert internal.received == []
 
 
-async def _tls_server(cert: Path, key: Path, host: str, seen: list[str]
-                      ) -> tuple[asyncio.Server, int]:
+async def _tls_server(
+    cert: Path, key: Path, host: str, seen: list[str]
+) -> tuple[asyncio.Server, int]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 
@@ -150,11 +167,13 @@ async def _tls_server(cert: Path, key: Path, host: str, seen: list[str]
 
 
 async def test_tls_keeps_the_hostname_for_sni_and_the_certificate_check(
-    dns: ScriptedDNS, tmp_path: Path,
+    dns: ScriptedDNS,
+    tmp_path: Path,
 ) -> None:
     ca = make_ca(tmp_path)
-    leaf = _leaf(ca, tmp_path, "tls", "tls.test", ExtendedKeyUsageOID.SERVER_AUTH,
-                 [x509.DNSName("tls.test")])
+    leaf = _leaf(
+        ca, tmp_path, "tls", "tls.test", ExtendedKeyUsageOID.SERVER_AUTH, [x509.DNSName("tls.test")]
+    )
     seen: list[str] = []
     server, port = await _tls_server(leaf.cert_path, leaf.key_path, ALLOWED, seen)
     dns.answers["tls.test"] = [ALLOWED]
@@ -174,15 +193,15 @@ async def test_tls_keeps_the_hostname_for_sni_and_the_certificate_check(
 
 
 async def test_the_rooms_jwks_url_is_fetched_through_the_same_guard(
-    dns: ScriptedDNS, pair: tuple[FlakyEndpoint, FlakyEndpoint],
+    dns: ScriptedDNS,
+    pair: tuple[FlakyEndpoint, FlakyEndpoint],
 ) -> None:
     from dovecote.errors import Unavailable
     from dovecote.rooms.auth import KeySource
 
     allowed, internal = pair
     dns.answers["issuer.test"] = [INTERNAL]
-    keys = KeySource(None, f"http://issuer.test:{internal.port}/jwks.json", 300,
-                     policy(dns))
+    keys = KeySource(None, f"http://issuer.test:{internal.port}/jwks.json", 300, policy(dns))
     try:
         with pytest.raises(Unavailable):
             await keys.current()
@@ -199,18 +218,22 @@ async def test_the_rooms_jwks_url_is_fetched_through_the_same_guard(
 
 
 async def test_a_relayed_forward_checked_on_arrival_is_not_rebound_when_sent(
-    dns: ScriptedDNS, pair: tuple[FlakyEndpoint, FlakyEndpoint],
+    dns: ScriptedDNS,
+    pair: tuple[FlakyEndpoint, FlakyEndpoint],
     server_factory: Callable[..., ServerProcess],
 ) -> None:
     """End to end: the accept-time check and every send each resolve once; whichever
     address a lookup returns, the internal listener gets nothing."""
     allowed, internal = pair
     dns.answers["rebind.test"] = [ALLOWED, INTERNAL]
-    server = server_factory(env={
-        "DOVECOTE_OUTBOUND_DNS_SERVER": dns.address,
-        "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": f"{ALLOWED}/32",
-        "DOVECOTE_RETRY_BASE": "0.05", "DOVECOTE_RETRY_CAP": "0.2",
-    })
+    server = server_factory(
+        env={
+            "DOVECOTE_OUTBOUND_DNS_SERVER": dns.address,
+            "DOVECOTE_OUTBOUND_ALLOW_NETWORKS": f"{ALLOWED}/32",
+            "DOVECOTE_RETRY_BASE": "0.05",
+            "DOVECOTE_RETRY_CAP": "0.2",
+        }
+    )
     sender = Agent.create(server.base_url, server.did)
     target = Agent.create("http://x", endpoint=f"http://rebind.test:{allowed.port}/inbox")
     accepted = 0

@@ -23,8 +23,12 @@ ODD_IDS = ["superscript-two", "5000-digits", "arabic-indic-three"]
 @pytest.fixture(scope="module")
 def console_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("redteam-console")
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), log_path=tmp / "log",
-                           env={"DOVECOTE_ADMIN_TOKEN": TOKEN})
+    server = ServerProcess(
+        data_dir=tmp / "data",
+        port=free_port(),
+        log_path=tmp / "log",
+        env={"DOVECOTE_ADMIN_TOKEN": TOKEN},
+    )
     try:
         server.start()
         yield server
@@ -35,8 +39,10 @@ def console_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
 @pytest.fixture
 def session(console_server: ServerProcess) -> Iterator[tuple[httpx.Client, str]]:
     with httpx.Client(base_url=console_server.base_url, timeout=20) as client:
-        assert client.post("/console/login", data={"token": TOKEN, "next": "/console/"}
-                           ).status_code == 303
+        assert (
+            client.post("/console/login", data={"token": TOKEN, "next": "/console/"}).status_code
+            == 303
+        )
         match = re.search(r'name="csrf" value="([0-9a-f]{64})"', client.get("/console/").text)
         assert match
         yield client, match.group(1)
@@ -50,10 +56,13 @@ def test_odd_offset_is_no_offset(session: tuple[httpx.Client, str], value: str) 
 
 
 @pytest.mark.parametrize("value", ODD, ids=ODD_IDS)
-def test_odd_dead_letter_id_is_no_id(session: tuple[httpx.Client, str],
-                                     console_server: ServerProcess, value: str) -> None:
+def test_odd_dead_letter_id_is_no_id(
+    session: tuple[httpx.Client, str], console_server: ServerProcess, value: str
+) -> None:
     client, csrf = session
-    answer = client.post("/console/dead-letters/action",
-                         data={"csrf": csrf, "action": "replay", "ids": value},
-                         headers={"origin": console_server.base_url})
+    answer = client.post(
+        "/console/dead-letters/action",
+        data={"csrf": csrf, "action": "replay", "ids": value},
+        headers={"origin": console_server.base_url},
+    )
     assert answer.status_code < 500, answer.text[:300]

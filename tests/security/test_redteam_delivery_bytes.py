@@ -30,8 +30,12 @@ MESSAGES = 6  # of ~20 KB: at most 3 fit the budget
 @pytest.fixture(scope="module")
 def small_deliveries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("redteam-delivery")
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), log_path=tmp / "log",
-                           env={"DOVECOTE_MAX_BODY_BYTES": str(BUDGET)})
+    server = ServerProcess(
+        data_dir=tmp / "data",
+        port=free_port(),
+        log_path=tmp / "log",
+        env={"DOVECOTE_MAX_BODY_BYTES": str(BUDGET)},
+    )
     try:
         server.start()
         yield server
@@ -49,8 +53,11 @@ async def test_v2_delivery_stops_at_the_byte_budget(small_deliveries: ServerProc
             forward = forward_message(server.did, me.did)
             forward["attachments"][0]["data"]["json"]["ciphertext"] = b64(os.urandom(15_000))
             forward["attachments"][0]["id"] = str(n)
-            answer = await client.post(server.base_url + "/", content=packer.pack(forward),
-                                       headers={"content-type": ENCRYPTED})
+            answer = await client.post(
+                server.base_url + "/",
+                content=packer.pack(forward),
+                headers={"content-type": ENCRYPTED},
+            )
             assert answer.status_code == 202, answer.text[:200]
         seen: list[str] = []
         for _ in range(MESSAGES):
@@ -61,8 +68,9 @@ async def test_v2_delivery_stops_at_the_byte_budget(small_deliveries: ServerProc
             assert 1 <= len(batch) <= 3, len(batch)
             assert sum(len(json.dumps(a["data"]["json"])) for a in batch) <= BUDGET
             seen += [a["id"] for a in batch]
-            await me.request(client, f"{PICKUP}/messages-received",
-                             {"message_id_list": [a["id"] for a in batch]})
+            await me.request(
+                client, f"{PICKUP}/messages-received", {"message_id_list": [a["id"] for a in batch]}
+            )
     assert len(set(seen)) == MESSAGES
 
 

@@ -35,15 +35,19 @@ async def test_expires_time_must_be_a_time(expiry_server: ServerProcess) -> None
         packer = await AnonPacker.for_mediator(server.did)
         for value in (10**400, -(10**400), float("nan"), float("inf")):
             answer = await client.post(
-                server.base_url + "/", headers={"content-type": ENCRYPTED},
-                content=packer.pack(forward_message(server.did, victim.did,
-                                                    expires_time=value)))
+                server.base_url + "/",
+                headers={"content-type": ENCRYPTED},
+                content=packer.pack(forward_message(server.did, victim.did, expires_time=value)),
+            )
             assert answer.status_code == 400, (str(value)[:12], answer.text[:200])
             assert answer.json()["error"] == "e.m.msg.malformed"
         fine = await client.post(
-            server.base_url + "/", headers={"content-type": ENCRYPTED},
-            content=packer.pack(forward_message(server.did, victim.did,
-                                                expires_time=int(time.time()) + 3600)))
+            server.base_url + "/",
+            headers={"content-type": ENCRYPTED},
+            content=packer.pack(
+                forward_message(server.did, victim.did, expires_time=int(time.time()) + 3600)
+            ),
+        )
         assert fine.status_code == 202
         status = await victim.request(client, f"{PICKUP}/status-request", {})
     assert status["body"]["message_count"] == 1

@@ -25,16 +25,22 @@ from support.server import ServerProcess, free_port
 from support.v1agent import V1Agent, msg, post_raw
 
 ENCRYPTED = "application/didcomm-encrypted+json"
-POISON = {"deep": b"[" * 50_000, "digits": b"[" + b"1" * 5000 + b"]",
-          "almost-deep": b"[" * 900 + b"]" * 900}
+POISON = {
+    "deep": b"[" * 50_000,
+    "digits": b"[" + b"1" * 5000 + b"]",
+    "almost-deep": b"[" * 900 + b"]" * 900,
+}
 
 
 @pytest.fixture(scope="module")
 def mailbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("redteam-mailbox")
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), log_path=tmp / "log",
-                           env={"DOVECOTE_RATE_LIMIT_IP": "100000",
-                                "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"})
+    server = ServerProcess(
+        data_dir=tmp / "data",
+        port=free_port(),
+        log_path=tmp / "log",
+        env={"DOVECOTE_RATE_LIMIT_IP": "100000", "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"},
+    )
     try:
         server.start()
         yield server
@@ -47,7 +53,8 @@ def _unb64(text: str) -> bytes:
 
 
 async def test_v2_mailbox_stays_readable_after_hostile_attachments(
-        mailbox_server: ServerProcess) -> None:
+    mailbox_server: ServerProcess,
+) -> None:
     server = mailbox_server
     async with httpx.AsyncClient(timeout=30) as client:
         victim = Agent.create(server.base_url, mediator_did=server.did)
@@ -56,12 +63,16 @@ async def test_v2_mailbox_stays_readable_after_hostile_attachments(
         for payload in [*POISON.values(), b'{"ciphertext":"fine"}']:
             forward = forward_message(server.did, victim.did)
             forward["attachments"] = [{"id": "a", "data": {"base64": b64(payload)}}]
-            answer = await client.post(server.base_url + "/", content=packer.pack(forward),
-                                       headers={"content-type": ENCRYPTED})
+            answer = await client.post(
+                server.base_url + "/",
+                content=packer.pack(forward),
+                headers={"content-type": ENCRYPTED},
+            )
             assert answer.status_code == 202, answer.text[:200]
         packed = await victim.pack(victim.message(f"{PICKUP}/delivery-request", {"limit": 10}))
-        answer = await client.post(server.base_url + "/", content=packed,
-                                   headers={"content-type": ENCRYPTED})
+        answer = await client.post(
+            server.base_url + "/", content=packed, headers={"content-type": ENCRYPTED}
+        )
         assert answer.status_code == 200, (answer.status_code, answer.text[:200])
         delivery = await victim.unpack(answer.text)
     assert delivery["type"] == f"{PICKUP}/delivery"
@@ -81,10 +92,10 @@ def test_v1_mailbox_stays_readable_after_a_hostile_msg(mailbox_server: ServerPro
     # (the deep payloads are 400 on arrival); digits do not.
     poison = [POISON["digits"], b"1" * 5000]
     for payload in poison:
-        forward = msg("routing/1.0/forward", to=envelope.to_did_key(agent.verkey),
-                      msg=payload.decode())
-        sent = envelope.pack(json.dumps(forward).encode(),
-                             [agent.routing_key], None)
+        forward = msg(
+            "routing/1.0/forward", to=envelope.to_did_key(agent.verkey), msg=payload.decode()
+        )
+        sent = envelope.pack(json.dumps(forward).encode(), [agent.routing_key], None)
         assert post_raw(server.base_url, sent).status_code == 202
     delivery = agent.ask(msg("messagepickup/2.0/delivery-request", limit=10))
     assert delivery["@type"].endswith("/delivery"), delivery

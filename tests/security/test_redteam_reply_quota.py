@@ -27,11 +27,18 @@ TARGET_ITEMS = 3
 @pytest.fixture(scope="module")
 def reply_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("redteam-replies")
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), log_path=tmp / "log", env={
-        "DOVECOTE_RELAY_TARGET_MAX_ITEMS": str(TARGET_ITEMS),
-        "DOVECOTE_RELAY_RETRY_AFTER": "9",
-        "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
-        "DOVECOTE_RATE_LIMIT_IP": "100000", "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"})
+    server = ServerProcess(
+        data_dir=tmp / "data",
+        port=free_port(),
+        log_path=tmp / "log",
+        env={
+            "DOVECOTE_RELAY_TARGET_MAX_ITEMS": str(TARGET_ITEMS),
+            "DOVECOTE_RELAY_RETRY_AFTER": "9",
+            "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
+            "DOVECOTE_RATE_LIMIT_IP": "100000",
+            "DOVECOTE_RATE_LIMIT_IP_BURST": "100000",
+        },
+    )
     try:
         server.start()
         yield server
@@ -50,7 +57,8 @@ def _closed() -> str:
 
 
 async def test_v2_replies_to_a_sender_endpoint_stop_at_the_target_quota(
-        reply_server: ServerProcess) -> None:
+    reply_server: ServerProcess,
+) -> None:
     server = reply_server
     target = _closed()
     before = _pending(server)
@@ -58,21 +66,23 @@ async def test_v2_replies_to_a_sender_endpoint_stop_at_the_target_quota(
     async with httpx.AsyncClient(timeout=30) as client:
         for _ in range(TARGET_ITEMS + 2):
             sender = Agent.create(server.base_url, mediator_did=server.did, endpoint=target)
-            ping = sender.message(f"{PING}/ping", {"response_requested": True},
-                                  return_route=False)
+            ping = sender.message(f"{PING}/ping", {"response_requested": True}, return_route=False)
             statuses.append((await sender.send_http(client, ping))[0])
     assert statuses == [202] * TARGET_ITEMS + [429] * 2, statuses
     assert _pending(server) - before == TARGET_ITEMS
 
 
 def test_v1_replies_to_a_connection_endpoint_stop_at_the_target_quota(
-        reply_server: ServerProcess) -> None:
+    reply_server: ServerProcess,
+) -> None:
     server = reply_server
     agent = V1Agent(server.base_url, endpoint=_closed())
     agent.connect()
     before = _pending(server)
-    answers = [agent.post(msg("trust_ping/1.0/ping", response_requested=True),
-                          return_route=False) for _ in range(TARGET_ITEMS + 2)]
+    answers = [
+        agent.post(msg("trust_ping/1.0/ping", response_requested=True), return_route=False)
+        for _ in range(TARGET_ITEMS + 2)
+    ]
     assert [a.status_code for a in answers] == [202] * TARGET_ITEMS + [429] * 2
     assert answers[-1].headers["retry-after"] == "9"
     assert _pending(server) - before == TARGET_ITEMS

@@ -36,8 +36,7 @@ def _b64(data: bytes) -> str:
 def _signed(server: ServerProcess, claims: bytes) -> str:
     """Claims bytes signed with the development issuer's key (as `dovecote rooms token`)."""
     key = OKPKey.import_key(json.loads(Path(server.data_dir / "rooms-dev-key.json").read_text()))
-    return serialize_compact({"alg": "EdDSA", "kid": key.kid}, claims, key,
-                             algorithms=["EdDSA"])
+    return serialize_compact({"alg": "EdDSA", "kid": key.kid}, claims, key, algorithms=["EdDSA"])
 
 
 def _tokens(server: ServerProcess) -> dict[str, str]:
@@ -51,15 +50,21 @@ def _tokens(server: ServerProcess) -> dict[str, str]:
 def test_hostile_token_is_401_on_the_rooms_api(rooms_server: ServerProcess, name: str) -> None:
     token = _tokens(rooms_server)[name]
     for method in ("GET", "POST"):
-        answer = httpx.request(method, rooms_server.base_url + "/v1/rooms", json={"id": "r"},
-                               headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        answer = httpx.request(
+            method,
+            rooms_server.base_url + "/v1/rooms",
+            json={"id": "r"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
         assert answer.status_code == 401, (name, answer.status_code, answer.text[:200])
         assert answer.json()["error"] == "e.m.trust.token"
 
 
 @pytest.mark.parametrize("name", ["deep-header", "huge-exp"])
-async def test_hostile_token_is_refused_on_the_rooms_socket(rooms_server: ServerProcess,
-                                                            name: str) -> None:
+async def test_hostile_token_is_refused_on_the_rooms_socket(
+    rooms_server: ServerProcess, name: str
+) -> None:
     token = _tokens(rooms_server)[name]
     ws = await ws_connect(rooms_server.base_url)
     try:

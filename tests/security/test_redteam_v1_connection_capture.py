@@ -26,8 +26,12 @@ from support.v1agent import V1, V1Agent, forward_for, msg, post_raw
 @pytest.fixture(scope="module")
 def v1_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("redteam-v1-capture")
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), log_path=tmp / "log",
-                           env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"})
+    server = ServerProcess(
+        data_dir=tmp / "data",
+        port=free_port(),
+        log_path=tmp / "log",
+        env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"},
+    )
     try:
         server.start()
         yield server
@@ -41,11 +45,19 @@ def _forged(victim: V1Agent, attacker_url: str) -> list[dict[str, Any]]:
     doc["service"][0]["serviceEndpoint"] = attacker_url
     encoded = base64.urlsafe_b64encode(json.dumps(doc).encode()).decode()
     return [
-        msg("didexchange/1.1/request", label="x", did=victim.did,
-            **{"did_doc~attach": {"@id": "d", "mime-type": "application/json",
-                                  "data": {"base64": encoded}}}),
-        msg("connections/1.0/request", label="x",
-            connection={"DID": victim.did, "DIDDoc": doc}),
+        msg(
+            "didexchange/1.1/request",
+            label="x",
+            did=victim.did,
+            **{
+                "did_doc~attach": {
+                    "@id": "d",
+                    "mime-type": "application/json",
+                    "data": {"base64": encoded},
+                }
+            },
+        ),
+        msg("connections/1.0/request", label="x", connection={"DID": victim.did, "DIDDoc": doc}),
     ]
 
 
@@ -56,7 +68,8 @@ def _wait(endpoint: FlakyEndpoint, count: int, within: float = 20.0) -> None:
 
 
 def test_anoncrypted_request_cannot_redirect_a_mediatees_forwards(
-        v1_endpoints: ServerProcess) -> None:
+    v1_endpoints: ServerProcess,
+) -> None:
     server = v1_endpoints
     own, stolen = FlakyEndpoint().start(), FlakyEndpoint().start()
     try:
@@ -66,9 +79,12 @@ def test_anoncrypted_request_cannot_redirect_a_mediatees_forwards(
         assert victim.add_key(victim.verkey)["updated"][0]["result"] == "success"
         for forged in _forged(victim, stolen.url):
             forged["~transport"] = {"return_route": "all"}
-            answer = httpx.post(server.base_url + "/", timeout=30,
-                                content=victim.pack(forged, anon=True),
-                                headers={"content-type": V1})
+            answer = httpx.post(
+                server.base_url + "/",
+                timeout=30,
+                content=victim.pack(forged, anon=True),
+                headers={"content-type": V1},
+            )
             assert answer.status_code == 401, (answer.status_code, answer.text[:200])
         sent = forward_for(victim.routing_key, victim.verkey, "for the victim only")
         assert post_raw(server.base_url, sent).status_code == 202

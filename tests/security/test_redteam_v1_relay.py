@@ -23,13 +23,17 @@ TARGET_ITEMS = 3
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def v1_relay(request: pytest.FixtureRequest,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"DOVECOTE_RELAY_TARGET_MAX_ITEMS": str(TARGET_ITEMS),
-           "DOVECOTE_RELAY_RETRY_AFTER": "7",
-           # v1 endpoints on loopback stand in for public ones.
-           "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
-           "DOVECOTE_RATE_LIMIT_IP": "100000", "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"}
+def v1_relay(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    env = {
+        "DOVECOTE_RELAY_TARGET_MAX_ITEMS": str(TARGET_ITEMS),
+        "DOVECOTE_RELAY_RETRY_AFTER": "7",
+        # v1 endpoints on loopback stand in for public ones.
+        "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
+        "DOVECOTE_RATE_LIMIT_IP": "100000",
+        "DOVECOTE_RATE_LIMIT_IP_BURST": "100000",
+    }
     with running_server(tmp_path_factory.mktemp("redteam-v1"), request.param, env) as server:
         yield server
 
@@ -49,13 +53,17 @@ def _endpoint_mediatee(server: ServerProcess) -> V1Agent:
 
 
 def test_v1_forwards_to_an_endpoint_mediatee_stop_at_the_target_quota(
-        v1_relay: ServerProcess) -> None:
+    v1_relay: ServerProcess,
+) -> None:
     server = v1_relay
     agent = _endpoint_mediatee(server)
     before = _pending(server)
-    statuses = [post_raw(server.base_url,
-                         forward_for(agent.routing_key, agent.verkey, f"flood {n}")).status_code
-                for n in range(TARGET_ITEMS + 3)]
+    statuses = [
+        post_raw(
+            server.base_url, forward_for(agent.routing_key, agent.verkey, f"flood {n}")
+        ).status_code
+        for n in range(TARGET_ITEMS + 3)
+    ]
     assert statuses[:TARGET_ITEMS] == [202] * TARGET_ITEMS, statuses
     assert statuses[TARGET_ITEMS:] == [429] * 3, statuses
     assert _pending(server) - before == TARGET_ITEMS

@@ -42,15 +42,18 @@ LIMITS = {
 
 @pytest.fixture
 def dns() -> Iterator[ScriptedDNS]:
-    server = ScriptedDNS({"inside.test": ["10.0.0.7"], "metadata.test": ["169.254.169.254"],
-                          "slow.test": ["silent"]}).start()
+    server = ScriptedDNS(
+        {"inside.test": ["10.0.0.7"], "metadata.test": ["169.254.169.254"], "slow.test": ["silent"]}
+    ).start()
     yield server
     server.stop()
 
 
 def outbox(server: ServerProcess) -> tuple[int, int]:
-    [(count, size)] = query(server, "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) "
-                                    "FROM outbox WHERE kind = 'forward'")
+    [(count, size)] = query(
+        server,
+        "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM outbox WHERE kind = 'forward'",
+    )
     return int(count), int(size)
 
 
@@ -59,29 +62,42 @@ def closed_endpoint(path: str = "/inbox") -> str:
     return f"http://127.0.0.1:{free_port()}{path}"
 
 
-async def send(client: httpx.AsyncClient, server: ServerProcess, sender: Agent, target: Agent,
-               content: str = "") -> httpx.Response:
+async def send(
+    client: httpx.AsyncClient,
+    server: ServerProcess,
+    sender: Agent,
+    target: Agent,
+    content: str = "",
+) -> httpx.Response:
     envelope, _ = await remote_forward(server, sender, target, content or uuid.uuid4().hex)
     return await post(client, server, envelope)
 
 
-async def plain_forward(client: httpx.AsyncClient, server: ServerProcess, next_did: str,
-                        attachment: Attachment) -> httpx.Response:
+async def plain_forward(
+    client: httpx.AsyncClient, server: ServerProcess, next_did: str, attachment: Attachment
+) -> httpx.Response:
     sender = Agent.create(server.base_url, server.did)
-    message = Message(id=str(uuid.uuid4()), type=FORWARD, body={"next": next_did},
-                      to=[server.did], attachments=[attachment])
+    message = Message(
+        id=str(uuid.uuid4()),
+        type=FORWARD,
+        body={"next": next_did},
+        to=[server.did],
+        attachments=[attachment],
+    )
     return await post(client, server, await sender.pack(message, anonymous=True))
 
 
 async def test_relay_quotas_per_target_and_in_total_count_and_bytes(
-    store_engine: dict[str, str], server_factory: Callable[..., ServerProcess],
+    store_engine: dict[str, str],
+    server_factory: Callable[..., ServerProcess],
 ) -> None:
     server = server_factory(env={**store_engine, **LIMITS})
     sender = Agent.create(server.base_url, server.did)
     first = Agent.create("http://x", endpoint=closed_endpoint())
     # The same origin under another path shares the target's quota.
-    first_elsewhere = Agent.create("http://x", endpoint=first.service_uri.replace(
-        "/inbox", "/other"))
+    first_elsewhere = Agent.create(
+        "http://x", endpoint=first.service_uri.replace("/inbox", "/other")
+    )
     big = Agent.create("http://x", endpoint=closed_endpoint())
     third = Agent.create("http://x", endpoint=closed_endpoint())
     async with httpx.AsyncClient(timeout=30) as client:
@@ -126,15 +142,27 @@ async def test_a_retried_forward_is_a_duplicate_not_a_quota_refusal(
 
 
 async def test_next_endpoints_that_do_not_resolve_or_are_private_are_refused_on_arrival(
-    server_factory: Callable[..., ServerProcess], dns: ScriptedDNS,
+    server_factory: Callable[..., ServerProcess],
+    dns: ScriptedDNS,
 ) -> None:
-    server = server_factory(env={**LIMITS, "DOVECOTE_OUTBOUND_DNS_SERVER": dns.address,
-                                 "DOVECOTE_OUTBOUND_CONNECT_TIMEOUT": "1"})
+    server = server_factory(
+        env={
+            **LIMITS,
+            "DOVECOTE_OUTBOUND_DNS_SERVER": dns.address,
+            "DOVECOTE_OUTBOUND_CONNECT_TIMEOUT": "1",
+        }
+    )
     sender = Agent.create(server.base_url, server.did)
     async with httpx.AsyncClient(timeout=30) as client:
-        for endpoint in ("http://nowhere.test/inbox", "http://inside.test/inbox",
-                         "http://metadata.test/latest/meta-data", "http://slow.test/",
-                         "http://10.1.2.3/", "http://[::1]:9/", "http://user:pw@127.0.0.1:9/"):
+        for endpoint in (
+            "http://nowhere.test/inbox",
+            "http://inside.test/inbox",
+            "http://metadata.test/latest/meta-data",
+            "http://slow.test/",
+            "http://10.1.2.3/",
+            "http://[::1]:9/",
+            "http://user:pw@127.0.0.1:9/",
+        ):
             target = Agent.create("http://x", endpoint=endpoint)
             answer = await send(client, server, sender, target)
             assert answer.status_code == 404, (endpoint, answer.text)
@@ -145,7 +173,8 @@ async def test_next_endpoints_that_do_not_resolve_or_are_private_are_refused_on_
 
 
 async def test_only_jwe_attachments_are_relayed(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
 ) -> None:
     server = server_factory(env=LIMITS)
     target = Agent.create("http://x", endpoint=endpoints().url)
@@ -154,22 +183,42 @@ async def test_only_jwe_attachments_are_relayed(
         for attachment in (
             Attachment(id="a", data=AttachmentDataBase64(base64=noise)),
             Attachment(id="b", data=AttachmentDataJson(json={"hello": "world"})),
-            Attachment(id="c", data=AttachmentDataJson(json={
-                "protected": "x", "iv": "y", "ciphertext": "z", "tag": "t", "recipients": []})),
+            Attachment(
+                id="c",
+                data=AttachmentDataJson(
+                    json={
+                        "protected": "x",
+                        "iv": "y",
+                        "ciphertext": "z",
+                        "tag": "t",
+                        "recipients": [],
+                    }
+                ),
+            ),
         ):
             answer = await plain_forward(client, server, target.did, attachment)
             assert answer.status_code == 400, answer.text
             assert "JWE" in answer.json()["detail"]
         # A real JWE carried as base64 is fine.
         sender = Agent.create(server.base_url, server.did)
-        packed = await pack_encrypted(sender.resolvers, Message(
-            id=str(uuid.uuid4()), type="https://didcomm.org/basicmessage/2.0/message",
-            body={"content": "hi"}, to=[target.did]), to=target.did,
-            pack_config=PackEncryptedConfig(forward=False))
+        packed = await pack_encrypted(
+            sender.resolvers,
+            Message(
+                id=str(uuid.uuid4()),
+                type="https://didcomm.org/basicmessage/2.0/message",
+                body={"content": "hi"},
+                to=[target.did],
+            ),
+            to=target.did,
+            pack_config=PackEncryptedConfig(forward=False),
+        )
         as_base64 = base64.urlsafe_b64encode(packed.packed_msg.encode()).decode()
-        answer = await plain_forward(client, server, target.did,
-                                     Attachment(id="d", data=AttachmentDataBase64(
-                                         base64=as_base64)))
+        answer = await plain_forward(
+            client,
+            server,
+            target.did,
+            Attachment(id="d", data=AttachmentDataBase64(base64=as_base64)),
+        )
         assert answer.status_code == 202, answer.text
         metrics = (await client.get(server.base_url + "/metrics")).text
     assert outbox(server)[0] <= 1
@@ -177,7 +226,8 @@ async def test_only_jwe_attachments_are_relayed(
 
 
 async def test_the_outbox_posts_exactly_to_the_url_the_did_document_names(
-    server_factory: Callable[..., ServerProcess], endpoints: Callable[..., FlakyEndpoint],
+    server_factory: Callable[..., ServerProcess],
+    endpoints: Callable[..., FlakyEndpoint],
 ) -> None:
     server = server_factory(env=LIMITS)
     endpoint = endpoints()

@@ -28,8 +28,11 @@ from security.flood import (
 from support.server import ServerProcess
 
 # Raised so that the per-IP limits (tested elsewhere) do not turn this into a 429 test.
-UNLIMITED = {"DOVECOTE_RATE_LIMIT_IP": "1000000", "DOVECOTE_RATE_LIMIT_IP_BURST": "1000000",
-             "DOVECOTE_LOG_LEVEL": "warning"}
+UNLIMITED = {
+    "DOVECOTE_RATE_LIMIT_IP": "1000000",
+    "DOVECOTE_RATE_LIMIT_IP_BURST": "1000000",
+    "DOVECOTE_LOG_LEVEL": "warning",
+}
 MiB = 1024 * 1024
 FORWARDS = 8_000
 SENDERS = 2_000
@@ -37,8 +40,11 @@ SENDERS = 2_000
 
 async def _post(server: ServerProcess, body: bytes) -> httpx.Response:
     async with httpx.AsyncClient(timeout=60) as client:
-        return await client.post(server.base_url + "/", content=body,
-                                 headers={"content-type": "application/didcomm-encrypted+json"})
+        return await client.post(
+            server.base_url + "/",
+            content=body,
+            headers={"content-type": "application/didcomm-encrypted+json"},
+        )
 
 
 @pytest.fixture
@@ -47,7 +53,8 @@ def limited(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
 
 
 async def test_flood_of_distinct_max_size_dids_keeps_memory_bounded(
-        server_factory: Callable[..., ServerProcess]) -> None:
+    server_factory: Callable[..., ServerProcess],
+) -> None:
     """10,000 requests, each with a distinct DID of the maximum size: anonymous forwards
     whose `next` the mediator must resolve, and authcrypted pings from distinct senders
     it must resolve and parse. RSS grows by less than 64 MiB."""
@@ -71,8 +78,10 @@ async def test_flood_of_distinct_max_size_dids_keeps_memory_bounded(
     # Forwards to DIDs whose endpoint is private are refused (404); pings are accepted.
     assert counts == {404: FORWARDS, 202: SENDERS}, counts
     growth = (after - before) / MiB
-    print(f"flood: {len(bodies)} requests in {elapsed:.1f}s, RSS "
-          f"{before / MiB:.0f} -> {after / MiB:.0f} MiB (+{growth:.1f})")
+    print(
+        f"flood: {len(bodies)} requests in {elapsed:.1f}s, RSS "
+        f"{before / MiB:.0f} -> {after / MiB:.0f} MiB (+{growth:.1f})"
+    )
     assert growth < 64, f"RSS grew {growth:.1f} MiB"
 
 
@@ -99,7 +108,8 @@ async def test_did_limit_is_configurable(server_factory: Callable[..., ServerPro
 
 
 async def test_sender_key_id_past_the_limit_is_refused_before_resolving(
-        limited: ServerProcess) -> None:
+    limited: ServerProcess,
+) -> None:
     """An authcrypt header naming an 8 KB (or a 100 KB) sender key id: refused from the
     header alone, before the library would resolve the sender."""
     packer = await AnonPacker.for_mediator(limited.did)

@@ -25,8 +25,13 @@ from support.server import ServerProcess
 OTHER_IP = "127.0.0.2"
 
 
-async def _exchange(port: int, chunks: list[bytes], pause: float = 0.0,
-                    within: float = 10.0, source: str = "127.0.0.1") -> tuple[bytes, float]:
+async def _exchange(
+    port: int,
+    chunks: list[bytes],
+    pause: float = 0.0,
+    within: float = 10.0,
+    source: str = "127.0.0.1",
+) -> tuple[bytes, float]:
     """Send `chunks` (pausing between them), then read until the server closes; return
     (everything read, seconds from connect to the close). Writes after the server has
     answered are allowed to fail."""
@@ -77,12 +82,18 @@ def _json_body(answer: bytes) -> dict[str, Any]:
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One server with short timeouts and small per-address caps for this module."""
     tmp = tmp_path_factory.mktemp("slow-clients")
-    server = ServerProcess(data_dir=tmp / "data", port=_free_port(), log_path=tmp / "log",
-                           env={"DOVECOTE_HEADER_TIMEOUT": "1",
-                                "DOVECOTE_BODY_READ_TIMEOUT": "1",
-                                "DOVECOTE_BODY_MIN_RATE": "1000",
-                                "DOVECOTE_WS_PING_INTERVAL": "0.5",
-                                "DOVECOTE_WS_PING_TIMEOUT": "0.5"})
+    server = ServerProcess(
+        data_dir=tmp / "data",
+        port=_free_port(),
+        log_path=tmp / "log",
+        env={
+            "DOVECOTE_HEADER_TIMEOUT": "1",
+            "DOVECOTE_BODY_READ_TIMEOUT": "1",
+            "DOVECOTE_BODY_MIN_RATE": "1000",
+            "DOVECOTE_WS_PING_INTERVAL": "0.5",
+            "DOVECOTE_WS_PING_TIMEOUT": "0.5",
+        },
+    )
     server.start()
     yield server
     server.kill()
@@ -102,16 +113,20 @@ async def test_huge_header_gets_431(limited: ServerProcess) -> None:
     # 64 MiB in one header: 200 before, now refused after its first 64 KiB (plus one read).
     huge = b"X-Big: " + b"a" * (64 * 1024 * 1024) + b"\r\n"
     step = 1024 * 1024
-    chunks = [_get()[:-2]] + [huge[i:i + step] for i in range(0, len(huge), step)] + [b"\r\n"]
+    chunks = [_get()[:-2]] + [huge[i : i + step] for i in range(0, len(huge), step)] + [b"\r\n"]
     answer, _ = await _exchange(limited.port, chunks)
     assert _status(answer) == 431, answer[:300]
     assert _json_body(answer)["error"] == "e.m.msg.headers-too-large"
 
 
-@pytest.mark.parametrize("headers", [
-    b"X-Long: " + b"a" * 17_000 + b"\r\n",  # one line over MAX_HEADER_LINE_BYTES (16 KiB)
-    b"".join(b"X-H%d: %s\r\n" % (n, b"b" * 8000) for n in range(10)),  # 80 KiB in total
-], ids=["line", "total"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"X-Long: " + b"a" * 17_000 + b"\r\n",  # one line over MAX_HEADER_LINE_BYTES (16 KiB)
+        b"".join(b"X-H%d: %s\r\n" % (n, b"b" * 8000) for n in range(10)),  # 80 KiB in total
+    ],
+    ids=["line", "total"],
+)
 async def test_header_line_and_total_limits(limited: ServerProcess, headers: bytes) -> None:
     answer, _ = await _exchange(limited.port, [_get(headers=headers)])
     assert _status(answer) == 431, answer[:300]
@@ -146,8 +161,10 @@ async def test_slow_headers_get_408_and_silent_connections_close(
 
 
 async def test_stalled_and_too_slow_bodies_get_408(limited: ServerProcess) -> None:
-    head = (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Type: application/didcomm-encrypted+json"
-            b"\r\nContent-Length: 5000\r\n\r\n")
+    head = (
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Type: application/didcomm-encrypted+json"
+        b"\r\nContent-Length: 5000\r\n\r\n"
+    )
     # Stalls after 10 bytes: 408 once BODY_READ_TIMEOUT (1 s) passes without a chunk.
     answer, seconds = await _exchange(limited.port, [head, b"{" * 10])
     assert _status(answer) == 408 and seconds < 5, answer[:300]
@@ -170,8 +187,9 @@ async def test_connections_per_address_are_capped(
         assert _status(answer) == 429, answer[:300]
         assert _json_body(answer)["error"] == "e.m.me.res.rate-limited"
         # Another address is not affected.
-        answer, _ = await _exchange(server.port, [_get(headers=b"Connection: close\r\n")],
-                                    source=OTHER_IP)
+        answer, _ = await _exchange(
+            server.port, [_get(headers=b"Connection: close\r\n")], source=OTHER_IP
+        )
         assert _status(answer) == 200, answer[:300]
     finally:
         for _, writer in held:
@@ -184,9 +202,13 @@ async def test_connections_per_address_are_capped(
 async def test_websockets_per_address_and_handshake_rate(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    server = server_factory(env={"DOVECOTE_MAX_WEBSOCKETS_PER_IP": "2",
-                                 "DOVECOTE_WS_HANDSHAKE_RATE_IP": "0.5",
-                                 "DOVECOTE_WS_HANDSHAKE_BURST_IP": "3"})
+    server = server_factory(
+        env={
+            "DOVECOTE_MAX_WEBSOCKETS_PER_IP": "2",
+            "DOVECOTE_WS_HANDSHAKE_RATE_IP": "0.5",
+            "DOVECOTE_WS_HANDSHAKE_BURST_IP": "3",
+        }
+    )
     first = await websockets.connect(server.ws_url)
     second = await websockets.connect(server.ws_url)
     try:
@@ -212,8 +234,9 @@ async def test_websockets_behind_a_trusted_proxy_close_1013(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
     # Behind a proxy the peer is the proxy: the cap applies to the forwarded address.
-    server = server_factory(env={"DOVECOTE_MAX_WEBSOCKETS_PER_IP": "1",
-                                 "DOVECOTE_TRUSTED_PROXIES": "127.0.0.1"})
+    server = server_factory(
+        env={"DOVECOTE_MAX_WEBSOCKETS_PER_IP": "1", "DOVECOTE_TRUSTED_PROXIES": "127.0.0.1"}
+    )
     client = {"X-Forwarded-For": "203.0.113.7"}
     first = await websockets.connect(server.ws_url, additional_headers=client)
     try:
@@ -221,8 +244,9 @@ async def test_websockets_behind_a_trusted_proxy_close_1013(
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(second.recv(), 5)
         assert second.close_code == 1013
-        other = await websockets.connect(server.ws_url,
-                                         additional_headers={"X-Forwarded-For": "203.0.113.8"})
+        other = await websockets.connect(
+            server.ws_url, additional_headers={"X-Forwarded-For": "203.0.113.8"}
+        )
         await other.close()
     finally:
         await first.close()
@@ -231,9 +255,13 @@ async def test_websockets_behind_a_trusted_proxy_close_1013(
 async def test_idle_ws_closes_but_live_mode_stays_and_messages_are_rate_limited(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    server = server_factory(env={"DOVECOTE_WS_IDLE_TIMEOUT": "1",
-                                 "DOVECOTE_RATE_LIMIT_IP": "1",
-                                 "DOVECOTE_RATE_LIMIT_IP_BURST": "20"})
+    server = server_factory(
+        env={
+            "DOVECOTE_WS_IDLE_TIMEOUT": "1",
+            "DOVECOTE_RATE_LIMIT_IP": "1",
+            "DOVECOTE_RATE_LIMIT_IP_BURST": "20",
+        }
+    )
     idle = await websockets.connect(server.ws_url)
     with pytest.raises(websockets.ConnectionClosed):
         await asyncio.wait_for(idle.recv(), 5)
@@ -243,10 +271,14 @@ async def test_idle_ws_closes_but_live_mode_stays_and_messages_are_rate_limited(
     async with httpx.AsyncClient() as client:
         await alice.mediate(client)
     async with websockets.connect(server.ws_url) as live:
-        await live.send(await alice.pack(alice.message(f"{PICKUP}/live-delivery-change",
-                                                       {"live_delivery": True})))
-        assert (await alice.unpack(await asyncio.wait_for(live.recv(), 5)))["type"] \
-            == f"{PICKUP}/status"
+        await live.send(
+            await alice.pack(
+                alice.message(f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+            )
+        )
+        assert (await alice.unpack(await asyncio.wait_for(live.recv(), 5)))[
+            "type"
+        ] == f"{PICKUP}/status"
         await asyncio.sleep(2.5)  # past the idle timeout: live mode keeps it open
         assert live.close_code is None
         # Each message takes a token from the address's bucket, as an HTTP request does.
@@ -262,8 +294,10 @@ async def test_unanswered_pings_close_the_socket(limited: ServerProcess) -> None
     # A raw client that completes the handshake and then never reads or answers: closed
     # after WS_PING_INTERVAL + WS_PING_TIMEOUT (1 s here; the old default was 40 s).
     key = base64.b64encode(os.urandom(16))
-    upgrade = (b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
     answer, seconds = await _exchange(limited.port, [upgrade], within=8)
     assert answer.startswith(b"HTTP/1.1 101"), answer[:200]
     assert b"<still open>" not in answer and seconds < 5, (answer[-60:], seconds)

@@ -58,22 +58,25 @@ async def _http_forward(server: ServerProcess, packed: str) -> tuple[str, float]
     async with httpx.AsyncClient(transport=transport, timeout=10.0) as client:
         started = time.perf_counter()
         try:
-            response = await client.post(server.base_url + "/", content=packed,
-                                         headers={"content-type": ENCRYPTED})
+            response = await client.post(
+                server.base_url + "/", content=packed, headers={"content-type": ENCRYPTED}
+            )
             outcome = str(response.status_code)
         except httpx.HTTPError as exc:
             outcome = type(exc).__name__
         return outcome, time.perf_counter() - started
 
 
-async def _ws_forward(server: ServerProcess, alice: Agent, packed: str,
-                      status_request: str) -> tuple[str, float]:
+async def _ws_forward(
+    server: ServerProcess, alice: Agent, packed: str, status_request: str
+) -> tuple[str, float]:
     """Connect /ws from OTHER_IP, send the forward, then the recipient's status-request:
     ('ok', seconds) when the status reply comes back (so the forward was handled)."""
     started = time.perf_counter()
     try:
-        async with websockets.connect(server.ws_url, open_timeout=10, compression=None,
-                                      proxy=None, local_addr=(OTHER_IP, 0)) as ws:
+        async with websockets.connect(
+            server.ws_url, open_timeout=10, compression=None, proxy=None, local_addr=(OTHER_IP, 0)
+        ) as ws:
             await ws.send(packed)
             await ws.send(status_request)
             frame = await asyncio.wait_for(ws.recv(), 10)
@@ -101,28 +104,39 @@ def open_files() -> Iterator[None]:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 async def test_other_client_is_served_during_attack(
-    scenario: str, open_files: None, server_factory: Callable[..., ServerProcess],
+    scenario: str,
+    open_files: None,
+    server_factory: Callable[..., ServerProcess],
 ) -> None:
     server = server_factory(env=dict(ENV))
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     async with httpx.AsyncClient(timeout=30.0) as client:
         await alice.mediate(client)
     probes = 4
-    forwards = [await forward_to(server.base_url, alice, {"type": BASIC, "body": {"n": n}})
-                for n in range(2 * probes)]
+    forwards = [
+        await forward_to(server.base_url, alice, {"type": BASIC, "body": {"n": n}})
+        for n in range(2 * probes)
+    ]
     status_request = await alice.pack(alice.message(f"{PICKUP}/status-request"))
 
     attacker = await asyncio.create_subprocess_exec(
-        sys.executable, str(ATTACKER), *SCENARIOS[scenario], "--port", str(server.port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        str(ATTACKER),
+        *SCENARIOS[scenario],
+        "--port",
+        str(server.port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     results: list[tuple[str, str, float]] = []
     try:
         await asyncio.sleep(3.0)  # the attack is in place
         for n in range(probes):
             results.append(("http", *await _http_forward(server, forwards[n])))
             if scenario != "slow_bodies":
-                results.append(("ws", *await _ws_forward(server, alice, forwards[probes + n],
-                                                         status_request)))
+                results.append(
+                    ("ws", *await _ws_forward(server, alice, forwards[probes + n], status_request))
+                )
             await asyncio.sleep(0.5)
         out, err = await asyncio.wait_for(attacker.communicate(), 60)
     finally:

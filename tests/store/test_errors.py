@@ -26,8 +26,11 @@ def test_sqlite_disk_full_is_storage_full() -> None:
         sqlite._translate(sqlite3.OperationalError("database or disk is full")), StorageFull
     )
     assert isinstance(sqlite._translate(OSError(errno.ENOSPC, "No space left")), StorageFull)
-    for exc in (sqlite3.InterfaceError("bad"), sqlite3.IntegrityError("dup"),
-                PermissionError("read-only")):
+    for exc in (
+        sqlite3.InterfaceError("bad"),
+        sqlite3.IntegrityError("dup"),
+        PermissionError("read-only"),
+    ):
         assert type(sqlite._translate(exc)) is StoreError
     # Ours pass through unchanged.
     mine = StoreError("x")

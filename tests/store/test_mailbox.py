@@ -74,8 +74,9 @@ async def test_status_and_fetch_match_did_url_forms(engine: Store) -> None:
     await mediate(engine, ALICE, "did:example:alice-r1")
     stored = await engine.enqueue(message(recipient="did:example:alice-r1"), **ROOMY)
     # Asking with a key of the DID also finds messages stored for the DID itself.
-    assert [m.id for m in await engine.fetch(ALICE, 10, recipient="did:example:alice-r1#k1")] \
-        == [stored.id]
+    assert [m.id for m in await engine.fetch(ALICE, 10, recipient="did:example:alice-r1#k1")] == [
+        stored.id
+    ]
     assert (await engine.status(ALICE, "did:example:alice-r1#k1")).message_count == 1
     assert (await engine.status(ALICE, "did:example:other")).message_count == 0
 
@@ -136,9 +137,7 @@ async def test_mailbox_full_leaves_queue_untouched(engine: Store) -> None:
     before = await engine.fetch(ALICE, 10)
     outbox = [NewOutboxItem(kind="notify", target="https://push.example", payload=b"x")]
     with pytest.raises(MailboxFull):
-        await engine.enqueue(
-            message(body=b"m2"), max_messages=2, max_bytes=100, outbox=outbox
-        )
+        await engine.enqueue(message(body=b"m2"), max_messages=2, max_bytes=100, outbox=outbox)
     # The byte limit counts too.
     with pytest.raises(MailboxFull):
         await engine.enqueue(message(body=b"x" * 97), max_messages=10, max_bytes=100)
@@ -157,8 +156,13 @@ async def test_mailbox_full_leaves_queue_untouched(engine: Store) -> None:
 async def test_enqueue_adds_outbox_items_in_same_transaction(engine: Store) -> None:
     await mediate(engine, ALICE, "did:example:alice-r1")
     items = [
-        NewOutboxItem(kind="notify", target="https://push.example/a", payload=b"p",
-                      headers={"x": "1"}, dedup_key="k1"),
+        NewOutboxItem(
+            kind="notify",
+            target="https://push.example/a",
+            payload=b"p",
+            headers={"x": "1"},
+            dedup_key="k1",
+        ),
     ]
     await engine.enqueue(message(body=b"a"), outbox=items, **ROOMY)
     await engine.enqueue(message(body=b"b"), outbox=items, **ROOMY)  # same dedup_key
@@ -193,7 +197,10 @@ async def test_expire_moves_to_dead_letters_and_forgets_digests(engine: Store) -
     assert set(by_message) == {old.id, bob_old.id}
     letter = by_message[old.id]
     assert (letter.kind, letter.reason, letter.target, letter.payload) == (
-        "mailbox", "expired", "did:example:alice-r1", b"old"
+        "mailbox",
+        "expired",
+        "did:example:alice-r1",
+        b"old",
     )
     assert letter.headers["mediatee"] == ALICE and letter.history == []
     assert await engine.dlq_get(letter.id) == letter

@@ -59,7 +59,10 @@ async def test_database_at_version_one_opens_and_keeps_its_data(
     blob = "X'6f6c64'" if engine == "sqlite" else "'\\x6f6c64'::bytea"
     now = time.time()
     # What a version-1 Dovecote left behind: its schema, its bookkeeping, its data.
-    await raw_script(engine, url, f"""
+    await raw_script(
+        engine,
+        url,
+        f"""
         {sql}
         ;
         CREATE TABLE schema_migrations
@@ -72,7 +75,8 @@ async def test_database_at_version_one_opens_and_keeps_its_data(
                     {now + 3600});
         INSERT INTO mailboxes VALUES ('{ALICE}', 1, 3);
         INSERT INTO dedup VALUES ('did:example:alice-r1', 'digest-old', 'm-old', {now});
-    """)
+    """,
+    )
 
     store = await store_factory.open(url)
     assert await store.schema_version() == latest(engine)
@@ -101,19 +105,33 @@ async def test_identity_migration_keeps_first_owner_and_reports_the_rest(
     blob = "X'6f6c64'" if engine == "sqlite" else "'\\x6f6c64'::bytea"
     x, y = "did:example:x", "did:example:y"
     r, s = "did:peer:2.Ez6LSr", "did:peer:2.Ez6LSs"
-    rows = [(r, y, 100.0), (r + "#key-2", x, 200.0), (r + "#key-1", y, 300.0),
-            (s + "#key-2", y, 100.0), (s, x, 150.0), ("did:example:alone#k", x, 50.0)]
-    await raw_script(engine, url, "\n".join(sql + "\n;" for _, _, sql in applied) + f"""
+    rows = [
+        (r, y, 100.0),
+        (r + "#key-2", x, 200.0),
+        (r + "#key-1", y, 300.0),
+        (s + "#key-2", y, 100.0),
+        (s, x, 150.0),
+        ("did:example:alone#k", x, 50.0),
+    ]
+    await raw_script(
+        engine,
+        url,
+        "\n".join(sql + "\n;" for _, _, sql in applied)
+        + f"""
         CREATE TABLE schema_migrations
             (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at {real} NOT NULL);
-        {" ".join(f"INSERT INTO schema_migrations VALUES ({v}, '{n}', 1.0);"
-                  for v, n, _ in applied)}
+        {
+            " ".join(
+                f"INSERT INTO schema_migrations VALUES ({v}, '{n}', 1.0);" for v, n, _ in applied
+            )
+        }
         INSERT INTO mediations VALUES ('{x}', 'granted', 'did:example:routing', 1, 1);
         INSERT INTO mediations VALUES ('{y}', 'granted', 'did:example:routing', 1, 1);
         {" ".join(f"INSERT INTO recipients VALUES ('{d}', '{m}', {t});" for d, m, t in rows)}
         INSERT INTO messages (id, mediatee, recipient, body, size, received_at, expires_at)
             VALUES ('captured', '{x}', '{r}#key-2', {blob}, 3, 1, 9999999999);
-    """)
+    """,
+    )
 
     store = await store_factory.open(url)
     assert await store.schema_version() == latest(engine)
@@ -125,7 +143,9 @@ async def test_identity_migration_keeps_first_owner_and_reports_the_rest(
     assert await store.list_recipients(x, 0, 10) == (["did:example:alone"], 1)
     conflicts = await store.recipient_conflicts()
     assert sorted((c.recipient, c.base, c.mediatee, c.owner, c.queued) for c in conflicts) == [
-        (r + "#key-2", r, x, y, 1), (s, s, x, y, 0)]
+        (r + "#key-2", r, x, y, 1),
+        (s, s, x, y, 0),
+    ]
     assert all(c.found_at > 1000 for c in conflicts)
     # Nothing was lost: the captured message is still where it was, for the operator.
     assert [m.id for m in await store.fetch(x, 10)] == ["captured"]

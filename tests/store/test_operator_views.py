@@ -12,8 +12,7 @@ BOB = "did:example:bob"
 
 
 async def _dead(engine: Store, target: str, kind: str, reason: str) -> int:
-    (item_id,) = await engine.outbox_add([NewOutboxItem(kind=kind, target=target,
-                                                        payload=b"x")])
+    (item_id,) = await engine.outbox_add([NewOutboxItem(kind=kind, target=target, payload=b"x")])
     leased = await engine.outbox_lease([kind], "w", 10, 30)
     assert [i.id for i in leased] == [item_id]
     await engine.outbox_dead(item_id, "w", reason, {"attempt": 1, "error": "500"})
@@ -51,7 +50,9 @@ async def test_mailbox_usage_largest_and_oldest(engine: Store) -> None:
 
     largest = await engine.mailbox_usage("bytes", 10)
     assert [(m.mediatee, m.message_count, m.total_bytes) for m in largest] == [
-        (ALICE, 3, 300), (BOB, 1, 10)]
+        (ALICE, 3, 300),
+        (BOB, 1, 10),
+    ]
     oldest = await engine.mailbox_usage("oldest", 10)
     assert [m.mediatee for m in oldest] == [BOB, ALICE]
     assert oldest[0].oldest_received_at is not None
@@ -61,16 +62,20 @@ async def test_mailbox_usage_largest_and_oldest(engine: Store) -> None:
 
 
 async def test_outbox_targets_grouped(engine: Store) -> None:
-    await engine.outbox_add([
-        NewOutboxItem(kind="forward", target="https://a.example/", payload=b"1"),
-        NewOutboxItem(kind="forward", target="https://a.example/", payload=b"2"),
-        NewOutboxItem(kind="notify", target="https://b.example/", payload=b"3"),
-    ])
+    await engine.outbox_add(
+        [
+            NewOutboxItem(kind="forward", target="https://a.example/", payload=b"1"),
+            NewOutboxItem(kind="forward", target="https://a.example/", payload=b"2"),
+            NewOutboxItem(kind="notify", target="https://b.example/", payload=b"3"),
+        ]
+    )
     (leased,) = await engine.outbox_lease(["notify"], "w", 10, 30)
     await engine.outbox_retry(leased.id, "w", 4_000_000_000.0, {"attempt": 1, "error": "500"})
     rows = await engine.outbox_targets(10)
     assert [(r.target, r.kind, r.pending) for r in rows] == [
-        ("https://a.example/", "forward", 2), ("https://b.example/", "notify", 1)]
+        ("https://a.example/", "forward", 2),
+        ("https://b.example/", "notify", 1),
+    ]
     assert rows[0].max_attempts == 0 and rows[0].next_attempt_at > 0
     assert rows[1].max_attempts == 1 and rows[1].next_attempt_at == 4_000_000_000.0
     assert rows[0].oldest_created_at <= rows[0].next_attempt_at + 1

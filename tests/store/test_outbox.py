@@ -36,10 +36,14 @@ async def test_add_lease_done(engine: Store) -> None:
 
 
 async def test_lease_filters_kind_target_due_and_limit(engine: Store) -> None:
-    await engine.outbox_add([
-        item("https://a.example/"), item("https://b.example/"), item("https://c.example/"),
-        item("https://push.example/", kind="notify"),
-    ])
+    await engine.outbox_add(
+        [
+            item("https://a.example/"),
+            item("https://b.example/"),
+            item("https://c.example/"),
+            item("https://push.example/", kind="notify"),
+        ]
+    )
     got = await engine.outbox_lease(
         ["forward"], "w1", 1, 30, exclude_targets=["https://a.example/"]
     )
@@ -100,7 +104,9 @@ async def test_dead_letter_with_history_then_replay_and_purge(engine: Store) -> 
     assert total == 1
     (letter,) = letters
     assert (letter.kind, letter.target, letter.reason) == (
-        "forward", "https://gone.example/", "too many attempts"
+        "forward",
+        "https://gone.example/",
+        "too many attempts",
     )
     assert letter.headers == {"k": "v"} and letter.payload == b"to https://gone.example/"
     assert letter.history == [{"attempt": 1, "error": "500"}, {"attempt": 2, "error": "500"}]
@@ -133,8 +139,9 @@ async def test_dead_letter_with_history_then_replay_and_purge(engine: Store) -> 
 
 
 async def test_replay_all_and_by_target(engine: Store) -> None:
-    await engine.outbox_add([item("https://a.example/"), item("https://b.example/"),
-                             item("https://b.example/")])
+    await engine.outbox_add(
+        [item("https://a.example/"), item("https://b.example/"), item("https://b.example/")]
+    )
     for leased in await engine.outbox_lease(["forward"], "w", 10, 30):
         await engine.outbox_dead(leased.id, "w", "gone", None)
     assert await engine.dlq_replay(target="https://b.example/") == 2

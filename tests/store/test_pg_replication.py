@@ -68,8 +68,13 @@ async def store(cluster: PgCluster) -> AsyncIterator[Store]:
 
 
 def relay(digest: str) -> NewOutboxItem:
-    return NewOutboxItem(kind="forward", target="https://next.example/", payload=b"x",
-                         dedup_key=f"forward:{digest}", remember=True)
+    return NewOutboxItem(
+        kind="forward",
+        target="https://next.example/",
+        payload=b"x",
+        dedup_key=f"forward:{digest}",
+        remember=True,
+    )
 
 
 async def test_duplicates_answer_only_after_a_standby_confirmed(
@@ -118,7 +123,8 @@ async def test_commit_whose_sync_wait_was_cancelled_is_not_a_success(
         for _ in range(100):
             cancelled = await admin.fetchval(
                 "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
-                "WHERE wait_event = 'SyncRep' AND application_name = 'dovecote'")
+                "WHERE wait_event = 'SyncRep' AND application_name = 'dovecote'"
+            )
             if cancelled:
                 break
             await asyncio.sleep(0.01)
@@ -146,9 +152,7 @@ def hung_port() -> Iterator[int]:
     sock.close()
 
 
-async def test_hung_first_host_is_skipped_within_seconds(
-    tmp_path: object, hung_port: int
-) -> None:
+async def test_hung_first_host_is_skipped_within_seconds(tmp_path: object, hung_port: int) -> None:
     pg = StoreFactory("postgres", tmp_path)  # type: ignore[arg-type]
     try:
         url = await pg.url()

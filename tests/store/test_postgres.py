@@ -42,11 +42,14 @@ async def wait_for(condition: object, seconds: float) -> float:
 async def terminate(application_name: str, database: str) -> int:
     conn = await admin_connect()
     try:
-        return len(await conn.fetch(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND application_name = $2",
-            database, application_name,
-        ))
+        return len(
+            await conn.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND application_name = $2",
+                database,
+                application_name,
+            )
+        )
     finally:
         await conn.close()
 
@@ -97,7 +100,8 @@ class Proxy:
             return
         self.sockets.add(up_writer)
         await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+            self._pipe(reader, up_writer),
+            self._pipe(up_reader, writer),
             return_exceptions=True,
         )
         for w in (writer, up_writer):
@@ -260,7 +264,8 @@ async def test_concurrent_enqueues_across_instances_dedup_and_limit(pg: StoreFac
     outcomes = await asyncio.gather(
         *[
             s.enqueue(message(body=f"{i}-{j}".encode()), max_messages=10, max_bytes=10_000)
-            for i, s in enumerate(stores) for j in range(8)
+            for i, s in enumerate(stores)
+            for j in range(8)
         ],
         return_exceptions=True,
     )

@@ -98,18 +98,52 @@ class AcaPy:
         self.hooks.start()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(ACAPY), "start", "--label", self.label,
-             "-it", "http", "127.0.0.1", str(self.port), "-ot", "http", "-ot", "ws",
-             "-e", f"http://127.0.0.1:{self.port}",
-             "--admin", "127.0.0.1", str(self.admin_port), "--admin-insecure-mode",
-             "--wallet-type", "askar", "--wallet-name", self.label,
-             "--wallet-key", f"{self.label}-key", "--auto-provision", "--no-ledger",
-             "--auto-accept-invites", "--auto-accept-requests", "--auto-ping-connection",
-             "--webhook-url", self.hooks.url, "--log-level", "warning", *self.extra],
-            env={**os.environ, "HOME": str(self.work)}, stdout=log,
-            stderr=subprocess.STDOUT, cwd=self.work)
-        self.wait(lambda: httpx.get(self.admin + "/status/ready", timeout=2).status_code
-                  == 200, 120, "admin API ready")
+            [
+                str(ACAPY),
+                "start",
+                "--label",
+                self.label,
+                "-it",
+                "http",
+                "127.0.0.1",
+                str(self.port),
+                "-ot",
+                "http",
+                "-ot",
+                "ws",
+                "-e",
+                f"http://127.0.0.1:{self.port}",
+                "--admin",
+                "127.0.0.1",
+                str(self.admin_port),
+                "--admin-insecure-mode",
+                "--wallet-type",
+                "askar",
+                "--wallet-name",
+                self.label,
+                "--wallet-key",
+                f"{self.label}-key",
+                "--auto-provision",
+                "--no-ledger",
+                "--auto-accept-invites",
+                "--auto-accept-requests",
+                "--auto-ping-connection",
+                "--webhook-url",
+                self.hooks.url,
+                "--log-level",
+                "warning",
+                *self.extra,
+            ],
+            env={**os.environ, "HOME": str(self.work)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.work,
+        )
+        self.wait(
+            lambda: httpx.get(self.admin + "/status/ready", timeout=2).status_code == 200,
+            120,
+            "admin API ready",
+        )
         return self
 
     def wait(self, check: Any, timeout: float, what: str) -> Any:
@@ -138,6 +172,7 @@ class AcaPy:
 
     def granted(self, timeout: float = 90) -> dict[str, Any]:
         """The mediation record once the mediator granted it."""
+
         def check() -> dict[str, Any] | None:
             for record in self.get("/mediation/requests")["results"]:
                 if record["state"] == "granted":
@@ -150,15 +185,15 @@ class AcaPy:
         def check() -> dict[str, Any] | None:
             for record in self.get("/connections")["results"]:
                 if record["state"] in ("active", "completed") and (
-                        connection_id is None or record["connection_id"] == connection_id):
+                    connection_id is None or record["connection_id"] == connection_id
+                ):
                     return dict(record)
             return None
 
         return dict(self.wait(check, timeout, "connection active"))
 
     def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() \
-            else ""
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

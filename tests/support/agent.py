@@ -78,15 +78,23 @@ class PeerResolver(DIDResolver):
         methods: list[VerificationMethod] = []
         for vm in doc["verificationMethod"]:
             crv, raw = _raw_from_multikey(vm["publicKeyMultibase"])
-            jwk = {"kty": "OKP", "crv": crv,
-                   "x": base64.urlsafe_b64encode(raw).decode().rstrip("=")}
+            jwk = {
+                "kty": "OKP",
+                "crv": crv,
+                "x": base64.urlsafe_b64encode(raw).decode().rstrip("="),
+            }
             vm_id = vm["id"] if vm["id"].startswith("did:") else did + vm["id"]
             jwk["kid"] = vm_id
-            methods.append(VerificationMethod(
-                id=vm_id, type=VerificationMethodType.JSON_WEB_KEY_2020, controller=did,
-                verification_material=VerificationMaterial(
-                    format=VerificationMaterialFormat.JWK, value=json.dumps(jwk)),
-            ))
+            methods.append(
+                VerificationMethod(
+                    id=vm_id,
+                    type=VerificationMethodType.JSON_WEB_KEY_2020,
+                    controller=did,
+                    verification_material=VerificationMaterial(
+                        format=VerificationMaterialFormat.JWK, value=json.dumps(jwk)
+                    ),
+                )
+            )
 
         def absolute(ref: str) -> str:
             return ref if ref.startswith("did:") else did + ref
@@ -98,10 +106,14 @@ class PeerResolver(DIDResolver):
                 endpoint = endpoint[0]
             uri = endpoint["uri"] if isinstance(endpoint, dict) else endpoint
             keys = endpoint.get("routingKeys", []) if isinstance(endpoint, dict) else []
-            services.append(DIDCommService(
-                id=absolute(svc.get("id", f"#service-{i}")), service_endpoint=uri,
-                routing_keys=keys, accept=["didcomm/v2"],
-            ))
+            services.append(
+                DIDCommService(
+                    id=absolute(svc.get("id", f"#service-{i}")),
+                    service_endpoint=uri,
+                    routing_keys=keys,
+                    accept=["didcomm/v2"],
+                )
+            )
         return DIDDoc(
             did=did,
             key_agreement_kids=[absolute(k) for k in doc.get("keyAgreement", [])],
@@ -123,8 +135,14 @@ class Agent:
     service_uri: str = ""
 
     @classmethod
-    def create(cls, base_url: str, mediator_did: str = "", via_mediator: bool = False,
-               endpoint: str = "", endpoint_routing_keys: list[str] | None = None) -> Agent:
+    def create(
+        cls,
+        base_url: str,
+        mediator_did: str = "",
+        via_mediator: bool = False,
+        endpoint: str = "",
+        endpoint_routing_keys: list[str] | None = None,
+    ) -> Agent:
         """A new identity; with via_mediator its DID doc routes through the mediator, with
         `endpoint` it names its own DIDComm endpoint (behind `endpoint_routing_keys`)."""
         ed_priv, ed_pub = generate_ed25519_keys_as_jwk_dict()
@@ -141,14 +159,25 @@ class Agent:
         elif via_mediator:
             agent.service_uri = base_url + "/"
             agent.routing_keys = [f"{mediator_did}#key-2"]
-            services = [{"type": "DIDCommMessaging", "serviceEndpoint": {
-                "uri": agent.service_uri, "accept": ["didcomm/v2"],
-                "routingKeys": agent.routing_keys}}]
-        did = str(generate(
-            [KeySpec.verification(_multikey(b"\xed\x01", ed_pub)),
-             KeySpec.key_agreement(_multikey(b"\xec\x01", x_pub))],
-            services,
-        ))
+            services = [
+                {
+                    "type": "DIDCommMessaging",
+                    "serviceEndpoint": {
+                        "uri": agent.service_uri,
+                        "accept": ["didcomm/v2"],
+                        "routingKeys": agent.routing_keys,
+                    },
+                }
+            ]
+        did = str(
+            generate(
+                [
+                    KeySpec.verification(_multikey(b"\xed\x01", ed_pub)),
+                    KeySpec.key_agreement(_multikey(b"\xec\x01", x_pub)),
+                ],
+                services,
+            )
+        )
         agent.did = did
         ed_priv["kid"] = f"{did}#key-1"
         x_priv["kid"] = f"{did}#key-2"
@@ -162,15 +191,29 @@ class Agent:
             did_resolver=PeerResolver(),
         )
 
-    def message(self, msg_type: str, body: dict[str, Any] | None = None,
-                return_route: bool = True, **extra: Any) -> Message:
+    def message(
+        self,
+        msg_type: str,
+        body: dict[str, Any] | None = None,
+        return_route: bool = True,
+        **extra: Any,
+    ) -> Message:
         headers = [{"return_route": "all"}] if return_route else None
-        return Message(id=str(uuid.uuid4()), type=msg_type, body=body or {},
-                       frm=self.did, to=[self.mediator_did], custom_headers=headers, **extra)
+        return Message(
+            id=str(uuid.uuid4()),
+            type=msg_type,
+            body=body or {},
+            frm=self.did,
+            to=[self.mediator_did],
+            custom_headers=headers,
+            **extra,
+        )
 
     async def pack(self, message: Message, anonymous: bool = False) -> str:
         result = await pack_encrypted(
-            self.resolvers, message, to=self.mediator_did,
+            self.resolvers,
+            message,
+            to=self.mediator_did,
             frm=None if anonymous else self.did,
             pack_config=PackEncryptedConfig(forward=False),
         )
@@ -182,20 +225,23 @@ class Agent:
         result = await unpack(self.resolvers, packed)
         return dict(result.message.as_dict())
 
-    async def send_http(self, client: httpx.AsyncClient, message: Message,
-                        anonymous: bool = False) -> tuple[int, dict[str, Any] | None]:
+    async def send_http(
+        self, client: httpx.AsyncClient, message: Message, anonymous: bool = False
+    ) -> tuple[int, dict[str, Any] | None]:
         """POST a message; return the status and the unpacked reply (if any)."""
         packed = await self.pack(message, anonymous)
-        response = await client.post(self.base_url + "/", content=packed,
-                                     headers={"content-type": ENCRYPTED})
+        response = await client.post(
+            self.base_url + "/", content=packed, headers={"content-type": ENCRYPTED}
+        )
         if response.status_code in (200, 202) and not response.content:
             return response.status_code, None
         if response.headers.get("content-type", "").startswith(ENCRYPTED):
             return response.status_code, await self.unpack(response.text)
         return response.status_code, response.json() if response.content else None
 
-    async def request(self, client: httpx.AsyncClient, msg_type: str,
-                      body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def request(
+        self, client: httpx.AsyncClient, msg_type: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         status, reply = await self.send_http(client, self.message(msg_type, body))
         assert reply is not None, f"no reply to {msg_type} (HTTP {status})"
         return reply
@@ -205,35 +251,48 @@ class Agent:
         grant = await self.request(client, f"{version}/mediate-request")
         assert grant["type"].endswith("mediate-grant"), grant
         name = "recipient-update" if version == CM3 else "keylist-update"
-        update = await self.request(client, f"{version}/{name}", {
-            "updates": [{"recipient_did": self.did, "action": "add"}]})
+        update = await self.request(
+            client, f"{version}/{name}", {"updates": [{"recipient_did": self.did, "action": "add"}]}
+        )
         assert update["body"]["updated"][0]["result"] in ("success", "no_change"), update
         return grant
 
 
-async def forward_to(sender_base_url: str, recipient: Agent, plaintext: dict[str, Any],
-                     sender: Agent | None = None) -> str:
+async def forward_to(
+    sender_base_url: str, recipient: Agent, plaintext: dict[str, Any], sender: Agent | None = None
+) -> str:
     """What any third party does: encrypt for the recipient, wrap in a forward for its
     mediator (via the recipient's routing keys), and return the packed envelope."""
     resolvers = (sender or Agent.create(sender_base_url)).resolvers
-    message = Message(id=plaintext.get("id", str(uuid.uuid4())), type=plaintext["type"],
-                      body=plaintext.get("body", {}), to=[recipient.did],
-                      frm=sender.did if sender else None)
-    result = await pack_encrypted(resolvers, message, to=recipient.did,
-                                  frm=sender.did if sender else None)
+    message = Message(
+        id=plaintext.get("id", str(uuid.uuid4())),
+        type=plaintext["type"],
+        body=plaintext.get("body", {}),
+        to=[recipient.did],
+        frm=sender.did if sender else None,
+    )
+    result = await pack_encrypted(
+        resolvers, message, to=recipient.did, frm=sender.did if sender else None
+    )
     return str(result.packed_msg)
 
 
-async def manual_forward(resolvers: ResolversConfig, inner: dict[str, Any], next_did: str,
-                         mediator_kid: str) -> str:
+async def manual_forward(
+    resolvers: ResolversConfig, inner: dict[str, Any], next_did: str, mediator_kid: str
+) -> str:
     """A forward built by the library's own wrap_in_forward (for custom inner payloads)."""
-    wrapped = await wrap_in_forward(resolvers_config=resolvers, packed_msg=inner, to=next_did,
-                                    routing_keys=[mediator_kid])
+    wrapped = await wrap_in_forward(
+        resolvers_config=resolvers, packed_msg=inner, to=next_did, routing_keys=[mediator_kid]
+    )
     assert wrapped is not None
     return json.dumps(wrapped.msg_encrypted.msg)
 
 
 def plain_forward_message(next_did: str, payload: dict[str, Any]) -> Message:
     """A forward plaintext carrying an arbitrary attachment (for bad-input tests)."""
-    return Message(id=str(uuid.uuid4()), type=f"{ROUTING}/forward", body={"next": next_did},
-                   attachments=[Attachment(data=AttachmentDataJson(json=payload))])
+    return Message(
+        id=str(uuid.uuid4()),
+        type=f"{ROUTING}/forward",
+        body={"next": next_did},
+        attachments=[Attachment(data=AttachmentDataJson(json=payload))],
+    )

@@ -44,15 +44,19 @@ class ScriptedDNS(BaseResolver):  # type: ignore[misc]
             with self._lock:
                 index = self.queries[name]
                 self.queries[name] += 1
-            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(script[index % len(script)]),
-                                ttl=0))
+            reply.add_answer(
+                RR(request.q.qname, QTYPE.A, rdata=A(script[index % len(script)]), ttl=0)
+            )
         return reply
 
     def start(self) -> ScriptedDNS:
         self.port = free_port()
-        self._server = DNSServer(self, port=self.port, address="127.0.0.1",
-                                 logger=DNSLogger("-request,-reply,-truncated,-error,-recv,"
-                                                  "-send,-data"))
+        self._server = DNSServer(
+            self,
+            port=self.port,
+            address="127.0.0.1",
+            logger=DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data"),
+        )
         self._server.start_thread()
         return self
 

@@ -79,8 +79,9 @@ class FlakyEndpoint:
         def serve() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
-            self._server = loop.run_until_complete(asyncio.start_server(
-                self._handle, self.host, self.port, reuse_address=True))
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
@@ -125,8 +126,7 @@ class FlakyEndpoint:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _serve_one(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         headers = {}
@@ -160,8 +160,10 @@ class FlakyEndpoint:
             extra = f"Retry-After: {retry_after}\r\n" if retry_after else ""
             if ">" in behaviour:
                 extra += f"Location: {location}\r\n"
-            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n{extra}"
-                         "Connection: close\r\n\r\n".encode())
+            writer.write(
+                f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n{extra}"
+                "Connection: close\r\n\r\n".encode()
+            )
             await writer.drain()
 
     # ------------------------------------------------------------------ views

@@ -15,10 +15,13 @@ def snapshot(server: ServerProcess) -> dict[str, int]:
     url = server.env.get("DOVECOTE_STORE", "")
     if url.startswith("postgres"):
         query = " UNION ALL ".join(f"SELECT '{t}', COUNT(*) FROM {t}" for t in TABLES)
-        out = subprocess.run(["psql", url, "-Atc", query], capture_output=True, text=True,
-                             check=True).stdout
-        return {name: int(count) for name, count in
-                (line.split("|") for line in out.splitlines() if line)}
+        out = subprocess.run(
+            ["psql", url, "-Atc", query], capture_output=True, text=True, check=True
+        ).stdout
+        return {
+            name: int(count)
+            for name, count in (line.split("|") for line in out.splitlines() if line)
+        }
     uri = f"file:{server.data_dir / 'dovecote.db'}?mode=ro"
     conn = sqlite3.connect(uri, uri=True)
     try:

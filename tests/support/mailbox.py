@@ -16,20 +16,27 @@ from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, forward_to
 async def pack_forwards(base_url: str, recipient: Agent, ids: list[str]) -> dict[str, str]:
     """Forwards to `recipient` carrying inner messages with the given ids."""
     return {
-        mid: await forward_to(base_url, recipient, {"id": mid, "type": BASIC,
-                                                    "body": {"content": mid}})
+        mid: await forward_to(
+            base_url, recipient, {"id": mid, "type": BASIC, "body": {"content": mid}}
+        )
         for mid in ids
     }
 
 
 async def post(client: httpx.AsyncClient, base_url: str, packed: str) -> int:
-    response = await client.post(base_url + "/", content=packed,
-                                 headers={"content-type": ENCRYPTED})
+    response = await client.post(
+        base_url + "/", content=packed, headers={"content-type": ENCRYPTED}
+    )
     return response.status_code
 
 
-async def post_all(client: httpx.AsyncClient, base_url: str, packed: dict[str, str],
-                   concurrency: int = 8, patience: float = 60.0) -> set[str]:
+async def post_all(
+    client: httpx.AsyncClient,
+    base_url: str,
+    packed: dict[str, str],
+    concurrency: int = 8,
+    patience: float = 60.0,
+) -> set[str]:
     """POST every forward, retrying (same bytes) as senders must until a 202 or until
     `patience` seconds have passed; the ids that got a 202."""
     gate = asyncio.Semaphore(concurrency)

@@ -48,22 +48,59 @@ def start_nginx(upstream_ports: list[int], https_port: int | None = None, **env:
     os.chmod(prefix, 0o755)
     cert, key = prefix / "cert.pem", prefix / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-         "-subj", "/CN=localhost"], check=True, capture_output=True)
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     https_port = https_port or free_port()
     subprocess.run(
         ["sh", str(ROOT / "deploy" / "nginx" / "render.sh"), str(prefix)],
-        env={**os.environ,
-             "DOVECOTE_UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in upstream_ports),
-             "PREFIX": str(prefix), "LISTEN_PORT": str(https_port),
-             "HTTP_PORT": str(free_port()), "TLS_CERT": str(cert), "TLS_KEY": str(key),
-             "LISTEN_IPV6": "0", **env},
-        check=True, capture_output=True)
+        env={
+            **os.environ,
+            "DOVECOTE_UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in upstream_ports),
+            "PREFIX": str(prefix),
+            "LISTEN_PORT": str(https_port),
+            "HTTP_PORT": str(free_port()),
+            "TLS_CERT": str(cert),
+            "TLS_KEY": str(key),
+            "LISTEN_IPV6": "0",
+            **env,
+        },
+        check=True,
+        capture_output=True,
+    )
     process = subprocess.Popen(
-        [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-         "-e", str(prefix / "logs" / "error.log"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            NGINX,
+            "-p",
+            str(prefix),
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-e",
+            str(prefix / "logs" / "error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while True:
         try:

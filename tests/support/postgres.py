@@ -18,8 +18,12 @@ def admin_url() -> str:
 
 
 def _psql(url: str, sql: str) -> None:
-    subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-qc", sql], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["psql", url, "-v", "ON_ERROR_STOP=1", "-qc", sql],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 @contextmanager

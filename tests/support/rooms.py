@@ -48,16 +48,30 @@ class Issuer:
         tmp.write_text(json.dumps(public))
         tmp.replace(self.jwks_path)
 
-    def token(self, sub: str, rooms: list[str] | str = "*", roles: list[str] | None = None,
-              *, key: str = "ed", ttl: float = 600, iss: str | None = None,
-              extra: dict[str, Any] | None = None) -> str:
+    def token(
+        self,
+        sub: str,
+        rooms: list[str] | str = "*",
+        roles: list[str] | None = None,
+        *,
+        key: str = "ed",
+        ttl: float = 600,
+        iss: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
         now = int(time.time())
         signing = self.keys[key]
         alg = "EdDSA" if signing.key_type == "OKP" else "ES256"
-        claims = {"sub": sub, "iss": iss or self.iss, "iat": now, "exp": int(now + ttl),
-                  "rooms": rooms, "roles": roles or [], **(extra or {})}
-        return jwt.encode({"alg": alg, "kid": signing.kid}, claims, signing,
-                          algorithms=ALGORITHMS)
+        claims = {
+            "sub": sub,
+            "iss": iss or self.iss,
+            "iat": now,
+            "exp": int(now + ttl),
+            "rooms": rooms,
+            "roles": roles or [],
+            **(extra or {}),
+        }
+        return jwt.encode({"alg": alg, "kid": signing.kid}, claims, signing, algorithms=ALGORITHMS)
 
     def headers(self, sub: str, **kwargs: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(sub, **kwargs)}"}
@@ -74,16 +88,18 @@ class RoomsClient:
     def as_(self, sub: str, **kwargs: Any) -> dict[str, str]:
         return self.issuer.headers(sub, **kwargs)
 
-    def create_room(self, members: dict[str, str], room_id: str | None = None,
-                    admin: str = "admin") -> str:
+    def create_room(
+        self, members: dict[str, str], room_id: str | None = None, admin: str = "admin"
+    ) -> str:
         body: dict[str, Any] = {
             "name": "test room",
             "participants": [{"id": p, "role": r} for p, r in members.items()],
         }
         if room_id:
             body["id"] = room_id
-        r = self.http.post(f"{self.base_url}/v1/rooms", json=body,
-                           headers=self.as_(admin, roles=["admin"]))
+        r = self.http.post(
+            f"{self.base_url}/v1/rooms", json=body, headers=self.as_(admin, roles=["admin"])
+        )
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
 
@@ -91,12 +107,16 @@ class RoomsClient:
         headers = self.as_(sub)
         if key:
             headers["Idempotency-Key"] = key
-        return self.http.post(f"{self.base_url}/v1/rooms/{room}/messages",
-                              json={"text": text}, headers=headers)
+        return self.http.post(
+            f"{self.base_url}/v1/rooms/{room}/messages", json={"text": text}, headers=headers
+        )
 
     def events(self, room: str, sub: str = "admin", **params: Any) -> dict[str, Any]:
-        r = self.http.get(f"{self.base_url}/v1/rooms/{room}/events", params=params,
-                          headers=self.as_(sub, roles=["admin"]))
+        r = self.http.get(
+            f"{self.base_url}/v1/rooms/{room}/events",
+            params=params,
+            headers=self.as_(sub, roles=["admin"]),
+        )
         assert r.status_code == 200, r.text
         return dict(r.json())
 
@@ -179,8 +199,9 @@ async def ws_connect(base_url: str, token: str | None = None, **options: Any) ->
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = base_url.replace("http://", "ws://") + "/v1/rooms/ws"
-    return await connect(url, additional_headers=headers, compression=None, proxy=None,
-                         open_timeout=10, **options)
+    return await connect(
+        url, additional_headers=headers, compression=None, proxy=None, open_timeout=10, **options
+    )
 
 
 async def ws_recv(ws: Any, within: float = 10.0) -> dict[str, Any]:
@@ -212,8 +233,7 @@ class Webhook:
     def for_room(self, room: str) -> list[dict[str, Any]]:
         return [b for b in list(self.bodies) if b.get("room") == room]
 
-    async def wait_for(self, room: str, count: int,
-                       within: float = 15.0) -> list[dict[str, Any]]:
+    async def wait_for(self, room: str, count: int, within: float = 15.0) -> list[dict[str, Any]]:
         """The notifications about `room`, once there are `count` (or `within` passed)."""
         deadline = time.monotonic() + within
         for _ in range(int(within * 10)):

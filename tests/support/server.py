@@ -59,9 +59,21 @@ class ServerProcess:
         env.setdefault("DOVECOTE_LOG_FORMAT", "json")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dovecote", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), *self.extra_args],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "dovecote",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                *self.extra_args,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         if wait:
             self.wait_ready()
@@ -122,8 +134,9 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(tmp: Path, engine: str = "sqlite",
-                   env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+def running_server(
+    tmp: Path, engine: str = "sqlite", env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     """A started server with its data and log in `tmp`, on a fresh PostgreSQL database
     when `engine` is "postgres"; killed (and the database dropped) afterwards."""
     from support.postgres import fresh_database
@@ -132,8 +145,9 @@ def running_server(tmp: Path, engine: str = "sqlite",
         env = dict(env or {})
         if engine == "postgres":
             env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
-        server = ServerProcess(data_dir=tmp / "data", port=free_port(), env=env,
-                               log_path=tmp / "server.log")
+        server = ServerProcess(
+            data_dir=tmp / "data", port=free_port(), env=env, log_path=tmp / "server.log"
+        )
         stack.callback(server.kill)
         server.start()
         yield server

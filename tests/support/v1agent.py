@@ -51,18 +51,32 @@ class V1Agent:
     def doc(self) -> dict[str, Any]:
         did = f"did:sov:{self.did}"
         return {
-            "@context": "https://w3id.org/did/v1", "id": did,
-            "publicKey": [{"id": f"{did}#1", "type": "Ed25519VerificationKey2018",
-                           "controller": did, "publicKeyBase58": self.verkey}],
-            "service": [{"id": f"{did};indy", "type": "IndyAgent", "priority": 0,
-                         "recipientKeys": [self.verkey], "routingKeys": [],
-                         "serviceEndpoint": self.endpoint or "didcomm:transport/queue"}],
+            "@context": "https://w3id.org/did/v1",
+            "id": did,
+            "publicKey": [
+                {
+                    "id": f"{did}#1",
+                    "type": "Ed25519VerificationKey2018",
+                    "controller": did,
+                    "publicKeyBase58": self.verkey,
+                }
+            ],
+            "service": [
+                {
+                    "id": f"{did};indy",
+                    "type": "IndyAgent",
+                    "priority": 0,
+                    "recipientKeys": [self.verkey],
+                    "routingKeys": [],
+                    "serviceEndpoint": self.endpoint or "didcomm:transport/queue",
+                }
+            ],
         }
 
-    def pack(self, message: dict[str, Any], to: str | None = None,
-             anon: bool = False) -> bytes:
-        return envelope.pack(json.dumps(message).encode(), [to or self.mediator_verkey],
-                             None if anon else self.key)
+    def pack(self, message: dict[str, Any], to: str | None = None, anon: bool = False) -> bytes:
+        return envelope.pack(
+            json.dumps(message).encode(), [to or self.mediator_verkey], None if anon else self.key
+        )
 
     def open(self, raw: bytes) -> dict[str, Any]:
         env = envelope.parse(raw)
@@ -71,12 +85,15 @@ class V1Agent:
         result: dict[str, Any] = json.loads(opened.plaintext)
         return result
 
-    def post(self, message: dict[str, Any], return_route: bool = True,
-             **kw: Any) -> httpx.Response:
+    def post(self, message: dict[str, Any], return_route: bool = True, **kw: Any) -> httpx.Response:
         if return_route:
             message["~transport"] = {"return_route": "all"}
-        return httpx.post(self.base_url + "/", content=self.pack(message, **kw),
-                          headers={"content-type": V1}, timeout=30)
+        return httpx.post(
+            self.base_url + "/",
+            content=self.pack(message, **kw),
+            headers={"content-type": V1},
+            timeout=30,
+        )
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send with return_route all and open the reply."""
@@ -95,11 +112,19 @@ class V1Agent:
         key = invite["services"][0]["recipientKeys"][0]
         self.mediator_verkey = envelope.to_verkey(key)
         doc = json.dumps(self.doc()).encode()
-        request = msg("didexchange/1.1/request", label="test", did=self.did,
-                      **{"~thread": {"pthid": invite["@id"]},
-                         "did_doc~attach": {"@id": "d", "mime-type": "application/json",
-                                            "data": {"base64": base64.urlsafe_b64encode(
-                                                doc).decode()}}})
+        request = msg(
+            "didexchange/1.1/request",
+            label="test",
+            did=self.did,
+            **{
+                "~thread": {"pthid": invite["@id"]},
+                "did_doc~attach": {
+                    "@id": "d",
+                    "mime-type": "application/json",
+                    "data": {"base64": base64.urlsafe_b64encode(doc).decode()},
+                },
+            },
+        )
         return request
 
     def mediate(self) -> dict[str, Any]:
@@ -109,15 +134,21 @@ class V1Agent:
         return grant
 
     def add_key(self, key: str) -> dict[str, Any]:
-        return self.ask(msg("coordinate-mediation/1.0/keylist-update",
-                            updates=[{"recipient_key": key, "action": "add"}]))
+        return self.ask(
+            msg(
+                "coordinate-mediation/1.0/keylist-update",
+                updates=[{"recipient_key": key, "action": "add"}],
+            )
+        )
 
 
-def forward_for(routing_verkey: str, recipient_verkey: str, text: str,
-                to_form: str = "did:key") -> bytes:
+def forward_for(
+    routing_verkey: str, recipient_verkey: str, text: str, to_form: str = "did:key"
+) -> bytes:
     """What a third party sends: an anoncrypted basic message inside an anoncrypted forward."""
-    inner = envelope.pack(json.dumps(msg("basicmessage/1.0/message", content=text)).encode(),
-                          [recipient_verkey], None)
+    inner = envelope.pack(
+        json.dumps(msg("basicmessage/1.0/message", content=text)).encode(), [recipient_verkey], None
+    )
     to = envelope.to_did_key(recipient_verkey) if to_form == "did:key" else recipient_verkey
     fwd = msg("routing/1.0/forward", to=to, msg=json.loads(inner))
     return envelope.pack(json.dumps(fwd).encode(), [routing_verkey], None)

@@ -33,8 +33,12 @@ def test_settings_fields_table_is_current() -> None:
 
 
 def test_serve_help_documents_every_setting() -> None:
-    out = subprocess.run([sys.executable, "-m", "dovecote", "serve", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dovecote", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in out
         assert f"DOVECOTE_{name.upper()}" in out.replace("\n", "").replace(" ", "")
@@ -60,16 +64,31 @@ def test_env_and_flag_precedence(monkeypatch: object, tmp_path: Path) -> None:
 def test_unspecified_advertised_address_is_detected() -> None:
     for host in ("0.0.0.0", "::", ""):
         assert Settings(host=host).advertises_unspecified_address, host
-        assert not Settings(host=host, public_url="https://relay.example.com"
-                            ).advertises_unspecified_address
+        assert not Settings(
+            host=host, public_url="https://relay.example.com"
+        ).advertises_unspecified_address
     assert not Settings().advertises_unspecified_address
     assert Settings(public_url="http://0.0.0.0:8080").advertises_unspecified_address
 
 
 def test_serve_refuses_to_advertise_an_unspecified_address(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "dovecote", "serve", "--host", "::",
-                          "--port", "0", "--data-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dovecote",
+            "serve",
+            "--host",
+            "::",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "DOVECOTE_PUBLIC_URL" in out.stderr and "http://:::0" in out.stderr
 
@@ -77,15 +96,23 @@ def test_serve_refuses_to_advertise_an_unspecified_address(tmp_path: Path) -> No
 def test_backup_help_shows_the_real_step_defaults() -> None:
     from dovecote.ops.backup import STEP_PAGES, STEP_SLEEP
 
-    out = subprocess.run([sys.executable, "-m", "dovecote", "backup", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dovecote", "backup", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     flat = " ".join(out.split())
     assert f"[default: {STEP_PAGES} pages]" in flat and f"[default: {STEP_SLEEP} s]" in flat
 
 
 def test_operator_subcommands_show_only_their_own_options() -> None:
-    out = subprocess.run([sys.executable, "-m", "dovecote", "dlq", "list", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dovecote", "dlq", "list", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert len(out.splitlines()) < 40
     assert "--store" in out and "--data-dir" in out and "--rate-limit-ip" not in out
 

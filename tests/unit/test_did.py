@@ -7,14 +7,17 @@ import pytest
 from dovecote.util.did import base_did, did_problem
 
 
-@pytest.mark.parametrize("value,base", [
-    ("did:peer:2.Ez6L", "did:peer:2.Ez6L"),
-    ("did:peer:2.Ez6L#key-2", "did:peer:2.Ez6L"),
-    ("did:example:abc?service=x#frag", "did:example:abc"),
-    ("did:web:example.com%3A8080:user/path/a#k", "did:web:example.com%3A8080:user"),
-    ("did:key:z6Mk#z6Mk", "did:key:z6Mk"),
-    ("8HH5gYEeNc3z7PYXmd54d4x6qAfCNrqQq", "8HH5gYEeNc3z7PYXmd54d4x6qAfCNrqQq"),
-])
+@pytest.mark.parametrize(
+    "value,base",
+    [
+        ("did:peer:2.Ez6L", "did:peer:2.Ez6L"),
+        ("did:peer:2.Ez6L#key-2", "did:peer:2.Ez6L"),
+        ("did:example:abc?service=x#frag", "did:example:abc"),
+        ("did:web:example.com%3A8080:user/path/a#k", "did:web:example.com%3A8080:user"),
+        ("did:key:z6Mk#z6Mk", "did:key:z6Mk"),
+        ("8HH5gYEeNc3z7PYXmd54d4x6qAfCNrqQq", "8HH5gYEeNc3z7PYXmd54d4x6qAfCNrqQq"),
+    ],
+)
 def test_base_did(value: str, base: str) -> None:
     assert base_did(value) == base
 

@@ -48,7 +48,9 @@ def test_room_bodies_are_bounded_too() -> None:
     from dovecote.rooms.models import parse_json
 
     assert parse_json(b'{"data": ' + b"[" * 20 + b"]" * 20 + b"}")
-    for raw in (b'{"data": ' + b"[" * 40 + b"]" * 40 + b"}",
-                b'{"data": ' + b'{"a":' * 900 + b"1" + b"}" * 900 + b"}"):
+    for raw in (
+        b'{"data": ' + b"[" * 40 + b"]" * 40 + b"}",
+        b'{"data": ' + b'{"a":' * 900 + b"1" + b"}" * 900 + b"}",
+    ):
         with pytest.raises(LimitExceeded):
             parse_json(raw)

@@ -24,9 +24,16 @@ async def test_mediator_authcrypt_reply_has_the_spec_media_type(tmp_path: Path) 
     await packer.start()
     agent = Agent.create("http://m.example", packer.identity.did)
     packed = await packer.pack_for(
-        {"id": "1", "typ": "application/didcomm-plain+json",
-         "type": "https://didcomm.org/trust-ping/2.0/ping-response",
-         "from": packer.identity.did, "to": [agent.did], "body": {}}, agent.did)
+        {
+            "id": "1",
+            "typ": "application/didcomm-plain+json",
+            "type": "https://didcomm.org/trust-ping/2.0/ping-response",
+            "from": packer.identity.did,
+            "to": [agent.did],
+            "body": {},
+        },
+        agent.did,
+    )
     assert_encrypted_typ(packed, "ECDH-1PU")
     plain = await agent.unpack(packed)
     assert plain["id"] == "1"
@@ -38,8 +45,13 @@ async def test_client_authcrypt_and_anoncrypt_have_the_spec_media_type(tmp_path:
     signing, agreement = Key.generate(KeyAlg.ED25519), Key.generate(KeyAlg.X25519)
     client = ClientPacker(ClientIdentity(signing, agreement, make_did(signing, agreement, [])))
     await client.start()
-    message = {"id": "2", "type": "https://didcomm.org/trust-ping/2.0/ping",
-               "from": client.identity.did, "to": [mediator.identity.did], "body": {}}
+    message = {
+        "id": "2",
+        "type": "https://didcomm.org/trust-ping/2.0/ping",
+        "from": client.identity.did,
+        "to": [mediator.identity.did],
+        "body": {},
+    }
     authcrypt = await client.pack(message, mediator.identity.did, client.identity.did)
     assert_encrypted_typ(authcrypt, "ECDH-1PU")
     assert (await mediator.unpack(authcrypt)).sender == client.identity.did

@@ -13,8 +13,19 @@ import time
 
 import pytest
 
-HEAVY = ("pydantic", "pydantic_settings", "structlog", "httpx", "aries_askar", "asyncio",
-         "uvicorn", "starlette", "prometheus_client", "didcomm_messaging", "websockets")
+HEAVY = (
+    "pydantic",
+    "pydantic_settings",
+    "structlog",
+    "httpx",
+    "aries_askar",
+    "asyncio",
+    "uvicorn",
+    "starlette",
+    "prometheus_client",
+    "didcomm_messaging",
+    "websockets",
+)
 COMMANDS = {
     "dovecote --version": ["dovecote.cli", "--version"],
     "dovecote-client --help": ["dovecote.client.cli", "--help"],
@@ -25,18 +36,23 @@ COMMANDS = {
 def test_cli_modules_import_nothing_heavy(module: str) -> None:
     # (asyncio, ~40 ms, stays in the client's CLI, whose commands all run a loop.)
     heavy = tuple(m for m in HEAVY if module == "dovecote.cli" or m != "asyncio")
-    probe = (f"import sys, json, {module}; "
-             f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True).stdout
+    probe = (
+        f"import sys, json, {module}; print(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
     assert json.loads(out) == []
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_start_up_has_no_eager_import_chain(name: str) -> None:
     module, arg = COMMANDS[name]
-    run = [sys.executable, "-c",
-           f"import sys; sys.argv = ['x', {arg!r}]; from {module} import main; main()"]
+    run = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.argv = ['x', {arg!r}]; from {module} import main; main()",
+    ]
     # The best of several runs: other work on this shared machine only ever adds time.
     best = float("inf")
     for _ in range(7):

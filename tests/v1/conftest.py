@@ -12,8 +12,9 @@ from support.v1agent import Special
 
 
 @pytest.fixture(scope="package", params=["sqlite", "postgres"])
-def v1_server(request: pytest.FixtureRequest,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def v1_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """One default server per store engine for every v1 test module."""
     with running_server(tmp_path_factory.mktemp("v1"), request.param) as server:
         yield server
@@ -26,10 +27,18 @@ def v1_special(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Special]:
     per mailbox, and a 1 s WebSocket idle timeout."""
     tmp = tmp_path_factory.mktemp("v1-special")
     push = FlakyEndpoint().start()
-    server = ServerProcess(data_dir=tmp / "data", port=free_port(), log_path=tmp / "log", env={
-        "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true", "DOVECOTE_PUSH_URL": push.url,
-        "DOVECOTE_SWEEP_INTERVAL": "0.5", "DOVECOTE_MAILBOX_MAX_MESSAGES": "1",
-        "DOVECOTE_WS_IDLE_TIMEOUT": "1"})
+    server = ServerProcess(
+        data_dir=tmp / "data",
+        port=free_port(),
+        log_path=tmp / "log",
+        env={
+            "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
+            "DOVECOTE_PUSH_URL": push.url,
+            "DOVECOTE_SWEEP_INTERVAL": "0.5",
+            "DOVECOTE_MAILBOX_MAX_MESSAGES": "1",
+            "DOVECOTE_WS_IDLE_TIMEOUT": "1",
+        },
+    )
     try:
         server.start()
         yield Special(server, push)

@@ -50,8 +50,7 @@ def test_invitation_v1(v1_server: ServerProcess) -> None:
     assert httpx.get(v1_server.base_url + "/invitation/v1").json()["@id"] == invite["@id"]
 
 
-def test_did_exchange_response_is_signed_by_the_invitation_key(
-        v1_server: ServerProcess) -> None:
+def test_did_exchange_response_is_signed_by_the_invitation_key(v1_server: ServerProcess) -> None:
     agent = V1Agent(v1_server.base_url)
     response = agent.connect()
     assert response["@type"] == "https://didcomm.org/didexchange/1.1/response"
@@ -59,8 +58,9 @@ def test_did_exchange_response_is_signed_by_the_invitation_key(
     jws = data["jws"]
     signing_input = f"{jws['protected']}.{data['base64'].rstrip('=')}".encode()
     signature = envelope.unb64url(jws["signature"])
-    invitation_key = Key.from_public_bytes(KeyAlg.ED25519,
-                                           envelope.b58decode(agent.mediator_verkey))
+    invitation_key = Key.from_public_bytes(
+        KeyAlg.ED25519, envelope.b58decode(agent.mediator_verkey)
+    )
     assert invitation_key.verify_signature(signing_input, signature)
     doc = json.loads(envelope.unb64url(data["base64"]))
     assert doc["id"] == f"did:sov:{response['did']}"
@@ -72,15 +72,28 @@ def test_did_exchange_1_0_is_answered_in_1_0(v1_server: ServerProcess) -> None:
     invite = httpx.get(v1_server.base_url + "/invitation/v1").json()
     agent.mediator_verkey = envelope.to_verkey(invite["services"][0]["recipientKeys"][0])
     doc = base64.urlsafe_b64encode(json.dumps(agent.doc()).encode()).decode()
-    response = agent.ask(msg("didexchange/1.0/request", label="old", did=agent.did, **{
-        "~thread": {"pthid": invite["@id"]},
-        "did_doc~attach": {"@id": "d", "data": {"base64": doc}}}))
+    response = agent.ask(
+        msg(
+            "didexchange/1.0/request",
+            label="old",
+            did=agent.did,
+            **{
+                "~thread": {"pthid": invite["@id"]},
+                "did_doc~attach": {"@id": "d", "data": {"base64": doc}},
+            },
+        )
+    )
     assert response["@type"] == "https://didcomm.org/didexchange/1.0/response"
     assert response["~thread"]["pthid"] == invite["@id"]
     # The request must be authcrypted by the key its document names.
     impostor = V1Agent(v1_server.base_url, mediator_verkey=agent.mediator_verkey)
-    forged = impostor.post(msg("didexchange/1.1/request", did=agent.did, **{
-        "did_doc~attach": {"@id": "d", "data": {"base64": doc}}}))
+    forged = impostor.post(
+        msg(
+            "didexchange/1.1/request",
+            did=agent.did,
+            **{"did_doc~attach": {"@id": "d", "data": {"base64": doc}}},
+        )
+    )
     assert forged.status_code == 401
 
 
@@ -93,8 +106,13 @@ def test_connections_1_0_fallback(v1_server: ServerProcess) -> None:
     assert "/?c_i=" in url
     agent = V1Agent(v1_server.base_url)
     agent.mediator_verkey = legacy["recipientKeys"][0]
-    response = agent.ask(msg("connections/1.0/request", label="old wallet", connection={
-        "DID": agent.did, "DIDDoc": agent.doc()}))
+    response = agent.ask(
+        msg(
+            "connections/1.0/request",
+            label="old wallet",
+            connection={"DID": agent.did, "DIDDoc": agent.doc()},
+        )
+    )
     assert response["@type"] == "https://didcomm.org/connections/1.0/response"
     sig = response["connection~sig"]
     assert sig["signer"] == agent.mediator_verkey
@@ -115,9 +133,13 @@ def test_trust_ping_and_discover_features(v1_server: ServerProcess) -> None:
     assert pong["~thread"]["thid"] == ping["@id"]
     disclose = agent.ask(msg("discover-features/1.0/query", query="https://didcomm.org/*"))
     pids = {p["pid"] for p in disclose["protocols"]}
-    assert {"https://didcomm.org/coordinate-mediation/1.0", "https://didcomm.org/routing/1.0",
-            "https://didcomm.org/messagepickup/2.0", "https://didcomm.org/trust_ping/1.0",
-            "https://didcomm.org/push-notifications-fcm/1.0"} <= pids
+    assert {
+        "https://didcomm.org/coordinate-mediation/1.0",
+        "https://didcomm.org/routing/1.0",
+        "https://didcomm.org/messagepickup/2.0",
+        "https://didcomm.org/trust_ping/1.0",
+        "https://didcomm.org/push-notifications-fcm/1.0",
+    } <= pids
     # An unknown type is answered with a Report Problem 1.0 message, as a 400.
     response = agent.post(msg("nonsense/1.0/thing"))
     assert response.status_code == 400
@@ -157,18 +179,23 @@ def test_mediation_forward_and_pickup(server: ServerProcess) -> None:
     # Keylist pagination and removal (per-key results).
     extra = envelope.b58encode(Key.generate(KeyAlg.ED25519).get_public_bytes())
     agent.add_key(extra)
-    page = agent.ask(msg("coordinate-mediation/1.0/keylist-query",
-                         paginate={"limit": 1, "offset": 1}))
+    page = agent.ask(
+        msg("coordinate-mediation/1.0/keylist-query", paginate={"limit": 1, "offset": 1})
+    )
     assert page["pagination"] == {"count": 1, "offset": 1, "remaining": 0}
-    removed = agent.ask(msg("coordinate-mediation/1.0/keylist-update", updates=[
-        {"recipient_key": extra, "action": "remove"},
-        {"recipient_key": extra, "action": "remove"},
-        {"recipient_key": "not a key", "action": "add"}]))
-    assert [u["result"] for u in removed["updated"]] == ["success", "no_change",
-                                                         "client_error"]
+    removed = agent.ask(
+        msg(
+            "coordinate-mediation/1.0/keylist-update",
+            updates=[
+                {"recipient_key": extra, "action": "remove"},
+                {"recipient_key": extra, "action": "remove"},
+                {"recipient_key": "not a key", "action": "add"},
+            ],
+        )
+    )
+    assert [u["result"] for u in removed["updated"]] == ["success", "no_change", "client_error"]
     first = attached[0]
-    after = agent.ask(msg("messagepickup/2.0/messages-received",
-                          message_id_list=[first["@id"]]))
+    after = agent.ask(msg("messagepickup/2.0/messages-received", message_id_list=[first["@id"]]))
     assert after["message_count"] == 1
     # The other one acknowledged by its RFC 0685 tag (the JWE tag).
     tag = attached[1]["data"]["json"]["tag"]
@@ -190,16 +217,36 @@ def test_forward_to_unknown_key_and_unmediated_pickup(v1_server: ServerProcess) 
 
 
 def test_hostile_v1_envelopes_get_4xx(v1_server: ServerProcess) -> None:
-    protected = envelope.b64url(json.dumps({"enc": envelope.ENC, "typ": "JWM/1.0",
-                                            "alg": "Anoncrypt", "recipients": [
-                                                {"encrypted_key": "AAAA",
-                                                 "header": {"kid": "nope"}}]}).encode())
+    protected = envelope.b64url(
+        json.dumps(
+            {
+                "enc": envelope.ENC,
+                "typ": "JWM/1.0",
+                "alg": "Anoncrypt",
+                "recipients": [{"encrypted_key": "AAAA", "header": {"kid": "nope"}}],
+            }
+        ).encode()
+    )
     bodies = [
         json.dumps({"protected": protected, "iv": "AA", "ciphertext": "AA", "tag": "AA"}),
-        json.dumps({"protected": envelope.b64url(json.dumps({
-            "enc": envelope.ENC, "alg": "Weird"}).encode()), "iv": "", "ciphertext": ""}),
-        json.dumps({"protected": envelope.b64url(json.dumps({
-            "enc": envelope.ENC, "alg": "Anoncrypt", "recipients": [1] * 500}).encode())}),
+        json.dumps(
+            {
+                "protected": envelope.b64url(
+                    json.dumps({"enc": envelope.ENC, "alg": "Weird"}).encode()
+                ),
+                "iv": "",
+                "ciphertext": "",
+            }
+        ),
+        json.dumps(
+            {
+                "protected": envelope.b64url(
+                    json.dumps(
+                        {"enc": envelope.ENC, "alg": "Anoncrypt", "recipients": [1] * 500}
+                    ).encode()
+                )
+            }
+        ),
         json.dumps({"protected": protected, "iv": "!!", "ciphertext": 5, "tag": None}),
         '{"protected": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}",
         json.dumps({"protected": envelope.b64url(b"[" * 5000), "iv": "AA"}),
@@ -213,23 +260,36 @@ def test_hostile_v1_envelopes_get_4xx(v1_server: ServerProcess) -> None:
     agent.connect()
     raw = envelope.pack(b"[1,2]", [agent.mediator_verkey], agent.key)
     assert post_raw(v1_server.base_url, raw).status_code == 400
-    deep = envelope.pack(b'{"@type": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-                         [agent.mediator_verkey], agent.key)
+    deep = envelope.pack(
+        b'{"@type": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        [agent.mediator_verkey],
+        agent.key,
+    )
     refused = post_raw(v1_server.base_url, deep)
     assert refused.status_code == 400, refused.text
     # A DID document with an absurd endpoint or too many routing keys.
-    for service in ({"serviceEndpoint": "http://x/" + "a" * 5000},
-                    {"routingKeys": [agent.verkey] * 5}):
+    for service in (
+        {"serviceEndpoint": "http://x/" + "a" * 5000},
+        {"routingKeys": [agent.verkey] * 5},
+    ):
         doc = agent.doc()
         doc["service"][0].update(service)
         encoded = base64.urlsafe_b64encode(json.dumps(doc).encode()).decode()
-        refused = agent.post(msg("didexchange/1.1/request", did=agent.did, **{
-            "did_doc~attach": {"@id": "d", "data": {"base64": encoded}}}))
+        refused = agent.post(
+            msg(
+                "didexchange/1.1/request",
+                did=agent.did,
+                **{"did_doc~attach": {"@id": "d", "data": {"base64": encoded}}},
+            )
+        )
         assert refused.status_code == 400, refused.status_code
     # A forward with a bad `to`.
     agent.mediate()
-    bad = envelope.pack(json.dumps(msg("routing/1.0/forward", to="did:key:zzz",
-                                       msg={})).encode(), [agent.routing_key], None)
+    bad = envelope.pack(
+        json.dumps(msg("routing/1.0/forward", to="did:key:zzz", msg={})).encode(),
+        [agent.routing_key],
+        None,
+    )
     assert post_raw(v1_server.base_url, bad).status_code == 400
 
 
@@ -237,22 +297,30 @@ def test_push_device_info(v1_server: ServerProcess) -> None:
     agent = V1Agent(v1_server.base_url)
     agent.connect()
     agent.mediate()
-    response = agent.post(msg("push-notifications-fcm/1.0/set-device-info",
-                              device_token="tok-1", device_platform="android"),
-                          return_route=False)
+    response = agent.post(
+        msg(
+            "push-notifications-fcm/1.0/set-device-info",
+            device_token="tok-1",
+            device_platform="android",
+        ),
+        return_route=False,
+    )
     assert response.status_code == 202
     info = agent.ask(msg("push-notifications-fcm/1.0/get-device-info"))
     assert info["@type"] == "https://didcomm.org/push-notifications-fcm/1.0/device-info"
     assert (info["device_token"], info["device_platform"]) == ("tok-1", "android")
-    agent.post(msg("push-notifications-apns/1.0/set-device-info", device_token="apns-1"),
-               return_route=False)
+    agent.post(
+        msg("push-notifications-apns/1.0/set-device-info", device_token="apns-1"),
+        return_route=False,
+    )
     apns = agent.ask(msg("push-notifications-apns/1.0/get-device-info"))
     assert apns["device_token"] == "apns-1"
     assert agent.ask(msg("push-notifications-fcm/1.0/get-device-info"))["device_token"] is None
 
 
 def test_mediatee_with_endpoint_gets_forwards_through_the_outbox(
-        v1_special: Special, endpoints: Any) -> None:
+    v1_special: Special, endpoints: Any
+) -> None:
     target = endpoints()
     server = v1_special.server
     agent = V1Agent(server.base_url, endpoint=target.url)
@@ -279,14 +347,20 @@ def test_mediatee_with_endpoint_gets_forwards_through_the_outbox(
     assert agent.open(target.received[1].body)["@type"].endswith("/ping_response")
 
 
-def test_registered_fcm_device_gets_the_push_for_an_offline_mailbox(
-        v1_special: Special) -> None:
+def test_registered_fcm_device_gets_the_push_for_an_offline_mailbox(v1_special: Special) -> None:
     server, push = v1_special.server, v1_special.push
     agent, recipient = _mediated(server)
-    agent.post(msg("push-notifications-fcm/1.0/set-device-info", device_token="phone-1",
-                   device_platform="ios"), return_route=False)
+    agent.post(
+        msg(
+            "push-notifications-fcm/1.0/set-device-info",
+            device_token="phone-1",
+            device_platform="ios",
+        ),
+        return_route=False,
+    )
     sent = forward_for(agent.routing_key, recipient, "secret text")
     assert post_raw(server.base_url, sent).status_code == 202
+
     # Other tests' offline mailboxes notify the same push endpoint (by topic).
     def ours() -> list[Any]:
         return [r for r in list(push.received) if b"phone-1" in r.body]
@@ -305,8 +379,12 @@ def test_forward_expires_time_caps_the_ttl(v1_special: Special) -> None:
     agent, recipient = _mediated(v1_server)
     inner = envelope.pack(b'{"@type": "x"}', [recipient], None)
     soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
-    fwd = msg("routing/1.0/forward", to=recipient, msg=json.loads(inner),
-              **{"~timing": {"expires_time": soon}})
+    fwd = msg(
+        "routing/1.0/forward",
+        to=recipient,
+        msg=json.loads(inner),
+        **{"~timing": {"expires_time": soon}},
+    )
     sent = envelope.pack(json.dumps(fwd).encode(), [agent.routing_key], None)
     assert post_raw(v1_server.base_url, sent).status_code == 202
     status = agent.ask(msg("messagepickup/2.0/status-request"))
@@ -324,8 +402,9 @@ def test_v1_mailbox_limit_and_dead_letters(v1_special: Special, endpoints: Any) 
     gone = endpoints(default="404")
     server = v1_special.server
     agent, recipient = _mediated(server)
-    assert post_raw(server.base_url, forward_for(agent.routing_key, recipient, "1")
-                    ).status_code == 202
+    assert (
+        post_raw(server.base_url, forward_for(agent.routing_key, recipient, "1")).status_code == 202
+    )
     full = post_raw(server.base_url, forward_for(agent.routing_key, recipient, "2"))
     assert full.status_code == 507 and full.json()["error"].endswith("mailbox-full")
     # A mediatee whose endpoint refuses for good: the forward ends in the dead letters.
@@ -333,8 +412,10 @@ def test_v1_mailbox_limit_and_dead_letters(v1_special: Special, endpoints: Any) 
     routed.connect()
     routed.mediate()
     routed.add_key(routed.verkey)
-    assert post_raw(server.base_url, forward_for(routed.routing_key, routed.verkey, "x")
-                    ).status_code == 202
+    assert (
+        post_raw(server.base_url, forward_for(routed.routing_key, routed.verkey, "x")).status_code
+        == 202
+    )
     dead = 'dovecote_messages_dead_lettered_total{kind="forward"} 1.0'
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -29,8 +29,7 @@ def _mediated(server: ServerProcess) -> tuple[V1Agent, str]:
     return agent, recipient
 
 
-async def test_implicit_pickup_keeps_messages_until_acknowledged(
-        v1_server: ServerProcess) -> None:
+async def test_implicit_pickup_keeps_messages_until_acknowledged(v1_server: ServerProcess) -> None:
     agent, recipient = _mediated(v1_server)
     post_raw(v1_server.base_url, forward_for(agent.routing_key, recipient, "queued"))
     async with websockets.connect(v1_server.ws_url) as ws:
@@ -40,8 +39,9 @@ async def test_implicit_pickup_keeps_messages_until_acknowledged(
         kinds = {}
         for frame in frames:
             parsed = json.loads(frame)
-            kid = json.loads(envelope.unb64url(parsed["protected"]))["recipients"][0][
-                "header"]["kid"]
+            kid = json.loads(envelope.unb64url(parsed["protected"]))["recipients"][0]["header"][
+                "kid"
+            ]
             kinds[kid] = parsed
         assert recipient in kinds  # the queued message, raw, for the recipient key
         assert agent.verkey in kinds  # the ping response
@@ -53,9 +53,11 @@ async def test_implicit_pickup_keeps_messages_until_acknowledged(
     status = agent.ask(msg("messagepickup/2.0/status-request"))
     assert status["message_count"] == 2
     async with websockets.connect(v1_server.ws_url) as ws:
-        ack = msg("messagepickup/2.0/messages-received",
-                  message_tag_list=[kinds[recipient]["tag"], pushed["tag"]],
-                  **{"~transport": {"return_route": "all"}})
+        ack = msg(
+            "messagepickup/2.0/messages-received",
+            message_tag_list=[kinds[recipient]["tag"], pushed["tag"]],
+            **{"~transport": {"return_route": "all"}},
+        )
         await ws.send(agent.pack(ack).decode())
         for _ in range(5):
             frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -68,19 +70,24 @@ async def test_implicit_pickup_keeps_messages_until_acknowledged(
 
 
 async def test_live_mode_delivers_wrapped_and_needs_messages_received(
-        v1_server: ServerProcess) -> None:
+    v1_server: ServerProcess,
+) -> None:
     agent, recipient = _mediated(v1_server)
     async with websockets.connect(v1_server.ws_url) as ws:
-        await ws.send(agent.pack(msg("messagepickup/2.0/live-delivery-change",
-                                     live_delivery=True)).decode())
+        await ws.send(
+            agent.pack(msg("messagepickup/2.0/live-delivery-change", live_delivery=True)).decode()
+        )
         status = await _recv(agent, ws)
         assert status["@type"].endswith("/status") and status["live_delivery"] is True
         post_raw(v1_server.base_url, forward_for(agent.routing_key, recipient, "live"))
         delivery = await _recv(agent, ws)
         assert delivery["@type"] == "https://didcomm.org/messagepickup/2.0/delivery"
         attached = delivery["~attach"][0]
-        await ws.send(agent.pack(msg("messagepickup/2.0/messages-received",
-                                     message_id_list=[attached["@id"]])).decode())
+        await ws.send(
+            agent.pack(
+                msg("messagepickup/2.0/messages-received", message_id_list=[attached["@id"]])
+            ).decode()
+        )
         after = await _recv(agent, ws)
         assert after["message_count"] == 0
     # Live mode over HTTP is refused with a problem report.
@@ -93,8 +100,15 @@ async def test_implicit_pickup_socket_is_not_closed_as_idle(v1_special: Special)
     server = v1_special.server
     agent, recipient = _mediated(server)
     async with websockets.connect(server.ws_url) as ws:
-        await ws.send(agent.pack(msg("trust_ping/1.0/ping", response_requested=False, **{
-            "~transport": {"return_route": "all"}})).decode())
+        await ws.send(
+            agent.pack(
+                msg(
+                    "trust_ping/1.0/ping",
+                    response_requested=False,
+                    **{"~transport": {"return_route": "all"}},
+                )
+            ).decode()
+        )
         await asyncio.sleep(2.5)  # past the idle timeout, the client silent
         post_raw(server.base_url, forward_for(agent.routing_key, recipient, "late"))
         pushed = json.loads(await asyncio.wait_for(ws.recv(), 10))

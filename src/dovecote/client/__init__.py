@@ -31,12 +31,29 @@ if TYPE_CHECKING:
     from dovecote.client.store import OutboxItem
 
 _WHERE = {
-    "BASIC_MESSAGE": "client", "Client": "client", "ClientConfig": "config",
-    "OutboxItem": "store", "PickupStatus": "pickup", "Received": "pickup",
-    **{name: "errors" for name in (
-        "ClientFailure", "CryptoFailure", "InvalidInvitation", "MediationDenied",
-        "NotInitialised", "NotMediated", "ProblemReported", "Rejected", "RoomsFailure",
-        "StoreFailure", "TransportFailure", "Undeliverable")},
+    "BASIC_MESSAGE": "client",
+    "Client": "client",
+    "ClientConfig": "config",
+    "OutboxItem": "store",
+    "PickupStatus": "pickup",
+    "Received": "pickup",
+    **{
+        name: "errors"
+        for name in (
+            "ClientFailure",
+            "CryptoFailure",
+            "InvalidInvitation",
+            "MediationDenied",
+            "NotInitialised",
+            "NotMediated",
+            "ProblemReported",
+            "Rejected",
+            "RoomsFailure",
+            "StoreFailure",
+            "TransportFailure",
+            "Undeliverable",
+        )
+    },
 }
 
 

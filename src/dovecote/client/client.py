@@ -1,10 +1,10 @@
 """`Client`: the asyncio entry point tying identity, packing, outbox, pickup and rooms.
 
-    async with Client(ClientConfig(data_dir=...)) as client:
-        await client.mediate(invitation_url)        # once
-        await client.send(other_did, "hello")       # durable on return
-        for message in await client.fetch():        # or: await client.live(handler)
-            print(message.body)
+async with Client(ClientConfig(data_dir=...)) as client:
+    await client.mediate(invitation_url)        # once
+    await client.send(other_did, "hello")       # durable on return
+    for message in await client.fetch():        # or: await client.live(handler)
+        print(message.body)
 """
 
 from __future__ import annotations
@@ -64,8 +64,13 @@ def _unique(items: Sequence[str]) -> list[str]:
 class Client:
     """A Dovecote client over one data directory."""
 
-    def __init__(self, config: ClientConfig | None = None, *,
-                 on_failed: FailureCallback | None = None, create: bool = False) -> None:
+    def __init__(
+        self,
+        config: ClientConfig | None = None,
+        *,
+        on_failed: FailureCallback | None = None,
+        create: bool = False,
+    ) -> None:
         self.config = config or ClientConfig()
         self.on_failed = on_failed
         self.create = create
@@ -84,8 +89,12 @@ class Client:
         await self.open()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.close()
 
     async def open(self) -> None:
@@ -99,8 +108,15 @@ class Client:
         # 2. the local store, then the sender that drains whatever a previous run left
         await self.store.open()
         batcher = WsBatcher(self._barrier, self._unpack_reply, self.config.request_timeout)
-        self._sender = Sender(self.store, self.config, self.http, self.on_failed,
-                              self.rooms.headers_for, batcher, self._ws_targets.get)
+        self._sender = Sender(
+            self.store,
+            self.config,
+            self.http,
+            self.on_failed,
+            self.rooms.headers_for,
+            batcher,
+            self._ws_targets.get,
+        )
         if self._identity.mediation is not None:
             med = self._identity.mediation
             self._learn_ws(med.mediator_did, med.endpoints, med.ws_endpoints)
@@ -146,8 +162,9 @@ class Client:
         previous = self.identity.mediation
         # The invitation's own endpoints first; configured relays only as a fallback for a
         # connection failure (a 4xx from them never stands in for this mediator's answer).
-        channel = MediatorChannel(self.packer, self.http, mediator_did,
-                                  _unique([*http, *self.config.relays]))
+        channel = MediatorChannel(
+            self.packer, self.http, mediator_did, _unique([*http, *self.config.relays])
+        )
         await request_mediation(channel)
         carried = await self._recipients_to_carry(previous, mediator_did)
         ident = self.identity
@@ -159,13 +176,17 @@ class Client:
         self._learn_ws(mediator_did, http, ws)
         self._inbox = None
         identity_mod.save(self.config.data_dir, ident)
-        log.info("client.mediated", mediator=mediator_did[:40],
-                 switched=previous is not None and previous.mediator_did != mediator_did,
-                 recipients=len(carried) + 1)
+        log.info(
+            "client.mediated",
+            mediator=mediator_did[:40],
+            switched=previous is not None and previous.mediator_did != mediator_did,
+            recipients=len(carried) + 1,
+        )
         return routed
 
-    async def _recipients_to_carry(self, previous: Mediation | None,
-                                   new_mediator: str) -> list[str]:
+    async def _recipients_to_carry(
+        self, previous: Mediation | None, new_mediator: str
+    ) -> list[str]:
         """The DIDs besides the routed one that were registered at the previous mediator.
 
         The local record is the source; the old mediator is asked too (best effort: it may
@@ -175,8 +196,7 @@ class Client:
             return []
         dids = list(previous.recipients)
         if previous.mediator_did != new_mediator:
-            old = MediatorChannel(self.packer, self.http, previous.mediator_did,
-                                  previous.endpoints)
+            old = MediatorChannel(self.packer, self.http, previous.mediator_did, previous.endpoints)
             with contextlib.suppress(ClientFailure, httpx.HTTPError, TimeoutError):
                 dids += await asyncio.wait_for(old.list_recipients(), OLD_MEDIATOR_TIMEOUT)
         own = {previous.routed_did, *self.identity.dids}
@@ -213,8 +233,11 @@ class Client:
         med = self.identity.mediation
         if med is None:
             return
-        kept = [d for d in _unique([*med.recipients, *added])
-                if d not in removed and d != med.routed_did]
+        kept = [
+            d
+            for d in _unique([*med.recipients, *added])
+            if d not in removed and d != med.routed_did
+        ]
         if kept != med.recipients:
             med.recipients = kept
             identity_mod.save(self.config.data_dir, self.identity)
@@ -243,7 +266,8 @@ class Client:
         med = self.identity.mediation
         ours = {_norm(u) for u in self._relay_urls()}
         if (med is not None and route.first_hop == med.mediator_did) or any(
-                _norm(e) in ours for e in endpoints):
+            _norm(e) in ours for e in endpoints
+        ):
             endpoints = self._relay_urls(endpoints)
         return route, endpoints
 
@@ -262,19 +286,33 @@ class Client:
     async def _unpack_reply(self, raw: bytes) -> dict[str, Any]:
         return (await self.packer.unpack(raw)).message
 
-    def plaintext(self, to: str, content: str | dict[str, Any], msg_type: str = BASIC_MESSAGE,
-                  anonymous: bool = False) -> dict[str, Any]:
+    def plaintext(
+        self,
+        to: str,
+        content: str | dict[str, Any],
+        msg_type: str = BASIC_MESSAGE,
+        anonymous: bool = False,
+    ) -> dict[str, Any]:
         body = {"content": content} if isinstance(content, str) else content
         message: dict[str, Any] = {
-            "id": str(uuid.uuid4()), "typ": "application/didcomm-plain+json",
-            "type": msg_type, "to": [to], "created_time": int(time.time()), "body": body,
+            "id": str(uuid.uuid4()),
+            "typ": "application/didcomm-plain+json",
+            "type": msg_type,
+            "to": [to],
+            "created_time": int(time.time()),
+            "body": body,
         }
         if not anonymous:
             message["from"] = self.did
         return message
 
-    async def send(self, to: str, content: str | dict[str, Any],
-                   msg_type: str = BASIC_MESSAGE, anonymous: bool = False) -> str:
+    async def send(
+        self,
+        to: str,
+        content: str | dict[str, Any],
+        msg_type: str = BASIC_MESSAGE,
+        anonymous: bool = False,
+    ) -> str:
         """Queue a message for `to`; returns its id once it is durably in the outbox."""
         return (await self.send_many([(to, self.plaintext(to, content, msg_type, anonymous))]))[0]
 
@@ -291,16 +329,18 @@ class Client:
         return [r[0] for r in rows]
 
     async def _enqueue_room(self, key: str, room: str, payload: bytes, url: str) -> None:
-        await self.store.enqueue([(key, "room", room, payload, [url])],
-                                 delay=self.config.flush_interval)
+        await self.store.enqueue(
+            [(key, "room", room, payload, [url])], delay=self.config.flush_interval
+        )
         self.sender.queued()
 
     async def flush(self, wait: bool = True, max_wait: float | None = None) -> dict[str, int]:
         """Send queued messages now; with `wait`, until none is due (see Sender.flush)."""
         return await self.sender.flush(wait, max_wait)
 
-    async def wait_sent(self, ids: Sequence[str],
-                        max_wait: float | None = None) -> list[OutboxItem]:
+    async def wait_sent(
+        self, ids: Sequence[str], max_wait: float | None = None
+    ) -> list[OutboxItem]:
         """Flush, then wait until each of `ids` is sent or failed (or `max_wait` passes)."""
         await self.sender.flush(wait=False)
         return await self.sender.wait_for(ids, max_wait)
@@ -313,8 +353,9 @@ class Client:
         self.sender.queued(count)
         return count
 
-    async def purge_outbox(self, states: Sequence[State] = ("sent",),
-                           older_than: float | None = None) -> int:
+    async def purge_outbox(
+        self, states: Sequence[State] = ("sent",), older_than: float | None = None
+    ) -> int:
         return await self.store.purge(states, older_than)
 
     # ------------------------------------------------------------------ receiving
@@ -323,8 +364,9 @@ class Client:
         if med is None:
             raise NotMediated()
         if self._inbox is None:
-            self._inbox = Inbox(self.packer, self.store, self.channel(), med.ws_endpoints,
-                                self.config)
+            self._inbox = Inbox(
+                self.packer, self.store, self.channel(), med.ws_endpoints, self.config
+            )
         return self._inbox
 
     async def live(self, handler: Handler, stop: asyncio.Event | None = None) -> None:
@@ -334,8 +376,9 @@ class Client:
     async def status(self) -> PickupStatus:
         return await self.inbox().status()
 
-    async def fetch(self, limit: int = DEFAULT_PICKUP_LIMIT,
-                    handler: Handler | None = None) -> list[Received]:
+    async def fetch(
+        self, limit: int = DEFAULT_PICKUP_LIMIT, handler: Handler | None = None
+    ) -> list[Received]:
         """Pick up one batch (new messages only; duplicates are skipped and acknowledged)."""
         return await self.inbox().fetch(limit, handler)
 

@@ -1,17 +1,17 @@
 """The client's errors: one tree, lower-level errors translated at the boundary.
 
-    ClientFailure
-    ├── NotInitialised          no identity in the data directory (run `init`)
-    ├── NotMediated             no mediator yet (run `mediate <invitation-url>`)
-    ├── InvalidInvitation       the invitation URL or its `_oob` payload is unusable
-    ├── MediationDenied         the mediator answered mediate-deny
-    ├── ProblemReported         the peer answered with a DIDComm problem report
-    ├── Undeliverable           a DID has no usable DIDCommMessaging service / endpoint
-    ├── CryptoFailure           packing or unpacking failed (keys, DID resolution)
-    ├── StoreFailure            the local SQLite store failed (disk full, corrupt, locked)
-    ├── TransportFailure        an endpoint could not be reached or answered 5xx/429
-    │   └── Rejected            an endpoint answered 4xx: retrying the same bytes is futile
-    └── RoomsFailure            the rooms API answered an error (status and body kept)
+ClientFailure
+├── NotInitialised          no identity in the data directory (run `init`)
+├── NotMediated             no mediator yet (run `mediate <invitation-url>`)
+├── InvalidInvitation       the invitation URL or its `_oob` payload is unusable
+├── MediationDenied         the mediator answered mediate-deny
+├── ProblemReported         the peer answered with a DIDComm problem report
+├── Undeliverable           a DID has no usable DIDCommMessaging service / endpoint
+├── CryptoFailure           packing or unpacking failed (keys, DID resolution)
+├── StoreFailure            the local SQLite store failed (disk full, corrupt, locked)
+├── TransportFailure        an endpoint could not be reached or answered 5xx/429
+│   └── Rejected            an endpoint answered 4xx: retrying the same bytes is futile
+└── RoomsFailure            the rooms API answered an error (status and body kept)
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class StoreFailure(ClientFailure):
 class TransportFailure(ClientFailure):
     """An endpoint could not be reached, or answered 5xx / 429 (retry later)."""
 
-    def __init__(self, detail: str = "", *, status: int | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, detail: str = "", *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.retry_after = retry_after

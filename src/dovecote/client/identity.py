@@ -68,21 +68,31 @@ def _multikey(codec: str, key: Key) -> str:
 
 def make_did(signing_key: Key, agreement_key: Key, services: list[dict[str, Any]]) -> str:
     """A did:peer:2 with the two keys (#key-1 signing, #key-2 agreement) and `services`."""
-    return str(generate(
-        [KeySpec.verification(_multikey("ed25519-pub", signing_key)),
-         KeySpec.key_agreement(_multikey("x25519-pub", agreement_key))],
-        services,
-    ))
+    return str(
+        generate(
+            [
+                KeySpec.verification(_multikey("ed25519-pub", signing_key)),
+                KeySpec.key_agreement(_multikey("x25519-pub", agreement_key)),
+            ],
+            services,
+        )
+    )
 
 
 def routed_service(mediator_did: str, endpoint: str, form: str) -> dict[str, Any]:
     """The DIDCommMessaging service that sends messages through the mediator."""
     if form == "mediator-did":
-        endpoint_obj: dict[str, Any] = {"uri": mediator_did, "accept": ["didcomm/v2"],
-                                        "routingKeys": []}
+        endpoint_obj: dict[str, Any] = {
+            "uri": mediator_did,
+            "accept": ["didcomm/v2"],
+            "routingKeys": [],
+        }
     else:
-        endpoint_obj = {"uri": endpoint, "accept": ["didcomm/v2"],
-                        "routingKeys": [f"{mediator_did}#key-2"]}
+        endpoint_obj = {
+            "uri": endpoint,
+            "accept": ["didcomm/v2"],
+            "routingKeys": [f"{mediator_did}#key-2"],
+        }
     return {"type": "DIDCommMessaging", "serviceEndpoint": endpoint_obj}
 
 
@@ -123,4 +133,3 @@ def save(data_dir: Path, ident: ClientIdentity) -> None:
         "mediation": ident.mediation.__dict__ if ident.mediation else None,
     }
     write_private(data_dir / IDENTITY_FILE, json.dumps(stored, indent=2))
-

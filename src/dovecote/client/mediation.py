@@ -69,12 +69,21 @@ async def read_invitation(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
         raise InvalidInvitation(f"no invitation at {url[:100]}: {exc}") from exc
 
 
-def message(msg_type: str, body: dict[str, Any], frm: str, to: str,
-            **headers: Any) -> dict[str, Any]:
+def message(
+    msg_type: str, body: dict[str, Any], frm: str, to: str, **headers: Any
+) -> dict[str, Any]:
     """A plaintext request to the mediator asking for its answer on this connection."""
-    return {"id": str(uuid.uuid4()), "typ": "application/didcomm-plain+json", "type": msg_type,
-            "from": frm, "to": [to], "created_time": int(time.time()),
-            "return_route": "all", "body": body, **headers}
+    return {
+        "id": str(uuid.uuid4()),
+        "typ": "application/didcomm-plain+json",
+        "type": msg_type,
+        "from": frm,
+        "to": [to],
+        "created_time": int(time.time()),
+        "return_route": "all",
+        "body": body,
+        **headers,
+    }
 
 
 def raise_for_problem(reply: dict[str, Any]) -> dict[str, Any]:
@@ -87,8 +96,9 @@ def raise_for_problem(reply: dict[str, Any]) -> dict[str, Any]:
 class MediatorChannel:
     """Requests to one mediator over HTTP, trying its endpoints in order."""
 
-    def __init__(self, packer: Packer, http: httpx.AsyncClient, mediator_did: str,
-                 endpoints: Sequence[str]) -> None:
+    def __init__(
+        self, packer: Packer, http: httpx.AsyncClient, mediator_did: str, endpoints: Sequence[str]
+    ) -> None:
         self.packer = packer
         self.http = http
         self.mediator_did = mediator_did
@@ -114,27 +124,32 @@ class MediatorChannel:
                 failure = exc
                 continue
             if not response.content:
-                raise TransportFailure(f"{url} gave no reply to {msg_type}",
-                                       status=response.status_code)
+                raise TransportFailure(
+                    f"{url} gave no reply to {msg_type}", status=response.status_code
+                )
             return raise_for_problem((await self.packer.unpack(response.content)).message)
         assert failure is not None
         raise failure
 
-    async def update_recipients(self, add: Sequence[str] = (),
-                                remove: Sequence[str] = ()) -> dict[str, str]:
+    async def update_recipients(
+        self, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> dict[str, str]:
         """recipient-update; returns DID -> result (success, no_change, client_error, ...)."""
         updates = [{"recipient_did": d, "action": "add"} for d in add]
         updates += [{"recipient_did": d, "action": "remove"} for d in remove]
         reply = await self.request(f"{CM3}/recipient-update", {"updates": updates})
-        return {u.get("recipient_did"): u.get("result")
-                for u in (reply.get("body") or {}).get("updated", [])}
+        return {
+            u.get("recipient_did"): u.get("result")
+            for u in (reply.get("body") or {}).get("updated", [])
+        }
 
     async def list_recipients(self) -> list[str]:
         dids: list[str] = []
         offset = 0
         while True:
-            reply = await self.request(f"{CM3}/recipient-query",
-                                       {"paginate": {"limit": 1000, "offset": offset}})
+            reply = await self.request(
+                f"{CM3}/recipient-query", {"paginate": {"limit": 1000, "offset": offset}}
+            )
             page = [d["recipient_did"] for d in (reply.get("body") or {}).get("dids", [])]
             dids += page
             remaining = ((reply.get("body") or {}).get("pagination") or {}).get("remaining", 0)

@@ -66,10 +66,16 @@ class Backoff:
 class Sender:
     """Delivers outbox rows until stopped; one flush at a time."""
 
-    def __init__(self, store: ClientStore, config: ClientConfig, http: httpx.AsyncClient,
-                 on_failed: FailureCallback | None = None,
-                 headers_for: HeadersFor | None = None, ws: WsBatcher | None = None,
-                 ws_target_for: Callable[[str], WsTarget | None] | None = None) -> None:
+    def __init__(
+        self,
+        store: ClientStore,
+        config: ClientConfig,
+        http: httpx.AsyncClient,
+        on_failed: FailureCallback | None = None,
+        headers_for: HeadersFor | None = None,
+        ws: WsBatcher | None = None,
+        ws_target_for: Callable[[str], WsTarget | None] | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.http = http
@@ -123,8 +129,7 @@ class Sender:
                     break
                 async with self._flushed:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._flushed.wait(),
-                                               min(remaining or 1.0, 1.0))
+                        await asyncio.wait_for(self._flushed.wait(), min(remaining or 1.0, 1.0))
                 self._urgent = True
                 self._wake.set()
         return await self.store.counts()
@@ -136,7 +141,8 @@ class Sender:
             items = [i for i in [await self.store.get(x) for x in ids] if i is not None]
             remaining = None if deadline is None else deadline - time.monotonic()
             if all(i.state != "pending" for i in items) or (
-                    remaining is not None and remaining <= 0):
+                remaining is not None and remaining <= 0
+            ):
                 return items
             async with self._flushed:
                 with contextlib.suppress(TimeoutError):
@@ -164,8 +170,9 @@ class Sender:
 
     async def _flush_once(self) -> bool:
         """Send one batch if one is due; True when a batch was sent."""
-        lookahead = await self.store.due(self.config.batch_size,
-                                         time.time() + self.config.flush_interval)
+        lookahead = await self.store.due(
+            self.config.batch_size, time.time() + self.config.flush_interval
+        )
         urgent, self._urgent = self._urgent, False
         if urgent or len(lookahead) >= self.config.batch_size:
             batch = lookahead  # full batch, or an explicit flush: don't wait for it to fill
@@ -193,7 +200,7 @@ class Sender:
             for index, item in enumerate(posts):
                 done.append(await attempt(item))
                 if done[-1].state != "sent":
-                    return done + posts[index + 1:]
+                    return done + posts[index + 1 :]
             return done
 
         async def alone(item: OutboxItem) -> list[OutboxItem]:
@@ -210,8 +217,10 @@ class Sender:
                 log.info("outbox.ws_unconfirmed", url=target.url, size=len(items))
                 return list(await asyncio.gather(*(attempt(i) for i in items)))
             now = time.time()
-            return [replace(i, state="sent", attempts=i.attempts + 1, last_error=None,
-                            done_at=now) for i in items]
+            return [
+                replace(i, state="sent", attempts=i.attempts + 1, last_error=None, done_at=now)
+                for i in items
+            ]
 
         rooms: dict[str, list[OutboxItem]] = {}
         sockets: dict[WsTarget, list[OutboxItem]] = {}
@@ -227,14 +236,20 @@ class Sender:
         groups = await asyncio.gather(
             *(alone(i) for i in singles),
             *(in_order(posts) for posts in rooms.values()),
-            *(over_ws(target, items) for target, items in sockets.items()))
+            *(over_ws(target, items) for target, items in sockets.items()),
+        )
         results = [r for group in groups for r in group]
         await self.store.record(results)
         sent = sum(r.state == "sent" for r in results)
         failed = [r for r in results if r.state == "failed"]
-        log.info("outbox.flushed", size=len(batch), sent=sent, failed=len(failed),
-                 retrying=len(batch) - sent - len(failed),
-                 ms=round((time.monotonic() - started) * 1000))
+        log.info(
+            "outbox.flushed",
+            size=len(batch),
+            sent=sent,
+            failed=len(failed),
+            retrying=len(batch) - sent - len(failed),
+            ms=round((time.monotonic() - started) * 1000),
+        )
         if failed:
             await self._report_failures()
 
@@ -247,15 +262,21 @@ class Sender:
             await transport.post(self.http, url, item.payload, content_type, headers)
         except Rejected as exc:
             log.warning("outbox.rejected", id=item.id, url=url, status=exc.status)
-            return replace(item, state="failed", attempts=item.attempts + 1,
-                           last_error=exc.detail[:500], done_at=now)
+            return replace(
+                item,
+                state="failed",
+                attempts=item.attempts + 1,
+                last_error=exc.detail[:500],
+                done_at=now,
+            )
         except TransportFailure as exc:
             return self._reschedule(item, exc.detail, exc.retry_after)
         except Exception as exc:  # never lose a row to an unexpected error: retry it
             log.warning("outbox.attempt_error", id=item.id, error=repr(exc)[:300])
             return self._reschedule(item, repr(exc), None)
-        return replace(item, state="sent", attempts=item.attempts + 1, last_error=None,
-                       done_at=time.time())
+        return replace(
+            item, state="sent", attempts=item.attempts + 1, last_error=None, done_at=time.time()
+        )
 
     def _reschedule(self, item: OutboxItem, error: str, retry_after: float | None) -> OutboxItem:
         now = time.time()
@@ -266,19 +287,33 @@ class Sender:
         if on_endpoint >= self.config.attempts_per_endpoint and len(item.endpoints) > 1:
             # This endpoint had its chances: the next one is tried at once.
             index, on_endpoint, delay = index + 1, 0, 0.0
-            log.info("outbox.failover", id=item.id, failed=item.endpoint,
-                     next=item.endpoints[index % len(item.endpoints)])
+            log.info(
+                "outbox.failover",
+                id=item.id,
+                failed=item.endpoint,
+                next=item.endpoints[index % len(item.endpoints)],
+            )
         if retry_after is not None:
             delay = max(delay, retry_after)
         if now + delay > item.created_at + self.config.retention:
             log.warning("outbox.expired", id=item.id, attempts=attempts, error=error[:200])
-            return replace(item, state="failed", attempts=attempts, endpoint_index=index,
-                           endpoint_attempts=on_endpoint,
-                           last_error=f"retention exceeded; last error: {error}"[:500],
-                           done_at=now)
-        return replace(item, attempts=attempts, endpoint_index=index,
-                       endpoint_attempts=on_endpoint, next_attempt_at=now + delay,
-                       last_error=error[:500])
+            return replace(
+                item,
+                state="failed",
+                attempts=attempts,
+                endpoint_index=index,
+                endpoint_attempts=on_endpoint,
+                last_error=f"retention exceeded; last error: {error}"[:500],
+                done_at=now,
+            )
+        return replace(
+            item,
+            attempts=attempts,
+            endpoint_index=index,
+            endpoint_attempts=on_endpoint,
+            next_attempt_at=now + delay,
+            last_error=error[:500],
+        )
 
     async def _report_failures(self) -> None:
         """Run the failure callback for every failed row not yet reported."""
@@ -286,8 +321,13 @@ class Sender:
         if not failed:
             return
         for item in failed:
-            log.warning("outbox.failed", id=item.id, target=item.target[:80],
-                        attempts=item.attempts, error=(item.last_error or "")[:200])
+            log.warning(
+                "outbox.failed",
+                id=item.id,
+                target=item.target[:80],
+                attempts=item.attempts,
+                error=(item.last_error or "")[:200],
+            )
             if self.on_failed is not None:
                 try:
                     result = self.on_failed(item)

@@ -134,8 +134,10 @@ class Packer:
             return
         self._registered.add(did)
         assert isinstance(self.secrets, InMemorySecretsManager)
-        for key, kid in ((self.identity.signing_key, "key-1"),
-                         (self.identity.agreement_key, "key-2")):
+        for key, kid in (
+            (self.identity.signing_key, "key-1"),
+            (self.identity.agreement_key, "key-2"),
+        ):
             await self.secrets.add_secret(AskarSecretKey(key, f"{did}#{kid}"))
 
     async def resolve(self, did: str) -> dict[str, Any]:
@@ -149,8 +151,12 @@ class Packer:
         """Encrypt for `to` (a DID or key id); authcrypt from `frm`, else anoncrypt."""
         try:
             packed = await self.packaging.pack(
-                self.crypto, self.resolver, self.secrets,
-                json.dumps(message, separators=(",", ":")).encode(), [to], frm,
+                self.crypto,
+                self.resolver,
+                self.secrets,
+                json.dumps(message, separators=(",", ":")).encode(),
+                [to],
+                frm,
             )
         except Exception as exc:
             raise CryptoFailure(f"cannot pack for {to[:80]}: {exc}") from exc
@@ -158,8 +164,7 @@ class Packer:
 
     async def unpack(self, raw: bytes | str) -> Unpacked:
         try:
-            data, meta = await self.packaging.unpack(self.crypto, self.resolver, self.secrets,
-                                                     raw)
+            data, meta = await self.packaging.unpack(self.crypto, self.resolver, self.secrets, raw)
             message = json.loads(data)
         except Exception as exc:
             raise CryptoFailure(f"cannot unpack: {exc}") from exc
@@ -179,8 +184,7 @@ class Packer:
                 route = await self._route_via(did, endpoint["uri"], keys, depth=0)
                 if route is not None:
                     return route
-        raise Undeliverable(f"{did[:80]} has no DIDCommMessaging service with an http(s) "
-                            "endpoint")
+        raise Undeliverable(f"{did[:80]} has no DIDCommMessaging service with an http(s) endpoint")
 
     async def _route_via(self, did: str, uri: str, keys: list[str], depth: int) -> Route | None:
         if is_http(uri):
@@ -198,8 +202,7 @@ class Packer:
             for endpoint in _endpoint_objects(service):
                 if is_http(endpoint["uri"]):
                     http.append(endpoint["uri"])
-                    extra = extra or [_absolute(uri, k)
-                                      for k in endpoint.get("routingKeys") or []]
+                    extra = extra or [_absolute(uri, k) for k in endpoint.get("routingKeys") or []]
                 elif is_ws(endpoint["uri"]):
                     ws.append(endpoint["uri"])
         if not http:
@@ -215,8 +218,7 @@ class Packer:
                 found += [e["uri"] for e in _endpoint_objects(service) if is_ws(e["uri"])]
         return found
 
-    async def pack_routed(self, message: dict[str, Any], route: Route,
-                          frm: str | None) -> bytes:
+    async def pack_routed(self, message: dict[str, Any], route: Route, frm: str | None) -> bytes:
         """Encrypt for the recipient, then wrap in one anoncrypted forward per routing key."""
         packed = await self.pack(message, route.recipient, frm)
         next_target = route.recipient
@@ -227,8 +229,13 @@ class Packer:
                 "type": FORWARD,
                 "to": [key.split("#", 1)[0]],
                 "body": {"next": next_target},
-                "attachments": [{"id": str(uuid.uuid4()), "media_type": ENCRYPTED,
-                                 "data": {"json": json.loads(packed)}}],
+                "attachments": [
+                    {
+                        "id": str(uuid.uuid4()),
+                        "media_type": ENCRYPTED,
+                        "data": {"json": json.loads(packed)},
+                    }
+                ],
             }
             packed = await self.pack(forward, key, None)
             next_target = key

@@ -70,9 +70,13 @@ class PickupStatus:
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> PickupStatus:
-        return cls(int(body.get("message_count", 0)), int(body.get("total_bytes", 0)),
-                   bool(body.get("live_delivery", False)), body.get("longest_waited_seconds"),
-                   body)
+        return cls(
+            int(body.get("message_count", 0)),
+            int(body.get("total_bytes", 0)),
+            bool(body.get("live_delivery", False)),
+            body.get("longest_waited_seconds"),
+            body,
+        )
 
 
 Handler = Callable[[Received], Awaitable[None] | None]
@@ -81,8 +85,14 @@ Handler = Callable[[Received], Awaitable[None] | None]
 class Inbox:
     """Picks up this client's messages from its mediator."""
 
-    def __init__(self, packer: Packer, store: ClientStore, channel: MediatorChannel,
-                 ws_endpoints: Sequence[str], config: ClientConfig) -> None:
+    def __init__(
+        self,
+        packer: Packer,
+        store: ClientStore,
+        channel: MediatorChannel,
+        ws_endpoints: Sequence[str],
+        config: ClientConfig,
+    ) -> None:
         self.packer = packer
         self.store = store
         self.channel = channel
@@ -103,8 +113,7 @@ class Inbox:
             return []
         fresh, ack_ids = await self._accept(reply.get("attachments") or [], handler)
         if ack_ids:
-            await self.channel.request(f"{PICKUP}/messages-received",
-                                       {"message_id_list": ack_ids})
+            await self.channel.request(f"{PICKUP}/messages-received", {"message_id_list": ack_ids})
         return fresh
 
     async def drain(self, handler: Handler | None = None, limit: int = 100) -> list[Received]:
@@ -117,11 +126,11 @@ class Inbox:
                 return received
             fresh, ack_ids = await self._accept(attachments, handler)
             received += fresh
-            await self.channel.request(f"{PICKUP}/messages-received",
-                                       {"message_id_list": ack_ids})
+            await self.channel.request(f"{PICKUP}/messages-received", {"message_id_list": ack_ids})
 
-    async def _accept(self, attachments: list[dict[str, Any]],
-                      handler: Handler | None) -> tuple[list[Received], list[str]]:
+    async def _accept(
+        self, attachments: list[dict[str, Any]], handler: Handler | None
+    ) -> tuple[list[Received], list[str]]:
         """Decrypt and dedup; hand new messages to `handler`; return them and the ack ids."""
         decrypted: list[Received] = []
         ack_ids: list[str] = []
@@ -132,16 +141,22 @@ class Inbox:
                 unpacked = await self.packer.unpack(attachment_payload(attachment))
             except CryptoFailure as exc:
                 # It can never be decrypted here; keeping it would block the queue head.
-                log.warning("pickup.undecryptable", attachment_id=attachment_id,
-                            error=exc.detail[:200])
+                log.warning(
+                    "pickup.undecryptable", attachment_id=attachment_id, error=exc.detail[:200]
+                )
                 continue
             plain = unpacked.message
             body = plain.get("body")
-            decrypted.append(Received(
-                id=str(plain.get("id") or attachment_id), type=str(plain.get("type", "")),
-                body=body if isinstance(body, dict) else {},
-                sender=unpacked.sender or plain.get("from"), message=plain,
-                attachment_id=attachment_id))
+            decrypted.append(
+                Received(
+                    id=str(plain.get("id") or attachment_id),
+                    type=str(plain.get("type", "")),
+                    body=body if isinstance(body, dict) else {},
+                    sender=unpacked.sender or plain.get("from"),
+                    message=plain,
+                    attachment_id=attachment_id,
+                )
+            )
         seen = await self.store.seen([r.id for r in decrypted])
         fresh: list[Received] = []
         for item in decrypted:
@@ -209,8 +224,8 @@ class Inbox:
                     frame = await self._next_frame(ws, stop, bool(unanswered))
                 else:  # the mediator must confirm live mode in time, or we reconnect
                     frame = await asyncio.wait_for(
-                        self._next_frame(ws, stop, bool(unanswered)),
-                        self.config.request_timeout)
+                        self._next_frame(ws, stop, bool(unanswered)), self.config.request_timeout
+                    )
                 if frame is None:
                     return
                 reply = await self._decode(frame)
@@ -221,28 +236,27 @@ class Inbox:
                     if draining and thid == draining:
                         draining = ""  # the queue held nothing more for us
                         log.info("pickup.live_drained", url=url)
-                    if (reply.get("body") or {}).get("live_delivery") and \
-                            not self.live_on.is_set():
+                    if (reply.get("body") or {}).get("live_delivery") and not self.live_on.is_set():
                         log.info("pickup.live_enabled", url=url)
                         self.live_on.set()
                         # What was queued before the switch is not pushed: fetch it.
-                        draining = await send(f"{PICKUP}/delivery-request",
-                                              {"limit": DRAIN_BATCH})
+                        draining = await send(f"{PICKUP}/delivery-request", {"limit": DRAIN_BATCH})
                 elif kind.endswith("/delivery"):
                     _, ack_ids = await self._accept(reply.get("attachments") or [], handler)
-                    unanswered.add(await send(f"{PICKUP}/messages-received",
-                                              {"message_id_list": ack_ids}))
+                    unanswered.add(
+                        await send(f"{PICKUP}/messages-received", {"message_id_list": ack_ids})
+                    )
                     if draining and thid == draining:
                         # The socket is read in order: the ack is applied before this.
-                        draining = await send(f"{PICKUP}/delivery-request",
-                                              {"limit": DRAIN_BATCH})
+                        draining = await send(f"{PICKUP}/delivery-request", {"limit": DRAIN_BATCH})
         finally:
             with contextlib.suppress(Exception):
                 await ws.close()
 
     @staticmethod
-    async def _next_frame(ws: websockets.ClientConnection, stop: asyncio.Event,
-                          acks_pending: bool) -> str | bytes | None:
+    async def _next_frame(
+        ws: websockets.ClientConnection, stop: asyncio.Event, acks_pending: bool
+    ) -> str | bytes | None:
         """The next frame, or None once stopped. Stopping first waits (briefly) for the
         answers to our acknowledgements, so the mediator has removed what was handled."""
         if stop.is_set():

@@ -39,8 +39,9 @@ Enqueue = Callable[[str, str, bytes, str], Awaitable[None]]
 class RoomsClient:
     """HTTP JSON calls under /v1/rooms with `Authorization: Bearer <JWT>`."""
 
-    def __init__(self, config: ClientConfig, store: ClientStore, http: httpx.AsyncClient,
-                 enqueue: Enqueue) -> None:
+    def __init__(
+        self, config: ClientConfig, store: ClientStore, http: httpx.AsyncClient, enqueue: Enqueue
+    ) -> None:
         self.config = config
         self.store = store
         self.http = http
@@ -69,25 +70,36 @@ class RoomsClient:
         return f"{self.base}{API}/{room}/messages"
 
     # ------------------------------------------------------------------ posting
-    async def post(self, room: str, text: str | None = None,
-                   data: dict[str, Any] | None = None, key: str | None = None) -> str:
+    async def post(
+        self,
+        room: str,
+        text: str | None = None,
+        data: dict[str, Any] | None = None,
+        key: str | None = None,
+    ) -> str:
         """Queue a post durably; returns its Idempotency-Key once it is in the outbox."""
         key = key or uuid.uuid4().hex
         payload = json.dumps(_content(text, data), separators=(",", ":")).encode()
         await self._enqueue(key, room, payload, self.messages_url(room))
         return key
 
-    async def post_now(self, room: str, text: str | None = None,
-                       data: dict[str, Any] | None = None, key: str | None = None,
-                       attempts: int = 3) -> dict[str, Any]:
+    async def post_now(
+        self,
+        room: str,
+        text: str | None = None,
+        data: dict[str, Any] | None = None,
+        key: str | None = None,
+        attempts: int = 3,
+    ) -> dict[str, Any]:
         """Post and wait for the stored message (retrying with the same key)."""
         key = key or uuid.uuid4().hex
         payload = json.dumps(_content(text, data), separators=(",", ":")).encode()
         headers = {**self._auth(), "idempotency-key": key}
         for attempt in range(1, attempts + 1):
             try:
-                response = await transport.post(self.http, self.messages_url(room), payload,
-                                                "application/json", headers)
+                response = await transport.post(
+                    self.http, self.messages_url(room), payload, "application/json", headers
+                )
                 result: dict[str, Any] = response.json()
                 return result
             except Rejected as exc:
@@ -95,12 +107,13 @@ class RoomsClient:
             except TransportFailure:
                 if attempt == attempts:
                     raise
-                await asyncio.sleep(self.config.backoff_base * 2 ** attempt)
+                await asyncio.sleep(self.config.backoff_base * 2**attempt)
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ reading
-    async def history(self, room: str, after: int | None = None, before: int | None = None,
-                      limit: int = 100) -> dict[str, Any]:
+    async def history(
+        self, room: str, after: int | None = None, before: int | None = None, limit: int = 100
+    ) -> dict[str, Any]:
         """One page of the room's events (ascending seq; see `next_after`, `has_more`)."""
         params: dict[str, Any] = {"limit": limit}
         if after is not None:
@@ -111,8 +124,7 @@ class RoomsClient:
 
     async def _get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await self.http.get(self.base + path, params=params,
-                                           headers=self._auth())
+            response = await self.http.get(self.base + path, params=params, headers=self._auth())
         except httpx.HTTPError as exc:
             raise TransportFailure(f"GET {path}: {exc}") from exc
         if response.status_code >= 400:
@@ -120,8 +132,13 @@ class RoomsClient:
         result: dict[str, Any] = response.json()
         return result
 
-    async def subscribe(self, room: str, handler: EventHandler, since: int | None = None,
-                        stop: asyncio.Event | None = None) -> None:
+    async def subscribe(
+        self,
+        room: str,
+        handler: EventHandler,
+        since: int | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
         """Stream the room's events to `handler` until `stop`, resuming after reconnects.
 
         `since` defaults to the cursor stored by an earlier subscription (or 0).
@@ -138,18 +155,21 @@ class RoomsClient:
                 log.info("rooms.disconnected", room=room, error=str(exc)[:200])
             if stop.is_set():
                 break
-            cap = min(self.config.reconnect_max,
-                      self.config.backoff_base * 2 ** min(failures, 16))
+            cap = min(self.config.reconnect_max, self.config.backoff_base * 2 ** min(failures, 16))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cap / 2 + random.uniform(0, cap / 2))
 
-    async def _session(self, room: str, cursor: int, handler: EventHandler,
-                       stop: asyncio.Event) -> int:
+    async def _session(
+        self, room: str, cursor: int, handler: EventHandler, stop: asyncio.Event
+    ) -> int:
         url = self.base.replace("http", "ws", 1) + WS_PATH
         try:
-            ws = await websockets.connect(url, additional_headers=self._auth(),
-                                          open_timeout=self.config.request_timeout,
-                                          max_size=None)
+            ws = await websockets.connect(
+                url,
+                additional_headers=self._auth(),
+                open_timeout=self.config.request_timeout,
+                max_size=None,
+            )
         except websockets.InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403, 404):

@@ -87,8 +87,10 @@ class OutboxItem:
         return self.endpoints[self.endpoint_index % len(self.endpoints)]
 
 
-_COLUMNS = ("seq, id, kind, target, payload, endpoints, state, created_at, next_attempt_at, "
-            "attempts, endpoint_index, endpoint_attempts, last_error, done_at")
+_COLUMNS = (
+    "seq, id, kind, target, payload, endpoints, state, created_at, next_attempt_at, "
+    "attempts, endpoint_index, endpoint_attempts, last_error, done_at"
+)
 
 
 # A row is due when its time has come, or (`until`) when it was never tried and is due
@@ -126,8 +128,9 @@ class ClientStore:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                 timeout=10.0)
+            db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=10.0
+            )
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed send() survives power loss, not only a process crash.
             db.execute("PRAGMA synchronous=FULL")
@@ -152,11 +155,13 @@ class ClientStore:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     raise StoreFailure(str(exc)) from exc
+
         return await asyncio.to_thread(call)
 
     # ------------------------------------------------------------------ outbox
-    async def enqueue(self, items: Iterable[tuple[str, str, str, bytes, list[str]]],
-                      delay: float = 0.0) -> None:
+    async def enqueue(
+        self, items: Iterable[tuple[str, str, str, bytes, list[str]]], delay: float = 0.0
+    ) -> None:
         """Insert (id, kind, target, payload, endpoints) rows in one committed transaction;
         they become due after `delay` seconds."""
         now = time.time()
@@ -166,8 +171,11 @@ class ClientStore:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "INSERT OR IGNORE INTO outbox (id, kind, target, payload, endpoints, "
-                "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             db.execute("COMMIT")
+
         await self._run(write)
 
     async def due(self, limit: int, fresh_until: float | None = None) -> list[OutboxItem]:
@@ -175,100 +183,160 @@ class ClientStore:
         also never-tried rows due by then (a batch sent early; retries keep their backoff)."""
         now = time.time()
         until = now if fresh_until is None else max(now, fresh_until)
-        return await self._run(lambda db: [_item(r) for r in db.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND {_DUE} "
-            f"AND NOT EXISTS ({_EARLIER_ROOM_POST_WAITING}) ORDER BY seq LIMIT :limit",
-            {"now": now, "until": until, "limit": limit})])
+        return await self._run(
+            lambda db: [
+                _item(r)
+                for r in db.execute(
+                    f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND {_DUE} "
+                    f"AND NOT EXISTS ({_EARLIER_ROOM_POST_WAITING}) ORDER BY seq LIMIT :limit",
+                    {"now": now, "until": until, "limit": limit},
+                )
+            ]
+        )
 
     async def next_due_at(self) -> float | None:
-        row = await self._run(lambda db: db.execute(
-            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone())
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'"
+            ).fetchone()
+        )
         return None if row is None or row[0] is None else float(row[0])
 
     async def get(self, message_id: str) -> OutboxItem | None:
-        rows = await self._run(lambda db: db.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (message_id,)).fetchall())
+        rows = await self._run(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (message_id,)
+            ).fetchall()
+        )
         return _item(rows[0]) if rows else None
 
     async def items(self, state: State | None = None, limit: int = 1000) -> list[OutboxItem]:
         where, args = ("WHERE state = ?", (state, limit)) if state else ("", (limit,))
-        return await self._run(lambda db: [_item(r) for r in db.execute(
-            f"SELECT {_COLUMNS} FROM outbox {where} ORDER BY seq LIMIT ?", args)])
+        return await self._run(
+            lambda db: [
+                _item(r)
+                for r in db.execute(
+                    f"SELECT {_COLUMNS} FROM outbox {where} ORDER BY seq LIMIT ?", args
+                )
+            ]
+        )
 
     async def counts(self) -> dict[str, int]:
-        rows = await self._run(lambda db: db.execute(
-            "SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+        rows = await self._run(
+            lambda db: db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
+        )
         return {"pending": 0, "sent": 0, "failed": 0} | {str(s): int(c) for s, c in rows}
 
     async def record(self, updates: Sequence[OutboxItem]) -> None:
         """Store the outcome of a flush (state, attempts, schedule) in one transaction."""
-        rows = [(u.state, u.next_attempt_at, u.attempts, u.endpoint_index,
-                 u.endpoint_attempts, u.last_error, u.done_at, u.seq) for u in updates]
+        rows = [
+            (
+                u.state,
+                u.next_attempt_at,
+                u.attempts,
+                u.endpoint_index,
+                u.endpoint_attempts,
+                u.last_error,
+                u.done_at,
+                u.seq,
+            )
+            for u in updates
+        ]
 
         def write(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "UPDATE outbox SET state = ?, next_attempt_at = ?, attempts = ?, "
                 "endpoint_index = ?, endpoint_attempts = ?, last_error = ?, done_at = ? "
-                "WHERE seq = ? AND state = 'pending'", rows)
+                "WHERE seq = ? AND state = 'pending'",
+                rows,
+            )
             db.execute("COMMIT")
+
         if rows:
             await self._run(write)
 
     async def unreported_failures(self) -> list[OutboxItem]:
-        return await self._run(lambda db: [_item(r) for r in db.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'failed' AND reported = 0 "
-            "ORDER BY seq")])
+        return await self._run(
+            lambda db: [
+                _item(r)
+                for r in db.execute(
+                    f"SELECT {_COLUMNS} FROM outbox WHERE state = 'failed' AND reported = 0 "
+                    "ORDER BY seq"
+                )
+            ]
+        )
 
     async def mark_reported(self, seqs: Sequence[int]) -> None:
-        await self._run(lambda db: db.executemany(
-            "UPDATE outbox SET reported = 1 WHERE seq = ?", [(s,) for s in seqs]))
+        await self._run(
+            lambda db: db.executemany(
+                "UPDATE outbox SET reported = 1 WHERE seq = ?", [(s,) for s in seqs]
+            )
+        )
 
     async def retry(self, ids: Sequence[str] | None = None) -> int:
         """Put failed rows (all, or those named) back in the queue with fresh attempts."""
         now = time.time()
-        sql = ("UPDATE outbox SET state = 'pending', attempts = 0, endpoint_attempts = 0, "
-               "endpoint_index = 0, next_attempt_at = ?, created_at = ?, done_at = NULL, "
-               "reported = 0 WHERE state = 'failed'")
+        sql = (
+            "UPDATE outbox SET state = 'pending', attempts = 0, endpoint_attempts = 0, "
+            "endpoint_index = 0, next_attempt_at = ?, created_at = ?, done_at = NULL, "
+            "reported = 0 WHERE state = 'failed'"
+        )
 
         def write(db: sqlite3.Connection) -> int:
             if ids is None:
                 return db.execute(sql, (now, now)).rowcount
             return sum(db.execute(sql + " AND id = ?", (now, now, i)).rowcount for i in ids)
+
         return await self._run(write)
 
     async def purge(self, states: Sequence[State], older_than: float | None = None) -> int:
         cutoff = time.time() - (older_than or 0.0)
         marks = ",".join("?" for _ in states)
-        return await self._run(lambda db: db.execute(
-            f"DELETE FROM outbox WHERE state IN ({marks}) AND coalesce(done_at, 0) <= ?",
-            (*states, cutoff)).rowcount)
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    f"DELETE FROM outbox WHERE state IN ({marks}) AND coalesce(done_at, 0) <= ?",
+                    (*states, cutoff),
+                ).rowcount
+            )
+        )
 
     # ------------------------------------------------------------------ received ids
     async def seen(self, ids: Sequence[str]) -> set[str]:
         if not ids:
             return set()
         marks = ",".join("?" for _ in ids)
-        return await self._run(lambda db: {r[0] for r in db.execute(
-            f"SELECT id FROM seen WHERE id IN ({marks})", tuple(ids))})
+        return await self._run(
+            lambda db: {
+                r[0] for r in db.execute(f"SELECT id FROM seen WHERE id IN ({marks})", tuple(ids))
+            }
+        )
 
     async def remember(self, ids: Sequence[str], keep: int) -> None:
         """Record received ids, keeping only the newest `keep`."""
+
         def write(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("INSERT OR IGNORE INTO seen (id) VALUES (?)", [(i,) for i in ids])
             db.execute("DELETE FROM seen WHERE n <= (SELECT max(n) FROM seen) - ?", (keep,))
             db.execute("COMMIT")
+
         if ids:
             await self._run(write)
 
     # ------------------------------------------------------------------ rooms
     async def room_cursor(self, room: str) -> int | None:
-        row = await self._run(lambda db: db.execute(
-            "SELECT seq FROM room_cursors WHERE room = ?", (room,)).fetchone())
+        row = await self._run(
+            lambda db: db.execute("SELECT seq FROM room_cursors WHERE room = ?", (room,)).fetchone()
+        )
         return None if row is None else int(row[0])
 
     async def set_room_cursor(self, room: str, seq: int) -> None:
-        await self._run(lambda db: db.execute(
-            "INSERT INTO room_cursors (room, seq) VALUES (?, ?) ON CONFLICT (room) "
-            "DO UPDATE SET seq = max(seq, excluded.seq)", (room, seq)))
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO room_cursors (room, seq) VALUES (?, ?) ON CONFLICT (room) "
+                "DO UPDATE SET seq = max(seq, excluded.seq)",
+                (room, seq),
+            )
+        )

@@ -46,13 +46,18 @@ def check(response: httpx.Response, what: str) -> httpx.Response:
     raise Rejected(detail, status=status)
 
 
-async def post(http: httpx.AsyncClient, url: str, payload: bytes,
-               content_type: str = ENCRYPTED,
-               headers: dict[str, str] | None = None) -> httpx.Response:
+async def post(
+    http: httpx.AsyncClient,
+    url: str,
+    payload: bytes,
+    content_type: str = ENCRYPTED,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     """POST `payload`; transport errors and non-2xx become client errors."""
     try:
-        response = await http.post(url, content=payload,
-                                   headers={"content-type": content_type, **(headers or {})})
+        response = await http.post(
+            url, content=payload, headers={"content-type": content_type, **(headers or {})}
+        )
     except httpx.HTTPError as exc:
         raise TransportFailure(f"POST {url}: {type(exc).__name__}: {exc}") from exc
     return check(response, f"POST {url}")
@@ -60,7 +65,8 @@ async def post(http: httpx.AsyncClient, url: str, payload: bytes,
 
 async def connect_ws(url: str, open_timeout: float) -> websockets.ClientConnection:
     try:
-        return await websockets.connect(url, open_timeout=open_timeout, max_size=None,
-                                        ping_interval=20, ping_timeout=20)
+        return await websockets.connect(
+            url, open_timeout=open_timeout, max_size=None, ping_interval=20, ping_timeout=20
+        )
     except (OSError, TimeoutError, websockets.WebSocketException) as exc:
         raise TransportFailure(f"connect {url}: {type(exc).__name__}: {exc}") from exc

@@ -63,8 +63,9 @@ class WsBatcher:
                     await ws.send(payload.decode())
                 ping_id, ping = await self.barrier(target.relay_did)
                 await ws.send(ping.decode())
-                ok = await self._await_barrier(ws, ping_id,
-                                               self.timeout + PER_FRAME_SECONDS * len(payloads))
+                ok = await self._await_barrier(
+                    ws, ping_id, self.timeout + PER_FRAME_SECONDS * len(payloads)
+                )
             except (websockets.ConnectionClosed, OSError, TimeoutError) as exc:
                 await self._drop(target.url)
                 raise TransportFailure(f"ws {target.url}: {type(exc).__name__}: {exc}") from exc
@@ -74,8 +75,9 @@ class WsBatcher:
                 self.unconfirmed += 1
             return ok
 
-    async def _await_barrier(self, ws: websockets.ClientConnection, ping_id: str,
-                             within: float) -> bool:
+    async def _await_barrier(
+        self, ws: websockets.ClientConnection, ping_id: str, within: float
+    ) -> bool:
         errors = 0
         async with asyncio.timeout(within):
             while True:

@@ -35,8 +35,9 @@ class ConsoleAuth:
     """Issues and checks sessions for one admin token."""
 
     def __init__(self, admin_token: str, max_age: float) -> None:
-        key = hmac.new(admin_token.encode(), b"dovecote console session v1",
-                       hashlib.sha256).digest()
+        key = hmac.new(
+            admin_token.encode(), b"dovecote console session v1", hashlib.sha256
+        ).digest()
         self._key = key
         self._serializer = URLSafeTimedSerializer(key, salt="dovecote-console")
         self.max_age = max_age
@@ -70,6 +71,7 @@ class ConsoleAuth:
     def revoke(self, session: Session) -> None:
         self._revoked[session.nonce] = time.time() + self.max_age
         now = time.time()
-        while self._revoked and (len(self._revoked) > MAX_REVOKED
-                                 or next(iter(self._revoked.values())) < now):
+        while self._revoked and (
+            len(self._revoked) > MAX_REVOKED or next(iter(self._revoked.values())) < now
+        ):
             self._revoked.popitem(last=False)

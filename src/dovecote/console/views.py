@@ -45,12 +45,21 @@ PAGE_SIZE = 50
 REFRESH_SECONDS = 5
 DLQ_KINDS = ("forward", "notify", "mailbox")
 MAX_BULK = 1000  # dead letters one confirmed action may touch
-OVERVIEW_TRAFFIC = ("accepted", "pushed live", "picked up", "acknowledged", "dead-lettered",
-                    "duplicates dropped", "bad input")
+OVERVIEW_TRAFFIC = (
+    "accepted",
+    "pushed live",
+    "picked up",
+    "acknowledged",
+    "dead-lettered",
+    "duplicates dropped",
+    "bad input",
+)
 
 # Nothing from anywhere but this origin; no inline script or style at all.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
@@ -61,8 +70,9 @@ HEADERS = [
 ]
 
 
-def audit(request: Request, action: str, target: Any = "", outcome: str = "ok",
-          **fields: Any) -> None:
+def audit(
+    request: Request, action: str, target: Any = "", outcome: str = "ok", **fields: Any
+) -> None:
     """The admin API's audit line (ops/audit.py), marked as coming from the console."""
     audit_line(request, action, target, outcome, via="console", **fields)
 
@@ -175,15 +185,25 @@ def spark_points(values: list[float], width: int = 120, height: int = 28) -> str
         return ""
     top = max(values) or 1.0
     step = width / (len(values) - 1)
-    return " ".join(f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}"
-                    for i, v in enumerate(values))
+    return " ".join(
+        f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}" for i, v in enumerate(values)
+    )
 
 
 TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
-TEMPLATES.env.filters.update(count=fmt_count, bytes=fmt_bytes, rate=fmt_rate,
-                             duration=fmt_duration, took=fmt_took, percent=fmt_percent,
-                             ago=fmt_ago, utc=fmt_utc, iso=fmt_iso,
-                             spark=spark_points, mailbox_hash=mediatee_hash)
+TEMPLATES.env.filters.update(
+    count=fmt_count,
+    bytes=fmt_bytes,
+    rate=fmt_rate,
+    duration=fmt_duration,
+    took=fmt_took,
+    percent=fmt_percent,
+    ago=fmt_ago,
+    utc=fmt_utc,
+    iso=fmt_iso,
+    spark=spark_points,
+    mailbox_hash=mediatee_hash,
+)
 
 
 # ---------------------------------------------------------------------- plumbing
@@ -197,25 +217,29 @@ def _auth(request: Request) -> ConsoleAuth:
     state = request.app.state
     auth: ConsoleAuth | None = getattr(state, "console_auth", None)
     if auth is None:
-        auth = state.console_auth = ConsoleAuth(settings.admin_token,
-                                                settings.console_session_seconds)
+        auth = state.console_auth = ConsoleAuth(
+            settings.admin_token, settings.console_session_seconds
+        )
     return auth
 
 
-def render(request: Request, template: str, session: Session | None, status: int = 200,
-           **context: Any) -> Response:
+def render(
+    request: Request, template: str, session: Session | None, status: int = 200, **context: Any
+) -> Response:
     context.update(
-        csrf=session.csrf if session else "", signed_in=session is not None,
-        now=time.time(), path=request.url.path,
+        csrf=session.csrf if session else "",
+        signed_in=session is not None,
+        now=time.time(),
+        path=request.url.path,
         partial=request.headers.get("x-console-partial") == "1",
     )
     return TEMPLATES.TemplateResponse(request, template, context, status_code=status)
 
 
-def _message(request: Request, status: int, title: str, detail: str,
-             session: Session | None = None) -> Response:
-    return render(request, "message.html", session, status=status, title=title,
-                  detail=detail)
+def _message(
+    request: Request, status: int, title: str, detail: str, session: Session | None = None
+) -> Response:
+    return render(request, "message.html", session, status=status, title=title, detail=detail)
 
 
 async def _form(request: Request) -> dict[str, list[str]]:
@@ -224,8 +248,7 @@ async def _form(request: Request) -> dict[str, list[str]]:
     Parsed with the standard library: Starlette's form parser needs python-multipart,
     a dependency only these few small forms would use.
     """
-    if not request.headers.get("content-type", "").startswith(
-            "application/x-www-form-urlencoded"):
+    if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
         return {}
     body = bytearray()
     async for chunk in request.stream():
@@ -271,13 +294,25 @@ def _refusal(request: Request, denied: Response) -> Response:
     except ValueError:
         code = ""
     if denied.status_code == 404:
-        return _message(request, 404, "Console disabled",
-                        "Set DOVECOTE_ADMIN_TOKEN to enable the console and /admin.")
+        return _message(
+            request,
+            404,
+            "Console disabled",
+            "Set DOVECOTE_ADMIN_TOKEN to enable the console and /admin.",
+        )
     if code == "admin_client_cert_required":
-        return _message(request, 403, "Client certificate required",
-                        "The console needs a client certificate signed by ADMIN_CLIENT_CA.")
-    return _message(request, 403, "Not allowed from this address",
-                    "The console is reachable only from ADMIN_ALLOW networks.")
+        return _message(
+            request,
+            403,
+            "Client certificate required",
+            "The console needs a client certificate signed by ADMIN_CLIENT_CA.",
+        )
+    return _message(
+        request,
+        403,
+        "Not allowed from this address",
+        "The console is reachable only from ADMIN_ALLOW networks.",
+    )
 
 
 Page = Callable[[Request, Session, dict[str, list[str]]], Awaitable[Response]]
@@ -294,8 +329,9 @@ def page(handler: Page) -> Callable[[Request], Awaitable[Response]]:
         session = auth.session(request.cookies.get(COOKIE))
         if session is None:
             if request.method != "GET":
-                return _message(request, 403, "Signed out",
-                                "Your console session ended; sign in again.")
+                return _message(
+                    request, 403, "Signed out", "Your console session ended; sign in again."
+                )
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return render(request, "login.html", None, status=401, next=target, error="")
         form: dict[str, list[str]] = {}
@@ -306,9 +342,12 @@ def page(handler: Page) -> Callable[[Request], Awaitable[Response]]:
                 return _message(request, 413, "Too large", "That form was too large.")
             if not _same_origin(request) or not auth.csrf_ok(session, _first(form, "csrf")):
                 audit(request, "console.csrf", request.url.path, "forbidden")
-                return _message(request, 403, "Refused",
-                                "This action did not carry a valid CSRF token; reload the "
-                                "page and try again.")
+                return _message(
+                    request,
+                    403,
+                    "Refused",
+                    "This action did not carry a valid CSRF token; reload the page and try again.",
+                )
         try:
             return await handler(request, session, form)
         except DovecoteError as exc:
@@ -337,8 +376,13 @@ async def login_form(request: Request) -> Response:
         return _refusal(request, denied)
     if _auth(request).session(request.cookies.get(COOKIE)) is not None:
         return RedirectResponse(_local_path(request.query_params.get("next", "")), 303)
-    return render(request, "login.html", None,
-                  next=_local_path(request.query_params.get("next", "")), error="")
+    return render(
+        request,
+        "login.html",
+        None,
+        next=_local_path(request.query_params.get("next", "")),
+        error="",
+    )
 
 
 async def login(request: Request) -> Response:
@@ -354,9 +398,14 @@ async def login(request: Request) -> Response:
     if wait:
         metrics.ADMIN_AUTH_FAILURES.labels("throttled").inc()
         audit(request, "console.login", "", "throttled")
-        response = render(request, "login.html", None, status=429, next="/console/",
-                          error=f"Too many failed sign-ins; try again in "
-                                f"{fmt_duration(wait)}.")
+        response = render(
+            request,
+            "login.html",
+            None,
+            status=429,
+            next="/console/",
+            error=f"Too many failed sign-ins; try again in {fmt_duration(wait)}.",
+        )
         response.headers["retry-after"] = str(max(1, math.ceil(wait)))
         return response
     try:
@@ -370,13 +419,25 @@ async def login(request: Request) -> Response:
         throttle.failed(client)
         metrics.ADMIN_AUTH_FAILURES.labels("unauthorized").inc()
         audit(request, "console.login", "", "unauthorized")
-        return render(request, "login.html", None, status=401, next=target,
-                      error="That is not the admin token.")
+        return render(
+            request,
+            "login.html",
+            None,
+            status=401,
+            next=target,
+            error="That is not the admin token.",
+        )
     audit(request, "console.login", "", "ok")
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, auth.issue(), max_age=int(auth.max_age), path=COOKIE_PATH,
-                        secure=request.url.scheme == "https", httponly=True,
-                        samesite="strict")
+    response.set_cookie(
+        COOKIE,
+        auth.issue(),
+        max_age=int(auth.max_age),
+        path=COOKIE_PATH,
+        secure=request.url.scheme == "https",
+        httponly=True,
+        samesite="strict",
+    )
     return response
 
 
@@ -385,8 +446,13 @@ async def logout(request: Request, session: Session, form: dict[str, list[str]])
     _auth(request).revoke(session)
     audit(request, "console.logout")
     response = RedirectResponse("/console/login", status_code=303)
-    response.delete_cookie(COOKIE, path=COOKIE_PATH, secure=request.url.scheme == "https",
-                           httponly=True, samesite="strict")
+    response.delete_cookie(
+        COOKIE,
+        path=COOKIE_PATH,
+        secure=request.url.scheme == "https",
+        httponly=True,
+        samesite="strict",
+    )
     return response
 
 
@@ -396,23 +462,42 @@ async def overview(request: Request, session: Session, form: dict[str, list[str]
     data = await admin.overview(_dc(request))
     one = {row["label"]: row for row in data["traffic"].get(60, [])}
     five = {row["label"]: row for row in data["traffic"].get(300, [])} or one
-    traffic = [{"label": label, "one": one[label]["per_second"],
-                "five": five.get(label, one[label])["per_second"],
-                "total": one[label]["total"], "series": data["series"].get(label, [])}
-               for label in OVERVIEW_TRAFFIC if label in one]
+    traffic = [
+        {
+            "label": label,
+            "one": one[label]["per_second"],
+            "five": five.get(label, one[label])["per_second"],
+            "total": one[label]["total"],
+            "series": data["series"].get(label, []),
+        }
+        for label in OVERVIEW_TRAFFIC
+        if label in one
+    ]
     seconds = data["traffic_seconds"]
     # Until the server has run a full window, say how long the rates are over.
-    spans = {name: (label if seconds.get(window, 0) >= window - 5
-                    else f"Last {fmt_duration(seconds.get(window, 0))}")
-             for name, window, label in (("one", 60, "Last 1 min"), ("five", 300, "Last 5 min"))}
-    return render(request, "overview.html", session, ov=data, traffic=traffic, levels=LEVELS,
-                  spans=spans,
-                  refresh=REFRESH_SECONDS, done=request.query_params.get("done", ""))
+    spans = {
+        name: (
+            label
+            if seconds.get(window, 0) >= window - 5
+            else f"Last {fmt_duration(seconds.get(window, 0))}"
+        )
+        for name, window, label in (("one", 60, "Last 1 min"), ("five", 300, "Last 5 min"))
+    }
+    return render(
+        request,
+        "overview.html",
+        session,
+        ov=data,
+        traffic=traffic,
+        levels=LEVELS,
+        spans=spans,
+        refresh=REFRESH_SECONDS,
+        done=request.query_params.get("done", ""),
+    )
 
 
 @page
-async def degradation(request: Request, session: Session,
-                      form: dict[str, list[str]]) -> Response:
+async def degradation(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
     level = _first(form, "level", "auto")
     try:
         admin.set_degradation(_dc(request), level)
@@ -426,63 +511,91 @@ async def degradation(request: Request, session: Session,
 @page
 async def cluster(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
     instances = await admin.cluster_view(_dc(request))
-    return render(request, "cluster.html", session, instances=instances,
-                  refresh=REFRESH_SECONDS,
-                  beat=_dc(request).settings.heartbeat_interval)
+    return render(
+        request,
+        "cluster.html",
+        session,
+        instances=instances,
+        refresh=REFRESH_SECONDS,
+        beat=_dc(request).settings.heartbeat_interval,
+    )
 
 
 def _filters(request: Request, form: dict[str, list[str]] | None = None) -> dict[str, str]:
-    query: Any = request.query_params if form is None else {
-        name: _first(form, name) for name in ("kind", "target", "reason")}
+    query: Any = (
+        request.query_params
+        if form is None
+        else {name: _first(form, name) for name in ("kind", "target", "reason")}
+    )
     kind = query.get("kind", "")
-    return {"kind": kind if kind in DLQ_KINDS else "",
-            "target": query.get("target", "")[:500], "reason": query.get("reason", "")[:200]}
+    return {
+        "kind": kind if kind in DLQ_KINDS else "",
+        "target": query.get("target", "")[:500],
+        "reason": query.get("reason", "")[:200],
+    }
 
 
 @page
-async def dead_letters(request: Request, session: Session,
-                       form: dict[str, list[str]]) -> Response:
+async def dead_letters(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
     filters = _filters(request)
     offset_text = request.query_params.get("offset", "0")
     # isdigit() alone admits "²" and 5,000-digit text, which int() refuses.
-    offset = (min(int(offset_text), 10**9)
-              if offset_text.isascii() and offset_text.isdigit() and len(offset_text) < 19
-              else 0)
+    offset = (
+        min(int(offset_text), 10**9)
+        if offset_text.isascii() and offset_text.isdigit() and len(offset_text) < 19
+        else 0
+    )
     items, total = await admin.dead_letters(_dc(request).store, offset, PAGE_SIZE, **filters)
     query = {k: v for k, v in filters.items() if v}
     here = "/console/dead-letters" + (f"?{urlencode(query)}" if query else "")
-    return render(request, "dead_letters.html", session, items=items, total=total,
-                  filters=filters, kinds=DLQ_KINDS, offset=offset, page_size=PAGE_SIZE,
-                  query=query, here=here, done=request.query_params.get("done", ""),
-                  count=request.query_params.get("count", ""))
+    return render(
+        request,
+        "dead_letters.html",
+        session,
+        items=items,
+        total=total,
+        filters=filters,
+        kinds=DLQ_KINDS,
+        offset=offset,
+        page_size=PAGE_SIZE,
+        query=query,
+        here=here,
+        done=request.query_params.get("done", ""),
+        count=request.query_params.get("count", ""),
+    )
 
 
 def _shown_headers(headers: dict[str, str]) -> dict[str, str]:
     """Headers as an operator may see them: a mediatee's DID only as its hash."""
-    return {name: (mediatee_hash(value)[:16] + "… (hashed)" if name == MEDIATEE else value)
-            for name, value in headers.items()}
+    return {
+        name: (mediatee_hash(value)[:16] + "… (hashed)" if name == MEDIATEE else value)
+        for name, value in headers.items()
+    }
 
 
 @page
-async def dead_letter(request: Request, session: Session,
-                      form: dict[str, list[str]]) -> Response:
+async def dead_letter(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
     item = await admin.dead_letter(_dc(request).store, int(request.path_params["item_id"]))
     if item is None:
-        return _message(request, 404, "Not found",
-                        "No such dead letter (replayed or purged already?).", session)
-    return render(request, "dead_letter.html", session, item=item,
-                  headers=_shown_headers(item.headers))
+        return _message(
+            request, 404, "Not found", "No such dead letter (replayed or purged already?).", session
+        )
+    return render(
+        request, "dead_letter.html", session, item=item, headers=_shown_headers(item.headers)
+    )
 
 
 def _ids(form: dict[str, list[str]]) -> list[int]:
-    ids = sorted({int(v) for v in form.get("ids", [])
-                  if v.isascii() and v.isdigit() and len(v) < 19})
+    ids = sorted(
+        {int(v) for v in form.get("ids", []) if v.isascii() and v.isdigit() and len(v) < 19}
+    )
     return ids[:MAX_BULK]
 
 
 @page
-async def dead_letter_action(request: Request, session: Session,
-                             form: dict[str, list[str]]) -> Response:
+async def dead_letter_action(
+    request: Request, session: Session, form: dict[str, list[str]]
+) -> Response:
     """Replay or purge the chosen dead letters, after a confirmation page."""
     action = _first(form, "action")
     back = _local_path(_first(form, "back"), "/console/dead-letters")
@@ -491,21 +604,32 @@ async def dead_letter_action(request: Request, session: Session,
     if matching:
         # Every dead letter the filters match (newest first, up to MAX_BULK); the
         # confirmation then carries their ids, so exactly what was shown is acted on.
-        items, total = await admin.dead_letters(store, 0, MAX_BULK,
-                                                **_filters(request, form))
+        items, total = await admin.dead_letters(store, 0, MAX_BULK, **_filters(request, form))
         ids = [item.id for item in items]
     else:
         ids = _ids(form)
     if action not in ("replay", "purge") or not ids:
-        return _message(request, 400, "Nothing chosen",
-                        "Choose one or more dead letters, then Replay or Purge.", session)
+        return _message(
+            request,
+            400,
+            "Nothing chosen",
+            "Choose one or more dead letters, then Replay or Purge.",
+            session,
+        )
     if _first(form, "confirm") != "yes":
         if not matching:
-            items = [item for i in ids
-                     if (item := await admin.dead_letter(store, i)) is not None]
+            items = [item for i in ids if (item := await admin.dead_letter(store, i)) is not None]
             total = len(items)
-        return render(request, "confirm.html", session, action=action, items=items,
-                      shown=items[:PAGE_SIZE], total=total, back=back)
+        return render(
+            request,
+            "confirm.html",
+            session,
+            action=action,
+            items=items,
+            shown=items[:PAGE_SIZE],
+            total=total,
+            back=back,
+        )
     if action == "replay":
         count = await admin.replay(store, ids, None, _dc(request).outbox.wake)
     else:
@@ -513,7 +637,8 @@ async def dead_letter_action(request: Request, session: Session,
     audit(request, f"dlq.{action}", ids, count=count)
     separator = "&" if "?" in back else "?"
     return RedirectResponse(
-        back + separator + urlencode({"done": action, "count": count, "asked": len(ids)}), 303)
+        back + separator + urlencode({"done": action, "count": count, "asked": len(ids)}), 303
+    )
 
 
 @page

@@ -71,8 +71,9 @@ class Breaker:
 class Breakers:
     """Every target's breaker; least recently used targets are forgotten past MAX_TARGETS."""
 
-    def __init__(self, threshold: int, reset: float, trials: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, threshold: int, reset: float, trials: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.threshold = threshold
         self.reset = reset
         self.max_trials = trials
@@ -91,8 +92,11 @@ class Breakers:
                 with contextlib.suppress(KeyError):
                     metrics.BREAKER_STATE.remove(old.key)
         self._breakers.move_to_end(key)
-        if (len(breaker.urls) < MAX_URLS_PER_TARGET and url not in breaker.urls
-                and self._url_bytes + len(url) <= MAX_URL_BYTES):
+        if (
+            len(breaker.urls) < MAX_URLS_PER_TARGET
+            and url not in breaker.urls
+            and self._url_bytes + len(url) <= MAX_URL_BYTES
+        ):
             breaker.urls.add(url)
             self._url_bytes += len(url)
         self._refresh(breaker)
@@ -110,8 +114,11 @@ class Breakers:
         if state == "closed":
             breaker.failures = 0
         metrics.BREAKER_STATE.labels(breaker.key).set(STATE_VALUE[state])
-        event = {"open": "breaker.opened", "half-open": "breaker.half_open",
-                 "closed": "breaker.closed"}[state]
+        event = {
+            "open": "breaker.opened",
+            "half-open": "breaker.half_open",
+            "closed": "breaker.closed",
+        }[state]
         log.warning(event, target=breaker.key, before=before, failures=breaker.failures)
 
     def state(self, url: str) -> State:
@@ -176,6 +183,7 @@ class Breakers:
             if breaker.state != "closed" or breaker.failures:
                 result[breaker.key] = {"state": breaker.state, "failures": breaker.failures}
                 if breaker.state == "open":
-                    result[breaker.key]["retry_at"] = round(time.time() + max(
-                        0.0, breaker.opened_at + self.reset - self.clock()), 3)
+                    result[breaker.key]["retry_at"] = round(
+                        time.time() + max(0.0, breaker.opened_at + self.reset - self.clock()), 3
+                    )
         return result

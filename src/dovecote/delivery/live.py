@@ -200,11 +200,15 @@ class LiveRegistry:
             # correct for both engines, even when PostgreSQL commits seq numbers out of order.
             baseline = session.baseline.get(mediatee, set())
             queued = await self.store.fetch(
-                mediatee, len(pushed) + len(baseline) + min(room, self.batch),
-                after_seq=session.floor.get(mediatee, 0))
-            fresh = [m for m in queued
-                     if m.id not in pushed and m.id not in baseline
-                     and m.id not in session.acked][: min(room, self.batch)]
+                mediatee,
+                len(pushed) + len(baseline) + min(room, self.batch),
+                after_seq=session.floor.get(mediatee, 0),
+            )
+            fresh = [
+                m
+                for m in queued
+                if m.id not in pushed and m.id not in baseline and m.id not in session.acked
+            ][: min(room, self.batch)]
             if not fresh:
                 return
             packed = await self.build_delivery(mediatee, fresh)

@@ -49,11 +49,14 @@ def notification_items(settings: Settings, mediatee: str) -> list[NewOutboxItem]
     channels = [("webhook", settings.notify_webhook_url), ("push", settings.push_url)]
     return [
         NewOutboxItem(
-            kind=KIND, target=url, payload=b"",
+            kind=KIND,
+            target=url,
+            payload=b"",
             headers={"content-type": "application/json", CHANNEL: channel, MEDIATEE: mediatee},
             dedup_key=f"notify:{channel}:{digest}",
         )
-        for channel, url in channels if url
+        for channel, url in channels
+        if url
     ]
 
 

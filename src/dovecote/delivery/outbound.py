@@ -74,9 +74,15 @@ def is_forbidden(address: Address) -> bool:
     inner = _embedded(address)
     if inner is not None and is_forbidden(inner):
         return True
-    return (address.is_private or address.is_loopback or address.is_link_local
-            or address.is_unspecified or address.is_reserved or address.is_multicast
-            or (isinstance(address, ipaddress.IPv4Address) and address in SHARED))
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_unspecified
+        or address.is_reserved
+        or address.is_multicast
+        or (isinstance(address, ipaddress.IPv4Address) and address in SHARED)
+    )
 
 
 @dataclass
@@ -96,8 +102,9 @@ class Policy:
             server = (host.strip("[]"), int(port))
         return cls(
             allow_private=settings.outbound_allow_private,
-            allow_networks=[ipaddress.ip_network(n, strict=False)
-                            for n in settings.outbound_allow_networks],
+            allow_networks=[
+                ipaddress.ip_network(n, strict=False) for n in settings.outbound_allow_networks
+            ],
             lookup_timeout=settings.outbound_connect_timeout,
             dns_server=server,
         )
@@ -121,9 +128,11 @@ class Policy:
         refused = [str(a) for a in found if not self.allowed(a)]
         if refused:
             metrics.OUTBOUND_REFUSED.labels("private_address").inc()
-            raise OutboundRefused("private_address",
-                                  f"{host} is or resolves to a private or otherwise "
-                                  f"non-public address ({refused[0]})")
+            raise OutboundRefused(
+                "private_address",
+                f"{host} is or resolves to a private or otherwise "
+                f"non-public address ({refused[0]})",
+            )
         return [str(a) for a in found]
 
     async def _lookup(self, host: str) -> list[Address]:
@@ -133,7 +142,8 @@ class Policy:
                     texts = await self._query(host)
                 else:
                     infos = await asyncio.get_running_loop().getaddrinfo(
-                        host, None, type=socket.SOCK_STREAM)
+                        host, None, type=socket.SOCK_STREAM
+                    )
                     texts = [str(info[4][0]) for info in infos]
         except TimeoutError:
             metrics.OUTBOUND_REFUSED.labels("lookup_timeout").inc()
@@ -166,8 +176,9 @@ class Policy:
         failures = 0
         for rdtype in ("A", "AAAA"):
             try:
-                answer = await resolver.resolve(host, rdtype, lifetime=self.lookup_timeout,
-                                                search=False)
+                answer = await resolver.resolve(
+                    host, rdtype, lifetime=self.lookup_timeout, search=False
+                )
             except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
                 failures += 1
                 continue
@@ -189,7 +200,10 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         self._inner = httpcore.AnyIOBackend()
 
     async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 (httpcore API)
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore API)
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
@@ -198,15 +212,21 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         for address in addresses:
             try:
                 return await self._inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address,
-                    socket_options=socket_options)
+                    address,
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
         assert last is not None
         raise last
 
     async def connect_unix_socket(
-        self, path: str, timeout: float | None = None,  # noqa: ASYNC109 (httpcore API)
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore API)
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         raise OutboundRefused("unix_socket", "outbound calls use TCP only")
@@ -218,8 +238,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 class GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's transport with its connection pool on a `GuardedBackend`."""
 
-    def __init__(self, policy: Policy, limits: httpx.Limits,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, policy: Policy, limits: httpx.Limits, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         super().__init__(limits=limits, trust_env=False)
         ssl_context = ssl_context or httpx.create_ssl_context(trust_env=False)
         # httpx builds its pool without a way to pass a network backend; this is the same
@@ -233,15 +254,21 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         )
 
 
-def client(policy: Policy, timeout: httpx.Timeout,
-           limits: httpx.Limits | None = None,
-           headers: typing.Mapping[str, str] | None = None,
-           ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncClient:
+def client(
+    policy: Policy,
+    timeout: httpx.Timeout,
+    limits: httpx.Limits | None = None,
+    headers: typing.Mapping[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> httpx.AsyncClient:
     """An AsyncClient whose every connection is checked by `policy`; no redirects.
 
     `ssl_context` (default: the system's CAs, hostname checked) is for private CAs."""
     limits = limits or httpx.Limits()
     return httpx.AsyncClient(
-        transport=GuardedTransport(policy, limits, ssl_context), timeout=timeout,
-        follow_redirects=False, trust_env=False, headers=headers,
+        transport=GuardedTransport(policy, limits, ssl_context),
+        timeout=timeout,
+        follow_redirects=False,
+        trust_env=False,
+        headers=headers,
     )

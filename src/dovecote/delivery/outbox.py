@@ -74,8 +74,14 @@ class Pool:
 class OutboxWorkers:
     """The outbox pools of one instance."""
 
-    def __init__(self, store: Store, settings: Settings, instance_id: str,
-                 breakers: Breakers, sender: Sender | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        instance_id: str,
+        breakers: Breakers,
+        sender: Sender | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.breakers = breakers
@@ -127,8 +133,12 @@ class OutboxWorkers:
                 # The leases expire on their own after OUTBOX_LEASE seconds.
                 log.error("outbox.release_failed", owner=pool.owner, error=exc.detail)
         await self.sender.aclose()
-        log.info("outbox.stopped", finished=len(sends) - abandoned, abandoned=abandoned,
-                 released=released)
+        log.info(
+            "outbox.stopped",
+            finished=len(sends) - abandoned,
+            abandoned=abandoned,
+            released=released,
+        )
 
     # ------------------------------------------------------------------ dispatch
     async def _dispatch(self, pool: Pool) -> None:
@@ -144,7 +154,10 @@ class OutboxWorkers:
     async def _lease(self, pool: Pool, free: int) -> None:
         try:
             items = await self.store.outbox_lease(
-                [pool.kind], pool.owner, free, self.settings.outbox_lease,
+                [pool.kind],
+                pool.owner,
+                free,
+                self.settings.outbox_lease,
                 exclude_targets=self.breakers.blocked_targets(),
             )
         except DovecoteError as exc:
@@ -182,8 +195,9 @@ class OutboxWorkers:
                 # target is not to blame, and no attempt is counted.
                 self.breakers.release(item.target)
                 bound.warning("outbox.render_failed", error=exc.detail)
-                await self.store.outbox_retry(item.id, pool.owner, time.time() + POLL_SECONDS,
-                                              {}, count_attempt=False)
+                await self.store.outbox_retry(
+                    item.id, pool.owner, time.time() + POLL_SECONDS, {}, count_attempt=False
+                )
                 return
             except asyncio.CancelledError:
                 self.breakers.release(item.target)
@@ -210,14 +224,16 @@ class OutboxWorkers:
             await self._dead(pool, item, "retention_exceeded", None, bound)
             return
         retry_at = self.breakers.retry_at(item.target)
-        await self.store.outbox_retry(item.id, pool.owner, retry_at,
-                                      {"at": now, "event": "breaker_open"}, count_attempt=False)
+        await self.store.outbox_retry(
+            item.id, pool.owner, retry_at, {"at": now, "event": "breaker_open"}, count_attempt=False
+        )
         metrics.OUTBOX_DELIVERIES.labels(item.kind, "deferred").inc()
         bound.debug("outbox.deferred", until=round(retry_at - now, 3))
         self._wake_at(pool, retry_at)
 
-    async def _settle(self, pool: Pool, item: OutboxItem, result: Attempt, number: int,
-                      bound: Any) -> None:
+    async def _settle(
+        self, pool: Pool, item: OutboxItem, result: Attempt, number: int, bound: Any
+    ) -> None:
         now = time.time()
         record = result.record(now, number)
         metrics.OUTBOX_ATTEMPT_SECONDS.labels(item.kind).observe(result.duration)
@@ -228,8 +244,12 @@ class OutboxWorkers:
                 self.breakers.release(item.target)
             await self.store.outbox_done(item.id, pool.owner)
             metrics.OUTBOX_DELIVERIES.labels(item.kind, result.outcome).inc()
-            bound.info("outbox.delivered", status=result.status, outcome=result.outcome,
-                       duration=round(result.duration, 4))
+            bound.info(
+                "outbox.delivered",
+                status=result.status,
+                outcome=result.outcome,
+                duration=round(result.duration, 4),
+            )
             return
         if result.outcome == "permanent":
             if result.status is not None:
@@ -253,17 +273,22 @@ class OutboxWorkers:
         await self.store.outbox_retry(item.id, pool.owner, next_at, record)
         metrics.OUTBOX_RETRIES.labels(item.kind).inc()
         metrics.OUTBOX_DELIVERIES.labels(item.kind, "retry").inc()
-        bound.warning("outbox.retry", status=result.status, error=result.error,
-                      duration=round(result.duration, 4), delay=round(next_at - now, 3))
+        bound.warning(
+            "outbox.retry",
+            status=result.status,
+            error=result.error,
+            duration=round(result.duration, 4),
+            delay=round(next_at - now, 3),
+        )
         self._wake_at(pool, next_at)
 
-    async def _dead(self, pool: Pool, item: OutboxItem, reason: str,
-                    record: dict[str, Any] | None, bound: Any) -> None:
+    async def _dead(
+        self, pool: Pool, item: OutboxItem, reason: str, record: dict[str, Any] | None, bound: Any
+    ) -> None:
         await self.store.outbox_dead(item.id, pool.owner, reason, record)
         metrics.OUTBOX_DELIVERIES.labels(item.kind, "dead").inc()
         metrics.DEAD_LETTERED.labels(item.kind).inc()
-        bound.error("outbox.dead_lettered", reason=reason,
-                    error=(record or {}).get("error", ""))
+        bound.error("outbox.dead_lettered", reason=reason, error=(record or {}).get("error", ""))
 
     def _wake_at(self, pool: Pool, when: float) -> None:
         """Wake the dispatcher when a retry this instance scheduled falls due."""

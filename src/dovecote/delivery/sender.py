@@ -54,8 +54,13 @@ class Attempt:
 
     def record(self, at: float, number: int) -> dict[str, object]:
         """The attempt as kept in the item's history (never the payload)."""
-        return {"at": round(at, 3), "attempt": number, "status": self.status,
-                "error": self.error, "duration": round(self.duration, 4)}
+        return {
+            "at": round(at, 3),
+            "attempt": number,
+            "status": self.status,
+            "error": self.error,
+            "duration": round(self.duration, 4),
+        }
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -71,23 +76,29 @@ class Sender:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.total_timeout = min(settings.outbound_timeout,
-                                 LEASE_FRACTION * settings.outbox_lease)
+        self.total_timeout = min(settings.outbound_timeout, LEASE_FRACTION * settings.outbox_lease)
         if self.total_timeout < settings.outbound_timeout:
-            log.warning("sender.timeout_clamped", timeout=self.total_timeout,
-                        reason="OUTBOX_LEASE is shorter than OUTBOUND_TIMEOUT")
+            log.warning(
+                "sender.timeout_clamped",
+                timeout=self.total_timeout,
+                reason="OUTBOX_LEASE is shorter than OUTBOUND_TIMEOUT",
+            )
         self._clients: dict[str, httpx.AsyncClient] = {}
         self.policy = outbound.Policy.from_settings(settings)
 
     def _client(self, kind: str) -> httpx.AsyncClient:
         client = self._clients.get(kind)
         if client is None:
-            size = (self.settings.notify_workers if kind == notify.KIND
-                    else self.settings.forward_workers)
+            size = (
+                self.settings.notify_workers
+                if kind == notify.KIND
+                else self.settings.forward_workers
+            )
             client = self._clients[kind] = outbound.client(
                 self.policy,
-                timeout=httpx.Timeout(self.total_timeout,
-                                      connect=self.settings.outbound_connect_timeout),
+                timeout=httpx.Timeout(
+                    self.total_timeout, connect=self.settings.outbound_connect_timeout
+                ),
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
                 headers={"user-agent": USER_AGENT},
             )
@@ -114,27 +125,40 @@ class Sender:
         try:
             async with asyncio.timeout(self.total_timeout):
                 response = await self._client(item.kind).post(
-                    item.target, content=body, headers=headers)
+                    item.target, content=body, headers=headers
+                )
         except outbound.OutboundRefused as exc:
             if exc.reason == "private_address":
-                return Attempt("permanent", error=exc.detail, reason="target_forbidden",
-                               duration=time.perf_counter() - started)
-            return Attempt("transient", error=exc.detail,
-                           duration=time.perf_counter() - started)
+                return Attempt(
+                    "permanent",
+                    error=exc.detail,
+                    reason="target_forbidden",
+                    duration=time.perf_counter() - started,
+                )
+            return Attempt("transient", error=exc.detail, duration=time.perf_counter() - started)
         except (TimeoutError, httpx.TimeoutException) as exc:
-            return Attempt("transient", error=f"timeout ({type(exc).__name__})",
-                           duration=time.perf_counter() - started)
+            return Attempt(
+                "transient",
+                error=f"timeout ({type(exc).__name__})",
+                duration=time.perf_counter() - started,
+            )
         except httpx.HTTPError as exc:
-            return Attempt("transient", error=f"{type(exc).__name__}: {str(exc)[:160]}",
-                           duration=time.perf_counter() - started)
+            return Attempt(
+                "transient",
+                error=f"{type(exc).__name__}: {str(exc)[:160]}",
+                duration=time.perf_counter() - started,
+            )
         except (OSError, AttributeError) as exc:
             # Below httpx: a peer that resets the connection between connect and httpcore's
             # TLS-attribute read makes anyio raise AttributeError on its closed socket
             # (seen under the chaos suite's connection cuts). It is the target's failed
             # attempt, not a bug of ours.
             log.warning("outbound.stack_error", target=item.target, error=type(exc).__name__)
-            return Attempt("transient", error=f"{type(exc).__name__}: {str(exc)[:160]}",
-                           duration=time.perf_counter() - started)
+            return Attempt(
+                "transient",
+                error=f"{type(exc).__name__}: {str(exc)[:160]}",
+                duration=time.perf_counter() - started,
+            )
         duration = time.perf_counter() - started
         status = response.status_code
         if 200 <= status < 300:

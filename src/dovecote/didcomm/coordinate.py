@@ -37,11 +37,13 @@ async def mediate_request(ctx: Context, inbound: Inbound) -> list[dict[str, Any]
     sender = inbound.require_sender()
     version = _version(inbound)
     allowed = ctx.settings.mediation_policy == "open" or sender in {
-        base_did(entry) for entry in ctx.settings.mediation_allowlist}
+        base_did(entry) for entry in ctx.settings.mediation_allowlist
+    }
     routing_did = ctx.identity.did
     await ctx.store.set_mediation(sender, "granted" if allowed else "denied", routing_did)
-    log.info("mediation.decided", granted=allowed, version=version[-3:],
-             request_id=inbound.request_id)
+    log.info(
+        "mediation.decided", granted=allowed, version=version[-3:], request_id=inbound.request_id
+    )
     if not allowed:
         return [reply(inbound, f"{version}/mediate-deny", {})]
     grant: Any = routing_did if version == V2 else [routing_did]
@@ -68,8 +70,13 @@ async def recipient_update(ctx: Context, inbound: Inbound) -> list[dict[str, Any
         did = update.get("recipient_did") if isinstance(update, dict) else None
         action = update.get("action") if isinstance(update, dict) else None
         problem = did_problem(did, ctx.settings.max_did_bytes)
-        results.append({"recipient_did": did if problem is None else _echo(did),
-                        "action": _echo(action), "result": "client_error"})
+        results.append(
+            {
+                "recipient_did": did if problem is None else _echo(did),
+                "action": _echo(action),
+                "result": "client_error",
+            }
+        )
         if problem is None and isinstance(did, str) and action in ("add", "remove"):
             valid.append((index, did, str(action)))
         elif problem is not None:
@@ -81,8 +88,7 @@ async def recipient_update(ctx: Context, inbound: Inbound) -> list[dict[str, Any
         for (index, _, _), outcome in zip(valid, outcomes, strict=True):
             results[index]["result"] = outcome
     log.info("mediation.recipients_updated", count=len(results), request_id=inbound.request_id)
-    return [reply(inbound, f"{version}/{_names(version)['update_response']}",
-                  {"updated": results})]
+    return [reply(inbound, f"{version}/{_names(version)['update_response']}", {"updated": results})]
 
 
 async def recipient_query(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
@@ -91,17 +97,31 @@ async def recipient_query(ctx: Context, inbound: Inbound) -> list[dict[str, Any]
     paginate = field_of(inbound.body, "paginate", dict, required=False, default={})
     limit = paginate.get("limit", 100)
     offset = paginate.get("offset", 0)
-    if (not isinstance(limit, int) or not isinstance(offset, int) or isinstance(limit, bool)
-            or limit < 0 or offset < 0):
+    if (
+        not isinstance(limit, int)
+        or not isinstance(offset, int)
+        or isinstance(limit, bool)
+        or limit < 0
+        or offset < 0
+    ):
         raise MalformedMessage("paginate.limit and paginate.offset must be non-negative ints")
     limit = min(limit, MAX_PAGE)
     dids, total = await ctx.store.list_recipients(mediatee, offset, limit)
     names = _names(version)
-    return [reply(inbound, f"{version}/{names['list']}", {
-        names["key"]: [{"recipient_did": did} for did in dids],
-        "pagination": {"count": len(dids), "offset": offset,
-                       "remaining": max(0, total - offset - len(dids))},
-    })]
+    return [
+        reply(
+            inbound,
+            f"{version}/{names['list']}",
+            {
+                names["key"]: [{"recipient_did": did} for did in dids],
+                "pagination": {
+                    "count": len(dids),
+                    "offset": offset,
+                    "remaining": max(0, total - offset - len(dids)),
+                },
+            },
+        )
+    ]
 
 
 HANDLERS: dict[str, Handler] = {}

@@ -30,7 +30,8 @@ async def queries(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
         if kind == "protocol":
             disclosures += [
                 {"feature-type": "protocol", "id": piuri, "roles": roles}
-                for piuri, roles in supported_protocols().items() if _matches(match, piuri)
+                for piuri, roles in supported_protocols().items()
+                if _matches(match, piuri)
             ]
         elif kind == "goal-code" and _matches(match, GOAL_REQUEST_MEDIATE):
             disclosures.append({"feature-type": "goal-code", "id": GOAL_REQUEST_MEDIATE})

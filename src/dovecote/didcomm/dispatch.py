@@ -77,8 +77,7 @@ def _labels(msg_type: str) -> tuple[str, str]:
 
 def _not_returned(reason: str, detail: str, request_id: str, count: int = 1) -> None:
     metrics.REPLIES_NOT_RETURNED.labels(reason).inc(count)
-    log.info("reply.not_returned", reason=reason, detail=detail, count=count,
-             request_id=request_id)
+    log.info("reply.not_returned", reason=reason, detail=detail, count=count, request_id=request_id)
 
 
 def _retry_later(error: DovecoteError | None) -> bool:
@@ -104,9 +103,12 @@ class Mediator:
     def __init__(self, ctx: Context, packer: Packer) -> None:
         self.ctx = ctx
         self.packer = packer
-        self.did_limits = TokenBuckets(ctx.settings.rate_limit_did,
-                                       ctx.settings.rate_limit_did_burst,
-                                       ctx.settings.rate_limit_memory_bytes, name="did")
+        self.did_limits = TokenBuckets(
+            ctx.settings.rate_limit_did,
+            ctx.settings.rate_limit_did_burst,
+            ctx.settings.rate_limit_memory_bytes,
+            name="did",
+        )
         ctx.live.build_delivery = self.build_delivery
         self.v1: Any = None
         if ctx.identity.v1_key is not None:
@@ -130,15 +132,19 @@ class Mediator:
                 metrics.BAD_INPUT.labels(exc.code, transport).inc()
                 return Outcome(status=exc.status, error=exc)
             if envelope is not None:
-                outcome: Outcome = await self.v1.receive(envelope, transport, session,
-                                                         request_id)
+                outcome: Outcome = await self.v1.receive(envelope, transport, session, request_id)
                 return outcome
         try:
             unpacked = await self.packer.unpack(raw)
         except ClientError as exc:
             metrics.BAD_INPUT.labels(exc.code, transport).inc()
-            log.info("message.rejected", code=exc.code, detail=exc.detail,
-                     transport=transport, request_id=request_id)
+            log.info(
+                "message.rejected",
+                code=exc.code,
+                detail=exc.detail,
+                transport=transport,
+                request_id=request_id,
+            )
             return Outcome(status=exc.status, error=exc)
 
         inbound = Inbound(unpacked.message, unpacked.sender, transport, session, request_id)
@@ -161,8 +167,14 @@ class Mediator:
             metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
             if isinstance(exc, ClientError):
                 metrics.BAD_INPUT.labels(exc.code, transport).inc()
-            log.info("message.failed", type=msg_type[:200], code=exc.code, detail=exc.detail,
-                     transport=transport, request_id=request_id)
+            log.info(
+                "message.failed",
+                type=msg_type[:200],
+                code=exc.code,
+                detail=exc.detail,
+                transport=transport,
+                request_id=request_id,
+            )
             replies = []
             if inbound.sender:
                 # No `ack` header: the spec makes it optional and SICPA's didcomm-python
@@ -171,9 +183,7 @@ class Mediator:
                 report["to"] = [inbound.sender]
                 replies = [report]
         finally:
-            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(
-                time.perf_counter() - started
-            )
+            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(time.perf_counter() - started)
 
         packed: list[bytes] = []
         if inbound.sender and replies and (wants_return or transport == "ws"):
@@ -194,8 +204,9 @@ class Mediator:
             status = 200
         return Outcome(status=status, replies=packed, error=error, return_route=wants_return)
 
-    async def _reply_later(self, inbound: Inbound, sender: str,
-                           replies: list[dict[str, Any]]) -> None:
+    async def _reply_later(
+        self, inbound: Inbound, sender: str, replies: list[dict[str, Any]]
+    ) -> None:
         """Queue replies for a sender that asked for no return route, via its endpoint."""
         endpoints = self.ctx.endpoints
         if endpoints is None:
@@ -217,23 +228,36 @@ class Mediator:
                     return
                 continue
             key = hashlib.sha256(f"{sender} {inbound.id} {index}".encode()).hexdigest()
-            items.append(NewOutboxItem(
-                kind="forward", target=route.uri, payload=route.payload,
-                headers={"content-type": ENCRYPTED}, dedup_key=f"reply:{key}",
-            ))
+            items.append(
+                NewOutboxItem(
+                    kind="forward",
+                    target=route.uri,
+                    payload=route.payload,
+                    headers={"content-type": ENCRYPTED},
+                    dedup_key=f"reply:{key}",
+                )
+            )
         if items:
             quota = routing.relay_quota(self.ctx.settings, items[0].target)
             try:
                 added = await self.ctx.store.outbox_add(items, quota=quota)
             except DovecoteError as exc:  # quotas: 429/507, the client retries later
                 metrics.RELAY_REFUSED.labels("reply_quota").inc()
-                log.warning("reply.refused", code=exc.code, target=quota.origin,
-                            request_id=inbound.request_id)
+                log.warning(
+                    "reply.refused",
+                    code=exc.code,
+                    target=quota.origin,
+                    request_id=inbound.request_id,
+                )
                 raise
             if added:
                 self.ctx.wake_outbox("forward")
-            log.info("reply.queued", count=len(added), target=items[0].target,
-                     request_id=inbound.request_id)
+            log.info(
+                "reply.queued",
+                count=len(added),
+                target=items[0].target,
+                request_id=inbound.request_id,
+            )
 
     async def _send_live(self, sender: str, packed: bytes, request_id: str) -> bool:
         """Send a reply on the sender's live session on this instance; False if dropped."""
@@ -243,8 +267,7 @@ class Mediator:
             mediatee = await self.ctx.store.find_mediatee(sender)
             session = live.by_mediatee.get(mediatee) if mediatee else None
         if session is None or session.closed:
-            _not_returned("no-live-session", "no return route and no live session",
-                          request_id)
+            _not_returned("no-live-session", "no return route and no live session", request_id)
             return False
         try:
             await session.send(packed)

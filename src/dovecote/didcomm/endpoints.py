@@ -66,8 +66,13 @@ def canonical_uri(uri: str) -> str | None:
         return None
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").rstrip(".")
-    if scheme not in DEFAULT_PORTS or not host or parts.username is not None \
-            or parts.password is not None or any(c in host for c in "/\\%@ "):
+    if (
+        scheme not in DEFAULT_PORTS
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+        or any(c in host for c in "/\\%@ ")
+    ):
         return None
     if ":" in host:
         host = f"[{host}]"
@@ -102,8 +107,14 @@ def is_private_host(host: str) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return (address.is_private or address.is_loopback or address.is_link_local
-            or address.is_unspecified or address.is_reserved or address.is_multicast)
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_unspecified
+        or address.is_reserved
+        or address.is_multicast
+    )
 
 
 class Endpoints:
@@ -125,8 +136,9 @@ class Endpoints:
             if scheme not in ("http", "https"):
                 continue
             key_dids = {k.split("#", 1)[0] for k in keys}
-            local = (uri.rstrip("/") in self.own_uris
-                     or bool(key_dids & set(self.packer.identity.dids)))
+            local = uri.rstrip("/") in self.own_uris or bool(
+                key_dids & set(self.packer.identity.dids)
+            )
             if local:
                 return Route(uri, payload, True)
             canonical = canonical_uri(uri)
@@ -163,15 +175,28 @@ class Endpoints:
         for key in reversed(keys):
             try:
                 forward = {
-                    "id": str(uuid.uuid4()), "typ": "application/didcomm-plain+json",
-                    "type": FORWARD, "to": [key], "body": {"next": next_target},
-                    "attachments": [{"id": str(uuid.uuid4()), "media_type": ENCRYPTED,
-                                     "data": {"json": json.loads(payload)}}],
+                    "id": str(uuid.uuid4()),
+                    "typ": "application/didcomm-plain+json",
+                    "type": FORWARD,
+                    "to": [key],
+                    "body": {"next": next_target},
+                    "attachments": [
+                        {
+                            "id": str(uuid.uuid4()),
+                            "media_type": ENCRYPTED,
+                            "data": {"json": json.loads(payload)},
+                        }
+                    ],
                 }
-                payload = bytes(await packer.packaging.pack(
-                    packer.crypto, packer.resolver, packer.secrets,
-                    json.dumps(forward, separators=(",", ":")).encode(), [key],
-                ))
+                payload = bytes(
+                    await packer.packaging.pack(
+                        packer.crypto,
+                        packer.resolver,
+                        packer.secrets,
+                        json.dumps(forward, separators=(",", ":")).encode(),
+                        [key],
+                    )
+                )
             except Exception as exc:  # not JSON, unresolvable routing key, bad key type
                 raise UnknownRecipient(f"cannot wrap for routing key: {str(exc)[:120]}") from exc
             next_target = key

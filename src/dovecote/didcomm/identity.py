@@ -74,7 +74,8 @@ class Identity:
             if stamp != self._stamp:
                 self._stamp = stamp
                 self.rotated_invitation_id = str(
-                    json.loads(self.path.read_text()).get("invitation_id") or "")
+                    json.loads(self.path.read_text()).get("invitation_id") or ""
+                )
         except (OSError, ValueError) as exc:
             log.warning("identity.unreadable", error=str(exc)[:200])
 
@@ -141,10 +142,14 @@ def load(path: Path, endpoints: list[str] | None = None) -> Identity:
     if endpoints is not None or not dids:
         current = make_did(signing, agreement, endpoints or [])
         dids = [current, *[d for d in dids if d != current]]
-    v1_key = (Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored[V1_FIELD]))
-              if stored.get(V1_FIELD) else None)
-    return Identity(signing, agreement, dids, str(stored.get("invitation_id") or ""), path,
-                    v1_key=v1_key)
+    v1_key = (
+        Key.from_secret_bytes(KeyAlg.ED25519, base64.b64decode(stored[V1_FIELD]))
+        if stored.get(V1_FIELD)
+        else None
+    )
+    return Identity(
+        signing, agreement, dids, str(stored.get("invitation_id") or ""), path, v1_key=v1_key
+    )
 
 
 def rotate_invitation(path: Path) -> str:
@@ -218,8 +223,9 @@ def load_or_create(path: Path, endpoints: list[str]) -> Identity:
         except OSError as exc:
             # A read-only secret mount: the new DID is still valid (same keys).
             log.warning("identity.not_saved", error=str(exc))
-    ident = Identity(signing, agreement, dids, str(stored.get("invitation_id") or ""), path,
-                     v1_key=v1_key)
+    ident = Identity(
+        signing, agreement, dids, str(stored.get("invitation_id") or ""), path, v1_key=v1_key
+    )
     ident.refresh()
     return ident
 
@@ -246,4 +252,3 @@ def _create_exclusive(path: Path, text: str) -> bool:
         return False
     finally:
         os.unlink(tmp)
-

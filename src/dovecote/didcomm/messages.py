@@ -102,8 +102,7 @@ class Context:
 Handler = Callable[[Context, Inbound], Awaitable[list[dict[str, Any]]]]
 
 
-def did_field(ctx: Context, body: dict[str, Any], name: str,
-              required: bool = True) -> str | None:
+def did_field(ctx: Context, body: dict[str, Any], name: str, required: bool = True) -> str | None:
     """A body field holding a DID, checked (length, NUL, Unicode) before any lookup."""
     value = field_of(body, name, str, required=required)
     if value is None:
@@ -148,8 +147,13 @@ def problem_report(
     return message
 
 
-def field_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
-             required: bool = True, default: Any = None) -> Any:
+def field_of(
+    body: dict[str, Any],
+    name: str,
+    kind: type | tuple[type, ...],
+    required: bool = True,
+    default: Any = None,
+) -> Any:
     """A body field checked for presence and type (bool is not an int here)."""
     if name not in body or body[name] is None:
         if required:

@@ -65,7 +65,10 @@ class DIDCommCrypto(AskarCryptoService):
     """
 
     async def ecdh_1pu_encrypt(
-        self, to_keys: Sequence[AskarKey], sender_key: AskarSecretKey, message: bytes,
+        self,
+        to_keys: Sequence[AskarKey],
+        sender_key: AskarSecretKey,
+        message: bytes,
     ) -> bytes:
         builder = JweBuilder(with_flatten_recipients=False)
         alg_id, enc_id = "ECDH-1PU+A256KW", "A256CBC-HS512"
@@ -84,15 +87,19 @@ class DIDCommCrypto(AskarCryptoService):
             kids.append(recip_key.kid)
         apu = sender_key.kid
         apv = hashlib.sha256(".".join(sorted(kids)).encode()).digest()
-        builder.set_protected(OrderedDict([
-            ("typ", ENCRYPTED),
-            ("alg", alg_id),
-            ("enc", enc_id),
-            ("apu", b64url(apu)),
-            ("apv", b64url(apv)),
-            ("epk", json.loads(epk.get_jwk_public())),
-            ("skid", sender_key.kid),
-        ]))
+        builder.set_protected(
+            OrderedDict(
+                [
+                    ("typ", ENCRYPTED),
+                    ("alg", alg_id),
+                    ("enc", enc_id),
+                    ("apu", b64url(apu)),
+                    ("apv", b64url(apv)),
+                    ("epk", json.loads(epk.get_jwk_public())),
+                    ("skid", sender_key.kid),
+                ]
+            )
+        )
         try:
             payload = cek.aead_encrypt(message, aad=builder.protected_bytes)
         except AskarError as exc:
@@ -197,18 +204,24 @@ class Unpacked:
 
 def build_resolver(max_bytes: int = RESOLVER_CACHE_BYTES) -> DIDResolver:
     """did:peer:2 and did:peer:4 resolution, cached."""
-    return CachingResolver(PrefixResolver({"did:peer:2": Peer2(), "did:peer:4": Peer4()}),
-                           max_bytes)
+    return CachingResolver(
+        PrefixResolver({"did:peer:2": Peer2(), "did:peer:4": Peer4()}), max_bytes
+    )
 
 
 class Packer:
     """The mediator's DIDComm envelope operations."""
 
-    def __init__(self, identity: Identity, resolver: DIDResolver | None = None, *,
-                 max_did_bytes: int = DEFAULT_MAX_DID_BYTES,
-                 max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
-                 max_id_bytes: int = DEFAULT_MAX_ID_BYTES,
-                 cache_bytes: int = RESOLVER_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        resolver: DIDResolver | None = None,
+        *,
+        max_did_bytes: int = DEFAULT_MAX_DID_BYTES,
+        max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+        max_id_bytes: int = DEFAULT_MAX_ID_BYTES,
+        cache_bytes: int = RESOLVER_CACHE_BYTES,
+    ) -> None:
         self.identity = identity
         self.max_did_bytes = max_did_bytes
         self.max_json_depth = max_json_depth
@@ -218,8 +231,11 @@ class Packer:
         self.crypto = DIDCommCrypto()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
         self.dmp = DIDCommMessaging(
-            crypto=self.crypto, secrets=self.secrets, resolver=self.resolver,
-            packaging=self.packaging, routing=RoutingService(),
+            crypto=self.crypto,
+            secrets=self.secrets,
+            resolver=self.resolver,
+            packaging=self.packaging,
+            routing=RoutingService(),
         )
 
     async def start(self) -> None:
@@ -253,11 +269,13 @@ class Packer:
             raise LimitExceeded(f"plaintext nests deeper than {self.max_json_depth} levels")
         for header in ("id", "thid", "pthid"):
             value = message.get(header)
-            if value is not None and (not isinstance(value, str)
-                                      or len(value.encode("utf-8", "replace"))
-                                      > self.max_id_bytes):
-                raise LimitExceeded(f"{header} must be a string of at most "
-                                    f"{self.max_id_bytes} bytes")
+            if value is not None and (
+                not isinstance(value, str)
+                or len(value.encode("utf-8", "replace")) > self.max_id_bytes
+            ):
+                raise LimitExceeded(
+                    f"{header} must be a string of at most {self.max_id_bytes} bytes"
+                )
         sender = None
         if result.sender_kid:
             sender = result.sender_kid.split("#", 1)[0]
@@ -271,14 +289,21 @@ class Packer:
         recipients = envelope.get("recipients")
         if not isinstance(recipients, list) or not recipients or len(recipients) > MAX_RECIPIENTS:
             raise MalformedMessage(f"a JWE needs 1 to {MAX_RECIPIENTS} recipients")
-        kids = [r.get("header", {}).get("kid") if isinstance(r, dict)
-                and isinstance(r.get("header"), dict) else None for r in recipients]
+        kids = [
+            r.get("header", {}).get("kid")
+            if isinstance(r, dict) and isinstance(r.get("header"), dict)
+            else None
+            for r in recipients
+        ]
         protected = envelope.get("protected")
         if not isinstance(protected, str) or len(protected) > 4 * self.max_did_bytes + 4096:
             raise MalformedMessage("the JWE protected header is missing or too large")
         try:
-            header = parse_json(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)),
-                                self.max_json_depth, "protected header")
+            header = parse_json(
+                base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)),
+                self.max_json_depth,
+                "protected header",
+            )
         except (binascii.Error, ValueError) as exc:
             raise MalformedMessage("the JWE protected header is not base64url JSON") from exc
         if not isinstance(header, dict):
@@ -294,8 +319,12 @@ class Packer:
         """Authcrypt a reply to `to` directly (no forward wrapping: it goes back this hop)."""
         try:
             packed = await self.packaging.pack(
-                self.crypto, self.resolver, self.secrets,
-                json.dumps(message, separators=(",", ":")).encode(), [to], self.identity.did,
+                self.crypto,
+                self.resolver,
+                self.secrets,
+                json.dumps(message, separators=(",", ":")).encode(),
+                [to],
+                self.identity.did,
             )
         except Exception as exc:
             raise _unpack_error(exc) from exc

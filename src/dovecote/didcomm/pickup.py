@@ -35,8 +35,11 @@ FETCH_PAGE = 8
 def attachment_for(message: StoredMessage) -> dict[str, Any]:
     """A queued message as a delivery attachment whose id is the queue id."""
     parsed, value = stored_json(message.body)
-    data: dict[str, Any] = {"json": value} if parsed else {
-        "base64": base64.urlsafe_b64encode(message.body).decode().rstrip("=")}
+    data: dict[str, Any] = (
+        {"json": value}
+        if parsed
+        else {"base64": base64.urlsafe_b64encode(message.body).decode().rstrip("=")}
+    )
     return {"id": message.id, "media_type": "application/didcomm-encrypted+json", "data": data}
 
 
@@ -44,8 +47,9 @@ def delivery_body(recipient: str | None) -> dict[str, Any]:
     return {"recipient_did": recipient} if recipient else {}
 
 
-async def fetch_bounded(store: Store, mediatee: str, limit: int, recipient: str | None,
-                        max_bytes: int) -> list[StoredMessage]:
+async def fetch_bounded(
+    store: Store, mediatee: str, limit: int, recipient: str | None, max_bytes: int
+) -> list[StoredMessage]:
     """Up to `limit` queued messages, oldest first, stopping once they hold `max_bytes`
     (at least one). Read a page at a time: a reply (and the read behind it) must not grow
     with the mailbox, which may hold MAILBOX_MAX_BYTES (1,000 messages of 5 MiB made one
@@ -54,8 +58,9 @@ async def fetch_bounded(store: Store, mediatee: str, limit: int, recipient: str 
     messages: list[StoredMessage] = []
     size, after = 0, 0
     while len(messages) < limit and size < max_bytes:
-        page = await store.fetch(mediatee, min(limit - len(messages), FETCH_PAGE), recipient,
-                                 after_seq=after)
+        page = await store.fetch(
+            mediatee, min(limit - len(messages), FETCH_PAGE), recipient, after_seq=after
+        )
         for message in page:
             if messages and size + len(message.body) > max_bytes:
                 return messages
@@ -102,14 +107,21 @@ async def delivery_request(ctx: Context, inbound: Inbound) -> list[dict[str, Any
     if limit < 1:
         raise MalformedMessage("body.limit must be at least 1")
     recipient = _recipient(ctx, inbound)
-    messages = await fetch_bounded(ctx.store, mediatee, min(limit, MAX_DELIVERY), recipient,
-                                   ctx.settings.max_body_bytes)
+    messages = await fetch_bounded(
+        ctx.store, mediatee, min(limit, MAX_DELIVERY), recipient, ctx.settings.max_body_bytes
+    )
     if not messages:
         return [await status_message(ctx, inbound, mediatee, recipient)]
     metrics.DELIVERED.labels("pickup").inc(len(messages))
     log.info("pickup.delivered", count=len(messages), request_id=inbound.request_id)
-    return [reply(inbound, DELIVERY, delivery_body(recipient),
-                  attachments=[attachment_for(m) for m in messages])]
+    return [
+        reply(
+            inbound,
+            DELIVERY,
+            delivery_body(recipient),
+            attachments=[attachment_for(m) for m in messages],
+        )
+    ]
 
 
 async def acknowledge(ctx: Context, mediatee: str, ids: Sequence[str]) -> int:
@@ -128,11 +140,11 @@ async def messages_received(ctx: Context, inbound: Inbound) -> list[dict[str, An
     ids = field_of(inbound.body, "message_id_list", list)
     limit = ctx.settings.max_message_id_bytes
     if len(ids) > MAX_ACK_IDS or not all(
-            isinstance(i, str) and len(i) <= limit and "\x00" not in i for i in ids):
+        isinstance(i, str) and len(i) <= limit and "\x00" not in i for i in ids
+    ):
         raise MalformedMessage("message_id_list must be a list of message ids")
     removed = await acknowledge(ctx, mediatee, ids)
-    log.info("pickup.acknowledged", listed=len(ids), removed=removed,
-             request_id=inbound.request_id)
+    log.info("pickup.acknowledged", listed=len(ids), removed=removed, request_id=inbound.request_id)
     return [await status_message(ctx, inbound, mediatee, None)]
 
 

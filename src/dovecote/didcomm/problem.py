@@ -15,8 +15,7 @@ PIURI = "https://didcomm.org/report-problem/2.0"
 
 async def problem_received(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
     code = inbound.body.get("code")
-    log.warning("problem_report.received", code=str(code)[:100],
-                request_id=inbound.request_id)
+    log.warning("problem_report.received", code=str(code)[:100], request_id=inbound.request_id)
     return []
 
 

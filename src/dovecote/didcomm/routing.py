@@ -81,9 +81,13 @@ def is_jwe(payload: bytes) -> bool:
     if not isinstance(jwe, dict) or not all(isinstance(jwe.get(k), str) for k in JWE_MEMBERS):
         return False
     recipients = jwe.get("recipients")
-    if not isinstance(recipients, list) or not recipients or not all(
-            isinstance(r, dict) and isinstance(r.get("encrypted_key"), str)
-            for r in recipients):
+    if (
+        not isinstance(recipients, list)
+        or not recipients
+        or not all(
+            isinstance(r, dict) and isinstance(r.get("encrypted_key"), str) for r in recipients
+        )
+    ):
         return False
     try:
         text = jwe["protected"]
@@ -121,12 +125,16 @@ async def forward(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
     return []
 
 
-async def store_for(ctx: Context, mediatee: str, recipient: str, payload: bytes,
-                    expires_at: float, request_id: str) -> EnqueueResult:
+async def store_for(
+    ctx: Context, mediatee: str, recipient: str, payload: bytes, expires_at: float, request_id: str
+) -> EnqueueResult:
     """Queue one message in a mailbox (with its notifications when the owner is offline)."""
     offline = ctx.live.by_mediatee.get(mediatee) is None
-    notices = (notify.notification_items(ctx.settings, mediatee)
-               if offline and not ctx.degradation.shedding else [])
+    notices = (
+        notify.notification_items(ctx.settings, mediatee)
+        if offline and not ctx.degradation.shedding
+        else []
+    )
     result = await ctx.store.enqueue(
         NewMessage(
             mediatee=mediatee,
@@ -145,8 +153,13 @@ async def store_for(ctx: Context, mediatee: str, recipient: str, payload: bytes,
         metrics.ACCEPTED.inc()
         if notices:
             ctx.wake_outbox(notify.KIND)
-    log.info("forward.accepted", message_id=result.id, duplicate=result.duplicate,
-             size=len(payload), request_id=request_id)
+    log.info(
+        "forward.accepted",
+        message_id=result.id,
+        duplicate=result.duplicate,
+        size=len(payload),
+        request_id=request_id,
+    )
     return result
 
 
@@ -154,9 +167,14 @@ def relay_quota(settings: Settings, target: str) -> RelayQuota:
     """The relay quotas for POSTs to `target` (a canonical URL or its origin): relayed
     forwards and replies to a sender's endpoint alike (both go where a client says)."""
     parts = urlsplit(target)
-    return RelayQuota(f"{parts.scheme}://{parts.netloc}/", settings.relay_target_max_items,
-                      settings.relay_target_max_bytes, settings.relay_max_items,
-                      settings.relay_max_bytes, settings.relay_retry_after)
+    return RelayQuota(
+        f"{parts.scheme}://{parts.netloc}/",
+        settings.relay_target_max_items,
+        settings.relay_target_max_bytes,
+        settings.relay_max_items,
+        settings.relay_max_bytes,
+        settings.relay_retry_after,
+    )
 
 
 async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[bytes]) -> None:
@@ -172,13 +190,18 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
             origin = route.origin
             if route.local:
                 raise UnknownRecipient(
-                    "next is not registered here and its endpoint is this mediator")
-            items.append(NewOutboxItem(
-                kind="forward", target=route.uri, payload=route.payload,
-                headers={"content-type": ENCRYPTED},
-                dedup_key="forward:" + hashlib.sha256(payload).hexdigest(),
-                remember=True,
-            ))
+                    "next is not registered here and its endpoint is this mediator"
+                )
+            items.append(
+                NewOutboxItem(
+                    kind="forward",
+                    target=route.uri,
+                    payload=route.payload,
+                    headers={"content-type": ENCRYPTED},
+                    dedup_key="forward:" + hashlib.sha256(payload).hexdigest(),
+                    remember=True,
+                )
+            )
     except UnknownRecipient as exc:
         metrics.UNROUTABLE.inc()
         metrics.RELAY_REFUSED.labels("unroutable").inc()
@@ -194,14 +217,20 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
     except (RateLimited, OutboxFull) as exc:
         reason = "global_quota" if isinstance(exc, OutboxFull) else "target_quota"
         metrics.RELAY_REFUSED.labels(reason).inc()
-        log.warning("forward.relay_refused", reason=reason, target=origin,
-                    request_id=inbound.request_id)
+        log.warning(
+            "forward.relay_refused", reason=reason, target=origin, request_id=inbound.request_id
+        )
         raise
     if added:
         ctx.wake_outbox("forward")
     metrics.RELAYED.inc(len(added))
-    log.info("forward.relayed", items=len(items), new=len(added),
-             target=items[0].target if items else "", request_id=inbound.request_id)
+    log.info(
+        "forward.relayed",
+        items=len(items),
+        new=len(added),
+        target=items[0].target if items else "",
+        request_id=inbound.request_id,
+    )
 
 
 HANDLERS: dict[str, Handler] = {FORWARD: forward}

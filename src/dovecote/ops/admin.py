@@ -77,8 +77,9 @@ class AuthThrottle:
             self._seen.popitem(last=False)
 
 
-def _deny(status: int, code: str, detail: str,
-          headers: dict[str, str] | None = None) -> JSONResponse:
+def _deny(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -87,8 +88,9 @@ def _throttle(request: Request) -> AuthThrottle:
     throttle: AuthThrottle | None = getattr(state, "admin_throttle", None)
     if throttle is None:
         settings = state.dovecote.settings
-        throttle = state.admin_throttle = AuthThrottle(settings.admin_auth_failures,
-                                                       settings.admin_auth_window)
+        throttle = state.admin_throttle = AuthThrottle(
+            settings.admin_auth_failures, settings.admin_auth_window
+        )
     return throttle
 
 
@@ -111,11 +113,16 @@ def check_token(request: Request) -> JSONResponse | None:
     if wait > 0:
         metrics.ADMIN_AUTH_FAILURES.labels("throttled").inc()
         audit(request, "auth", request.url.path, "throttled")
-        return _deny(429, "admin_throttled", "too many failed admin authentications",
-                     {"Retry-After": str(max(1, math.ceil(wait)))})
+        return _deny(
+            429,
+            "admin_throttled",
+            "too many failed admin authentications",
+            {"Retry-After": str(max(1, math.ceil(wait)))},
+        )
     token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     if not settings.admin_token or not hmac.compare_digest(
-            token.encode(), settings.admin_token.encode()):
+        token.encode(), settings.admin_token.encode()
+    ):
         throttle.failed(client)
         metrics.ADMIN_AUTH_FAILURES.labels("unauthorized").inc()
         audit(request, "auth", request.url.path, "unauthorized")
@@ -159,8 +166,11 @@ def authorize_network(request: Request) -> JSONResponse | None:
     if settings.admin_client_ca and not client_cert(request):
         metrics.ADMIN_AUTH_FAILURES.labels("client_cert").inc()
         audit(request, "auth", request.url.path, "client_cert_required")
-        return _deny(403, "admin_client_cert_required",
-                     "a client certificate signed by ADMIN_CLIENT_CA is required")
+        return _deny(
+            403,
+            "admin_client_cert_required",
+            "a client certificate signed by ADMIN_CLIENT_CA is required",
+        )
     return None
 
 
@@ -193,12 +203,18 @@ def admin_route(handler: Handler) -> Handler:
         except BadRequest as exc:
             response = _deny(400, "bad_request", str(exc))
         except DovecoteError as exc:
-            headers = ({"Retry-After": str(max(1, round(exc.retry_after)))}
-                       if exc.retry_after else {})
+            headers = (
+                {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else {}
+            )
             response = JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
-        audit(request, action, _target(request),
-              "ok" if response.status_code < 400 else f"http_{response.status_code}",
-              method=request.method, status=response.status_code)
+        audit(
+            request,
+            action,
+            _target(request),
+            "ok" if response.status_code < 400 else f"http_{response.status_code}",
+            method=request.method,
+            status=response.status_code,
+        )
         return response
 
     return guarded
@@ -240,9 +256,14 @@ async def _body(request: Request) -> dict[str, Any]:
 def _ids(value: Any) -> list[int] | None:
     if value is None:
         return None
-    if (not isinstance(value, list) or not value or len(value) > MAX_IDS
-            or not all(isinstance(i, int) and not isinstance(i, bool)
-                       and 0 <= i <= MAX_ID for i in value)):
+    if (
+        not isinstance(value, list)
+        or not value
+        or len(value) > MAX_IDS
+        or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_ID for i in value
+        )
+    ):
         raise BadRequest(f"ids must be a list of 1 to {MAX_IDS} dead-letter ids")
     return value
 
@@ -252,8 +273,9 @@ def _text(value: Any, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > MAX_TEXT or not storable(value):
-        raise BadRequest(f"{name} must be text of at most {MAX_TEXT} characters, "
-                         "without NUL or invalid Unicode")
+        raise BadRequest(
+            f"{name} must be text of at most {MAX_TEXT} characters, without NUL or invalid Unicode"
+        )
     return value
 
 
@@ -267,9 +289,14 @@ def _query_int(request: Request, name: str, default: int, high: int) -> int:
 
 def dead_letter_json(item: DeadLetter, with_payload: bool = False) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "id": item.id, "kind": item.kind, "target": item.target, "reason": item.reason,
-        "attempts": item.attempts, "created_at": item.created_at,
-        "dead_at": item.dead_at, "size": len(item.payload),
+        "id": item.id,
+        "kind": item.kind,
+        "target": item.target,
+        "reason": item.reason,
+        "attempts": item.attempts,
+        "created_at": item.created_at,
+        "dead_at": item.dead_at,
+        "size": len(item.payload),
     }
     if with_payload:
         data["history"] = item.history
@@ -282,13 +309,20 @@ def dead_letter_json(item: DeadLetter, with_payload: bool = False) -> dict[str, 
 # The one source of what /admin, the console (dovecote/console) and the CLI show and do:
 # handlers only parse input and render these results.
 
+
 async def dead_letters(
-    store: Store, offset: int = 0, limit: int = 100, *, kind: str | None = None,
-    target: str | None = None, reason: str | None = None,
+    store: Store,
+    offset: int = 0,
+    limit: int = 100,
+    *,
+    kind: str | None = None,
+    target: str | None = None,
+    reason: str | None = None,
 ) -> tuple[list[DeadLetter], int]:
     """A page of dead letters (newest first) matching the filters, and how many match."""
-    return await store.dlq_list(offset, limit, kind=kind or None, target=target or None,
-                                reason=reason or None)
+    return await store.dlq_list(
+        offset, limit, kind=kind or None, target=target or None, reason=reason or None
+    )
 
 
 MAX_ID = 2**63 - 1  # ids are BIGINT / SQLite INTEGER: a larger one names nothing
@@ -304,8 +338,12 @@ async def dead_letter(store: Store, item_id: int) -> DeadLetter | None:
     return await store.dlq_get(item_id)
 
 
-async def replay(store: Store, ids: list[int] | None, target: str | None = None,
-                 wake: Callable[[str], None] | None = None) -> int:
+async def replay(
+    store: Store,
+    ids: list[int] | None,
+    target: str | None = None,
+    wake: Callable[[str], None] | None = None,
+) -> int:
     """Dead letters back to the outbox with fresh attempts (ids None: all, or all of target).
 
     Expired mailbox messages have no outbound target and stay where they are.
@@ -331,8 +369,11 @@ def set_degradation(app: Dovecote, level: str | None) -> None:
 
 
 def degradation_state(app: Dovecote) -> dict[str, Any]:
-    return {"level": app.degradation.level, "forced": app.degradation.forced is not None,
-            "reason": app.degradation.reason}
+    return {
+        "level": app.degradation.level,
+        "forced": app.degradation.forced is not None,
+        "reason": app.degradation.reason,
+    }
 
 
 async def cluster_view(app: Dovecote) -> list[dict[str, Any]]:
@@ -346,17 +387,23 @@ TARGET_VIEW_LIMIT = 100
 
 def mailbox_json(usage: MailboxUsage) -> dict[str, Any]:
     """A mailbox by its hashed id (as notifications name it), never its DID or content."""
-    return {"mailbox": mediatee_hash(usage.mediatee), "messages": usage.message_count,
-            "bytes": usage.total_bytes, "oldest_received_at": usage.oldest_received_at}
+    return {
+        "mailbox": mediatee_hash(usage.mediatee),
+        "messages": usage.message_count,
+        "bytes": usage.total_bytes,
+        "oldest_received_at": usage.oldest_received_at,
+    }
 
 
 async def mailboxes(app: Dovecote, limit: int = MAILBOX_VIEW_LIMIT) -> dict[str, Any]:
     """The largest and the oldest mailboxes, with the limits they are held to."""
     settings = app.settings
     return {
-        "limits": {"max_messages": settings.mailbox_max_messages,
-                   "max_bytes": settings.mailbox_max_bytes,
-                   "message_ttl_seconds": settings.message_ttl},
+        "limits": {
+            "max_messages": settings.mailbox_max_messages,
+            "max_bytes": settings.mailbox_max_bytes,
+            "message_ttl_seconds": settings.message_ttl,
+        },
         "largest": [mailbox_json(m) for m in await app.store.mailbox_usage("bytes", limit)],
         "oldest": [mailbox_json(m) for m in await app.store.mailbox_usage("oldest", limit)],
     }
@@ -371,22 +418,42 @@ async def targets(app: Dovecote, limit: int = TARGET_VIEW_LIMIT) -> list[dict[st
         key = target_key(item.target)
         seen.add(key)
         breaker = breakers.get(key, {"state": "closed", "failures": 0})
-        rows.append({"target": item.target, "breaker_key": key, "kind": item.kind,
-                     "pending": item.pending, "next_attempt_at": item.next_attempt_at,
-                     "max_attempts": item.max_attempts,
-                     "oldest_created_at": item.oldest_created_at, **_breaker(breaker)})
+        rows.append(
+            {
+                "target": item.target,
+                "breaker_key": key,
+                "kind": item.kind,
+                "pending": item.pending,
+                "next_attempt_at": item.next_attempt_at,
+                "max_attempts": item.max_attempts,
+                "oldest_created_at": item.oldest_created_at,
+                **_breaker(breaker),
+            }
+        )
     # Breakers that tripped with nothing left pending still matter to an operator.
     for key, breaker in breakers.items():
         if key not in seen:
-            rows.append({"target": "", "breaker_key": key, "kind": "", "pending": 0,
-                         "next_attempt_at": None, "max_attempts": 0,
-                         "oldest_created_at": None, **_breaker(breaker)})
+            rows.append(
+                {
+                    "target": "",
+                    "breaker_key": key,
+                    "kind": "",
+                    "pending": 0,
+                    "next_attempt_at": None,
+                    "max_attempts": 0,
+                    "oldest_created_at": None,
+                    **_breaker(breaker),
+                }
+            )
     return rows
 
 
 def _breaker(breaker: dict[str, Any]) -> dict[str, Any]:
-    return {"breaker": breaker.get("state", "closed"), "failures": breaker.get("failures", 0),
-            "breaker_retry_at": breaker.get("retry_at")}
+    return {
+        "breaker": breaker.get("state", "closed"),
+        "failures": breaker.get("failures", 0),
+        "breaker_retry_at": breaker.get("retry_at"),
+    }
 
 
 async def overview(app: Dovecote) -> dict[str, Any]:
@@ -401,8 +468,11 @@ async def overview(app: Dovecote) -> dict[str, Any]:
             traffic[int(window)] = status.traffic(first, latest)
             spans[int(window)] = round(latest.at - first.at, 1)
     steps = [status.traffic(a, b) for a, b in itertools.pairwise(history)]
-    series = ({row["label"]: [step[i]["per_second"] for step in steps]
-               for i, row in enumerate(steps[0])} if steps else {})
+    series = (
+        {row["label"]: [step[i]["per_second"] for step in steps] for i, row in enumerate(steps[0])}
+        if steps
+        else {}
+    )
     return {
         "health": health,
         "degradation": degradation_state(app),
@@ -428,8 +498,14 @@ async def backup_status(app: Dovecote) -> dict[str, Any] | None:
     except OSError:
         return {"dir": str(backup_dir), "file": None}
     problems = await _verify_cached(str(newest), stat.st_mtime_ns)
-    return {"dir": str(backup_dir), "file": newest.name, "created_at": found[newest],
-            "bytes": stat.st_size, "verified": not problems, "problems": problems}
+    return {
+        "dir": str(backup_dir),
+        "file": newest.name,
+        "created_at": found[newest],
+        "bytes": stat.st_size,
+        "verified": not problems,
+        "problems": problems,
+    }
 
 
 _verified: dict[tuple[str, int], list[str]] = {}
@@ -454,10 +530,14 @@ async def dlq_list(request: Request) -> Response:
     offset = _query_int(request, "offset", 0, 10**9)
     limit = _query_int(request, "limit", 100, 1000)
     query = request.query_params
-    items, total = await dead_letters(app.store, offset, limit,
-                                      kind=_text(query.get("kind"), "kind"),
-                                      target=_text(query.get("target"), "target"),
-                                      reason=_text(query.get("reason"), "reason"))
+    items, total = await dead_letters(
+        app.store,
+        offset,
+        limit,
+        kind=_text(query.get("kind"), "kind"),
+        target=_text(query.get("target"), "target"),
+        reason=_text(query.get("reason"), "reason"),
+    )
     return JSONResponse({"total": total, "items": [dead_letter_json(i) for i in items]})
 
 
@@ -491,8 +571,9 @@ async def dlq_purge(request: Request) -> Response:
     body = await _body(request)
     ids = _ids(body.get("ids"))
     older = body.get("older_than_seconds")
-    if older is not None and (not isinstance(older, int | float) or isinstance(older, bool)
-                              or not 0 <= older < 1e12):
+    if older is not None and (
+        not isinstance(older, int | float) or isinstance(older, bool) or not 0 <= older < 1e12
+    ):
         raise BadRequest("older_than_seconds must be a non-negative number of seconds")
     if ids is None and older is None:
         raise BadRequest("give ids or older_than_seconds")

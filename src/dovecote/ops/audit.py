@@ -61,9 +61,16 @@ def cli_caller() -> str:
         return f"cli:uid={os.getuid()}"
 
 
-def audit(conn: HTTPConnection | None, action: str, target: Any = "",
-          outcome: str = "ok", *, caller: str | None = None, level: str = "info",
-          **fields: Any) -> None:
+def audit(
+    conn: HTTPConnection | None,
+    action: str,
+    target: Any = "",
+    outcome: str = "ok",
+    *,
+    caller: str | None = None,
+    level: str = "info",
+    **fields: Any,
+) -> None:
     """Write one audit line. `caller` overrides `who(conn)` (e.g. `cli_caller()`); the CLI
     logs at `warning` so the line passes its quieter log level."""
     text = target if isinstance(target, str) else repr(target)

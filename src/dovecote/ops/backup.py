@@ -183,8 +183,12 @@ def _decrypt(stored: Path, out: Path, key: pyrage.x25519.Identity) -> None:
 
 
 def make_backup(
-    db: Path, identity: Path, file: Path, *,
-    step_pages: int = STEP_PAGES, step_sleep: float = STEP_SLEEP,
+    db: Path,
+    identity: Path,
+    file: Path,
+    *,
+    step_pages: int = STEP_PAGES,
+    step_sleep: float = STEP_SLEEP,
     key_file: Path | None = None,
 ) -> Manifest:
     """Copy a live SQLite store and the mediator keys to FILE; return the manifest.
@@ -212,18 +216,25 @@ def make_backup(
         write_private(partial_identity, identity.read_bytes())
         extra: dict[str, Any] = {}
         if key is not None:
-            extra = {"encryption": ENCRYPTION, "plain": {
-                "database": asdict(_digest(partial, out.database.name)),
-                "identity": asdict(_digest(partial_identity, out.identity.name))}}
+            extra = {
+                "encryption": ENCRYPTION,
+                "plain": {
+                    "database": asdict(_digest(partial, out.database.name)),
+                    "identity": asdict(_digest(partial_identity, out.identity.name)),
+                },
+            }
             for plain in (partial, partial_identity):
                 sealed = Path(f"{plain}.age")
                 _encrypt(plain, sealed, key)
                 os.replace(sealed, plain)
         manifest = Manifest(
-            created_at=snapshot_at, schema_version=schema, tables=counts,
+            created_at=snapshot_at,
+            schema_version=schema,
+            tables=counts,
             database=_digest(partial, out.database.name),
             identity=_digest(partial_identity, out.identity.name),
-            source=str(db.resolve()), seconds=round(time.monotonic() - started, 3),
+            source=str(db.resolve()),
+            seconds=round(time.monotonic() - started, 3),
             extra=extra,
         )
         _fsync(partial)
@@ -233,11 +244,22 @@ def make_backup(
         write_atomic(out.manifest, manifest.to_json().encode(), PRIVATE)
         _fsync_dir(out.database.parent)
     finally:
-        for leftover in (partial, partial_identity, Path(f"{partial}-journal"),
-                         Path(f"{partial}.age"), Path(f"{partial_identity}.age")):
+        for leftover in (
+            partial,
+            partial_identity,
+            Path(f"{partial}-journal"),
+            Path(f"{partial}.age"),
+            Path(f"{partial_identity}.age"),
+        ):
             leftover.unlink(missing_ok=True)
-    log.info("backup.made", file=str(out.database), seconds=manifest.seconds,
-             bytes=manifest.database.bytes, schema=schema, rows=sum(counts.values()))
+    log.info(
+        "backup.made",
+        file=str(out.database),
+        seconds=manifest.seconds,
+        bytes=manifest.database.bytes,
+        schema=schema,
+        rows=sum(counts.values()),
+    )
     return manifest
 
 
@@ -281,13 +303,15 @@ def _schema_version(conn: sqlite3.Connection) -> int:
 
 
 def _count_rows(conn: sqlite3.Connection) -> dict[str, int]:
-    names = [r[0] for r in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-        "ORDER BY name"
-    )]
+    names = [
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name"
+        )
+    ]
     return {
-        name: int(conn.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0])
-        for name in names
+        name: int(conn.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0]) for name in names
     }
 
 
@@ -309,8 +333,9 @@ def _check_database(path: Path, schema: int, counts: dict[str, int]) -> list[str
         found = _count_rows(conn)
         for table in sorted(set(found) | set(counts)):
             if found.get(table) != counts.get(table):
-                problems.append(f"table {table}: {found.get(table)} rows, "
-                                f"manifest says {counts.get(table)}")
+                problems.append(
+                    f"table {table}: {found.get(table)} rows, manifest says {counts.get(table)}"
+                )
     except sqlite3.Error as exc:
         problems.append(f"cannot read the database: {exc}")
     finally:
@@ -319,8 +344,7 @@ def _check_database(path: Path, schema: int, counts: dict[str, int]) -> list[str
 
 
 # ---------------------------------------------------------------------- verify
-def verify_backup(file: Path, key_file: Path | None = None
-                  ) -> tuple[Manifest | None, list[str]]:
+def verify_backup(file: Path, key_file: Path | None = None) -> tuple[Manifest | None, list[str]]:
     """Check a backup against its manifest: checksums, integrity_check, counts, keys.
 
     Returns the manifest (None when unreadable) and the problems found (empty: good).
@@ -331,8 +355,9 @@ def verify_backup(file: Path, key_file: Path | None = None
 
 
 @contextmanager
-def _verified(file: Path, key_file: Path | None) -> Iterator[
-        tuple[Manifest | None, list[str], Path | None, Path | None]]:
+def _verified(
+    file: Path, key_file: Path | None
+) -> Iterator[tuple[Manifest | None, list[str], Path | None, Path | None]]:
     """Verify FILE; yield (manifest, problems, plain database, plain identity).
 
     The plain files of an encrypted backup live in a private temporary directory next to
@@ -352,15 +377,19 @@ def _verified(file: Path, key_file: Path | None) -> Iterator[
         problems.append(f"unsupported backup format {manifest.format}/{manifest.engine}")
         yield manifest, problems, None, None
         return
-    for path, expected in ((files.database, manifest.database),
-                           (files.identity, manifest.identity)):
+    for path, expected in (
+        (files.database, manifest.database),
+        (files.identity, manifest.identity),
+    ):
         if not path.is_file():
             problems.append(f"missing {path}")
             continue
         actual = _digest(path, expected.name)
         if actual.bytes != expected.bytes or actual.sha256 != expected.sha256:
-            problems.append(f"{path.name}: checksum mismatch (sha256 {actual.sha256[:16]}..., "
-                            f"manifest {expected.sha256[:16]}...)")
+            problems.append(
+                f"{path.name}: checksum mismatch (sha256 {actual.sha256[:16]}..., "
+                f"manifest {expected.sha256[:16]}...)"
+            )
     encryption = manifest.extra.get("encryption")
     if problems:
         yield manifest, problems, None, None
@@ -374,16 +403,16 @@ def _verified(file: Path, key_file: Path | None) -> Iterator[
         yield manifest, [f"unsupported backup encryption {encryption!r}"], None, None
         return
     if key_file is None:
-        yield manifest, ["the backup is encrypted: give its key file (BACKUP_KEY_FILE)"], \
-            None, None
+        yield manifest, ["the backup is encrypted: give its key file (BACKUP_KEY_FILE)"], None, None
         return
     try:
         key = load_key(key_file)
     except BackupError as exc:
         yield manifest, [str(exc)], None, None
         return
-    with tempfile.TemporaryDirectory(dir=files.database.parent,
-                                     prefix=".verify-") as scratch:  # created 0700
+    with tempfile.TemporaryDirectory(
+        dir=files.database.parent, prefix=".verify-"
+    ) as scratch:  # created 0700
         plain_db = Path(scratch) / files.database.name
         plain_identity = Path(scratch) / files.identity.name
         try:
@@ -430,7 +459,12 @@ class Restored:
 
 
 def restore_backup(
-    file: Path, db: Path, identity: Path, data_dir: Path, *, force: bool = False,
+    file: Path,
+    db: Path,
+    identity: Path,
+    data_dir: Path,
+    *,
+    force: bool = False,
     key_file: Path | None = None,
 ) -> Restored:
     """Verify FILE (decrypting with `key_file`), then install it as `db` and `identity`.
@@ -443,16 +477,32 @@ def restore_backup(
         if manifest is None or problems or plain_db is None or plain_identity is None:
             raise BackupError("backup failed verification: " + "; ".join(problems))
         aside = _install(manifest, plain_db, plain_identity, db, identity, data_dir, force)
-    log.info("backup.restored", file=str(file), database=str(db), identity=str(identity),
-             moved_aside=str(aside) if aside else None, created_at=_utc(manifest.created_at))
+    log.info(
+        "backup.restored",
+        file=str(file),
+        database=str(db),
+        identity=str(identity),
+        moved_aside=str(aside) if aside else None,
+        created_at=_utc(manifest.created_at),
+    )
     return Restored(manifest, db, identity, aside)
 
 
-def _install(manifest: Manifest, plain_db: Path, plain_identity: Path, db: Path,
-             identity: Path, data_dir: Path, force: bool) -> Path | None:
+def _install(
+    manifest: Manifest,
+    plain_db: Path,
+    plain_identity: Path,
+    db: Path,
+    identity: Path,
+    data_dir: Path,
+    force: bool,
+) -> Path | None:
     files = BackupFiles(plain_db, plain_identity, Path())
-    expected_db = (manifest.extra.get("plain") or {}).get("database", {}).get(
-        "sha256", manifest.database.sha256)
+    expected_db = (
+        (manifest.extra.get("plain") or {})
+        .get("database", {})
+        .get("sha256", manifest.database.sha256)
+    )
     with DataDirLock(data_dir).acquire("restore"):
         existing = [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
         same_keys = identity.exists() and _same_keys(identity, files.identity)
@@ -460,7 +510,8 @@ def _install(manifest: Manifest, plain_db: Path, plain_identity: Path, db: Path,
             existing.append(identity)
         if existing and not force:
             raise BackupError(
-                "the target already has " + ", ".join(str(p) for p in existing)
+                "the target already has "
+                + ", ".join(str(p) for p in existing)
                 + "; stop using it or pass --force to move it aside"
             )
         aside = None
@@ -492,8 +543,7 @@ def _same_keys(a: Path, b: Path) -> bool:
         one, two = json.loads(a.read_text()), json.loads(b.read_text())
     except (OSError, ValueError):
         return False
-    return bool(one.get("ed25519")) and all(one.get(k) == two.get(k)
-                                            for k in ("ed25519", "x25519"))
+    return bool(one.get("ed25519")) and all(one.get(k) == two.get(k) for k in ("ed25519", "x25519"))
 
 
 # ---------------------------------------------------------------------- files

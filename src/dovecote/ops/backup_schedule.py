@@ -96,8 +96,16 @@ def name_for(ts: float) -> str:
 class BackupSchedule:
     """The background task that makes and prunes scheduled backups."""
 
-    def __init__(self, db: Path, identity: Path, backup_dir: Path, interval: float,
-                 keep_hourly: int, keep_daily: int, key_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        db: Path,
+        identity: Path,
+        backup_dir: Path,
+        interval: float,
+        keep_hourly: int,
+        keep_daily: int,
+        key_file: Path | None = None,
+    ) -> None:
         self.key_file = key_file
         self.db = db
         self.identity = identity
@@ -128,8 +136,9 @@ class BackupSchedule:
 
     async def backup_once(self) -> Manifest:
         target = self.backup_dir / name_for(time.time())
-        manifest = await asyncio.to_thread(make_backup, self.db, self.identity, target,
-                                           key_file=self.key_file)
+        manifest = await asyncio.to_thread(
+            make_backup, self.db, self.identity, target, key_file=self.key_file
+        )
         metrics.BACKUP_LAST_SUCCESS.set(manifest.created_at)
         metrics.BACKUP_SECONDS.set(manifest.seconds)
         await asyncio.to_thread(prune, self.backup_dir, self.keep_hourly, self.keep_daily)
@@ -141,11 +150,18 @@ def from_settings(settings: Any, engine: str) -> BackupSchedule | None:
     if settings.backup_dir is None:
         return None
     if engine != "sqlite":
-        log.warning("backup.not_scheduled", engine=engine,
-                    reason="BACKUP_DIR covers SQLite; use pg_basebackup + WAL archiving")
+        log.warning(
+            "backup.not_scheduled",
+            engine=engine,
+            reason="BACKUP_DIR covers SQLite; use pg_basebackup + WAL archiving",
+        )
         return None
     return BackupSchedule(
-        sqlite_path(settings.store_url), settings.identity_path, settings.backup_dir,
-        settings.backup_interval, settings.backup_keep_hourly, settings.backup_keep_daily,
+        sqlite_path(settings.store_url),
+        settings.identity_path,
+        settings.backup_dir,
+        settings.backup_interval,
+        settings.backup_keep_hourly,
+        settings.backup_keep_daily,
         settings.backup_key_file,
     )

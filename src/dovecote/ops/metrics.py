@@ -23,30 +23,66 @@ disable_created_metrics()
 
 # 1 ms .. 10 s, dense where our latency targets (200 ms, 500 ms) sit.
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 DELIVERY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    3600.0,
 )
 
 HTTP_REQUESTS = Counter(
-    "dovecote_http_requests", "HTTP requests by route template, method and status.",
+    "dovecote_http_requests",
+    "HTTP requests by route template, method and status.",
     ["route", "method", "status"],
 )
 HTTP_DURATION = Histogram(
-    "dovecote_http_request_duration_seconds", "HTTP request duration.",
-    ["route", "method"], buckets=LATENCY_BUCKETS,
+    "dovecote_http_request_duration_seconds",
+    "HTTP request duration.",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
 )
 DIDCOMM_MESSAGES = Counter(
-    "dovecote_didcomm_messages", "DIDComm messages handled by protocol, type and outcome.",
+    "dovecote_didcomm_messages",
+    "DIDComm messages handled by protocol, type and outcome.",
     ["protocol", "message_type", "outcome"],
 )
 DIDCOMM_DURATION = Histogram(
-    "dovecote_didcomm_handle_duration_seconds", "Time to handle one DIDComm message.",
-    ["protocol", "message_type"], buckets=LATENCY_BUCKETS,
+    "dovecote_didcomm_handle_duration_seconds",
+    "Time to handle one DIDComm message.",
+    ["protocol", "message_type"],
+    buckets=LATENCY_BUCKETS,
 )
 BAD_INPUT = Counter(
-    "dovecote_bad_input", "Rejected input by error code.", ["code", "transport"],
+    "dovecote_bad_input",
+    "Rejected input by error code.",
+    ["code", "transport"],
 )
 
 ACCEPTED = Counter("dovecote_messages_accepted", "Messages durably accepted into mailboxes.")
@@ -54,13 +90,16 @@ DUPLICATES = Counter(
     "dovecote_messages_duplicate", "Forwards recognised as retries and stored once."
 )
 DELIVERED = Counter(
-    "dovecote_messages_delivered", "Messages handed to a recipient (not yet acknowledged).",
+    "dovecote_messages_delivered",
+    "Messages handed to a recipient (not yet acknowledged).",
     ["mode"],
 )
 ACKNOWLEDGED = Counter("dovecote_messages_acknowledged", "Messages acknowledged and removed.")
 EXPIRED = Counter("dovecote_messages_expired", "Messages expired out of mailboxes.")
 DEAD_LETTERED = Counter(
-    "dovecote_messages_dead_lettered", "Items moved to the dead-letter queue.", ["kind"],
+    "dovecote_messages_dead_lettered",
+    "Items moved to the dead-letter queue.",
+    ["kind"],
 )
 UNROUTABLE = Counter("dovecote_forwards_unroutable", "Forwards for unknown recipients.")
 REPLIES_NOT_RETURNED = Counter(
@@ -69,37 +108,51 @@ REPLIES_NOT_RETURNED = Counter(
     ["reason"],
 )
 PUSH_LATENCY = Histogram(
-    "dovecote_message_push_latency_seconds", "Accepted to pushed on a live session.",
+    "dovecote_message_push_latency_seconds",
+    "Accepted to pushed on a live session.",
     buckets=DELIVERY_BUCKETS,
 )
 ACK_LATENCY = Histogram(
-    "dovecote_message_ack_latency_seconds", "Accepted to acknowledged.",
+    "dovecote_message_ack_latency_seconds",
+    "Accepted to acknowledged.",
     buckets=DELIVERY_BUCKETS,
 )
 
 QUEUE_DEPTH = Gauge(
-    "dovecote_queue_depth", "Messages queued in all mailboxes (sampled).",
+    "dovecote_queue_depth",
+    "Messages queued in all mailboxes (sampled).",
     multiprocess_mode="livemax",
 )
 QUEUE_OLDEST = Gauge(
-    "dovecote_queue_oldest_age_seconds", "Age of the oldest queued message (sampled).",
+    "dovecote_queue_oldest_age_seconds",
+    "Age of the oldest queued message (sampled).",
     multiprocess_mode="livemax",
 )
-OUTBOX_SIZE = Gauge("dovecote_outbox_size", "Outbox items waiting (sampled).", ["kind"],
+OUTBOX_SIZE = Gauge(
+    "dovecote_outbox_size",
+    "Outbox items waiting (sampled).",
+    ["kind"],
     multiprocess_mode="livemax",
 )
 OUTBOX_LAG = Gauge(
-    "dovecote_outbox_lag_seconds", "How long the most overdue outbox item has waited.", ["kind"],
+    "dovecote_outbox_lag_seconds",
+    "How long the most overdue outbox item has waited.",
+    ["kind"],
     multiprocess_mode="livemax",
 )
 DLQ_SIZE = Gauge("dovecote_dlq_size", "Dead letters held (sampled).", multiprocess_mode="livemax")
-OUTBOX_RETRIES = Counter("dovecote_outbox_retries", "Outbound attempts that will be retried.",
-                         ["kind"])
+OUTBOX_RETRIES = Counter(
+    "dovecote_outbox_retries", "Outbound attempts that will be retried.", ["kind"]
+)
 OUTBOX_DELIVERIES = Counter(
-    "dovecote_outbox_deliveries", "Outbound attempts by outcome.", ["kind", "outcome"],
+    "dovecote_outbox_deliveries",
+    "Outbound attempts by outcome.",
+    ["kind", "outcome"],
 )
 OUTBOX_ATTEMPT_SECONDS = Histogram(
-    "dovecote_outbox_attempt_duration_seconds", "Duration of one outbound send.", ["kind"],
+    "dovecote_outbox_attempt_duration_seconds",
+    "Duration of one outbound send.",
+    ["kind"],
     buckets=(*LATENCY_BUCKETS, 15.0, 30.0),
 )
 RELAY_REFUSED = Counter(
@@ -108,30 +161,44 @@ RELAY_REFUSED = Counter(
     ["reason"],
 )
 OUTBOUND_REFUSED = Counter(
-    "dovecote_outbound_refused", "Outbound calls not made: the target's lookup failed or "
-    "timed out, or it resolved to a non-public address.", ["reason"],
+    "dovecote_outbound_refused",
+    "Outbound calls not made: the target's lookup failed or "
+    "timed out, or it resolved to a non-public address.",
+    ["reason"],
 )
 ADMIN_AUTH_FAILURES = Counter(
-    "dovecote_admin_auth_failures", "Refused admin authentications by reason.", ["reason"],
+    "dovecote_admin_auth_failures",
+    "Refused admin authentications by reason.",
+    ["reason"],
 )
 METRICS_FORBIDDEN = Counter(
-    "dovecote_metrics_forbidden", "/metrics requests refused by METRICS_ALLOW.",
+    "dovecote_metrics_forbidden",
+    "/metrics requests refused by METRICS_ALLOW.",
 )
 RELAYED = Counter(
-    "dovecote_messages_relayed", "Forwards accepted for a remote next hop (via the outbox).",
+    "dovecote_messages_relayed",
+    "Forwards accepted for a remote next hop (via the outbox).",
 )
 BREAKER_STATE = Gauge(
-    "dovecote_circuit_breaker_state", "Circuit breaker per target: 0 closed, 1 half-open, 2 open.",
-    ["target"], multiprocess_mode="livemax")
-DEGRADATION_LEVEL = Gauge(
-    "dovecote_degradation_level", "0 normal, 1 shed, 2 read-only, 3 status-only.",
+    "dovecote_circuit_breaker_state",
+    "Circuit breaker per target: 0 closed, 1 half-open, 2 open.",
+    ["target"],
     multiprocess_mode="livemax",
 )
-READY = Gauge("dovecote_ready", "1 when this instance is ready for traffic.",
+DEGRADATION_LEVEL = Gauge(
+    "dovecote_degradation_level",
+    "0 normal, 1 shed, 2 read-only, 3 status-only.",
+    multiprocess_mode="livemax",
+)
+READY = Gauge(
+    "dovecote_ready",
+    "1 when this instance is ready for traffic.",
     multiprocess_mode="livemin",
 )
 CLUSTER_INSTANCES = Gauge(
-    "dovecote_cluster_instances", "Instances in the store's cluster view.", ["state"],
+    "dovecote_cluster_instances",
+    "Instances in the store's cluster view.",
+    ["state"],
     multiprocess_mode="livemax",
 )
 
@@ -141,16 +208,21 @@ LIMIT_REFUSALS = Counter(
     ["limit"],
 )
 CONNECTIONS_OPEN = Gauge(
-    "dovecote_connections_open", "Open client TCP connections (HTTP and WebSocket).",
+    "dovecote_connections_open",
+    "Open client TCP connections (HTTP and WebSocket).",
     multiprocess_mode="livesum",
 )
 RATE_LIMIT_BYTES = Gauge(
-    "dovecote_rate_limit_memory_bytes", "Estimated bytes held by rate-limit buckets.",
-    ["limiter"], multiprocess_mode="livesum",
+    "dovecote_rate_limit_memory_bytes",
+    "Estimated bytes held by rate-limit buckets.",
+    ["limiter"],
+    multiprocess_mode="livesum",
 )
 
 WS_CONNECTIONS = Gauge(
-    "dovecote_websocket_connections", "Open WebSockets.", ["endpoint"],
+    "dovecote_websocket_connections",
+    "Open WebSockets.",
+    ["endpoint"],
     multiprocess_mode="livesum",
 )
 WS_CONNECTS = Counter("dovecote_websocket_connects", "WebSocket connects.", ["endpoint"])
@@ -159,24 +231,30 @@ WS_DISCONNECTS = Counter(
 )
 
 ROOMS_POSTS = Counter(
-    "dovecote_rooms_posts", "Room message posts by outcome (created, duplicate: an "
-    "idempotent retry answered with the original).", ["outcome"],
+    "dovecote_rooms_posts",
+    "Room message posts by outcome (created, duplicate: an "
+    "idempotent retry answered with the original).",
+    ["outcome"],
 )
 ROOMS_FANOUT = Counter(
-    "dovecote_rooms_fanout_deliveries", "Room events queued to live subscribers (one per "
-    "event and subscribed connection).",
+    "dovecote_rooms_fanout_deliveries",
+    "Room events queued to live subscribers (one per event and subscribed connection).",
 )
 ROOMS_SUBSCRIPTIONS = Gauge(
-    "dovecote_rooms_subscriptions", "Live room subscriptions (connection and room pairs).",
+    "dovecote_rooms_subscriptions",
+    "Live room subscriptions (connection and room pairs).",
     multiprocess_mode="livesum",
 )
 
 STORE_TX_SECONDS = Histogram(
-    "dovecote_store_transaction_duration_seconds", "Store transaction time.",
-    ["engine", "op"], buckets=LATENCY_BUCKETS,
+    "dovecote_store_transaction_duration_seconds",
+    "Store transaction time.",
+    ["engine", "op"],
+    buckets=LATENCY_BUCKETS,
 )
 GROUP_COMMIT_SIZE = Histogram(
-    "dovecote_store_group_commit_size", "Writes per SQLite group commit.",
+    "dovecote_store_group_commit_size",
+    "Writes per SQLite group commit.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 STORE_ERRORS = Counter("dovecote_store_errors", "Store operations that failed.", ["engine"])

@@ -41,13 +41,19 @@ class ProbeResult:
         timings = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.steps.items())
         if self.ok:
             return f"OK   {self.seconds * 1000:.0f} ms  ({timings})"
-        return (f"FAIL at {self.failed_step} after {self.seconds * 1000:.0f} ms: "
-                f"{self.error}  ({timings})")
+        return (
+            f"FAIL at {self.failed_step} after {self.seconds * 1000:.0f} ms: "
+            f"{self.error}  ({timings})"
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "seconds": round(self.seconds, 4),
-                "steps": {k: round(v, 4) for k, v in self.steps.items()},
-                "failed_step": self.failed_step or None, "error": self.error or None}
+        return {
+            "ok": self.ok,
+            "seconds": round(self.seconds, 4),
+            "steps": {k: round(v, 4) for k, v in self.steps.items()},
+            "failed_step": self.failed_step or None,
+            "error": self.error or None,
+        }
 
 
 def invitation_url(url: str) -> str:
@@ -68,10 +74,18 @@ async def run_once(url: str, limit: float = 30.0, data_dir: Path | None = None) 
     step = "mediate"
     with contextlib.ExitStack() as stack:
         # (Cleanup errors ignored: a run interrupted by Ctrl-C may still be closing files.)
-        directory = data_dir or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="dovecote-probe-", ignore_cleanup_errors=True)))
-        config = ClientConfig(data_dir=directory, flush_interval=0.01, backoff_base=0.2,
-                              backoff_max=2.0, request_timeout=min(10.0, limit))
+        directory = data_dir or Path(
+            stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="dovecote-probe-", ignore_cleanup_errors=True)
+            )
+        )
+        config = ClientConfig(
+            data_dir=directory,
+            flush_interval=0.01,
+            backoff_base=0.2,
+            backoff_max=2.0,
+            request_timeout=min(10.0, limit),
+        )
         client = Client(config, create=True)
         try:
             async with asyncio.timeout(limit):
@@ -99,18 +113,19 @@ async def run_once(url: str, limit: float = 30.0, data_dir: Path | None = None) 
                 step, mark = "ack", time.perf_counter()
                 status = await client.status()
                 if status.message_count:
-                    raise RuntimeError(f"{status.message_count} message(s) still queued "
-                                       "after the acknowledgement")
+                    raise RuntimeError(
+                        f"{status.message_count} message(s) still queued after the acknowledgement"
+                    )
                 steps["ack"] = time.perf_counter() - mark
                 with contextlib.suppress(Exception):  # hygiene only
                     await client.remove_recipients([routed])
         except TimeoutError:
-            return ProbeResult(False, time.perf_counter() - started, steps, step,
-                               f"no result within {limit:g} s")
+            return ProbeResult(
+                False, time.perf_counter() - started, steps, step, f"no result within {limit:g} s"
+            )
         except Exception as exc:  # any failure is the probe's finding, reported plainly
             detail = getattr(exc, "detail", "") or str(exc) or type(exc).__name__
-            return ProbeResult(False, time.perf_counter() - started, steps, step,
-                               detail[:300])
+            return ProbeResult(False, time.perf_counter() - started, steps, step, detail[:300])
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
@@ -132,20 +147,37 @@ class ProbeMetrics:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         self.target = target
-        self.success = Gauge("dovecote_probe_success", "1 if the last probe run succeeded.",
-                             ["target"], registry=self.registry)
+        self.success = Gauge(
+            "dovecote_probe_success",
+            "1 if the last probe run succeeded.",
+            ["target"],
+            registry=self.registry,
+        )
         self.duration = Histogram(
-            "dovecote_probe_duration_seconds", "Duration of successful probe runs.",
-            ["target"], registry=self.registry,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
-        self.step_seconds = Gauge("dovecote_probe_step_seconds",
-                                  "Duration of each step of the last run.", ["target", "step"],
-                                  registry=self.registry)
-        self.runs = Counter("dovecote_probe_runs", "Probe runs by result.",
-                            ["target", "result"], registry=self.registry)
-        self.last_success = Gauge("dovecote_probe_last_success_timestamp_seconds",
-                                  "When a probe run last succeeded (UNIX time).", ["target"],
-                                  registry=self.registry)
+            "dovecote_probe_duration_seconds",
+            "Duration of successful probe runs.",
+            ["target"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
+        self.step_seconds = Gauge(
+            "dovecote_probe_step_seconds",
+            "Duration of each step of the last run.",
+            ["target", "step"],
+            registry=self.registry,
+        )
+        self.runs = Counter(
+            "dovecote_probe_runs",
+            "Probe runs by result.",
+            ["target", "result"],
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "dovecote_probe_last_success_timestamp_seconds",
+            "When a probe run last succeeded (UNIX time).",
+            ["target"],
+            registry=self.registry,
+        )
 
     def record(self, result: ProbeResult) -> None:
         t = self.target

@@ -55,9 +55,7 @@ DegradationLevel = Literal["auto", "normal", "shed", "read-only", "status-only"]
 class Settings(BaseSettings):
     """Dovecote configuration."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="DOVECOTE_", extra="ignore", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="DOVECOTE_", extra="ignore", validate_default=True)
 
     config: Path | None = Field(None, description="Optional TOML settings file.")
 
@@ -80,9 +78,7 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(
         None, description="TLS certificate chain file (PEM) to serve HTTPS; re-read on SIGHUP."
     )
-    tls_key: Path | None = Field(
-        None, description="TLS private key file (PEM); re-read on SIGHUP."
-    )
+    tls_key: Path | None = Field(None, description="TLS private key file (PEM); re-read on SIGHUP.")
 
     # --- storage
     data_dir: Path = Field(Path("data"), description="Directory for the SQLite store and keys.")
@@ -117,20 +113,25 @@ class Settings(BaseSettings):
         DEFAULT_BACKUP_INTERVAL, ge=1, description="Seconds between scheduled backups."
     )
     backup_keep_hourly: int = Field(
-        DEFAULT_BACKUP_KEEP_HOURLY, ge=0,
+        DEFAULT_BACKUP_KEEP_HOURLY,
+        ge=0,
         description="Keep the newest backup of each of this many most recent hours.",
     )
     backup_keep_daily: int = Field(
-        DEFAULT_BACKUP_KEEP_DAILY, ge=0,
+        DEFAULT_BACKUP_KEEP_DAILY,
+        ge=0,
         description="Keep the newest backup of each of this many most recent days (UTC).",
     )
     backup_key_file: Path | None = Field(
-        None, description="age X25519 identity file (mode 0600; make one with `dovecote "
+        None,
+        description="age X25519 identity file (mode 0600; make one with `dovecote "
         "backup-keygen FILE`): backups are encrypted to it and decrypted with it on verify "
         "and restore (empty: backups are plain, still 0600).",
     )
     store_max_pages: int = Field(
-        0, ge=0, description="SQLite max_page_count: a hard size cap for the database "
+        0,
+        ge=0,
+        description="SQLite max_page_count: a hard size cap for the database "
         "(0: no cap beyond the disk). Past it accepts get 507.",
     )
 
@@ -152,11 +153,13 @@ class Settings(BaseSettings):
     )
     sweep_interval: float = Field(60.0, gt=0, description="Seconds between expiry sweeps.")
     mediation_policy: MediationPolicy = Field(
-        "open", description="Grant mediation to anyone (open) or only to MEDIATION_ALLOWLIST "
+        "open",
+        description="Grant mediation to anyone (open) or only to MEDIATION_ALLOWLIST "
         "(recipient registration is first come, first served: see docs/security.md).",
     )
     mediation_allowlist: CsvList = Field(
-        default_factory=list, description="DIDs allowed mediation when the policy is "
+        default_factory=list,
+        description="DIDs allowed mediation when the policy is "
         "allowlist (a DID URL stands for its DID).",
     )
     live_push_batch: int = Field(
@@ -170,7 +173,9 @@ class Settings(BaseSettings):
     retry_cap: float = Field(600.0, gt=0, description="Longest retry delay (seconds).")
     retry_retention: float = Field(DAY, gt=0, description="Seconds before an item dead-letters.")
     retry_max_attempts: int = Field(
-        500, ge=1, description="Attempts before an item dead-letters (with the default "
+        500,
+        ge=1,
+        description="Attempts before an item dead-letters (with the default "
         "schedule about 300 fit in RETRY_RETENTION, so retention decides).",
     )
     breaker_threshold: int = Field(5, ge=1, description="Failures that open a circuit breaker.")
@@ -182,7 +187,8 @@ class Settings(BaseSettings):
     notify_workers: int = Field(4, ge=1, description="Concurrent outbound notifications.")
     outbox_lease: float = Field(60.0, gt=0, description="Seconds an outbox lease lasts.")
     outbound_allow_private: bool = Field(
-        False, description="Allow forwards and replies to DID endpoints on loopback, "
+        False,
+        description="Allow forwards and replies to DID endpoints on loopback, "
         "private or link-local addresses (off: such targets are refused or dead-lettered).",
     )
     outbound_allow_networks: CsvList = Field(
@@ -191,27 +197,38 @@ class Settings(BaseSettings):
         "(e.g. an internal JWKS issuer or webhook), without allowing every private address.",
     )
     outbound_dns_server: str = Field(
-        "", description="host:port of the DNS server for outbound lookups (empty: the system "
+        "",
+        description="host:port of the DNS server for outbound lookups (empty: the system "
         "resolver). Lookups that fail or time out are refused either way.",
     )
     relay_target_max_items: int = Field(
-        500, ge=1, description="Most pending relayed forwards for one target origin "
+        500,
+        ge=1,
+        description="Most pending relayed forwards for one target origin "
         "(scheme://host:port) before new ones get 429 with Retry-After.",
     )
     relay_target_max_bytes: int = Field(
-        32 * MiB, ge=1, description="Most pending relayed bytes for one target origin "
+        32 * MiB,
+        ge=1,
+        description="Most pending relayed bytes for one target origin "
         "before new forwards get 429 with Retry-After.",
     )
     relay_max_items: int = Field(
-        5000, ge=1, description="Most pending relayed forwards in total before new ones get "
+        5000,
+        ge=1,
+        description="Most pending relayed forwards in total before new ones get "
         "507 with Retry-After.",
     )
     relay_max_bytes: int = Field(
-        256 * MiB, ge=1, description="Most pending relayed bytes in total before new "
+        256 * MiB,
+        ge=1,
+        description="Most pending relayed bytes in total before new "
         "forwards get 507 with Retry-After.",
     )
     relay_retry_after: float = Field(
-        30.0, gt=0, description="Retry-After (seconds) on forwards refused by a relay quota.",
+        30.0,
+        gt=0,
+        description="Retry-After (seconds) on forwards refused by a relay quota.",
     )
     notify_webhook_url: str = Field(
         "", description="Webhook called when a message waits for an offline mediatee."
@@ -229,77 +246,111 @@ class Settings(BaseSettings):
     rate_limit_did: float = Field(200.0, gt=0, description="Messages/s allowed per sender DID.")
     rate_limit_did_burst: int = Field(400, ge=1, description="Burst size per sender DID.")
     max_did_bytes: int = Field(
-        DEFAULT_MAX_DID_BYTES, ge=256, description="Longest DID or DID URL accepted from a "
+        DEFAULT_MAX_DID_BYTES,
+        ge=256,
+        description="Longest DID or DID URL accepted from a "
         "client (UTF-8 bytes), checked before it is resolved, stored or cached (400).",
     )
     max_message_id_bytes: int = Field(
-        DEFAULT_MAX_MESSAGE_ID_BYTES, ge=64, description="Longest message id (id, thid, "
-        "pthid, acknowledged ids) accepted (400).",
+        DEFAULT_MAX_MESSAGE_ID_BYTES,
+        ge=64,
+        description="Longest message id (id, thid, pthid, acknowledged ids) accepted (400).",
     )
     max_json_depth: int = Field(
-        DEFAULT_MAX_JSON_DEPTH, ge=8, le=512, description="Deepest JSON nesting accepted in "
+        DEFAULT_MAX_JSON_DEPTH,
+        ge=8,
+        le=512,
+        description="Deepest JSON nesting accepted in "
         "envelopes and plaintexts, checked before parsing (400).",
     )
     resolver_cache_bytes: int = Field(
-        DEFAULT_RESOLVER_CACHE_BYTES, ge=0, description="Memory for resolved and parsed DID "
+        DEFAULT_RESOLVER_CACHE_BYTES,
+        ge=0,
+        description="Memory for resolved and parsed DID "
         "documents (estimated bytes, least recently used forgotten first).",
     )
     rate_limit_memory_bytes: int = Field(
-        16 * MiB, ge=64 * 1024, description="Bytes of memory each rate limiter (per IP, "
+        16 * MiB,
+        ge=64 * 1024,
+        description="Bytes of memory each rate limiter (per IP, "
         "per DID) may keep for its buckets; least recently used buckets are forgotten.",
     )
     max_connections_per_ip: int = Field(
-        256, ge=1, description="Open TCP connections (HTTP and WebSocket) per client "
+        256,
+        ge=1,
+        description="Open TCP connections (HTTP and WebSocket) per client "
         "address; past it a new connection gets 429 and is closed (proxies in "
         "TRUSTED_PROXIES are not counted: their clients are, by MAX_WEBSOCKETS_PER_IP and "
         "the rate limit).",
     )
     max_websockets_per_ip: int = Field(
-        128, ge=1, description="Open WebSockets (/ws and /v1/rooms/ws) per client address: "
+        128,
+        ge=1,
+        description="Open WebSockets (/ws and /v1/rooms/ws) per client address: "
         "past it a handshake gets 429 (behind a trusted proxy: close 1013).",
     )
     ws_handshake_rate_ip: float = Field(
-        20.0, gt=0, description="WebSocket handshakes/s per client address (beyond "
+        20.0,
+        gt=0,
+        description="WebSocket handshakes/s per client address (beyond "
         "RATE_LIMIT_IP, which they also count against); past it 429 before the handshake.",
     )
     ws_handshake_burst_ip: int = Field(
-        100, ge=1, description="Burst size of WS_HANDSHAKE_RATE_IP.",
+        100,
+        ge=1,
+        description="Burst size of WS_HANDSHAKE_RATE_IP.",
     )
     header_timeout: float = Field(
-        10.0, gt=0, description="Seconds a connection may take to send a request's headers "
+        10.0,
+        gt=0,
+        description="Seconds a connection may take to send a request's headers "
         "(from connect, or from the first byte of the next request); then 408 and close.",
     )
     max_header_line_bytes: int = Field(
-        16 * 1024, ge=1024, description="Longest request line or header line (bytes); "
-        "past it 431.",
+        16 * 1024,
+        ge=1024,
+        description="Longest request line or header line (bytes); past it 431.",
     )
     max_header_bytes: int = Field(
-        64 * 1024, ge=4096, description="Most bytes of request line and headers together; "
-        "past it 431.",
+        64 * 1024,
+        ge=4096,
+        description="Most bytes of request line and headers together; past it 431.",
     )
     body_read_timeout: float = Field(
-        10.0, gt=0, description="Seconds a request body may pause between chunks, and the "
+        10.0,
+        gt=0,
+        description="Seconds a request body may pause between chunks, and the "
         "grace before BODY_MIN_RATE applies; then 408 and close.",
     )
     body_min_rate: int = Field(
-        4096, ge=1, description="Bytes/s a request body must average after the first "
+        4096,
+        ge=1,
+        description="Bytes/s a request body must average after the first "
         "BODY_READ_TIMEOUT seconds; slower uploads get 408.",
     )
     ws_idle_timeout: float = Field(
-        60.0, gt=0, description="Seconds a WebSocket without live mode (/ws) or "
+        60.0,
+        gt=0,
+        description="Seconds a WebSocket without live mode (/ws) or "
         "subscriptions (/v1/rooms/ws) may stay silent before it is closed (1000, idle).",
     )
     ws_ping_interval: float = Field(
-        20.0, gt=0, description="Seconds between keepalive pings on each WebSocket.",
+        20.0,
+        gt=0,
+        description="Seconds between keepalive pings on each WebSocket.",
     )
     ws_ping_timeout: float = Field(
-        20.0, gt=0, description="Seconds to wait for a pong before closing (1011).",
+        20.0,
+        gt=0,
+        description="Seconds to wait for a pong before closing (1011).",
     )
     shutdown_timeout: float = Field(
         DEFAULT_SHUTDOWN_TIMEOUT, ge=0, description="Seconds to drain on SIGTERM."
     )
     drain_delay: float = Field(
-        DEFAULT_DRAIN_DELAY, ge=0, description="Seconds after SIGTERM during which the "
+        DEFAULT_DRAIN_DELAY,
+        ge=0,
+        description="Seconds after SIGTERM during which the "
         "instance still listens, reports not-ready and answers new POSTs with 503, so that "
         "load balancers notice before connections are refused.",
     )
@@ -312,19 +363,22 @@ class Settings(BaseSettings):
 
     # --- rooms
     rooms_enabled: bool = Field(
-        True, description="Serve the rooms API (off: every rooms call answers 404 "
+        True,
+        description="Serve the rooms API (off: every rooms call answers 404 "
         "e.m.req.rooms-disabled, which clients do not retry).",
     )
     rooms_jwks_file: Path | None = Field(
-        None, description="JWKS file with the rooms token issuer's public keys (re-read when "
+        None,
+        description="JWKS file with the rooms token issuer's public keys (re-read when "
         "it changes). Without it or ROOMS_JWKS_URL the server makes a development key, "
-        "DATA_DIR/rooms-dev-key.json, and accepts tokens from `dovecote rooms token`."
+        "DATA_DIR/rooms-dev-key.json, and accepts tokens from `dovecote rooms token`.",
     )
     rooms_jwks_url: str = Field(
         "", description="URL of the rooms token issuer's JWKS (refetched periodically)."
     )
     rooms_jwks_refresh: float = Field(
-        DEFAULT_ROOMS_JWKS_REFRESH, gt=0,
+        DEFAULT_ROOMS_JWKS_REFRESH,
+        gt=0,
         description="Seconds between JWKS URL refetches (an unknown key id refetches sooner).",
     )
     rooms_jwt_issuer: str = Field(
@@ -334,37 +388,51 @@ class Settings(BaseSettings):
         "", description="Required `aud` of rooms tokens (empty: not checked)."
     )
     rooms_max_message_bytes: int = Field(
-        DEFAULT_ROOMS_MAX_MESSAGE_BYTES, ge=256, le=DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_ROOMS_MAX_MESSAGE_BYTES,
+        ge=256,
+        le=DEFAULT_MAX_BODY_BYTES,
         description="Largest room message content (UTF-8 JSON bytes of text and data).",
     )
     rooms_purge_after: float = Field(
-        DAY, ge=0, description="Seconds after a room message is deleted before its content "
-        "is erased from the store."
+        DAY,
+        ge=0,
+        description="Seconds after a room message is deleted before its content "
+        "is erased from the store.",
     )
     rooms_ws_queue: int = Field(
-        DEFAULT_ROOMS_WS_QUEUE, ge=1,
+        DEFAULT_ROOMS_WS_QUEUE,
+        ge=1,
         description="Events buffered per rooms WebSocket (the send queue's bound).",
     )
     rooms_ws_max_subscriptions: int = Field(
-        100, ge=1, le=10_000, description="Rooms one rooms WebSocket may subscribe to.",
+        100,
+        ge=1,
+        le=10_000,
+        description="Rooms one rooms WebSocket may subscribe to.",
     )
     rooms_ws_stall: float = Field(
-        DEFAULT_ROOMS_WS_STALL, gt=0,
+        DEFAULT_ROOMS_WS_STALL,
+        gt=0,
         description="Seconds a rooms WebSocket may take no event while its send queue is "
         "full before it is disconnected (close 4008) with a resume hint.",
     )
 
     # --- admin and observability
     admin_token: str = Field(
-        "", description=f"Bearer token for /admin and the /health details (empty: admin "
+        "",
+        description=f"Bearer token for /admin and the /health details (empty: admin "
         f"disabled; else at least {MIN_ADMIN_TOKEN} characters, e.g. `openssl rand -hex 32`).",
     )
     admin_auth_failures: int = Field(
-        5, ge=1, description="Failed admin authentications from one address within "
+        5,
+        ge=1,
+        description="Failed admin authentications from one address within "
         "ADMIN_AUTH_WINDOW before that address gets 429 until the window ends.",
     )
     admin_auth_window: float = Field(
-        60.0, gt=0, description="Seconds of the admin authentication throttle window.",
+        60.0,
+        gt=0,
+        description="Seconds of the admin authentication throttle window.",
     )
     metrics_allow: CsvList = Field(
         default_factory=list,
@@ -373,8 +441,7 @@ class Settings(BaseSettings):
     )
     admin_allow: CsvList = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
-        description="Client networks allowed to reach /admin (the address behind a trusted "
-        "proxy).",
+        description="Client networks allowed to reach /admin (the address behind a trusted proxy).",
     )
     admin_client_ca: Path | None = Field(
         None,
@@ -382,7 +449,9 @@ class Settings(BaseSettings):
         "signed by it (needs TLS_CERT/TLS_KEY; other routes do not ask for one).",
     )
     console_session_seconds: float = Field(
-        8 * 3600.0, gt=0, le=7 * 86_400,
+        8 * 3600.0,
+        gt=0,
+        le=7 * 86_400,
         description="Seconds a web console (/console) login lasts; the console is enabled "
         "with ADMIN_TOKEN and shares ADMIN_ALLOW and ADMIN_CLIENT_CA.",
     )
@@ -391,9 +460,15 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="Log every HTTP request.")
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between instance heartbeats.")
 
-    @field_validator("trusted_proxies", "mediation_allowlist", "admin_allow", "metrics_allow",
-                     "outbound_allow_networks", "store_patroni",
-                     mode="before")
+    @field_validator(
+        "trusted_proxies",
+        "mediation_allowlist",
+        "admin_allow",
+        "metrics_allow",
+        "outbound_allow_networks",
+        "store_patroni",
+        mode="before",
+    )
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         # Environment variables and CLI flags give lists as "a,b,c".
@@ -406,8 +481,10 @@ class Settings(BaseSettings):
     def _long_admin_token(cls, value: str) -> str:
         # A short token is guessable from the network despite the throttle.
         if value and len(value) < MIN_ADMIN_TOKEN:
-            raise ValueError(f"admin_token must be at least {MIN_ADMIN_TOKEN} characters "
-                             f"(it has {len(value)}); generate one with `openssl rand -hex 32`")
+            raise ValueError(
+                f"admin_token must be at least {MIN_ADMIN_TOKEN} characters "
+                f"(it has {len(value)}); generate one with `openssl rand -hex 32`"
+            )
         return value
 
     @model_validator(mode="after")

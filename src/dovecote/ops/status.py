@@ -33,7 +33,8 @@ class Scrape:
 
     def total(self, name: str, **labels: str) -> float:
         return sum(
-            value for (sample, sample_labels), value in self.samples.items()
+            value
+            for (sample, sample_labels), value in self.samples.items()
             if sample == name and all((k, v) in sample_labels for k, v in labels.items())
         )
 
@@ -59,8 +60,9 @@ def scrape(client: httpx.Client, url: str) -> Scrape:
     return reading(time.time(), health, client.get(url + "/metrics").text)
 
 
-def quantile(before: list[tuple[float, float]], after: list[tuple[float, float]],
-             q: float) -> float | None:
+def quantile(
+    before: list[tuple[float, float]], after: list[tuple[float, float]], q: float
+) -> float | None:
     """The q-quantile of observations between two histogram readings (bucket upper bound)."""
     old = dict(before)
     deltas = [(le, count - old.get(le, 0.0)) for le, count in after]
@@ -86,8 +88,12 @@ TRAFFIC = [
 
 
 QUEUE_SAMPLES = {
-    "dovecote_queue_depth", "dovecote_queue_oldest_age_seconds", "dovecote_outbox_size",
-    "dovecote_outbox_lag_seconds", "dovecote_dlq_size", "dovecote_websocket_connections",
+    "dovecote_queue_depth",
+    "dovecote_queue_oldest_age_seconds",
+    "dovecote_outbox_size",
+    "dovecote_outbox_lag_seconds",
+    "dovecote_dlq_size",
+    "dovecote_websocket_connections",
     "dovecote_circuit_breaker_state",
 }
 # Every sample name traffic() and queue_numbers() read (the console's history keeps these).
@@ -100,8 +106,13 @@ def traffic(first: Scrape, second: Scrape) -> list[dict[str, Any]]:
     rows = []
     for label, name, labels in TRAFFIC:
         now = second.total(name, **labels)
-        rows.append({"label": label, "per_second": max(0.0, now - first.total(name, **labels))
-                     / span, "total": now})
+        rows.append(
+            {
+                "label": label,
+                "per_second": max(0.0, now - first.total(name, **labels)) / span,
+                "total": now,
+            }
+        )
     return rows
 
 
@@ -111,13 +122,17 @@ def queue_numbers(reading: Scrape) -> dict[str, Any]:
         "queued": reading.total("dovecote_queue_depth"),
         "oldest_age_seconds": reading.total("dovecote_queue_oldest_age_seconds"),
         "outbox": dict(sorted(reading.by_label("dovecote_outbox_size", "kind").items())),
-        "outbox_lag_seconds": dict(sorted(
-            reading.by_label("dovecote_outbox_lag_seconds", "kind").items())),
+        "outbox_lag_seconds": dict(
+            sorted(reading.by_label("dovecote_outbox_lag_seconds", "kind").items())
+        ),
         "dead_letters": reading.total("dovecote_dlq_size"),
         "websockets": reading.total("dovecote_websocket_connections"),
-        "breakers": {target: BREAKER_NAMES.get(int(state), str(state)) for target, state
-                     in sorted(reading.by_label("dovecote_circuit_breaker_state",
-                                                "target").items())},
+        "breakers": {
+            target: BREAKER_NAMES.get(int(state), str(state))
+            for target, state in sorted(
+                reading.by_label("dovecote_circuit_breaker_state", "target").items()
+            )
+        },
     }
 
 
@@ -155,8 +170,12 @@ def render(first: Scrape, second: Scrape, cluster: list[dict[str, Any]] | None) 
     )
     checks = Table("check", "ok", "time", "detail", title="Health checks")
     for name, check in (health.get("checks") or {}).items():
-        checks.add_row(name, "[green]ok" if check["ok"] else "[red]FAIL",
-                       f"{check['seconds'] * 1000:.1f} ms", str(check.get("detail", ""))[:60])
+        checks.add_row(
+            name,
+            "[green]ok" if check["ok"] else "[red]FAIL",
+            f"{check['seconds'] * 1000:.1f} ms",
+            str(check.get("detail", ""))[:60],
+        )
 
     flow = Table("metric", "per second", "total", title=f"Traffic (last {span:.0f}s)")
     for row in traffic(first, second):
@@ -185,18 +204,25 @@ def render(first: Scrape, second: Scrape, cluster: list[dict[str, Any]] | None) 
 
     parts: list[Any] = [Panel(head, title="Dovecote"), checks, flow, latency, queues]
     if cluster is not None:
-        table = Table("instance", "alive", "level", "version", "connections", "last beat",
-                      title="Cluster")
+        table = Table(
+            "instance", "alive", "level", "version", "connections", "last beat", title="Cluster"
+        )
         for inst in cluster:
-            table.add_row(inst["id"], "[green]yes" if inst["alive"] else "[red]no",
-                          inst["level"], inst["version"], str(inst["connections"]),
-                          f"{time.time() - inst['last_beat']:.0f}s ago")
+            table.add_row(
+                inst["id"],
+                "[green]yes" if inst["alive"] else "[red]no",
+                inst["level"],
+                inst["version"],
+                str(inst["connections"]),
+                f"{time.time() - inst['last_beat']:.0f}s ago",
+            )
         parts.append(table)
     return Group(*parts)
 
 
-def show(url: str, interval: float, watch: bool, token: str = "",
-         console: Console | None = None) -> None:
+def show(
+    url: str, interval: float, watch: bool, token: str = "", console: Console | None = None
+) -> None:
     """Print one view (two scrapes `interval` apart), or refresh it until Ctrl-C."""
     console = console or Console()
     headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -214,8 +240,7 @@ def show(url: str, interval: float, watch: bool, token: str = "",
         if not watch:
             console.print(render(first, second, cluster()))
             return
-        with Live(render(first, second, cluster()), console=console,
-                  refresh_per_second=1) as live:
+        with Live(render(first, second, cluster()), console=console, refresh_per_second=1) as live:
             while True:
                 time.sleep(interval)
                 first, second = second, scrape(client, url)

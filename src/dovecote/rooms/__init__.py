@@ -47,8 +47,12 @@ class Rooms:
         self.settings = settings
         self._store = store if isinstance(store, RoomStore) else None
         self.auth = Authenticator(
-            KeySource(settings.rooms_jwks_file, settings.rooms_jwks_url,
-                      settings.rooms_jwks_refresh, outbound.Policy.from_settings(settings)),
+            KeySource(
+                settings.rooms_jwks_file,
+                settings.rooms_jwks_url,
+                settings.rooms_jwks_refresh,
+                outbound.Policy.from_settings(settings),
+            ),
             issuer=settings.rooms_jwt_issuer,
             audience=settings.rooms_jwt_audience,
         )
@@ -69,8 +73,7 @@ class Rooms:
     @property
     def notify_targets(self) -> list[tuple[str, str]]:
         """Where offline participants are notified (the mailboxes' webhook and push)."""
-        channels = [("webhook", self.settings.notify_webhook_url),
-                    ("push", self.settings.push_url)]
+        channels = [("webhook", self.settings.notify_webhook_url), ("push", self.settings.push_url)]
         return [(channel, url) for channel, url in channels if url]
 
     @property
@@ -83,14 +86,17 @@ class Rooms:
         if self.auth.keys.disabled:
             log.info("rooms.disabled")
         elif self.auth.keys.fixed:
-            log.warning("rooms.development_issuer", key=str(self.settings.data_dir /
-                                                            "rooms-dev-key.json"),
-                        hint="tokens from `dovecote rooms token`; set DOVECOTE_ROOMS_JWKS_FILE "
-                        "or DOVECOTE_ROOMS_JWKS_URL for a real issuer")
+            log.warning(
+                "rooms.development_issuer",
+                key=str(self.settings.data_dir / "rooms-dev-key.json"),
+                hint="tokens from `dovecote rooms token`; set DOVECOTE_ROOMS_JWKS_FILE "
+                "or DOVECOTE_ROOMS_JWKS_URL for a real issuer",
+            )
         if self._store is not None:
             self._tasks.append(asyncio.create_task(self._purge(), name="rooms-purge"))
-            self._tasks.append(asyncio.create_task(self.presence.refresh_forever(),
-                                                   name="rooms-presence"))
+            self._tasks.append(
+                asyncio.create_task(self.presence.refresh_forever(), name="rooms-presence")
+            )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -104,8 +110,9 @@ class Rooms:
     async def _purge(self) -> None:
         """Erase content of messages deleted long enough ago; forget expired keys."""
         while True:
-            await asyncio.sleep(min(self.settings.sweep_interval,
-                                    max(self.settings.rooms_purge_after, 1.0)))
+            await asyncio.sleep(
+                min(self.settings.sweep_interval, max(self.settings.rooms_purge_after, 1.0))
+            )
             now = time.time()
             try:
                 purged = await self.store.rooms_purge(

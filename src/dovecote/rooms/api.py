@@ -130,12 +130,16 @@ async def create_room(call: Call) -> Response:
         if p.id in seen:
             raise MalformedMessage(f"participant {p.id!r} is listed twice")
         seen.add(p.id)
-    room = await call.store.room_create(NewRoom(
-        id=room_id, name=body.name, metadata=body.metadata, created_by=call.principal.sub,
-        participants=[(p.id, p.role) for p in body.participants],
-    ))
-    return json_response(models.room_out(room), 201,
-                         {"Location": f"/v1/rooms/{room.id}"})
+    room = await call.store.room_create(
+        NewRoom(
+            id=room_id,
+            name=body.name,
+            metadata=body.metadata,
+            created_by=call.principal.sub,
+            participants=[(p.id, p.role) for p in body.participants],
+        )
+    )
+    return json_response(models.room_out(room), 201, {"Location": f"/v1/rooms/{room.id}"})
 
 
 async def list_rooms(call: Call) -> Response:
@@ -145,12 +149,12 @@ async def list_rooms(call: Call) -> Response:
     limit = call.query_int("limit", models.DEFAULT_LIMIT, 1, models.MAX_LIMIT)
     assert limit is not None
     principal = call.principal
-    page = await call.store.room_list(None if principal.is_admin else principal.sub,
-                                      after, limit)
+    page = await call.store.room_list(None if principal.is_admin else principal.sub, after, limit)
     next_after = page[-1].id if len(page) == limit else None
     visible = [models.room_out(r) for r in page if principal.may_enter(r.id)]
-    return json_response(models.RoomListOut.model_validate(
-        {"rooms": visible, "next_after": next_after}).model_dump())
+    return json_response(
+        models.RoomListOut.model_validate({"rooms": visible, "next_after": next_after}).model_dump()
+    )
 
 
 async def get_room(call: Call) -> Response:
@@ -185,8 +189,12 @@ async def put_participant(call: Call) -> Response:
     result, event = await call.store.participant_set(
         room, participant, body.role, call.principal.sub, manage=call.principal.is_admin
     )
-    return json_response({"participant": models.participant_out(result),
-                          "event": models.event_out(event) if event else None})
+    return json_response(
+        {
+            "participant": models.participant_out(result),
+            "event": models.event_out(event) if event else None,
+        }
+    )
 
 
 async def remove_participant(call: Call) -> Response:
@@ -210,15 +218,23 @@ async def post_message(call: Call) -> Response:
     key = header_key or body.idempotency_key
     content = models.message_content(body, call.rooms.settings.rooms_max_message_bytes)
     result = await call.store.message_post(
-        NewPost(room=room, author=call.principal.sub, content=content,
-                idempotency_key=key, request_hash=models.request_hash(content),
-                notify=call.rooms.notify_targets),
+        NewPost(
+            room=room,
+            author=call.principal.sub,
+            content=content,
+            idempotency_key=key,
+            request_hash=models.request_hash(content),
+            notify=call.rooms.notify_targets,
+        ),
         idempotency_since=time.time() - IDEMPOTENCY_WINDOW,
     )
     message = result.message
     metrics.ROOMS_POSTS.labels("duplicate" if result.duplicate else "created").inc()
-    return json_response(models.message_out(message), 200 if result.duplicate else 201,
-                         {"Location": f"/v1/rooms/{room}/messages/{message.id}"})
+    return json_response(
+        models.message_out(message),
+        200 if result.duplicate else 201,
+        {"Location": f"/v1/rooms/{room}/messages/{message.id}"},
+    )
 
 
 async def get_message(call: Call) -> Response:
@@ -235,16 +251,18 @@ async def edit_message(call: Call) -> Response:
     message_id = call.path("message", _MESSAGE, "message")
     body = await call.body(models.MessageEdit)
     content = models.message_content(body, call.rooms.settings.rooms_max_message_bytes)
-    event = await call.store.message_edit(room, message_id, call.principal.sub, content,
-                                          moderate=call.principal.moderates)
+    event = await call.store.message_edit(
+        room, message_id, call.principal.sub, content, moderate=call.principal.moderates
+    )
     return json_response(models.event_out(event))
 
 
 async def delete_message(call: Call) -> Response:
     room = call.room()
     message_id = call.path("message", _MESSAGE, "message")
-    event = await call.store.message_delete(room, message_id, call.principal.sub,
-                                            moderate=call.principal.moderates)
+    event = await call.store.message_delete(
+        room, message_id, call.principal.sub, moderate=call.principal.moderates
+    )
     return json_response(models.event_out(event))
 
 
@@ -254,13 +272,14 @@ async def _reaction(call: Call, present: bool) -> Response:
     emoji = str(call.request.path_params.get("emoji", ""))
     if not _EMOJI.match(emoji):
         raise MalformedMessage("a reaction is 1-32 characters without spaces or '/'")
-    result = await call.store.reaction_set(room, message_id, call.principal.sub, emoji,
-                                           present)
-    return json_response({
-        "changed": result.event is not None,
-        "event": models.event_out(result.event) if result.event else None,
-        "reactions": result.reactions,
-    })
+    result = await call.store.reaction_set(room, message_id, call.principal.sub, emoji, present)
+    return json_response(
+        {
+            "changed": result.event is not None,
+            "event": models.event_out(result.event) if result.event else None,
+            "reactions": result.reactions,
+        }
+    )
 
 
 async def add_reaction(call: Call) -> Response:
@@ -289,13 +308,15 @@ async def list_events(call: Call) -> Response:
         has_more = (last if last is not None else low) < high - 1
     else:  # newest before `high`: more if older events remain above `low`
         has_more = (first if first is not None else high) > low + 1
-    return json_response({
-        "events": [models.event_out(e) for e in page.events],
-        "last_seq": page.last_seq,
-        "next_after": last if last is not None else max(low, min(high - 1, page.last_seq)),
-        "next_before": first if first is not None else high,
-        "has_more": has_more,
-    })
+    return json_response(
+        {
+            "events": [models.event_out(e) for e in page.events],
+            "last_seq": page.last_seq,
+            "next_after": last if last is not None else max(low, min(high - 1, page.last_seq)),
+            "next_before": first if first is not None else high,
+            "has_more": has_more,
+        }
+    )
 
 
 # ---------------------------------------------------------------------- plumbing
@@ -336,13 +357,23 @@ ROUTES: list[BaseRoute] = [
     resource("/v1/rooms", POST=create_room, GET=list_rooms),
     resource("/v1/rooms/{room}", GET=get_room, DELETE=delete_room),
     resource("/v1/rooms/{room}/participants", GET=list_participants),
-    resource("/v1/rooms/{room}/participants/{participant}", PUT=put_participant,
-             DELETE=remove_participant),
+    resource(
+        "/v1/rooms/{room}/participants/{participant}",
+        PUT=put_participant,
+        DELETE=remove_participant,
+    ),
     resource("/v1/rooms/{room}/messages", POST=post_message),
-    resource("/v1/rooms/{room}/messages/{message}", GET=get_message, PATCH=edit_message,
-             DELETE=delete_message),
-    resource("/v1/rooms/{room}/messages/{message}/reactions/{emoji}", PUT=add_reaction,
-             DELETE=remove_reaction),
+    resource(
+        "/v1/rooms/{room}/messages/{message}",
+        GET=get_message,
+        PATCH=edit_message,
+        DELETE=delete_message,
+    ),
+    resource(
+        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
+        PUT=add_reaction,
+        DELETE=remove_reaction,
+    ),
     resource("/v1/rooms/{room}/events", GET=list_events),
     Route("/v1/rooms/{rest:path}", not_found, methods=ALL_METHODS),
 ]

@@ -37,8 +37,15 @@ log = structlog.get_logger("dovecote.rooms.auth")
 
 # Asymmetric algorithms only: a JWKS holds public keys, and "none"/HMAC must never verify.
 ALGORITHMS = ("EdDSA", "Ed25519", "ES256", "ES384", "ES512", "RS256", "PS256")
-KEY_TYPES = {"EdDSA": "OKP", "Ed25519": "OKP", "ES256": "EC", "ES384": "EC", "ES512": "EC",
-             "RS256": "RSA", "PS256": "RSA"}
+KEY_TYPES = {
+    "EdDSA": "OKP",
+    "Ed25519": "OKP",
+    "ES256": "EC",
+    "ES384": "EC",
+    "ES512": "EC",
+    "RS256": "RSA",
+    "PS256": "RSA",
+}
 # Seconds of clock skew tolerated for exp/nbf/iat.
 LEEWAY = 10
 MAX_TOKEN_BYTES = 8192
@@ -49,8 +56,11 @@ ADMIN = "admin"
 MODERATOR = "moderator"
 
 # RFC 9864 deprecates the "EdDSA" name in favour of "Ed25519"; issuers still use it.
-warnings.filterwarnings("ignore", message="EdDSA is deprecated",
-                        category=getattr(jose_errors, "SecurityWarning", Warning))
+warnings.filterwarnings(
+    "ignore",
+    message="EdDSA is deprecated",
+    category=getattr(jose_errors, "SecurityWarning", Warning),
+)
 
 _PARTICIPANT = re.compile(PARTICIPANT_PATTERN)
 
@@ -79,8 +89,9 @@ class Principal:
 class KeySource:
     """The issuer's current public keys, reloaded from a file or URL without restart."""
 
-    def __init__(self, file: Path | None, url: str, refresh: float,
-                 policy: outbound.Policy | None = None) -> None:
+    def __init__(
+        self, file: Path | None, url: str, refresh: float, policy: outbound.Policy | None = None
+    ) -> None:
         # The URL is fetched like every outbound call: checked address, no redirects.
         self.policy = policy or outbound.Policy()
         self.file = file
@@ -108,8 +119,10 @@ class KeySource:
             self._reload_file()
         elif self.url:
             age = time.monotonic() - self._fetched_at
-            if self.keys is None or age > self.refresh or (
-                unknown_kid and age > MIN_REFETCH_SECONDS
+            if (
+                self.keys is None
+                or age > self.refresh
+                or (unknown_kid and age > MIN_REFETCH_SECONDS)
             ):
                 await self._refetch()
         if self.keys is None:
@@ -234,8 +247,7 @@ def _unverified_header(token: str) -> dict[str, Any]:
 
 def _candidates(keys: KeySet, alg: str, kid: str | None) -> list[Any]:
     kty = KEY_TYPES[alg]
-    return [k for k in keys.keys
-            if k.key_type == kty and (kid is None or k.kid == kid)]
+    return [k for k in keys.keys if k.key_type == kty and (kid is None or k.kid == kid)]
 
 
 def _principal(claims: dict[str, Any]) -> Principal:

@@ -51,15 +51,28 @@ def public_keys(key: OKPKey) -> KeySet:
     return KeySet.import_key_set({"keys": [{**key.as_dict(private=False), "kid": str(key.kid)}]})
 
 
-def issue(key: OKPKey, user: str, rooms: list[str], roles: list[str] | None = None,
-          ttl: float = DEFAULT_TTL, issuer: str = "", audience: str = "") -> str:
+def issue(
+    key: OKPKey,
+    user: str,
+    rooms: list[str],
+    roles: list[str] | None = None,
+    ttl: float = DEFAULT_TTL,
+    issuer: str = "",
+    audience: str = "",
+) -> str:
     """A compact JWT the server's rooms API accepts while it uses this key."""
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": user, "rooms": rooms, "roles": roles or [],
-                              "iat": now, "exp": now + int(ttl)}
+    claims: dict[str, Any] = {
+        "sub": user,
+        "rooms": rooms,
+        "roles": roles or [],
+        "iat": now,
+        "exp": now + int(ttl),
+    }
     if issuer:
         claims["iss"] = issuer
     if audience:
         claims["aud"] = audience
-    return jwt.encode({"alg": ALGORITHM, "kid": key.kid, "typ": "JWT"}, claims, key,
-                      algorithms=[ALGORITHM])
+    return jwt.encode(
+        {"alg": ALGORITHM, "kid": key.kid, "typ": "JWT"}, claims, key, algorithms=[ALGORITHM]
+    )

@@ -187,29 +187,48 @@ class RoomHub:
             page = await self.store.room_events(room, after=after, limit=batch)
             if page is None:
                 self.unsubscribe(feed, room)
-                return await feed.offer(Frame({"type": "unsubscribed", "room": room,
-                                               "reason": "room deleted"}))
+                return await feed.offer(
+                    Frame({"type": "unsubscribed", "room": room, "reason": "room deleted"})
+                )
             for event in page.events:
                 if feed.generations.get(room) != generation:
                     return True  # (re)subscribed while we waited for room in the queue
-                if not await feed.offer(Frame({"type": "event", "event": event_out(event)},
-                                              room, event.seq, generation or 0)):
-                    log.info("rooms.feed_overflow", participant=feed.principal.sub,
-                             room=room, seq=event.seq)
+                if not await feed.offer(
+                    Frame(
+                        {"type": "event", "event": event_out(event)},
+                        room,
+                        event.seq,
+                        generation or 0,
+                    )
+                ):
+                    log.info(
+                        "rooms.feed_overflow",
+                        participant=feed.principal.sub,
+                        room=room,
+                        seq=event.seq,
+                    )
                     return False
                 metrics.ROOMS_FANOUT.inc()
                 if feed.generations.get(room) != generation:
                     return True
                 feed.positions[room] = event.seq
-                if (event.type == PARTICIPANT_REMOVED
-                        and event.data.get("participant") == feed.principal.sub
-                        and not feed.principal.is_admin
-                        # A replay from before a re-add: the participant is back.
-                        and await self.store.participant_role(room, feed.principal.sub)
-                        is None):
+                if (
+                    event.type == PARTICIPANT_REMOVED
+                    and event.data.get("participant") == feed.principal.sub
+                    and not feed.principal.is_admin
+                    # A replay from before a re-add: the participant is back.
+                    and await self.store.participant_role(room, feed.principal.sub) is None
+                ):
                     self.unsubscribe(feed, room)
-                    return await feed.offer(Frame({"type": "unsubscribed", "room": room,
-                                                   "reason": "removed from the room"}))
+                    return await feed.offer(
+                        Frame(
+                            {
+                                "type": "unsubscribed",
+                                "room": room,
+                                "reason": "removed from the room",
+                            }
+                        )
+                    )
             if len(page.events) < batch:
                 return True
         return True

@@ -61,8 +61,8 @@ class RoomCreate(_Strict):
     id: RoomId | None = None
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     metadata: dict[str, Any] = Field(default_factory=dict)
-    participants: Annotated[list[ParticipantIn], Field(max_length=MAX_CREATE_PARTICIPANTS)] = (
-        Field(default_factory=list)
+    participants: Annotated[list[ParticipantIn], Field(max_length=MAX_CREATE_PARTICIPANTS)] = Field(
+        default_factory=list
     )
 
 
@@ -182,9 +182,14 @@ class ReactionOut(_Out):
 
 # ---------------------------------------------------------------------- conversions
 def room_out(room: Room) -> dict[str, Any]:
-    return RoomOut(id=room.id, name=room.name, metadata=room.metadata,
-                   created_by=room.created_by, created_at=room.created_at,
-                   last_seq=room.last_seq).model_dump()
+    return RoomOut(
+        id=room.id,
+        name=room.name,
+        metadata=room.metadata,
+        created_by=room.created_by,
+        created_at=room.created_at,
+        last_seq=room.last_seq,
+    ).model_dump()
 
 
 def participant_out(p: Participant) -> dict[str, Any]:
@@ -192,17 +197,31 @@ def participant_out(p: Participant) -> dict[str, Any]:
 
 
 def event_out(event: RoomEvent) -> dict[str, Any]:
-    return EventOut(room=event.room, seq=event.seq, id=event.id, type=event.type,
-                    actor=event.actor, message_id=event.message_id, data=event.data,
-                    created_at=event.created_at).model_dump()
+    return EventOut(
+        room=event.room,
+        seq=event.seq,
+        id=event.id,
+        type=event.type,
+        actor=event.actor,
+        message_id=event.message_id,
+        data=event.data,
+        created_at=event.created_at,
+    ).model_dump()
 
 
 def message_out(m: RoomMessage) -> dict[str, Any]:
     content = m.content or {}
     return MessageOut(
-        id=m.id, room=m.room, seq=m.seq, author=m.author, text=content.get("text"),
-        data=content.get("data"), created_at=m.created_at, edited_at=m.edited_at,
-        deleted=m.deleted_at is not None, reactions=m.reactions,
+        id=m.id,
+        room=m.room,
+        seq=m.seq,
+        author=m.author,
+        text=content.get("text"),
+        data=content.get("data"),
+        created_at=m.created_at,
+        edited_at=m.edited_at,
+        deleted=m.deleted_at is not None,
+        reactions=m.reactions,
     ).model_dump()
 
 
@@ -275,8 +294,9 @@ def check_metadata(metadata: dict[str, Any]) -> None:
 
 
 def canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )
 
 
 def request_hash(content: dict[str, Any]) -> str:

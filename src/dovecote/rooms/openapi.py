@@ -37,13 +37,23 @@ ERROR_STATUSES = {
 
 
 def _path_param(name: str, pattern: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": {"type": "string", "pattern": pattern}}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "pattern": pattern},
+    }
 
 
 def _int_query(name: str, minimum: int, maximum: int, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "integer", "minimum": minimum, "maximum": maximum}}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "integer", "minimum": minimum, "maximum": maximum},
+    }
 
 
 ROOM = _path_param("room", models.ROOM_ID_PATTERN, "Room id.")
@@ -52,7 +62,9 @@ MESSAGE = _path_param("message", models.MESSAGE_ID_PATTERN, "Message id.")
 EMOJI = _path_param("emoji", models.EMOJI_PATTERN, "Reaction (an emoji or short name).")
 LIMIT = _int_query("limit", 1, models.MAX_LIMIT, "Most items returned (default 100).")
 IDEMPOTENCY_KEY = {
-    "name": "Idempotency-Key", "in": "header", "required": False,
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
     "description": "Client-chosen key (a UUID); a retry within 24 h returns the original.",
     "schema": {"type": "string", "pattern": models.IDEMPOTENCY_KEY_PATTERN},
 }
@@ -71,52 +83,130 @@ class Operation:
 
 
 OPERATIONS = [
-    Operation("/v1/rooms", "post", "createRoom",
-              "Create a room (token role admin).", {201: models.RoomOut},
-              body=models.RoomCreate),
-    Operation("/v1/rooms", "get", "listRooms",
-              "Rooms the caller is in (every room for admins), by id.",
-              {200: models.RoomListOut},
-              [{"name": "after", "in": "query", "required": False,
+    Operation(
+        "/v1/rooms",
+        "post",
+        "createRoom",
+        "Create a room (token role admin).",
+        {201: models.RoomOut},
+        body=models.RoomCreate,
+    ),
+    Operation(
+        "/v1/rooms",
+        "get",
+        "listRooms",
+        "Rooms the caller is in (every room for admins), by id.",
+        {200: models.RoomListOut},
+        [
+            {
+                "name": "after",
+                "in": "query",
+                "required": False,
                 "description": "Return rooms with ids after this one.",
-                "schema": {"type": "string", "pattern": models.ROOM_ID_PATTERN}}, LIMIT]),
-    Operation("/v1/rooms/{room}", "get", "getRoom", "One room.",
-              {200: models.RoomOut}, [ROOM]),
-    Operation("/v1/rooms/{room}", "delete", "deleteRoom",
-              "Delete a room and all its events (room or token admin).", {204: None}, [ROOM]),
-    Operation("/v1/rooms/{room}/participants", "get", "listParticipants",
-              "Everyone in the room.", {200: models.ParticipantListOut}, [ROOM]),
-    Operation("/v1/rooms/{room}/participants/{participant}", "put", "putParticipant",
-              "Add a participant or change their role (room or token admin).",
-              {200: models.ParticipantChangeOut}, [ROOM, PARTICIPANT],
-              body=models.RoleChange, body_required=False),
-    Operation("/v1/rooms/{room}/participants/{participant}", "delete", "removeParticipant",
-              "Remove a participant (room or token admin, or themself).",
-              {200: models.EventOut}, [ROOM, PARTICIPANT]),
-    Operation("/v1/rooms/{room}/messages", "post", "postMessage",
-              "Post a message; 201 when stored, 200 when an idempotent retry.",
-              {201: models.MessageOut, 200: models.MessageOut}, [ROOM, IDEMPOTENCY_KEY],
-              body=models.MessagePost),
-    Operation("/v1/rooms/{room}/messages/{message}", "get", "getMessage",
-              "A message's current state.", {200: models.MessageOut}, [ROOM, MESSAGE]),
-    Operation("/v1/rooms/{room}/messages/{message}", "patch", "editMessage",
-              "Edit a message (its author or a moderator).", {200: models.EventOut},
-              [ROOM, MESSAGE], body=models.MessageEdit),
-    Operation("/v1/rooms/{room}/messages/{message}", "delete", "deleteMessage",
-              "Delete a message, leaving a tombstone (its author or a moderator).",
-              {200: models.EventOut}, [ROOM, MESSAGE]),
-    Operation("/v1/rooms/{room}/messages/{message}/reactions/{emoji}", "put", "addReaction",
-              "Add the caller's reaction (a set: adding twice changes nothing).",
-              {200: models.ReactionOut}, [ROOM, MESSAGE, EMOJI]),
-    Operation("/v1/rooms/{room}/messages/{message}/reactions/{emoji}", "delete",
-              "removeReaction", "Remove the caller's reaction.",
-              {200: models.ReactionOut}, [ROOM, MESSAGE, EMOJI]),
-    Operation("/v1/rooms/{room}/events", "get", "listEvents",
-              "History: the room's events by seq. `after` pages forward (oldest first), "
-              "`before` (or nothing) returns the newest page; always ascending.",
-              {200: models.EventPageOut},
-              [ROOM, _int_query("after", 0, models.MAX_SEQ, "Events with seq > after."),
-               _int_query("before", 1, models.MAX_SEQ, "Events with seq < before."), LIMIT]),
+                "schema": {"type": "string", "pattern": models.ROOM_ID_PATTERN},
+            },
+            LIMIT,
+        ],
+    ),
+    Operation("/v1/rooms/{room}", "get", "getRoom", "One room.", {200: models.RoomOut}, [ROOM]),
+    Operation(
+        "/v1/rooms/{room}",
+        "delete",
+        "deleteRoom",
+        "Delete a room and all its events (room or token admin).",
+        {204: None},
+        [ROOM],
+    ),
+    Operation(
+        "/v1/rooms/{room}/participants",
+        "get",
+        "listParticipants",
+        "Everyone in the room.",
+        {200: models.ParticipantListOut},
+        [ROOM],
+    ),
+    Operation(
+        "/v1/rooms/{room}/participants/{participant}",
+        "put",
+        "putParticipant",
+        "Add a participant or change their role (room or token admin).",
+        {200: models.ParticipantChangeOut},
+        [ROOM, PARTICIPANT],
+        body=models.RoleChange,
+        body_required=False,
+    ),
+    Operation(
+        "/v1/rooms/{room}/participants/{participant}",
+        "delete",
+        "removeParticipant",
+        "Remove a participant (room or token admin, or themself).",
+        {200: models.EventOut},
+        [ROOM, PARTICIPANT],
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages",
+        "post",
+        "postMessage",
+        "Post a message; 201 when stored, 200 when an idempotent retry.",
+        {201: models.MessageOut, 200: models.MessageOut},
+        [ROOM, IDEMPOTENCY_KEY],
+        body=models.MessagePost,
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}",
+        "get",
+        "getMessage",
+        "A message's current state.",
+        {200: models.MessageOut},
+        [ROOM, MESSAGE],
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}",
+        "patch",
+        "editMessage",
+        "Edit a message (its author or a moderator).",
+        {200: models.EventOut},
+        [ROOM, MESSAGE],
+        body=models.MessageEdit,
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}",
+        "delete",
+        "deleteMessage",
+        "Delete a message, leaving a tombstone (its author or a moderator).",
+        {200: models.EventOut},
+        [ROOM, MESSAGE],
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
+        "put",
+        "addReaction",
+        "Add the caller's reaction (a set: adding twice changes nothing).",
+        {200: models.ReactionOut},
+        [ROOM, MESSAGE, EMOJI],
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
+        "delete",
+        "removeReaction",
+        "Remove the caller's reaction.",
+        {200: models.ReactionOut},
+        [ROOM, MESSAGE, EMOJI],
+    ),
+    Operation(
+        "/v1/rooms/{room}/events",
+        "get",
+        "listEvents",
+        "History: the room's events by seq. `after` pages forward (oldest first), "
+        "`before` (or nothing) returns the newest page; always ascending.",
+        {200: models.EventPageOut},
+        [
+            ROOM,
+            _int_query("after", 0, models.MAX_SEQ, "Events with seq > after."),
+            _int_query("before", 1, models.MAX_SEQ, "Events with seq < before."),
+            LIMIT,
+        ],
+    ),
 ]
 
 DESCRIPTION = """Real-time rooms on Dovecote. Every call needs `Authorization: Bearer <JWT>`
@@ -134,9 +224,7 @@ def document() -> dict[str, Any]:
             used.append(op.body)
         used.extend(m for m in op.responses.values() if m is not None)
     unique = list(dict.fromkeys(used))
-    _, top = models_json_schema(
-        [(m, "validation") for m in unique], ref_template=REF
-    )
+    _, top = models_json_schema([(m, "validation") for m in unique], ref_template=REF)
     schemas = top.get("$defs", {})
     error_ref = {"$ref": REF.format(model="ErrorOut")}
     paths: dict[str, dict[str, Any]] = {}
@@ -148,32 +236,38 @@ def document() -> dict[str, Any]:
             else:
                 responses[str(status)] = {
                     "description": model.__doc__ or "OK",
-                    "content": {"application/json": {
-                        "schema": {"$ref": REF.format(model=model.__name__)}}},
+                    "content": {
+                        "application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}
+                    },
                 }
         for error_status, text in ERROR_STATUSES.items():
-            responses[error_status] = {"description": text,
-                                 "content": {"application/json": {"schema": error_ref}}}
+            responses[error_status] = {
+                "description": text,
+                "content": {"application/json": {"schema": error_ref}},
+            }
         entry: dict[str, Any] = {
-            "operationId": op.operation_id, "summary": op.summary,
-            "parameters": op.params, "responses": responses,
+            "operationId": op.operation_id,
+            "summary": op.summary,
+            "parameters": op.params,
+            "responses": responses,
         }
         if op.body is not None:
             entry["requestBody"] = {
                 "required": op.body_required,
-                "content": {"application/json": {
-                    "schema": {"$ref": REF.format(model=op.body.__name__)}}},
+                "content": {
+                    "application/json": {"schema": {"$ref": REF.format(model=op.body.__name__)}}
+                },
             }
         paths.setdefault(op.path, {})[op.method] = entry
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Dovecote rooms API", "version": __version__,
-                 "description": DESCRIPTION},
+        "info": {"title": "Dovecote rooms API", "version": __version__, "description": DESCRIPTION},
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "bearerFormat": "JWT"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
         },
         "security": [{"bearer": []}],
     }
@@ -197,16 +291,16 @@ async def docs_page(request: Request) -> Response:
                 f"</td><td>{ok}</td></tr>"
             )
     page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>{html.escape(doc['info']['title'])}</title>
+<title>{html.escape(doc["info"]["title"])}</title>
 <style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}
 td,th{{border-bottom:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}}
 table{{border-collapse:collapse}}</style></head><body>
-<h1>{html.escape(doc['info']['title'])} {html.escape(doc['info']['version'])}</h1>
-<p>{html.escape(doc['info']['description'])}</p>
+<h1>{html.escape(doc["info"]["title"])} {html.escape(doc["info"]["version"])}</h1>
+<p>{html.escape(doc["info"]["description"])}</p>
 <p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).
 Errors are JSON: <code>{{"error": code, "detail": text, "request_id": id}}</code>.</p>
 <table><tr><th>method</th><th>path</th><th>what</th><th>parameters</th><th>success</th></tr>
-{''.join(rows)}</table></body></html>"""
+{"".join(rows)}</table></body></html>"""
     return HTMLResponse(page)
 
 

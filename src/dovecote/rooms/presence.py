@@ -53,8 +53,9 @@ class Presence:
         while True:
             await asyncio.sleep(REFRESH)
             if self.counts:
-                await self._write(self.store.presence_set(
-                    self.instance, list(self.counts), time.time() + TTL))
+                await self._write(
+                    self.store.presence_set(self.instance, list(self.counts), time.time() + TTL)
+                )
 
     async def _write(self, call: Awaitable[None]) -> None:
         try:

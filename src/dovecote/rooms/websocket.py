@@ -69,8 +69,13 @@ async def rooms_websocket(websocket: WebSocket) -> None:
     rooms: Rooms = dc.rooms
     # As on /ws: accepted, then closed with 1012 (draining) or 1013 (busy), so that the
     # client retries; a close before accepting would be an HTTP 403, which is final.
-    refusal = (CLOSE_RESTART, "server restarting; reconnect") if dc.degradation.draining \
-        else None if dc.ws_slots.try_acquire() else (CLOSE_TRY_AGAIN, "busy; retry later")
+    refusal = (
+        (CLOSE_RESTART, "server restarting; reconnect")
+        if dc.degradation.draining
+        else None
+        if dc.ws_slots.try_acquire()
+        else (CLOSE_TRY_AGAIN, "busy; retry later")
+    )
     if refusal is not None:
         await websocket.accept()
         await websocket.close(code=refusal[0], reason=refusal[1])
@@ -94,11 +99,12 @@ async def rooms_websocket(websocket: WebSocket) -> None:
         tasks = [
             asyncio.create_task(rooms.hub.pump(feed), name=f"rooms-pump-{socket_id}"),
             asyncio.create_task(_send_loop(websocket, feed), name=f"rooms-send-{socket_id}"),
-            asyncio.create_task(_receive_loop(websocket, rooms, feed, dc.ip_limits, client),
-                                name=f"rooms-recv-{socket_id}"),
+            asyncio.create_task(
+                _receive_loop(websocket, rooms, feed, dc.ip_limits, client),
+                name=f"rooms-recv-{socket_id}",
+            ),
         ]
-        code, reason = await _supervise(websocket, feed, tasks,
-                                        rooms.settings.ws_idle_timeout)
+        code, reason = await _supervise(websocket, feed, tasks, rooms.settings.ws_idle_timeout)
     except WebSocketDisconnect as exc:
         code = exc.code
     except Exception as exc:  # a broken socket: positions live with the client
@@ -120,8 +126,8 @@ async def rooms_websocket(websocket: WebSocket) -> None:
         metrics.WS_DISCONNECTS.labels(ENDPOINT, str(code)).inc()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
-                websocket.close(code=code if code >= 1000 else 1000, reason=reason),
-                CLOSE_TIMEOUT)
+                websocket.close(code=code if code >= 1000 else 1000, reason=reason), CLOSE_TIMEOUT
+            )
 
 
 async def _authenticate(websocket: WebSocket, rooms: Rooms) -> Principal | None:
@@ -158,9 +164,16 @@ async def _supervise(
         while True:
             remaining = feed.principal.expires_at + LEEWAY - time.time()
             if remaining <= 0:
-                return CLOSE_UNAUTHORIZED, await _last_word(websocket, sender, feed, {
-                    "type": "error", "error": InvalidToken.code,
-                    "detail": "token expired; reconnect with a fresh token"})
+                return CLOSE_UNAUTHORIZED, await _last_word(
+                    websocket,
+                    sender,
+                    feed,
+                    {
+                        "type": "error",
+                        "error": InvalidToken.code,
+                        "detail": "token expired; reconnect with a fresh token",
+                    },
+                )
             wait = min(remaining, 60.0)
             if not feed.positions:
                 silent_for = time.monotonic() - feed.last_frame
@@ -169,13 +182,19 @@ async def _supervise(
                     return 1000, IDLE_REASON
                 wait = min(wait, idle - silent_for)
             finished, _ = await asyncio.wait(
-                [*tasks, done_wait], timeout=wait, return_when=asyncio.FIRST_COMPLETED,
+                [*tasks, done_wait],
+                timeout=wait,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if feed.overflowed:
-                log.info("rooms.slow_consumer_closed", participant=feed.principal.sub,
-                         resume_from=feed.resume_hint())
+                log.info(
+                    "rooms.slow_consumer_closed",
+                    participant=feed.principal.sub,
+                    resume_from=feed.resume_hint(),
+                )
                 return CLOSE_SLOW_CONSUMER, await _last_word(
-                    websocket, sender, feed, {"type": "overflow"})
+                    websocket, sender, feed, {"type": "overflow"}
+                )
             for task in finished:
                 if task is not done_wait and task.done():
                     exc = task.exception()
@@ -200,8 +219,9 @@ async def _last_word(
         await sender
     hint = feed.resume_hint()
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(websocket.send_text(json.dumps(body | {"resume_from": hint})),
-                               HINT_TIMEOUT)
+        await asyncio.wait_for(
+            websocket.send_text(json.dumps(body | {"resume_from": hint})), HINT_TIMEOUT
+        )
     reason = json.dumps({"resume_from": hint}, separators=(",", ":"))
     if len(reason.encode()) > MAX_CLOSE_REASON:
         reason = "resume each room from the last seq you received"
@@ -219,8 +239,9 @@ async def _send_loop(websocket: WebSocket, feed: Feed) -> None:
             feed.sent[frame.room] = frame.seq
 
 
-async def _receive_loop(websocket: WebSocket, rooms: Rooms, feed: Feed,
-                        limits: TokenBuckets, client: str) -> None:
+async def _receive_loop(
+    websocket: WebSocket, rooms: Rooms, feed: Feed, limits: TokenBuckets, client: str
+) -> None:
     while True:
         frame: dict[str, Any] = {}
         try:
@@ -282,8 +303,9 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
             feed.present.add(room)
             await rooms.presence.join(room, feed.principal.sub)
         # The acknowledgement is queued before the first event of the room.
-        await feed.offer(Frame({"type": "subscribed", "room": room, "since": since,
-                                "last_seq": found.last_seq}))
+        await feed.offer(
+            Frame({"type": "subscribed", "room": room, "since": since, "last_seq": found.last_seq})
+        )
         rooms.hub.subscribe(feed, room, since)
     elif action == "unsubscribe":
         await _drop(rooms, feed, _room_arg(frame), "requested")

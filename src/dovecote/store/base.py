@@ -113,11 +113,11 @@ class RelayQuota:
 
         target_n, target_b, total_n, total_b = usage
         if total_n + items > self.total_items or total_b + size > self.total_bytes:
-            raise OutboxFull("the relay outbox is full; retry later",
-                             retry_after=self.retry_after)
+            raise OutboxFull("the relay outbox is full; retry later", retry_after=self.retry_after)
         if target_n + items > self.target_items or target_b + size > self.target_bytes:
-            raise RateLimited("relay quota for this target reached; retry later",
-                              retry_after=self.retry_after)
+            raise RateLimited(
+                "relay quota for this target reached; retry later", retry_after=self.retry_after
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,14 +294,19 @@ class Store(abc.ABC):
 
     # --- outbox and dead letters
     @abc.abstractmethod
-    async def outbox_add(self, items: Sequence[NewOutboxItem],
-                         quota: RelayQuota | None = None) -> list[int]:
+    async def outbox_add(
+        self, items: Sequence[NewOutboxItem], quota: RelayQuota | None = None
+    ) -> list[int]:
         """Add outbox items (each dedup_key at most once while pending, or for the dedup
         window when `remember`), within `quota` if given; return the ids of those added."""
 
     @abc.abstractmethod
     async def outbox_lease(
-        self, kinds: Sequence[str], owner: str, limit: int, lease_seconds: float,
+        self,
+        kinds: Sequence[str],
+        owner: str,
+        limit: int,
+        lease_seconds: float,
         exclude_targets: Sequence[str] = (),
     ) -> list[OutboxItem]:
         """Lease due items no live worker holds."""
@@ -312,7 +317,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def outbox_retry(
-        self, item_id: int, owner: str, next_attempt_at: float, attempt: dict[str, Any],
+        self,
+        item_id: int,
+        owner: str,
+        next_attempt_at: float,
+        attempt: dict[str, Any],
         count_attempt: bool = True,
     ) -> None:
         """Release an item for a later attempt, recording this attempt."""
@@ -329,8 +338,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def dlq_list(
-        self, offset: int = 0, limit: int = 100, *, kind: str | None = None,
-        target: str | None = None, reason: str | None = None,
+        self,
+        offset: int = 0,
+        limit: int = 100,
+        *,
+        kind: str | None = None,
+        target: str | None = None,
+        reason: str | None = None,
     ) -> tuple[list[DeadLetter], int]:
         """One page of dead letters, newest first, and the total count.
 
@@ -342,9 +356,7 @@ class Store(abc.ABC):
         """One dead letter."""
 
     @abc.abstractmethod
-    async def dlq_replay(
-        self, ids: Sequence[int] | None = None, target: str | None = None
-    ) -> int:
+    async def dlq_replay(self, ids: Sequence[int] | None = None, target: str | None = None) -> int:
         """Move dead letters back to the outbox with fresh attempts; return how many."""
 
     @abc.abstractmethod

@@ -107,8 +107,13 @@ def split_hosts(url: str, patroni: Sequence[str] = ()) -> list[PgHost]:
 class Hosts:
     """Connects to the leader among the DSN's hosts and watches for it to change."""
 
-    def __init__(self, url: str, patroni: Sequence[str] = (), *,
-                 connect_timeout: float = HOST_CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        url: str,
+        patroni: Sequence[str] = (),
+        *,
+        connect_timeout: float = HOST_CONNECT_TIMEOUT,
+    ) -> None:
         self.hosts = split_hosts(url, patroni)
         self.connect_timeout = connect_timeout
         self.watching = bool(patroni)
@@ -132,8 +137,9 @@ class Hosts:
 
     async def connect(self, *_args: Any, **kwargs: Any) -> Conn:
         """asyncpg's `connect`, host by host with a timeout each (the pool's `connect=`)."""
-        timeout = min(float(kwargs.pop("timeout", None) or self.connect_timeout),
-                      self.connect_timeout)
+        timeout = min(
+            float(kwargs.pop("timeout", None) or self.connect_timeout), self.connect_timeout
+        )
         if self.watching and not self.leaders:
             await self.refresh()
         candidates = self._order()
@@ -143,8 +149,7 @@ class Hosts:
         for host in candidates:
             try:
                 conn = await asyncpg.connect(host.url, timeout=timeout, **kwargs)
-            except (OSError, TimeoutError, asyncpg.PostgresError,
-                    asyncpg.InterfaceError) as exc:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 last = exc
                 log.info("store.host_skipped", host=host.label, error=type(exc).__name__)
                 continue
@@ -174,8 +179,7 @@ class Hosts:
             with contextlib.suppress(Exception):
                 conn.terminate()
         if victims:
-            log.warning("store.host_dropped", host=label, reason=reason,
-                        connections=len(victims))
+            log.warning("store.host_dropped", host=label, reason=reason, connections=len(victims))
         return len(victims)
 
     # ------------------------------------------------------------------ the watch
@@ -233,14 +237,16 @@ class Hosts:
                     self._misses[host.label] = 0
                     leaders.add(host.label)
                     continue
-                self._misses[host.label] = (WATCH_MISSES if answer is False
-                                            else self._misses[host.label] + 1)
+                self._misses[host.label] = (
+                    WATCH_MISSES if answer is False else self._misses[host.label] + 1
+                )
                 if self._misses[host.label] >= WATCH_MISSES:
                     self.drop(host.label, "not the Patroni leader")
                 elif host.label in self.leaders:
                     leaders.add(host.label)  # one missed answer: keep it for now
             if leaders != self.leaders:
-                log.warning("store.leader_changed", leaders=sorted(leaders),
-                            before=sorted(self.leaders))
+                log.warning(
+                    "store.leader_changed", leaders=sorted(leaders), before=sorted(self.leaders)
+                )
             self.leaders = leaders
             self.checked_at = time.monotonic()

@@ -148,15 +148,19 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
     engine = "postgres"
 
     def __init__(
-        self, url: str, *, timeout: float = 5.0, pool_size: int = 10,
-        patroni: Sequence[str] = (), **_: Any
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        pool_size: int = 10,
+        patroni: Sequence[str] = (),
+        **_: Any,
     ) -> None:
         super().__init__()
         self.url = url
         self.timeout = timeout
         self.pool_size = max(1, int(pool_size))
-        self._hosts = Hosts(url, patroni,
-                            connect_timeout=min(HOST_CONNECT_TIMEOUT, timeout))
+        self._hosts = Hosts(url, patroni, connect_timeout=min(HOST_CONNECT_TIMEOUT, timeout))
         self._pool: Any = None
         self._own_pids: set[int] = set()
         # Backends whose last COMMIT stopped waiting for synchronous replication.
@@ -183,9 +187,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         if is_sync_cancel(message):
             self._sync_cancelled.add(conn.get_server_pid())
 
-    async def _call(
-        self, op: str, fn: Callable[[Conn], Awaitable[T]], *, write: bool
-    ) -> T:
+    async def _call(self, op: str, fn: Callable[[Conn], Awaitable[T]], *, write: bool) -> T:
         """Run `fn` on a pooled connection (in a transaction when writing), bounded by
         `timeout`, retrying only what certainly did not commit."""
         if self._pool is None:
@@ -228,9 +230,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                         if pid in self._sync_cancelled:
                             self._sync_cancelled.discard(pid)
                             log.warning("store.commit_unconfirmed", host=self._hosts.host_of(conn))
-                            raise StoreError(
-                                "commit not confirmed by a synchronous standby; retry"
-                            )
+                            raise StoreError("commit not confirmed by a synchronous standby; retry")
                         return result
                     except DRIVER_ERRORS:
                         # A pooled connection whose server went away fails in odd ways
@@ -269,8 +269,11 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         try:
             self._pool = await asyncio.wait_for(
                 asyncpg.create_pool(
-                    self.url, min_size=1, max_size=self.pool_size,
-                    init=self._init_connection, connect=self._hosts.connect,
+                    self.url,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    init=self._init_connection,
+                    connect=self._hosts.connect,
                     **self._connect_options(),
                 ),
                 CONNECT_TIMEOUT + self.timeout,
@@ -306,7 +309,9 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 await conn.execute(sql, timeout=MIGRATION_TIMEOUT)
                 await conn.execute(
                     "INSERT INTO schema_migrations VALUES ($1, $2, $3)",
-                    version, name, time.time(),
+                    version,
+                    name,
+                    time.time(),
                 )
                 log.info("store.migrated", engine=self.engine, version=version, name=name)
 
@@ -420,7 +425,10 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 "VALUES ($1, $2, $3, $4, $4) ON CONFLICT (did) DO UPDATE SET "
                 "state = excluded.state, routing_did = excluded.routing_did, "
                 "updated_at = excluded.updated_at",
-                did, state, routing_did, now,
+                did,
+                state,
+                routing_did,
+                now,
             )
         )
 
@@ -443,7 +451,9 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 inserted = await c.fetchval(
                     "INSERT INTO recipients (recipient, mediatee, created_at) "
                     "VALUES ($1, $2, $3) ON CONFLICT (recipient) DO NOTHING RETURNING 1",
-                    recipient, mediatee, now,
+                    recipient,
+                    mediatee,
+                    now,
                 )
                 if inserted:
                     return "success"
@@ -468,7 +478,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 elif action == "remove":
                     status = await c.execute(
                         "DELETE FROM recipients WHERE recipient = $1 AND mediatee = $2",
-                        recipient, mediatee,
+                        recipient,
+                        mediatee,
                     )
                     results.append("success" if _rowcount(status) else "no_change")
                 else:
@@ -489,7 +500,9 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             rows = await c.fetch(
                 "SELECT recipient FROM recipients WHERE mediatee = $1 ORDER BY recipient "
                 "LIMIT $2 OFFSET $3",
-                mediatee, limit, offset,
+                mediatee,
+                limit,
+                offset,
             )
             return [r[0] for r in rows], int(total)
 
@@ -536,8 +549,14 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                     " ON CONFLICT (recipient, digest) DO NOTHING RETURNING message_id) "
                     "INSERT INTO messages (id, mediatee, recipient, body, size, received_at, "
                     " expires_at) SELECT $1, $2, $3, $4, $5, $6, $7 FROM claim RETURNING 1",
-                    new_id, message.mediatee, message.recipient, message.body, size, now,
-                    message.expires_at, message.digest,
+                    new_id,
+                    message.mediatee,
+                    message.recipient,
+                    message.body,
+                    size,
+                    now,
+                    message.expires_at,
+                    message.digest,
                 )
                 if stored:
                     break
@@ -546,7 +565,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 existing = await c.fetchval(
                     "UPDATE dedup SET message_id = message_id "
                     "WHERE recipient = $1 AND digest = $2 RETURNING message_id",
-                    message.recipient, message.digest,
+                    message.recipient,
+                    message.digest,
                 )
                 if existing is not None:
                     return EnqueueResult(id=existing, duplicate=True)
@@ -563,7 +583,10 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 "message_count = mailboxes.message_count + 1, "
                 "total_bytes = mailboxes.total_bytes + excluded.total_bytes "
                 "RETURNING message_count, total_bytes, pg_notify($3, $4)",
-                message.mediatee, size, CHANNEL, payload,
+                message.mediatee,
+                size,
+                CHANNEL,
+                payload,
             )
             if count > max_messages or total > max_bytes:
                 raise MailboxFull(
@@ -613,8 +636,9 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         return [_message(row) for row in rows]
 
     async def last_seq(self, mediatee: str) -> int:
-        value = await self._read(lambda c: c.fetchval(
-            "SELECT MAX(seq) FROM messages WHERE mediatee = $1", mediatee))
+        value = await self._read(
+            lambda c: c.fetchval("SELECT MAX(seq) FROM messages WHERE mediatee = $1", mediatee)
+        )
         return int(value or 0)
 
     async def ack(self, mediatee: str, ids: Sequence[str]) -> list[StoredMessage]:
@@ -623,20 +647,21 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         async def fn(c: Conn) -> list[StoredMessage]:
             if not wanted:
                 return []
-            await c.execute(
-                "SELECT 1 FROM mailboxes WHERE mediatee = $1 FOR UPDATE", mediatee
-            )
+            await c.execute("SELECT 1 FROM mailboxes WHERE mediatee = $1 FOR UPDATE", mediatee)
             rows = await c.fetch(
                 "DELETE FROM messages WHERE mediatee = $1 AND id = ANY($2::text[]) "
                 "RETURNING id, seq, mediatee, recipient, body, received_at, expires_at",
-                mediatee, wanted,
+                mediatee,
+                wanted,
             )
             removed = sorted((_message(row) for row in rows), key=lambda m: m.seq)
             if removed:
                 await c.execute(
                     "UPDATE mailboxes SET message_count = message_count - $2, "
                     "total_bytes = total_bytes - $3 WHERE mediatee = $1",
-                    mediatee, len(removed), sum(len(m.body) for m in removed),
+                    mediatee,
+                    len(removed),
+                    sum(len(m.body) for m in removed),
                 )
             return removed
 
@@ -647,7 +672,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             due = await c.fetch(
                 "SELECT seq, mediatee FROM messages WHERE expires_at <= $1 "
                 "ORDER BY expires_at LIMIT $2",
-                now, limit,
+                now,
+                limit,
             )
             by_box: dict[str, list[int]] = {}
             for seq, mediatee in due:
@@ -656,13 +682,12 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             # Mailbox rows in one global order, each before its messages: no deadlocks
             # with acks, enqueues or another instance's sweep.
             for mediatee in sorted(by_box):
-                await c.execute(
-                    "SELECT 1 FROM mailboxes WHERE mediatee = $1 FOR UPDATE", mediatee
-                )
+                await c.execute("SELECT 1 FROM mailboxes WHERE mediatee = $1 FOR UPDATE", mediatee)
                 rows = await c.fetch(
                     "DELETE FROM messages WHERE seq = ANY($1::bigint[]) AND expires_at <= $2 "
                     "RETURNING id, recipient, body, size, received_at",
-                    by_box[mediatee], now,
+                    by_box[mediatee],
+                    now,
                 )
                 if not rows:
                     continue  # acknowledged or expired by someone else meanwhile
@@ -671,16 +696,22 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                     "history, created_at, dead_at) "
                     "VALUES ('mailbox', $1, $2, $3, 'expired', '[]', $4, $5)",
                     [
-                        (recipient, body,
-                         json.dumps({"message_id": msg_id, "mediatee": mediatee}),
-                         received_at, now)
+                        (
+                            recipient,
+                            body,
+                            json.dumps({"message_id": msg_id, "mediatee": mediatee}),
+                            received_at,
+                            now,
+                        )
                         for msg_id, recipient, body, _size, received_at in rows
                     ],
                 )
                 await c.execute(
                     "UPDATE mailboxes SET message_count = message_count - $2, "
                     "total_bytes = total_bytes - $3 WHERE mediatee = $1",
-                    mediatee, len(rows), sum(row[3] for row in rows),
+                    mediatee,
+                    len(rows),
+                    sum(row[3] for row in rows),
                 )
                 moved += len(rows)
             await c.execute("DELETE FROM dedup WHERE created_at < $1", dedup_before)
@@ -690,8 +721,9 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         return await self._write(fn)
 
     # ------------------------------------------------------------------ outbox
-    async def outbox_add(self, items: Sequence[NewOutboxItem],
-                         quota: RelayQuota | None = None) -> list[int]:
+    async def outbox_add(
+        self, items: Sequence[NewOutboxItem], quota: RelayQuota | None = None
+    ) -> list[int]:
         now = time.time()
 
         async def fn(c: Conn) -> list[int]:
@@ -703,11 +735,18 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             # All already queued (or remembered): rewrite those rows so that this COMMIT
             # waits for a standby, as a duplicate's success answer must (pg_ha).
             keys = [item.dedup_key for item in items if item.dedup_key is not None]
-            touched = _rowcount(await c.execute(
-                "UPDATE outbox SET dedup_key = dedup_key WHERE dedup_key = ANY($1::text[])",
-                keys)) + _rowcount(await c.execute(
-                "UPDATE outbox_keys SET created_at = created_at "
-                "WHERE dedup_key = ANY($1::text[])", keys))
+            touched = _rowcount(
+                await c.execute(
+                    "UPDATE outbox SET dedup_key = dedup_key WHERE dedup_key = ANY($1::text[])",
+                    keys,
+                )
+            ) + _rowcount(
+                await c.execute(
+                    "UPDATE outbox_keys SET created_at = created_at "
+                    "WHERE dedup_key = ANY($1::text[])",
+                    keys,
+                )
+            )
             if not touched:  # delivered and forgotten meanwhile
                 raise StoreError("outbox entry changed meanwhile; retry")
             return ids
@@ -715,7 +754,11 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         return await self._write(fn)
 
     async def outbox_lease(
-        self, kinds: Sequence[str], owner: str, limit: int, lease_seconds: float,
+        self,
+        kinds: Sequence[str],
+        owner: str,
+        limit: int,
+        lease_seconds: float,
         exclude_targets: Sequence[str] = (),
     ) -> list[OutboxItem]:
         now = time.time()
@@ -728,7 +771,12 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 "UPDATE outbox o SET lease_owner = $1, lease_until = $2 FROM due "
                 "WHERE o.id = due.id RETURNING o.id, o.kind, o.target, o.payload, o.headers, "
                 "o.created_at, o.next_attempt_at, o.attempts, o.history",
-                owner, now + lease_seconds, list(kinds), now, list(exclude_targets), limit,
+                owner,
+                now + lease_seconds,
+                list(kinds),
+                now,
+                list(exclude_targets),
+                limit,
             )
         )
         items = [_outbox_item(row) for row in rows]
@@ -742,13 +790,18 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         )
 
     async def outbox_retry(
-        self, item_id: int, owner: str, next_attempt_at: float, attempt: dict[str, Any],
+        self,
+        item_id: int,
+        owner: str,
+        next_attempt_at: float,
+        attempt: dict[str, Any],
         count_attempt: bool = True,
     ) -> None:
         async def fn(c: Conn) -> None:
             history_json = await c.fetchval(
                 "SELECT history FROM outbox WHERE id = $1 AND lease_owner = $2 FOR UPDATE",
-                item_id, owner,
+                item_id,
+                owner,
             )
             if history_json is None:
                 return
@@ -758,7 +811,9 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             await c.execute(
                 "UPDATE outbox SET next_attempt_at = $2, attempts = attempts + $3, "
                 "history = $4, lease_owner = NULL, lease_until = NULL WHERE id = $1",
-                item_id, next_attempt_at, 1 if count_attempt else 0,
+                item_id,
+                next_attempt_at,
+                1 if count_attempt else 0,
                 json.dumps(history[-100:]),
             )
 
@@ -773,7 +828,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             row = await c.fetchrow(
                 "DELETE FROM outbox WHERE id = $1 AND lease_owner = $2 "
                 "RETURNING kind, target, payload, headers, history, created_at, dedup_key",
-                item_id, owner,
+                item_id,
+                owner,
             )
             if row is None:
                 return
@@ -784,7 +840,14 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             await c.execute(
                 "INSERT INTO dead_letters (kind, target, payload, headers, reason, history, "
                 "created_at, dead_at, dedup_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                kind, target, payload, headers, reason, json.dumps(history), created_at, now,
+                kind,
+                target,
+                payload,
+                headers,
+                reason,
+                json.dumps(history),
+                created_at,
+                now,
                 dedup_key,
             )
 
@@ -793,22 +856,29 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
     async def outbox_release(self, owner: str) -> int:
         status = await self._write(
             lambda c: c.execute(
-                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL "
-                "WHERE lease_owner = $1",
+                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
                 owner,
             )
         )
         return _rowcount(status)
 
     async def dlq_list(
-        self, offset: int = 0, limit: int = 100, *, kind: str | None = None,
-        target: str | None = None, reason: str | None = None,
+        self,
+        offset: int = 0,
+        limit: int = 100,
+        *,
+        kind: str | None = None,
+        target: str | None = None,
+        reason: str | None = None,
     ) -> tuple[list[DeadLetter], int]:
         offset, limit = _page(offset, limit)
         clauses: list[str] = ["TRUE"]
         params: list[Any] = []
-        for value, test in ((kind, "kind = ${}"), (target, "strpos(target, ${}) > 0"),
-                            (reason, "strpos(reason, ${}) > 0")):
+        for value, test in (
+            (kind, "kind = ${}"),
+            (target, "strpos(target, ${}) > 0"),
+            (reason, "strpos(reason, ${}) > 0"),
+        ):
             if value is not None:
                 params.append(value)
                 clauses.append(test.format(len(params)))
@@ -816,13 +886,14 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         n = len(params)
 
         async def fn(c: Conn) -> tuple[list[DeadLetter], int]:
-            total = await c.fetchval(f"SELECT COUNT(*) FROM dead_letters WHERE {where}",
-                                     *params)
+            total = await c.fetchval(f"SELECT COUNT(*) FROM dead_letters WHERE {where}", *params)
             rows = await c.fetch(
                 "SELECT id, kind, target, payload, headers, reason, history, created_at, "
                 f"dead_at FROM dead_letters WHERE {where} ORDER BY id DESC "
                 f"LIMIT ${n + 1} OFFSET ${n + 2}",
-                *params, limit, offset,
+                *params,
+                limit,
+                offset,
             )
             return [_dead_letter(row) for row in rows], int(total)
 
@@ -838,9 +909,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         )
         return _dead_letter(row) if row else None
 
-    async def dlq_replay(
-        self, ids: Sequence[int] | None = None, target: str | None = None
-    ) -> int:
+    async def dlq_replay(self, ids: Sequence[int] | None = None, target: str | None = None) -> int:
         now = time.time()
         where, params = _dlq_filter(ids, target, None)
 
@@ -857,8 +926,15 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 "next_attempt_at, attempts, history, dedup_key) "
                 "VALUES ($1, $2, $3, $4, $5, $5, 0, $6, $7) ON CONFLICT (dedup_key) DO NOTHING",
                 [
-                    (kind, tgt, payload, headers, now,
-                     json.dumps([*json.loads(history), replay_note][-100:]), dedup_key)
+                    (
+                        kind,
+                        tgt,
+                        payload,
+                        headers,
+                        now,
+                        json.dumps([*json.loads(history), replay_note][-100:]),
+                        dedup_key,
+                    )
                     for kind, tgt, payload, headers, history, dedup_key in rows
                 ],
             )
@@ -883,8 +959,13 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 "connections) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE "
                 "SET last_beat = excluded.last_beat, level = excluded.level, "
                 "connections = excluded.connections",
-                info.id, info.host, info.version, info.started_at, info.last_beat,
-                info.level, info.connections,
+                info.id,
+                info.host,
+                info.version,
+                info.started_at,
+                info.last_beat,
+                info.level,
+                info.connections,
             )
         )
 
@@ -937,17 +1018,21 @@ def _message(row: Sequence[Any]) -> StoredMessage:
     return StoredMessage(msg_id, seq, mediatee, recipient, bytes(body), received_at, expires_at)
 
 
-async def check_relay_quota(c: Conn, quota: RelayQuota,
-                            items: Sequence[NewOutboxItem]) -> None:
+async def check_relay_quota(c: Conn, quota: RelayQuota, items: Sequence[NewOutboxItem]) -> None:
     """Raise (RelayQuota.check) if adding the new ones of `items` passes a relay quota."""
     # One relay add at a time cluster-wide, so concurrent accepts cannot each
     # see room under the quota; other outbox traffic does not take this lock.
     await c.execute("SELECT pg_advisory_xact_lock(hashtext('dovecote.relay'))")
     keys = [i.dedup_key for i in items if i.dedup_key is not None]
-    known = {r[0] for r in await c.fetch(
-        "SELECT dedup_key FROM outbox WHERE dedup_key = ANY($1::text[]) "
-        "UNION SELECT dedup_key FROM outbox_keys "
-        "WHERE dedup_key = ANY($1::text[])", keys)}
+    known = {
+        r[0]
+        for r in await c.fetch(
+            "SELECT dedup_key FROM outbox WHERE dedup_key = ANY($1::text[]) "
+            "UNION SELECT dedup_key FROM outbox_keys "
+            "WHERE dedup_key = ANY($1::text[])",
+            keys,
+        )
+    }
     fresh = [i for i in items if i.dedup_key is None or i.dedup_key not in known]
     row = await c.fetchrow(
         "SELECT COUNT(*) FILTER (WHERE left(target, $1) = $2), "
@@ -955,26 +1040,40 @@ async def check_relay_quota(c: Conn, quota: RelayQuota,
         "(WHERE left(target, $1) = $2), 0), COUNT(*), "
         "COALESCE(SUM(octet_length(payload)), 0) "
         "FROM outbox WHERE kind = 'forward'",
-        len(quota.origin), quota.origin,
+        len(quota.origin),
+        quota.origin,
     )
-    quota.check(tuple(int(v) for v in row),  # type: ignore[arg-type]
-                len(fresh), sum(len(i.payload) for i in fresh))
+    quota.check(
+        tuple(int(v) for v in row),  # type: ignore[arg-type]
+        len(fresh),
+        sum(len(i.payload) for i in fresh),
+    )
 
 
 async def _insert_outbox(c: Conn, items: Sequence[NewOutboxItem], now: float) -> list[int]:
     ids: list[int] = []
     for item in items:
-        if item.remember and item.dedup_key is not None and await c.fetchval(
-            "INSERT INTO outbox_keys (dedup_key, created_at) VALUES ($1, $2) "
-            "ON CONFLICT (dedup_key) DO NOTHING RETURNING 1",
-            item.dedup_key, now,
-        ) is None:
+        if (
+            item.remember
+            and item.dedup_key is not None
+            and await c.fetchval(
+                "INSERT INTO outbox_keys (dedup_key, created_at) VALUES ($1, $2) "
+                "ON CONFLICT (dedup_key) DO NOTHING RETURNING 1",
+                item.dedup_key,
+                now,
+            )
+            is None
+        ):
             continue  # added within the dedup window (maybe delivered since)
         item_id = await c.fetchval(
             "INSERT INTO outbox (kind, target, payload, headers, dedup_key, created_at, "
             "next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $6) "
             "ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-            item.kind, item.target, item.payload, json.dumps(item.headers), item.dedup_key,
+            item.kind,
+            item.target,
+            item.payload,
+            json.dumps(item.headers),
+            item.dedup_key,
             now,
         )
         if item_id is not None:

@@ -112,28 +112,52 @@ class PostgresRoomsMixin(RoomStore):
             created = await c.fetchval(
                 "INSERT INTO rooms (id, name, metadata, created_by, created_at, last_seq) "
                 "VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT (id) DO NOTHING RETURNING id",
-                room.id, room.name, _dump(room.metadata), room.created_by, now,
+                room.id,
+                room.name,
+                _dump(room.metadata),
+                room.created_by,
+                now,
             )
             if created is None:
                 raise Conflict(f"room {room.id!r} already exists")
-            await _emit(c, room.id, ROOM_CREATED, room.created_by, None,
-                        {"name": room.name, "metadata": room.metadata}, now)
+            await _emit(
+                c,
+                room.id,
+                ROOM_CREATED,
+                room.created_by,
+                None,
+                {"name": room.name, "metadata": room.metadata},
+                now,
+            )
             for participant, role in room.participants:
                 await c.execute(
                     "INSERT INTO room_participants (room, participant, role, added_at) "
                     "VALUES ($1, $2, $3, $4) ON CONFLICT (room, participant) DO UPDATE "
-                    "SET role = excluded.role", room.id, participant, role, now,
+                    "SET role = excluded.role",
+                    room.id,
+                    participant,
+                    role,
+                    now,
                 )
-                await _emit(c, room.id, PARTICIPANT_ADDED, room.created_by, None,
-                            {"participant": participant, "role": role}, now)
-            return _room(await c.fetchrow(
-                f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = $1", room.id))
+                await _emit(
+                    c,
+                    room.id,
+                    PARTICIPANT_ADDED,
+                    room.created_by,
+                    None,
+                    {"participant": participant, "role": role},
+                    now,
+                )
+            return _room(
+                await c.fetchrow(f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = $1", room.id)
+            )
 
         return await self._room_write(room.id, fn)
 
     async def room_get(self, room: str) -> Room | None:
-        row = await self._read(lambda c: c.fetchrow(
-            f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = $1", room))
+        row = await self._read(
+            lambda c: c.fetchrow(f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = $1", room)
+        )
         return _room(row) if row else None
 
     async def room_list(self, participant: str | None, after: str, limit: int) -> list[Room]:
@@ -141,14 +165,17 @@ class PostgresRoomsMixin(RoomStore):
             if participant is None:
                 rows = await c.fetch(
                     f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id > $1 ORDER BY id LIMIT $2",
-                    after, limit,
+                    after,
+                    limit,
                 )
             else:
                 rows = await c.fetch(
                     "SELECT r.id, r.name, r.metadata, r.created_by, r.created_at, r.last_seq "
                     "FROM room_participants p JOIN rooms r ON r.id = p.room "
                     "WHERE p.participant = $1 AND p.room > $2 ORDER BY p.room LIMIT $3",
-                    participant, after, limit,
+                    participant,
+                    after,
+                    limit,
                 )
             return [_room(row) for row in rows]
 
@@ -171,7 +198,8 @@ class PostgresRoomsMixin(RoomStore):
                 return None
             rows = await c.fetch(
                 "SELECT room, participant, role, added_at FROM room_participants "
-                'WHERE room = $1 ORDER BY participant COLLATE "C"', room,
+                'WHERE room = $1 ORDER BY participant COLLATE "C"',
+                room,
             )
             return [Participant(*row) for row in rows]
 
@@ -185,25 +213,33 @@ class PostgresRoomsMixin(RoomStore):
         async def fn(c: Conn) -> tuple[Participant, RoomEvent | None]:
             check_manage(actor, await _lock_room(c, room, actor), manage)
             row = await c.fetchrow(
-                "SELECT role, added_at FROM room_participants "
-                "WHERE room = $1 AND participant = $2", room, participant,
+                "SELECT role, added_at FROM room_participants WHERE room = $1 AND participant = $2",
+                room,
+                participant,
             )
             if row is not None and row[0] == role:
                 return Participant(room, participant, role, row[1]), None
             if row is None:
                 await c.execute(
                     "INSERT INTO room_participants (room, participant, role, added_at) "
-                    "VALUES ($1, $2, $3, $4)", room, participant, role, now,
+                    "VALUES ($1, $2, $3, $4)",
+                    room,
+                    participant,
+                    role,
+                    now,
                 )
                 added_at, kind = now, PARTICIPANT_ADDED
             else:
                 await c.execute(
-                    "UPDATE room_participants SET role = $3 WHERE room = $1 "
-                    "AND participant = $2", room, participant, role,
+                    "UPDATE room_participants SET role = $3 WHERE room = $1 AND participant = $2",
+                    room,
+                    participant,
+                    role,
                 )
                 added_at, kind = row[1], PARTICIPANT_UPDATED
-            event = await _emit(c, room, kind, actor, None,
-                                {"participant": participant, "role": role}, now)
+            event = await _emit(
+                c, room, kind, actor, None, {"participant": participant, "role": role}, now
+            )
             return Participant(room, participant, role, added_at), event
 
         return await self._room_write(room, fn)
@@ -218,13 +254,21 @@ class PostgresRoomsMixin(RoomStore):
             if actor != participant:
                 check_manage(actor, role, manage)
             role = await c.fetchval(
-                "DELETE FROM room_participants WHERE room = $1 AND participant = $2 "
-                "RETURNING role", room, participant,
+                "DELETE FROM room_participants WHERE room = $1 AND participant = $2 RETURNING role",
+                room,
+                participant,
             )
             if role is None:
                 raise NotFound(f"{participant!r} is not a participant of this room")
-            return await _emit(c, room, PARTICIPANT_REMOVED, actor, None,
-                               {"participant": participant, "role": role}, now)
+            return await _emit(
+                c,
+                room,
+                PARTICIPANT_REMOVED,
+                actor,
+                None,
+                {"participant": participant, "role": role},
+                now,
+            )
 
         return await self._room_write(room, fn)
 
@@ -240,7 +284,9 @@ class PostgresRoomsMixin(RoomStore):
                 row = await c.fetchrow(
                     "SELECT request_hash, message_id, created_at FROM room_idempotency "
                     "WHERE room = $1 AND participant = $2 AND key = $3",
-                    post.room, post.author, post.idempotency_key,
+                    post.room,
+                    post.author,
+                    post.idempotency_key,
                 )
                 if row is not None and row[2] >= idempotency_since:
                     if row[0] != post.request_hash:
@@ -252,42 +298,72 @@ class PostgresRoomsMixin(RoomStore):
                         await c.execute(
                             "UPDATE room_idempotency SET created_at = created_at "
                             "WHERE room = $1 AND participant = $2 AND key = $3",
-                            post.room, post.author, post.idempotency_key,
+                            post.room,
+                            post.author,
+                            post.idempotency_key,
                         )
                         return PostResult(original, duplicate=True)
                 if row is not None:
                     await c.execute(
                         "DELETE FROM room_idempotency WHERE room = $1 AND participant = $2 "
-                        "AND key = $3", post.room, post.author, post.idempotency_key,
+                        "AND key = $3",
+                        post.room,
+                        post.author,
+                        post.idempotency_key,
                     )
-            event = await _emit(c, post.room, MESSAGE_POSTED, post.author, message_id,
-                                post.content, now, event_id=message_id)
+            event = await _emit(
+                c,
+                post.room,
+                MESSAGE_POSTED,
+                post.author,
+                message_id,
+                post.content,
+                now,
+                event_id=message_id,
+            )
             await c.execute(
                 "INSERT INTO room_messages (id, room, seq, author, content, created_at) "
                 "VALUES ($1, $2, $3, $4, $5, $6)",
-                message_id, post.room, event.seq, post.author, _dump(post.content), now,
+                message_id,
+                post.room,
+                event.seq,
+                post.author,
+                _dump(post.content),
+                now,
             )
             if post.idempotency_key is not None:
                 await c.execute(
                     "INSERT INTO room_idempotency (room, participant, key, request_hash, "
                     "message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-                    post.room, post.author, post.idempotency_key, post.request_hash,
-                    message_id, now,
+                    post.room,
+                    post.author,
+                    post.idempotency_key,
+                    post.request_hash,
+                    message_id,
+                    now,
                 )
             if post.notify:
-                offline = [row[0] for row in await c.fetch(
-                    "SELECT participant FROM room_participants WHERE room = $1 "
-                    "AND participant != $2 AND participant NOT IN (SELECT participant "
-                    "FROM room_presence WHERE room = $1 AND until > $3) "
-                    'ORDER BY participant COLLATE "C"', post.room, post.author, now,
-                )]
+                offline = [
+                    row[0]
+                    for row in await c.fetch(
+                        "SELECT participant FROM room_participants WHERE room = $1 "
+                        "AND participant != $2 AND participant NOT IN (SELECT participant "
+                        "FROM room_presence WHERE room = $1 AND until > $3) "
+                        'ORDER BY participant COLLATE "C"',
+                        post.room,
+                        post.author,
+                        now,
+                    )
+                ]
                 from dovecote.store.postgres import _insert_outbox  # (imports this module)
 
                 await _insert_outbox(
-                    c, room_notifications(post, message_id, event.seq, offline), now)
+                    c, room_notifications(post, message_id, event.seq, offline), now
+                )
             await c.execute("SELECT pg_notify($1, $2)", ROOM_CHANNEL, post.room)
-            message = RoomMessage(message_id, post.room, event.seq, post.author,
-                                  post.content, now, None, None, {})
+            message = RoomMessage(
+                message_id, post.room, event.seq, post.author, post.content, now, None, None, {}
+            )
             return PostResult(message, duplicate=False)
 
         result = await self._write(fn)
@@ -311,7 +387,9 @@ class PostgresRoomsMixin(RoomStore):
                 raise Conflict("the message is deleted")
             await c.execute(
                 "UPDATE room_messages SET content = $2, edited_at = $3 WHERE id = $1",
-                message_id, _dump(content), now,
+                message_id,
+                _dump(content),
+                now,
             )
             return await _emit(c, room, MESSAGE_EDITED, actor, message_id, content, now)
 
@@ -331,8 +409,7 @@ class PostgresRoomsMixin(RoomStore):
             await c.execute(
                 "UPDATE room_messages SET deleted_at = $2 WHERE id = $1", message_id, now
             )
-            return await _emit(c, room, MESSAGE_DELETED, actor, message_id,
-                               {"author": author}, now)
+            return await _emit(c, room, MESSAGE_DELETED, actor, message_id, {"author": author}, now)
 
         return await self._room_write(room, fn)
 
@@ -351,17 +428,30 @@ class PostgresRoomsMixin(RoomStore):
                 changed = await c.fetchval(
                     "INSERT INTO room_reactions (message_id, participant, emoji, created_at) "
                     "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1",
-                    message_id, participant, emoji, now,
+                    message_id,
+                    participant,
+                    emoji,
+                    now,
                 )
             else:
                 changed = await c.fetchval(
                     "DELETE FROM room_reactions WHERE message_id = $1 AND participant = $2 "
-                    "AND emoji = $3 RETURNING 1", message_id, participant, emoji,
+                    "AND emoji = $3 RETURNING 1",
+                    message_id,
+                    participant,
+                    emoji,
                 )
             event = None
             if changed:
-                event = await _emit(c, room, REACTION_ADDED if present else REACTION_REMOVED,
-                                    participant, message_id, {"emoji": emoji}, now)
+                event = await _emit(
+                    c,
+                    room,
+                    REACTION_ADDED if present else REACTION_REMOVED,
+                    participant,
+                    message_id,
+                    {"emoji": emoji},
+                    now,
+                )
                 await c.execute("SELECT pg_notify($1, $2)", ROOM_CHANNEL, room)
             return ReactionResult(event, await _reactions(c, message_id))
 
@@ -372,7 +462,11 @@ class PostgresRoomsMixin(RoomStore):
 
     # ------------------------------------------------------------------ history
     async def room_events(
-        self, room: str, *, after: int | None = None, before: int | None = None,
+        self,
+        room: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
         limit: int = 100,
     ) -> EventPage | None:
         async def fn(c: Conn) -> EventPage | None:
@@ -387,12 +481,23 @@ class PostgresRoomsMixin(RoomStore):
                 "m.deleted_at FROM room_events e LEFT JOIN room_messages m "
                 "ON m.id = e.message_id WHERE e.room = $1 AND e.seq > $2 AND e.seq < $3 "
                 f"ORDER BY e.seq {'DESC' if newest_first else 'ASC'} LIMIT $4",
-                room, low, high, limit,
+                room,
+                low,
+                high,
+                limit,
             )
             ordered = list(reversed(rows)) if newest_first else list(rows)
             events = [
-                RoomEvent(room, seq, eid, etype, actor, mid,
-                          visible_data(etype, json.loads(data), deleted is not None), at)
+                RoomEvent(
+                    room,
+                    seq,
+                    eid,
+                    etype,
+                    actor,
+                    mid,
+                    visible_data(etype, json.loads(data), deleted is not None),
+                    at,
+                )
                 for seq, eid, etype, actor, mid, data, at, deleted in ordered
             ]
             return EventPage(events, int(last_seq))
@@ -417,8 +522,7 @@ class PostgresRoomsMixin(RoomStore):
     async def presence_clear(self, instance: str, entries: Sequence[tuple[str, str]]) -> None:
         async def fn(c: Conn) -> None:
             await c.executemany(
-                "DELETE FROM room_presence WHERE room = $1 AND participant = $2 "
-                "AND instance = $3",
+                "DELETE FROM room_presence WHERE room = $1 AND participant = $2 AND instance = $3",
                 [(room, participant, instance) for room, participant in entries],
             )
 
@@ -430,17 +534,25 @@ class PostgresRoomsMixin(RoomStore):
         now = time.time()
 
         async def fn(c: Conn) -> int:
-            ids = [row[0] for row in await c.fetch(
-                "UPDATE room_messages SET content = NULL, purged_at = $1 WHERE id IN ("
-                " SELECT id FROM room_messages WHERE deleted_at IS NOT NULL"
-                " AND purged_at IS NULL AND deleted_at < $2 LIMIT $3"
-                " FOR UPDATE SKIP LOCKED) RETURNING id",
-                now, deleted_before, PURGE_BATCH,
-            )]
+            ids = [
+                row[0]
+                for row in await c.fetch(
+                    "UPDATE room_messages SET content = NULL, purged_at = $1 WHERE id IN ("
+                    " SELECT id FROM room_messages WHERE deleted_at IS NOT NULL"
+                    " AND purged_at IS NULL AND deleted_at < $2 LIMIT $3"
+                    " FOR UPDATE SKIP LOCKED) RETURNING id",
+                    now,
+                    deleted_before,
+                    PURGE_BATCH,
+                )
+            ]
             if ids:
                 await c.execute(
                     "UPDATE room_events SET data = $1 WHERE message_id = ANY($2::text[]) "
-                    "AND type = ANY($3::text[])", _dump(REDACTED), ids, list(CONTENT_EVENTS),
+                    "AND type = ANY($3::text[])",
+                    _dump(REDACTED),
+                    ids,
+                    list(CONTENT_EVENTS),
                 )
             await c.execute(
                 "DELETE FROM room_idempotency WHERE created_at < $1", idempotency_before
@@ -458,7 +570,8 @@ async def _lock_room(c: Conn, room: str, actor: str) -> Role | None:
     row = await c.fetchrow(
         "SELECT r.last_seq, p.role FROM rooms r LEFT JOIN room_participants p "
         "ON p.room = r.id AND p.participant = $2 WHERE r.id = $1 FOR UPDATE OF r",
-        room, actor,
+        room,
+        actor,
     )
     if row is None:
         raise NotFound(f"no room {room!r}")
@@ -468,14 +581,21 @@ async def _lock_room(c: Conn, room: str, actor: str) -> Role | None:
 async def _role(c: Conn, room: str, participant: str) -> Role | None:
     role = await c.fetchval(
         "SELECT role FROM room_participants WHERE room = $1 AND participant = $2",
-        room, participant,
+        room,
+        participant,
     )
     return cast(Role, role) if role is not None else None
 
 
 async def _emit(
-    c: Conn, room: str, event_type: str, actor: str, message_id: str | None,
-    data: dict[str, Any], now: float, event_id: str | None = None,
+    c: Conn,
+    room: str,
+    event_type: str,
+    actor: str,
+    message_id: str | None,
+    data: dict[str, Any],
+    now: float,
+    event_id: str | None = None,
 ) -> RoomEvent:
     """Store one event under the room's next seq (same transaction as the change)."""
     seq = await c.fetchval(
@@ -483,12 +603,20 @@ async def _emit(
     )
     if seq is None:
         raise NotFound(f"no room {room!r}")
-    event = RoomEvent(room, int(seq), event_id or uuid.uuid4().hex, event_type, actor,
-                      message_id, data, now)
+    event = RoomEvent(
+        room, int(seq), event_id or uuid.uuid4().hex, event_type, actor, message_id, data, now
+    )
     await c.execute(
         "INSERT INTO room_events (room, seq, id, type, actor, message_id, data, created_at) "
         "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        room, event.seq, event.id, event_type, actor, message_id, _dump(data), now,
+        room,
+        event.seq,
+        event.id,
+        event_type,
+        actor,
+        message_id,
+        _dump(data),
+        now,
     )
     return event
 
@@ -496,7 +624,8 @@ async def _emit(
 async def _message_head(c: Conn, room: str, message_id: str) -> tuple[str, float | None]:
     row = await c.fetchrow(
         "SELECT author, deleted_at FROM room_messages WHERE id = $1 AND room = $2",
-        message_id, room,
+        message_id,
+        room,
     )
     if row is None:
         raise NotFound(f"no message {message_id!r} in this room")
@@ -507,7 +636,8 @@ async def _reactions(c: Conn, message_id: str) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for emoji, participant in await c.fetch(
         "SELECT emoji, participant FROM room_reactions WHERE message_id = $1 "
-        'ORDER BY emoji COLLATE "C", created_at, participant COLLATE "C"', message_id,
+        'ORDER BY emoji COLLATE "C", created_at, participant COLLATE "C"',
+        message_id,
     ):
         found.setdefault(emoji, []).append(participant)
     return found
@@ -516,13 +646,20 @@ async def _reactions(c: Conn, message_id: str) -> dict[str, list[str]]:
 async def _message(c: Conn, room: str, message_id: str) -> RoomMessage | None:
     row = await c.fetchrow(
         f"SELECT {_MESSAGE_COLUMNS} FROM room_messages WHERE id = $1 AND room = $2",
-        message_id, room,
+        message_id,
+        room,
     )
     if row is None:
         return None
     mid, room_id, seq, author, content, created_at, edited_at, deleted_at = row
     return RoomMessage(
-        mid, room_id, int(seq), author,
+        mid,
+        room_id,
+        int(seq),
+        author,
         json.loads(content) if content is not None and deleted_at is None else None,
-        created_at, edited_at, deleted_at, await _reactions(c, mid),
+        created_at,
+        edited_at,
+        deleted_at,
+        await _reactions(c, mid),
     )

@@ -13,15 +13,26 @@ from dovecote.store.v1_base import V1Connection, V1Store
 T = TypeVar("T")
 Conn = Any  # asyncpg.Connection (asyncpg ships no type information)
 
-_COLUMNS = ("their_verkey, connection_id, their_did, protocol, state, endpoint, routing_keys, "
-            "device, created_at")
+_COLUMNS = (
+    "their_verkey, connection_id, their_did, protocol, state, endpoint, routing_keys, "
+    "device, created_at"
+)
 
 
 def _row(row: Any) -> V1Connection | None:
     if row is None:
         return None
-    return V1Connection(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]),
-                        json.loads(row[7]), row[8])
+    return V1Connection(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        json.loads(row[6]),
+        json.loads(row[7]),
+        row[8],
+    )
 
 
 class PostgresV1Mixin(V1Store):
@@ -45,8 +56,15 @@ class PostgresV1Mixin(V1Store):
                 "state = excluded.state, endpoint = excluded.endpoint, "
                 "routing_keys = excluded.routing_keys, updated_at = excluded.updated_at "
                 f"RETURNING {_COLUMNS}",
-                conn.their_verkey, conn.connection_id, conn.their_did, conn.protocol,
-                conn.state, conn.endpoint, json.dumps(conn.routing_keys), now)
+                conn.their_verkey,
+                conn.connection_id,
+                conn.their_did,
+                conn.protocol,
+                conn.state,
+                conn.endpoint,
+                json.dumps(conn.routing_keys),
+                now,
+            )
             return _row(row)
 
         saved = await self._write(fn)
@@ -55,8 +73,11 @@ class PostgresV1Mixin(V1Store):
 
     async def v1_connection_get(self, their_verkey: str) -> V1Connection | None:
         async def fn(c: Conn) -> V1Connection | None:
-            return _row(await c.fetchrow(
-                f"SELECT {_COLUMNS} FROM v1_connections WHERE their_verkey = $1", their_verkey))
+            return _row(
+                await c.fetchrow(
+                    f"SELECT {_COLUMNS} FROM v1_connections WHERE their_verkey = $1", their_verkey
+                )
+            )
 
         return await self._read(fn)
 
@@ -64,13 +85,17 @@ class PostgresV1Mixin(V1Store):
         async def fn(c: Conn) -> bool:
             status = await c.execute(
                 "UPDATE v1_connections SET device = $1, updated_at = $2 WHERE their_verkey = $3",
-                json.dumps(device), time.time(), their_verkey)
+                json.dumps(device),
+                time.time(),
+                their_verkey,
+            )
             return bool(status.endswith(" 1"))
 
         return await self._write(fn)
 
-    async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem,
-                            quota: RelayQuota | None = None) -> bool:
+    async def v1_relay_once(
+        self, recipient: str, digest: str, item: NewOutboxItem, quota: RelayQuota | None = None
+    ) -> bool:
         from dovecote.store.postgres import _insert_outbox, check_relay_quota
 
         now = time.time()
@@ -79,12 +104,18 @@ class PostgresV1Mixin(V1Store):
             inserted = await c.fetchval(
                 "INSERT INTO dedup (recipient, digest, message_id, created_at) "
                 "VALUES ($1, $2, 'outbox', $3) ON CONFLICT DO NOTHING RETURNING 1",
-                recipient, digest, now)
+                recipient,
+                digest,
+                now,
+            )
             if inserted is None:
                 # A write, so that the duplicate's success answer also waits for the
                 # synchronous standby (store/pg_ha.py), like Store.enqueue's duplicates.
-                await c.execute("UPDATE dedup SET message_id = message_id "
-                                "WHERE recipient = $1 AND digest = $2", recipient, digest)
+                await c.execute(
+                    "UPDATE dedup SET message_id = message_id WHERE recipient = $1 AND digest = $2",
+                    recipient,
+                    digest,
+                )
                 return False
             if quota is not None:
                 await check_relay_quota(c, quota, [item])

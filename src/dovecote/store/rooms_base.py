@@ -41,8 +41,15 @@ PARTICIPANT_ADDED = "participant.added"
 PARTICIPANT_UPDATED = "participant.updated"
 PARTICIPANT_REMOVED = "participant.removed"
 EVENT_TYPES = (
-    ROOM_CREATED, MESSAGE_POSTED, MESSAGE_EDITED, MESSAGE_DELETED, REACTION_ADDED,
-    REACTION_REMOVED, PARTICIPANT_ADDED, PARTICIPANT_UPDATED, PARTICIPANT_REMOVED,
+    ROOM_CREATED,
+    MESSAGE_POSTED,
+    MESSAGE_EDITED,
+    MESSAGE_DELETED,
+    REACTION_ADDED,
+    REACTION_REMOVED,
+    PARTICIPANT_ADDED,
+    PARTICIPANT_UPDATED,
+    PARTICIPANT_REMOVED,
 )
 # Events whose data carries message content (redacted once the message is deleted).
 CONTENT_EVENTS = (MESSAGE_POSTED, MESSAGE_EDITED)
@@ -173,20 +180,35 @@ def room_notifications(
     items = []
     for participant in offline:
         digest = participant_hash(post.room, participant)
-        fields = {"event": NOTIFY_EVENT, "room": post.room, "participant_hash": digest,
-                  "seq": seq, "message_id": message_id}
+        fields = {
+            "event": NOTIFY_EVENT,
+            "room": post.room,
+            "participant_hash": digest,
+            "seq": seq,
+            "message_id": message_id,
+        }
         for channel, url in post.notify:
             body: dict[str, Any] = fields
             if channel == "push":
-                body = {"message": {"topic": TOPIC_PREFIX + digest,
-                                    "data": {k: str(v) for k, v in fields.items()}}}
-            items.append(NewOutboxItem(
-                kind=NOTIFY_KIND, target=url,
-                payload=json.dumps(body, separators=(",", ":")).encode(),
-                headers={"content-type": "application/json", CHANNEL_HEADER: channel,
-                         ROOM_HEADER: post.room},
-                dedup_key=f"notify:room:{channel}:{digest}",
-            ))
+                body = {
+                    "message": {
+                        "topic": TOPIC_PREFIX + digest,
+                        "data": {k: str(v) for k, v in fields.items()},
+                    }
+                }
+            items.append(
+                NewOutboxItem(
+                    kind=NOTIFY_KIND,
+                    target=url,
+                    payload=json.dumps(body, separators=(",", ":")).encode(),
+                    headers={
+                        "content-type": "application/json",
+                        CHANNEL_HEADER: channel,
+                        ROOM_HEADER: post.room,
+                    },
+                    dedup_key=f"notify:room:{channel}:{digest}",
+                )
+            )
     return items
 
 
@@ -235,9 +257,7 @@ class RoomStore(abc.ABC):
         """One room."""
 
     @abc.abstractmethod
-    async def room_list(
-        self, participant: str | None, after: str, limit: int
-    ) -> list[Room]:
+    async def room_list(self, participant: str | None, after: str, limit: int) -> list[Room]:
         """Rooms ordered by id after `after`; only `participant`'s rooms unless None."""
 
     @abc.abstractmethod
@@ -295,7 +315,11 @@ class RoomStore(abc.ABC):
     # --- history
     @abc.abstractmethod
     async def room_events(
-        self, room: str, *, after: int | None = None, before: int | None = None,
+        self,
+        room: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
         limit: int = 100,
     ) -> EventPage | None:
         """Events with after < seq < before, ascending; the newest `limit` when only `before`

@@ -150,9 +150,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
 
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._readers, run), self.timeout
-            )
+            return await asyncio.wait_for(loop.run_in_executor(self._readers, run), self.timeout)
         except TimeoutError as exc:
             raise StoreError("store read timed out") from exc
         except (sqlite3.Error, OSError) as exc:
@@ -251,9 +249,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
             raise _translate(exc) from exc
         await asyncio.to_thread(self._migrate)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sqlite-read")
-        self._writer = threading.Thread(
-            target=self._writer_loop, name="sqlite-writer", daemon=True
-        )
+        self._writer = threading.Thread(target=self._writer_loop, name="sqlite-writer", daemon=True)
         self._writer.start()
         log.info("store.opened", engine=self.engine, path=str(self.path))
 
@@ -313,8 +309,9 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
 
     async def schema_version(self) -> int:
         row = await self._read(
-            lambda c: c.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            .fetchone()
+            lambda c: c.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+            ).fetchone()
         )
         return int(row[0])
 
@@ -454,8 +451,15 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
             c.execute(
                 "INSERT INTO messages (id, mediatee, recipient, body, size, received_at, "
                 "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (new_id, message.mediatee, message.recipient, message.body, size, now,
-                 message.expires_at),
+                (
+                    new_id,
+                    message.mediatee,
+                    message.recipient,
+                    message.body,
+                    size,
+                    now,
+                    message.expires_at,
+                ),
             )
             c.execute(
                 "INSERT INTO mailboxes (mediatee, message_count, total_bytes) VALUES (?, 1, ?) "
@@ -464,8 +468,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
                 (message.mediatee, size),
             )
             c.execute(
-                "INSERT INTO dedup (recipient, digest, message_id, created_at) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT INTO dedup (recipient, digest, message_id, created_at) VALUES (?, ?, ?, ?)",
                 (message.recipient, message.digest, new_id, now),
             )
             _insert_outbox(c, outbox, now)
@@ -521,8 +524,9 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
 
     async def last_seq(self, mediatee: str) -> int:
         def fn(c: sqlite3.Connection) -> int:
-            row = c.execute("SELECT MAX(seq) FROM messages WHERE mediatee = ?",
-                            (mediatee,)).fetchone()
+            row = c.execute(
+                "SELECT MAX(seq) FROM messages WHERE mediatee = ?", (mediatee,)
+            ).fetchone()
             return int(row[0] or 0)
 
         result: int = await self._read(fn)
@@ -571,9 +575,13 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
                 c.execute(
                     "INSERT INTO dead_letters (kind, target, payload, headers, reason, history, "
                     "created_at, dead_at) VALUES ('mailbox', ?, ?, ?, 'expired', '[]', ?, ?)",
-                    (recipient, body,
-                     json.dumps({"message_id": msg_id, "mediatee": mediatee}),
-                     received_at, now),
+                    (
+                        recipient,
+                        body,
+                        json.dumps({"message_id": msg_id, "mediatee": mediatee}),
+                        received_at,
+                        now,
+                    ),
                 )
             for mediatee, (count, total) in per_box.items():
                 c.execute(
@@ -589,8 +597,9 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         return result
 
     # ------------------------------------------------------------------ outbox
-    async def outbox_add(self, items: Sequence[NewOutboxItem],
-                         quota: RelayQuota | None = None) -> list[int]:
+    async def outbox_add(
+        self, items: Sequence[NewOutboxItem], quota: RelayQuota | None = None
+    ) -> list[int]:
         now = time.time()
 
         def fn(c: sqlite3.Connection) -> list[int]:
@@ -602,7 +611,11 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         return result
 
     async def outbox_lease(
-        self, kinds: Sequence[str], owner: str, limit: int, lease_seconds: float,
+        self,
+        kinds: Sequence[str],
+        owner: str,
+        limit: int,
+        lease_seconds: float,
         exclude_targets: Sequence[str] = (),
     ) -> list[OutboxItem]:
         now = time.time()
@@ -616,8 +629,15 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
                 " ORDER BY next_attempt_at LIMIT ?) "
                 "RETURNING id, kind, target, payload, headers, created_at, next_attempt_at, "
                 "attempts, history",
-                (owner, now + lease_seconds, json.dumps(list(kinds)), now, now,
-                 json.dumps(list(exclude_targets)), limit),
+                (
+                    owner,
+                    now + lease_seconds,
+                    json.dumps(list(kinds)),
+                    now,
+                    now,
+                    json.dumps(list(exclude_targets)),
+                    limit,
+                ),
             ).fetchall()
             return [_outbox_item(row) for row in rows]
 
@@ -632,7 +652,11 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         )
 
     async def outbox_retry(
-        self, item_id: int, owner: str, next_attempt_at: float, attempt: dict[str, Any],
+        self,
+        item_id: int,
+        owner: str,
+        next_attempt_at: float,
+        attempt: dict[str, Any],
         count_attempt: bool = True,
     ) -> None:
         def fn(c: sqlite3.Connection) -> None:
@@ -647,8 +671,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
             c.execute(
                 "UPDATE outbox SET next_attempt_at = ?, attempts = attempts + ?, history = ?, "
                 "lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                (next_attempt_at, 1 if count_attempt else 0, json.dumps(history[-100:]),
-                 item_id),
+                (next_attempt_at, 1 if count_attempt else 0, json.dumps(history[-100:]), item_id),
             )
 
         await self._write(fn)
@@ -673,39 +696,59 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
             c.execute(
                 "INSERT INTO dead_letters (kind, target, payload, headers, reason, history, "
                 "created_at, dead_at, dedup_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, target, payload, headers, reason, json.dumps(history), created_at, now,
-                 dedup_key),
+                (
+                    kind,
+                    target,
+                    payload,
+                    headers,
+                    reason,
+                    json.dumps(history),
+                    created_at,
+                    now,
+                    dedup_key,
+                ),
             )
 
         await self._write(fn)
 
     async def outbox_release(self, owner: str) -> int:
         result: int = await self._write(
-            lambda c: c.execute(
-                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL "
-                "WHERE lease_owner = ?",
-                (owner,),
-            ).rowcount
+            lambda c: (
+                c.execute(
+                    "UPDATE outbox SET lease_owner = NULL, lease_until = NULL "
+                    "WHERE lease_owner = ?",
+                    (owner,),
+                ).rowcount
+            )
         )
         return result
 
     async def dlq_list(
-        self, offset: int = 0, limit: int = 100, *, kind: str | None = None,
-        target: str | None = None, reason: str | None = None,
+        self,
+        offset: int = 0,
+        limit: int = 100,
+        *,
+        kind: str | None = None,
+        target: str | None = None,
+        reason: str | None = None,
     ) -> tuple[list[DeadLetter], int]:
         offset, limit = _page(offset, limit)
         clauses: list[str] = ["1 = 1"]
         params: list[Any] = []
-        for value, test in ((kind, "kind = ?"), (target, "instr(target, ?) > 0"),
-                            (reason, "instr(reason, ?) > 0")):
+        for value, test in (
+            (kind, "kind = ?"),
+            (target, "instr(target, ?) > 0"),
+            (reason, "instr(reason, ?) > 0"),
+        ):
             if value is not None:
                 clauses.append(test)
                 params.append(value)
         where = " AND ".join(clauses)
 
         def fn(c: sqlite3.Connection) -> tuple[list[DeadLetter], int]:
-            total = c.execute(f"SELECT COUNT(*) FROM dead_letters WHERE {where}",
-                              params).fetchone()[0]
+            total = c.execute(
+                f"SELECT COUNT(*) FROM dead_letters WHERE {where}", params
+            ).fetchone()[0]
             rows = c.execute(
                 "SELECT id, kind, target, payload, headers, reason, history, created_at, "
                 f"dead_at FROM dead_letters WHERE {where} ORDER BY id DESC LIMIT ? OFFSET ?",
@@ -725,9 +768,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         )
         return _dead_letter(row) if row else None
 
-    async def dlq_replay(
-        self, ids: Sequence[int] | None = None, target: str | None = None
-    ) -> int:
+    async def dlq_replay(self, ids: Sequence[int] | None = None, target: str | None = None) -> int:
         now = time.time()
 
         def fn(c: sqlite3.Connection) -> int:
@@ -744,8 +785,16 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
                     "INSERT INTO outbox (kind, target, payload, headers, created_at, "
                     "next_attempt_at, attempts, history, dedup_key) "
                     "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (dedup_key) DO NOTHING",
-                    (kind, tgt, payload, headers, now, now,
-                     json.dumps([*json.loads(history), replay_note][-100:]), dedup_key),
+                    (
+                        kind,
+                        tgt,
+                        payload,
+                        headers,
+                        now,
+                        now,
+                        json.dumps([*json.loads(history), replay_note][-100:]),
+                        dedup_key,
+                    ),
                 )
             return len(rows)
 
@@ -757,9 +806,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
     ) -> int:
         def fn(c: sqlite3.Connection) -> int:
             where, params = _dlq_filter(ids, None, older_than)
-            return int(
-                c.execute(f"DELETE FROM dead_letters WHERE {where}", params).rowcount
-            )
+            return int(c.execute(f"DELETE FROM dead_letters WHERE {where}", params).rowcount)
 
         result: int = await self._write(fn)
         return result
@@ -772,8 +819,15 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
                 "connections) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                 "last_beat = excluded.last_beat, level = excluded.level, "
                 "connections = excluded.connections",
-                (info.id, info.host, info.version, info.started_at, info.last_beat,
-                 info.level, info.connections),
+                (
+                    info.id,
+                    info.host,
+                    info.version,
+                    info.started_at,
+                    info.last_beat,
+                    info.level,
+                    info.connections,
+                ),
             )
         )
 
@@ -805,7 +859,7 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         return await self._read(fn)
 
     async def mailbox_usage(self, order: str, limit: int) -> list[MailboxUsage]:
-        sql = (MAILBOX_OLDEST_SQL if order == "oldest" else MAILBOX_LARGEST_SQL)
+        sql = MAILBOX_OLDEST_SQL if order == "oldest" else MAILBOX_LARGEST_SQL
         rows = await self._read(
             lambda c: c.execute(sql.replace("$1", "?1"), (_page(0, limit)[1],)).fetchall()
         )
@@ -813,8 +867,9 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
 
     async def outbox_targets(self, limit: int) -> list[OutboxTarget]:
         rows = await self._read(
-            lambda c: c.execute(OUTBOX_TARGETS_SQL.replace("$1", "?1"),
-                                (_page(0, limit)[1],)).fetchall()
+            lambda c: c.execute(
+                OUTBOX_TARGETS_SQL.replace("$1", "?1"), (_page(0, limit)[1],)
+            ).fetchall()
         )
         return [OutboxTarget(*row) for row in rows]
 
@@ -882,13 +937,20 @@ def _recipient_candidates(recipient: str) -> list[str]:
     return [recipient] if base == recipient else [recipient, base]
 
 
-def check_relay_quota(c: sqlite3.Connection, quota: RelayQuota,
-                      items: Sequence[NewOutboxItem]) -> None:
+def check_relay_quota(
+    c: sqlite3.Connection, quota: RelayQuota, items: Sequence[NewOutboxItem]
+) -> None:
     """Raise (RelayQuota.check) if adding the new ones of `items` passes a relay quota."""
-    fresh = [i for i in items if i.dedup_key is None or not c.execute(
-        "SELECT 1 FROM outbox WHERE dedup_key = ? UNION ALL "
-        "SELECT 1 FROM outbox_keys WHERE dedup_key = ?",
-        (i.dedup_key, i.dedup_key)).fetchone()]
+    fresh = [
+        i
+        for i in items
+        if i.dedup_key is None
+        or not c.execute(
+            "SELECT 1 FROM outbox WHERE dedup_key = ? UNION ALL "
+            "SELECT 1 FROM outbox_keys WHERE dedup_key = ?",
+            (i.dedup_key, i.dedup_key),
+        ).fetchone()
+    ]
     row = c.execute(
         "SELECT COALESCE(SUM(substr(target, 1, ?) = ?), 0), "
         "COALESCE(SUM(CASE WHEN substr(target, 1, ?) = ? THEN length(payload) "
@@ -896,27 +958,40 @@ def check_relay_quota(c: sqlite3.Connection, quota: RelayQuota,
         "FROM outbox WHERE kind = 'forward'",
         (len(quota.origin), quota.origin, len(quota.origin), quota.origin),
     ).fetchone()
-    quota.check(tuple(int(v) for v in row), len(fresh),  # type: ignore[arg-type]
-                sum(len(i.payload) for i in fresh))
+    quota.check(
+        tuple(int(v) for v in row),
+        len(fresh),  # type: ignore[arg-type]
+        sum(len(i.payload) for i in fresh),
+    )
 
 
-def _insert_outbox(
-    c: sqlite3.Connection, items: Sequence[NewOutboxItem], now: float
-) -> list[int]:
+def _insert_outbox(c: sqlite3.Connection, items: Sequence[NewOutboxItem], now: float) -> list[int]:
     ids: list[int] = []
     for item in items:
-        if item.remember and item.dedup_key is not None and c.execute(
-            "INSERT INTO outbox_keys (dedup_key, created_at) VALUES (?, ?) "
-            "ON CONFLICT (dedup_key) DO NOTHING RETURNING 1",
-            (item.dedup_key, now),
-        ).fetchone() is None:
+        if (
+            item.remember
+            and item.dedup_key is not None
+            and c.execute(
+                "INSERT INTO outbox_keys (dedup_key, created_at) VALUES (?, ?) "
+                "ON CONFLICT (dedup_key) DO NOTHING RETURNING 1",
+                (item.dedup_key, now),
+            ).fetchone()
+            is None
+        ):
             continue  # added within the dedup window (maybe delivered since)
         row = c.execute(
             "INSERT INTO outbox (kind, target, payload, headers, dedup_key, created_at, "
             "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-            (item.kind, item.target, item.payload, json.dumps(item.headers), item.dedup_key,
-             now, now),
+            (
+                item.kind,
+                item.target,
+                item.payload,
+                json.dumps(item.headers),
+                item.dedup_key,
+                now,
+                now,
+            ),
         ).fetchone()
         if row:
             ids.append(int(row[0]))
@@ -926,18 +1001,30 @@ def _insert_outbox(
 def _outbox_item(row: Sequence[Any]) -> OutboxItem:
     (item_id, kind, target, payload, headers, created_at, next_at, attempts, history) = row
     return OutboxItem(
-        id=item_id, kind=kind, target=target, payload=bytes(payload),
-        headers=json.loads(headers), created_at=created_at, next_attempt_at=next_at,
-        attempts=attempts, history=json.loads(history),
+        id=item_id,
+        kind=kind,
+        target=target,
+        payload=bytes(payload),
+        headers=json.loads(headers),
+        created_at=created_at,
+        next_attempt_at=next_at,
+        attempts=attempts,
+        history=json.loads(history),
     )
 
 
 def _dead_letter(row: Sequence[Any]) -> DeadLetter:
     (item_id, kind, target, payload, headers, reason, history, created_at, dead_at) = row
     return DeadLetter(
-        id=item_id, kind=kind, target=target, payload=bytes(payload),
-        headers=json.loads(headers), reason=reason, history=json.loads(history),
-        created_at=created_at, dead_at=dead_at,
+        id=item_id,
+        kind=kind,
+        target=target,
+        payload=bytes(payload),
+        headers=json.loads(headers),
+        reason=reason,
+        history=json.loads(history),
+        created_at=created_at,
+        dead_at=dead_at,
     )
 
 
@@ -971,6 +1058,4 @@ def _split_sql(sql: str) -> list[str]:
 
 
 def _has_code(sql: str) -> bool:
-    return any(
-        line.strip() and not line.strip().startswith("--") for line in sql.splitlines()
-    )
+    return any(line.strip() and not line.strip().startswith("--") for line in sql.splitlines())

@@ -81,8 +81,15 @@ class SQLiteRoomsMixin(RoomStore):
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"room {room.id!r} already exists") from exc
-            _emit(c, room.id, ROOM_CREATED, room.created_by, None,
-                  {"name": room.name, "metadata": room.metadata}, now)
+            _emit(
+                c,
+                room.id,
+                ROOM_CREATED,
+                room.created_by,
+                None,
+                {"name": room.name, "metadata": room.metadata},
+                now,
+            )
             for participant, role in room.participants:
                 c.execute(
                     "INSERT INTO room_participants (room, participant, role, added_at) "
@@ -90,26 +97,35 @@ class SQLiteRoomsMixin(RoomStore):
                     "SET role = excluded.role",
                     (room.id, participant, role, now),
                 )
-                _emit(c, room.id, PARTICIPANT_ADDED, room.created_by, None,
-                      {"participant": participant, "role": role}, now)
-            return _room(c.execute(
-                f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = ?", (room.id,)
-            ).fetchone())
+                _emit(
+                    c,
+                    room.id,
+                    PARTICIPANT_ADDED,
+                    room.created_by,
+                    None,
+                    {"participant": participant, "role": role},
+                    now,
+                )
+            return _room(
+                c.execute(f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = ?", (room.id,)).fetchone()
+            )
 
         return await self._room_write(room.id, fn)
 
     async def room_get(self, room: str) -> Room | None:
-        row = await self._read(lambda c: c.execute(
-            f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = ?", (room,)
-        ).fetchone())
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = ?", (room,)
+            ).fetchone()
+        )
         return _room(row) if row else None
 
     async def room_list(self, participant: str | None, after: str, limit: int) -> list[Room]:
         def fn(c: Conn) -> list[Room]:
             if participant is None:
                 rows = c.execute(
-                    f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id > ? "
-                    "ORDER BY id LIMIT ?", (after, limit),
+                    f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id > ? ORDER BY id LIMIT ?",
+                    (after, limit),
                 ).fetchall()
             else:
                 rows = c.execute(
@@ -140,7 +156,8 @@ class SQLiteRoomsMixin(RoomStore):
                 return None
             rows = c.execute(
                 "SELECT room, participant, role, added_at FROM room_participants "
-                "WHERE room = ? ORDER BY participant", (room,),
+                "WHERE room = ? ORDER BY participant",
+                (room,),
             ).fetchall()
             return [Participant(*row) for row in rows]
 
@@ -163,7 +180,8 @@ class SQLiteRoomsMixin(RoomStore):
             if row is None:
                 c.execute(
                     "INSERT INTO room_participants (room, participant, role, added_at) "
-                    "VALUES (?, ?, ?, ?)", (room, participant, role, now),
+                    "VALUES (?, ?, ?, ?)",
+                    (room, participant, role, now),
                 )
                 added_at, kind = now, PARTICIPANT_ADDED
             else:
@@ -172,8 +190,9 @@ class SQLiteRoomsMixin(RoomStore):
                     (role, room, participant),
                 )
                 added_at, kind = row[1], PARTICIPANT_UPDATED
-            event = _emit(c, room, kind, actor, None,
-                          {"participant": participant, "role": role}, now)
+            event = _emit(
+                c, room, kind, actor, None, {"participant": participant, "role": role}, now
+            )
             return Participant(room, participant, role, added_at), event
 
         return await self._room_write(room, fn)
@@ -193,8 +212,15 @@ class SQLiteRoomsMixin(RoomStore):
             ).fetchone()
             if row is None:
                 raise NotFound(f"{participant!r} is not a participant of this room")
-            return _emit(c, room, PARTICIPANT_REMOVED, actor, None,
-                         {"participant": participant, "role": row[0]}, now)
+            return _emit(
+                c,
+                room,
+                PARTICIPANT_REMOVED,
+                actor,
+                None,
+                {"participant": participant, "role": row[0]},
+                now,
+            )
 
         return await self._room_write(room, fn)
 
@@ -221,11 +247,20 @@ class SQLiteRoomsMixin(RoomStore):
                 if row is not None:
                     c.execute(
                         "DELETE FROM room_idempotency WHERE room = ? AND participant = ? "
-                        "AND key = ?", (post.room, post.author, post.idempotency_key),
+                        "AND key = ?",
+                        (post.room, post.author, post.idempotency_key),
                     )
             message_id = uuid.uuid4().hex
-            event = _emit(c, post.room, MESSAGE_POSTED, post.author, message_id,
-                          post.content, now, event_id=message_id)
+            event = _emit(
+                c,
+                post.room,
+                MESSAGE_POSTED,
+                post.author,
+                message_id,
+                post.content,
+                now,
+                event_id=message_id,
+            )
             c.execute(
                 "INSERT INTO room_messages (id, room, seq, author, content, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -235,22 +270,31 @@ class SQLiteRoomsMixin(RoomStore):
                 c.execute(
                     "INSERT INTO room_idempotency (room, participant, key, request_hash, "
                     "message_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (post.room, post.author, post.idempotency_key, post.request_hash,
-                     message_id, now),
+                    (
+                        post.room,
+                        post.author,
+                        post.idempotency_key,
+                        post.request_hash,
+                        message_id,
+                        now,
+                    ),
                 )
             if post.notify:
-                offline = [row[0] for row in c.execute(
-                    "SELECT participant FROM room_participants WHERE room = ? "
-                    "AND participant != ? AND participant NOT IN (SELECT participant "
-                    "FROM room_presence WHERE room = ? AND until > ?) ORDER BY participant",
-                    (post.room, post.author, post.room, now),
-                )]
+                offline = [
+                    row[0]
+                    for row in c.execute(
+                        "SELECT participant FROM room_participants WHERE room = ? "
+                        "AND participant != ? AND participant NOT IN (SELECT participant "
+                        "FROM room_presence WHERE room = ? AND until > ?) ORDER BY participant",
+                        (post.room, post.author, post.room, now),
+                    )
+                ]
                 from dovecote.store.sqlite import _insert_outbox  # (imports this module)
 
-                _insert_outbox(c, room_notifications(post, message_id, event.seq, offline),
-                               now)
-            message = RoomMessage(message_id, post.room, event.seq, post.author, post.content,
-                                  now, None, None, {})
+                _insert_outbox(c, room_notifications(post, message_id, event.seq, offline), now)
+            message = RoomMessage(
+                message_id, post.room, event.seq, post.author, post.content, now, None, None, {}
+            )
             return PostResult(message, duplicate=False)
 
         result = cast(PostResult, await self._write(fn))
@@ -317,12 +361,20 @@ class SQLiteRoomsMixin(RoomStore):
             else:
                 changed = c.execute(
                     "DELETE FROM room_reactions WHERE message_id = ? AND participant = ? "
-                    "AND emoji = ? RETURNING 1", (message_id, participant, emoji),
+                    "AND emoji = ? RETURNING 1",
+                    (message_id, participant, emoji),
                 ).fetchone()
             event = None
             if changed:
-                event = _emit(c, room, REACTION_ADDED if present else REACTION_REMOVED,
-                              participant, message_id, {"emoji": emoji}, now)
+                event = _emit(
+                    c,
+                    room,
+                    REACTION_ADDED if present else REACTION_REMOVED,
+                    participant,
+                    message_id,
+                    {"emoji": emoji},
+                    now,
+                )
             return ReactionResult(event, _reactions(c, message_id))
 
         result = cast(ReactionResult, await self._write(fn))
@@ -332,7 +384,11 @@ class SQLiteRoomsMixin(RoomStore):
 
     # ------------------------------------------------------------------ history
     async def room_events(
-        self, room: str, *, after: int | None = None, before: int | None = None,
+        self,
+        room: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
         limit: int = 100,
     ) -> EventPage | None:
         def fn(c: Conn) -> EventPage | None:
@@ -352,8 +408,16 @@ class SQLiteRoomsMixin(RoomStore):
             if newest_first:
                 rows.reverse()
             events = [
-                RoomEvent(room, seq, eid, etype, actor, mid,
-                          visible_data(etype, json.loads(data), deleted is not None), at)
+                RoomEvent(
+                    room,
+                    seq,
+                    eid,
+                    etype,
+                    actor,
+                    mid,
+                    visible_data(etype, json.loads(data), deleted is not None),
+                    at,
+                )
                 for seq, eid, etype, actor, mid, data, at, deleted in rows
             ]
             return EventPage(events, int(head[0]))
@@ -381,8 +445,8 @@ class SQLiteRoomsMixin(RoomStore):
         def fn(c: Conn) -> None:
             for room, participant in entries:
                 c.execute(
-                    "DELETE FROM room_presence WHERE room = ? AND participant = ? "
-                    "AND instance = ?", (room, participant, instance),
+                    "DELETE FROM room_presence WHERE room = ? AND participant = ? AND instance = ?",
+                    (room, participant, instance),
                 )
 
         if entries:
@@ -394,16 +458,20 @@ class SQLiteRoomsMixin(RoomStore):
         content_types = json.dumps(list(CONTENT_EVENTS))
 
         def fn(c: Conn) -> int:
-            ids = [row[0] for row in c.execute(
-                "SELECT id FROM room_messages WHERE deleted_at IS NOT NULL "
-                "AND purged_at IS NULL AND deleted_at < ? LIMIT ?",
-                (deleted_before, PURGE_BATCH),
-            ).fetchall()]
+            ids = [
+                row[0]
+                for row in c.execute(
+                    "SELECT id FROM room_messages WHERE deleted_at IS NOT NULL "
+                    "AND purged_at IS NULL AND deleted_at < ? LIMIT ?",
+                    (deleted_before, PURGE_BATCH),
+                ).fetchall()
+            ]
             if ids:
                 chosen = json.dumps(ids)
                 c.execute(
                     "UPDATE room_messages SET content = NULL, purged_at = ? "
-                    "WHERE id IN (SELECT value FROM json_each(?))", (now, chosen),
+                    "WHERE id IN (SELECT value FROM json_each(?))",
+                    (now, chosen),
                 )
                 c.execute(
                     "UPDATE room_events SET data = ? WHERE message_id IN "
@@ -443,8 +511,14 @@ def _role(c: Conn, room: str, participant: str) -> Role | None:
 
 
 def _emit(
-    c: Conn, room: str, event_type: str, actor: str, message_id: str | None,
-    data: dict[str, Any], now: float, event_id: str | None = None,
+    c: Conn,
+    room: str,
+    event_type: str,
+    actor: str,
+    message_id: str | None,
+    data: dict[str, Any],
+    now: float,
+    event_id: str | None = None,
 ) -> RoomEvent:
     """Store one event under the room's next seq (same transaction as the change)."""
     row = c.execute(
@@ -452,8 +526,9 @@ def _emit(
     ).fetchone()
     if row is None:
         raise NotFound(f"no room {room!r}")
-    event = RoomEvent(room, int(row[0]), event_id or uuid.uuid4().hex, event_type, actor,
-                      message_id, data, now)
+    event = RoomEvent(
+        room, int(row[0]), event_id or uuid.uuid4().hex, event_type, actor, message_id, data, now
+    )
     c.execute(
         "INSERT INTO room_events (room, seq, id, type, actor, message_id, data, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -476,7 +551,8 @@ def _reactions(c: Conn, message_id: str) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for emoji, participant in c.execute(
         "SELECT emoji, participant FROM room_reactions WHERE message_id = ? "
-        "ORDER BY emoji, created_at, participant", (message_id,),
+        "ORDER BY emoji, created_at, participant",
+        (message_id,),
     ):
         found.setdefault(emoji, []).append(participant)
     return found
@@ -491,7 +567,13 @@ def _message(c: Conn, room: str, message_id: str) -> RoomMessage | None:
         return None
     mid, room_id, seq, author, content, created_at, edited_at, deleted_at = row
     return RoomMessage(
-        mid, room_id, int(seq), author,
+        mid,
+        room_id,
+        int(seq),
+        author,
         json.loads(content) if content is not None and deleted_at is None else None,
-        created_at, edited_at, deleted_at, _reactions(c, mid),
+        created_at,
+        edited_at,
+        deleted_at,
+        _reactions(c, mid),
     )

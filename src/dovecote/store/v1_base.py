@@ -47,15 +47,16 @@ class V1Store(abc.ABC):
         from didcomm_messaging.multiformats.multibase import Base58BtcEncoder
 
         try:
-            _codec, raw = multicodec.unwrap(multibase.decode(mediatee[len("did:key:"):]))
+            _codec, raw = multicodec.unwrap(multibase.decode(mediatee[len("did:key:") :]))
         except Exception:  # not a did:key we could have stored
             return {}
         connection = await self.v1_connection_get(Base58BtcEncoder().encode(raw))
         return dict(connection.device) if connection is not None else {}
 
     @abc.abstractmethod
-    async def v1_relay_once(self, recipient: str, digest: str, item: NewOutboxItem,
-                            quota: RelayQuota | None = None) -> bool:
+    async def v1_relay_once(
+        self, recipient: str, digest: str, item: NewOutboxItem, quota: RelayQuota | None = None
+    ) -> bool:
         """Queue `item` unless (recipient, digest) was accepted in the dedup window.
 
         One transaction: the dedup row and the outbox item commit together, so a sender's

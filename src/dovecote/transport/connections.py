@@ -44,37 +44,47 @@ log = structlog.get_logger("dovecote.connections")
 def _response(exc: DovecoteError, reason: str) -> bytes:
     """A complete HTTP/1.1 answer with the usual JSON error body, closing the connection."""
     body = json.dumps(exc.to_json()).encode()
-    return (f"HTTP/1.1 {exc.status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
-            ).encode() + body
+    return (
+        f"HTTP/1.1 {exc.status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+    ).encode() + body
 
 
-TOO_MANY_CONNECTIONS = _response(RateLimited("too many connections from this address"),
-                                 "Too Many Requests")
+TOO_MANY_CONNECTIONS = _response(
+    RateLimited("too many connections from this address"), "Too Many Requests"
+)
 TOO_MANY_SOCKETS = _response(
     RateLimited("too many WebSockets or handshakes from this address", retry_after=1),
-    "Too Many Requests")
-HEADER_TIMEOUT = _response(RequestTimeout("request headers not received in time"),
-                           "Request Timeout")
+    "Too Many Requests",
+)
+HEADER_TIMEOUT = _response(
+    RequestTimeout("request headers not received in time"), "Request Timeout"
+)
 HEADER_TOO_LARGE = _response(
     HeadersTooLarge("request line or headers exceed the size limit"),
-    "Request Header Fields Too Large")
+    "Request Header Fields Too Large",
+)
 
 
 class PeerConnections:
     """Open connections, open WebSockets and the WebSocket handshake rate per peer address,
     shared by every connection of one server process."""
 
-    def __init__(self, per_ip: int, sockets_per_ip: int = 1 << 30,
-                 handshake_rate: float = 1e9, handshake_burst: int = 1 << 30,
-                 trusted: list[str] | None = None, max_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        per_ip: int,
+        sockets_per_ip: int = 1 << 30,
+        handshake_rate: float = 1e9,
+        handshake_burst: int = 1 << 30,
+        trusted: list[str] | None = None,
+        max_bytes: int = 1 << 20,
+    ) -> None:
         self.per_ip = per_ip
         self.sockets_per_ip = sockets_per_ip
         # Only addresses with something open are kept: bounded by the open connections.
         self.open: dict[str, int] = {}
         self.sockets: dict[str, int] = {}
-        self.handshakes = TokenBuckets(handshake_rate, handshake_burst, max_bytes,
-                                       name="handshake")
+        self.handshakes = TokenBuckets(handshake_rate, handshake_burst, max_bytes, name="handshake")
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in trusted or []]
 
     def trusted(self, ip: str) -> bool:
@@ -303,10 +313,18 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
 
-def guarded_protocol(base: type[GuardedProtocol], peers: PeerConnections,
-                     header_timeout: float, max_line: int,
-                     max_header_bytes: int) -> type[GuardedProtocol]:
+def guarded_protocol(
+    base: type[GuardedProtocol],
+    peers: PeerConnections,
+    header_timeout: float,
+    max_line: int,
+    max_header_bytes: int,
+) -> type[GuardedProtocol]:
     """A protocol class for uvicorn's `http=` with this server's limits."""
-    attrs = {"peers": peers, "header_timeout": header_timeout, "max_line": max_line,
-             "max_header_bytes": max_header_bytes}
+    attrs = {
+        "peers": peers,
+        "header_timeout": header_timeout,
+        "max_line": max_line,
+        "max_header_bytes": max_header_bytes,
+    }
     return type(f"Limited{base.__name__}", (base,), attrs)

@@ -61,11 +61,13 @@ async def post_message(request: Request) -> Response:
     request_id = request.state.request_id
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_TYPES:
-        app.count_bad_input(
-            MalformedMessage("unsupported media type"), "http", request_id)
+        app.count_bad_input(MalformedMessage("unsupported media type"), "http", request_id)
         return JSONResponse(
-            {"error": "e.m.msg.unsupported-media-type",
-             "detail": f"send {DIDCOMM_ENCRYPTED}", "request_id": request_id},
+            {
+                "error": "e.m.msg.unsupported-media-type",
+                "detail": f"send {DIDCOMM_ENCRYPTED}",
+                "request_id": request_id,
+            },
             status_code=415,
         )
     try:
@@ -85,8 +87,12 @@ async def post_message(request: Request) -> Response:
         headers = {}
         if outcome.error is not None and outcome.error.retry_after is not None:
             headers["Retry-After"] = retry_after_header(outcome.error.retry_after)
-        return Response(outcome.replies[0], status_code=outcome.status,
-                        media_type=outcome.media_type, headers=headers)
+        return Response(
+            outcome.replies[0],
+            status_code=outcome.status,
+            media_type=outcome.media_type,
+            headers=headers,
+        )
     if outcome.error is not None:
         return error_response(outcome.error, request_id)
     return Response(status_code=202)

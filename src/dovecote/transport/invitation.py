@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 FORMATS = ("json", "url", "svg", "png")
 # The landing page loads nothing from elsewhere; the browser is told so too.
-PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def short_url(base_url: str) -> str:
@@ -66,18 +68,23 @@ async def invitation(request: Request) -> Response:
         return PlainTextResponse(dc.identity.invitation_url(base))
     if fmt == "svg":
         out = io.BytesIO()
-        qr_code(short_url(base)).save(out, kind="svg", scale=8, border=4,
-                                      title="Dovecote invitation")
+        qr_code(short_url(base)).save(
+            out, kind="svg", scale=8, border=4, title="Dovecote invitation"
+        )
         return Response(out.getvalue(), media_type="image/svg+xml")
     if fmt == "png":
         out = io.BytesIO()
         qr_code(short_url(base)).save(out, kind="png", scale=8, border=4)
         return Response(out.getvalue(), media_type="image/png")
     if fmt != "json":
-        return JSONResponse({"error": "e.m.msg.malformed",
-                             "detail": f"format must be one of {', '.join(FORMATS)}",
-                             "request_id": getattr(request.state, "request_id", "")},
-                            status_code=400)
+        return JSONResponse(
+            {
+                "error": "e.m.msg.malformed",
+                "detail": f"format must be one of {', '.join(FORMATS)}",
+                "request_id": getattr(request.state, "request_id", ""),
+            },
+            status_code=400,
+        )
     return JSONResponse(dc.identity.invitation())
 
 
@@ -86,11 +93,16 @@ async def root(request: Request) -> Response:
     dc = _dc(request)
     base = dc.settings.base_url
     if "text/html" in request.headers.get("accept", ""):
-        return Response(landing_page(dc.identity.did, short_url(base),
-                                     dc.identity.invitation_url(base), dc.settings.ws_url),
-                        media_type="text/html; charset=utf-8",
-                        headers={"Content-Security-Policy": PAGE_CSP,
-                                 "X-Content-Type-Options": "nosniff"})
+        return Response(
+            landing_page(
+                dc.identity.did,
+                short_url(base),
+                dc.identity.invitation_url(base),
+                dc.settings.ws_url,
+            ),
+            media_type="text/html; charset=utf-8",
+            headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"},
+        )
     text = (
         "Dovecote DIDComm v2 mediator\n"
         f"DID: {dc.identity.did}\n"

@@ -30,8 +30,9 @@ async def invitation_v1(request: Request) -> Response:
     if key is None:
         return JSONResponse({"error": "e.m.req.not-found", "detail": "no v1 key"}, 404)
     settings = app.settings
-    endpoint = (settings.ws_url if request.query_params.get("transport") == "ws"
-                else settings.base_url)
+    endpoint = (
+        settings.ws_url if request.query_params.get("transport") == "ws" else settings.base_url
+    )
     # Stable like the v2 invitation (and rotated with it): derived from its id.
     stable = str(uuid.uuid5(uuid.NAMESPACE_URL, f"dovecote:v1:{app.identity.invitation_id}"))
     verkey = envelope.b58encode(key.get_public_bytes())
@@ -51,9 +52,12 @@ async def invitation_v1(request: Request) -> Response:
         out = io.BytesIO()
         extra = {"title": "Dovecote DIDComm v1 invitation"} if fmt == "svg" else {}
         qr_code(url).save(out, kind=fmt, scale=8, border=4, **extra)
-        return Response(out.getvalue(), media_type="image/svg+xml" if fmt == "svg"
-                        else "image/png")
-    return JSONResponse({"error": "e.m.msg.malformed",
-                         "detail": "format must be one of json, url, svg, png",
-                         "request_id": getattr(request.state, "request_id", "")},
-                        status_code=400)
+        return Response(out.getvalue(), media_type="image/svg+xml" if fmt == "svg" else "image/png")
+    return JSONResponse(
+        {
+            "error": "e.m.msg.malformed",
+            "detail": "format must be one of json, url, svg, png",
+            "request_id": getattr(request.state, "request_id", ""),
+        },
+        status_code=400,
+    )

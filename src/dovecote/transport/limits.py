@@ -45,8 +45,9 @@ class TokenBuckets:
     `max_bytes`; a forgotten bucket starts full again, which is what a new key gets anyway.
     """
 
-    def __init__(self, rate: float, burst: int, max_bytes: int = 16 * 1024 * 1024,
-                 name: str = "") -> None:
+    def __init__(
+        self, rate: float, burst: int, max_bytes: int = 16 * 1024 * 1024, name: str = ""
+    ) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.name = name

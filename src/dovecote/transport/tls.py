@@ -61,12 +61,18 @@ class ServerTLS:
             scratch.load_cert_chain(self.cert, self.key)
             self.context.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as exc:
-            log.error("tls.reload_failed", cert=str(self.cert), key=str(self.key),
-                      error=str(exc)[:300], serving=self.fingerprint)
+            log.error(
+                "tls.reload_failed",
+                cert=str(self.cert),
+                key=str(self.key),
+                error=str(exc)[:300],
+                serving=self.fingerprint,
+            )
             return False
         previous, self.fingerprint = self.fingerprint, _fingerprint(self.cert)
-        log.info("tls.reloaded", cert=str(self.cert), fingerprint=self.fingerprint,
-                 previous=previous)
+        log.info(
+            "tls.reloaded", cert=str(self.cert), fingerprint=self.fingerprint, previous=previous
+        )
         return True
 
 

@@ -22,15 +22,15 @@ DEFAULT_MAX_JSON_DEPTH = 32
 DEFAULT_MAX_CONTAINERS = 10_000
 
 
-def raw_problem(raw: bytes | str, max_depth: int,
-                max_containers: int = DEFAULT_MAX_CONTAINERS) -> str | None:
+def raw_problem(
+    raw: bytes | str, max_depth: int, max_containers: int = DEFAULT_MAX_CONTAINERS
+) -> str | None:
     """Why this JSON text must not be parsed, or None."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     containers = data.count(b"[") + data.count(b"{")
     if containers > max_containers:
         return f"holds more than {max_containers} arrays and objects"
-    if containers > max_depth and re.search(
-            rb"[\[{](?:\s*[\[{]){%d}" % max_depth, data):
+    if containers > max_depth and re.search(rb"[\[{](?:\s*[\[{]){%d}" % max_depth, data):
         return f"nests deeper than {max_depth} levels"
     return None
 
@@ -54,8 +54,7 @@ def depth_exceeds(value: Any, limit: int) -> bool:
             continue
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children
-                     if isinstance(child, dict | list))
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
 
 

@@ -32,8 +32,9 @@ def approx_size(value: Any, _depth: int = 0) -> int:
     if _depth >= _MAX_DEPTH:
         return size
     if isinstance(value, dict):
-        return size + sum(approx_size(k, _depth + 1) + approx_size(v, _depth + 1)
-                          for k, v in value.items())
+        return size + sum(
+            approx_size(k, _depth + 1) + approx_size(v, _depth + 1) for k, v in value.items()
+        )
     if isinstance(value, list | tuple | set | frozenset):
         return size + sum(approx_size(item, _depth + 1) for item in value)
     return size
@@ -45,7 +46,8 @@ class ByteLRU(Generic[K, V]):
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max(0, int(max_bytes))
         self._cache: LRUCache[K, tuple[int, V]] = LRUCache(
-            maxsize=self.max_bytes, getsizeof=lambda entry: entry[0])
+            maxsize=self.max_bytes, getsizeof=lambda entry: entry[0]
+        )
 
     def get(self, key: K, default: V | None = None) -> V | None:
         entry = self._cache.get(key)

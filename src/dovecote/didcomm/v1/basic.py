@@ -40,7 +40,8 @@ async def query(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
     pattern = field(inbound.message, "query", str)[:512]
     prefix = pattern[:-1] if pattern.endswith("*") else None
     protocols = [
-        {"pid": pid, "roles": roles} for pid, roles in supported_protocols().items()
+        {"pid": pid, "roles": roles}
+        for pid, roles in supported_protocols().items()
         if (pid.startswith(prefix) if prefix is not None else pid == pattern)
     ]
     return [reply(inbound, f"{DISCOVER}/disclose", {"protocols": protocols})]
@@ -49,8 +50,9 @@ async def query(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
 async def problem_received(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
     description = inbound.message.get("description")
     code = description.get("code") if isinstance(description, dict) else None
-    log.warning("problem_report.received", code=str(code)[:100], version="v1",
-                request_id=inbound.request_id)
+    log.warning(
+        "problem_report.received", code=str(code)[:100], version="v1", request_id=inbound.request_id
+    )
     return []
 
 

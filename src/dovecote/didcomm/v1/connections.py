@@ -71,19 +71,35 @@ def our_doc(verkey: str, endpoint: str) -> dict[str, Any]:
     return {
         "@context": "https://w3id.org/did/v1",
         "id": did,
-        "publicKey": [{"id": f"{did}#1", "type": "Ed25519VerificationKey2018",
-                       "controller": did, "publicKeyBase58": verkey}],
-        "authentication": [{"type": "Ed25519SignatureAuthentication2018",
-                            "publicKey": f"{did}#1"}],
-        "service": [{"id": f"{did};indy", "type": "IndyAgent", "priority": 0,
-                     "recipientKeys": [verkey], "routingKeys": [],
-                     "serviceEndpoint": endpoint}],
+        "publicKey": [
+            {
+                "id": f"{did}#1",
+                "type": "Ed25519VerificationKey2018",
+                "controller": did,
+                "publicKeyBase58": verkey,
+            }
+        ],
+        "authentication": [{"type": "Ed25519SignatureAuthentication2018", "publicKey": f"{did}#1"}],
+        "service": [
+            {
+                "id": f"{did};indy",
+                "type": "IndyAgent",
+                "priority": 0,
+                "recipientKeys": [verkey],
+                "routingKeys": [],
+                "serviceEndpoint": endpoint,
+            }
+        ],
     }
 
 
-def invitation(verkey: str, endpoint: str, invitation_id: str = "",
-               label: str = "Dovecote mediator",
-               handshakes: list[str] | None = None) -> dict[str, Any]:
+def invitation(
+    verkey: str,
+    endpoint: str,
+    invitation_id: str = "",
+    label: str = "Dovecote mediator",
+    handshakes: list[str] | None = None,
+) -> dict[str, Any]:
     """An Out-of-Band 1.1 invitation with one inline service (did:key recipient key)."""
     return {
         "@type": OOB_INVITATION,
@@ -93,21 +109,30 @@ def invitation(verkey: str, endpoint: str, invitation_id: str = "",
         "goal": "Request mediation from this Dovecote mediator",
         "handshake_protocols": handshakes or HANDSHAKES,
         "accept": ["didcomm/aip1", "didcomm/aip2;env=rfc19"],
-        "services": [{
-            "id": "#inline",
-            "type": "did-communication",
-            "recipientKeys": [verkey_to_did_key(verkey)],
-            "routingKeys": [],
-            "serviceEndpoint": endpoint,
-        }],
+        "services": [
+            {
+                "id": "#inline",
+                "type": "did-communication",
+                "recipientKeys": [verkey_to_did_key(verkey)],
+                "routingKeys": [],
+                "serviceEndpoint": endpoint,
+            }
+        ],
     }
 
 
-def legacy_invitation(verkey: str, endpoint: str, invitation_id: str,
-                      label: str = "Dovecote mediator") -> dict[str, Any]:
+def legacy_invitation(
+    verkey: str, endpoint: str, invitation_id: str, label: str = "Dovecote mediator"
+) -> dict[str, Any]:
     """A Connections 1.0 invitation (RFC 0160), for wallets that only scan `?c_i=`."""
-    return {"@type": f"{CONNECTIONS}/invitation", "@id": invitation_id, "label": label,
-            "recipientKeys": [verkey], "routingKeys": [], "serviceEndpoint": endpoint}
+    return {
+        "@type": f"{CONNECTIONS}/invitation",
+        "@id": invitation_id,
+        "label": label,
+        "recipientKeys": [verkey],
+        "routingKeys": [],
+        "serviceEndpoint": endpoint,
+    }
 
 
 def invitation_url(invite: dict[str, Any], base_url: str) -> str:
@@ -158,9 +183,16 @@ def parse_doc(doc: Any) -> tuple[str, str, list[str]]:
         routing = service.get("routingKeys") or []
         if not isinstance(routing, list) or len(routing) > MAX_ROUTING_KEYS:
             raise MalformedMessage(f"at most {MAX_ROUTING_KEYS} routing keys")
-        return (_key_of(keys[0], doc), endpoint if isinstance(endpoint, str) else "",
-                [to_verkey(k.split("#", 1)[0]) if isinstance(k, str) and k.startswith("did:key")
-                 else _key_of(k, doc) for k in routing])
+        return (
+            _key_of(keys[0], doc),
+            endpoint if isinstance(endpoint, str) else "",
+            [
+                to_verkey(k.split("#", 1)[0])
+                if isinstance(k, str) and k.startswith("did:key")
+                else _key_of(k, doc)
+                for k in routing
+            ],
+        )
     # A document without a service (a requester reachable only over this socket).
     for method in [*(doc.get("publicKey") or []), *(doc.get("verificationMethod") or [])]:
         if isinstance(method, dict) and isinstance(method.get("publicKeyBase58"), str):
@@ -217,22 +249,41 @@ async def request(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
     verkey, endpoint, routing = parse_doc(doc)
     _require_own_key(inbound, verkey)
     version = inbound.version if inbound.version in ("1.0", "1.1") else "1.1"
-    endpoint_ours = ctx.core.settings.ws_url if inbound.transport == "ws" else \
-        ctx.core.settings.base_url
-    saved = await ctx.store.v1_connection_save(V1Connection(
-        their_verkey=verkey, connection_id=str(uuid.uuid4()), their_did=their_did,
-        protocol=f"didexchange/{version}", state="responded", endpoint=endpoint,
-        routing_keys=routing,
-    ))
+    endpoint_ours = (
+        ctx.core.settings.ws_url if inbound.transport == "ws" else ctx.core.settings.base_url
+    )
+    saved = await ctx.store.v1_connection_save(
+        V1Connection(
+            their_verkey=verkey,
+            connection_id=str(uuid.uuid4()),
+            their_did=their_did,
+            protocol=f"didexchange/{version}",
+            state="responded",
+            endpoint=endpoint,
+            routing_keys=routing,
+        )
+    )
     doc_ours = our_doc(ctx.verkey, endpoint_ours)
     attachment = sign_attachment(json.dumps(doc_ours).encode(), ctx.key)
-    log.info("v1.connection.responded", connection=saved.connection_id, version=version,
-             has_endpoint=bool(endpoint), request_id=inbound.request_id)
-    response = reply(inbound, f"{DIDEXCHANGE}/{version}/response", {
-        "did": our_did(ctx.verkey),
-        "did_doc~attach": {"@id": str(uuid.uuid4()), "mime-type": "application/json",
-                           "data": attachment},
-    })
+    log.info(
+        "v1.connection.responded",
+        connection=saved.connection_id,
+        version=version,
+        has_endpoint=bool(endpoint),
+        request_id=inbound.request_id,
+    )
+    response = reply(
+        inbound,
+        f"{DIDEXCHANGE}/{version}/response",
+        {
+            "did": our_did(ctx.verkey),
+            "did_doc~attach": {
+                "@id": str(uuid.uuid4()),
+                "mime-type": "application/json",
+                "data": attachment,
+            },
+        },
+    )
     # The reply must reach the requester's key even though no connection existed before.
     response[REPLY_TO] = {"verkey": verkey, "endpoint": endpoint, "routing": routing}
     return [response]
@@ -255,19 +306,31 @@ async def connection_request(ctx: V1Context, inbound: V1Inbound) -> list[dict[st
     their_did = field(connection, "DID", str)[:4096]
     verkey, endpoint, routing = parse_doc(connection.get("DIDDoc"))
     _require_own_key(inbound, verkey)
-    endpoint_ours = (ctx.core.settings.ws_url if inbound.transport == "ws"
-                     else ctx.core.settings.base_url)
-    saved = await ctx.store.v1_connection_save(V1Connection(
-        their_verkey=verkey, connection_id=str(uuid.uuid4()), their_did=their_did,
-        protocol="connections/1.0", state="responded", endpoint=endpoint,
-        routing_keys=routing,
-    ))
-    log.info("v1.connection.responded", connection=saved.connection_id,
-             version="connections/1.0", has_endpoint=bool(endpoint),
-             request_id=inbound.request_id)
+    endpoint_ours = (
+        ctx.core.settings.ws_url if inbound.transport == "ws" else ctx.core.settings.base_url
+    )
+    saved = await ctx.store.v1_connection_save(
+        V1Connection(
+            their_verkey=verkey,
+            connection_id=str(uuid.uuid4()),
+            their_did=their_did,
+            protocol="connections/1.0",
+            state="responded",
+            endpoint=endpoint,
+            routing_keys=routing,
+        )
+    )
+    log.info(
+        "v1.connection.responded",
+        connection=saved.connection_id,
+        version="connections/1.0",
+        has_endpoint=bool(endpoint),
+        request_id=inbound.request_id,
+    )
     value = {"DID": our_did(ctx.verkey), "DIDDoc": our_doc(ctx.verkey, endpoint_ours)}
-    response = reply(inbound, f"{CONNECTIONS}/response",
-                     {"connection~sig": sign_field(value, ctx.key)})
+    response = reply(
+        inbound, f"{CONNECTIONS}/response", {"connection~sig": sign_field(value, ctx.key)}
+    )
     response[REPLY_TO] = {"verkey": verkey, "endpoint": endpoint, "routing": routing}
     return [response]
 
@@ -276,9 +339,17 @@ async def complete(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
     if inbound.sender:
         current = await ctx.store.v1_connection_get(inbound.sender)
         if current is not None and current.state != "completed":
-            await ctx.store.v1_connection_save(V1Connection(
-                current.their_verkey, current.connection_id, current.their_did,
-                current.protocol, "completed", current.endpoint, current.routing_keys))
+            await ctx.store.v1_connection_save(
+                V1Connection(
+                    current.their_verkey,
+                    current.connection_id,
+                    current.their_did,
+                    current.protocol,
+                    "completed",
+                    current.endpoint,
+                    current.routing_keys,
+                )
+            )
     return []
 
 
@@ -289,5 +360,8 @@ HANDLERS: dict[str, V1Handler] = {
     f"{CONNECTIONS}/request": connection_request,
     f"{CONNECTIONS}/problem_report": problem_received,
 }
-PROTOCOLS = {f"{DIDEXCHANGE}/1.1": ["responder"], f"{DIDEXCHANGE}/1.0": ["responder"],
-             CONNECTIONS: ["inviter"]}
+PROTOCOLS = {
+    f"{DIDEXCHANGE}/1.1": ["responder"],
+    f"{DIDEXCHANGE}/1.0": ["responder"],
+    CONNECTIONS: ["inviter"],
+}

@@ -46,8 +46,9 @@ def unb64url(text: Any) -> bytes:
 
 def verkey_to_did_key(verkey: str) -> str:
     """base58 ed25519 verkey -> did:key:z6Mk..."""
-    return "did:key:" + multibase.encode(multicodec.wrap("ed25519-pub", b58decode(verkey)),
-                                         "base58btc")
+    return "did:key:" + multibase.encode(
+        multicodec.wrap("ed25519-pub", b58decode(verkey)), "base58btc"
+    )
 
 
 def b58decode(text: str) -> bytes:
@@ -69,7 +70,7 @@ def to_verkey(key: Any) -> str:
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_TEXT:
         raise MalformedMessage("expected a verkey or did:key")
     if key.startswith("did:key:"):
-        fingerprint = key[len("did:key:"):].split("#", 1)[0]
+        fingerprint = key[len("did:key:") :].split("#", 1)[0]
         try:
             codec, raw = multicodec.unwrap(multibase.decode(fingerprint))
         except Exception as exc:  # the multiformats helpers raise several types
@@ -141,17 +142,22 @@ def parse(raw: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Envelope | Non
     if alg not in ("Authcrypt", "Anoncrypt"):
         raise MalformedMessage("v1 envelope alg must be Authcrypt or Anoncrypt")
     recipients = protected.get("recipients")
-    if (not isinstance(recipients, list) or not recipients
-            or len(recipients) > MAX_RECIPIENTS):
+    if not isinstance(recipients, list) or not recipients or len(recipients) > MAX_RECIPIENTS:
         raise MalformedMessage("v1 envelope needs 1 to 100 recipients")
     for recipient in recipients:
         header = recipient.get("header") if isinstance(recipient, dict) else None
-        if (not isinstance(header, dict) or not isinstance(header.get("kid"), str)
-                or not isinstance(recipient.get("encrypted_key"), str)):
+        if (
+            not isinstance(header, dict)
+            or not isinstance(header.get("kid"), str)
+            or not isinstance(recipient.get("encrypted_key"), str)
+        ):
             raise MalformedMessage("v1 envelope recipient needs header.kid and encrypted_key")
     return Envelope(
-        protected_b64=outer["protected"], alg=alg, recipients=recipients,
-        iv=unb64url(outer.get("iv")), ciphertext=unb64url(outer.get("ciphertext")),
+        protected_b64=outer["protected"],
+        alg=alg,
+        recipients=recipients,
+        iv=unb64url(outer.get("iv")),
+        ciphertext=unb64url(outer.get("ciphertext")),
         tag=unb64url(outer.get("tag")),
     )
 
@@ -178,18 +184,24 @@ def open_envelope(envelope: Envelope, keys: dict[str, Key]) -> Opened:
             sender_vk: str | None = None
             if header.get("sender") and header.get("iv"):
                 sender_vk = crypto_box.crypto_box_seal_open(
-                    ours_x, unb64url(header["sender"])).decode()
+                    ours_x, unb64url(header["sender"])
+                ).decode()
                 sender_x = Key.from_public_bytes(
-                    KeyAlg.ED25519, b58decode(to_verkey(sender_vk))).convert_key(KeyAlg.X25519)
+                    KeyAlg.ED25519, b58decode(to_verkey(sender_vk))
+                ).convert_key(KeyAlg.X25519)
                 cek = crypto_box.crypto_box_open(
-                    ours_x, sender_x, encrypted_key, unb64url(header["iv"]))
+                    ours_x, sender_x, encrypted_key, unb64url(header["iv"])
+                )
             else:
                 if envelope.alg == "Authcrypt":
                     raise UnpackFailed("Authcrypt envelope without a sender")
                 cek = crypto_box.crypto_box_seal_open(ours_x, encrypted_key)
             plaintext = Key.from_secret_bytes(KeyAlg.C20P, bytes(cek)).aead_decrypt(
-                envelope.ciphertext, nonce=envelope.iv, tag=envelope.tag,
-                aad=envelope.protected_b64.encode())
+                envelope.ciphertext,
+                nonce=envelope.iv,
+                tag=envelope.tag,
+                aad=envelope.protected_b64.encode(),
+            )
         except (MalformedMessage, UnpackFailed):
             raise
         except Exception as exc:  # askar raises AskarError for every crypto failure
@@ -207,31 +219,51 @@ def pack(message: bytes, to_verkeys: list[str], from_key: Key | None) -> bytes:
     recipients = []
     for verkey in to_verkeys:
         target_x = Key.from_public_bytes(KeyAlg.ED25519, b58decode(verkey)).convert_key(
-            KeyAlg.X25519)
+            KeyAlg.X25519
+        )
         if sender_vk is not None and sender_x is not None:
             nonce = crypto_box.random_nonce()
-            recipients.append({
-                "encrypted_key": b64url(crypto_box.crypto_box(
-                    target_x, sender_x, cek_bytes, nonce)),
-                "header": {"kid": verkey,
-                           "sender": b64url(crypto_box.crypto_box_seal(target_x, sender_vk)),
-                           "iv": b64url(nonce)},
-            })
+            recipients.append(
+                {
+                    "encrypted_key": b64url(
+                        crypto_box.crypto_box(target_x, sender_x, cek_bytes, nonce)
+                    ),
+                    "header": {
+                        "kid": verkey,
+                        "sender": b64url(crypto_box.crypto_box_seal(target_x, sender_vk)),
+                        "iv": b64url(nonce),
+                    },
+                }
+            )
         else:
-            recipients.append({
-                "encrypted_key": b64url(crypto_box.crypto_box_seal(target_x, cek_bytes)),
-                "header": {"kid": verkey},
-            })
-    protected = b64url(json.dumps({
-        "enc": ENC, "typ": TYP, "alg": "Authcrypt" if from_key else "Anoncrypt",
-        "recipients": recipients,
-    }, separators=(",", ":")).encode())
+            recipients.append(
+                {
+                    "encrypted_key": b64url(crypto_box.crypto_box_seal(target_x, cek_bytes)),
+                    "header": {"kid": verkey},
+                }
+            )
+    protected = b64url(
+        json.dumps(
+            {
+                "enc": ENC,
+                "typ": TYP,
+                "alg": "Authcrypt" if from_key else "Anoncrypt",
+                "recipients": recipients,
+            },
+            separators=(",", ":"),
+        ).encode()
+    )
     parts = cek.aead_encrypt(message, aad=protected.encode()).parts
     ciphertext, tag, nonce = parts
-    return json.dumps({
-        "protected": protected, "iv": b64url(bytes(nonce)),
-        "ciphertext": b64url(bytes(ciphertext)), "tag": b64url(bytes(tag)),
-    }, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "protected": protected,
+            "iv": b64url(bytes(nonce)),
+            "ciphertext": b64url(bytes(ciphertext)),
+            "tag": b64url(bytes(tag)),
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def sign_attachment(data: bytes, key: Key) -> dict[str, Any]:
@@ -239,10 +271,21 @@ def sign_attachment(data: bytes, key: Key) -> dict[str, Any]:
     payload = b64url(data)
     verkey = b58encode(key.get_public_bytes())
     kid = verkey_to_did_key(verkey)
-    protected = b64url(json.dumps({
-        "alg": "EdDSA",
-        "jwk": {"kty": "OKP", "crv": "Ed25519", "x": b64url(key.get_public_bytes()), "kid": kid},
-    }).encode())
+    protected = b64url(
+        json.dumps(
+            {
+                "alg": "EdDSA",
+                "jwk": {
+                    "kty": "OKP",
+                    "crv": "Ed25519",
+                    "x": b64url(key.get_public_bytes()),
+                    "kid": kid,
+                },
+            }
+        ).encode()
+    )
     signature = key.sign_message(f"{protected}.{payload}".encode())
-    return {"base64": payload,
-            "jws": {"header": {"kid": kid}, "protected": protected, "signature": b64url(signature)}}
+    return {
+        "base64": payload,
+        "jws": {"header": {"kid": kid}, "protected": protected, "signature": b64url(signature)},
+    }

@@ -95,15 +95,22 @@ class V1Mediator:
         self.ctx = V1Context(ctx, key, self.verkey, self.implicit)
         self.did_limits = did_limits
 
-    async def receive(self, envelope: Envelope, transport: Transport,
-                      session: LiveSession | None, request_id: str) -> Outcome:
+    async def receive(
+        self, envelope: Envelope, transport: Transport, session: LiveSession | None, request_id: str
+    ) -> Outcome:
         try:
             opened = open_envelope(envelope, self.keys)
             inbound = self._inbound(opened, transport, session, request_id)
         except ClientError as exc:
             metrics.BAD_INPUT.labels(exc.code, transport).inc()
-            log.info("message.rejected", code=exc.code, detail=exc.detail, version="v1",
-                     transport=transport, request_id=request_id)
+            log.info(
+                "message.rejected",
+                code=exc.code,
+                detail=exc.detail,
+                version="v1",
+                transport=transport,
+                request_id=request_id,
+            )
             return Outcome(status=exc.status, error=exc)
         wants_return = inbound.return_route in ("all", "thread")
         protocol, name = _labels(inbound.type)
@@ -118,22 +125,31 @@ class V1Mediator:
                 raise UnknownMessageType(f"unsupported message type {inbound.raw_type[:200]!r}")
             replies = await handler(self.ctx, inbound)
             metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok").inc()
-            if (transport == "ws" and session is not None and inbound.return_route == "all"
-                    and sender_key
-                    and await self.core.store.get_mediation(sender_key) == "granted"):
+            if (
+                transport == "ws"
+                and session is not None
+                and inbound.return_route == "all"
+                and sender_key
+                and await self.core.store.get_mediation(sender_key) == "granted"
+            ):
                 self.implicit.enable(session, sender_key)
         except DovecoteError as exc:
             error = exc
             metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
             if isinstance(exc, ClientError):
                 metrics.BAD_INPUT.labels(exc.code, transport).inc()
-            log.info("message.failed", type=inbound.raw_type[:200], code=exc.code,
-                     detail=exc.detail, version="v1", transport=transport,
-                     request_id=request_id)
+            log.info(
+                "message.failed",
+                type=inbound.raw_type[:200],
+                code=exc.code,
+                detail=exc.detail,
+                version="v1",
+                transport=transport,
+                request_id=request_id,
+            )
             replies = [problem_report(exc.code, exc.detail, inbound)] if inbound.sender else []
         finally:
-            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(
-                time.perf_counter() - started)
+            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(time.perf_counter() - started)
 
         status = error.status if error is not None else 202
         packed: list[bytes] = []
@@ -159,11 +175,17 @@ class V1Mediator:
                 return Outcome(status=exc.status, error=exc, return_route=wants_return)
         if packed and transport == "http" and error is None:
             status = 200
-        return Outcome(status=status, replies=packed, error=error, return_route=wants_return,
-                       media_type=MEDIA_TYPE)
+        return Outcome(
+            status=status,
+            replies=packed,
+            error=error,
+            return_route=wants_return,
+            media_type=MEDIA_TYPE,
+        )
 
-    def _inbound(self, opened: Opened, transport: Transport, session: LiveSession | None,
-                 request_id: str) -> V1Inbound:
+    def _inbound(
+        self, opened: Opened, transport: Transport, session: LiveSession | None, request_id: str
+    ) -> V1Inbound:
         message = parse_json(opened.plaintext, self.core.settings.max_json_depth, "plaintext")
         if not isinstance(message, dict) or not isinstance(message.get("@type"), str):
             raise MalformedMessage("v1 plaintext has no @type")
@@ -177,8 +199,9 @@ class V1Mediator:
             endpoint = connection.endpoint if connection is not None else ""
         return bool(endpoint) and routing.deliverable_endpoint(self.ctx, endpoint) is not None
 
-    def _target(self, message: dict[str, Any],
-                inbound: V1Inbound) -> tuple[str, str, list[str]] | None:
+    def _target(
+        self, message: dict[str, Any], inbound: V1Inbound
+    ) -> tuple[str, str, list[str]] | None:
         """(verkey, endpoint, routing keys) a reply goes to; endpoint '' when unknown."""
         hint = message.pop(REPLY_HINT, None)
         if isinstance(hint, dict):
@@ -204,27 +227,41 @@ class V1Mediator:
                     endpoint, routing_keys = connection.endpoint, connection.routing_keys
             uri = routing.deliverable_endpoint(self.ctx, endpoint) if endpoint else None
             if uri is None:
-                log.info("reply.not_returned", reason="no deliverable endpoint", version="v1",
-                         request_id=inbound.request_id)
+                log.info(
+                    "reply.not_returned",
+                    reason="no deliverable endpoint",
+                    version="v1",
+                    request_id=inbound.request_id,
+                )
                 continue
             payload = routing.wrap(self._pack(message, verkey), verkey, routing_keys)
             key = hashlib.sha256(f"{verkey} {inbound.id} {index}".encode()).hexdigest()
-            items.append(NewOutboxItem(kind="forward", target=uri, payload=payload,
-                                       headers={"content-type": MEDIA_TYPE},
-                                       dedup_key=f"v1reply:{key}"))
+            items.append(
+                NewOutboxItem(
+                    kind="forward",
+                    target=uri,
+                    payload=payload,
+                    headers={"content-type": MEDIA_TYPE},
+                    dedup_key=f"v1reply:{key}",
+                )
+            )
         if items:
             quota = v2_routing.relay_quota(self.core.settings, items[0].target)
             try:
                 added = await self.core.store.outbox_add(items, quota=quota)
             except DovecoteError as exc:  # quotas: 429/507, the client retries later
                 metrics.RELAY_REFUSED.labels("reply_quota").inc()
-                log.warning("reply.refused", code=exc.code, target=quota.origin, version="v1",
-                            request_id=inbound.request_id)
+                log.warning(
+                    "reply.refused",
+                    code=exc.code,
+                    target=quota.origin,
+                    version="v1",
+                    request_id=inbound.request_id,
+                )
                 raise
             if added:
                 self.core.wake_outbox("forward")
-            log.info("reply.queued", count=len(added), version="v1",
-                     request_id=inbound.request_id)
+            log.info("reply.queued", count=len(added), version="v1", request_id=inbound.request_id)
 
     async def build_delivery(self, mediatee: str, messages: Sequence[StoredMessage]) -> bytes:
         """A live-mode pickup 2.0 `delivery` for a v1 mailbox owner, packed for it."""

@@ -34,7 +34,7 @@ def normalize_type(value: Any) -> str:
     if not isinstance(value, str) or len(value) > 512:
         raise MalformedMessage("@type must be a message type URI")
     if value.startswith(LEGACY_PREFIX):
-        value = DIDCOMM_PREFIX + value[len(LEGACY_PREFIX):]
+        value = DIDCOMM_PREFIX + value[len(LEGACY_PREFIX) :]
     head, _, name = value.rpartition("/")
     family, _, version = head.rpartition("/")
     major = version.split(".", 1)[0]
@@ -134,7 +134,8 @@ def reply(inbound: V1Inbound, msg_type: str, body: dict[str, Any]) -> dict[str, 
 def problem_report(code: str, detail: str, inbound: V1Inbound | None) -> dict[str, Any]:
     """A Report Problem 1.0 message (RFC 0035) about `inbound`."""
     message: dict[str, Any] = {
-        "@type": PROBLEM_REPORT, "@id": str(uuid.uuid4()),
+        "@type": PROBLEM_REPORT,
+        "@id": str(uuid.uuid4()),
         "description": {"code": code, "en": detail},
     }
     if inbound is not None and inbound.id:
@@ -142,8 +143,13 @@ def problem_report(code: str, detail: str, inbound: V1Inbound | None) -> dict[st
     return message
 
 
-def field(message: dict[str, Any], name: str, kind: type | tuple[type, ...],
-          required: bool = True, default: Any = None) -> Any:
+def field(
+    message: dict[str, Any],
+    name: str,
+    kind: type | tuple[type, ...],
+    required: bool = True,
+    default: Any = None,
+) -> Any:
     """A top-level field checked for presence and type (bool is not an int here)."""
     value = message.get(name)
     if value is None:

@@ -65,10 +65,12 @@ def tag_of(body: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def delivery(thid: str | None, recipient: str | None,
-             messages: Sequence[StoredMessage]) -> dict[str, Any]:
+def delivery(
+    thid: str | None, recipient: str | None, messages: Sequence[StoredMessage]
+) -> dict[str, Any]:
     message: dict[str, Any] = {
-        "@type": DELIVERY, "@id": str(uuid.uuid4()),
+        "@type": DELIVERY,
+        "@id": str(uuid.uuid4()),
         "~attach": [{"@id": m.id, "data": {"json": _json_or_text(m.body)}} for m in messages],
     }
     if thid:
@@ -84,8 +86,9 @@ def _recipient(inbound: V1Inbound) -> tuple[str | None, str | None]:
     return (sent, to_did_key(sent)) if sent else (None, None)
 
 
-async def status_message(ctx: V1Context, inbound: V1Inbound, mediatee: str,
-                         recipient: tuple[str | None, str | None]) -> dict[str, Any]:
+async def status_message(
+    ctx: V1Context, inbound: V1Inbound, mediatee: str, recipient: tuple[str | None, str | None]
+) -> dict[str, Any]:
     status = await ctx.core.store.status(mediatee, recipient[1])
     now = time.time()
     body: dict[str, Any] = {
@@ -118,18 +121,23 @@ async def delivery_request(ctx: V1Context, inbound: V1Inbound) -> list[dict[str,
     if limit < 1:
         raise MalformedMessage("limit must be at least 1")
     recipient = _recipient(inbound)
-    messages = await fetch_bounded(ctx.core.store, mediatee, min(limit, MAX_DELIVERY),
-                                   recipient[1], ctx.core.settings.max_body_bytes)
+    messages = await fetch_bounded(
+        ctx.core.store,
+        mediatee,
+        min(limit, MAX_DELIVERY),
+        recipient[1],
+        ctx.core.settings.max_body_bytes,
+    )
     if not messages:
         return [await status_message(ctx, inbound, mediatee, recipient)]
     metrics.DELIVERED.labels("pickup").inc(len(messages))
-    log.info("pickup.delivered", count=len(messages), version="v1",
-             request_id=inbound.request_id)
+    log.info("pickup.delivered", count=len(messages), version="v1", request_id=inbound.request_id)
     return [delivery(inbound.thid, recipient[0], messages)]
 
 
-async def _ids_for_tags(ctx: V1Context, mediatee: str, session: LiveSession | None,
-                        tags: list[str]) -> list[str]:
+async def _ids_for_tags(
+    ctx: V1Context, mediatee: str, session: LiveSession | None, tags: list[str]
+) -> list[str]:
     wanted = set(tags)
     ids: list[str] = []
     pushed = ctx.implicit.tags_for(session, mediatee) if session is not None else {}
@@ -148,15 +156,21 @@ async def messages_received(ctx: V1Context, inbound: V1Inbound) -> list[dict[str
     mediatee = await ctx.require_grant(inbound)
     ids = field(inbound.message, "message_id_list", list, required=False, default=[])
     tags = field(inbound.message, "message_tag_list", list, required=False, default=[])
-    if (len(ids) + len(tags) > MAX_ACK_IDS
-            or not all(isinstance(i, str) and len(i) <= 256 for i in [*ids, *tags])):
+    if len(ids) + len(tags) > MAX_ACK_IDS or not all(
+        isinstance(i, str) and len(i) <= 256 for i in [*ids, *tags]
+    ):
         raise MalformedMessage("message_id_list / message_tag_list must list strings")
     if tags:
         ids = [*ids, *await _ids_for_tags(ctx, mediatee, inbound.session, tags)]
     removed = await acknowledge(ctx.core, mediatee, ids)
     ctx.implicit.acknowledged(mediatee, ids)
-    log.info("pickup.acknowledged", listed=len(ids), removed=removed, version="v1",
-             request_id=inbound.request_id)
+    log.info(
+        "pickup.acknowledged",
+        listed=len(ids),
+        removed=removed,
+        version="v1",
+        request_id=inbound.request_id,
+    )
     return [await status_message(ctx, inbound, mediatee, (None, None))]
 
 
@@ -231,8 +245,7 @@ class ImplicitPickup:
                 entry.wake.clear()
                 if session.held or session.closed:
                     continue
-                queued = await self.store.fetch(entry.mediatee,
-                                                len(entry.pushed) + IMPLICIT_BATCH)
+                queued = await self.store.fetch(entry.mediatee, len(entry.pushed) + IMPLICIT_BATCH)
                 for message in queued:
                     if message.id in entry.pushed:
                         continue

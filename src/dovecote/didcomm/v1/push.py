@@ -49,8 +49,9 @@ async def set_device_info(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, 
     assert inbound.sender is not None  # require_grant checked it
     if not await ctx.store.v1_set_device(inbound.sender, info):
         raise NotMediated("no DID Exchange connection for this key")
-    log.info("push.device_set", service=service, registered=bool(token),
-             request_id=inbound.request_id)
+    log.info(
+        "push.device_set", service=service, registered=bool(token), request_id=inbound.request_id
+    )
     return []
 
 

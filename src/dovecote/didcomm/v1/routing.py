@@ -37,8 +37,12 @@ def wrap(payload: bytes, to_verkey_: str, routing_keys: list[str]) -> bytes:
     """Wrap for each routing key in front of the recipient, last key innermost."""
     target = to_verkey_
     for key in reversed(routing_keys):
-        forward = {"@type": FORWARD, "@id": hashlib.sha256(payload).hexdigest()[:32],
-                   "to": target, "msg": json.loads(payload)}
+        forward = {
+            "@type": FORWARD,
+            "@id": hashlib.sha256(payload).hexdigest()[:32],
+            "to": target,
+            "msg": json.loads(payload),
+        }
         payload = pack(json.dumps(forward, separators=(",", ":")).encode(), [key], None)
         target = key
     return payload
@@ -88,29 +92,41 @@ async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
         metrics.UNROUTABLE.inc()
         raise UnknownRecipient("to is not a key registered with this mediator")
     digest = hashlib.sha256(payload).hexdigest()
-    connection = await ctx.store.v1_connection_get(to_verkey(mediatee)) \
-        if mediatee.startswith("did:key:") else None
+    connection = (
+        await ctx.store.v1_connection_get(to_verkey(mediatee))
+        if mediatee.startswith("did:key:")
+        else None
+    )
     endpoint = deliverable_endpoint(ctx, connection.endpoint) if connection else None
     if connection is not None and endpoint:
         # Anyone can be a mediatee with an endpoint of its choice (open mediation), and the
         # forwards are anonymous: the same rules as a v2 relay (issue 13 point 4), envelopes
         # only and the relay quotas.
-        if not (envelope.parse(payload, ctx.core.settings.max_json_depth)
-                or v2_routing.is_jwe(payload)):
+        if not (
+            envelope.parse(payload, ctx.core.settings.max_json_depth) or v2_routing.is_jwe(payload)
+        ):
             metrics.RELAY_REFUSED.labels("not_jwe").inc()
             raise MalformedMessage("only encrypted messages are relayed to an endpoint")
         quota = v2_routing.relay_quota(ctx.core.settings, endpoint)
         item = NewOutboxItem(
-            kind="forward", target=endpoint,
+            kind="forward",
+            target=endpoint,
             payload=wrap(payload, to_verkey(recipient), connection.routing_keys),
-            headers={"content-type": MEDIA_TYPE}, dedup_key=f"v1forward:{recipient}:{digest}")
+            headers={"content-type": MEDIA_TYPE},
+            dedup_key=f"v1forward:{recipient}:{digest}",
+        )
         try:
             new = await ctx.store.v1_relay_once(recipient, digest, item, quota)
         except (RateLimited, OutboxFull) as exc:
             reason = "global_quota" if isinstance(exc, OutboxFull) else "target_quota"
             metrics.RELAY_REFUSED.labels(reason).inc()
-            log.warning("forward.relay_refused", reason=reason, target=quota.origin,
-                        version="v1", request_id=inbound.request_id)
+            log.warning(
+                "forward.relay_refused",
+                reason=reason,
+                target=quota.origin,
+                version="v1",
+                request_id=inbound.request_id,
+            )
             raise
         if new:
             ctx.core.wake_outbox("forward")
@@ -118,15 +134,22 @@ async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
             metrics.RELAYED.inc()
         else:
             metrics.DUPLICATES.inc()
-        log.info("forward.accepted", duplicate=not new, size=len(payload), route="endpoint",
-                 version="v1", request_id=inbound.request_id)
+        log.info(
+            "forward.accepted",
+            duplicate=not new,
+            size=len(payload),
+            route="endpoint",
+            version="v1",
+            request_id=inbound.request_id,
+        )
         return []
     expires_at = time.time() + ctx.core.settings.message_ttl
     requested = _expires_time(inbound.message)
     if requested is not None:
         expires_at = min(expires_at, requested)
-    await v2_routing.store_for(ctx.core, mediatee, recipient, payload, expires_at,
-                               inbound.request_id)
+    await v2_routing.store_for(
+        ctx.core, mediatee, recipient, payload, expires_at, inbound.request_id
+    )
     return []
 
 
