@@ -109,6 +109,15 @@ class FaultProxy:
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
+            # Finish every connection task on this loop before closing it: a task left
+            # pending is finalised later by the garbage collector, inside whatever test then
+            # runs, and its cleanup calls into the closed loop (seen in CI as an unraisable
+            # error during another test's import, followed by a CPython 3.11 AST SystemError).
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
         self._thread = threading.Thread(target=serve, name="fault-proxy", daemon=True)

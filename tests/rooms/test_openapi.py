@@ -13,6 +13,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+
+# Imported here, at collection, rather than lazily by from_url() mid-test: pytest rewrites
+# schemathesis's modules (it is a plugin) as they are imported, and a rewrite that ran
+# during a test once met CPython 3.11's AST SystemError (a finaliser of an earlier test's
+# leftover task ran inside it). The proxy no longer leaves such tasks; this keeps the
+# rewrite away from test bodies altogether.
+from schemathesis.specs.openapi import schemas as _schemas  # noqa: F401
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
