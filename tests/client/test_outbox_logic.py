@@ -12,7 +12,7 @@ import pytest
 from dovecote.client.config import ClientConfig
 from dovecote.client.errors import InvalidInvitation
 from dovecote.client.mediation import parse_invitation
-from dovecote.client.outbox import Backoff, Sender
+from dovecote.client.outbox import Sender
 from dovecote.client.store import ClientStore
 
 
@@ -66,11 +66,18 @@ async def test_failover_after_three_attempts_and_failure_past_retention(store: C
         assert sender._reschedule(item, "refused", None).state == "failed"
 
 
-def test_backoff_doubles_with_jitter_and_caps() -> None:
-    backoff = Backoff(0.5, 8.0)
-    for attempt, ceiling in ((1, 0.5), (2, 1.0), (3, 2.0), (10, 8.0)):
-        delays = [backoff(attempt) for _ in range(50)]
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+async def test_backoff_doubles_with_equal_jitter_and_caps(store: ClientStore) -> None:
+    config = ClientConfig(data_dir=Path("."), backoff_base=0.5, backoff_max=8.0)
+    async with httpx.AsyncClient() as http:
+        sender = Sender(store, config, http)
+        await store.enqueue([("m", "didcomm", "did:x", b"x", ["http://a/"])])
+        [item] = await store.due(1)
+        for attempts_before, ceiling in ((0, 0.5), (1, 1.0), (2, 2.0), (9, 8.0)):
+            for _ in range(50):
+                before = time.time()
+                item.attempts = attempts_before
+                delay = sender._reschedule(item, "refused", None).next_attempt_at - before
+                assert ceiling / 2 - 0.05 <= delay <= ceiling + 0.05, (attempts_before, delay)
 
 
 def test_invitation_padding_is_optional() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from dovecote.delivery.breaker import Breakers, target_key
-from dovecote.delivery.outbox import backoff
+from dovecote.util import backoff
 
 URL = "https://agent.example:8443/inbox"
 
@@ -62,10 +62,10 @@ def test_backoff_is_full_jitter_capped() -> None:
     random.seed(7)
     for attempts in range(12):
         ceiling = min(600.0, 1.0 * 2**attempts)
-        samples = [backoff(attempts, 1.0, 600.0) for _ in range(200)]
+        samples = [backoff.delay(attempts, 1.0, 600.0, "full") for _ in range(200)]
         assert all(0 <= s <= ceiling for s in samples)
         assert max(samples) > 0.8 * ceiling  # spread over the whole range
-    assert backoff(10_000, 1.0, 600.0) <= 600.0
+    assert backoff.delay(10_000, 1.0, 600.0, "full") <= 600.0
 
 
 def test_remembered_urls_are_bounded_in_bytes() -> None:

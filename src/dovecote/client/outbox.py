@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -40,27 +39,13 @@ from dovecote.client.config import ClientConfig
 from dovecote.client.errors import Rejected, TransportFailure
 from dovecote.client.store import ClientStore, OutboxItem
 from dovecote.client.wsbatch import WsBatcher, WsTarget
+from dovecote.util import backoff
 
 log = structlog.get_logger("dovecote.client.outbox")
 
 FailureCallback = Callable[[OutboxItem], Awaitable[None] | None]
 HeadersFor = Callable[[OutboxItem], dict[str, str]]
 JSON = "application/json"
-
-
-class Backoff:
-    """Exponential backoff with equal jitter: half fixed, half random."""
-
-    def __init__(self, base: float, cap: float) -> None:
-        self.base = base
-        self.cap = cap
-
-    def __call__(self, attempt: int) -> float:
-        ceiling = min(self.cap, self.base * 2 ** max(0, min(attempt - 1, 30)))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-    def __repr__(self) -> str:
-        return f"<Backoff base={self.base:.2f}s cap={self.cap:.0f}s>"
 
 
 class Sender:
@@ -81,7 +66,6 @@ class Sender:
         self.http = http
         self.on_failed = on_failed
         self.headers_for = headers_for or (lambda item: {})
-        self.backoff = Backoff(config.backoff_base, config.backoff_max)
         self.ws = ws if config.send_transport == "ws" else None
         self.ws_target_for = ws_target_for or (lambda url: None)
         self._wake = asyncio.Event()
@@ -283,7 +267,11 @@ class Sender:
         attempts = item.attempts + 1
         on_endpoint = item.endpoint_attempts + 1
         index = item.endpoint_index
-        delay = self.backoff(attempts)
+        # Equal jitter: after the n-th failed attempt, between half and all of
+        # min(backoff_max, backoff_base * 2**(n-1)).
+        delay = backoff.delay(
+            attempts - 1, self.config.backoff_base, self.config.backoff_max, jitter="equal"
+        )
         if on_endpoint >= self.config.attempts_per_endpoint and len(item.endpoints) > 1:
             # This endpoint had its chances: the next one is tried at once.
             index, on_endpoint, delay = index + 1, 0, 0.0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from dovecote.client.errors import (
 from dovecote.client.mediation import MediatorChannel, message, raise_for_problem
 from dovecote.client.packing import Packer, attachment_payload
 from dovecote.client.store import ClientStore
+from dovecote.util import backoff
 
 log = structlog.get_logger("dovecote.client.pickup")
 
@@ -201,8 +201,14 @@ class Inbox:
             if stop.is_set():
                 break
             self.reconnects += 1
-            cap = min(self.config.reconnect_max, self.config.backoff_base * 2 ** min(failures, 16))
-            delay = cap / 2 + random.uniform(0, cap / 2) if failures else 0.0
+            # At once after a session that ended cleanly, else equal jitter.
+            delay = (
+                backoff.delay(
+                    failures, self.config.backoff_base, self.config.reconnect_max, jitter="equal"
+                )
+                if failures
+                else 0.0
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 

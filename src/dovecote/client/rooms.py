@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +24,7 @@ from dovecote.client import transport
 from dovecote.client.config import ClientConfig
 from dovecote.client.errors import ClientFailure, Rejected, RoomsFailure, TransportFailure
 from dovecote.client.store import ClientStore, OutboxItem
+from dovecote.util import backoff
 
 log = structlog.get_logger("dovecote.client.rooms")
 
@@ -107,7 +107,12 @@ class RoomsClient:
             except TransportFailure:
                 if attempt == attempts:
                     raise
-                await asyncio.sleep(self.config.backoff_base * 2**attempt)
+                # No jitter: a few retries of one post, the same key each time.
+                await asyncio.sleep(
+                    backoff.delay(
+                        attempt, self.config.backoff_base, self.config.backoff_max, jitter="none"
+                    )
+                )
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ reading
@@ -155,9 +160,11 @@ class RoomsClient:
                 log.info("rooms.disconnected", room=room, error=str(exc)[:200])
             if stop.is_set():
                 break
-            cap = min(self.config.reconnect_max, self.config.backoff_base * 2 ** min(failures, 16))
+            wait = backoff.delay(
+                failures, self.config.backoff_base, self.config.reconnect_max, jitter="equal"
+            )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), cap / 2 + random.uniform(0, cap / 2))
+                await asyncio.wait_for(stop.wait(), wait)
 
     async def _session(
         self, room: str, cursor: int, handler: EventHandler, stop: asyncio.Event

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,6 +39,7 @@ from dovecote.delivery.breaker import Breakers, target_key
 from dovecote.delivery.sender import Attempt, Sender
 from dovecote.errors import DovecoteError
 from dovecote.ops import metrics
+from dovecote.util import backoff
 
 if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
@@ -51,12 +51,6 @@ KINDS = ("forward", "notify")
 POLL_SECONDS = 1.0
 # After a wake-up, wait this long so items committed together are leased together.
 WAKE_DEBOUNCE = 0.01
-
-
-def backoff(attempts_before: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n))."""
-    ceiling = min(cap, base * 2 ** min(attempts_before, 62))
-    return random.uniform(0, ceiling)
 
 
 @dataclass
@@ -266,7 +260,10 @@ class OutboxWorkers:
         if now >= deadline:
             await self._dead(pool, item, "retention_exceeded", record, bound)
             return
-        delay = backoff(item.attempts, self.settings.retry_base, self.settings.retry_cap)
+        # Full jitter (docs/reliability.md): items failing on one target spread out.
+        delay = backoff.delay(
+            item.attempts, self.settings.retry_base, self.settings.retry_cap, jitter="full"
+        )
         if result.retry_after is not None:
             delay = max(delay, min(result.retry_after, self.settings.retry_cap))
         next_at = min(now + delay, deadline)
