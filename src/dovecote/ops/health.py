@@ -104,7 +104,9 @@ class HealthMonitor:
     async def check_store(self) -> CheckResult:
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(self.store.ping(), STORE_PING_TIMEOUT)
+            # Not wait_for: on 3.11 it can drop the cancellation that stops this loop.
+            async with asyncio.timeout(STORE_PING_TIMEOUT):
+                await self.store.ping()
             ok, detail = True, ""
         except Exception as exc:  # any failure means not ready
             ok, detail = False, str(exc)[:200]

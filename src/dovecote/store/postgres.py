@@ -194,7 +194,10 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             raise StoreError("store is not open")
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(self._attempts(fn, write), self.timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that
+            # arrives with the result, and a shutdown then waits for good on the caller.
+            async with asyncio.timeout(self.timeout):
+                return await self._attempts(fn, write)
         except TimeoutError as exc:
             # A write may still commit after this; callers' retries are deduplicated.
             raise StoreError(f"store {op} timed out after {self.timeout:g}s") from exc
@@ -343,7 +346,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         if self._hosts.watching and not self._hosts.leaders:
             raise StoreError("no PostgreSQL node holds the Patroni leader lock")
         try:
-            await asyncio.wait_for(self._ping(), min(self.timeout, PING_TIMEOUT))
+            async with asyncio.timeout(min(self.timeout, PING_TIMEOUT)):  # see _call
+                await self._ping()
         except DRIVER_OR_TIMEOUT as exc:
             raise _translate(exc) from exc
 

@@ -150,7 +150,10 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
 
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._readers, run), self.timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that
+            # arrives with the result, and a shutdown then waits for good on the caller.
+            async with asyncio.timeout(self.timeout):
+                return await loop.run_in_executor(self._readers, run)
         except TimeoutError as exc:
             raise StoreError("store read timed out") from exc
         except (sqlite3.Error, OSError) as exc:
@@ -167,7 +170,8 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
         job = _Write(fn, asyncio.get_running_loop())
         self._queue.put(job)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout)
+            async with asyncio.timeout(self.timeout):  # not wait_for: see _read
+                return await asyncio.shield(job.future)
         except TimeoutError as exc:
             # The write may still commit later; callers' retries are deduplicated.
             raise StoreError("store write timed out") from exc
