@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import click
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 # (pydantic, structlog, asyncio, the server) are imported inside the commands that use them.
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def configure(log_format: Any, level: str) -> None:
@@ -48,18 +49,22 @@ ROOMS_TOKEN_FIELDS = (
 )
 
 
+@overload
+def _settings_options(func: F, *, only: tuple[str, ...] | None = None) -> F: ...
+@overload
 def _settings_options(
-    func: Callable[..., Any] | None = None, *, only: tuple[str, ...] | None = None
-) -> Any:
+    func: None = None, *, only: tuple[str, ...] | None = None
+) -> Callable[[F], F]: ...
+def _settings_options(
+    func: F | None = None, *, only: tuple[str, ...] | None = None
+) -> F | Callable[[F], F]:
     """Decorate a command with one --option per Settings field (or the fields in `only`)."""
     if func is None:
         return lambda f: _add_settings_options(f, only)
     return _add_settings_options(func, only)
 
 
-def _add_settings_options(
-    func: Callable[..., Any], only: tuple[str, ...] | None
-) -> Callable[..., Any]:
+def _add_settings_options(func: F, only: tuple[str, ...] | None) -> F:
     # From the generated table (ops/settings_fields.py), not the pydantic model: building
     # the options must not cost pydantic's import on every `--help`.
     for name, kind, choices, shown, description in reversed(FIELDS):
@@ -192,7 +197,7 @@ def did(create: bool, **options: Any) -> None:
 @click.option("--qr", is_flag=True, help="Print a QR code of the short URL (terminal).")
 @_settings_options(only=IDENTITY_FIELDS)
 @click.pass_context
-def invitation(ctx: click.Context, as_json: bool, full: bool, qr: bool, **options: Any) -> None:
+def invitation(ctx: click.Context, /, as_json: bool, full: bool, qr: bool, **options: Any) -> None:
     """Print the Out-of-Band invitation (goal_code request-mediate); read-only.
 
     The invitation keeps its id until `dovecote invitation rotate`. Its short URL,
@@ -215,7 +220,7 @@ def invitation(ctx: click.Context, as_json: bool, full: bool, qr: bool, **option
 @invitation.command("rotate")
 @_settings_options(only=("config", "data_dir", "identity_file"))
 @click.pass_context
-def invitation_rotate(ctx: click.Context, **options: Any) -> None:
+def invitation_rotate(ctx: click.Context, /, **options: Any) -> None:
     """Give the invitation a new id (running servers answer with it at once)."""
     from dovecote.didcomm import identity as ids
 

@@ -130,4 +130,5 @@ def _mark_dead(pid: int) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        # Unannotated in prometheus_client.
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -63,7 +63,8 @@ class ClientIdentity:
 
 
 def _multikey(codec: str, key: Key) -> str:
-    return multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
+    encoded: str = multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
+    return encoded
 
 
 def make_did(signing_key: Key, agreement_key: Key, services: list[dict[str, Any]]) -> str:

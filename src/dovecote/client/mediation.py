@@ -24,6 +24,7 @@ from dovecote.client.errors import (
     MediationDenied,
     NotMediated,
     ProblemReported,
+    Rejected,
     TransportFailure,
 )
 from dovecote.client.identity import ClientIdentity
@@ -116,7 +117,7 @@ class MediatorChannel:
         for url in self.endpoints:
             try:
                 response = await transport.post(self.http, url, packed)
-            except transport.Rejected as exc:
+            except Rejected as exc:
                 # A 4xx may still carry a packed problem report worth reading.
                 failure = exc
                 break

@@ -83,7 +83,8 @@ def is_ws(uri: str) -> bool:
     return uri.startswith(("ws://", "wss://"))
 
 
-class ParsedCache(DIDResolver):
+# didcomm_messaging ships no py.typed: to mypy its classes are Any.
+class ParsedCache(DIDResolver):  # type: ignore[misc]
     """Caches parsed DID documents too: parsing (pydid) costs more than the crypto.
 
     Only for immutable DID methods (did:peer), where the DID is the document.

@@ -119,7 +119,8 @@ def make_did(signing_key: Key, agreement_key: Key, endpoints: list[str]) -> str:
 
 
 def _multikey(codec: str, key: Key) -> str:
-    return multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
+    encoded: str = multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
+    return encoded
 
 
 def _file(path: Path) -> Path:

@@ -55,7 +55,8 @@ MAX_RECIPIENTS = 32
 ENCRYPTED = "application/didcomm-encrypted+json"
 
 
-class DIDCommCrypto(AskarCryptoService):
+# didcomm_messaging ships no py.typed: to mypy its classes are Any.
+class DIDCommCrypto(AskarCryptoService):  # type: ignore[misc]
     """Askar crypto whose authcrypt envelopes carry the media type the spec names.
 
     didcomm-messaging 0.1.1 (the newest release) writes `typ: application/didcomm+encrypted`
@@ -116,7 +117,8 @@ class DIDCommCrypto(AskarCryptoService):
         return packed
 
 
-class CachingResolver(DIDResolver):
+# didcomm_messaging ships no py.typed: to mypy its classes are Any.
+class CachingResolver(DIDResolver):  # type: ignore[misc]
     """A cache in front of another resolver (only for immutable DID methods), bounded by
     the bytes its documents keep alive: any client can make us resolve any DID, so a
     count bound would let a few thousand 4 KiB DIDs (or a few 2 MB ones) hold gigabytes.
@@ -136,9 +138,9 @@ class CachingResolver(DIDResolver):
         doc = self._cache.get(did)
         if doc is not None:
             return doc
-        doc = await self.inner.resolve(did)
-        self._cache.put(did, doc, size=2 * len(did) + DOC_OVERHEAD)
-        return doc
+        resolved: dict[str, Any] = await self.inner.resolve(did)
+        self._cache.put(did, resolved, size=2 * len(did) + DOC_OVERHEAD)
+        return resolved
 
     async def resolve_and_parse(self, did: str) -> DIDDocument:
         # Parsing (pydid) costs more than resolving: measured ~5 ms per reply packed.
@@ -150,7 +152,8 @@ class CachingResolver(DIDResolver):
         return parsed
 
 
-class IdentitySecrets(SecretsManager[AskarSecretKey]):
+# didcomm_messaging ships no py.typed: to mypy its classes are Any.
+class IdentitySecrets(SecretsManager[AskarSecretKey]):  # type: ignore[misc]
     """Our private keys, found for any did:peer:2 that embeds our public keys.
 
     Instances behind one load balancer share keys but may advertise different endpoints

@@ -144,7 +144,7 @@ class ProbeMetrics:
             disable_created_metrics,
         )
 
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
         self.registry = CollectorRegistry()
         self.target = target
         self.success = Gauge(

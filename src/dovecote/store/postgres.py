@@ -439,7 +439,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
     async def get_mediation(self, did: str) -> MediationState | None:
         if not storable(did):
             return None
-        state = await self._read(
+        state: MediationState | None = await self._read(
             lambda c: c.fetchval("SELECT state FROM mediations WHERE did = $1", did)
         )
         return state
@@ -516,7 +516,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         base = base_did(recipient)
         if not storable(base):
             return None
-        mediatee = await self._read(
+        mediatee: str | None = await self._read(
             lambda c: c.fetchval("SELECT mediatee FROM recipients WHERE recipient = $1", base)
         )
         return mediatee

@@ -962,10 +962,9 @@ def check_relay_quota(
         "FROM outbox WHERE kind = 'forward'",
         (len(quota.origin), quota.origin, len(quota.origin), quota.origin),
     ).fetchone()
+    target_n, target_b, total_n, total_b = (int(v) for v in row)
     quota.check(
-        tuple(int(v) for v in row),
-        len(fresh),  # type: ignore[arg-type]
-        sum(len(i.payload) for i in fresh),
+        (target_n, target_b, total_n, total_b), len(fresh), sum(len(i.payload) for i in fresh)
     )
 
 

@@ -205,8 +205,9 @@ def _attached_doc(message: dict[str, Any]) -> dict[str, Any]:
     data = attach.get("data") if isinstance(attach, dict) else None
     if not isinstance(data, dict):
         raise MalformedMessage("did_doc~attach with data is required for this DID")
-    if isinstance(data.get("json"), dict):
-        return data["json"]
+    attached = data.get("json")
+    if isinstance(attached, dict):
+        return attached
     raw = unb64url(data.get("base64"))
     if len(raw) > MAX_DOC_BYTES:
         raise MalformedMessage("attached DID document is too large")

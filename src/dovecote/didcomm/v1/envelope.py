@@ -46,20 +46,21 @@ def unb64url(text: Any) -> bytes:
 
 def verkey_to_did_key(verkey: str) -> str:
     """base58 ed25519 verkey -> did:key:z6Mk..."""
-    return "did:key:" + multibase.encode(
-        multicodec.wrap("ed25519-pub", b58decode(verkey)), "base58btc"
-    )
+    encoded: str = multibase.encode(multicodec.wrap("ed25519-pub", b58decode(verkey)), "base58btc")
+    return "did:key:" + encoded
 
 
 def b58decode(text: str) -> bytes:
     try:
-        return _b58.decode(text)
+        decoded: bytes = _b58.decode(text)
     except (ValueError, KeyError) as exc:
         raise MalformedMessage("invalid base58 key") from exc
+    return decoded
 
 
 def b58encode(data: bytes) -> str:
-    return _b58.encode(data)
+    encoded: str = _b58.encode(data)
+    return encoded
 
 
 def to_verkey(key: Any) -> str:

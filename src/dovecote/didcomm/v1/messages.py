@@ -33,13 +33,14 @@ def normalize_type(value: Any) -> str:
     """
     if not isinstance(value, str) or len(value) > 512:
         raise MalformedMessage("@type must be a message type URI")
-    if value.startswith(LEGACY_PREFIX):
-        value = DIDCOMM_PREFIX + value[len(LEGACY_PREFIX) :]
-    head, _, name = value.rpartition("/")
+    text: str = value
+    if text.startswith(LEGACY_PREFIX):
+        text = DIDCOMM_PREFIX + text[len(LEGACY_PREFIX) :]
+    head, _, name = text.rpartition("/")
     family, _, version = head.rpartition("/")
     major = version.split(".", 1)[0]
     if not family or not name or not major.isdigit():
-        return value
+        return text
     return f"{family}/{major}/{name}"
 
 
