@@ -33,7 +33,8 @@ def delay(exponent: int, base: float, cap: float, jitter: Jitter = "full") -> fl
 
     `exponent` is usually the number of failures before this retry (below 0 counts as 0).
     """
-    ceiling = min(cap, base * 2 ** min(max(exponent, 0), MAX_EXPONENT))
+    # Annotated: typeshed types int ** int as Any (a negative exponent gives a float).
+    ceiling: float = min(cap, base * 2 ** min(max(exponent, 0), MAX_EXPONENT))
     if jitter == "full":
         return random.uniform(0, ceiling)
     if jitter == "equal":
