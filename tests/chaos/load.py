@@ -15,6 +15,7 @@ import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -112,8 +113,8 @@ def outcome(
     }
 
 
-def assert_clean(result: dict[str, object], everything_accepted: bool = True) -> None:
-    assert not result["lost"], f"lost {len(result['lost'])}: {result['lost'][:10]}"  # type: ignore[arg-type]
+def assert_clean(result: dict[str, Any], everything_accepted: bool = True) -> None:
+    assert not result["lost"], f"lost {len(result['lost'])}: {result['lost'][:10]}"
     assert result["duplicates"] == 0, result
     assert not result["unexpected"], result
     if everything_accepted:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import stat
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +15,9 @@ from dovecote.client.identity import IDENTITY_FILE
 from support.server import ServerProcess
 
 
-async def test_identity_is_private_and_stable(tmp_path, client_factory: ClientFactory) -> None:
+async def test_identity_is_private_and_stable(
+    tmp_path: Path, client_factory: ClientFactory
+) -> None:
     client = await client_factory(name="alice")
     path = tmp_path / "alice" / IDENTITY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -3,6 +3,7 @@ is the one asked, and the client's DIDs are registered there."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from support.server import ServerProcess, free_port
 
 
 @pytest.fixture
-def two_relays(tmp_path: Path) -> list[ServerProcess]:
+def two_relays(tmp_path: Path) -> Iterator[list[ServerProcess]]:
     servers = [
         ServerProcess(
             data_dir=tmp_path / name, port=free_port(), env={}, log_path=tmp_path / f"{name}.log"
@@ -25,7 +26,7 @@ def two_relays(tmp_path: Path) -> list[ServerProcess]:
     try:
         for server in servers:
             server.wait_ready()
-        yield servers  # type: ignore[misc]
+        yield servers
     finally:
         for server in servers:
             server.kill()

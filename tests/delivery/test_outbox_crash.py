@@ -48,12 +48,12 @@ class _Bug:
 async def test_a_crashed_send_gives_back_the_half_open_trial(tmp_path: Path) -> None:
     breakers = _half_open()
     workers = OutboxWorkers(
-        None,
+        None,  # type: ignore[arg-type]  # no store: the send crashes first
         Settings(data_dir=tmp_path),
         "i1",
-        breakers,  # type: ignore[arg-type]
-        sender=_Bug(),
-    )  # type: ignore[arg-type]
+        breakers,
+        sender=_Bug(),  # type: ignore[arg-type]  # a Sender stand-in whose send() raises
+    )
     await workers._deliver(workers.pools["forward"], _item())
     # Before the fix the only trial slot stayed taken: the target was blocked for good.
     assert breakers.acquire(URL)

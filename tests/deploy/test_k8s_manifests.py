@@ -1149,7 +1149,9 @@ def backends() -> Iterator[Callable[..., Backend]]:
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def test_nginx_forwards_client_address_proto_and_request_id(nginx_proxy, backends) -> None:
+def test_nginx_forwards_client_address_proto_and_request_id(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend]
+) -> None:
     a = backends("a")
     proxy = nginx_proxy([a.port])
     status, headers, _ = proxy.request("GET", "/invitation", headers={"X-Forwarded-For": "6.6.6.6"})
@@ -1170,7 +1172,9 @@ def test_nginx_forwards_client_address_proto_and_request_id(nginx_proxy, backend
     assert a.seen[-1].headers.get("connection", "") == ""
 
 
-def test_nginx_keeps_operator_endpoints_local(nginx_proxy, backends) -> None:
+def test_nginx_keeps_operator_endpoints_local(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend]
+) -> None:
     a = backends("a")
     proxy = nginx_proxy([a.port])
     for path in (
@@ -1193,7 +1197,9 @@ def test_nginx_keeps_operator_endpoints_local(nginx_proxy, backends) -> None:
         assert status == 200, path
 
 
-def test_nginx_body_limit_matches_server(nginx_proxy, backends) -> None:
+def test_nginx_body_limit_matches_server(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend]
+) -> None:
     a = backends("a", 202)
     proxy = nginx_proxy([a.port])
     limit = 5 * 1024 * 1024
@@ -1205,7 +1211,9 @@ def test_nginx_body_limit_matches_server(nginx_proxy, backends) -> None:
     assert status == 413 and len(a.seen) == hits
 
 
-def test_nginx_resends_didcomm_post_on_503(nginx_proxy, backends) -> None:
+def test_nginx_resends_didcomm_post_on_503(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend]
+) -> None:
     draining, healthy = backends("draining", 503), backends("healthy", 202)
     proxy = nginx_proxy([draining.port, healthy.port])
     statuses = [proxy.request("POST", "/", body=b"{}")[0] for _ in range(4)]
@@ -1214,7 +1222,9 @@ def test_nginx_resends_didcomm_post_on_503(nginx_proxy, backends) -> None:
     assert len(healthy.seen) == 4
 
 
-def test_nginx_rooms_post_resent_only_with_idempotency_key(nginx_proxy, backends) -> None:
+def test_nginx_rooms_post_resent_only_with_idempotency_key(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend]
+) -> None:
     draining, healthy = backends("draining", 503), backends("healthy", 202)
     proxy = nginx_proxy([draining.port, healthy.port])
     path = "/v1/rooms/r1/messages"
@@ -1234,7 +1244,9 @@ def test_nginx_rooms_post_resent_only_with_idempotency_key(nginx_proxy, backends
     assert gets == [202] * 4
 
 
-def test_nginx_answers_json_503_when_no_instance_is_up(nginx_proxy) -> None:
+def test_nginx_answers_json_503_when_no_instance_is_up(
+    nginx_proxy: Callable[[list[int]], Proxy],
+) -> None:
     proxy = nginx_proxy([free_port(), free_port()])
     status, headers, body = proxy.request("POST", "/", body=b"{}")
     assert status == 503
@@ -1268,7 +1280,9 @@ def websocket_handshake(proxy: Proxy, path: str) -> tuple[ssl.SSLSocket, bytes]:
 
 
 @pytest.mark.parametrize("path", ["/ws", "/v1/rooms/ws"])
-def test_nginx_upgrades_websockets(nginx_proxy, backends, path: str) -> None:
+def test_nginx_upgrades_websockets(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend], path: str
+) -> None:
     a = backends("a")
     proxy = nginx_proxy([a.port])
     sock, head = websocket_handshake(proxy, path)
@@ -1286,7 +1300,9 @@ def test_nginx_upgrades_websockets(nginx_proxy, backends, path: str) -> None:
         sock.close()
 
 
-def test_nginx_retries_websocket_handshake_on_draining_instance(nginx_proxy, backends) -> None:
+def test_nginx_retries_websocket_handshake_on_draining_instance(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend]
+) -> None:
     draining, healthy = backends("draining", 503), backends("healthy")
     proxy = nginx_proxy([draining.port, healthy.port])
     for _ in range(3):
@@ -1296,7 +1312,9 @@ def test_nginx_retries_websocket_handshake_on_draining_instance(nginx_proxy, bac
     assert draining.seen
 
 
-def test_nginx_rate_limits_websocket_handshakes_per_ip(nginx_proxy, backends) -> None:
+def test_nginx_rate_limits_websocket_handshakes_per_ip(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend]
+) -> None:
     a = backends("a")
     proxy = nginx_proxy([a.port])
     context = ssl.create_default_context()
@@ -1321,7 +1339,9 @@ def test_nginx_rate_limits_websocket_handshakes_per_ip(nginx_proxy, backends) ->
     assert limited_headers["Retry-After"] == "1"
 
 
-def test_nginx_plain_http_redirects_to_https(nginx_proxy, backends) -> None:
+def test_nginx_plain_http_redirects_to_https(
+    nginx_proxy: Callable[[list[int]], Proxy], backends: Callable[..., Backend]
+) -> None:
     a = backends("a")
     proxy = nginx_proxy([a.port])
     conn = http.client.HTTPConnection("127.0.0.1", proxy.http_port, timeout=10)

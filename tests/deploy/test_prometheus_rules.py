@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -119,7 +120,7 @@ def label_values_selector(query: str) -> str:
     return match.group(1) if match else query
 
 
-def load_rules() -> list[dict]:
+def load_rules() -> list[dict[str, Any]]:
     data = yaml.safe_load(RULES.read_text())
     return [rule for group in data["groups"] for rule in group["rules"]]
 
@@ -128,13 +129,13 @@ def recording_rule_names() -> set[str]:
     return {rule["record"] for rule in load_rules() if "record" in rule}
 
 
-def iter_panels(panels: list[dict]) -> Iterator[dict]:
+def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for panel in panels:
         yield panel
         yield from iter_panels(panel.get("panels", []))
 
 
-def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     """(where, PromQL) for every panel target and query variable."""
     queries = []
     for panel in iter_panels(dashboard["panels"]):
@@ -189,6 +190,7 @@ def test_known_metrics_are_exported_by_the_app() -> None:
             and node.func.id in exported
             and node.args
             and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
         ):
             name = node.args[0].value
             if node.func.id == "Counter" and not name.endswith("_total"):

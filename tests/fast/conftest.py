@@ -20,6 +20,7 @@ import io
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -95,7 +96,8 @@ async def fast(
                     await stop.wait()
 
     task = asyncio.create_task(host())
-    done, _ = await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+    waiting: list[asyncio.Future[Any]] = [started, task]
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # startup failed: raise its error here
     try:

@@ -28,7 +28,7 @@ async def _ask(
 async def test_mediation_and_live_delivery_over_websocket(fast: Fast) -> None:
     alice = fast.agent()
     bob = fast.agent(via_mediator=False)
-    async with aconnect_ws("/ws", fast.client) as ws:
+    async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as ws:
         grant = await _ask(ws, alice, f"{CM3}/mediate-request")
         assert grant["type"] == f"{CM3}/mediate-grant"
         await _ask(
@@ -81,7 +81,7 @@ async def test_mediation_and_live_delivery_over_websocket(fast: Fast) -> None:
 async def test_unacknowledged_push_stays_queued(fast: Fast) -> None:
     alice = fast.agent()
     await alice.mediate(fast.client)
-    async with aconnect_ws("/ws", fast.client) as ws:
+    async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as ws:
         await _ask(ws, alice, f"{PICKUP}/live-delivery-change", {"live_delivery": True})
         packed = await forward_to(
             fast.settings.base_url, alice, {"type": BASIC, "body": {"content": "x"}}
@@ -99,7 +99,7 @@ async def test_unacknowledged_push_stays_queued(fast: Fast) -> None:
 async def test_bad_frames_answer_on_the_socket_which_stays_usable(fast: Fast) -> None:
     agent = fast.agent(via_mediator=False)
     before = fast.snapshot()
-    async with aconnect_ws("/ws", fast.client) as ws:
+    async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as ws:
         await ws.send_text("not json at all")
         assert json.loads(await ws.receive_text(timeout=WITHIN))["error"] == "e.m.msg.malformed"
         await ws.send_text(json.dumps({"hello": "world"}))
@@ -115,8 +115,8 @@ async def test_bad_frames_answer_on_the_socket_which_stays_usable(fast: Fast) ->
 
 @pytest.mark.fast_settings(max_websockets=1)
 async def test_websockets_past_the_limit_are_closed_with_1013(fast: Fast) -> None:
-    async with aconnect_ws("/ws", fast.client) as first:
-        async with aconnect_ws("/ws", fast.client) as second:
+    async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as first:
+        async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as second:
             with pytest.raises(WebSocketDisconnect) as closed:
                 await second.receive_text(timeout=WITHIN)
         assert closed.value.code == 1013
@@ -141,7 +141,9 @@ async def test_rooms_socket_replays_then_streams_live(fast: Fast) -> None:
     assert posted.status_code == 201, posted.text
 
     # A copy: httpx-ws adds its upgrade headers to the dict it is given.
-    async with aconnect_ws("/v1/rooms/ws", fast.client, headers=dict(alice)) as ws:
+    async with aconnect_ws(
+        "/v1/rooms/ws", fast.client, headers=dict(alice), session_class=AsyncWebSocketSession
+    ) as ws:
         await ws.send_json({"action": "subscribe", "room": room, "since": 0})
         ack = await ws.receive_json(timeout=WITHIN)
         assert ack["type"] == "subscribed" and ack["last_seq"] == 3
@@ -170,7 +172,10 @@ async def test_rooms_socket_refuses_a_room_the_token_does_not_name(fast: Fast) -
     room = created.json()["id"]
     token = fast.issuer.token("alice", rooms=["other"])
     async with aconnect_ws(
-        "/v1/rooms/ws", fast.client, headers={"authorization": f"Bearer {token}"}
+        "/v1/rooms/ws",
+        fast.client,
+        headers={"authorization": f"Bearer {token}"},
+        session_class=AsyncWebSocketSession,
     ) as ws:
         await ws.send_json({"action": "subscribe", "room": room, "since": 0})
         refused = await ws.receive_json(timeout=WITHIN)

@@ -9,6 +9,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import httpx
 
@@ -113,7 +114,10 @@ async def patient_drain(
     raise AssertionError(f"mailbox not drained within {within}s (read so far: {len(seen)})")
 
 
-async def thread(fn: Callable[..., object], *args: object) -> object:
+T = TypeVar("T")
+
+
+async def thread(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.to_thread(fn, *args)
 
 

@@ -36,7 +36,7 @@ class Ran:
 def dovecote(*args: str, code: int = 0) -> Ran:
     """`dovecote ARGS` in this process (the CLI's own code path, without a start-up each)."""
     env = {k: None for k in os.environ if k.startswith("DOVECOTE_")}
-    result = CliRunner().invoke(dovecote_main, list(args), env=env)  # type: ignore[arg-type]
+    result = CliRunner().invoke(dovecote_main, list(args), env=env)
     assert result.exit_code == code, (result.output, result.exception)
     return Ran(result.stdout, result.stderr)
 

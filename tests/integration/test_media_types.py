@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import websockets
@@ -29,8 +30,8 @@ async def test_every_kind_of_envelope_has_the_spec_media_type(
     await alice.mediate(client)
 
     async def http_reply(
-        agent: Agent, msg_type: str, body: dict | None = None, want: int = 200
-    ) -> dict:
+        agent: Agent, msg_type: str, body: dict[str, Any] | None = None, want: int = 200
+    ) -> dict[str, Any]:
         response = await post(client, server, await agent.pack(agent.message(msg_type, body)))
         assert response.status_code == want, response.text
         assert response.headers["content-type"].startswith(ENCRYPTED)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -196,7 +197,7 @@ async def test_full_flow_over_websocket_with_live_mode(
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     async with websockets.connect(server.ws_url) as ws:
 
-        async def ask(msg_type: str, body: dict | None = None) -> dict:
+        async def ask(msg_type: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
             await ws.send(await alice.pack(alice.message(msg_type, body)))
             return await alice.unpack(await asyncio.wait_for(ws.recv(), 10))
 

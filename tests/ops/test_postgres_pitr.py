@@ -77,6 +77,7 @@ class Cluster:
         return self.data.parent / f"{self.data.name}.log"
 
     def start(self) -> None:
+        assert PG_BIN is not None
         for _ in range(3):
             result = _as_owner(
                 PG_BIN / "pg_ctl",
@@ -104,6 +105,7 @@ class Cluster:
         )
 
     def stop(self, mode: str = "fast") -> None:
+        assert PG_BIN is not None
         if (self.data / "postmaster.pid").exists():
             subprocess.run(
                 ["runuser", "-u", RUN_USER, "--"] * (os.geteuid() == 0)
@@ -230,7 +232,7 @@ async def test_base_backup_and_wal_archive_restore_every_accepted_message(
         "-h",
         "127.0.0.1",
         "-p",
-        primary.port,
+        str(primary.port),
         "-U",
         "postgres",
         "-X",

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -43,13 +44,13 @@ def client(data_dir: Path, *args: str, code: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def dev_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("devrooms")
     server = ServerProcess(
         data_dir=base / "data", port=free_port(), env={}, log_path=base / "server.log"
     )
     server.start()
-    yield server  # type: ignore[misc]
+    yield server
     server.kill()
 
 

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Ok
 
 # Imported here, at collection, rather than lazily by from_url() mid-test: pytest rewrites
 # schemathesis's modules (it is a plugin) as they are imported, and a rewrite that ran
@@ -54,6 +55,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(rooms: RoomsClie
     calls = 0
 
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result.err()
         operation = result.ok()
         params = {
             p["name"] for p in operation.definition.raw.get("parameters", []) if p["in"] == "path"

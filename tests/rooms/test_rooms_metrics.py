@@ -68,7 +68,7 @@ async def test_rooms_metrics_count_posts_fanout_and_subscribers(server_factory: 
             for _ in range(2):  # the second is an idempotent retry
                 posted = await http.post("/v1/rooms/m1/messages", headers=auth, json={"text": "hi"})
                 assert posted.status_code in (200, 201)
-            events = []
+            events: list[dict[str, Any]] = []
             while not any(e.get("event", {}).get("type") == "message.posted" for e in events):
                 events.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
             live = (await http.get("/metrics")).text

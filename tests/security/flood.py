@@ -104,7 +104,7 @@ class AnonPacker:
         cek = Key.generate(KeyAlg.XC20P)
         epk = Key.generate(KeyAlg.X25519, ephemeral=True)
         apv = hashlib.sha256(recipient.kid.encode()).digest()
-        wrapped = ecdh.EcdhEs("ECDH-ES+A256KW", None, apv).sender_wrap_key(  # type: ignore[arg-type]
+        wrapped = ecdh.EcdhEs("ECDH-ES+A256KW", None, apv).sender_wrap_key(
             KeyAlg.A256KW, epk, recipient.key, cek
         )
         header = {"typ": ENCRYPTED, "alg": "ECDH-ES+A256KW", "enc": "XC20P", "apv": b64(apv)}
@@ -166,7 +166,8 @@ def anon_forward(packer: AnonPacker, mediator_did: str, next_did: str) -> bytes:
     return packer.pack(forward_message(mediator_did, next_did))
 
 
-class _AnySecrets(InMemorySecretsManager):
+# didcomm (the reference implementation) ships no py.typed: to mypy its classes are Any.
+class _AnySecrets(InMemorySecretsManager):  # type: ignore[misc]
     """One X25519 key under whatever key id is asked for (many DIDs, one key pair)."""
 
     def __init__(self, key: Key) -> None:

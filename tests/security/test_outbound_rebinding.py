@@ -153,7 +153,7 @@ async def _tls_server(
     def remember(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
         seen.append(f"sni={name}")
 
-    context.sni_callback = remember  # type: ignore[assignment]
+    context.sni_callback = remember
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode()

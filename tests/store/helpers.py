@@ -7,7 +7,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -20,8 +20,17 @@ POSTGRES_URL = (
     os.environ.get("DOVECOTE_TEST_POSTGRES") or "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 ENGINES = ["sqlite", "postgres"]
+
+
+class MailboxLimits(TypedDict):
+    """`Store.enqueue`'s limit arguments, so `**ROOMY` type-checks."""
+
+    max_messages: int
+    max_bytes: int
+
+
 # A mailbox limit no test reaches unless it means to.
-ROOMY = {"max_messages": 10_000, "max_bytes": 100_000_000}
+ROOMY: MailboxLimits = {"max_messages": 10_000, "max_bytes": 100_000_000}
 
 
 def database_url(url: str, database: str) -> str:

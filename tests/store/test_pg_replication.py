@@ -19,8 +19,8 @@ import pytest
 
 from chaos.pgcluster import PgCluster, available
 from dovecote.errors import StoreError
-from dovecote.store import Store, open_store
 from dovecote.store.base import NewOutboxItem
+from dovecote.store.postgres import PostgresStore
 from dovecote.store.rooms_base import NewPost, NewRoom
 
 from .helpers import ROOMY, StoreFactory, mediate, message
@@ -53,12 +53,12 @@ async def configure(cluster: PgCluster, **settings: str) -> None:
 
 
 @pytest.fixture
-async def store(cluster: PgCluster) -> AsyncIterator[Store]:
+async def store(cluster: PgCluster) -> AsyncIterator[PostgresStore]:
     conn = await asyncpg.connect(cluster.url)
     name = f"repl_{time.monotonic_ns()}"
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
-    s = open_store(cluster.url.rsplit("/", 1)[0] + f"/{name}", timeout=2.0)
+    s = PostgresStore(cluster.url.rsplit("/", 1)[0] + f"/{name}", timeout=2.0)
     await s.open()
     try:
         yield s
@@ -78,7 +78,7 @@ def relay(digest: str) -> NewOutboxItem:
 
 
 async def test_duplicates_answer_only_after_a_standby_confirmed(
-    cluster: PgCluster, store: Store
+    cluster: PgCluster, store: PostgresStore
 ) -> None:
     await mediate(store, ALICE, RECIPIENT)
     first = await store.enqueue(message(body=b"one"), **ROOMY)
@@ -110,7 +110,7 @@ async def test_duplicates_answer_only_after_a_standby_confirmed(
 
 
 async def test_commit_whose_sync_wait_was_cancelled_is_not_a_success(
-    cluster: PgCluster, store: Store
+    cluster: PgCluster, store: PostgresStore
 ) -> None:
     await mediate(store, ALICE, RECIPIENT)
     await configure(cluster, synchronous_standby_names="nobody")
