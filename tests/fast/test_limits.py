@@ -144,11 +144,17 @@ async def test_rate_limit_per_sender_did(fast: Fast) -> None:
     for _ in range(4):
         packed = await chatty.pack(chatty.message(f"{PING}/ping", {"response_requested": True}))
         answers.append(await fast.post(packed))
-    assert [r.status_code for r in answers] == [200, 200, 429, 429]
-    refused = answers[2]
-    assert int(refused.headers["retry-after"]) >= 1
-    report = await chatty.unpack(refused.text)  # a return-routed problem report
-    assert report["body"]["code"] == "e.m.me.res.rate-limited"
+    # Return-routed: the transport worked, so the refusal is a 200 whose body is the
+    # packed problem report (issue 12.4), with Retry-After as a hint.
+    assert [r.status_code for r in answers] == [200] * 4
+    codes = [(await chatty.unpack(r.text)).get("body", {}).get("code") for r in answers]
+    assert codes == [None, None, "e.m.me.res.rate-limited", "e.m.me.res.rate-limited"]
+    assert int(answers[2].headers["retry-after"]) >= 1
+    assert "retry-after" not in answers[0].headers
+    # Without return_route there is no message to answer with: 429 and Retry-After.
+    silent = chatty.message(f"{PING}/ping", {"response_requested": False}, return_route=False)
+    unrouted = await fast.post(await chatty.pack(silent))
+    assert unrouted.status_code == 429 and int(unrouted.headers["retry-after"]) >= 1
     packed = await quiet.pack(quiet.message(f"{PING}/ping", {"response_requested": True}))
     assert (await fast.post(packed)).status_code == 200
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from aries_askar import Key, KeyAlg
 
 from dovecote.didcomm.v1 import envelope
@@ -99,3 +100,21 @@ async def test_v1_ping_discover_and_problem_reports(fast: Fast) -> None:
     assert status == 403
     assert agent.open(content)["description"]["code"] == "e.p.req.not-granted"
     assert fast.snapshot() == before
+
+
+@pytest.mark.fast_settings(rate_limit_did=0.001, rate_limit_did_burst=2)
+async def test_v1_rate_limit_per_sender_key(fast: Fast) -> None:
+    """The per-sender limit applies to v1 senders (by verkey) as to v2 DIDs: past the burst,
+    429 with Retry-After and a packed v1 problem report; another sender is unaffected."""
+    chatty = await _connected(fast)  # the exchange request spends one token
+    answers = [
+        await _post(fast, chatty, msg("trust_ping/1.0/ping", response_requested=True))
+        for _ in range(2)
+    ]
+    assert [status for status, _ in answers] == [200, 429]
+    report = chatty.open(answers[1][1])
+    assert report["@type"] == "https://didcomm.org/report-problem/1.0/problem-report"
+    assert report["description"]["code"] == "e.m.me.res.rate-limited"
+    quiet = await _connected(fast)
+    status, _ = await _post(fast, quiet, msg("trust_ping/1.0/ping", response_requested=True))
+    assert status == 200

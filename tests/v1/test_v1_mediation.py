@@ -148,6 +148,38 @@ def test_trust_ping_and_discover_features(v1_server: ServerProcess) -> None:
     assert report["description"]["code"] == "e.m.msg.unsupported-type"
 
 
+def test_ssi_agent_wire_media_type_and_v1_log_fields(v1_server: ServerProcess) -> None:
+    """RFC 0044's older media type is accepted like application/didcomm-envelope-enc, and
+    v1 traffic is told apart from v2 in the logs: `version` is always the DIDComm version
+    ("v1"), the handshake protocol has a field of its own."""
+    agent = V1Agent(v1_server.base_url)
+    agent.connect()
+    wire = {"content-type": "application/ssi-agent-wire"}
+    ping = msg("trust_ping/1.0/ping", response_requested=True)
+    ping["~transport"] = {"return_route": "all"}
+    url = v1_server.base_url + "/"
+    response = httpx.post(url, content=agent.pack(ping), headers=wire, timeout=30)
+    assert response.status_code == 200, response.text[:300]
+    assert agent.open(response.content)["~thread"]["thid"] == ping["@id"]
+    nonsense = msg("nonsense/1.0/thing")
+    nonsense["~transport"] = {"return_route": "all"}
+    response = httpx.post(url, content=agent.pack(nonsense), headers=wire, timeout=30)
+    assert response.status_code == 400
+    request_id = response.headers["x-request-id"]
+    deadline = time.monotonic() + 10
+    while not (failed := [e for e in v1_server.log_events() if e.get("request_id") == request_id]):
+        assert time.monotonic() < deadline, v1_server.logs()[-2000:]
+        time.sleep(0.2)
+    assert failed[0]["event"] == "message.failed" and failed[0]["version"] == "v1", failed
+    responded = [e for e in v1_server.log_events() if e["event"] == "v1.connection.responded"]
+    assert responded and {e["version"] for e in responded} == {"v1"}, responded
+    assert {e["handshake"] for e in responded} <= {
+        "didexchange/1.1",
+        "didexchange/1.0",
+        "connections/1.0",
+    }
+
+
 def test_mediation_forward_and_pickup(server: ServerProcess) -> None:
     agent, recipient = _mediated(server)
     keys = agent.ask(msg("coordinate-mediation/1.0/keylist-query", paginate={"limit": 10}))

@@ -80,10 +80,13 @@ def _not_returned(reason: str, detail: str, request_id: str, count: int = 1) -> 
     log.info("reply.not_returned", reason=reason, detail=detail, count=count, request_id=request_id)
 
 
-def _retry_later(error: DovecoteError | None) -> bool:
-    """Errors whose HTTP status means "nothing was done, send it again later" (429, 5xx):
-    that status and its Retry-After stay even when a problem report is in the body."""
-    return error is not None and (error.status >= 500 or isinstance(error, RateLimited))
+def _server_failure(error: DovecoteError | None) -> bool:
+    """5xx: the server, not the message, failed. That status stays even with a problem
+    report in the body, because proxies and load balancers act on it (nginx moves to the
+    next instance on 503) and they read no DIDComm. A rate limit is about the sender's
+    message, so it is answered like any other problem report: 200 with the report (and
+    its Retry-After header as a hint)."""
+    return error is not None and error.status >= 500
 
 
 @dataclass
@@ -198,7 +201,7 @@ class Mediator:
                 return Outcome(status=exc.status, error=exc, return_route=wants_return)
         elif replies:
             _not_returned("anonymous-sender", "anonymous sender", request_id, len(replies))
-        if packed and transport == "http" and not _retry_later(error):
+        if packed and transport == "http" and not _server_failure(error):
             # The transport worked; a failure is in the (problem report) message, and
             # stacks such as Veramo read no body from a non-2xx answer.
             status = 200

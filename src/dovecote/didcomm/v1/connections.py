@@ -269,7 +269,8 @@ async def request(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
     log.info(
         "v1.connection.responded",
         connection=saved.connection_id,
-        version=version,
+        version="v1",
+        handshake=f"didexchange/{version}",
         has_endpoint=bool(endpoint),
         request_id=inbound.request_id,
     )
@@ -324,7 +325,8 @@ async def connection_request(ctx: V1Context, inbound: V1Inbound) -> list[dict[st
     log.info(
         "v1.connection.responded",
         connection=saved.connection_id,
-        version="connections/1.0",
+        version="v1",
+        handshake="connections/1.0",
         has_endpoint=bool(endpoint),
         request_id=inbound.request_id,
     )
