@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 DEVSTAMP= $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast test-lowest lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos ha ha-tools clean
+.PHONY: serve test test-fast test-lowest lint install dev deploy-tools interop-node postgres browser console-screenshots bench chaos ha ha-tools clean acapy veramo interop
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,11 +77,13 @@ lint: $(DEVSTAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .venv-tools .venv-ha .venv-lowest .test-env tests/interop/node/node_modules
+	rm -rf $(VENV) .venv-tools .venv-ha .venv-lowest .test-env tests/interop/node/node_modules \
+	  bench/peer/veramo/node_modules
 
 ## Benchmarks into bench/results/: BENCH_PROFILE=quick (default, ~10 min) or full (soak, 1M).
 bench: $(DEVSTAMP) postgres
-	-sh bench/peer/install-acapy.sh  # the comparison peer (own venv); a failure only skips it
+	-sh bench/peer/install-acapy.sh  # the v1 comparison peer (own venv); a failure only skips it
+	-sh bench/peer/install-veramo.sh # the v2 comparison peer (npm ci); a failure only skips it
 	. ./.test-env 2>/dev/null; $(BIN)/python -m bench.run --profile $${BENCH_PROFILE:-quick}
 
 ## Chaos suite: every fault-injection scenario under load (make test runs the fast ones).
@@ -92,6 +94,10 @@ chaos: $(DEVSTAMP) deploy-tools postgres
 ## ACA-Py 0.12 in its own venv (bench/peer/.venv-acapy): the v1 interop peer and bench peer.
 acapy:
 	sh bench/peer/install-acapy.sh
+
+## Veramo 7 (npm, bench/peer/veramo/node_modules): the DIDComm v2 bench peer.
+veramo:
+	sh bench/peer/install-veramo.sh
 
 ## DIDComm v1 interop with ACA-Py agents (mediation, forwards, SIGKILL); CI runs it.
 interop: $(DEVSTAMP) acapy postgres

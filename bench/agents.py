@@ -131,7 +131,9 @@ class BenchAgent:
         return await self.pack(self.message(msg_type, to, body), to)
 
 
-async def make_forward(recipient_did: str, mediator_did: str, index: int, pad: int = 200) -> bytes:
+async def make_forward(
+    recipient_did: str, mediator_did: str, index: int, pad: int = 200, kid: str = "#key-2"
+) -> bytes:
     """What any third party sends: a message anoncrypted for the recipient, wrapped in a
     forward anoncrypted for the mediator's key-agreement key."""
     sender = _ANON
@@ -153,7 +155,7 @@ async def make_forward(recipient_did: str, mediator_did: str, index: int, pad: i
             {"id": uuid.uuid4().hex, "media_type": ENCRYPTED, "data": {"json": json.loads(inner)}}
         ],
     }
-    return await sender.pack(forward, f"{mediator_did}#key-2", anonymous=True)
+    return await sender.pack(forward, f"{mediator_did}{kid}", anonymous=True)
 
 
 class _Anonymous:

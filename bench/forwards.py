@@ -23,12 +23,12 @@ from bench.agents import BenchAgent, make_forward
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
-def _pack_range(args: tuple[list[str], str, int, int, int]) -> list[bytes]:
-    recipients, mediator_did, start, stop, pad = args
+def _pack_range(args: tuple[list[str], str, int, int, int, str]) -> list[bytes]:
+    recipients, mediator_did, start, stop, pad, kid = args
 
     async def run() -> list[bytes]:
         return [
-            await make_forward(recipients[i % len(recipients)], mediator_did, i, pad)
+            await make_forward(recipients[i % len(recipients)], mediator_did, i, pad, kid)
             for i in range(start, stop)
         ]
 
@@ -63,11 +63,15 @@ def pool(
     pad: int = 200,
     processes: int | None = None,
     log: bool = True,
+    kid: str = "#key-2",
 ) -> list[bytes]:
-    """`count` distinct forwards spread round-robin over `recipients` (cached)."""
+    """`count` distinct forwards spread round-robin over `recipients` (cached), each
+    anoncrypted for the mediator's key `mediator_did + kid` (Dovecote's did:peer:2 lists
+    its key-agreement key second, Veramo's first)."""
     CACHE.mkdir(exist_ok=True)
     # The mediator's keys, not its DID (which embeds the port), identify the cache.
-    key = hashlib.sha256(json.dumps([recipients, mediator_did.split(".")[1:3], pad]).encode())
+    what: list[object] = [recipients, mediator_did.split(".")[1:3], pad]
+    key = hashlib.sha256(json.dumps(what if kid == "#key-2" else [*what, kid]).encode())
     path = CACHE / f"forwards-{key.hexdigest()[:16]}.bin"
     have: list[bytes] = _read(path) if path.exists() else []
     if len(have) >= count:
@@ -76,12 +80,14 @@ def pool(
     processes = processes or os.cpu_count() or 1
     chunk = 2000
     jobs = [
-        (recipients, mediator_did, s, min(s + chunk, count), pad)
+        (recipients, mediator_did, s, min(s + chunk, count), pad, kid)
         for s in range(len(have), count, chunk)
     ]
     if not path.exists():
         _write(path, [])
-    with ProcessPoolExecutor(processes) as executor, open(path, "ab") as out:
+    from bench.servers import all_cpus
+
+    with ProcessPoolExecutor(processes, initializer=all_cpus) as executor, open(path, "ab") as out:
         # Appended chunk by chunk: an interrupted run keeps what it packed.
         for part in executor.map(_pack_range, jobs):
             have.extend(part)

@@ -102,6 +102,9 @@ class RunResult:
     samples: list[Sample] = field(default_factory=list)
     stopped_early: str = ""
     started_at: float = 0.0  # time.perf_counter() when request 0 was due
+    # probe() at the end minus at the start of the counted window (closed loop: after the
+    # warm-up), e.g. the server's CPU seconds: a cost per answer without the warm-up's.
+    probed: tuple[float, ...] | None = None
 
     @property
     def statuses(self) -> Counter[int]:
@@ -241,11 +244,14 @@ async def closed_loop(
     content_type: bytes = ENCRYPTED,
     warmup: float = 1.0,
     cycle: bool = False,
+    probe: Callable[[], tuple[float, ...]] | None = None,
 ) -> RunResult:
     """`connections` clients sending back to back for `duration` s (saturation).
 
     Requests answered in the first `warmup` seconds are not counted. With `cycle` the
-    payloads are reused round-robin (only for targets that do not deduplicate).
+    payloads are reused round-robin (only for targets that do not deduplicate). `probe`
+    (e.g. the server's CPU seconds) is read when the warm-up ends and after the last
+    answer; the difference is `RunResult.probed`.
     """
     pool = Pool(ports, connections)
     counter = itertools.count()
@@ -273,7 +279,17 @@ async def closed_loop(
                     Sample(sent - start - warmup, done - sent, done - sent, status)
                 )
 
+    async def mark() -> tuple[float, ...]:
+        await asyncio.sleep(warmup)
+        return probe() if probe is not None else ()
+
+    marker = asyncio.create_task(mark())
     await asyncio.wait_for(asyncio.gather(*(client(c) for c in pool.all)), warmup + duration + 30)
+    if probe is not None:
+        before = await marker
+        result.probed = tuple(b - a for a, b in zip(before, probe(), strict=True))
+    else:
+        marker.cancel()
     measured_end = max((s.due + s.latency for s in result.samples), default=duration)
     result.duration = min(duration, measured_end) if measured_end > 0 else duration
     if not cycle and next(counter) >= len(payloads):

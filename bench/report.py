@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench import loadgen
-from bench.scenarios import ForwardSuite
+from bench.scenarios import ForwardSuite, Step
 
 
 def ms(value: float) -> str:
@@ -32,13 +33,13 @@ def forward_rows(suites: Sequence[ForwardSuite], limits: dict[str, float]) -> li
     rows: list[list[Any]] = []
     for suite in suites:
         if suite.skipped:
-            rows.append([suite.label, "-", "not run: " + suite.skipped] + ["-"] * 8)
+            rows.append([suite.label, "-", "not run: " + suite.skipped] + ["-"] * 10)
             continue
         for step in suite.steps:
             run = step.run
             p = run.percentiles()
-            ok = len(run.ok)
-            cpu_us = step.cpu_seconds / ok * 1e6 if ok else float("nan")
+            cpu_us = step.cpu_per_ok() * 1e6
+            pg_us = step.cpu_per_ok(pg=True) * 1e6
             offered = f"{run.offered:g}" if run.offered else "saturation"
             ratio_unpack = run.throughput / limits["unpack"] if limits.get("unpack") else None
             ratio_asgi = run.throughput / limits["asgi"] if limits.get("asgi") else None
@@ -57,9 +58,11 @@ def forward_rows(suites: Sequence[ForwardSuite], limits: dict[str, float]) -> li
                     ms(p["max"]),
                     errors,
                     f"{cpu_us:.0f}" if not math.isnan(cpu_us) else "-",
+                    f"{pg_us:.0f}" if not math.isnan(pg_us) else "-",
                     f"{ratio_unpack:.2f}" if ratio_unpack else "-",
                     f"{ratio_asgi:.2f}" if ratio_asgi else "-",
                     cpu_ratio,
+                    f"{step.load:.1f}",
                 ]
                 + ([note] if note else [])
             )
@@ -76,14 +79,235 @@ FORWARD_HEADERS = [
     "max ms",
     "errors",
     "server CPU µs/msg",
+    "PostgreSQL backends CPU µs/msg",
     "÷ unpack/s",
     "÷ bare ASGI/s",
     "CPU ÷ unpack CPU",
+    "load",
 ]
 
 
-def plot_throughput(suites: Sequence[ForwardSuite], limits: dict[str, float], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+@dataclass
+class Ratio:
+    """One figure of this run divided by another of the same run."""
+
+    name: str
+    value: float
+    numerator: str
+    denominator: str
+    load: str
+
+    def row(self) -> list[str]:
+        shown = "-" if math.isnan(self.value) else f"{self.value:.2f}"
+        return [self.name, f"**{shown}**", self.numerator, self.denominator, self.load]
+
+
+RATIO_HEADERS = ["ratio", "value", "numerator", "denominator", "load (1 min)"]
+
+
+def _find(suites: Sequence[ForwardSuite], key: str) -> ForwardSuite | None:
+    return next((s for s in suites if s.key == key and not s.skipped and s.steps), None)
+
+
+def _sat(suite: ForwardSuite | None) -> Step | None:
+    return suite.saturation() if suite is not None else None
+
+
+def ratios(
+    suites: Sequence[ForwardSuite], limits: dict[str, float], extra: dict[str, Any]
+) -> list[Ratio]:
+    """The ratios table: each a figure of this run over another (missing parts skipped)."""
+    out: list[Ratio] = []
+    unpack_us = limits.get("unpack_cpu_us")
+    unpack_rate = limits.get("unpack")
+
+    def us(step: Step, pg: bool = False) -> float:
+        return step.cpu_per_ok(pg) * 1e6
+
+    def pair(a: Step, b: Step) -> str:
+        return f"{a.load:.1f} / {b.load:.1f}"
+
+    for key, what in [
+        ("sqlite", "SQLite, 1 process"),
+        ("postgres", "PostgreSQL, 1 process"),
+        ("postgres-workers2", "PostgreSQL, --workers 2"),
+    ]:
+        step = _sat(_find(suites, key))
+        if step is None:
+            continue
+        if unpack_us:
+            out.append(
+                Ratio(
+                    f"Dovecote {what}: CPU per forward ÷ one anoncrypt unpack",
+                    us(step) / unpack_us,
+                    f"{us(step):.0f} µs server CPU per accepted forward (saturation)",
+                    f"{unpack_us:.0f} µs CPU per unpack (same envelopes, no server)",
+                    f"{step.load:.1f}",
+                )
+            )
+        if unpack_rate:
+            out.append(
+                Ratio(
+                    f"Dovecote {what}: accepted/s ÷ unpack-only/s",
+                    step.run.throughput / unpack_rate,
+                    f"{step.run.throughput:.0f} forwards/s accepted (saturation)",
+                    f"{unpack_rate:.0f} unpacks/s, one core, in a loop",
+                    f"{step.load:.1f}",
+                )
+            )
+    one, two = _sat(_find(suites, "postgres")), _sat(_find(suites, "postgres-workers2"))
+    if one and two:
+        out += [
+            Ratio(
+                "--workers 2 ÷ 1 process (PostgreSQL): accepted/s",
+                two.run.throughput / one.run.throughput,
+                f"{two.run.throughput:.0f}/s",
+                f"{one.run.throughput:.0f}/s",
+                pair(two, one),
+            ),
+            Ratio(
+                "--workers 2 ÷ 1 process (PostgreSQL): CPU per forward",
+                us(two) / us(one),
+                f"{us(two):.0f} µs",
+                f"{us(one):.0f} µs",
+                pair(two, one),
+            ),
+        ]
+    sq, pg = _sat(_find(suites, "sqlite")), _sat(_find(suites, "postgres"))
+    if sq and pg:
+        out += [
+            Ratio(
+                "PostgreSQL ÷ SQLite (1 process): accepted/s",
+                pg.run.throughput / sq.run.throughput,
+                f"{pg.run.throughput:.0f}/s",
+                f"{sq.run.throughput:.0f}/s",
+                pair(pg, sq),
+            ),
+            Ratio(
+                "PostgreSQL ÷ SQLite (1 process): Dovecote CPU per forward",
+                us(pg) / us(sq),
+                f"{us(pg):.0f} µs",
+                f"{us(sq):.0f} µs",
+                pair(pg, sq),
+            ),
+        ]
+        if pg.pg_cpu_seconds is not None:
+            out.append(
+                Ratio(
+                    "PostgreSQL ÷ SQLite (1 process): CPU per forward with the database's",
+                    (us(pg) + us(pg, True)) / us(sq),
+                    f"{us(pg):.0f} + {us(pg, True):.0f} µs (Dovecote + its PostgreSQL backends)",
+                    f"{us(sq):.0f} µs (SQLite runs inside Dovecote's process)",
+                    pair(pg, sq),
+                )
+            )
+    for peer, base, what in [
+        (
+            "veramo",
+            "sqlite",
+            "Veramo 7 (DIDComm v2, in memory) ÷ Dovecote SQLite (v2, same forwards)",
+        ),
+        ("acapy", "dovecote-v1", "ACA-Py 0.12 (DIDComm v1) ÷ Dovecote SQLite (v1, same forwards)"),
+    ]:
+        p, d = _sat(_find(suites, peer)), _sat(_find(suites, base))
+        if p and d:
+            out += [
+                Ratio(
+                    f"{what}: accepted/s",
+                    p.run.throughput / d.run.throughput,
+                    f"{p.run.throughput:.0f}/s",
+                    f"{d.run.throughput:.0f}/s",
+                    pair(p, d),
+                ),
+                Ratio(
+                    f"{what}: CPU per forward",
+                    us(p) / us(d),
+                    f"{us(p):.0f} µs",
+                    f"{us(d):.0f} µs",
+                    pair(p, d),
+                ),
+            ]
+    for e2e in extra.get("e2e", []):
+        live, alone = e2e.get("live_cpu_us"), e2e.get("accept_cpu_us")
+        if live and alone:
+            out.append(
+                Ratio(
+                    f"live path ({e2e['engine']}, {e2e['rate']:g}/s): CPU per message, accept -> "
+                    "WebSocket push -> ack ÷ accept alone",
+                    live / alone,
+                    f"{live:.0f} µs per acknowledged message",
+                    f"{alone:.0f} µs per accepted forward, mediatee offline, same rate",
+                    f"{e2e.get('load_live', float('nan')):.1f} / "
+                    f"{e2e.get('load_alone', float('nan')):.1f}",
+                )
+            )
+    sq_us = us(sq) if sq else None
+    for room in extra.get("rooms", []):
+        per = room.get("cpu_us_per_delivery")
+        if per and sq_us:
+            out.append(
+                Ratio(
+                    f"rooms ({room['subscribers']} subscribers): CPU per delivery ÷ per "
+                    "forward accepted (SQLite)",
+                    per / sq_us,
+                    f"{per:.0f} µs server CPU per delivery (closed loop of posts, "
+                    f"{room.get('cpu_us_per_post', float('nan')):.0f} µs per post)",
+                    f"{sq_us:.0f} µs",
+                    f"{room.get('load', float('nan')):.1f}",
+                )
+            )
+    return out
+
+
+def postgres_1000(suites: Sequence[ForwardSuite]) -> str:
+    """The PostgreSQL --workers 2 step at 1,000 forwards/s offered, as its own table."""
+    suite = _find(suites, "postgres-workers2")
+    step = suite.at(1000) if suite else None
+    if suite is None or step is None:
+        return ""
+    run = step.run
+    p = run.percentiles()
+    pg_us = step.cpu_per_ok(pg=True) * 1e6
+    rows = [
+        ["offered (open loop)", f"1,000 forwards/s for {run.duration:.1f} s"],
+        ["rate reached (HTTP 202/s)", f"{run.throughput:.0f}"],
+        ["accept latency p50 / p99 / max ms", f"{ms(p['p50'])} / {ms(p['p99'])} / {ms(p['max'])}"],
+        ["503 answers", f"{run.statuses.get(503, 0)}"],
+        ["other errors", f"{run.errors - run.statuses.get(503, 0)} {dict(run.statuses)}"],
+        [
+            "Dovecote CPU per accepted forward (both workers + supervisor)",
+            f"{step.cpu_per_ok() * 1e6:.0f} µs",
+        ],
+        [
+            "PostgreSQL backend CPU per accepted forward (psutil over the backends "
+            "pg_stat_activity lists for the bench database)",
+            "-" if math.isnan(pg_us) else f"{pg_us:.0f} µs",
+        ],
+        ["load average (1 min) at the end of the step", f"{step.load:.1f}"],
+    ]
+    return (
+        "## PostgreSQL at 1,000 forwards/s offered, `--workers 2`\n\n"
+        + table(["measure", "value"], rows)
+        + ("\n\n" + run.stopped_early if run.stopped_early else "")
+    )
+
+
+def plot_throughput(
+    suites: Sequence[ForwardSuite],
+    limits: dict[str, float],
+    path: Path,
+    ratios: Sequence[Ratio] = (),
+) -> None:
+    if ratios:
+        fig, (ax, bx) = plt.subplots(
+            2,
+            1,
+            figsize=(10, 6 + 0.45 * len(ratios)),
+            height_ratios=[5.5, 0.5 + 0.42 * len(ratios)],
+        )
+        _plot_ratios(bx, ratios)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
     top = 0.0
     for suite in suites:
         if suite.skipped or not suite.steps:
@@ -138,6 +362,28 @@ def plot_throughput(suites: Sequence[ForwardSuite], limits: dict[str, float], pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_ratios(ax: Any, ratios: Sequence[Ratio]) -> None:
+    """Ratios as bars on a log scale, each named above its bar (inside the axes, so the
+    throughput panel above keeps its width)."""
+    shown = [r for r in ratios if r.value > 0 and not math.isnan(r.value)]
+    ys = list(range(len(shown)))
+    ax.barh([y + 0.2 for y in ys], [r.value for r in shown], height=0.45, color="tab:blue")
+    ax.set_xscale("log")
+    lo = min([r.value for r in shown] + [1.0]) / 3
+    hi = max([r.value for r in shown] + [1.0]) * 3
+    ax.set_xlim(lo, hi)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for y, r in zip(ys, shown, strict=True):
+        ax.text(r.value, y + 0.2, f" {r.value:.2f}", va="center", fontsize=7)
+        ax.text(
+            0.005, y - 0.12, r.name, transform=ax.get_yaxis_transform(), va="center", fontsize=7
+        )
+    ax.set_ylim(len(shown) - 0.4, -0.6)
+    ax.set_yticks([])
+    ax.set_xlabel("ratio, log scale (1 = equal); every figure from this run (see the ratios table)")
+    ax.grid(True, axis="x", alpha=0.3, which="both")
 
 
 def plot_latency_over_time(suites: Sequence[ForwardSuite], path: Path) -> None:

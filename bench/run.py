@@ -22,7 +22,7 @@ from typing import Any
 
 import uvloop
 
-from bench import forwards, report, scenarios
+from bench import forwards, report, scenarios, servers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ["reference", "forward", "peer", "e2e", "pickup", "rooms", "soak"]
@@ -59,10 +59,12 @@ async def main(args: argparse.Namespace) -> int:
     out = Output()
     out.add(f"# Dovecote benchmark {stamp:%Y-%m-%d %H:%M} ({profile.name} profile)")
     load = os.getloadavg()
+    pinned = servers.pin(args.pin)
     out.add(
         f"Machine: {os.cpu_count()} cores, {platform.python_implementation()} "
-        f"{platform.python_version()}, load average at start {load[0]:.2f}. Server and load "
-        "generator share these cores; all traffic is loopback. "
+        f"{platform.python_version()}, load average at start {load[0]:.2f} (1 min; every "
+        "table gives the load average when each figure was taken: other work on the machine "
+        f"shows there). Pinning: {pinned}. All traffic is loopback. "
         f"{args.note or ''}".strip()
     )
     started = time.monotonic()
@@ -84,13 +86,19 @@ async def main(args: argparse.Namespace) -> int:
         payloads = await asyncio.to_thread(
             forwards.pool, [a.did for a in recipients], mediator_did, size
         )
-    data: dict[str, Any] = {"profile": profile.name, "started": stamp.isoformat()}
+    data: dict[str, Any] = {
+        "profile": profile.name,
+        "started": stamp.isoformat(),
+        "load_at_start": load[0],
+        "pinning": pinned,
+    }
     limits: dict[str, float] = {}
     suites: list[scenarios.ForwardSuite] = []
 
     if "reference" in parts:
         print("reference: didcomm-messaging unpack alone ...", flush=True)
         unpack = await scenarios.unpack_reference(payloads, seconds=5)
+        unpack["load"] = os.getloadavg()[0]
         limits["unpack"] = unpack["per_second"]
         limits["unpack_cpu_us"] = 1e6 / unpack["per_cpu_second"]
         print("reference: bare ASGI (Starlette on uvicorn) ...", flush=True)
@@ -113,7 +121,8 @@ async def main(args: argparse.Namespace) -> int:
                     [
                         "same, per CPU-second (load-independent)",
                         f"{unpack['per_cpu_second']:.0f}",
-                        f"{limits['unpack_cpu_us']:.0f} µs of CPU per unpack",
+                        f"{limits['unpack_cpu_us']:.0f} µs of CPU per unpack "
+                        f"(load {unpack['load']:.1f})",
                     ],
                     [
                         "bare ASGI POST (Starlette + uvicorn, uvloop, httptools, 1 process)",
@@ -143,7 +152,16 @@ async def main(args: argparse.Namespace) -> int:
         suites.append(peer)
         if peer.skipped:
             print(f"peer: ACA-Py not measured: {peer.skipped}", flush=True)
-        data["peer"] = {"acapy": peer.skipped or "measured"}
+        print("peer: Veramo 7 as DIDComm v2 mediator, same forwards as Dovecote ...", flush=True)
+        recipients_v2 = [agents[f"r{i}"] for i in range(profile.recipients)]
+        veramo = await scenarios.veramo_suite(profile, recipients_v2)
+        suites.append(veramo)
+        if veramo.skipped:
+            print(f"peer: Veramo not measured: {veramo.skipped}", flush=True)
+        data["peer"] = {
+            "acapy": peer.skipped or "measured",
+            "veramo": veramo.skipped or "measured",
+        }
         print("peer: naive mediator stand-in ...", flush=True)
         env = {"BENCH_IDENTITY": str(forwards.mediator_identity())}
         suites.append(
@@ -154,6 +172,7 @@ async def main(args: argparse.Namespace) -> int:
                 profile,
                 env,
                 rates=profile.rates[:2],
+                key="naive",
             )
         )
     if suites:
@@ -166,9 +185,11 @@ async def main(args: argparse.Namespace) -> int:
             "worker processes on one socket); '2 instances' = two `dovecote serve` on two "
             "ports against one PostgreSQL database.\n\n"
             + report.table(report.FORWARD_HEADERS, report.forward_rows(suites, limits))
+            + "".join(f"\n\n- {s.label}: {s.note}" for s in suites if s.note)
         )
-        report.plot_throughput(suites, limits, plots / "throughput.png")
         report.plot_latency_over_time(suites, plots / "latency-over-time.png")
+        if section := report.postgres_1000(suites):
+            out.add(section)
         data["forward"] = [
             {
                 "label": s.label,
@@ -180,6 +201,8 @@ async def main(args: argparse.Namespace) -> int:
                         "errors": st.run.errors,
                         "statuses": dict(st.run.statuses),
                         "cpu_seconds": st.cpu_seconds,
+                        "pg_cpu_seconds": st.pg_cpu_seconds,
+                        "load": st.load,
                         **st.run.percentiles(),
                     }
                     for st in s.steps
@@ -190,6 +213,18 @@ async def main(args: argparse.Namespace) -> int:
 
     extra = await run_more(parts, profile, agents, payloads, out, plots, data)
     data.update(extra)
+    ratios = report.ratios(suites, limits, extra)
+    data["ratios"] = [r.__dict__ for r in ratios]
+    if ratios:
+        out.add(
+            "## Ratios (all from this run)\n\n"
+            "Each ratio divides two figures measured in this run, on this machine, under "
+            "the load average given. CPU figures are the server's own processes (psutil, "
+            "children included) over the counted window, divided by accepted messages.\n\n"
+            + report.table(report.RATIO_HEADERS, [r.row() for r in ratios])
+        )
+    if suites:
+        report.plot_throughput(suites, limits, plots / "throughput.png", ratios)
     took = time.monotonic() - started
     out.add(
         f"Total run time {took / 60:.1f} min. Plots: `bench/results/{name}/`. Raw numbers: "
@@ -250,6 +285,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         default=bool(os.environ.get("BENCH_SOAK_LIVE")),
         help="soak with the mediatees on live WebSockets (default: offline)",
+    )
+    parser.add_argument(
+        "--pin",
+        default=os.environ.get("BENCH_PIN", "auto"),
+        choices=["auto", "off"],
+        help="auto: load generator on the first CPU, servers on the others (>= 2 CPUs)",
     )
     parser.add_argument("--step-seconds", type=float, default=None)
     parser.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,7 +112,15 @@ class Step:
     """One load step and what the server spent on it."""
 
     run: loadgen.RunResult
-    cpu_seconds: float  # server CPU (all its processes) during the step
+    cpu_seconds: float  # server CPU (all its processes) during the counted window
+    pg_cpu_seconds: float | None = None  # its PostgreSQL backends' CPU, same window
+    load: float = field(default_factory=lambda: os.getloadavg()[0])  # 1-min, at the end
+
+    def cpu_per_ok(self, pg: bool = False) -> float:
+        """CPU seconds per accepted message (NaN when none was accepted)."""
+        ok = len(self.run.ok)
+        value = self.pg_cpu_seconds if pg else self.cpu_seconds
+        return value / ok if ok and value is not None else float("nan")
 
 
 @dataclass
@@ -119,6 +128,14 @@ class ForwardSuite:
     label: str
     steps: list[Step] = field(default_factory=list)
     skipped: str = ""
+    key: str = ""  # what the ratios table looks it up by: sqlite, postgres, veramo, ...
+    note: str = ""  # said under the table (e.g. what the peer's 202 means)
+
+    def saturation(self) -> Step | None:
+        return next((s for s in self.steps if not s.run.offered), None)
+
+    def at(self, rate: float) -> Step | None:
+        return next((s for s in self.steps if s.run.offered == rate), None)
 
 
 async def _mediate_all(base_url: str, agents: Sequence[BenchAgent], mediator: str) -> None:
@@ -136,7 +153,14 @@ async def _steps(
     rates: Sequence[float] | None = None,
     content_type: bytes = loadgen.ENCRYPTED,
     cycle: bool = False,
+    pg: servers.PostgresBackends | None = None,
 ) -> list[Step]:
+    def probe() -> tuple[float, float]:
+        return servers.process_stats(pids)[2], pg.cpu() if pg is not None else 0.0
+
+    def step(run: loadgen.RunResult, before: tuple[float, ...], after: tuple[float, ...]) -> Step:
+        return Step(run, after[0] - before[0], after[1] - before[1] if pg is not None else None)
+
     steps: list[Step] = []
     offset = 0
     for rate in profile.rates if rates is None else rates:
@@ -146,7 +170,7 @@ async def _steps(
         if len(chunk) < need:
             print(f"    {label}: pool too small for {rate:g}/s; skipped", flush=True)
             continue
-        cpu0 = servers.process_stats(pids)[2]
+        before = probe()
         run = await loadgen.open_loop(
             f"{label} @ {rate:g}/s",
             ports,
@@ -155,11 +179,10 @@ async def _steps(
             profile.step_seconds,
             content_type=content_type,
         )
-        steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
+        steps.append(step(run, before, probe()))
         _print_step(steps[-1])
-        await asyncio.sleep(1.0)
+        await settle(pids, label)
     rest = payloads[offset:]
-    cpu0 = servers.process_stats(pids)[2]
     run = await loadgen.closed_loop(
         f"{label} saturation",
         ports,
@@ -168,10 +191,27 @@ async def _steps(
         profile.saturation_connections,
         content_type=content_type,
         cycle=cycle,
+        probe=probe,
     )
-    steps.append(Step(run, servers.process_stats(pids)[2] - cpu0))
+    assert run.probed is not None
+    steps.append(step(run, (0.0, 0.0), run.probed))
     _print_step(steps[-1])
     return steps
+
+
+async def settle(pids: list[int], label: str, limit: float = 90.0) -> None:
+    """Wait until the server is idle (under 0.15 of a core over 0.5 s), at least 1 s and
+    at most `limit` s: a step the server could not keep up with leaves requests queued
+    in it (answered after the step's grace), and their CPU must not be charged to the
+    next step."""
+    await asyncio.sleep(1.0)
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        cpu0 = servers.process_stats(pids)[2]
+        await asyncio.sleep(0.5)
+        if servers.process_stats(pids)[2] - cpu0 < 0.075:
+            return
+    print(f"    {label}: still busy {limit:.0f} s after the step; going on", flush=True)
 
 
 def _print_step(step: Step) -> None:
@@ -179,8 +219,10 @@ def _print_step(step: Step) -> None:
     p = run.percentiles()
     print(
         f"    {run.label:<44} {run.throughput:8.0f} msg/s  p50 {p['p50'] * 1e3:7.1f}  "
-        f"p99 {p['p99'] * 1e3:8.1f}  max {p['max'] * 1e3:8.1f} ms  errors {run.errors}"
-        f"{'  [' + run.stopped_early + ']' if run.stopped_early else ''}",
+        f"p99 {p['p99'] * 1e3:8.1f}  max {p['max'] * 1e3:8.1f} ms  errors {run.errors}  "
+        f"CPU {step.cpu_per_ok() * 1e6:.0f} µs/msg"
+        + (f" + PG {step.cpu_per_ok(pg=True) * 1e6:.0f}" if step.pg_cpu_seconds is not None else "")
+        + (f"  [{run.stopped_early}]" if run.stopped_early else ""),
         flush=True,
     )
 
@@ -195,7 +237,11 @@ async def forward_suite(
     payloads: Sequence[bytes],
 ) -> ForwardSuite:
     """Forward accept throughput and latency at fixed rates and at saturation."""
-    suite = ForwardSuite(label)
+    suite = ForwardSuite(label, key=engine if workers == 1 and instances == 1 else "")
+    if workers > 1:
+        suite.key = f"{engine}-workers{workers}"
+    elif instances > 1:
+        suite.key = f"{engine}-instances{instances}"
     if engine == "postgres" and not servers.postgres_available():
         suite.skipped = f"PostgreSQL not reachable at {servers.POSTGRES_ADMIN}"
         return suite
@@ -209,11 +255,14 @@ async def forward_suite(
             workers=workers,
             identity=forwards.mediator_identity(),
         ).start()
+        pg = servers.PostgresBackends(store) if store else None
         try:
             await _mediate_all(server.base_urls[0], agents, server.did())
-            suite.steps = await _steps(label, server.ports, server.pids, payloads, profile)
+            suite.steps = await _steps(label, server.ports, server.pids, payloads, profile, pg=pg)
         finally:
             server.stop()
+        if pg is not None and pg.error:
+            suite.note = f"PostgreSQL backend CPU partly unread: {pg.error}"
     return suite
 
 
@@ -224,9 +273,10 @@ async def asgi_suite(
     profile: Profile,
     env: dict[str, str] | None = None,
     rates: Sequence[float] = (),
+    key: str = "",
 ) -> ForwardSuite:
     """The same load against another ASGI app (bare reference or naive mediator)."""
-    suite = ForwardSuite(label)
+    suite = ForwardSuite(label, key=key)
     with servers.asgi_app(app, env) as (port, proc):
         # Neither the bare reference nor the naive mediator deduplicates: reuse payloads.
         suite.steps = await _steps(label, [port], [proc.pid], payloads, profile, rates, cycle=True)
@@ -258,7 +308,7 @@ async def acapy_suite(profile: Profile) -> ForwardSuite:
     from bench.peer import acapy
 
     rates = profile.rates[:2]
-    suite = ForwardSuite("ACA-Py mediator (peer)")
+    suite = ForwardSuite("ACA-Py mediator (peer)", key="acapy")
     if why := acapy.installed():
         suite.skipped = why
         return suite
@@ -292,7 +342,7 @@ async def dovecote_v1_suite(profile: Profile) -> ForwardSuite:
     from bench.peer import acapy
 
     rates = profile.rates[:2]
-    suite = ForwardSuite("Dovecote, DIDComm v1 forwards from ACA-Py (SQLite)")
+    suite = ForwardSuite("Dovecote, DIDComm v1 forwards from ACA-Py (SQLite)", key="dovecote-v1")
     if why := acapy.installed():
         suite.skipped = why
         return suite
@@ -327,4 +377,45 @@ async def dovecote_v1_suite(profile: Profile) -> ForwardSuite:
             suite.skipped = f"v1 run failed: {exc!r}"[:300]
         finally:
             server.stop()
+    return suite
+
+
+async def veramo_suite(profile: Profile, agents: Sequence[BenchAgent]) -> ForwardSuite:
+    """Veramo 7's DIDComm v2 mediator (bench/peer/veramo), same recipients, same kind of
+    anoncrypt forwards and steps as Dovecote on SQLite (first two rates + saturation)."""
+    from bench.peer import veramo
+
+    rates = profile.rates[:2]
+    suite = ForwardSuite(f"Veramo {veramo.version()} mediator (peer, DIDComm v2)", key="veramo")
+    if why := veramo.installed():
+        suite.skipped = why
+        return suite
+    need = int(sum(rates) * profile.step_seconds + 1500 * profile.saturation_seconds)
+    with servers.workdir("veramo") as work:
+        mediator = veramo.VeramoMediator(work)
+        try:
+            mediator.start()
+            async with httpx.AsyncClient(timeout=30) as client:
+                for agent in agents:
+                    await veramo.mediate(client, mediator.url, agent, mediator.did)
+            kid = (await veramo.agreement_kid(mediator.did))[len(mediator.did) :]
+            print(f"peer: Veramo mediator: packing {need} forwards for {kid} ...", flush=True)
+            payloads = await asyncio.to_thread(
+                forwards.pool, [a.did for a in agents], mediator.did, need, kid=kid
+            )
+            suite.steps = await _steps(
+                suite.label, [mediator.port], [mediator.pid], payloads, profile, rates
+            )
+            state = mediator.state()
+            accepted = sum(len(s.run.ok) for s in suite.steps)
+            suite.note = (
+                f"Veramo: 202 = handled in memory (its RoutingMessageHandler queued the forward "
+                f"with dataStoreSaveMessage in an in-memory store; nothing on disk); "
+                f"{state.get('queued')} forwards queued for {accepted} answered 202 "
+                f"(the counted windows exclude the saturation warm-up)"
+            )
+        except Exception as exc:  # the peer failing must not lose Dovecote's results
+            suite.skipped = f"Veramo run failed: {exc!r}"[:300]
+        finally:
+            mediator.stop()
     return suite

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,11 @@ class LiveConsumer:
 async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> dict[str, Any]:
     """Accept -> live WebSocket push -> acknowledged, at a steady offered rate."""
     count = int(profile.e2e_rate * profile.e2e_seconds)
-    payloads = await asyncio.to_thread(forwards.pool, [agent.did], forwards.mediator_did(), count)
+    both = await asyncio.to_thread(forwards.pool, [agent.did], forwards.mediator_did(), 2 * count)
+    # The first half goes to the live mediatee; the second, at the same rate once it has
+    # gone offline, measures the accept alone on the same server (distinct forwards:
+    # Dovecote drops duplicates).
+    payloads, offline = both[:count], both[count:]
     keys = await _inner_keys(payloads)
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(servers.workdir("e2e"))
@@ -162,13 +167,23 @@ async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> di
                 await mediate(client, server.base_urls[0], agent, did)
             consumer = LiveConsumer(agent, f"ws://127.0.0.1:{server.ports[0]}/ws", did)
             await consumer.start()
+            cpu0 = servers.process_stats(server.pids)[2]
             run = await loadgen.open_loop(
                 "e2e", server.ports, payloads, profile.e2e_rate, profile.e2e_seconds, connections=32
             )
             deadline = time.monotonic() + 20
             while len(consumer.acked) < len(run.ok) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
+            live_cpu = servers.process_stats(server.pids)[2] - cpu0
+            load_live = os.getloadavg()[0]
             await consumer.stop()
+            await asyncio.sleep(1.0)
+            cpu0 = servers.process_stats(server.pids)[2]
+            alone = await loadgen.open_loop(
+                "accept alone", server.ports, offline, profile.e2e_rate, profile.e2e_seconds, 32
+            )
+            alone_cpu = servers.process_stats(server.pids)[2] - cpu0
+            load_alone = os.getloadavg()[0]
         finally:
             server.stop()
     accept, push, acked = [], [], []
@@ -190,6 +205,14 @@ async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> di
         "acked": len(consumer.acked),
         "duplicate_pushes": consumer.duplicates,
         "reconnects": consumer.reconnects,
+        # Server CPU from the first POST until the last acknowledgement was answered,
+        # per acknowledged message; then the same rate with the mediatee offline.
+        "live_cpu_us": live_cpu / len(consumer.acked) * 1e6 if consumer.acked else None,
+        "accept_cpu_us": alone_cpu / len(alone.ok) * 1e6 if alone.ok else None,
+        "alone_accepted": len(alone.ok),
+        "alone_errors": alone.errors,
+        "load_live": load_live,
+        "load_alone": load_alone,
         "accept": accept,
         "push": push,
         "ack": acked,
@@ -459,6 +482,7 @@ async def _rooms_run(
         await asyncio.sleep(2)
         # Closed loop: post throughput with every subscriber attached (8 posters).
         queue = [f"bench-c{i}" for i in range(posts)]
+        cpu0 = servers.process_stats(server.pids)[2]
         started = time.perf_counter()
 
         async def poster_loop() -> None:
@@ -473,6 +497,9 @@ async def _rooms_run(
             sum(len(v) for v in received.values()) < expected and time.monotonic() < deadline
         ):
             await asyncio.sleep(0.2)
+        # From the first post of the closed loop until its last delivery arrived.
+        loop_cpu = servers.process_stats(server.pids)[2] - cpu0
+        loop_load = os.getloadavg()[0]
         for ws in sockets:
             with contextlib.suppress(Exception):
                 await ws.close()
@@ -492,7 +519,11 @@ async def _rooms_run(
 
     paced_each, paced_last = fanout("bench-p")
     loaded_each, loaded_last = fanout("bench-c")
+    loop_deliveries = sum(len(v) for k, v in received.items() if k.startswith("bench-c"))
     return {
+        "cpu_us_per_delivery": loop_cpu / loop_deliveries * 1e6 if loop_deliveries else None,
+        "cpu_us_per_post": loop_cpu / posts * 1e6 if posts else None,
+        "load": loop_load,
         "subscribers": subscribers,
         "connected": ready,
         "posts": posts + paced,
@@ -649,6 +680,20 @@ async def run(
                     f"reconnects {result['reconnects']}",
                 ]
             )
+            live, alone = result["live_cpu_us"], result["accept_cpu_us"]
+            rows.append(
+                [
+                    f"{engine}: server CPU per message",
+                    f"accept -> push -> ack {live or float('nan'):.0f} µs "
+                    f"(load {result['load_live']:.1f})",
+                    f"accept alone {alone or float('nan'):.0f} µs "
+                    f"(mediatee offline, same rate, {result['alone_accepted']} accepted, "
+                    f"load {result['load_alone']:.1f})",
+                    f"ratio {live / alone:.2f}" if live and alone else "ratio -",
+                    "",
+                    "",
+                ]
+            )
         out.add(
             "## End to end: accept -> live WebSocket push -> acknowledge\n\n"
             f"{profile.e2e_rate:g} forwards/s for {profile.e2e_seconds:g} s to one "
@@ -724,7 +769,9 @@ async def run(
                 f"{n} subscribers: {r['connected']} connected, post throughput "
                 f"{r['post_rate']:.0f} posts/s ({r['post_rate'] * n:.0f} "
                 f"deliveries/s), delivered {r['deliveries']} of {r['expected']}, "
-                f"statuses {r['statuses']}"
+                f"statuses {r['statuses']}; server CPU {r['cpu_us_per_delivery'] or 0:.0f} µs "
+                f"per delivery ({r['cpu_us_per_post'] or 0:.0f} µs per post) over the closed "
+                f"loop, load {r['load']:.1f}"
             )
         out.add(
             "## Rooms: post throughput and fan-out\n\n"

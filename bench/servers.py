@@ -46,6 +46,41 @@ BENCH_ENV = {
 }
 
 
+# Where the processes run (bench.run --pin): the load generator on LOADGEN_CPUS and every
+# server the benchmark starts on SERVER_CPUS (children, e.g. --workers, inherit it).
+# None: wherever the scheduler puts them. PostgreSQL's own processes are never pinned.
+LOADGEN_CPUS: set[int] | None = None
+SERVER_CPUS: set[int] | None = None
+
+
+def pin(mode: str) -> str:
+    """Pin this process (the load generator) and the servers it starts; what was done."""
+    global LOADGEN_CPUS, SERVER_CPUS
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if mode == "off" or len(cpus) < 2:
+        LOADGEN_CPUS = SERVER_CPUS = None
+        why = "--pin off" if mode == "off" else f"{len(cpus) or 'unknown'} usable CPU(s)"
+        return f"nothing pinned ({why}): generator and servers share all cores"
+    LOADGEN_CPUS, SERVER_CPUS = {cpus[0]}, set(cpus[1:])
+    os.sched_setaffinity(0, LOADGEN_CPUS)
+    return (
+        f"load generator pinned to CPU {cpus[0]}, servers (all processes, --workers included) "
+        f"to CPU {','.join(map(str, cpus[1:]))} (sched_setaffinity); PostgreSQL not pinned"
+    )
+
+
+def server_preexec() -> None:
+    """Popen preexec_fn for every server: its CPU set (see pin())."""
+    if SERVER_CPUS:
+        os.sched_setaffinity(0, SERVER_CPUS)
+
+
+def all_cpus() -> None:
+    """ProcessPool initializer: packing workers may use every core, not the generator's."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,6 +182,7 @@ class Dovecote:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=ROOT,
+                    preexec_fn=server_preexec,
                 )
             )
         for index, (port, proc) in enumerate(zip(self.ports, self.procs, strict=True)):
@@ -209,6 +245,39 @@ def postgres_database(admin_url: str = POSTGRES_ADMIN) -> Iterator[str]:
         )
 
 
+class PostgresBackends:
+    """CPU seconds of the PostgreSQL backends serving one database (psutil on the pids
+    pg_stat_activity lists for it; the server must run on this machine). Background
+    processes (WAL writer, checkpointer, ...) serve every database and are not counted."""
+
+    def __init__(self, url: str, admin_url: str = POSTGRES_ADMIN) -> None:
+        self.dbname = url.rsplit("/", 1)[1].split("?")[0]
+        self.admin_url = admin_url
+        self.last: dict[int, float] = {}  # pid -> CPU seconds when last read
+        self.error = ""
+
+    def cpu(self) -> float:
+        done = subprocess.run(
+            [
+                "psql",
+                self.admin_url,
+                "-qAtc",
+                f"SELECT pid FROM pg_stat_activity WHERE datname = '{self.dbname}'",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        pids = {int(p) for p in done.stdout.split()} if done.returncode == 0 else set()
+        for pid in pids | set(self.last):
+            try:
+                t = psutil.Process(pid).cpu_times()
+                self.last[pid] = t.user + t.system
+            except psutil.Error as exc:  # ended: its last reading stands
+                if pid not in self.last:
+                    self.error = f"{type(exc).__name__} for backend {pid}"
+        return sum(self.last.values())
+
+
 def postgres_available(admin_url: str = POSTGRES_ADMIN) -> bool:
     if shutil.which("psql") is None:
         return False
@@ -254,6 +323,7 @@ def asgi_app(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            preexec_fn=server_preexec,
         )
         try:
             wait_http(f"http://127.0.0.1:{port}{health}", proc, log=log_path)

@@ -79,6 +79,7 @@ def _start(
             *extra,
         ],
         env={**os.environ, "HOME": str(work)},
+        preexec_fn=servers.server_preexec,
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=work,
