@@ -384,6 +384,7 @@ def dlq_replay(item_id: int | None, replay_all: bool, target: str | None, **opti
     if item_id is None and not replay_all:
         raise click.UsageError("give an ID or --all")
     from dovecote.ops import admin
+    from dovecote.util.kinds import DeadLetterKind
 
     settings = _settings(options)
 
@@ -392,7 +393,7 @@ def dlq_replay(item_id: int | None, replay_all: bool, target: str | None, **opti
             item = await admin.dead_letter(store, item_id)
             if item is None:
                 raise click.ClickException(f"no dead letter {item_id}")
-            if item.kind == "mailbox":
+            if item.kind == DeadLetterKind.MAILBOX:
                 # An expired message has no outbound target; it can be shown or purged.
                 raise click.ClickException(
                     f"dead letter {item_id} is an expired mailbox message: not replayable"

@@ -55,6 +55,7 @@ from dovecote.transport.websocket import (
     refuse_websocket,
     websocket_endpoint,
 )
+from dovecote.util.kinds import DeadLetterKind, OutboxKind
 
 log = structlog.get_logger("dovecote.server")
 
@@ -292,7 +293,7 @@ class Dovecote:
                 moved = await self.store.expire(now, now - self.settings.dedup_window)
                 if moved:
                     metrics.EXPIRED.inc(moved)
-                    metrics.DEAD_LETTERED.labels("mailbox").inc(moved)
+                    metrics.DEAD_LETTERED.labels(DeadLetterKind.MAILBOX).inc(moved)
                     log.info("sweep.expired", count=moved)
             except DovecoteError as exc:
                 log.warning("sweep.failed", error=exc.detail)
@@ -307,7 +308,7 @@ class Dovecote:
                     now - stats.oldest_received_at if stats.oldest_received_at else 0
                 )
                 lag = 0.0
-                for kind in ("forward", "notify"):
+                for kind in OutboxKind:
                     metrics.OUTBOX_SIZE.labels(kind).set(stats.outbox.get(kind, 0))
                     due = stats.outbox_oldest_due.get(kind)
                     kind_lag = max(0.0, now - due) if due else 0.0

@@ -36,7 +36,7 @@ from dovecote.client.outbox import FailureCallback, Sender
 from dovecote.client.packing import Packer, Route
 from dovecote.client.pickup import Handler, Inbox, PickupStatus, Received
 from dovecote.client.rooms import RoomsClient
-from dovecote.client.store import ClientStore, OutboxItem, State
+from dovecote.client.store import ClientOutboxKind, ClientStore, OutboxItem, State
 from dovecote.client.wsbatch import WsBatcher, WsTarget
 
 log = structlog.get_logger("dovecote.client")
@@ -323,14 +323,14 @@ class Client:
             route, endpoints = await self.route(to)
             frm = plaintext.get("from")
             packed = await self.packer.pack_routed(plaintext, route, frm)
-            rows.append((str(plaintext["id"]), "didcomm", to, packed, endpoints))
+            rows.append((str(plaintext["id"]), ClientOutboxKind.DIDCOMM, to, packed, endpoints))
         await self.store.enqueue(rows, delay=self.config.flush_interval)
         self.sender.queued(len(rows))
         return [r[0] for r in rows]
 
     async def _enqueue_room(self, key: str, room: str, payload: bytes, url: str) -> None:
         await self.store.enqueue(
-            [(key, "room", room, payload, [url])], delay=self.config.flush_interval
+            [(key, ClientOutboxKind.ROOM, room, payload, [url])], delay=self.config.flush_interval
         )
         self.sender.queued()
 

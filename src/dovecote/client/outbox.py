@@ -37,7 +37,7 @@ import structlog
 from dovecote.client import transport
 from dovecote.client.config import ClientConfig
 from dovecote.client.errors import Rejected, TransportFailure
-from dovecote.client.store import ClientStore, OutboxItem
+from dovecote.client.store import ClientOutboxKind, ClientStore, OutboxItem
 from dovecote.client.wsbatch import WsBatcher, WsTarget
 from dovecote.util import backoff
 
@@ -211,7 +211,7 @@ class Sender:
         singles: list[OutboxItem] = []
         for item in batch:
             target = self.ws_target_for(item.endpoint) if self.ws is not None else None
-            if item.kind == "room":
+            if item.kind == ClientOutboxKind.ROOM:
                 rooms.setdefault(item.target, []).append(item)
             elif target is not None:
                 sockets.setdefault(target, []).append(item)
@@ -240,7 +240,7 @@ class Sender:
     async def _attempt(self, item: OutboxItem) -> OutboxItem:
         url = item.endpoint
         headers = self.headers_for(item)
-        content_type = transport.ENCRYPTED if item.kind == "didcomm" else JSON
+        content_type = transport.ENCRYPTED if item.kind == ClientOutboxKind.DIDCOMM else JSON
         now = time.time()
         try:
             await transport.post(self.http, url, item.payload, content_type, headers)

@@ -23,7 +23,7 @@ import websockets
 from dovecote.client import transport
 from dovecote.client.config import ClientConfig
 from dovecote.client.errors import ClientFailure, Rejected, RoomsFailure, TransportFailure
-from dovecote.client.store import ClientStore, OutboxItem
+from dovecote.client.store import ClientOutboxKind, ClientStore, OutboxItem
 from dovecote.util import backoff
 
 log = structlog.get_logger("dovecote.client.rooms")
@@ -62,7 +62,7 @@ class RoomsClient:
 
     def headers_for(self, item: OutboxItem) -> dict[str, str]:
         """Headers for an outbox row: rooms posts carry the token and their key."""
-        if item.kind != "room":
+        if item.kind != ClientOutboxKind.ROOM:
             return {}
         return {**self._auth(), "idempotency-key": item.id}
 

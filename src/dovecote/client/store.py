@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -63,13 +64,20 @@ CREATE TABLE IF NOT EXISTS room_cursors (
 State = Literal["pending", "sent", "failed"]
 
 
+class ClientOutboxKind(StrEnum):
+    """What an outbox row carries (the `kind` column)."""
+
+    DIDCOMM = "didcomm"  # a packed DIDComm message, POSTed (or framed) to a relay endpoint
+    ROOM = "room"  # a rooms post, sent in queue order per room
+
+
 @dataclass
 class OutboxItem:
     """One row of the outbox."""
 
     seq: int
     id: str
-    kind: str
+    kind: ClientOutboxKind
     target: str
     payload: bytes
     endpoints: list[str]
@@ -110,6 +118,7 @@ def _item(row: Sequence[Any]) -> OutboxItem:
     values = list(row)
     values[5] = json.loads(values[5])
     values[4] = bytes(values[4])
+    values[2] = ClientOutboxKind(values[2])
     return OutboxItem(*values)
 
 
@@ -160,7 +169,9 @@ class ClientStore:
 
     # ------------------------------------------------------------------ outbox
     async def enqueue(
-        self, items: Iterable[tuple[str, str, str, bytes, list[str]]], delay: float = 0.0
+        self,
+        items: Iterable[tuple[str, ClientOutboxKind, str, bytes, list[str]]],
+        delay: float = 0.0,
     ) -> None:
         """Insert (id, kind, target, payload, endpoints) rows in one committed transaction;
         they become due after `delay` seconds."""

@@ -35,6 +35,7 @@ from dovecote.errors import DovecoteError
 from dovecote.ops import admin, metrics
 from dovecote.ops.audit import audit as audit_line
 from dovecote.ops.health import LEVELS
+from dovecote.util.kinds import DeadLetterKind
 
 if TYPE_CHECKING:
     from dovecote.server import Dovecote
@@ -43,7 +44,7 @@ HERE = Path(__file__).parent
 MAX_FORM_BYTES = 64 * 1024
 PAGE_SIZE = 50
 REFRESH_SECONDS = 5
-DLQ_KINDS = ("forward", "notify", "mailbox")
+DLQ_KINDS = tuple(DeadLetterKind)
 MAX_BULK = 1000  # dead letters one confirmed action may touch
 OVERVIEW_TRAFFIC = (
     "accepted",

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 from dovecote.store.base import NewOutboxItem, OutboxItem
 from dovecote.store.rooms_base import ROOM_HEADER
 from dovecote.store.v1_base import V1Store
+from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
     from dovecote.store.base import Store
 
-KIND = "notify"
 EVENT = "message_waiting"
 # Outbox headers starting with "_" are for the worker and are never sent.
 CHANNEL = "_channel"
@@ -49,7 +49,7 @@ def notification_items(settings: Settings, mediatee: str) -> list[NewOutboxItem]
     channels = [("webhook", settings.notify_webhook_url), ("push", settings.push_url)]
     return [
         NewOutboxItem(
-            kind=KIND,
+            kind=OutboxKind.NOTIFY,
             target=url,
             payload=b"",
             headers={"content-type": "application/json", CHANNEL: channel, MEDIATEE: mediatee},

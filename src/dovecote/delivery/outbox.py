@@ -40,6 +40,7 @@ from dovecote.delivery.sender import Attempt, Sender
 from dovecote.errors import DovecoteError
 from dovecote.ops import metrics
 from dovecote.util import backoff
+from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("dovecote.outbox")
 
-KINDS = ("forward", "notify")
 POLL_SECONDS = 1.0
 # After a wake-up, wait this long so items committed together are leased together.
 WAKE_DEBOUNCE = 0.01
@@ -57,7 +57,7 @@ WAKE_DEBOUNCE = 0.01
 class Pool:
     """One kind's dispatcher and its in-flight sends."""
 
-    kind: str
+    kind: OutboxKind
     size: int
     owner: str
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -80,8 +80,11 @@ class OutboxWorkers:
         self.settings = settings
         self.breakers = breakers
         self.sender = sender or Sender(settings, store)
-        sizes = {"forward": settings.forward_workers, "notify": settings.notify_workers}
-        self.pools = {kind: Pool(kind, sizes[kind], f"{instance_id}/{kind}") for kind in KINDS}
+        sizes = {
+            OutboxKind.FORWARD: settings.forward_workers,
+            OutboxKind.NOTIFY: settings.notify_workers,
+        }
+        self.pools = {kind: Pool(kind, sizes[kind], f"{instance_id}/{kind}") for kind in OutboxKind}
         self.stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -90,7 +93,7 @@ class OutboxWorkers:
             pool.task = asyncio.create_task(self._dispatch(pool), name=f"outbox-{pool.kind}")
         log.info("outbox.started", pools={p.kind: p.size for p in self.pools.values()})
 
-    def wake(self, kind: str) -> None:
+    def wake(self, kind: OutboxKind) -> None:
         """An item of `kind` was added on this instance: lease it now, not at the next poll."""
         pool = self.pools.get(kind)
         if pool is not None:

@@ -28,6 +28,7 @@ import structlog
 
 from dovecote import __version__
 from dovecote.delivery import notify, outbound
+from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
@@ -91,7 +92,7 @@ class Sender:
         if client is None:
             size = (
                 self.settings.notify_workers
-                if kind == notify.KIND
+                if kind == OutboxKind.NOTIFY
                 else self.settings.forward_workers
             )
             client = self._clients[kind] = outbound.client(
@@ -115,7 +116,7 @@ class Sender:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return Attempt("permanent", error="not an http(s) URL", reason="bad_target")
         body: bytes | None = item.payload
-        if item.kind == notify.KIND:
+        if item.kind == OutboxKind.NOTIFY:
             body = await notify.render(item, self.store)
             if body is None:
                 return Attempt("skipped", error="mailbox already empty")

@@ -46,6 +46,7 @@ from dovecote.errors import (
 from dovecote.ops import metrics
 from dovecote.store.base import NewOutboxItem, StoredMessage
 from dovecote.transport.limits import TokenBuckets
+from dovecote.util.kinds import OutboxKind
 
 log = structlog.get_logger("dovecote.dispatch")
 
@@ -233,7 +234,7 @@ class Mediator:
             key = hashlib.sha256(f"{sender} {inbound.id} {index}".encode()).hexdigest()
             items.append(
                 NewOutboxItem(
-                    kind="forward",
+                    kind=OutboxKind.FORWARD,
                     target=route.uri,
                     payload=route.payload,
                     headers={"content-type": ENCRYPTED},
@@ -254,7 +255,7 @@ class Mediator:
                 )
                 raise
             if added:
-                self.ctx.wake_outbox("forward")
+                self.ctx.wake_outbox(OutboxKind.FORWARD)
             log.info(
                 "reply.queued",
                 count=len(added),

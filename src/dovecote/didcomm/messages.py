@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from dovecote.errors import InvalidDID, MalformedMessage, NotMediated, Unauthenticated
 from dovecote.util.did import did_problem
+from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
     from dovecote.delivery.live import LiveRegistry, LiveSession
@@ -89,7 +90,7 @@ class Context:
     # Outbound routes (multi-hop forwards, replies) and the outbox wake-up; the server
     # wires both, a bare Context (tests) has neither.
     endpoints: Endpoints | None = None
-    wake_outbox: Callable[[str], None] = field(default=lambda kind: None)
+    wake_outbox: Callable[[OutboxKind], None] = field(default=lambda kind: None)
 
     async def require_grant(self, inbound: Inbound) -> str:
         """The sender's DID if it holds a mediation grant, else NotMediated."""

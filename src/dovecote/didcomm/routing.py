@@ -41,6 +41,7 @@ from dovecote.errors import (
 )
 from dovecote.ops import metrics
 from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem, RelayQuota
+from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
@@ -152,7 +153,7 @@ async def store_for(
     else:
         metrics.ACCEPTED.inc()
         if notices:
-            ctx.wake_outbox(notify.KIND)
+            ctx.wake_outbox(OutboxKind.NOTIFY)
     log.info(
         "forward.accepted",
         message_id=result.id,
@@ -194,7 +195,7 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
                 )
             items.append(
                 NewOutboxItem(
-                    kind="forward",
+                    kind=OutboxKind.FORWARD,
                     target=route.uri,
                     payload=route.payload,
                     headers={"content-type": ENCRYPTED},
@@ -222,7 +223,7 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
         )
         raise
     if added:
-        ctx.wake_outbox("forward")
+        ctx.wake_outbox(OutboxKind.FORWARD)
     metrics.RELAYED.inc(len(added))
     log.info(
         "forward.relayed",

@@ -42,6 +42,7 @@ from dovecote.ops.audit import audit, client_cert
 from dovecote.store.base import DeadLetter, MailboxUsage, Store
 from dovecote.util.did import storable
 from dovecote.util.jsonlimits import depth_exceeds, raw_problem
+from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
     from dovecote.server import Dovecote
@@ -342,7 +343,7 @@ async def replay(
     store: Store,
     ids: list[int] | None,
     target: str | None = None,
-    wake: Callable[[str], None] | None = None,
+    wake: Callable[[OutboxKind], None] | None = None,
 ) -> int:
     """Dead letters back to the outbox with fresh attempts (ids None: all, or all of target).
 
@@ -351,7 +352,7 @@ async def replay(
     ids = _existing(ids)
     count = await store.dlq_replay(ids, target) if ids != [] else 0
     if wake is not None:
-        for kind in ("forward", "notify"):
+        for kind in OutboxKind:
             wake(kind)
     return count
 

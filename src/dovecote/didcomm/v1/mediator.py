@@ -44,6 +44,7 @@ from dovecote.errors import (
 )
 from dovecote.ops import metrics
 from dovecote.store.base import NewOutboxItem
+from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
     from aries_askar import Key
@@ -238,7 +239,7 @@ class V1Mediator:
             key = hashlib.sha256(f"{verkey} {inbound.id} {index}".encode()).hexdigest()
             items.append(
                 NewOutboxItem(
-                    kind="forward",
+                    kind=OutboxKind.FORWARD,
                     target=uri,
                     payload=payload,
                     headers={"content-type": MEDIA_TYPE},
@@ -260,7 +261,7 @@ class V1Mediator:
                 )
                 raise
             if added:
-                self.core.wake_outbox("forward")
+                self.core.wake_outbox(OutboxKind.FORWARD)
             log.info("reply.queued", count=len(added), version="v1", request_id=inbound.request_id)
 
     async def build_delivery(self, mediatee: str, messages: Sequence[StoredMessage]) -> bytes:

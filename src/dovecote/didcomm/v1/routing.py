@@ -26,6 +26,7 @@ from dovecote.didcomm.v1.messages import DIDCOMM_PREFIX, V1Context, V1Handler, V
 from dovecote.errors import MalformedMessage, OutboxFull, RateLimited, UnknownRecipient
 from dovecote.ops import metrics
 from dovecote.store.base import NewOutboxItem
+from dovecote.util.kinds import OutboxKind
 
 log = structlog.get_logger("dovecote.v1.routing")
 
@@ -109,7 +110,7 @@ async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
             raise MalformedMessage("only encrypted messages are relayed to an endpoint")
         quota = v2_routing.relay_quota(ctx.core.settings, endpoint)
         item = NewOutboxItem(
-            kind="forward",
+            kind=OutboxKind.FORWARD,
             target=endpoint,
             payload=wrap(payload, to_verkey(recipient), connection.routing_keys),
             headers={"content-type": MEDIA_TYPE},
@@ -129,7 +130,7 @@ async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
             )
             raise
         if new:
-            ctx.core.wake_outbox("forward")
+            ctx.core.wake_outbox(OutboxKind.FORWARD)
             metrics.ACCEPTED.inc()
             metrics.RELAYED.inc()
         else:
