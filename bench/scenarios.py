@@ -329,7 +329,7 @@ async def acapy_suite(profile: Profile) -> ForwardSuite:
                 content_type=acapy.WIRE,
                 cycle=True,
             )
-        except Exception as exc:  # the peer failing must not lose Dovecote's results
+        except Exception as exc:  # the peer failing must not lose Dovecote's results  # noqa: BLE001
             suite.skipped = f"ACA-Py run failed: {exc!r}"[:300]
         finally:
             mediator.stop()
@@ -373,7 +373,7 @@ async def dovecote_v1_suite(profile: Profile) -> ForwardSuite:
                 rates,
                 content_type=acapy.WIRE,
             )
-        except Exception as exc:  # a failed v1 run must not lose the other results
+        except Exception as exc:  # a failed v1 run must not lose the other results  # noqa: BLE001
             suite.skipped = f"v1 run failed: {exc!r}"[:300]
         finally:
             server.stop()

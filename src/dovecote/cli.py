@@ -474,6 +474,8 @@ def _server_url(url: str | None, options: dict[str, Any]) -> str:
 @_settings_options(only=URL_FIELDS)
 def status(url: str | None, interval: float, watch: bool, token: str, **options: Any) -> None:
     """Health, degradation, rates, latency percentiles, queues, breakers, cluster."""
+    import httpx
+
     from dovecote.ops.status import show
 
     base = _server_url(url, options)
@@ -481,7 +483,9 @@ def status(url: str | None, interval: float, watch: bool, token: str, **options:
         show(base, interval, watch, token)
     except KeyboardInterrupt:
         pass
-    except Exception as exc:  # unreachable server: say so plainly
+    # Unreachable, or not answering JSON and a metrics text: say so plainly. Anything
+    # else is a bug in show() and keeps its traceback.
+    except (httpx.HTTPError, ValueError) as exc:
         click.echo(f"cannot read {base}: {exc}", err=True)
         sys.exit(2)
 

@@ -52,7 +52,7 @@ async def cancelled_as_the_result_arrives(
     task.cancel()
     try:
         result = await task
-    except BaseException as exc:
+    except BaseException as exc:  # what the task ended with, CancelledError included  # noqa: BLE001
         return exc
     return AssertionError(f"returned {result!r} after it was cancelled")
 

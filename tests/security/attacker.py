@@ -95,7 +95,7 @@ async def ws(args: argparse.Namespace) -> dict[str, Any]:
         except (OSError, TimeoutError, ConnectionClosed):
             outcomes["connect_failed"] += 1
             return
-        except Exception as exc:  # e.g. InvalidMessage: closed before any answer
+        except Exception as exc:  # e.g. InvalidMessage: closed before any answer  # noqa: BLE001
             outcomes[type(exc).__name__] += 1
             return
         held.append(sock)

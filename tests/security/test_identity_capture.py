@@ -74,7 +74,7 @@ async def _mailbox(agent: Agent, client: httpx.AsyncClient) -> list[str]:
 async def _text(agent: Agent, attachment: dict[str, Any]) -> str:
     try:
         message = await agent.unpack(json.dumps(attachment["data"]["json"]))
-    except Exception:  # not encrypted for this agent: counted, shown as such
+    except Exception:  # not encrypted for this agent: counted, shown as such  # noqa: BLE001
         return "<not mine>"
     return str(message["body"]["content"])
 

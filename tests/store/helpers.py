@@ -42,7 +42,7 @@ def database_url(url: str, database: str) -> str:
 async def admin_connect() -> Any:
     try:
         return await asyncpg.connect(POSTGRES_URL, timeout=5)
-    except Exception as exc:  # any reason at all: these tests must fail, not skip
+    except Exception as exc:  # any reason at all: these tests must fail, not skip  # noqa: BLE001
         pytest.fail(
             f"PostgreSQL at {POSTGRES_URL} is unreachable ({exc!r}); run "
             "`bash scripts/ensure-postgres.sh && . ./.test-env`",

@@ -140,7 +140,7 @@ class Sender:
                 sent_any = await self._flush_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a store failure must not kill the sender for good
+            except Exception as exc:  # a store failure must not kill the sender for good  # noqa: BLE001
                 log.warning("outbox.flush_error", error=repr(exc)[:300])
                 sent_any = False
                 await asyncio.sleep(1.0)
@@ -169,7 +169,9 @@ class Sender:
             self._flushed.notify_all()
         return True
 
-    async def _send_batch(self, batch: Sequence[OutboxItem]) -> None:
+    # Its three delivery strategies (alone, a room's posts in order, a WebSocket batch)
+    # are short closures over one semaphore; mccabe counts them into this function.
+    async def _send_batch(self, batch: Sequence[OutboxItem]) -> None:  # noqa: C901
         started = time.monotonic()
         limit = asyncio.Semaphore(self.config.http_concurrency)
 
@@ -255,7 +257,7 @@ class Sender:
             )
         except TransportFailure as exc:
             return self._reschedule(item, exc.detail, exc.retry_after)
-        except Exception as exc:  # never lose a row to an unexpected error: retry it
+        except Exception as exc:  # never lose a row to an unexpected error: retry it  # noqa: BLE001
             log.warning("outbox.attempt_error", id=item.id, error=repr(exc)[:300])
             return self._reschedule(item, repr(exc), None)
         return replace(
@@ -321,6 +323,6 @@ class Sender:
                     result = self.on_failed(item)
                     if result is not None:
                         await result
-                except Exception as exc:
+                except Exception as exc:  # the application's callback must not stop the reports  # noqa: BLE001
                     log.warning("outbox.callback_error", id=item.id, error=repr(exc)[:200])
         await self.store.mark_reported([i.seq for i in failed])

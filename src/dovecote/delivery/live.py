@@ -184,7 +184,7 @@ class LiveRegistry:
                     await self._push_mailbox(session, mediatee)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # a broken socket or store: the queue keeps all
+                except Exception as exc:  # a broken socket or store: the queue keeps all  # noqa: BLE001
                     log.warning("live.push_failed", session=session.id, error=str(exc)[:200])
                     session.closed = True
                     return

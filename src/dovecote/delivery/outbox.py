@@ -207,7 +207,7 @@ class OutboxWorkers:
             bound.error("outbox.record_failed", error=exc.detail)
         except asyncio.CancelledError:
             raise
-        except Exception:  # a bug must not kill the pool; the lease expiry retries it
+        except Exception:  # a bug must not kill the pool; the lease expiry retries it  # noqa: BLE001
             if not sent:
                 # A half-open breaker's trial slot would otherwise stay taken and block the
                 # target for good (seen: every later forward to it stuck after one crash).

@@ -28,11 +28,14 @@ MAX_TARGET = 200
 @functools.lru_cache(maxsize=64)
 def _subject(pem: str) -> str:
     """The RFC 4514 subject of a PEM certificate ('' when it cannot be parsed)."""
-    try:
-        from cryptography import x509
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
 
+    try:
         return x509.load_pem_x509_certificate(pem.encode()).subject.rfc4514_string()
-    except Exception:  # a certificate we cannot parse still has a caller; log without it
+    # What cryptography raises for a certificate it cannot read: its caller still gets
+    # an audit line, without the subject.
+    except (ValueError, UnsupportedAlgorithm):
         return ""
 
 

@@ -372,24 +372,11 @@ def _verified(
     except (OSError, ValueError, TypeError, KeyError) as exc:
         yield None, [f"unreadable manifest {files.manifest}: {exc}"], None, None
         return
-    problems: list[str] = []
     if manifest.format != FORMAT or manifest.engine != "sqlite":
-        problems.append(f"unsupported backup format {manifest.format}/{manifest.engine}")
+        problems = [f"unsupported backup format {manifest.format}/{manifest.engine}"]
         yield manifest, problems, None, None
         return
-    for path, expected in (
-        (files.database, manifest.database),
-        (files.identity, manifest.identity),
-    ):
-        if not path.is_file():
-            problems.append(f"missing {path}")
-            continue
-        actual = _digest(path, expected.name)
-        if actual.bytes != expected.bytes or actual.sha256 != expected.sha256:
-            problems.append(
-                f"{path.name}: checksum mismatch (sha256 {actual.sha256[:16]}..., "
-                f"manifest {expected.sha256[:16]}...)"
-            )
+    problems = _stored_checksum_problems(files, manifest)
     encryption = manifest.extra.get("encryption")
     if problems:
         yield manifest, problems, None, None
@@ -421,16 +408,42 @@ def _verified(
         except BackupError as exc:
             yield manifest, [str(exc)], None, None
             return
-        plain = manifest.extra.get("plain") or {}
-        for path, name in ((plain_db, "database"), (plain_identity, "identity")):
-            want = plain.get(name) or {}
-            actual = _digest(path, "")
-            if (actual.sha256, actual.bytes) != (want.get("sha256"), want.get("bytes")):
-                problems.append(f"decrypted {name} does not match the manifest checksum")
+        problems += _plain_checksum_problems(manifest, plain_db, plain_identity)
         if not problems:
             problems += _check_database(plain_db, manifest.schema_version, manifest.tables)
             problems += _check_identity(plain_identity)
         yield manifest, problems, plain_db, plain_identity
+
+
+def _stored_checksum_problems(files: BackupFiles, manifest: Manifest) -> list[str]:
+    """The backup's files (as stored: encrypted or not) against the manifest's checksums."""
+    problems: list[str] = []
+    for path, expected in (
+        (files.database, manifest.database),
+        (files.identity, manifest.identity),
+    ):
+        if not path.is_file():
+            problems.append(f"missing {path}")
+            continue
+        actual = _digest(path, expected.name)
+        if actual.bytes != expected.bytes or actual.sha256 != expected.sha256:
+            problems.append(
+                f"{path.name}: checksum mismatch (sha256 {actual.sha256[:16]}..., "
+                f"manifest {expected.sha256[:16]}...)"
+            )
+    return problems
+
+
+def _plain_checksum_problems(manifest: Manifest, plain_db: Path, plain_identity: Path) -> list[str]:
+    """An encrypted backup's decrypted files against the manifest's plain checksums."""
+    problems = []
+    plain = manifest.extra.get("plain") or {}
+    for path, name in ((plain_db, "database"), (plain_identity, "identity")):
+        want = plain.get(name) or {}
+        actual = _digest(path, "")
+        if (actual.sha256, actual.bytes) != (want.get("sha256"), want.get("bytes")):
+            problems.append(f"decrypted {name} does not match the manifest checksum")
+    return problems
 
 
 def _check_identity(path: Path) -> list[str]:

@@ -108,7 +108,7 @@ class HealthMonitor:
             async with asyncio.timeout(STORE_PING_TIMEOUT):
                 await self.store.ping()
             ok, detail = True, ""
-        except Exception as exc:  # any failure means not ready
+        except Exception as exc:  # any failure means not ready  # noqa: BLE001
             ok, detail = False, str(exc)[:200]
         return CheckResult("store", ok, time.perf_counter() - started, detail)
 

@@ -123,7 +123,7 @@ async def run_once(url: str, limit: float = 30.0, data_dir: Path | None = None) 
             return ProbeResult(
                 False, time.perf_counter() - started, steps, step, f"no result within {limit:g} s"
             )
-        except Exception as exc:  # any failure is the probe's finding, reported plainly
+        except Exception as exc:  # any failure is the probe's finding, reported plainly  # noqa: BLE001
             detail = getattr(exc, "detail", "") or str(exc) or type(exc).__name__
             return ProbeResult(False, time.perf_counter() - started, steps, step, detail[:300])
         finally:

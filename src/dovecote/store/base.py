@@ -397,7 +397,7 @@ class Store(abc.ABC):
         for callback in list(self._listeners):
             try:
                 callback(mediatee)
-            except Exception:  # one broken listener must not starve the others
+            except Exception:  # one broken listener must not starve the others  # noqa: BLE001
                 import structlog
 
                 structlog.get_logger("dovecote.store").exception("store.listener_failed")

@@ -401,7 +401,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 log.warning("store.listener_lost")
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # any driver or socket error: reconnect
+            except Exception as exc:  # any driver or socket error: reconnect  # noqa: BLE001
                 log.warning("store.listener_failed", error=str(exc)[:200], retry_in=backoff)
             finally:
                 if conn is not None:

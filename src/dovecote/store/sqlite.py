@@ -211,12 +211,12 @@ class SQLiteStore(SQLiteRoomsMixin, SQLiteV1Mixin, Store):
                     result = job.fn(conn)
                     conn.execute("RELEASE job")
                     outcomes.append((True, result))
-                except BaseException as exc:  # reported to that caller only
+                except BaseException as exc:  # reported to that caller only  # noqa: BLE001
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append((False, _translate(exc)))
             conn.execute("COMMIT")
-        except BaseException as exc:  # the whole batch failed to commit
+        except BaseException as exc:  # the whole batch failed: every caller hears  # noqa: BLE001
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:

@@ -48,7 +48,7 @@ class V1Store(abc.ABC):
 
         try:
             _codec, raw = multicodec.unwrap(multibase.decode(mediatee[len("did:key:") :]))
-        except Exception:  # not a did:key we could have stored
+        except Exception:  # any parse failure: not a did:key we could have stored  # noqa: BLE001
             return {}
         connection = await self.v1_connection_get(Base58BtcEncoder().encode(raw))
         return dict(connection.device) if connection is not None else {}
