@@ -13,7 +13,7 @@ from dovecote.client.config import ClientConfig
 from dovecote.client.errors import InvalidInvitation
 from dovecote.client.mediation import parse_invitation
 from dovecote.client.outbox import Sender
-from dovecote.client.store import ClientStore
+from dovecote.client.store import ClientOutboxKind, ClientStore
 
 
 @pytest.fixture
@@ -25,13 +25,13 @@ async def store(tmp_path: Path) -> AsyncIterator[ClientStore]:
 
 
 def _rows(
-    prefix: str, kind: str, target: str, n: int
-) -> list[tuple[str, str, str, bytes, list[str]]]:
+    prefix: str, kind: ClientOutboxKind, target: str, n: int
+) -> list[tuple[str, ClientOutboxKind, str, bytes, list[str]]]:
     return [(f"{prefix}{i}", kind, target, b"x", ["http://a/", "http://b/"]) for i in range(n)]
 
 
 async def test_new_rows_wait_for_their_batch_but_retries_keep_backoff(store: ClientStore) -> None:
-    await store.enqueue(_rows("m", "didcomm", "did:x", 3), delay=5.0)
+    await store.enqueue(_rows("m", ClientOutboxKind.DIDCOMM, "did:x", 3), delay=5.0)
     assert await store.due(10) == []  # lingering in the batching window
     assert [i.id for i in await store.due(10, time.time() + 5.0)] == ["m0", "m1", "m2"]
     [first, *_] = await store.due(10, time.time() + 5.0)
@@ -42,7 +42,10 @@ async def test_new_rows_wait_for_their_batch_but_retries_keep_backoff(store: Cli
 
 
 async def test_room_posts_wait_behind_an_earlier_post_backing_off(store: ClientStore) -> None:
-    await store.enqueue(_rows("r", "room", "room-1", 3) + _rows("s", "room", "room-2", 1))
+    await store.enqueue(
+        _rows("r", ClientOutboxKind.ROOM, "room-1", 3)
+        + _rows("s", ClientOutboxKind.ROOM, "room-2", 1)
+    )
     [head, *_] = await store.due(10)
     head.attempts, head.next_attempt_at = 1, time.time() + 60
     await store.record([head])
@@ -54,7 +57,7 @@ async def test_failover_after_three_attempts_and_failure_past_retention(store: C
     config = ClientConfig(data_dir=Path("."), retention=3600, backoff_base=0.01)
     async with httpx.AsyncClient() as http:
         sender = Sender(store, config, http)
-        await store.enqueue(_rows("m", "didcomm", "did:x", 1))
+        await store.enqueue(_rows("m", ClientOutboxKind.DIDCOMM, "did:x", 1))
         [item] = await store.due(1)
         for _ in range(3):
             item = sender._reschedule(item, "refused", None)
@@ -70,7 +73,7 @@ async def test_backoff_doubles_with_equal_jitter_and_caps(store: ClientStore) ->
     config = ClientConfig(data_dir=Path("."), backoff_base=0.5, backoff_max=8.0)
     async with httpx.AsyncClient() as http:
         sender = Sender(store, config, http)
-        await store.enqueue([("m", "didcomm", "did:x", b"x", ["http://a/"])])
+        await store.enqueue([("m", ClientOutboxKind.DIDCOMM, "did:x", b"x", ["http://a/"])])
         [item] = await store.due(1)
         for attempts_before, ceiling in ((0, 0.5), (1, 1.0), (2, 2.0), (9, 8.0)):
             for _ in range(50):

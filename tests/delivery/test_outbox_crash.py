@@ -19,6 +19,7 @@ from dovecote.delivery.outbox import OutboxWorkers
 from dovecote.delivery.sender import Sender
 from dovecote.ops.settings import Settings
 from dovecote.store.base import OutboxItem
+from dovecote.util.kinds import OutboxKind
 
 URL = "http://203.0.113.7/inbox"
 
@@ -54,7 +55,7 @@ async def test_a_crashed_send_gives_back_the_half_open_trial(tmp_path: Path) -> 
         breakers,
         sender=_Bug(),  # type: ignore[arg-type]  # a Sender stand-in whose send() raises
     )
-    await workers._deliver(workers.pools["forward"], _item())
+    await workers._deliver(workers.pools[OutboxKind.FORWARD], _item())
     # Before the fix the only trial slot stayed taken: the target was blocked for good.
     assert breakers.acquire(URL)
 
