@@ -414,7 +414,7 @@ async def veramo_suite(profile: Profile, agents: Sequence[BenchAgent]) -> Forwar
                 f"{state.get('queued')} forwards queued for {accepted} answered 202 "
                 f"(the counted windows exclude the saturation warm-up)"
             )
-        except Exception as exc:  # the peer failing must not lose Dovecote's results
+        except Exception as exc:  # the peer failing must not lose Dovecote's results  # noqa: BLE001
             suite.skipped = f"Veramo run failed: {exc!r}"[:300]
         finally:
             mediator.stop()

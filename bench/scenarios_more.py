@@ -381,8 +381,7 @@ async def rooms(profile: Profile) -> list[dict[str, Any]]:
     return results
 
 
-# One measured run, read top to bottom (connect, subscribe, post, wait, tally): kept whole.
-async def _rooms_run(  # noqa: C901
+async def _rooms_run(
     server: servers.Dovecote, subscribers: int, posts: int, token: Any
 ) -> dict[str, Any]:
     base = server.base_urls[0]
