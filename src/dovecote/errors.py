@@ -45,19 +45,13 @@ class DovecoteError(Exception):
     code: ClassVar[str] = "e.m.me"
     default_retry_after: ClassVar[float | None] = None
 
-    def __init__(self, detail: str = "", *, retry_after: float | None = None, **args: Any):
+    def __init__(self, detail: str = "", *, retry_after: float | None = None):
         super().__init__(detail or self.__doc__ or self.code)
         self.detail = detail or (self.__doc__ or self.code).strip()
         self.retry_after = retry_after if retry_after is not None else self.default_retry_after
-        self.args_extra = args
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.status} {self.code}: {self.detail}>"
-
-    @property
-    def error_name(self) -> str:
-        """Short machine-readable name for HTTP bodies and metrics labels."""
-        return self.code.rsplit(".", 1)[-1] if self.code.count(".") > 1 else self.code
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"error": self.code, "detail": self.detail}

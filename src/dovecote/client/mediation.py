@@ -22,7 +22,6 @@ from dovecote.client import transport
 from dovecote.client.errors import (
     InvalidInvitation,
     MediationDenied,
-    NotMediated,
     ProblemReported,
     Rejected,
     TransportFailure,
@@ -188,8 +187,3 @@ async def request_mediation(channel: MediatorChannel) -> list[str]:
         raise ProblemReported("e.p.unexpected", f"expected mediate-grant, got {reply.get('type')}")
     routing = (reply.get("body") or {}).get("routing_did") or [channel.mediator_did]
     return [routing] if isinstance(routing, str) else list(routing)
-
-
-def require_mediation(identity: ClientIdentity) -> None:
-    if identity.mediation is None:
-        raise NotMediated()

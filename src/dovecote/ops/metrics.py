@@ -258,7 +258,6 @@ GROUP_COMMIT_SIZE = Histogram(
     "Writes per SQLite group commit.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-STORE_ERRORS = Counter("dovecote_store_errors", "Store operations that failed.", ["engine"])
 
 BACKUP_LAST_SUCCESS = Gauge(
     "dovecote_backup_last_success_timestamp_seconds",
