@@ -16,7 +16,6 @@ from typing import Any
 
 from aries_askar import AskarError, Key, KeyAlg, ecdh
 from did_peer_2 import resolve as resolve_peer2
-from didcomm_messaging import DIDCommMessaging
 from didcomm_messaging.crypto import SecretsManager
 from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarKey, AskarSecretKey
 from didcomm_messaging.crypto.base import CryptoServiceError
@@ -25,11 +24,12 @@ from didcomm_messaging.multiformats import multibase, multicodec
 from didcomm_messaging.packaging import PackagingService
 from didcomm_messaging.resolver import DIDResolver, PrefixResolver
 from didcomm_messaging.resolver.peer import Peer2, Peer4
-from didcomm_messaging.routing import RoutingService
 from pydid import DIDDocument
 
+from dovecote.didcomm import jwe
 from dovecote.didcomm.identity import Identity
 from dovecote.errors import (
+    DovecoteError,
     InvalidDID,
     LimitExceeded,
     MalformedMessage,
@@ -49,6 +49,8 @@ PARSED_PER_DID_BYTE = 14
 PARSED_OVERHEAD = 16384
 # Our own key ids (any did:peer:2 embedding our keys); bounded as every client-keyed map.
 SECRETS_CACHE_BYTES = 1024 * 1024
+# What one cached sender key keeps alive besides its id (an askar handle and bookkeeping).
+KEY_OVERHEAD = 256
 DEFAULT_MAX_ID_BYTES = 1024
 # A JWE for a mediator names its keys; more recipients than this is not for us.
 MAX_RECIPIENTS = 32
@@ -169,6 +171,10 @@ class IdentitySecrets(SecretsManager[AskarSecretKey]):  # type: ignore[misc]
         }
 
     async def get_secret_by_kid(self, kid: str) -> AskarSecretKey | None:
+        return self.secret_for(kid)
+
+    def secret_for(self, kid: str) -> AskarSecretKey | None:
+        """Our key for `kid`, or None (no I/O: did:peer:2 resolves offline)."""
         known = self._known.get(kid)
         if known is not None:
             return known
@@ -229,17 +235,14 @@ class Packer:
         self.max_did_bytes = max_did_bytes
         self.max_json_depth = max_json_depth
         self.max_id_bytes = max_id_bytes
-        self.secrets: SecretsManager[AskarSecretKey] = IdentitySecrets(identity)
+        self.secrets = IdentitySecrets(identity)
+        # Peers' keys by key id (authcrypt senders) and by DID or key id (reply recipients).
+        self._sender_keys: ByteLRU[str, Key] = ByteLRU(SECRETS_CACHE_BYTES)
+        self._recipient_keys: ByteLRU[str, AskarKey] = ByteLRU(SECRETS_CACHE_BYTES)
+        self._own: tuple[str, str, Key] | None = None
         self.resolver = resolver or build_resolver(cache_bytes)
         self.crypto = DIDCommCrypto()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
-        self.dmp = DIDCommMessaging(
-            crypto=self.crypto,
-            secrets=self.secrets,
-            resolver=self.resolver,
-            packaging=self.packaging,
-            routing=RoutingService(),
-        )
 
     async def start(self) -> None:
         """Check that the keys resolve under the current DID (fail fast at start)."""
@@ -250,25 +253,45 @@ class Packer:
     async def unpack(self, raw: bytes) -> Unpacked:
         """Decrypt one envelope addressed to this mediator.
 
-        Sizes are checked before the library sees the envelope: it resolves the sender's
-        DID and our key ids, which a client could make arbitrarily large or deep.
+        Sizes are checked before any work: opening the envelope resolves the sender's DID
+        and our key ids, which a client could make arbitrarily large or deep. The envelope
+        is parsed once (jwe.py opens the parsed value with askar).
         """
         envelope = parse_json(raw, self.max_json_depth, "body")
         if not isinstance(envelope, dict):
             raise MalformedMessage("body is not a JSON object")
         if not {"protected", "ciphertext", "recipients"} <= envelope.keys():
             raise NotEncrypted(f"expected a JWE ({ENCRYPTED})")
-        self._check_envelope(envelope)
+        header = self._check_envelope(envelope)
         try:
-            result = await self.dmp.unpack(raw)
-        except RecursionError as exc:  # the library parsed a plaintext nested too deeply
-            raise LimitExceeded("plaintext nests too deeply") from exc
-        except Exception as exc:  # the library raises several unrelated types
+            opened = await jwe.open_envelope(envelope, header, self._secret_key, self._sender_key)
+        except DovecoteError:
+            raise
+        except Exception as exc:  # resolving the sender raises several unrelated types
             raise _unpack_error(exc) from exc
-        message = result.message
+        message = self._plaintext(opened.plaintext)
+        sender = None
+        if opened.sender_kid:
+            sender = opened.sender_kid.split("#", 1)[0]
+            claimed = message.get("from")
+            if claimed is not None and claimed != sender:
+                raise UnpackFailed("plaintext 'from' does not match the sender's key")
+        return Unpacked(message, sender, opened.recipient_kid)
+
+    def _plaintext(self, plaintext: bytes) -> dict[str, Any]:
+        """The decrypted message, with the checks every handler relies on."""
+        try:
+            message = json.loads(plaintext)
+        except RecursionError as exc:
+            raise LimitExceeded("plaintext nests too deeply") from exc
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise UnpackFailed("could not decrypt the message: plaintext is not JSON") from exc
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise MalformedMessage("plaintext has no type")
-        if depth_exceeds(message, self.max_json_depth):
+        # Depth needs the walk only when the text opens more containers than the limit.
+        if plaintext.count(b"{") + plaintext.count(b"[") > self.max_json_depth and depth_exceeds(
+            message, self.max_json_depth
+        ):
             raise LimitExceeded(f"plaintext nests deeper than {self.max_json_depth} levels")
         for header in ("id", "thid", "pthid"):
             value = message.get(header)
@@ -279,16 +302,25 @@ class Packer:
                 raise LimitExceeded(
                     f"{header} must be a string of at most {self.max_id_bytes} bytes"
                 )
-        sender = None
-        if result.sender_kid:
-            sender = result.sender_kid.split("#", 1)[0]
-            claimed = message.get("from")
-            if claimed is not None and claimed != sender:
-                raise UnpackFailed("plaintext 'from' does not match the sender's key")
-        return Unpacked(message, sender, result.recipient_kid)
+        return message
 
-    def _check_envelope(self, envelope: dict[str, Any]) -> None:
-        """Key ids and the sender's key id within the DID limit, before any resolving."""
+    def _secret_key(self, kid: str) -> Key | None:
+        secret = self.secrets.secret_for(kid)
+        return secret.key if secret is not None else None
+
+    async def _sender_key(self, kid: str) -> Key:
+        """An authcrypt sender's key-agreement key (cached: did:peer documents are
+        immutable, and dereferencing one with pydid costs more than the crypto)."""
+        key = self._sender_keys.get(kid)
+        if key is None:
+            method = await self.resolver.resolve_and_dereference_verification_method(kid)
+            key = AskarKey.from_verification_method(method).key
+            self._sender_keys.put(kid, key, size=2 * len(kid) + KEY_OVERHEAD)
+        return key
+
+    def _check_envelope(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """Key ids and the sender's key id within the DID limit, before any resolving;
+        the decoded protected header."""
         recipients = envelope.get("recipients")
         if not isinstance(recipients, list) or not recipients or len(recipients) > MAX_RECIPIENTS:
             raise MalformedMessage(f"a JWE needs 1 to {MAX_RECIPIENTS} recipients")
@@ -317,21 +349,44 @@ class Packer:
             problem = did_problem(kid, self.max_did_bytes)
             if problem is not None:
                 raise InvalidDID(f"a key id in the envelope {problem}")
+        return header
 
     async def pack_for(self, message: dict[str, Any], to: str) -> bytes:
         """Authcrypt a reply to `to` directly (no forward wrapping: it goes back this hop)."""
         try:
-            packed = await self.packaging.pack(
-                self.crypto,
-                self.resolver,
-                self.secrets,
+            recipient = await self._recipient_key(to)
+            sender_kid, sender = await self._own_key()
+            packed = jwe.authcrypt(
                 json.dumps(message, separators=(",", ":")).encode(),
-                [to],
-                self.identity.did,
+                [(recipient.kid, recipient.key)],
+                sender_kid,
+                sender,
             )
         except Exception as exc:
             raise _unpack_error(exc) from exc
-        return bytes(packed)
+        return packed
+
+    async def _recipient_key(self, to: str) -> AskarKey:
+        """The key-agreement key a reply to `to` (a DID or key id) is encrypted for, as
+        didcomm-messaging picks it (the first one), resolved once per DID."""
+        key = self._recipient_keys.get(to)
+        if key is None:
+            key = await self.packaging.recip_for_kid_or_default_for_did(
+                self.crypto, self.resolver, to
+            )
+            self._recipient_keys.put(to, key, size=2 * len(to) + KEY_OVERHEAD)
+        return key
+
+    async def _own_key(self) -> tuple[str, Key]:
+        """Our key-agreement key id under the current DID, and the key."""
+        did = self.identity.did
+        if self._own is None or self._own[0] != did:
+            kid = await self.packaging.default_sender_kid_for_did(self.resolver, did)
+            secret = self.secrets.secret_for(kid)
+            if secret is None:
+                raise RuntimeError("identity keys do not match the mediator DID")
+            self._own = (did, kid, secret.key)
+        return self._own[1], self._own[2]
 
 
 def parse_json(raw: bytes | str, max_depth: int, what: str) -> Any:

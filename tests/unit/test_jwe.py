@@ -1,0 +1,124 @@
+"""The mediator opens envelopes itself (dovecote.didcomm.jwe): what didcomm-messaging
+accepted still opens, and what it refused is still refused, each with a 400."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dovecote.didcomm.identity import load_or_create
+from dovecote.didcomm.packing import Packer
+from dovecote.errors import ClientError, UnpackFailed
+from support.agent import Agent
+
+PING = "https://didcomm.org/trust-ping/2.0/ping"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _header(envelope: dict[str, Any]) -> dict[str, Any]:
+    text = envelope["protected"]
+    value: dict[str, Any] = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    return value
+
+
+def _with_header(envelope: dict[str, Any], **changes: Any) -> bytes:
+    header = _header(envelope) | changes
+    edited = envelope | {"protected": _b64(json.dumps(header).encode())}
+    return json.dumps(edited).encode()
+
+
+@pytest.fixture
+async def packer(tmp_path: Path) -> Packer:
+    packer = Packer(load_or_create(tmp_path, ["http://m.example"]))
+    await packer.start()
+    return packer
+
+
+async def _packed(packer: Packer, anonymous: bool) -> tuple[Agent, dict[str, Any]]:
+    agent = Agent.create("http://m.example", packer.identity.did)
+    packed = await agent.pack(agent.message(PING), anonymous=anonymous)
+    return agent, json.loads(packed)
+
+
+@pytest.mark.parametrize("anonymous", [True, False])
+async def test_sicpa_envelopes_open(packer: Packer, anonymous: bool) -> None:
+    agent, envelope = await _packed(packer, anonymous)
+    unpacked = await packer.unpack(json.dumps(envelope).encode())
+    assert unpacked.message["type"] == PING
+    assert unpacked.sender == (None if anonymous else agent.did)
+    assert unpacked.recipient_kid.startswith(packer.identity.did)
+
+
+@pytest.mark.parametrize("anonymous", [True, False])
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda e: e | {"ciphertext": _b64(b"\x00" * 64)}, "payload"),
+        (lambda e: e | {"tag": "!!notbase64"}, ""),
+        (lambda e: _with_header(e, apv=_b64(b"other")), "apv"),
+        (lambda e: _with_header(e, alg="RSA-OAEP"), "algorithm"),
+        (lambda e: _with_header(e, enc="A128CTR"), "content encryption"),
+        (
+            lambda e: (
+                e
+                | {
+                    "recipients": [
+                        r | {"header": r["header"] | {"alg": "x"}} for r in e["recipients"]
+                    ]
+                }
+            ),
+            "duplicate header",
+        ),
+        (lambda e: e | {"unprotected": {"alg": "x"}}, "duplicate header"),
+        (lambda e: e | {"encrypted_key": "AAAA"}, "flattened"),
+        (lambda e: {k: v for k, v in e.items() if k != "iv"}, "missing iv"),
+    ],
+)
+async def test_tampered_envelopes_are_refused(
+    packer: Packer, anonymous: bool, edit: Any, reason: str
+) -> None:
+    _agent, envelope = await _packed(packer, anonymous)
+    edited = edit(envelope)
+    raw = edited if isinstance(edited, bytes) else json.dumps(edited).encode()
+    with pytest.raises(ClientError) as caught:
+        await packer.unpack(raw)
+    assert caught.value.status == 400
+    assert reason in caught.value.detail
+
+
+async def test_envelope_for_someone_else_is_refused(packer: Packer) -> None:
+    other = Agent.create("http://m.example", "")
+    agent = Agent.create("http://m.example", other.did)
+    packed = await agent.pack(agent.message(PING), anonymous=True)
+    with pytest.raises(UnpackFailed, match="not encrypted for this mediator"):
+        await packer.unpack(packed.encode())
+
+
+async def test_authcrypt_sender_must_match_apu(packer: Packer) -> None:
+    _agent, envelope = await _packed(packer, anonymous=False)
+    impostor = Agent.create("http://m.example", packer.identity.did)
+    raw = _with_header(envelope, skid=f"{impostor.did}#key-2")
+    with pytest.raises(UnpackFailed, match="skid and apu"):
+        await packer.unpack(raw)
+
+
+async def test_our_authcrypt_replies_open_with_sicpa(packer: Packer) -> None:
+    agent = Agent.create("http://m.example", packer.identity.did)
+    reply = {
+        "id": "r1",
+        "typ": "application/didcomm-plain+json",
+        "type": PING,
+        "from": packer.identity.did,
+        "to": [agent.did],
+        "body": {},
+    }
+    for _ in range(2):  # the second one from the cached keys
+        packed = await packer.pack_for(reply, agent.did)
+        assert (await agent.unpack(packed))["id"] == "r1"
