@@ -18,10 +18,13 @@ import structlog
 from dovecote.didcomm.messages import Context, Handler, Inbound, did_field, field_of, reply
 from dovecote.errors import LiveModeNotSupported, MalformedMessage
 from dovecote.ops import metrics
+from dovecote.ops.logging import Summary
 from dovecote.store.base import Store, StoredMessage
 from dovecote.util.jsonlimits import stored_json
 
 log = structlog.get_logger("dovecote.pickup")
+# Live mode acknowledges each push: one line per interval (exact: dovecote_messages_acknowledged).
+ACKS = Summary(log, "pickup.acknowledged")
 
 PIURI = "https://didcomm.org/messagepickup/3.0"
 STATUS = f"{PIURI}/status"
@@ -144,7 +147,7 @@ async def messages_received(ctx: Context, inbound: Inbound) -> list[dict[str, An
     ):
         raise MalformedMessage("message_id_list must be a list of message ids")
     removed = await acknowledge(ctx, mediatee, ids)
-    log.info("pickup.acknowledged", listed=len(ids), removed=removed, request_id=inbound.request_id)
+    ACKS.add(requests=1, listed=len(ids), removed=removed)
     return [await status_message(ctx, inbound, mediatee, None)]
 
 

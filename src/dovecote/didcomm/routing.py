@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -40,6 +41,7 @@ from dovecote.errors import (
     UnknownRecipient,
 )
 from dovecote.ops import metrics
+from dovecote.ops.logging import Summary
 from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem, RelayQuota
 from dovecote.util.kinds import OutboxKind
 
@@ -47,6 +49,10 @@ if TYPE_CHECKING:
     from dovecote.ops.settings import Settings
 
 log = structlog.get_logger("dovecote.routing")
+# One info line per interval, not per forward (exact counts: dovecote_messages_accepted,
+# dovecote_messages_duplicate, dovecote_messages_relayed).
+ACCEPTS = Summary(log, "forward.accepted")
+RELAYS = Summary(log, "forward.relayed")
 
 PIURI = "https://didcomm.org/routing/2.0"
 FORWARD = f"{PIURI}/forward"
@@ -154,13 +160,15 @@ async def store_for(
         metrics.ACCEPTED.inc()
         if notices:
             ctx.wake_outbox(OutboxKind.NOTIFY)
-    log.info(
-        "forward.accepted",
-        message_id=result.id,
-        duplicate=result.duplicate,
-        size=len(payload),
-        request_id=request_id,
-    )
+    ACCEPTS.add(messages=1, duplicates=int(result.duplicate), bytes=len(payload))
+    if log.is_enabled_for(logging.DEBUG):  # structlog would build the event to drop it
+        log.debug(
+            "forward.stored",
+            message_id=result.id,
+            duplicate=result.duplicate,
+            size=len(payload),
+            request_id=request_id,
+        )
     return result
 
 
@@ -225,13 +233,15 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
     if added:
         ctx.wake_outbox(OutboxKind.FORWARD)
     metrics.RELAYED.inc(len(added))
-    log.info(
-        "forward.relayed",
-        items=len(items),
-        new=len(added),
-        target=items[0].target if items else "",
-        request_id=inbound.request_id,
-    )
+    RELAYS.add(forwards=1, items=len(items), new=len(added))
+    if log.is_enabled_for(logging.DEBUG):
+        log.debug(
+            "forward.relayed",
+            items=len(items),
+            new=len(added),
+            target=items[0].target if items else "",
+            request_id=inbound.request_id,
+        )
 
 
 HANDLERS: dict[str, Handler] = {FORWARD: forward}

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -51,3 +52,39 @@ def configure(log_format: LogFormat = "auto", level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+# How often a Summary writes its line (the counters behind it are exact at all times).
+SUMMARY_SECONDS = 10.0
+
+
+class Summary:
+    """One frequent event (a forward accepted, an ack) as one log line per interval.
+
+    A line per message cost ~5 % of the CPU of an accepted forward; the exact counts are
+    Prometheus counters, and the line says how many happened since the last one. It is
+    written by the first event after the interval (a quiet mediator writes nothing).
+    """
+
+    def __init__(self, logger: Any, event: str, interval: float = SUMMARY_SECONDS) -> None:
+        self.logger = logger
+        self.event = event
+        self.interval = interval
+        self.counts: dict[str, int] = {}
+        self.since = time.monotonic()
+
+    def add(self, **counts: int) -> None:
+        """Count one event (each keyword is a count to add)."""
+        for name, value in counts.items():
+            self.counts[name] = self.counts.get(name, 0) + value
+        now = time.monotonic()
+        if now - self.since >= self.interval:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Write the line now, if anything was counted."""
+        now = time.monotonic() if now is None else now
+        if self.counts:
+            self.logger.info(self.event, seconds=round(now - self.since, 1), **self.counts)
+        self.counts = {}
+        self.since = now

@@ -135,14 +135,7 @@ async def forward(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
             metrics.RELAYED.inc()
         else:
             metrics.DUPLICATES.inc()
-        log.info(
-            "forward.accepted",
-            duplicate=not new,
-            size=len(payload),
-            route="endpoint",
-            version="v1",
-            request_id=inbound.request_id,
-        )
+        v2_routing.RELAYS.add(forwards=1, items=1, new=int(new))
         return []
     expires_at = time.time() + ctx.core.settings.message_ttl
     requested = _expires_time(inbound.message)
