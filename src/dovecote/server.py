@@ -777,6 +777,7 @@ def serve_worker(
         ws_max_size=settings.max_body_bytes + 1024,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
         server_header=False,
     )
     server = _Server(config)

@@ -344,6 +344,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds to wait for a pong before closing (1011).",
     )
+    ws_per_message_deflate: bool = Field(
+        False,
+        description="Offer permessage-deflate to WebSocket clients (all sockets: /ws and "
+        "/v1/rooms/ws). Off by default: DIDComm frames are ciphertext, which does not "
+        "compress, and deflating costs CPU on every frame sent and received.",
+    )
     shutdown_timeout: float = Field(
         DEFAULT_SHUTDOWN_TIMEOUT, ge=0, description="Seconds to drain on SIGTERM."
     )
