@@ -206,7 +206,7 @@ def invitation(ctx: click.Context, /, as_json: bool, full: bool, qr: bool, **opt
     if ctx.invoked_subcommand is not None:
         ctx.obj = options
         return
-    from dovecote.transport.invitation import qr_code, short_url
+    from dovecote.web.invitation import qr_code, short_url
 
     ident, base = _mediator(_settings(options))
     if as_json:

@@ -17,11 +17,11 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from dovecote.didcomm import identity as identity_mod
 from dovecote.ops.settings import Settings
 
 log = structlog.get_logger("dovecote.workers")
@@ -39,7 +39,11 @@ def _bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def _spawn(settings: Settings, sock: socket.socket) -> int:
+# Runs one worker's server on the inherited sockets (server.serve_worker, wired by server.py).
+Serve = Callable[[list[socket.socket]], None]
+
+
+def _spawn(serve: Serve, sock: socket.socket) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -49,9 +53,7 @@ def _spawn(settings: Settings, sock: socket.socket) -> int:
     _die_with_parent()
     code = 0
     try:
-        from dovecote.server import Dovecote, serve_worker
-
-        serve_worker(settings, Dovecote(settings), sockets=[sock])
+        serve([sock])
     except BaseException as exc:
         log.error("worker.crashed", error=str(exc)[:300])
         code = 1
@@ -74,20 +76,17 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
-def run_workers(settings: Settings) -> None:
-    """Supervise `settings.workers` processes until SIGTERM/SIGINT."""
+def run_workers(settings: Settings, serve: Serve, banner: Callable[[], None]) -> None:
+    """Supervise `settings.workers` processes, each running `serve`, until SIGTERM/SIGINT.
+
+    `banner` is printed once the port is bound."""
     if not settings.store_url.startswith("postgres"):
         raise SystemExit(
             "workers > 1 needs a PostgreSQL store (DOVECOTE_STORE=postgresql://...): "
             "SQLite's group commit and live wake-ups live in one process"
         )
-    ident = identity_mod.load_or_create(
-        settings.identity_path, [settings.base_url, settings.ws_url]
-    )
-    from dovecote.server import _banner
-
     sock = _bind(settings)
-    _banner(settings, ident)  # once the port is bound
+    banner()  # once the port is bound
     children: dict[int, float] = {}
     stopping = {"sig": 0}
 
@@ -103,7 +102,7 @@ def run_workers(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for _ in range(settings.workers):
-        children[_spawn(settings, sock)] = time.monotonic()
+        children[_spawn(serve, sock)] = time.monotonic()
     log.info("workers.started", count=len(children))
     while children:
         try:
@@ -121,7 +120,7 @@ def run_workers(settings: Settings) -> None:
         log.warning("worker.exited", pid=pid, status=status)
         if time.monotonic() - started < RESTART_BACKOFF:
             time.sleep(RESTART_BACKOFF)
-        children[_spawn(settings, sock)] = time.monotonic()
+        children[_spawn(serve, sock)] = time.monotonic()
     sock.close()
     log.info("workers.stopped")
 

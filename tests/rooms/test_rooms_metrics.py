@@ -12,7 +12,7 @@ import httpx
 import websockets
 
 from dovecote.rooms import devkey
-from dovecote.server import route_label
+from dovecote.web.guard import route_label
 from support.server import ServerProcess
 
 

@@ -7,7 +7,7 @@ import tracemalloc
 
 from dovecote.rooms.auth import Principal
 from dovecote.rooms.hub import Feed, Frame, RoomHub
-from dovecote.transport.limits import TokenBuckets
+from dovecote.util.limits import TokenBuckets
 
 MiB = 1024 * 1024
 

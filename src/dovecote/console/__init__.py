@@ -1,5 +1,2 @@
-"""The operator web console (/console): server-rendered pages over the admin functions."""
-
-from dovecote.console.views import routes
-
-__all__ = ["routes"]
+"""The operator web console's parts below the web layer: sessions and CSRF (session.py),
+number formatting (format.py), templates/ and static/. Its pages are web/console.py."""

@@ -19,8 +19,6 @@ def _matches(pattern: str, value: str) -> bool:
 
 
 async def queries(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
-    from dovecote.didcomm.dispatch import supported_protocols
-
     items = field_of(inbound.body, "queries", list)
     disclosures: list[dict[str, Any]] = []
     for query in items[:100]:
@@ -30,7 +28,7 @@ async def queries(ctx: Context, inbound: Inbound) -> list[dict[str, Any]]:
         if kind == "protocol":
             disclosures += [
                 {"feature-type": "protocol", "id": piuri, "roles": roles}
-                for piuri, roles in supported_protocols().items()
+                for piuri, roles in ctx.protocols.items()
                 if _matches(match, piuri)
             ]
         elif kind == "goal-code" and _matches(match, GOAL_REQUEST_MEDIATE):

@@ -17,7 +17,6 @@ import hashlib
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -33,8 +32,10 @@ from dovecote.didcomm.messages import (
     Transport,
     problem_report,
 )
+from dovecote.didcomm.outcome import Outcome
 from dovecote.didcomm.packing import Packer
 from dovecote.didcomm.v1 import envelope as v1_envelope
+from dovecote.didcomm.v1.mediator import V1Mediator
 from dovecote.errors import (
     ClientError,
     DovecoteError,
@@ -45,8 +46,8 @@ from dovecote.errors import (
 )
 from dovecote.ops import metrics
 from dovecote.store.base import NewOutboxItem, StoredMessage
-from dovecote.transport.limits import TokenBuckets
 from dovecote.util.kinds import OutboxKind
+from dovecote.util.limits import TokenBuckets
 
 log = structlog.get_logger("dovecote.dispatch")
 
@@ -60,7 +61,7 @@ for _module in _MODULES:
 
 
 def supported_protocols() -> dict[str, list[str]]:
-    """PIURI -> roles, for discover-features."""
+    """PIURI -> roles, for discover-features (handed to handlers as `Context.protocols`)."""
     protocols: dict[str, list[str]] = {}
     for module in _MODULES:
         protocols.update(module.PROTOCOLS)
@@ -90,17 +91,6 @@ def _server_failure(error: DovecoteError | None) -> bool:
     return error is not None and error.status >= 500
 
 
-@dataclass
-class Outcome:
-    """What the transport should answer."""
-
-    status: int = 202
-    replies: list[bytes] = field(default_factory=list)
-    error: DovecoteError | None = None
-    return_route: bool = False
-    media_type: str = ENCRYPTED
-
-
 class Mediator:
     """Turns one inbound envelope into replies."""
 
@@ -111,14 +101,12 @@ class Mediator:
             ctx.settings.rate_limit_did,
             ctx.settings.rate_limit_did_burst,
             ctx.settings.rate_limit_memory_bytes,
-            name="did",
+            on_size=metrics.RATE_LIMIT_BYTES.labels("did").set,
         )
         ctx.live.build_delivery = self.build_delivery
-        self.v1: Any = None
+        ctx.protocols = supported_protocols()
+        self.v1: V1Mediator | None = None
         if ctx.identity.v1_key is not None:
-            # Imported here: the v1 package builds on this module (Outcome).
-            from dovecote.didcomm.v1.mediator import V1Mediator
-
             self.v1 = V1Mediator(ctx, ctx.identity.v1_key, self.did_limits)
 
     async def receive(

@@ -91,6 +91,9 @@ class Context:
     # wires both, a bare Context (tests) has neither.
     endpoints: Endpoints | None = None
     wake_outbox: Callable[[OutboxKind], None] = field(default=lambda kind: None)
+    # PIURI -> roles of every supported protocol, for discover-features; the Mediator
+    # that owns the handler table fills it in.
+    protocols: dict[str, list[str]] = field(default_factory=dict)
 
     async def require_grant(self, inbound: Inbound) -> str:
         """The sender's DID if it holds a mediation grant, else NotMediated."""

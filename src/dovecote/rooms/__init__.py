@@ -1,12 +1,13 @@
 """Rooms: real-time group messaging on the mediator's store and live machinery.
 
-    api.py        HTTP JSON API under /v1/rooms
-    websocket.py  /v1/rooms/ws: subscribe with `since`, replay, then live events
+The endpoints are the web layer's (web/rooms.py: /v1/rooms, web/rooms_ws.py: /v1/rooms/ws,
+web/openapi.py: /openapi.json and /docs); this package is what they serve:
+
     hub.py        store-driven fan-out to subscribed connections (bounded queues)
     presence.py   who follows a room live (so posts notify only the offline)
     auth.py       Bearer JWTs checked against the issuer's JWKS (file or URL, reloaded)
     models.py     request/response shapes (validation and OpenAPI schemas)
-    openapi.py    /openapi.json and the /docs page
+    devkey.py     the development token issuer
 
 State lives in the store (`store/rooms_base.py`); this package holds no room state of its
 own beyond which connection follows which room.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
@@ -29,9 +32,6 @@ from dovecote.rooms.presence import Presence
 from dovecote.store.rooms_base import RoomStore
 
 if TYPE_CHECKING:
-    from starlette.routing import BaseRoute
-
-    from dovecote.ops.settings import Settings
     from dovecote.store.base import Store
 
 log = structlog.get_logger("dovecote.rooms")
@@ -40,24 +40,46 @@ log = structlog.get_logger("dovecote.rooms")
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
 
+@dataclass(frozen=True)
+class RoomsSettings:
+    """The part of the settings the rooms use (each documented in ops/settings.py as
+    ROOMS_*; the notify targets are NOTIFY_WEBHOOK_URL and PUSH_URL)."""
+
+    enabled: bool
+    data_dir: Path
+    jwks_file: Path | None
+    jwks_url: str
+    jwks_refresh: float
+    jwt_issuer: str
+    jwt_audience: str
+    outbound: outbound.Policy
+    # Where offline participants are notified (the mailboxes' webhook and push).
+    notify_targets: list[tuple[str, str]]
+    # Seconds between purges of deleted messages' content.
+    purge_every: float
+    purge_after: float
+    max_message_bytes: int
+    ws_queue: int
+    ws_stall: float
+    ws_max_subscriptions: int
+    ws_idle_timeout: float
+
+
 class Rooms:
     """The rooms part of one instance: authentication, fan-out, housekeeping."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: RoomsSettings, store: Store) -> None:
         self.settings = settings
         self._store = store if isinstance(store, RoomStore) else None
         self.auth = Authenticator(
             KeySource(
-                settings.rooms_jwks_file,
-                settings.rooms_jwks_url,
-                settings.rooms_jwks_refresh,
-                outbound.Policy.from_settings(settings),
+                settings.jwks_file, settings.jwks_url, settings.jwks_refresh, settings.outbound
             ),
-            issuer=settings.rooms_jwt_issuer,
-            audience=settings.rooms_jwt_audience,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
         )
         keys = self.auth.keys
-        if not settings.rooms_enabled:
+        if not settings.enabled:
             keys.disabled = True
         elif not keys.configured:
             from dovecote.rooms import devkey
@@ -69,12 +91,6 @@ class Rooms:
         if self._store is not None:
             self._store.add_room_listener(self.hub.notify)
         self._tasks: list[asyncio.Task[Any]] = []
-
-    @property
-    def notify_targets(self) -> list[tuple[str, str]]:
-        """Where offline participants are notified (the mailboxes' webhook and push)."""
-        channels = [("webhook", self.settings.notify_webhook_url), ("push", self.settings.push_url)]
-        return [(channel, url) for channel, url in channels if url]
 
     @property
     def store(self) -> RoomStore:
@@ -110,13 +126,11 @@ class Rooms:
     async def _purge(self) -> None:
         """Erase content of messages deleted long enough ago; forget expired keys."""
         while True:
-            await asyncio.sleep(
-                min(self.settings.sweep_interval, max(self.settings.rooms_purge_after, 1.0))
-            )
+            await asyncio.sleep(self.settings.purge_every)
             now = time.time()
             try:
                 purged = await self.store.rooms_purge(
-                    now - self.settings.rooms_purge_after, now - IDEMPOTENCY_WINDOW
+                    now - self.settings.purge_after, now - IDEMPOTENCY_WINDOW
                 )
                 if purged:
                     log.info("rooms.purged", messages=purged)
@@ -131,11 +145,4 @@ class _NoRooms:
         raise Unavailable("this store engine does not support rooms")
 
 
-def routes() -> list[BaseRoute]:
-    """Every rooms route (HTTP API, WebSocket, OpenAPI document, docs page)."""
-    from dovecote.rooms import api, openapi, websocket
-
-    return [*openapi.ROUTES, *websocket.ROUTES, *api.ROUTES]
-
-
-__all__ = ["IDEMPOTENCY_WINDOW", "Rooms", "routes"]
+__all__ = ["IDEMPOTENCY_WINDOW", "Rooms", "RoomsSettings"]

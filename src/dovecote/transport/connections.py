@@ -36,7 +36,7 @@ from uvicorn.protocols.utils import get_remote_addr
 
 from dovecote.errors import DovecoteError, HeadersTooLarge, RateLimited, RequestTimeout
 from dovecote.ops import metrics
-from dovecote.transport.limits import TokenBuckets
+from dovecote.util.limits import TokenBuckets
 
 log = structlog.get_logger("dovecote.connections")
 
@@ -84,7 +84,8 @@ class PeerConnections:
         # Only addresses with something open are kept: bounded by the open connections.
         self.open: dict[str, int] = {}
         self.sockets: dict[str, int] = {}
-        self.handshakes = TokenBuckets(handshake_rate, handshake_burst, max_bytes, name="handshake")
+        gauge = metrics.RATE_LIMIT_BYTES.labels("handshake")
+        self.handshakes = TokenBuckets(handshake_rate, handshake_burst, max_bytes, gauge.set)
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in trusted or []]
 
     def trusted(self, ip: str) -> bool:

@@ -35,13 +35,11 @@ async def ignore(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
 
 
 async def query(ctx: V1Context, inbound: V1Inbound) -> list[dict[str, Any]]:
-    from dovecote.didcomm.v1.mediator import supported_protocols
-
     pattern = field(inbound.message, "query", str)[:512]
     prefix = pattern[:-1] if pattern.endswith("*") else None
     protocols = [
         {"pid": pid, "roles": roles}
-        for pid, roles in supported_protocols().items()
+        for pid, roles in ctx.protocols.items()
         if (pid.startswith(prefix) if prefix is not None else pid == pattern)
     ]
     return [reply(inbound, f"{DISCOVER}/disclose", {"protocols": protocols})]

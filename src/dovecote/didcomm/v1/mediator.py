@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dovecote.didcomm import routing as v2_routing
-from dovecote.didcomm.dispatch import Outcome
+from dovecote.didcomm.outcome import Outcome
 from dovecote.didcomm.packing import parse_json
-from dovecote.didcomm.v1 import basic, connections, coordinate, pickup, push, routing
+from dovecote.didcomm.v1 import basic, connections, coordinate, implicit, pickup, push, routing
 from dovecote.didcomm.v1.envelope import (
     MEDIA_TYPE,
     Envelope,
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from dovecote.delivery.live import LiveSession
     from dovecote.didcomm.messages import Context, Transport
     from dovecote.store.base import StoredMessage
-    from dovecote.transport.limits import TokenBuckets
+    from dovecote.util.limits import TokenBuckets
 
 log = structlog.get_logger("dovecote.v1")
 
@@ -92,8 +92,8 @@ class V1Mediator:
         self.verkey = b58encode(key.get_public_bytes())
         self.keys = {self.verkey: key}
         # One per mediator (not per process): in-process test instances each have theirs.
-        self.implicit = pickup.ImplicitPickup(ctx.store)
-        self.ctx = V1Context(ctx, key, self.verkey, self.implicit)
+        self.implicit = implicit.ImplicitPickup(ctx.store)
+        self.ctx = V1Context(ctx, key, self.verkey, self.implicit, supported_protocols())
         self.did_limits = did_limits
 
     async def receive(

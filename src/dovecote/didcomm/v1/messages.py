@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import TYPE_CHECKING, Any, cast
 
 from dovecote.didcomm.v1.envelope import to_did_key
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
     from dovecote.delivery.live import LiveSession
     from dovecote.didcomm.messages import Context, Transport
-    from dovecote.didcomm.v1.pickup import ImplicitPickup
+    from dovecote.didcomm.v1.implicit import ImplicitPickup
     from dovecote.store.v1_base import V1Store
 
 DIDCOMM_PREFIX = "https://didcomm.org/"
@@ -105,6 +106,8 @@ class V1Context:
     key: Key
     verkey: str
     implicit: ImplicitPickup
+    # PIURI -> roles of every supported v1 protocol (what discover-features discloses).
+    protocols: dict[str, list[str]] = dc_field(default_factory=dict)
 
     @property
     def store(self) -> V1Store:

@@ -5,27 +5,21 @@ by `message_id_list` (the attachment ids of a delivery, which are the queue ids)
 `message_tag_list` (the JWE `tag` of each message, RFC 0685's own form, which is how a
 message delivered raw by implicit pickup is acknowledged).
 
-Implicit pickup (RFC 0685's motivation, RFC 0092): a mediatee that keeps a WebSocket
-open and sends a message with `~transport.return_route: all` gets its queued messages
-pushed raw on that socket as they arrive. A push to a dying socket loses nothing: the
-messages stay queued until acknowledged, and a new socket starts from the queue.
+Implicit pickup (RFC 0685's motivation, RFC 0092) is v1/implicit.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from dataclasses import field as dc_field
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from dovecote.didcomm.pickup import MAX_ACK_IDS, MAX_DELIVERY, acknowledge, fetch_bounded
 from dovecote.didcomm.v1.envelope import to_did_key
+from dovecote.didcomm.v1.implicit import tag_of
 from dovecote.didcomm.v1.messages import (
     DIDCOMM_PREFIX,
     V1Context,
@@ -40,7 +34,7 @@ from dovecote.util.jsonlimits import stored_json
 
 if TYPE_CHECKING:
     from dovecote.delivery.live import LiveSession
-    from dovecote.store.base import Store, StoredMessage
+    from dovecote.store.base import StoredMessage
 
 log = structlog.get_logger("dovecote.v1.pickup")
 
@@ -49,20 +43,11 @@ DELIVERY = f"{PIURI}/delivery"
 STATUS = f"{PIURI}/status"
 # How many queued messages an ack by tag looks through when the tag was not pushed here.
 TAG_SCAN = 1000
-IMPLICIT_BATCH = 50
-SAFETY_POLL_SECONDS = 5.0
 
 
 def _json_or_text(body: bytes) -> Any:
     parsed, value = stored_json(body)
     return value if parsed else body.decode(errors="replace")
-
-
-def tag_of(body: bytes) -> str | None:
-    """The JWE `tag` of a stored v1 message (its RFC 0685 message tag)."""
-    parsed, envelope = stored_json(body)
-    value = envelope.get("tag") if parsed and isinstance(envelope, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def delivery(
@@ -185,80 +170,6 @@ async def live_delivery_change(ctx: V1Context, inbound: V1Inbound) -> list[dict[
         ctx.core.live.disable(inbound.session, mediatee)
     log.info("pickup.live_mode", live=live, version="v1", request_id=inbound.request_id)
     return [await status_message(ctx, inbound, mediatee, (None, None))]
-
-
-@dataclass
-class _Implicit:
-    session: LiveSession
-    mediatee: str
-    pushed: dict[str, str] = dc_field(default_factory=dict)  # queue id -> tag
-    wake: asyncio.Event = dc_field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-
-class ImplicitPickup:
-    """Mediatee -> the socket its queued messages are pushed to raw (newest socket wins)."""
-
-    def __init__(self, store: Store) -> None:
-        self.by_mediatee: dict[str, _Implicit] = {}
-        self.store = store
-        store.add_listener(self.notify)
-
-    def notify(self, mediatee: str) -> None:
-        if mediatee == "*":
-            for each in self.by_mediatee.values():
-                each.wake.set()
-        elif (entry := self.by_mediatee.get(mediatee)) is not None:
-            entry.wake.set()
-
-    def enable(self, session: LiveSession, mediatee: str) -> None:
-        entry = self.by_mediatee.get(mediatee)
-        if entry is not None and entry.session is session:
-            entry.wake.set()
-            return
-        if entry is not None and entry.task is not None:
-            entry.task.cancel()
-        entry = _Implicit(session, mediatee)
-        session.pushing = True  # exempt from the idle timeout, as live mode is
-        self.by_mediatee[mediatee] = entry
-        entry.task = asyncio.create_task(self._pump(entry), name=f"v1-implicit-{session.id}")
-        entry.wake.set()
-
-    def tags_for(self, session: LiveSession, mediatee: str) -> dict[str, str]:
-        entry = self.by_mediatee.get(mediatee)
-        if entry is None or entry.session is not session:
-            return {}
-        return {tag: queue_id for queue_id, tag in entry.pushed.items()}
-
-    def acknowledged(self, mediatee: str, ids: Sequence[str]) -> None:
-        entry = self.by_mediatee.get(mediatee)
-        if entry is not None:
-            for queue_id in ids:
-                entry.pushed.pop(queue_id, None)
-
-    async def _pump(self, entry: _Implicit) -> None:
-        session = entry.session
-        try:
-            while not session.closed and self.by_mediatee.get(entry.mediatee) is entry:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(entry.wake.wait(), SAFETY_POLL_SECONDS)
-                entry.wake.clear()
-                if session.held or session.closed:
-                    continue
-                queued = await self.store.fetch(entry.mediatee, len(entry.pushed) + IMPLICIT_BATCH)
-                for message in queued:
-                    if message.id in entry.pushed:
-                        continue
-                    await session.send(message.body)
-                    entry.pushed[message.id] = tag_of(message.body) or message.id
-                    metrics.DELIVERED.labels("push").inc()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a broken socket: everything stays queued
-            log.info("implicit.push_failed", session=session.id, error=str(exc)[:200])
-        finally:
-            if self.by_mediatee.get(entry.mediatee) is entry:
-                del self.by_mediatee[entry.mediatee]
 
 
 HANDLERS: dict[str, V1Handler] = {

@@ -9,10 +9,9 @@ in-flight work. Both fit in a few lines.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
+from collections.abc import Callable
 
-from dovecote.ops import metrics
 from dovecote.util.lru import ByteLRU, approx_size
 
 # Keys longer than this (characters) are kept as a 16-byte digest.
@@ -46,11 +45,16 @@ class TokenBuckets:
     """
 
     def __init__(
-        self, rate: float, burst: int, max_bytes: int = 16 * 1024 * 1024, name: str = ""
+        self,
+        rate: float,
+        burst: int,
+        max_bytes: int = 16 * 1024 * 1024,
+        on_size: Callable[[int], None] | None = None,
     ) -> None:
         self.rate = rate
         self.burst = float(burst)
-        self.name = name
+        # Told the buckets' memory after each change (a gauge's set, in the server).
+        self.on_size = on_size
         self._buckets: ByteLRU[str | bytes, tuple[float, float]] = ByteLRU(max_bytes)
 
     @property
@@ -68,8 +72,8 @@ class TokenBuckets:
         tokens = min(self.burst, tokens + (now - stamp) * self.rate)
         allowed = tokens >= cost
         self._buckets.put(slot, (tokens - cost if allowed else tokens, now), _BUCKET_BYTES)
-        if self.name:
-            metrics.RATE_LIMIT_BYTES.labels(self.name).set(self._buckets.bytes)
+        if self.on_size is not None:
+            self.on_size(self._buckets.bytes)
         if allowed:
             return 0.0
         return max(0.001, (cost - tokens) / self.rate)
@@ -77,8 +81,3 @@ class TokenBuckets:
 
 def _digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def retry_after_header(seconds: float) -> str:
-    """Retry-After takes whole seconds; never advertise 0."""
-    return str(max(1, math.ceil(seconds)))

@@ -1,4 +1,4 @@
-"""HTTP JSON API under /v1/rooms.
+"""The rooms HTTP JSON API under /v1/rooms, and the table that routes and documents it.
 
 Every call carries a Bearer JWT (401 without a valid one). The token's `rooms` claim gates
 which rooms a call may touch (403); membership and room roles come from the store and are
@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect, Request
@@ -30,14 +30,21 @@ from dovecote.errors import (
     UnsupportedMediaType,
 )
 from dovecote.ops import metrics
-from dovecote.rooms import IDEMPOTENCY_WINDOW, models
+from dovecote.rooms import IDEMPOTENCY_WINDOW, Rooms, models
 from dovecote.rooms.auth import Principal
 from dovecote.store.rooms_base import NewPost, NewRoom, RoomStore
-from dovecote.transport.http import error_response, read_body
-
-if TYPE_CHECKING:
-    from dovecote.rooms import Rooms
-    from dovecote.server import Dovecote
+from dovecote.web import openapi
+from dovecote.web.openapi import (
+    EMOJI,
+    IDEMPOTENCY_KEY,
+    LIMIT,
+    MESSAGE,
+    PARTICIPANT,
+    ROOM,
+    Operation,
+    int_query,
+)
+from dovecote.web.responses import count_bad_input, error_response, read_body, request_id_of
 
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[["Call"], Awaitable[Response]]
@@ -88,7 +95,7 @@ class Call:
         return room
 
     async def body(self, model: type[M], empty_ok: bool = False) -> M:
-        limit = max(MIN_BODY_BYTES, 4 * self.rooms.settings.rooms_max_message_bytes)
+        limit = max(MIN_BODY_BYTES, 4 * self.rooms.settings.max_message_bytes)
         try:
             raw = await read_body(self.request, limit)
         except ClientDisconnect as exc:
@@ -216,7 +223,7 @@ async def post_message(call: Call) -> Response:
     if header_key and body.idempotency_key and header_key != body.idempotency_key:
         raise MalformedMessage("Idempotency-Key header and body idempotency_key differ")
     key = header_key or body.idempotency_key
-    content = models.message_content(body, call.rooms.settings.rooms_max_message_bytes)
+    content = models.message_content(body, call.rooms.settings.max_message_bytes)
     result = await call.store.message_post(
         NewPost(
             room=room,
@@ -224,7 +231,7 @@ async def post_message(call: Call) -> Response:
             content=content,
             idempotency_key=key,
             request_hash=models.request_hash(content),
-            notify=call.rooms.notify_targets,
+            notify=call.rooms.settings.notify_targets,
         ),
         idempotency_since=time.time() - IDEMPOTENCY_WINDOW,
     )
@@ -250,7 +257,7 @@ async def edit_message(call: Call) -> Response:
     room = call.room()
     message_id = call.path("message", _MESSAGE, "message")
     body = await call.body(models.MessageEdit)
-    content = models.message_content(body, call.rooms.settings.rooms_max_message_bytes)
+    content = models.message_content(body, call.rooms.settings.max_message_bytes)
     event = await call.store.message_edit(
         room, message_id, call.principal.sub, content, moderate=call.principal.moderates
     )
@@ -319,61 +326,196 @@ async def list_events(call: Call) -> Response:
     )
 
 
-# ---------------------------------------------------------------------- plumbing
-def resource(path: str, **handlers: Handler) -> Route:
-    """One path, its methods; unknown methods get a JSON 405 with Allow."""
-    allowed = ", ".join(sorted(handlers))
+# ---------------------------------------------------------------------- the table
+# One row per operation: it routes the request (RoomsAPI.routes), labels its metrics
+# (web/guard.py) and describes it in /openapi.json (web/openapi.py).
+OPERATIONS: list[Operation] = [
+    Operation(
+        "/v1/rooms",
+        "post",
+        create_room,
+        "createRoom",
+        "Create a room (token role admin).",
+        {201: models.RoomOut},
+        body=models.RoomCreate,
+    ),
+    Operation(
+        "/v1/rooms",
+        "get",
+        list_rooms,
+        "listRooms",
+        "Rooms the caller is in (every room for admins), by id.",
+        {200: models.RoomListOut},
+        [
+            {
+                "name": "after",
+                "in": "query",
+                "required": False,
+                "description": "Return rooms with ids after this one.",
+                "schema": {"type": "string", "pattern": models.ROOM_ID_PATTERN},
+            },
+            LIMIT,
+        ],
+    ),
+    Operation(
+        "/v1/rooms/{room}", "get", get_room, "getRoom", "One room.", {200: models.RoomOut}, [ROOM]
+    ),
+    Operation(
+        "/v1/rooms/{room}",
+        "delete",
+        delete_room,
+        "deleteRoom",
+        "Delete a room and all its events (room or token admin).",
+        {204: None},
+        [ROOM],
+    ),
+    Operation(
+        "/v1/rooms/{room}/participants",
+        "get",
+        list_participants,
+        "listParticipants",
+        "Everyone in the room.",
+        {200: models.ParticipantListOut},
+        [ROOM],
+    ),
+    Operation(
+        "/v1/rooms/{room}/participants/{participant}",
+        "put",
+        put_participant,
+        "putParticipant",
+        "Add a participant or change their role (room or token admin).",
+        {200: models.ParticipantChangeOut},
+        [ROOM, PARTICIPANT],
+        body=models.RoleChange,
+        body_required=False,
+    ),
+    Operation(
+        "/v1/rooms/{room}/participants/{participant}",
+        "delete",
+        remove_participant,
+        "removeParticipant",
+        "Remove a participant (room or token admin, or themself).",
+        {200: models.EventOut},
+        [ROOM, PARTICIPANT],
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages",
+        "post",
+        post_message,
+        "postMessage",
+        "Post a message; 201 when stored, 200 when an idempotent retry.",
+        {201: models.MessageOut, 200: models.MessageOut},
+        [ROOM, IDEMPOTENCY_KEY],
+        body=models.MessagePost,
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}",
+        "get",
+        get_message,
+        "getMessage",
+        "A message's current state.",
+        {200: models.MessageOut},
+        [ROOM, MESSAGE],
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}",
+        "patch",
+        edit_message,
+        "editMessage",
+        "Edit a message (its author or a moderator).",
+        {200: models.EventOut},
+        [ROOM, MESSAGE],
+        body=models.MessageEdit,
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}",
+        "delete",
+        delete_message,
+        "deleteMessage",
+        "Delete a message, leaving a tombstone (its author or a moderator).",
+        {200: models.EventOut},
+        [ROOM, MESSAGE],
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
+        "put",
+        add_reaction,
+        "addReaction",
+        "Add the caller's reaction (a set: adding twice changes nothing).",
+        {200: models.ReactionOut},
+        [ROOM, MESSAGE, EMOJI],
+    ),
+    Operation(
+        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
+        "delete",
+        remove_reaction,
+        "removeReaction",
+        "Remove the caller's reaction.",
+        {200: models.ReactionOut},
+        [ROOM, MESSAGE, EMOJI],
+    ),
+    Operation(
+        "/v1/rooms/{room}/events",
+        "get",
+        list_events,
+        "listEvents",
+        "History: the room's events by seq. `after` pages forward (oldest first), "
+        "`before` (or nothing) returns the newest page; always ascending.",
+        {200: models.EventPageOut},
+        [
+            ROOM,
+            int_query("after", 0, models.MAX_SEQ, "Events with seq > after."),
+            int_query("before", 1, models.MAX_SEQ, "Events with seq < before."),
+            LIMIT,
+        ],
+    ),
+]
 
-    async def endpoint(request: Request) -> Response:
-        dc: Dovecote = request.app.state.dovecote
-        request_id = getattr(request.state, "request_id", "")
-        try:
-            handler = handlers.get(request.method)
-            if handler is None:
-                raise MethodNotAllowed(f"{request.method} is not allowed here; use {allowed}")
-            principal = await dc.rooms.auth.from_header(request.headers.get("authorization"))
-            return await handler(Call(dc.rooms, request, principal))
-        except DovecoteError as exc:
-            if isinstance(exc, ClientError):
-                dc.count_bad_input(exc, "rooms")
-            response = error_response(exc, request_id)
-            if exc.status == 405:
-                response.headers["Allow"] = allowed
-            elif exc.status == 401:
-                response.headers["WWW-Authenticate"] = 'Bearer realm="dovecote-rooms"'
-            return response
 
-    return Route(path, endpoint, methods=ALL_METHODS, name=f"rooms:{path}")
+ROOMS_PATHS = list(dict.fromkeys(op.path for op in OPERATIONS))
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+
+
+class RoomsAPI:
+    """The /v1/rooms routes and their OpenAPI document over one `Rooms`."""
+
+    def __init__(self, rooms: Rooms) -> None:
+        self.rooms = rooms
+
+    def routes(self) -> list[BaseRoute]:
+        by_path: dict[str, dict[str, Handler]] = {}
+        for op in OPERATIONS:
+            by_path.setdefault(op.path, {})[op.method.upper()] = op.handler
+        return [
+            *openapi.routes(OPERATIONS),
+            *(self.resource(path, handlers) for path, handlers in by_path.items()),
+            Route("/v1/rooms/{rest:path}", not_found, methods=ALL_METHODS),
+        ]
+
+    def resource(self, path: str, handlers: dict[str, Handler]) -> Route:
+        """One path, its methods; unknown methods get a JSON 405 with Allow."""
+        allowed = ", ".join(sorted(handlers))
+        auth = self.rooms.auth
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                handler = handlers.get(request.method)
+                if handler is None:
+                    raise MethodNotAllowed(f"{request.method} is not allowed here; use {allowed}")
+                principal = await auth.from_header(request.headers.get("authorization"))
+                return await handler(Call(self.rooms, request, principal))
+            except DovecoteError as exc:
+                if isinstance(exc, ClientError):
+                    count_bad_input(exc, "rooms")
+                response = error_response(exc, request_id_of(request))
+                if exc.status == 405:
+                    response.headers["Allow"] = allowed
+                elif exc.status == 401:
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="dovecote-rooms"'
+                return response
+
+        return Route(path, endpoint, methods=ALL_METHODS, name=f"rooms:{path}")
 
 
 async def not_found(request: Request) -> Response:
-    exc = NotFound("no such rooms resource")
-    return error_response(exc, getattr(request.state, "request_id", ""))
-
-
-ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
-
-ROUTES: list[BaseRoute] = [
-    resource("/v1/rooms", POST=create_room, GET=list_rooms),
-    resource("/v1/rooms/{room}", GET=get_room, DELETE=delete_room),
-    resource("/v1/rooms/{room}/participants", GET=list_participants),
-    resource(
-        "/v1/rooms/{room}/participants/{participant}",
-        PUT=put_participant,
-        DELETE=remove_participant,
-    ),
-    resource("/v1/rooms/{room}/messages", POST=post_message),
-    resource(
-        "/v1/rooms/{room}/messages/{message}",
-        GET=get_message,
-        PATCH=edit_message,
-        DELETE=delete_message,
-    ),
-    resource(
-        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
-        PUT=add_reaction,
-        DELETE=remove_reaction,
-    ),
-    resource("/v1/rooms/{room}/events", GET=list_events),
-    Route("/v1/rooms/{rest:path}", not_found, methods=ALL_METHODS),
-]
+    return error_response(NotFound("no such rooms resource"), request_id_of(request))

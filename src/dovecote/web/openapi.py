@@ -1,14 +1,16 @@
 """The rooms API's OpenAPI 3.1 document (/openapi.json) and a self-contained /docs page.
 
-Schemas come from the pydantic models that validate requests and build responses, so the
+Built from the table of operations that also routes the API (web/rooms.py `OPERATIONS`),
+with schemas from the pydantic models that validate requests and build responses, so the
 document describes exactly what the server accepts and returns.
 """
 
 from __future__ import annotations
 
+import functools
 import html
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -46,7 +48,7 @@ def _path_param(name: str, pattern: str, description: str) -> dict[str, Any]:
     }
 
 
-def _int_query(name: str, minimum: int, maximum: int, description: str) -> dict[str, Any]:
+def int_query(name: str, minimum: int, maximum: int, description: str) -> dict[str, Any]:
     return {
         "name": name,
         "in": "query",
@@ -60,7 +62,7 @@ ROOM = _path_param("room", models.ROOM_ID_PATTERN, "Room id.")
 PARTICIPANT = _path_param("participant", models.PARTICIPANT_PATTERN, "Participant id (sub).")
 MESSAGE = _path_param("message", models.MESSAGE_ID_PATTERN, "Message id.")
 EMOJI = _path_param("emoji", models.EMOJI_PATTERN, "Reaction (an emoji or short name).")
-LIMIT = _int_query("limit", 1, models.MAX_LIMIT, "Most items returned (default 100).")
+LIMIT = int_query("limit", 1, models.MAX_LIMIT, "Most items returned (default 100).")
 IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -72,8 +74,11 @@ IDEMPOTENCY_KEY = {
 
 @dataclass(frozen=True)
 class Operation:
+    """One method on one path: the handler that serves it and what the document says."""
+
     path: str
     method: str
+    handler: Callable[[Any], Awaitable[Response]]
     operation_id: str
     summary: str
     responses: dict[int, type[BaseModel] | None]
@@ -82,144 +87,16 @@ class Operation:
     body_required: bool = True
 
 
-OPERATIONS = [
-    Operation(
-        "/v1/rooms",
-        "post",
-        "createRoom",
-        "Create a room (token role admin).",
-        {201: models.RoomOut},
-        body=models.RoomCreate,
-    ),
-    Operation(
-        "/v1/rooms",
-        "get",
-        "listRooms",
-        "Rooms the caller is in (every room for admins), by id.",
-        {200: models.RoomListOut},
-        [
-            {
-                "name": "after",
-                "in": "query",
-                "required": False,
-                "description": "Return rooms with ids after this one.",
-                "schema": {"type": "string", "pattern": models.ROOM_ID_PATTERN},
-            },
-            LIMIT,
-        ],
-    ),
-    Operation("/v1/rooms/{room}", "get", "getRoom", "One room.", {200: models.RoomOut}, [ROOM]),
-    Operation(
-        "/v1/rooms/{room}",
-        "delete",
-        "deleteRoom",
-        "Delete a room and all its events (room or token admin).",
-        {204: None},
-        [ROOM],
-    ),
-    Operation(
-        "/v1/rooms/{room}/participants",
-        "get",
-        "listParticipants",
-        "Everyone in the room.",
-        {200: models.ParticipantListOut},
-        [ROOM],
-    ),
-    Operation(
-        "/v1/rooms/{room}/participants/{participant}",
-        "put",
-        "putParticipant",
-        "Add a participant or change their role (room or token admin).",
-        {200: models.ParticipantChangeOut},
-        [ROOM, PARTICIPANT],
-        body=models.RoleChange,
-        body_required=False,
-    ),
-    Operation(
-        "/v1/rooms/{room}/participants/{participant}",
-        "delete",
-        "removeParticipant",
-        "Remove a participant (room or token admin, or themself).",
-        {200: models.EventOut},
-        [ROOM, PARTICIPANT],
-    ),
-    Operation(
-        "/v1/rooms/{room}/messages",
-        "post",
-        "postMessage",
-        "Post a message; 201 when stored, 200 when an idempotent retry.",
-        {201: models.MessageOut, 200: models.MessageOut},
-        [ROOM, IDEMPOTENCY_KEY],
-        body=models.MessagePost,
-    ),
-    Operation(
-        "/v1/rooms/{room}/messages/{message}",
-        "get",
-        "getMessage",
-        "A message's current state.",
-        {200: models.MessageOut},
-        [ROOM, MESSAGE],
-    ),
-    Operation(
-        "/v1/rooms/{room}/messages/{message}",
-        "patch",
-        "editMessage",
-        "Edit a message (its author or a moderator).",
-        {200: models.EventOut},
-        [ROOM, MESSAGE],
-        body=models.MessageEdit,
-    ),
-    Operation(
-        "/v1/rooms/{room}/messages/{message}",
-        "delete",
-        "deleteMessage",
-        "Delete a message, leaving a tombstone (its author or a moderator).",
-        {200: models.EventOut},
-        [ROOM, MESSAGE],
-    ),
-    Operation(
-        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
-        "put",
-        "addReaction",
-        "Add the caller's reaction (a set: adding twice changes nothing).",
-        {200: models.ReactionOut},
-        [ROOM, MESSAGE, EMOJI],
-    ),
-    Operation(
-        "/v1/rooms/{room}/messages/{message}/reactions/{emoji}",
-        "delete",
-        "removeReaction",
-        "Remove the caller's reaction.",
-        {200: models.ReactionOut},
-        [ROOM, MESSAGE, EMOJI],
-    ),
-    Operation(
-        "/v1/rooms/{room}/events",
-        "get",
-        "listEvents",
-        "History: the room's events by seq. `after` pages forward (oldest first), "
-        "`before` (or nothing) returns the newest page; always ascending.",
-        {200: models.EventPageOut},
-        [
-            ROOM,
-            _int_query("after", 0, models.MAX_SEQ, "Events with seq > after."),
-            _int_query("before", 1, models.MAX_SEQ, "Events with seq < before."),
-            LIMIT,
-        ],
-    ),
-]
-
 DESCRIPTION = """Real-time rooms on Dovecote. Every call needs `Authorization: Bearer <JWT>`
 signed by the configured issuer (claims: `sub` participant id, `rooms` list or "*",
 `roles` e.g. ["admin"]). Live events: WebSocket `/v1/rooms/ws`, send
 `{"action": "subscribe", "room": ..., "since": <last seen seq>}`. See docs/rooms.md."""
 
 
-@lru_cache(maxsize=1)
-def document() -> dict[str, Any]:
-    """The OpenAPI document (built once)."""
+def document(operations: Sequence[Operation]) -> dict[str, Any]:
+    """The OpenAPI document of `operations`."""
     used: list[type[BaseModel]] = [models.ErrorOut]
-    for op in OPERATIONS:
+    for op in operations:
         if op.body is not None:
             used.append(op.body)
         used.extend(m for m in op.responses.values() if m is not None)
@@ -228,7 +105,7 @@ def document() -> dict[str, Any]:
     schemas = top.get("$defs", {})
     error_ref = {"$ref": REF.format(model="ErrorOut")}
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in operations:
         responses: dict[str, Any] = {}
         for status, model in op.responses.items():
             if model is None:
@@ -273,13 +150,25 @@ def document() -> dict[str, Any]:
     }
 
 
-async def openapi_json(request: Request) -> Response:
-    return JSONResponse(document())
+def routes(operations: Sequence[Operation]) -> list[BaseRoute]:
+    """GET /openapi.json and GET /docs for `operations` (built once, when first asked for:
+    the schemas take a while and most instances are never asked)."""
+    built = functools.cache(lambda: document(operations))
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(built())
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(docs_page(built()))
+
+    return [
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+    ]
 
 
-async def docs_page(request: Request) -> Response:
+def docs_page(doc: dict[str, Any]) -> str:
     """A readable list of operations; no external scripts (works offline)."""
-    doc = document()
     rows = []
     for path, methods in doc["paths"].items():
         for method, op in methods.items():
@@ -301,10 +190,4 @@ table{{border-collapse:collapse}}</style></head><body>
 Errors are JSON: <code>{{"error": code, "detail": text, "request_id": id}}</code>.</p>
 <table><tr><th>method</th><th>path</th><th>what</th><th>parameters</th><th>success</th></tr>
 {"".join(rows)}</table></body></html>"""
-    return HTMLResponse(page)
-
-
-ROUTES: list[BaseRoute] = [
-    Route("/openapi.json", openapi_json, methods=["GET"]),
-    Route("/docs", docs_page, methods=["GET"]),
-]
+    return page

@@ -1,4 +1,4 @@
-"""WebSocket /v1/rooms/ws: subscribe to rooms, get everything after `since`, then live.
+"""WebSocket /v1/rooms/ws (rooms): subscribe to rooms, get everything after `since`, then live.
 
 Client frames (JSON text):
     {"action": "auth", "token": "<JWT>"}        first, unless the upgrade carried a Bearer
@@ -18,7 +18,7 @@ import json
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from starlette.routing import BaseRoute, WebSocketRoute
@@ -33,20 +33,16 @@ from dovecote.errors import (
     RateLimited,
 )
 from dovecote.ops import metrics
+from dovecote.rooms import Rooms
 from dovecote.rooms.auth import LEEWAY, Principal
 from dovecote.rooms.hub import Feed, Frame
 from dovecote.rooms.models import MAX_SEQ, ROOM_ID_PATTERN
-
-if TYPE_CHECKING:
-    from dovecote.rooms import Rooms
-    from dovecote.server import Dovecote
-    from dovecote.transport.limits import TokenBuckets
+from dovecote.util.limits import TokenBuckets
+from dovecote.web.admission import CLOSE_ERROR, WebSockets
 
 log = structlog.get_logger("dovecote.rooms.websocket")
 
 ENDPOINT = "rooms"
-CLOSE_RESTART = 1012
-CLOSE_TRY_AGAIN = 1013
 IDLE_REASON = "idle timeout"
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_SLOW_CONSUMER = 4008
@@ -64,70 +60,60 @@ MAX_CLOSE_REASON = 123
 _ROOM = re.compile(ROOM_ID_PATTERN)
 
 
-async def rooms_websocket(websocket: WebSocket) -> None:
-    dc: Dovecote = websocket.app.state.dovecote
-    rooms: Rooms = dc.rooms
-    # As on /ws: accepted, then closed with 1012 (draining) or 1013 (busy), so that the
-    # client retries; a close before accepting would be an HTTP 403, which is final.
-    refusal = (
-        (CLOSE_RESTART, "server restarting; reconnect")
-        if dc.degradation.draining
-        else None
-        if dc.ws_slots.try_acquire()
-        else (CLOSE_TRY_AGAIN, "busy; retry later")
-    )
-    if refusal is not None:
-        await websocket.accept()
-        await websocket.close(code=refusal[0], reason=refusal[1])
-        metrics.WS_DISCONNECTS.labels(ENDPOINT, str(refusal[0])).inc()
-        return
-    await websocket.accept()
-    metrics.WS_CONNECTS.labels(ENDPOINT).inc()
-    metrics.WS_CONNECTIONS.labels(ENDPOINT).inc()
-    socket_id = uuid.uuid4().hex[:12]
-    dc.sockets[socket_id] = websocket
-    code, reason = 1000, ""
-    feed: Feed | None = None
-    tasks: list[asyncio.Task[Any]] = []
-    try:
-        principal = await _authenticate(websocket, rooms)
-        if principal is None:
-            code = CLOSE_UNAUTHORIZED
-            return
-        feed = Feed(principal, rooms.settings.rooms_ws_queue, rooms.settings.rooms_ws_stall)
-        client = str((websocket.client or ("", 0))[0])
-        tasks = [
-            asyncio.create_task(rooms.hub.pump(feed), name=f"rooms-pump-{socket_id}"),
-            asyncio.create_task(_send_loop(websocket, feed), name=f"rooms-send-{socket_id}"),
-            asyncio.create_task(
-                _receive_loop(websocket, rooms, feed, dc.ip_limits, client),
-                name=f"rooms-recv-{socket_id}",
-            ),
-        ]
-        code, reason = await _supervise(websocket, feed, tasks, rooms.settings.ws_idle_timeout)
-    except WebSocketDisconnect as exc:
-        code = exc.code
-    except Exception as exc:  # a broken socket: positions live with the client
-        log.info("rooms.websocket_error", error=str(exc)[:200])
-        code = 1011
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if feed is not None:
-            rooms.hub.detach(feed)
-            for room in list(feed.present):
-                await rooms.presence.leave(room, feed.principal.sub)
-        dc.sockets.pop(socket_id, None)
-        dc.ws_slots.release()
-        metrics.WS_CONNECTIONS.labels(ENDPOINT).dec()
-        metrics.WS_DISCONNECTS.labels(ENDPOINT, str(code)).inc()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                websocket.close(code=code if code >= 1000 else 1000, reason=reason), CLOSE_TIMEOUT
-            )
+class RoomsSocket:
+    """/v1/rooms/ws over one `Rooms` (admission is web/admission.py's)."""
+
+    def __init__(self, rooms: Rooms, ip_limits: TokenBuckets) -> None:
+        self.rooms = rooms
+        self.ip_limits = ip_limits
+
+    def routes(self, sockets: WebSockets) -> list[BaseRoute]:
+        return [WebSocketRoute("/v1/rooms/ws", sockets.endpoint(ENDPOINT, self.serve))]
+
+    async def serve(self, websocket: WebSocket) -> int:
+        """Serve one admitted socket until it ends; the close code."""
+        rooms = self.rooms
+        socket_id = uuid.uuid4().hex[:12]
+        code, reason = 1000, ""
+        feed: Feed | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            principal = await _authenticate(websocket, rooms)
+            if principal is None:
+                code = CLOSE_UNAUTHORIZED
+                return code
+            feed = Feed(principal, rooms.settings.ws_queue, rooms.settings.ws_stall)
+            client = str((websocket.client or ("", 0))[0])
+            tasks = [
+                asyncio.create_task(rooms.hub.pump(feed), name=f"rooms-pump-{socket_id}"),
+                asyncio.create_task(_send_loop(websocket, feed), name=f"rooms-send-{socket_id}"),
+                asyncio.create_task(
+                    _receive_loop(websocket, rooms, feed, self.ip_limits, client),
+                    name=f"rooms-recv-{socket_id}",
+                ),
+            ]
+            code, reason = await _supervise(websocket, feed, tasks, rooms.settings.ws_idle_timeout)
+        except WebSocketDisconnect as exc:
+            code = exc.code
+        except Exception as exc:  # a broken socket: positions live with the client
+            log.info("rooms.websocket_error", error=str(exc)[:200])
+            code = CLOSE_ERROR
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if feed is not None:
+                rooms.hub.detach(feed)
+                for room in list(feed.present):
+                    await rooms.presence.leave(room, feed.principal.sub)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    websocket.close(code=code if code >= 1000 else 1000, reason=reason),
+                    CLOSE_TIMEOUT,
+                )
+        return code
 
 
 async def _authenticate(websocket: WebSocket, rooms: Rooms) -> Principal | None:
@@ -289,7 +275,7 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
             raise MalformedMessage("since must be a non-negative integer")
         if room in feed.positions:
             raise MalformedMessage(f"already subscribed to {room!r}")
-        most = rooms.settings.rooms_ws_max_subscriptions
+        most = rooms.settings.ws_max_subscriptions
         if len(feed.positions) >= most:
             metrics.LIMIT_REFUSALS.labels("room_subscriptions").inc()
             raise MalformedMessage(f"at most {most} rooms per connection")
@@ -360,6 +346,3 @@ def _room_arg(frame: dict[str, Any]) -> str:
 
 def _error_body(exc: DovecoteError) -> dict[str, Any]:
     return {"type": "error", **exc.to_json()}
-
-
-ROUTES: list[BaseRoute] = [WebSocketRoute("/v1/rooms/ws", rooms_websocket)]

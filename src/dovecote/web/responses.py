@@ -1,0 +1,95 @@
+"""The one shape of an error answer, its Retry-After, and bounded request bodies.
+
+Every HTTP refusal of the web layer is built here: `{"error": code, "detail": text}` plus
+the request id when there is one, and `Retry-After` (whole seconds, never 0) whenever the
+error says when to come back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from dovecote.errors import DovecoteError, MalformedMessage, PayloadTooLarge
+from dovecote.ops import metrics
+
+log = structlog.get_logger("dovecote.web")
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After takes whole seconds; never advertise 0."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def error_body(code: str, detail: str, request_id: str = "") -> dict[str, Any]:
+    """The machine-readable body of every 4xx/5xx (the request id when known)."""
+    body: dict[str, Any] = {"error": code, "detail": detail}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def refusal(
+    status: int,
+    code: str,
+    detail: str,
+    request_id: str = "",
+    retry_after: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """An error answer from its parts (for refusals that are not a DovecoteError)."""
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after_header(retry_after)
+    return JSONResponse(error_body(code, detail, request_id), status_code=status, headers=headers)
+
+
+def error_response(
+    exc: DovecoteError, request_id: str = "", retry_after: float | None = None
+) -> JSONResponse:
+    """The error answer for `exc`; `retry_after` is the default when `exc` names none."""
+    body = exc.to_json()
+    if request_id:
+        body["request_id"] = request_id
+    wait = exc.retry_after if exc.retry_after is not None else retry_after
+    headers = {"Retry-After": retry_after_header(wait)} if wait is not None else {}
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def request_id_of(request: Request) -> str:
+    """The id GuardMiddleware gave this request ('' outside it, e.g. in unit tests)."""
+    return str(getattr(request.state, "request_id", ""))
+
+
+def count_bad_input(exc: DovecoteError, transport: str, request_id: str = "") -> None:
+    """Hostile or broken input: a metric and one log line, never a stack trace."""
+    metrics.BAD_INPUT.labels(exc.code, transport).inc()
+    log.info(
+        "request.rejected",
+        code=exc.code,
+        detail=exc.detail,
+        transport=transport,
+        request_id=request_id,
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing past `limit` without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise MalformedMessage("invalid Content-Length")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
