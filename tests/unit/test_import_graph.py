@@ -262,9 +262,7 @@ def test_only_web_imports_starlette_routing() -> None:
         for name in names
         if name in WEB_ONLY or name.startswith(tuple(n + "." for n in WEB_ONLY))
     )
-    assert not offenders, "only dovecote.web may import Starlette routing:\n" + "\n".join(
-        offenders
-    )
+    assert not offenders, "only dovecote.web may import Starlette routing:\n" + "\n".join(offenders)
 
 
 def test_the_checks_see_deferred_and_type_checking_imports() -> None:
