@@ -54,7 +54,7 @@ def _spawn(serve: Serve, sock: socket.socket) -> int:
     code = 0
     try:
         serve([sock])
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - a worker's every end is logged and an exit code
         log.error("worker.crashed", error=str(exc)[:300])
         code = 1
     finally:
@@ -104,6 +104,15 @@ def run_workers(settings: Settings, serve: Serve, banner: Callable[[], None]) ->
     for _ in range(settings.workers):
         children[_spawn(serve, sock)] = time.monotonic()
     log.info("workers.started", count=len(children))
+    _supervise(children, lambda: _spawn(serve, sock), stopping)
+    sock.close()
+    log.info("workers.stopped")
+
+
+def _supervise(
+    children: dict[int, float], spawn: Callable[[], int], stopping: dict[str, int]
+) -> None:
+    """Reap workers until none is left; restart those that die while not stopping."""
     while children:
         try:
             pid, status = os.wait()
@@ -120,9 +129,7 @@ def run_workers(settings: Settings, serve: Serve, banner: Callable[[], None]) ->
         log.warning("worker.exited", pid=pid, status=status)
         if time.monotonic() - started < RESTART_BACKOFF:
             time.sleep(RESTART_BACKOFF)
-        children[_spawn(serve, sock)] = time.monotonic()
-    sock.close()
-    log.info("workers.stopped")
+        children[spawn()] = time.monotonic()
 
 
 def _mark_dead(pid: int) -> None:

@@ -263,7 +263,7 @@ class Mediator:
             return False
         try:
             await session.send(packed)
-        except Exception as exc:  # a dying socket: the reply is lost, as on any transport
+        except Exception as exc:  # noqa: BLE001 - a dying socket loses the reply, as any transport
             _not_returned("live-session-failed", str(exc)[:200], request_id)
             return False
         log.info("reply.sent_live", session=session.id, request_id=request_id)

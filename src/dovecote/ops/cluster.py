@@ -75,7 +75,7 @@ class Cluster:
                 metrics.CLUSTER_INSTANCES.labels("dead").set(
                     sum(1 for i in view if i["state"] == "dead" and i["recent"])
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive any failure
                 log.debug("heartbeat.failed", error=str(exc)[:200])
             await asyncio.sleep(self.interval)
 

@@ -66,6 +66,6 @@ class Sampler:
         while True:
             try:
                 await self.sample()
-            except Exception as exc:  # sampling must never stop
+            except Exception as exc:  # noqa: BLE001 - sampling must never stop
                 log.debug("sample.failed", error=str(exc)[:200])
             await asyncio.sleep(SAMPLE_INTERVAL)

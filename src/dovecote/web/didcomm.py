@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 
 import structlog
 from starlette.requests import ClientDisconnect, Request
@@ -154,18 +155,10 @@ class DIDCommEndpoints:
                     code = CLOSE_TOO_BIG
                     await websocket.close(code=CLOSE_TOO_BIG, reason="message too big")
                     break
-                request_id = uuid.uuid4().hex[:16]
-                outcome = await self.mediator.receive(raw, "ws", session, request_id)
-                if outcome.replies:
-                    for packed in outcome.replies:
-                        await send(packed)
-                elif outcome.error is not None:
-                    await send_json(outcome.error.to_json() | {"request_id": request_id})
-                # Live pushes enabled by this request start only after its reply went out.
-                session.release()
+                await self._frame(raw, session, send, send_json)
         except WebSocketDisconnect as exc:
             code = exc.code
-        except Exception as exc:  # a broken socket: everything unacknowledged stays queued
+        except Exception as exc:  # noqa: BLE001 - a broken socket: the unacknowledged stay queued
             log.info("websocket.error", session=session.id, error=str(exc)[:200])
             code = CLOSE_ERROR
         finally:
@@ -173,3 +166,21 @@ class DIDCommEndpoints:
             with contextlib.suppress(Exception):  # already closed by either side
                 await websocket.close()
         return code
+
+    async def _frame(
+        self,
+        raw: bytes,
+        session: LiveSession,
+        send: Callable[[bytes], Awaitable[None]],
+        send_json: Callable[[dict[str, object]], Awaitable[None]],
+    ) -> None:
+        """One DIDComm message from the socket: its replies, or its error, go back on it."""
+        request_id = uuid.uuid4().hex[:16]
+        outcome = await self.mediator.receive(raw, "ws", session, request_id)
+        if outcome.replies:
+            for packed in outcome.replies:
+                await send(packed)
+        elif outcome.error is not None:
+            await send_json(outcome.error.to_json() | {"request_id": request_id})
+        # Live pushes enabled by this request start only after its reply went out.
+        session.release()

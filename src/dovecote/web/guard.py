@@ -104,11 +104,7 @@ class GuardMiddleware:
             return
         route = route_label(scope["path"])
         method = scope["method"]
-        headers = dict(scope.get("headers") or [])
-        # A client's id is echoed in bodies, headers and logs: only plain tokens are kept
-        # (bytes that are not UTF-8 used to end in a 500 here).
-        given = headers.get(b"x-request-id", b"")[:64]
-        request_id = given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500}
@@ -130,21 +126,10 @@ class GuardMiddleware:
             await error_response(exc, request_id, retry_after=1)(scope, receive, send_wrapper)
 
         try:
-            exempt = route in EXEMPT
-            # Behind a proxy in TRUSTED_PROXIES, uvicorn's proxy-headers middleware has
-            # already replaced the peer with the last untrusted X-Forwarded-For entry; from
-            # anyone else the header is ignored, so it cannot dodge the rate limit.
-            client = str((scope.get("client") or ("", 0))[0])
-            if not exempt:
-                wait = self.ip_limits.take(client)
-                if wait:
-                    await refuse(RateLimited("rate limit per client address", retry_after=wait))
-                    return
-                if self.draining() and method == "POST":
-                    await refuse(Overloaded("shutting down", retry_after=1))
-                    return
-            if exempt:
+            if route in EXEMPT:
                 await self.app(scope, receive, send_wrapper)
+            elif (refusal := self._refusal(scope, method)) is not None:
+                await refuse(refusal)
             elif not self.requests.try_acquire():
                 await refuse(Overloaded("too many requests in flight", retry_after=1))
             else:
@@ -157,19 +142,44 @@ class GuardMiddleware:
             if not body.responded:
                 await refuse(exc)
         finally:
-            elapsed = time.perf_counter() - started
-            status = str(status_holder["status"])
-            metrics.HTTP_REQUESTS.labels(route, method, status).inc()
-            metrics.HTTP_DURATION.labels(route, method).observe(elapsed)
-            if self.access_log:
-                log.info(
-                    "http.request",
-                    method=method,
-                    route=route,
-                    status=status,
-                    seconds=round(elapsed, 4),
-                    request_id=request_id,
-                )
+            self._record(route, method, str(status_holder["status"]), started, request_id)
+
+    def _refusal(self, scope: Scope, method: str) -> DovecoteError | None:
+        """Why a request that counts against the limits is refused before routing, if it is."""
+        # Behind a proxy in TRUSTED_PROXIES, uvicorn's proxy-headers middleware has already
+        # replaced the peer with the last untrusted X-Forwarded-For entry; from anyone
+        # else the header is ignored, so it cannot dodge the rate limit.
+        client = str((scope.get("client") or ("", 0))[0])
+        if wait := self.ip_limits.take(client):
+            return RateLimited("rate limit per client address", retry_after=wait)
+        if self.draining() and method == "POST":
+            return Overloaded("shutting down", retry_after=1)
+        return None
+
+    def _record(
+        self, route: str, method: str, status: str, started: float, request_id: str
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        metrics.HTTP_REQUESTS.labels(route, method, status).inc()
+        metrics.HTTP_DURATION.labels(route, method).observe(elapsed)
+        if self.access_log:
+            log.info(
+                "http.request",
+                method=method,
+                route=route,
+                status=status,
+                seconds=round(elapsed, 4),
+                request_id=request_id,
+            )
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-Id when it is a plain token, else a new one.
+
+    It is echoed in bodies, headers and logs: only plain tokens are kept (bytes that are
+    not UTF-8 used to end in a 500 here)."""
+    given = dict(scope.get("headers") or []).get(b"x-request-id", b"")[:64]
+    return given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
 
 
 class BodyDeadline:

@@ -95,7 +95,7 @@ class RoomsSocket:
             code, reason = await _supervise(websocket, feed, tasks, rooms.settings.ws_idle_timeout)
         except WebSocketDisconnect as exc:
             code = exc.code
-        except Exception as exc:  # a broken socket: positions live with the client
+        except Exception as exc:  # noqa: BLE001 - a broken socket: positions live with the client
             log.info("rooms.websocket_error", error=str(exc)[:200])
             code = CLOSE_ERROR
         finally:
@@ -251,52 +251,61 @@ async def _handle(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
     if action == "ping":
         await feed.offer(Frame({"type": "pong"}))
     elif action == "auth":
-        token = frame.get("token")
-        if not isinstance(token, str):
-            raise MalformedMessage("auth needs a token")
-        principal = await rooms.auth.verify(token)
-        if principal.sub != feed.principal.sub:
-            raise Forbidden("a refreshed token must be for the same participant")
-        feed.principal = principal
-        # A narrower token ends what it does not grant, before it is acknowledged: from the
-        # "authenticated" frame on, nothing of those rooms reaches the client.
-        for room in list(feed.positions):
-            if not principal.may_enter(room):
-                await _drop(rooms, feed, room, "not granted by the new token")
-        for room in list(feed.positions):
-            try:
-                await _check_reader(rooms, principal, room)
-            except (Forbidden, NotFound):
-                await _drop(rooms, feed, room, "not granted by the new token")
-        await feed.offer(Frame({"type": "authenticated", "sub": principal.sub}))
+        await _reauthenticate(frame, rooms, feed)
     elif action == "subscribe":
-        room, since = _room_arg(frame), frame.get("since", 0)
-        if type(since) is not int or not 0 <= since <= MAX_SEQ:
-            raise MalformedMessage("since must be a non-negative integer")
-        if room in feed.positions:
-            raise MalformedMessage(f"already subscribed to {room!r}")
-        most = rooms.settings.ws_max_subscriptions
-        if len(feed.positions) >= most:
-            metrics.LIMIT_REFUSALS.labels("room_subscriptions").inc()
-            raise MalformedMessage(f"at most {most} rooms per connection")
-        await _check_reader(rooms, feed.principal, room)
-        found = await rooms.store.room_get(room)
-        if found is None:
-            raise NotFound(f"no room {room!r}")
-        # Present before the acknowledgement: a post the client makes after it never
-        # notifies this participant as offline.
-        if room not in feed.present:
-            feed.present.add(room)
-            await rooms.presence.join(room, feed.principal.sub)
-        # The acknowledgement is queued before the first event of the room.
-        await feed.offer(
-            Frame({"type": "subscribed", "room": room, "since": since, "last_seq": found.last_seq})
-        )
-        rooms.hub.subscribe(feed, room, since)
+        await _subscribe(frame, rooms, feed)
     elif action == "unsubscribe":
         await _drop(rooms, feed, _room_arg(frame), "requested")
     else:
         raise MalformedMessage("action must be auth, subscribe, unsubscribe or ping")
+
+
+async def _reauthenticate(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
+    """A fresh token for the same participant; rooms it no longer grants are dropped."""
+    token = frame.get("token")
+    if not isinstance(token, str):
+        raise MalformedMessage("auth needs a token")
+    principal = await rooms.auth.verify(token)
+    if principal.sub != feed.principal.sub:
+        raise Forbidden("a refreshed token must be for the same participant")
+    feed.principal = principal
+    # A narrower token ends what it does not grant, before it is acknowledged: from the
+    # "authenticated" frame on, nothing of those rooms reaches the client.
+    for room in list(feed.positions):
+        if not principal.may_enter(room):
+            await _drop(rooms, feed, room, "not granted by the new token")
+    for room in list(feed.positions):
+        try:
+            await _check_reader(rooms, principal, room)
+        except (Forbidden, NotFound):
+            await _drop(rooms, feed, room, "not granted by the new token")
+    await feed.offer(Frame({"type": "authenticated", "sub": principal.sub}))
+
+
+async def _subscribe(frame: dict[str, Any], rooms: Rooms, feed: Feed) -> None:
+    room, since = _room_arg(frame), frame.get("since", 0)
+    if type(since) is not int or not 0 <= since <= MAX_SEQ:
+        raise MalformedMessage("since must be a non-negative integer")
+    if room in feed.positions:
+        raise MalformedMessage(f"already subscribed to {room!r}")
+    most = rooms.settings.ws_max_subscriptions
+    if len(feed.positions) >= most:
+        metrics.LIMIT_REFUSALS.labels("room_subscriptions").inc()
+        raise MalformedMessage(f"at most {most} rooms per connection")
+    await _check_reader(rooms, feed.principal, room)
+    found = await rooms.store.room_get(room)
+    if found is None:
+        raise NotFound(f"no room {room!r}")
+    # Present before the acknowledgement: a post the client makes after it never
+    # notifies this participant as offline.
+    if room not in feed.present:
+        feed.present.add(room)
+        await rooms.presence.join(room, feed.principal.sub)
+    # The acknowledgement is queued before the first event of the room.
+    await feed.offer(
+        Frame({"type": "subscribed", "room": room, "since": since, "last_seq": found.last_seq})
+    )
+    rooms.hub.subscribe(feed, room, since)
 
 
 async def _drop(rooms: Rooms, feed: Feed, room: str, reason: str) -> None:

@@ -102,7 +102,7 @@ class ImplicitPickup:
                     metrics.DELIVERED.labels("push").inc()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a broken socket: everything stays queued
+        except Exception as exc:  # noqa: BLE001 - a broken socket: everything stays queued
             log.info("implicit.push_failed", session=session.id, error=str(exc)[:200])
         finally:
             if self.by_mediatee.get(entry.mediatee) is entry:
