@@ -284,7 +284,9 @@ def build_app(dovecote: Dovecote) -> web_app.WebApp:
         settings.admin_auth_failures,
         settings.admin_auth_window,
     )
-    sessions = ConsoleAuth(settings.admin_token, settings.console_session_seconds)
+    sessions = ConsoleAuth(
+        settings.admin_token.get_secret_value(), settings.console_session_seconds
+    )
     didcomm = DIDCommEndpoints(
         dc.mediator,
         dc.live,

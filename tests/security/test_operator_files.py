@@ -125,6 +125,7 @@ def test_an_admin_token_shorter_than_32_characters_refuses_to_start(tmp_path: Pa
     assert result.returncode != 0
     assert "admin_token must be at least 32 characters" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "short-token" not in result.stderr + result.stdout  # the value is never echoed
 
 
 def test_failed_admin_auth_is_throttled_per_address_and_every_attempt_is_audited(

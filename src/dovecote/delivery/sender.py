@@ -122,7 +122,7 @@ class Sender:
                 return Attempt("skipped", error="mailbox already empty")
         headers = {k: v for k, v in item.headers.items() if not k.startswith("_")}
         if item.headers.get(notify.CHANNEL) == "push" and self.settings.push_token:
-            headers["authorization"] = f"Bearer {self.settings.push_token}"
+            headers["authorization"] = f"Bearer {self.settings.push_token.get_secret_value()}"
         try:
             async with asyncio.timeout(self.total_timeout):
                 response = await self._client(item.kind).post(

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -87,10 +87,12 @@ class Settings(BaseSettings):
         description="The mediator's key file (default DATA_DIR/identity.json). Instances "
         "behind one load balancer share one file, e.g. a mounted secret.",
     )
-    store: str = Field(
-        "",
+    # Secrets (tokens, a DSN that may carry a password) are SecretStr: repr, logs and
+    # model_dump show "**********"; the code that uses one calls .get_secret_value().
+    store: SecretStr = Field(
+        SecretStr(""),
         description="Store URL: empty for SQLite in DATA_DIR, sqlite:///path.db, "
-        "or postgresql://user@host/db.",
+        "or postgresql://user@host/db (secret: it may carry a password).",
     )
     store_timeout: float = Field(
         5.0, gt=0, description="Seconds a store operation may take before it fails (503)."
@@ -234,7 +236,9 @@ class Settings(BaseSettings):
         "", description="Webhook called when a message waits for an offline mediatee."
     )
     push_url: str = Field("", description="FCM-compatible push endpoint for notifications.")
-    push_token: str = Field("", description="Bearer token for the push endpoint.")
+    push_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token for the push endpoint (secret)."
+    )
 
     # --- protection
     max_concurrent_requests: int = Field(
@@ -424,9 +428,9 @@ class Settings(BaseSettings):
     )
 
     # --- admin and observability
-    admin_token: str = Field(
-        "",
-        description=f"Bearer token for /admin and the /health details (empty: admin "
+    admin_token: SecretStr = Field(
+        SecretStr(""),
+        description=f"Bearer token for /admin and the /health details (secret; empty: admin "
         f"disabled; else at least {MIN_ADMIN_TOKEN} characters, e.g. `openssl rand -hex 32`).",
     )
     admin_auth_failures: int = Field(
@@ -484,12 +488,13 @@ class Settings(BaseSettings):
 
     @field_validator("admin_token")
     @classmethod
-    def _long_admin_token(cls, value: str) -> str:
+    def _long_admin_token(cls, value: SecretStr) -> SecretStr:
         # A short token is guessable from the network despite the throttle.
-        if value and len(value) < MIN_ADMIN_TOKEN:
+        length = len(value.get_secret_value())
+        if 0 < length < MIN_ADMIN_TOKEN:
             raise ValueError(
                 f"admin_token must be at least {MIN_ADMIN_TOKEN} characters "
-                f"(it has {len(value)}); generate one with `openssl rand -hex 32`"
+                f"(it has {length}); generate one with `openssl rand -hex 32`"
             )
         return value
 
@@ -549,6 +554,7 @@ class Settings(BaseSettings):
 
     @property
     def store_url(self) -> str:
-        if self.store:
-            return self.store
+        """The store URL itself (a secret: never log it)."""
+        if url := self.store.get_secret_value():
+            return url
         return f"sqlite:///{(self.data_dir / 'dovecote.db').resolve()}"

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -100,7 +101,7 @@ class AdminAuth:
 
     def __init__(
         self,
-        token: str,
+        token: SecretStr,
         allow: list[str],
         client_ca: object,
         failures: int,
@@ -113,7 +114,8 @@ class AdminAuth:
         self.throttle = AuthThrottle(failures, window)
 
     def token_matches(self, token: str) -> bool:
-        return bool(self.token) and hmac.compare_digest(token.encode(), self.token.encode())
+        secret = self.token.get_secret_value()
+        return bool(secret) and hmac.compare_digest(token.encode(), secret.encode())
 
     def check_token(self, request: Request) -> JSONResponse | None:
         """None when the request carries the admin token, else the (audited) refusal.
