@@ -1,4 +1,9 @@
-"""Shared fixtures: real server processes, store engines, DIDComm agents."""
+"""Shared fixtures: real server processes, store engines, loopback endpoints.
+
+Servers: `server_factory` for a test's own (any settings), `shared_server` for a module's
+(default settings, once per engine); for another scope, `support.server.running_server()`.
+Once per engine: parametrise with `support.postgres.ENGINES` and enter `engine_env()`.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from support.endpoint import FlakyEndpoint
-from support.postgres import fresh_database
+from support.postgres import ENGINES, engine_env
 from support.server import ServerProcess, free_port, running_server
 
 
@@ -45,15 +50,12 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         server.kill()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=ENGINES)
 def store_engine(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """Environment selecting a store engine: SQLite in the data dir, or a fresh
     PostgreSQL database on the server `make test` provides."""
-    if request.param == "sqlite":
-        yield {}
-        return
-    with fresh_database() as url:
-        yield {"DOVECOTE_STORE": url}
+    with engine_env(request.param) as env:
+        yield env
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ def server(
     return server_factory(env=dict(store_engine))
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=ENGINES)
 def shared_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:

@@ -5,12 +5,9 @@ stored twice. Both instances share one PostgreSQL database and one key file."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import ssl
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,11 +19,10 @@ from chaos.load import Load, assert_clean, outcome
 from chaos.pgcluster import PgCluster
 from support.agent import Agent
 from support.mailbox import drain, pack_forwards
-from support.server import ROOT, ServerProcess, free_port
+from support.nginx import NGINX, Nginx, start_nginx
+from support.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
-
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 
 
 @pytest.fixture
@@ -34,85 +30,24 @@ def nginx_in_front() -> Iterator[Callable[[list[int], int], None]]:
     """Render deploy/nginx for the given instance ports and run it on the HTTPS port."""
     if NGINX is None or shutil.which("openssl") is None:
         pytest.skip("nginx and openssl are needed (make deploy-tools installs nginx)")
-    prefixes: list[tuple[subprocess.Popen[bytes], Path]] = []
+    started: list[Nginx] = []
 
     def start(ports: list[int], https: int) -> None:
-        # Not pytest's tmp_path: nginx's workers (as nobody) must be able to enter it.
-        prefix = Path(tempfile.mkdtemp(prefix="dovecote-chaos-nginx-"))
-        os.chmod(prefix, 0o755)
-        cert, key = prefix / "cert.pem", prefix / "key.pem"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-                "-days",
-                "2",
-                "-subj",
-                "/CN=localhost",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            ["sh", str(ROOT / "deploy" / "nginx" / "render.sh"), str(prefix)],
-            check=True,
-            capture_output=True,
-            env={
-                **os.environ,
-                "PREFIX": str(prefix),
-                "DOVECOTE_UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in ports),
-                "LISTEN_PORT": str(https),
-                "HTTP_PORT": str(free_port()),
-                "TLS_CERT": str(cert),
-                "TLS_KEY": str(key),
-                "LISTEN_IPV6": "0",
-            },
-        )
-        proc = subprocess.Popen(
-            [
-                NGINX,
-                "-p",
-                str(prefix),
-                "-c",
-                str(prefix / "nginx.conf"),
-                "-e",
-                str(prefix / "logs" / "error.log"),
-                "-g",
-                "daemon off;",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        prefixes.append((proc, prefix))
+        nginx = start_nginx(ports, https_port=https)
+        started.append(nginx)
         deadline = time.monotonic() + 10
-        while True:
+        while True:  # listening is not enough: until it reaches an instance
             try:
-                httpx.get(f"https://127.0.0.1:{https}/health/live", verify=False, timeout=1)
+                httpx.get(f"{nginx.base_url}/health/live", verify=False, timeout=1)
                 return
             except httpx.HTTPError:
-                if time.monotonic() > deadline or proc.poll() is not None:
+                if time.monotonic() > deadline or nginx.process.poll() is not None:
                     raise
                 time.sleep(0.1)
 
     yield start
-    for proc, prefix in prefixes:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(prefix, ignore_errors=True)
+    for nginx in started:
+        nginx.stop()
 
 
 async def test_kill_one_of_two_instances_behind_nginx(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dovecote.client import Client, ClientConfig
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 
 # Fast settings for tests: short batching window and backoff.
 FAST = {
@@ -33,13 +33,8 @@ def invitation_url(server: ServerProcess) -> str:
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server shared by a module's tests that neither stop nor restart it (every test
     makes its own client identities, so they do not see each other's messages)."""
-    base = tmp_path_factory.mktemp("relay")
-    server = ServerProcess(
-        data_dir=base / "data", port=free_port(), env={}, log_path=base / "server.log"
-    )
-    server.start()
-    yield server
-    server.kill()
+    with running_server(tmp_path_factory.mktemp("relay")) as server:
+        yield server
 
 
 @pytest.fixture

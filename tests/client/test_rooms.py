@@ -20,7 +20,7 @@ from client.conftest import ClientFactory
 from dovecote.client import Client, RoomsFailure
 from dovecote.client.cli import main
 from support.rooms import ISSUER, Issuer
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +32,9 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
 def rooms_relay(
     tmp_path_factory: pytest.TempPathFactory, issuer: Issuer
 ) -> Iterator[ServerProcess]:
-    base = tmp_path_factory.mktemp("rooms-relay")
-    server = ServerProcess(
-        data_dir=base / "data",
-        port=free_port(),
-        log_path=base / "log",
-        env={
-            "DOVECOTE_ROOMS_JWKS_FILE": str(issuer.jwks_path),
-            "DOVECOTE_ROOMS_JWT_ISSUER": ISSUER,
-        },
-    )
-    server.start()
-    yield server
-    server.kill()
+    env = {"DOVECOTE_ROOMS_JWKS_FILE": str(issuer.jwks_path), "DOVECOTE_ROOMS_JWT_ISSUER": ISSUER}
+    with running_server(tmp_path_factory.mktemp("rooms-relay"), env=env) as server:
+        yield server
 
 
 def make_room(server: ServerProcess, issuer: Issuer, members: list[str]) -> str:

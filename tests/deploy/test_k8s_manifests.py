@@ -41,6 +41,9 @@ from typing import Any
 
 import pytest
 
+from support.nginx import self_signed
+from support.server import free_port
+
 yaml = pytest.importorskip("yaml")
 
 
@@ -825,12 +828,6 @@ needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx not installed")
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Seen:
     method: str
@@ -972,29 +969,7 @@ def tls_files() -> Iterator[tuple[Path, Path]]:
         pytest.skip("openssl missing")
     directory = Path(tempfile.mkdtemp(prefix="dovecote-tls-"))
     os.chmod(directory, 0o755)
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed(directory)
     yield cert, key
     shutil.rmtree(directory, ignore_errors=True)
 

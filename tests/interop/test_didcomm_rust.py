@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from interop.rust_agent import RustDriver
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 
 CM2 = "https://didcomm.org/coordinate-mediation/2.0"
 CM3 = "https://didcomm.org/coordinate-mediation/3.0"
@@ -32,13 +32,8 @@ ENCRYPTED = "application/didcomm-encrypted+json"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    base = tmp_path_factory.mktemp("rust")
-    server = ServerProcess(
-        data_dir=base / "data", port=free_port(), env={}, log_path=base / "server.log"
-    )
-    server.start()
-    yield server
-    server.kill()
+    with running_server(tmp_path_factory.mktemp("rust")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

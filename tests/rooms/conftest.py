@@ -15,16 +15,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from support.rooms import (
-    ENGINES,
-    ISSUER,
-    MAX_MESSAGE_BYTES,
-    Issuer,
-    RoomsClient,
-    Webhook,
-    fresh_postgres_database,
-)
-from support.server import ServerProcess, free_port
+from support.postgres import ENGINES, engine_env
+from support.rooms import ISSUER, MAX_MESSAGE_BYTES, Issuer, RoomsClient, Webhook
+from support.server import ServerProcess, running_server
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +36,8 @@ def webhook() -> Iterator[Webhook]:
 @pytest.fixture(scope="session", params=ENGINES, ids=ENGINES)
 def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """'' for SQLite in the server's data dir, or a fresh PostgreSQL database's URL."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    with fresh_postgres_database() as url:
-        yield url
+    with engine_env(request.param) as env:
+        yield env.get("DOVECOTE_STORE", "")
 
 
 def env_for(issuer: Issuer, store_url: str, webhook: Webhook) -> dict[str, str]:
@@ -83,16 +73,9 @@ def rooms_server(
     tmp_path_factory: pytest.TempPathFactory, issuer: Issuer, store_url: str, webhook: Webhook
 ) -> Iterator[ServerProcess]:
     """One server per engine for the whole run, trusting `issuer`."""
-    base = tmp_path_factory.mktemp("rooms-server")
-    server = ServerProcess(
-        data_dir=base / "data",
-        port=free_port(),
-        env=env_for(issuer, store_url, webhook),
-        log_path=base / "server.log",
-    )
-    server.start()
-    yield server
-    server.kill()
+    env = env_for(issuer, store_url, webhook)
+    with running_server(tmp_path_factory.mktemp("rooms-server"), env=env) as server:
+        yield server
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.server import ROOT, ServerProcess, free_port
+from support.server import ROOT, ServerProcess, running_server
 
 
 def dovecote(*args: str, code: int = 0, env: dict[str, str] | None = None) -> str:
@@ -45,13 +45,8 @@ def client(data_dir: Path, *args: str, code: int = 0) -> str:
 
 @pytest.fixture(scope="module")
 def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    base = tmp_path_factory.mktemp("devrooms")
-    server = ServerProcess(
-        data_dir=base / "data", port=free_port(), env={}, log_path=base / "server.log"
-    )
-    server.start()
-    yield server
-    server.kill()
+    with running_server(tmp_path_factory.mktemp("devrooms")) as server:
+        yield server
 
 
 def test_dev_token_posts_and_tails_a_room(dev_server: ServerProcess, tmp_path: Path) -> None:

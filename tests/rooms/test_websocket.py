@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from dovecote.rooms.auth import LEEWAY
 from dovecote.rooms.hub import SAFETY_POLL_SECONDS
 from support.rooms import Issuer, RoomsClient, ws_connect, ws_recv
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess
 
 
 async def test_replay_then_live_and_removal(rooms: RoomsClient) -> None:
@@ -141,67 +142,57 @@ async def test_resume_at_random_points_sees_each_event_once(
     rooms_server: ServerProcess,
     rooms_env: dict[str, str],
     store_url: str,
-    tmp_path: Any,
+    server_factory: Callable[..., ServerProcess],
 ) -> None:
     """A subscriber killed at random points and resumed from its last seen seq gets every
     event exactly once, in order. On PostgreSQL it alternates between two instances."""
     servers = [rooms_server.base_url]
     extra: ServerProcess | None = None
     if store_url:
-        extra = ServerProcess(
-            data_dir=tmp_path / "second",
-            port=free_port(),
-            env=rooms_env,
-            log_path=tmp_path / "second.log",
-        )
-        extra.start()
+        extra = server_factory(env=rooms_env)
         servers.append(extra.base_url)
-    try:
-        room = rooms.create_room({"writer": "member", "reader": "member"})
-        rng = random.Random(int.from_bytes(os.urandom(4), "big"))
-        writer = asyncio.create_task(_post_many(rooms.base_url, rooms.issuer, room, POSTS))
-        seen: list[dict[str, Any]] = []
-        reconnects = 0
-        final: int | None = None
-        while final is None or (seen and seen[-1]["seq"] < final) or not seen:
-            since = seen[-1]["seq"] if seen else 0
-            ws = await ws_connect(servers[reconnects % len(servers)], rooms.issuer.token("reader"))
-            reconnects += 1
-            await ws.send(json.dumps({"action": "subscribe", "room": room, "since": since}))
-            assert (await ws_recv(ws))["type"] == "subscribed"
-            take = rng.randint(1, 20)  # so at least POSTS / 20 connections
-            try:
-                for _ in range(take):
-                    frame = await ws_recv(ws, within=1)
-                    assert frame["type"] == "event", frame
-                    seen.append(frame["event"])
-            except TimeoutError:
-                pass  # caught up; loop to check whether the writer is done
-            # Kill the connection without a closing handshake (a crash, a lost network).
-            ws.transport.abort()
-            if writer.done() and final is None:
-                writer.result()
-                final = rooms.events(room)["last_seq"]
-        seqs = [e["seq"] for e in seen]
-        assert seqs == list(range(1, final + 1))
-        assert len({e["id"] for e in seen}) == len(seen)
-        assert sum(e["type"] == "message.posted" for e in seen) == POSTS
-        assert reconnects >= POSTS // 20
+    room = rooms.create_room({"writer": "member", "reader": "member"})
+    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    writer = asyncio.create_task(_post_many(rooms.base_url, rooms.issuer, room, POSTS))
+    seen: list[dict[str, Any]] = []
+    reconnects = 0
+    final: int | None = None
+    while final is None or (seen and seen[-1]["seq"] < final) or not seen:
+        since = seen[-1]["seq"] if seen else 0
+        ws = await ws_connect(servers[reconnects % len(servers)], rooms.issuer.token("reader"))
+        reconnects += 1
+        await ws.send(json.dumps({"action": "subscribe", "room": room, "since": since}))
+        assert (await ws_recv(ws))["type"] == "subscribed"
+        take = rng.randint(1, 20)  # so at least POSTS / 20 connections
+        try:
+            for _ in range(take):
+                frame = await ws_recv(ws, within=1)
+                assert frame["type"] == "event", frame
+                seen.append(frame["event"])
+        except TimeoutError:
+            pass  # caught up; loop to check whether the writer is done
+        # Kill the connection without a closing handshake (a crash, a lost network).
+        ws.transport.abort()
+        if writer.done() and final is None:
+            writer.result()
+            final = rooms.events(room)["last_seq"]
+    seqs = [e["seq"] for e in seen]
+    assert seqs == list(range(1, final + 1))
+    assert len({e["id"] for e in seen}) == len(seen)
+    assert sum(e["type"] == "message.posted" for e in seen) == POSTS
+    assert reconnects >= POSTS // 20
 
-        if extra is not None:
-            # Live fan-out across instances comes from NOTIFY, well before the 5 s poll.
-            ws = await ws_connect(servers[1], rooms.issuer.token("reader"))
-            await ws.send(json.dumps({"action": "subscribe", "room": room, "since": final}))
-            assert (await ws_recv(ws))["type"] == "subscribed"
-            started = time.monotonic()
-            assert rooms.post(room, "writer", "across").status_code == 201
-            frame = await ws_recv(ws, within=SAFETY_POLL_SECONDS - 1)
-            assert frame["event"]["seq"] == final + 1
-            assert time.monotonic() - started < SAFETY_POLL_SECONDS - 1
-            await ws.close()
-    finally:
-        if extra is not None:
-            extra.kill()
+    if extra is not None:
+        # Live fan-out across instances comes from NOTIFY, well before the 5 s poll.
+        ws = await ws_connect(servers[1], rooms.issuer.token("reader"))
+        await ws.send(json.dumps({"action": "subscribe", "room": room, "since": final}))
+        assert (await ws_recv(ws))["type"] == "subscribed"
+        started = time.monotonic()
+        assert rooms.post(room, "writer", "across").status_code == 201
+        frame = await ws_recv(ws, within=SAFETY_POLL_SECONDS - 1)
+        assert frame["event"]["seq"] == final + 1
+        assert time.monotonic() - started < SAFETY_POLL_SECONDS - 1
+        await ws.close()
 
 
 # Messages (of SLOW_SIZE characters) posted per step until a stalled reader's socket

@@ -26,6 +26,7 @@ from security.flood import (
 )
 from support.agent import CM2, CM3, PICKUP
 from support.inspect import metric_value, snapshot
+from support.postgres import ENGINES
 from support.server import ServerProcess, running_server
 
 TOKEN = "t" * 40
@@ -46,7 +47,7 @@ LEAKS = (
 NUL_DIDS = ["did:example:nul\x00inside", "did:example:\udc80lone", "did:\x00:x"]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=ENGINES)
 def hostile(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:

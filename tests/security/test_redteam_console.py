@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 
 TOKEN = "r" * 40
 ODD = ["²", "1" * 5000, "٣"]
@@ -22,18 +22,9 @@ ODD_IDS = ["superscript-two", "5000-digits", "arabic-indic-three"]
 
 @pytest.fixture(scope="module")
 def console_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-console")
-    server = ServerProcess(
-        data_dir=tmp / "data",
-        port=free_port(),
-        log_path=tmp / "log",
-        env={"DOVECOTE_ADMIN_TOKEN": TOKEN},
-    )
-    try:
-        server.start()
+    env = {"DOVECOTE_ADMIN_TOKEN": TOKEN}
+    with running_server(tmp_path_factory.mktemp("redteam-console"), env=env) as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

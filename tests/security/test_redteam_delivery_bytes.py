@@ -19,7 +19,7 @@ import pytest
 
 from security.flood import AnonPacker, b64, forward_message
 from support.agent import PICKUP, Agent
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 from support.v1agent import V1Agent, forward_for, msg, post_raw
 
 ENCRYPTED = "application/didcomm-encrypted+json"
@@ -29,18 +29,9 @@ MESSAGES = 6  # of ~20 KB: at most 3 fit the budget
 
 @pytest.fixture(scope="module")
 def small_deliveries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-delivery")
-    server = ServerProcess(
-        data_dir=tmp / "data",
-        port=free_port(),
-        log_path=tmp / "log",
-        env={"DOVECOTE_MAX_BODY_BYTES": str(BUDGET)},
-    )
-    try:
-        server.start()
+    env = {"DOVECOTE_MAX_BODY_BYTES": str(BUDGET)}
+    with running_server(tmp_path_factory.mktemp("redteam-delivery"), env=env) as server:
         yield server
-    finally:
-        server.kill()
 
 
 async def test_v2_delivery_stops_at_the_byte_budget(small_deliveries: ServerProcess) -> None:

@@ -21,7 +21,7 @@ import pytest
 from dovecote.didcomm.v1 import envelope
 from security.flood import AnonPacker, b64, forward_message
 from support.agent import PICKUP, Agent
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 from support.v1agent import V1Agent, msg, post_raw
 
 ENCRYPTED = "application/didcomm-encrypted+json"
@@ -34,18 +34,9 @@ POISON = {
 
 @pytest.fixture(scope="module")
 def mailbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-mailbox")
-    server = ServerProcess(
-        data_dir=tmp / "data",
-        port=free_port(),
-        log_path=tmp / "log",
-        env={"DOVECOTE_RATE_LIMIT_IP": "100000", "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"},
-    )
-    try:
-        server.start()
+    env = {"DOVECOTE_RATE_LIMIT_IP": "100000", "DOVECOTE_RATE_LIMIT_IP_BURST": "100000"}
+    with running_server(tmp_path_factory.mktemp("redteam-mailbox"), env=env) as server:
         yield server
-    finally:
-        server.kill()
 
 
 def _unb64(text: str) -> bytes:

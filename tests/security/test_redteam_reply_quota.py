@@ -18,7 +18,7 @@ import pytest
 
 from reliability.helpers import query
 from support.agent import PING, Agent
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, free_port, running_server
 from support.v1agent import V1Agent, msg
 
 TARGET_ITEMS = 3
@@ -26,24 +26,15 @@ TARGET_ITEMS = 3
 
 @pytest.fixture(scope="module")
 def reply_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-replies")
-    server = ServerProcess(
-        data_dir=tmp / "data",
-        port=free_port(),
-        log_path=tmp / "log",
-        env={
-            "DOVECOTE_RELAY_TARGET_MAX_ITEMS": str(TARGET_ITEMS),
-            "DOVECOTE_RELAY_RETRY_AFTER": "9",
-            "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
-            "DOVECOTE_RATE_LIMIT_IP": "100000",
-            "DOVECOTE_RATE_LIMIT_IP_BURST": "100000",
-        },
-    )
-    try:
-        server.start()
+    env = {
+        "DOVECOTE_RELAY_TARGET_MAX_ITEMS": str(TARGET_ITEMS),
+        "DOVECOTE_RELAY_RETRY_AFTER": "9",
+        "DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true",
+        "DOVECOTE_RATE_LIMIT_IP": "100000",
+        "DOVECOTE_RATE_LIMIT_IP_BURST": "100000",
+    }
+    with running_server(tmp_path_factory.mktemp("redteam-replies"), env=env) as server:
         yield server
-    finally:
-        server.kill()
 
 
 def _pending(server: ServerProcess) -> int:

@@ -19,24 +19,15 @@ import httpx
 import pytest
 
 from support.endpoint import FlakyEndpoint
-from support.server import ServerProcess, free_port
+from support.server import ServerProcess, running_server
 from support.v1agent import V1, V1Agent, forward_for, msg, post_raw
 
 
 @pytest.fixture(scope="module")
 def v1_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("redteam-v1-capture")
-    server = ServerProcess(
-        data_dir=tmp / "data",
-        port=free_port(),
-        log_path=tmp / "log",
-        env={"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"},
-    )
-    try:
-        server.start()
+    env = {"DOVECOTE_OUTBOUND_ALLOW_PRIVATE": "true"}
+    with running_server(tmp_path_factory.mktemp("redteam-v1-capture"), env=env) as server:
         yield server
-    finally:
-        server.kill()
 
 
 def _forged(victim: V1Agent, attacker_url: str) -> list[dict[str, Any]]:

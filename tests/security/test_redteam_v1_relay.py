@@ -16,13 +16,14 @@ import pytest
 
 from dovecote.didcomm.v1 import envelope
 from reliability.helpers import query
+from support.postgres import ENGINES
 from support.server import ServerProcess, free_port, running_server
 from support.v1agent import V1Agent, forward_for, msg, post_raw
 
 TARGET_ITEMS = 3
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=ENGINES)
 def v1_relay(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:

@@ -20,7 +20,7 @@ import pytest
 import websockets
 
 from support.agent import PICKUP, Agent
-from support.server import ServerProcess
+from support.server import ServerProcess, running_server
 
 OTHER_IP = "127.0.0.2"
 
@@ -81,28 +81,15 @@ def _json_body(answer: bytes) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One server with short timeouts and small per-address caps for this module."""
-    tmp = tmp_path_factory.mktemp("slow-clients")
-    server = ServerProcess(
-        data_dir=tmp / "data",
-        port=_free_port(),
-        log_path=tmp / "log",
-        env={
-            "DOVECOTE_HEADER_TIMEOUT": "1",
-            "DOVECOTE_BODY_READ_TIMEOUT": "1",
-            "DOVECOTE_BODY_MIN_RATE": "1000",
-            "DOVECOTE_WS_PING_INTERVAL": "0.5",
-            "DOVECOTE_WS_PING_TIMEOUT": "0.5",
-        },
-    )
-    server.start()
-    yield server
-    server.kill()
-
-
-def _free_port() -> int:
-    from support.server import free_port
-
-    return free_port()
+    env = {
+        "DOVECOTE_HEADER_TIMEOUT": "1",
+        "DOVECOTE_BODY_READ_TIMEOUT": "1",
+        "DOVECOTE_BODY_MIN_RATE": "1000",
+        "DOVECOTE_WS_PING_INTERVAL": "0.5",
+        "DOVECOTE_WS_PING_TIMEOUT": "0.5",
+    }
+    with running_server(tmp_path_factory.mktemp("slow-clients"), env=env) as server:
+        yield server
 
 
 def _get(path: str = "/invitation", headers: bytes = b"") -> bytes:

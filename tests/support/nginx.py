@@ -40,13 +40,9 @@ class Nginx:
         shutil.rmtree(self.prefix, ignore_errors=True)
 
 
-def start_nginx(upstream_ports: list[int], https_port: int | None = None, **env: str) -> Nginx:
-    """nginx on a free HTTPS port (self-signed) proxying to 127.0.0.1:<ports>."""
-    assert NGINX, "nginx is not installed (make deploy-tools)"
-    # Not pytest's tmp_path: nginx's workers run as nobody and must enter the prefix.
-    prefix = Path(tempfile.mkdtemp(prefix="dovecote-nginx-"))
-    os.chmod(prefix, 0o755)
-    cert, key = prefix / "cert.pem", prefix / "key.pem"
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for localhost and its key: directory/cert.pem, key.pem."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         [
             "openssl",
@@ -69,6 +65,16 @@ def start_nginx(upstream_ports: list[int], https_port: int | None = None, **env:
         check=True,
         capture_output=True,
     )
+    return cert, key
+
+
+def start_nginx(upstream_ports: list[int], https_port: int | None = None, **env: str) -> Nginx:
+    """nginx on a free HTTPS port (self-signed) proxying to 127.0.0.1:<ports>."""
+    assert NGINX, "nginx is not installed (make deploy-tools)"
+    # Not pytest's tmp_path: nginx's workers run as nobody and must enter the prefix.
+    prefix = Path(tempfile.mkdtemp(prefix="dovecote-nginx-"))
+    os.chmod(prefix, 0o755)
+    cert, key = self_signed(prefix)
     https_port = https_port or free_port()
     subprocess.run(
         ["sh", str(ROOT / "deploy" / "nginx" / "render.sh"), str(prefix)],

@@ -4,18 +4,14 @@ and a small synchronous client for the rooms API."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.server
 import json
-import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from joserfc import jwt
@@ -135,40 +131,8 @@ def new_key() -> str:
     return str(uuid.uuid4())
 
 
-ENGINES = ["sqlite", "postgres"]
 # DOVECOTE_ROOMS_MAX_MESSAGE_BYTES of the test servers.
 MAX_MESSAGE_BYTES = 256 * 1024
-POSTGRES_URL = (
-    os.environ.get("DOVECOTE_TEST_POSTGRES") or "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@contextlib.contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    """CREATE a database for one server (or a few), DROP it afterwards."""
-    import asyncpg
-
-    name = f"dovecote_rooms_{uuid.uuid4().hex[:12]}"
-
-    async def run(sql: str) -> None:
-        try:
-            conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
-        except Exception as exc:  # these tests must fail, not skip
-            raise RuntimeError(
-                f"PostgreSQL at {POSTGRES_URL} is unreachable ({exc!r}); run "
-                "`bash scripts/ensure-postgres.sh && . ./.test-env`"
-            ) from exc
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    try:
-        parts = urlsplit(POSTGRES_URL)
-        yield urlunsplit(parts._replace(path="/" + name))
-    finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def query(store_url: str, data_dir: Path, sql: str) -> list[tuple[Any, ...]]:

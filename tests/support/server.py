@@ -137,16 +137,18 @@ class ServerProcess:
 def running_server(
     tmp: Path, engine: str = "sqlite", env: dict[str, str] | None = None
 ) -> Iterator[ServerProcess]:
-    """A started server with its data and log in `tmp`, on a fresh PostgreSQL database
-    when `engine` is "postgres"; killed (and the database dropped) afterwards."""
-    from support.postgres import fresh_database
+    """A started server with its data and log in `tmp`, on `engine`'s store
+    (support.postgres.engine_env); killed, and its PostgreSQL database dropped, afterwards.
+    For module- or session-scoped servers; a test's own come from `server_factory`."""
+    from support.postgres import engine_env
 
     with ExitStack() as stack:
-        env = dict(env or {})
-        if engine == "postgres":
-            env["DOVECOTE_STORE"] = stack.enter_context(fresh_database())
+        engine_vars = stack.enter_context(engine_env(engine))
         server = ServerProcess(
-            data_dir=tmp / "data", port=free_port(), env=env, log_path=tmp / "server.log"
+            data_dir=tmp / "data",
+            port=free_port(),
+            env={**engine_vars, **(env or {})},
+            log_path=tmp / "server.log",
         )
         stack.callback(server.kill)
         server.start()
