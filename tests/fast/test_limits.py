@@ -1,20 +1,27 @@
-"""Errors and limits on POST /: size, media type, malformed input, rate limits, DID and JSON
-limits, mailbox and concurrency caps. Each refusal is a 4xx/5xx with the usual JSON body and
-stores nothing (fast twins of tests/integration/test_bad_input.py,
-tests/reliability/test_limits.py and tests/security/test_sizes.py)."""
+"""Errors and limits on POST /: size, media type, malformed input, unresolvable senders, rate
+limits, DID and JSON limits, mailbox and concurrency caps. Each refusal is a 4xx/5xx with the
+usual JSON body, a log line and a metric, and stores nothing. This tier owns these cases;
+what only a real server shows (uvicorn's frame and header limits, slow sockets) stays in
+tests/integration/test_bad_input.py and tests/security/test_sizes.py, test_slow_clients.py."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+import structlog
+from didcomm.common.resolvers import ResolversConfig
+from didcomm.did_doc.did_doc import DIDDoc
+from didcomm.did_doc.did_resolver import ChainedDIDResolver, DIDResolver
+from didcomm.secrets.secrets_resolver_in_memory import SecretsResolverInMemory
 
 from fast.instance import BASE_URL, Fast
 from security.flood import AnonPacker, anon_forward, b64, forward_message, peer_did
-from support.agent import BASIC, ENCRYPTED, PICKUP, PING, Agent, forward_to
+from support.agent import BASIC, ENCRYPTED, PICKUP, PING, Agent, PeerResolver, forward_to
 from support.inspect import metric_value
 
 
@@ -23,6 +30,51 @@ def _tamper(packed: str) -> str:
     text = envelope["ciphertext"]
     envelope["ciphertext"] = text[:5] + ("B" if text[5] != "B" else "C") + text[6:]
     return json.dumps(envelope)
+
+
+class ExampleAgent(Agent):
+    """An agent whose DID (did:example) only it can resolve: the mediator cannot."""
+
+    @classmethod
+    def make(cls, base_url: str, mediator_did: str) -> ExampleAgent:
+        peer = Agent.create(base_url, mediator_did)
+        agent = cls(base_url=base_url, mediator_did=mediator_did)
+        agent.did = f"did:example:{uuid.uuid4().hex}"
+        agent._peer = peer  # type: ignore[attr-defined]
+        for secret in peer.secrets:
+            secret.kid = agent.did + secret.kid[secret.kid.index("#") :]
+        agent.secrets = peer.secrets
+        return agent
+
+    @property
+    def resolvers(self) -> ResolversConfig:
+        return ResolversConfig(
+            secrets_resolver=SecretsResolverInMemory(self.secrets),
+            did_resolver=ChainedDIDResolver([_ExampleDocs(self), PeerResolver()]),
+        )
+
+
+# didcomm (the reference implementation) ships no py.typed: to mypy its classes are Any.
+class _ExampleDocs(DIDResolver):  # type: ignore[misc]
+    def __init__(self, agent: ExampleAgent) -> None:
+        self.agent = agent
+
+    async def resolve(self, did: str) -> DIDDoc | None:
+        if did != self.agent.did:
+            return None
+        doc = await PeerResolver().resolve(self.agent._peer.did)  # type: ignore[attr-defined]
+        assert doc is not None
+        old = self.agent._peer.did  # type: ignore[attr-defined]
+        for vm in doc.verification_methods:
+            vm.id = vm.id.replace(old, did)
+            vm.controller = did
+            material = json.loads(vm.verification_material.value)
+            material["kid"] = vm.id
+            vm.verification_material.value = json.dumps(material)
+        doc.did = did
+        doc.key_agreement_kids = [k.replace(old, did) for k in doc.key_agreement_kids]
+        doc.authentication_kids = [k.replace(old, did) for k in doc.authentication_kids]
+        return doc
 
 
 async def _case(name: str, fast: Fast, alice: Agent) -> tuple[bytes | str, str]:
@@ -69,7 +121,8 @@ async def test_bad_input_gets_a_json_error_a_metric_and_stores_nothing(
     await alice.mediate(fast.client)
     body, content_type = await _case(case, fast, alice)
     before, metrics_before = fast.snapshot(), await fast.scrape()
-    response = await fast.post(body, content_type, headers={"x-request-id": f"fast-{case}"})
+    with structlog.testing.capture_logs() as logged:
+        response = await fast.post(body, content_type, headers={"x-request-id": f"fast-{case}"})
     status, code = EXPECTED[case]
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
@@ -83,6 +136,18 @@ async def test_bad_input_gets_a_json_error_a_metric_and_stores_nothing(
         metric_value(metrics_after, "dovecote_bad_input_total", code=code)
         == metric_value(metrics_before, "dovecote_bad_input_total", code=code) + 1
     )
+    # Logged once with the request id and the code (what an operator greps for).
+    assert [e.get("code") for e in logged if e.get("request_id") == f"fast-{case}"].count(code) == 1
+
+
+async def test_unresolvable_sender_did_is_400_and_stores_nothing(fast: Fast) -> None:
+    agent = ExampleAgent.make(BASE_URL, fast.did)
+    before = fast.snapshot()
+    packed = await agent.pack(agent.message(f"{PING}/ping"))
+    response = await fast.post(packed)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "e.m.did.unresolvable"
+    assert fast.snapshot() == before
 
 
 async def test_unsupported_content_type_is_415(fast: Fast) -> None:
@@ -240,7 +305,8 @@ async def test_sender_key_id_past_the_limit_is_refused(fast: Fast) -> None:
 
 
 async def test_deep_json_and_long_ids_are_refused(fast: Fast) -> None:
-    deep_envelope = await fast.post(b"[" * 100_000)
+    # An envelope of 4 MiB of '[' (the parser would recurse until it gives up).
+    deep_envelope = await fast.post(b"[" * (4 * 1024 * 1024))
     assert deep_envelope.status_code == 400
     assert deep_envelope.json()["error"] == "e.m.msg.limit-exceeded"
     packer = await AnonPacker.for_mediator(fast.did)

@@ -1,5 +1,6 @@
-"""The DIDComm protocol handlers through POST /, in-process (fast twins of
-tests/integration/test_mediator_flow.py and the problem-report cases of test_bad_input.py)."""
+"""The DIDComm protocol handlers through POST /, in-process, with every bad-field problem
+report (this tier owns those; tests/integration/test_mediator_flow.py runs the flows
+against real servers on both engines)."""
 
 from __future__ import annotations
 

@@ -121,6 +121,7 @@ async def test_metrics_move_by_exactly_the_workload(fast: Fast) -> None:
     assert delta("dovecote_messages_duplicate_total") == 1
     assert delta("dovecote_messages_delivered_total", mode="pickup") == 3
     assert delta("dovecote_messages_acknowledged_total") == 2
+    assert delta("dovecote_message_ack_latency_seconds_count") == 2
     assert (
         delta(
             "dovecote_didcomm_messages_total",
@@ -130,8 +131,20 @@ async def test_metrics_move_by_exactly_the_workload(fast: Fast) -> None:
         )
         == 4
     )
+    assert (
+        delta(
+            "dovecote_didcomm_messages_total",
+            protocol="messagepickup/3.0",
+            message_type="delivery-request",
+            outcome="ok",
+        )
+        == 1
+    )
+    # The scrape itself is not in `before`; 4 forwards and 2 pickup calls are.
     assert delta("dovecote_http_requests_total", route="/", method="POST", status="202") == 4
     assert delta("dovecote_http_requests_total", route="/", method="POST", status="200") == 2
+    assert delta("dovecote_http_request_duration_seconds_count", route="/", method="POST") == 6
+    assert delta("dovecote_store_transaction_duration_seconds_count", op="commit") >= 3
 
 
 async def test_metric_labels_stay_bounded(fast: Fast) -> None:
@@ -142,12 +155,15 @@ async def test_metric_labels_stay_bounded(fast: Fast) -> None:
         )
         assert (await fast.client.get(f"/no/such/{uuid.uuid4()}")).status_code == 404
     text = await fast.scrape()
+    series: dict[str, int] = {}
     for line in text.splitlines():
         if line.startswith("#") or "{" not in line:
             continue
-        labels = line.split("{", 1)[1]
+        name, labels = line.split("{", 1)
         assert "did:" not in labels, line
         assert not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-", labels), line
+        series[name] = series.get(name, 0) + 1
+    assert max(series.values()) < 300, series
     assert metric_value(text, "dovecote_http_requests_total", route="other") >= 5
     assert metric_value(text, "dovecote_didcomm_messages_total", protocol="unknown") >= 5
 
@@ -204,6 +220,8 @@ async def test_read_only_degradation_refuses_forwards_and_keeps_pickup(fast: Fas
     assert fast.snapshot() == before
     status = await alice.request(fast.client, f"{PICKUP}/status-request")
     assert status["body"]["message_count"] == 0
+    health = (await fast.client.get("/health", headers=ADMIN)).json()
+    assert health["degradation"] == "read-only" and health["degradation_forced"] is True
     await fast.client.post("/admin/degradation", headers=ADMIN, json={"level": "auto"})
     assert (await fast.post(packed)).status_code == 202
 
@@ -274,13 +292,7 @@ async def test_rooms_api_basics(fast: Fast) -> None:
 async def test_rooms_bad_bodies_store_nothing(
     fast: Fast, raw: bytes, content_type: str, status: int
 ) -> None:
-    admin = {"authorization": f"Bearer {fast.issuer.token('root', roles=['admin'])}"}
-    created = await fast.client.post(
-        "/v1/rooms",
-        headers=admin,
-        json={"name": "r", "participants": [{"id": "alice", "role": "member"}]},
-    )
-    room = created.json()["id"]
+    room = await fast.create_room("alice")
     token = fast.issuer.token("alice")
     response = await fast.client.post(
         f"/v1/rooms/{room}/messages",

@@ -1,6 +1,6 @@
-"""/ws (DIDComm) and /v1/rooms/ws, in-process through httpx-ws (fast twins of the socket
-cases in tests/integration/test_mediator_flow.py, test_bad_input.py and
-tests/rooms/test_websocket.py)."""
+"""/ws (DIDComm) and /v1/rooms/ws, in-process through httpx-ws, bad frames included (fast
+twins of the socket cases in tests/integration/test_mediator_flow.py and
+tests/rooms/test_websocket.py; uvicorn's frame limit stays in test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -126,14 +126,7 @@ async def test_websockets_past_the_limit_are_closed_with_1013(fast: Fast) -> Non
 
 
 async def test_rooms_socket_replays_then_streams_live(fast: Fast) -> None:
-    admin = {"authorization": f"Bearer {fast.issuer.token('root', roles=['admin'])}"}
-    created = await fast.client.post(
-        "/v1/rooms",
-        headers=admin,
-        json={"name": "fast", "participants": [{"id": "alice", "role": "member"}]},
-    )
-    assert created.status_code == 201, created.text
-    room = created.json()["id"]
+    room = await fast.create_room("alice")
     alice = {"authorization": f"Bearer {fast.issuer.token('alice')}"}
     posted = await fast.client.post(
         f"/v1/rooms/{room}/messages", headers=alice, json={"text": "before"}
@@ -163,13 +156,7 @@ async def test_rooms_socket_replays_then_streams_live(fast: Fast) -> None:
 
 
 async def test_rooms_socket_refuses_a_room_the_token_does_not_name(fast: Fast) -> None:
-    admin = {"authorization": f"Bearer {fast.issuer.token('root', roles=['admin'])}"}
-    created = await fast.client.post(
-        "/v1/rooms",
-        headers=admin,
-        json={"name": "fast", "participants": [{"id": "alice", "role": "member"}]},
-    )
-    room = created.json()["id"]
+    room = await fast.create_room("alice")
     token = fast.issuer.token("alice", rooms=["other"])
     async with aconnect_ws(
         "/v1/rooms/ws",
