@@ -683,9 +683,9 @@ async def _join_rooms(store: Any, user: str, room_ids: list[str]) -> None:
     from dovecote.store.rooms_base import NewRoom
 
     for room in room_ids:
-        if await store.room_get(room) is None:
+        if await store.rooms.room_get(room) is None:
             try:
-                await store.room_create(
+                await store.rooms.room_create(
                     NewRoom(
                         id=room,
                         name=room,
@@ -697,9 +697,9 @@ async def _join_rooms(store: Any, user: str, room_ids: list[str]) -> None:
                 continue
             except Conflict:
                 pass  # created meanwhile by someone else: join it below
-        members = await store.participants(room) or []
+        members = await store.rooms.participants(room) or []
         if not any(p.participant == user for p in members):
-            await store.participant_set(room, user, "member", user, manage=True)
+            await store.rooms.participant_set(room, user, "member", user, manage=True)
 
 
 # ---------------------------------------------------------------------- backups

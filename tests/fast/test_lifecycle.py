@@ -9,12 +9,12 @@ made about one in 150 in-process shutdowns wait for good (heartbeat's store writ
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from dovecote.store.dialect import Tx
 from fast.instance import Fast
 
 # Loop turns between the store call's result arriving and the cancellation: the window
@@ -25,7 +25,7 @@ HANDOFF_SECONDS = 0.05
 
 
 async def cancelled_as_the_result_arrives(
-    call: Callable[[Callable[[sqlite3.Connection], Any]], Coroutine[Any, Any, Any]],
+    call: Callable[[Callable[[Tx], Coroutine[Any, Any, int]]], Coroutine[Any, Any, Any]],
     turns: int,
 ) -> BaseException | None:
     """Start `call(fn)`, block the loop while its thread finishes, then cancel it
@@ -33,8 +33,8 @@ async def cancelled_as_the_result_arrives(
     when it had already returned (nothing to cancel)."""
     ran = threading.Event()
 
-    def fn(conn: sqlite3.Connection) -> int:
-        conn.execute("SELECT 1").fetchone()
+    async def fn(tx: Tx) -> int:  # a transaction body: the SQLite engine runs it on its thread
+        await tx.fetchval("SELECT 1")
         ran.set()
         return 1
 

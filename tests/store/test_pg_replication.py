@@ -82,9 +82,9 @@ async def test_duplicates_answer_only_after_a_standby_confirmed(
 ) -> None:
     await mediate(store, ALICE, RECIPIENT)
     first = await store.enqueue(message(body=b"one"), **ROOMY)
-    await store.room_create(NewRoom("r1", "room", {}, ALICE, [(ALICE, "admin")]))
+    await store.rooms.room_create(NewRoom("r1", "room", {}, ALICE, [(ALICE, "admin")]))
     post = NewPost("r1", ALICE, {"text": "hi"}, "key-1", "hash-1")
-    posted = await store.message_post(post, idempotency_since=0.0)
+    posted = await store.rooms.message_post(post, idempotency_since=0.0)
     assert await store.outbox_add([relay("d1")]) != []
 
     await configure(cluster, synchronous_standby_names="nobody")
@@ -92,7 +92,7 @@ async def test_duplicates_answer_only_after_a_standby_confirmed(
     # exist on this node only. They must wait for a standby, and time out (503).
     for retry in (
         store.enqueue(message(body=b"one"), **ROOMY),
-        store.message_post(post, idempotency_since=0.0),
+        store.rooms.message_post(post, idempotency_since=0.0),
         store.outbox_add([relay("d1")]),
     ):
         with pytest.raises(StoreError):
@@ -101,11 +101,11 @@ async def test_duplicates_answer_only_after_a_standby_confirmed(
     await configure(cluster, synchronous_standby_names="")
     again = await store.enqueue(message(body=b"one"), **ROOMY)
     assert again.duplicate and again.id == first.id
-    reposted = await store.message_post(post, idempotency_since=0.0)
+    reposted = await store.rooms.message_post(post, idempotency_since=0.0)
     assert reposted.duplicate and reposted.message.id == posted.message.id
     assert await store.outbox_add([relay("d1")]) == []
     assert len(await store.fetch(ALICE, 10)) == 1
-    page = await store.room_events("r1", after=0)
+    page = await store.rooms.room_events("r1", after=0)
     assert page is not None and [e.type for e in page.events].count("message.posted") == 1
 
 

@@ -41,15 +41,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = "dovecote"
 
-# Edges left in the graph on purpose, each with the reason. The store engines' mixins
-# (rooms, v1) reach back into their engine module for shared helpers; helper `store` is
-# untangling them (store/ rewrite): delete each entry as its cycle goes.
-ALLOWED: set[tuple[str, str]] = {
-    ("dovecote.store.sqlite_rooms", "dovecote.store.sqlite"),
-    ("dovecote.store.sqlite_v1", "dovecote.store.sqlite"),
-    ("dovecote.store.postgres_rooms", "dovecote.store.postgres"),
-    ("dovecote.store.postgres_v1", "dovecote.store.postgres"),
-}
+# Edges left in the graph on purpose, each with the reason (none today).
+ALLOWED: set[tuple[str, str]] = set()
 
 LAYERS: list[tuple[str, list[str]]] = [
     (

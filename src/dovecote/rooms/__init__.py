@@ -70,7 +70,8 @@ class Rooms:
 
     def __init__(self, settings: RoomsSettings, store: Store) -> None:
         self.settings = settings
-        self._store = store if isinstance(store, RoomStore) else None
+        rooms = getattr(store, "rooms", None)  # the store's rooms component, if it has one
+        self._store = rooms if isinstance(rooms, RoomStore) else None
         self.auth = Authenticator(
             KeySource(
                 settings.jwks_file, settings.jwks_url, settings.jwks_refresh, settings.outbound

@@ -17,62 +17,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 import structlog
 
-from dovecote.errors import MailboxFull, StorageFull, StoreError
+from dovecote.errors import StorageFull, StoreError
 from dovecote.ops import metrics
 from dovecote.store import migrations
-from dovecote.store.base import (
-    DeadLetter,
-    EnqueueResult,
-    InstanceInfo,
-    MailboxStatus,
-    MailboxUsage,
-    MediationState,
-    NewMessage,
-    NewOutboxItem,
-    OutboxItem,
-    OutboxTarget,
-    QueueStats,
-    RecipientConflict,
-    RelayQuota,
-    Store,
-    StoredMessage,
-    UpdateResult,
-)
+from dovecote.store.dialect import POSTGRES, Row, Tx
+from dovecote.store.engine import SQLStore
 from dovecote.store.pg_ha import HOST_CONNECT_TIMEOUT, Hosts, is_sync_cancel
-from dovecote.store.postgres_rooms import PostgresRoomsMixin
-from dovecote.store.postgres_v1 import PostgresV1Mixin
-
-# The SQLite engine is the reference: share its row decoding and DID URL matching so
-# both engines answer identically.
-from dovecote.store.sqlite import (
-    CONFLICTS_SQL,
-    MAILBOX_LARGEST_SQL,
-    MAILBOX_OLDEST_SQL,
-    OUTBOX_TARGETS_SQL,
-    STATUS_SQL,
-    _dead_letter,
-    _outbox_item,
-    _recipient_candidates,
-)
-from dovecote.util.did import base_did, storable
 
 log = structlog.get_logger("dovecote.store.postgres")
 
 T = TypeVar("T")
 Conn = Any  # asyncpg.Connection (asyncpg ships no type information)
+Body = Callable[[Tx], Awaitable[T]]
 
-# NOTIFY channel carrying the mediatee whose mailbox got a message.
+# NOTIFY channels carrying the mediatee whose mailbox got a message / the room that got
+# an event.
 CHANNEL = "dovecote_mailbox"
+ROOM_CHANNEL = "dovecote_room"
 # application_name of the pooled connections and of the LISTEN connection.
 APPLICATION_NAME = "dovecote"
 LISTENER_NAME = "dovecote-listen"
@@ -93,12 +62,8 @@ RETRY_BASE_SECONDS = 0.1
 LISTENER_CHECK_SECONDS = 10.0
 LISTENER_BACKOFF_MIN = 0.2
 LISTENER_BACKOFF_MAX = 10.0
-# Largest BIGINT; paging numbers beyond it mean "past the end".
-MAX_BIGINT = 2**63 - 1
 # NOTIFY payloads must stay under 8000 bytes; a longer mediatee wakes everyone instead.
 MAX_NOTIFY_PAYLOAD = 7999
-# Rounds of "insert dedup row / it vanished meanwhile" before giving up (expiry racing).
-DEDUP_ROUNDS = 3
 
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -142,7 +107,68 @@ def _rowcount(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
+def _payload(key: str) -> str:
+    # NOTIFY payloads must stay under 8000 bytes; a longer key wakes everyone instead.
+    return key if len(key.encode()) <= MAX_NOTIFY_PAYLOAD else WAKE_ALL
+
+
+class _PostgresTx(Tx):
+    """Statements on one pooled asyncpg connection (statements need no rendering)."""
+
+    dialect = POSTGRES
+    replicated = True
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__()
+        self.conn = conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return list(await self.conn.fetch(sql, *args))
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        row: Row | None = await self.conn.fetchrow(sql, *args)
+        return row
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.conn.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return _rowcount(await self.conn.execute(sql, *args))
+
+    async def executemany(self, sql: str, args: Sequence[Row]) -> None:
+        if args:
+            await self.conn.executemany(sql, args)
+
+    async def rows(self, sql: str, types: Sequence[str], rows: Sequence[Row]) -> list[Row]:
+        if not rows:
+            return []
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        return list(await self.conn.fetch(POSTGRES.rows(sql, types, len(rows)), *columns))
+
+    async def lock_mailboxes(self, mediatees: Sequence[str]) -> None:
+        # One at a time, in the caller's (sorted) order: the global lock order.
+        for mediatee in mediatees:
+            await self.conn.execute(
+                "SELECT 1 FROM mailboxes WHERE mediatee = $1 FOR UPDATE", mediatee
+            )
+
+    async def lock(self, name: str) -> None:
+        await self.conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
+
+    async def send_notifications(self) -> None:
+        """NOTIFY the other instances of every wake-up asked for, in one statement;
+        PostgreSQL delivers them only on COMMIT."""
+        pairs = [(CHANNEL, _payload(m)) for m in dict.fromkeys(self.woken_mailboxes)]
+        pairs += [(ROOM_CHANNEL, _payload(r)) for r in dict.fromkeys(self.woken_rooms)]
+        if pairs:
+            await self.conn.execute(
+                "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
+                [c for c, _ in pairs],
+                [p for _, p in pairs],
+            )
+
+
+class PostgresStore(SQLStore):
     """The scale-out store: any number of instances on one PostgreSQL database."""
 
     engine = "postgres"
@@ -187,7 +213,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
         if is_sync_cancel(message):
             self._sync_cancelled.add(conn.get_server_pid())
 
-    async def _call(self, op: str, fn: Callable[[Conn], Awaitable[T]], *, write: bool) -> T:
+    async def _call(self, op: str, fn: Body[T], *, write: bool) -> T:
         """Run `fn` on a pooled connection (in a transaction when writing), bounded by
         `timeout`, retrying only what certainly did not commit."""
         if self._pool is None:
@@ -208,22 +234,24 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 time.perf_counter() - started
             )
 
-    async def _attempts(self, fn: Callable[[Conn], Awaitable[T]], write: bool) -> T:
+    async def _attempts(self, fn: Body[T], write: bool) -> T:
         delay = RETRY_BASE_SECONDS
         for attempt in range(1, ATTEMPTS + 1):
             committing = broken = False
             try:
                 async with self._pool.acquire() as conn:
+                    tx = _PostgresTx(conn)
                     try:
                         if not write:
-                            return await fn(conn)
+                            return await fn(tx)
                         pid = conn.get_server_pid()
                         self._sync_cancelled.discard(pid)
                         # Only while writing: the pool expects no listeners on release.
                         conn.add_log_listener(self._on_server_log)
                         try:
                             async with conn.transaction():
-                                result = await fn(conn)
+                                result = await fn(tx)
+                                await tx.send_notifications()
                                 committing = True
                             # A warning that came with COMMIT's reply reached its
                             # listener (call_soon) before we resumed; one more turn anyway.
@@ -234,6 +262,7 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                             self._sync_cancelled.discard(pid)
                             log.warning("store.commit_unconfirmed", host=self._hosts.host_of(conn))
                             raise StoreError("commit not confirmed by a synchronous standby; retry")
+                        self._wake(tx)
                         return result
                     except DRIVER_ERRORS:
                         # A pooled connection whose server went away fails in odd ways
@@ -254,13 +283,13 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
             delay *= 2
         raise AssertionError("unreachable")
 
-    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        return await self._call("read", fn, write=False)
+    async def _read(self, body: Body[T]) -> T:
+        return await self._call("read", body, write=False)
 
-    async def _write(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        return await self._call("write", fn, write=True)
+    async def _write(self, body: Body[T]) -> T:
+        return await self._call("write", body, write=True)
 
-    def _wake(self, mediatee: str) -> None:
+    def _wake_mailbox(self, mediatee: str) -> None:
         try:
             self._notify(mediatee)
         except Exception:  # a listener's bug must not fail a committed write
@@ -364,18 +393,12 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                     self._hosts.drop(host, "in recovery (a standby)")
                 raise StoreError(f"PostgreSQL host {host} is a standby, not the primary")
 
-    async def schema_version(self) -> int:
-        value = await self._read(
-            lambda c: c.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-        )
-        return int(value)
-
     # ------------------------------------------------------------------ wake-ups
     async def _listen_connect(self) -> Conn:
         conn = await self._hosts.connect(**self._connect_options(LISTENER_NAME))
         try:
             await conn.add_listener(CHANNEL, self._on_notification)
-            await self._listen_rooms(conn)
+            await conn.add_listener(ROOM_CHANNEL, self._on_room_notification)
         except BaseException:
             conn.terminate()
             raise
@@ -384,7 +407,11 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
     def _on_notification(self, _conn: Conn, pid: int, _channel: str, payload: str) -> None:
         if pid in self._own_pids:
             return  # our own enqueue; it woke local listeners right after COMMIT
-        self._wake(payload)
+        self._wake_mailbox(payload)
+
+    def _on_room_notification(self, _conn: Conn, pid: int, _channel: str, payload: str) -> None:
+        if pid not in self._own_pids:
+            self.rooms.notify(payload)
 
     async def _listen(self, conn: Conn | None) -> None:
         """Keep one LISTEN connection alive for as long as the store is open."""
@@ -395,7 +422,8 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                     conn = await self._listen_connect()
                     log.info("store.listener_reconnected")
                     # Notifications sent while we were away are gone: everyone looks again.
-                    self._wake(WAKE_ALL)
+                    self._wake_mailbox(WAKE_ALL)
+                    self.rooms.notify(WAKE_ALL)
                 backoff = LISTENER_BACKOFF_MIN
                 await self._watch(conn)
                 log.warning("store.listener_lost")
@@ -419,684 +447,3 @@ class PostgresStore(PostgresRoomsMixin, PostgresV1Mixin, Store):
                 await asyncio.wait_for(lost.wait(), LISTENER_CHECK_SECONDS)
             if not lost.is_set() and not conn.is_closed():
                 await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
-
-    # ------------------------------------------------------------------ mediation
-    async def set_mediation(self, did: str, state: MediationState, routing_did: str) -> None:
-        now = time.time()
-        await self._write(
-            lambda c: c.execute(
-                "INSERT INTO mediations (did, state, routing_did, created_at, updated_at) "
-                "VALUES ($1, $2, $3, $4, $4) ON CONFLICT (did) DO UPDATE SET "
-                "state = excluded.state, routing_did = excluded.routing_did, "
-                "updated_at = excluded.updated_at",
-                did,
-                state,
-                routing_did,
-                now,
-            )
-        )
-
-    async def get_mediation(self, did: str) -> MediationState | None:
-        if not storable(did):
-            return None
-        state: MediationState | None = await self._read(
-            lambda c: c.fetchval("SELECT state FROM mediations WHERE did = $1", did)
-        )
-        return state
-
-    async def update_recipients(
-        self, mediatee: str, updates: Sequence[tuple[str, str]]
-    ) -> list[UpdateResult]:
-        now = time.time()
-
-        async def add(c: Conn, recipient: str) -> UpdateResult:
-            # Insert-or-read twice: the owner may remove it between our two statements.
-            for _ in range(2):
-                inserted = await c.fetchval(
-                    "INSERT INTO recipients (recipient, mediatee, created_at) "
-                    "VALUES ($1, $2, $3) ON CONFLICT (recipient) DO NOTHING RETURNING 1",
-                    recipient,
-                    mediatee,
-                    now,
-                )
-                if inserted:
-                    return "success"
-                owner = await c.fetchval(
-                    "SELECT mediatee FROM recipients WHERE recipient = $1", recipient
-                )
-                if owner is not None:
-                    # Someone else's recipient DID: refusing keeps mailboxes separate.
-                    return "no_change" if owner == mediatee else "client_error"
-            return "server_error"
-
-        async def fn(c: Conn) -> list[UpdateResult]:
-            results: list[UpdateResult] = []
-            for given, action in updates:
-                # One owner per identity: every form of a DID registers its base DID.
-                recipient = base_did(given)
-                if not storable(recipient):
-                    results.append("client_error")
-                    continue
-                if action == "add":
-                    results.append(await add(c, recipient))
-                elif action == "remove":
-                    status = await c.execute(
-                        "DELETE FROM recipients WHERE recipient = $1 AND mediatee = $2",
-                        recipient,
-                        mediatee,
-                    )
-                    results.append("success" if _rowcount(status) else "no_change")
-                else:
-                    results.append("client_error")
-            return results
-
-        return await self._write(fn)
-
-    async def list_recipients(
-        self, mediatee: str, offset: int, limit: int
-    ) -> tuple[list[str], int]:
-        offset, limit = _page(offset, limit)
-
-        async def fn(c: Conn) -> tuple[list[str], int]:
-            total = await c.fetchval(
-                "SELECT COUNT(*) FROM recipients WHERE mediatee = $1", mediatee
-            )
-            rows = await c.fetch(
-                "SELECT recipient FROM recipients WHERE mediatee = $1 ORDER BY recipient "
-                "LIMIT $2 OFFSET $3",
-                mediatee,
-                limit,
-                offset,
-            )
-            return [r[0] for r in rows], int(total)
-
-        return await self._read(fn)
-
-    async def find_mediatee(self, recipient: str) -> str | None:
-        base = base_did(recipient)
-        if not storable(base):
-            return None
-        mediatee: str | None = await self._read(
-            lambda c: c.fetchval("SELECT mediatee FROM recipients WHERE recipient = $1", base)
-        )
-        return mediatee
-
-    async def recipient_conflicts(self) -> list[RecipientConflict]:
-        rows = await self._read(lambda c: c.fetch(CONFLICTS_SQL))
-        return [RecipientConflict(*row) for row in rows]
-
-    # ------------------------------------------------------------------ mailboxes
-    async def enqueue(
-        self,
-        message: NewMessage,
-        *,
-        max_messages: int,
-        max_bytes: int,
-        outbox: Sequence[NewOutboxItem] = (),
-    ) -> EnqueueResult:
-        now = time.time()
-        new_id = uuid.uuid4().hex
-        size = len(message.body)
-
-        payload = message.mediatee
-        if len(payload.encode()) > MAX_NOTIFY_PAYLOAD:
-            payload = WAKE_ALL
-
-        async def fn(c: Conn) -> EnqueueResult:
-            # Claim the digest, then store the message, in one statement: a concurrent
-            # identical enqueue waits on the dedup key until we commit (then sees our id)
-            # or roll back (then stores its own).
-            for _ in range(DEDUP_ROUNDS):
-                stored = await c.fetchval(
-                    "WITH claim AS (INSERT INTO dedup (recipient, digest, message_id, "
-                    " created_at) VALUES ($3, $8, $1, $6) "
-                    " ON CONFLICT (recipient, digest) DO NOTHING RETURNING message_id) "
-                    "INSERT INTO messages (id, mediatee, recipient, body, size, received_at, "
-                    " expires_at) SELECT $1, $2, $3, $4, $5, $6, $7 FROM claim RETURNING 1",
-                    new_id,
-                    message.mediatee,
-                    message.recipient,
-                    message.body,
-                    size,
-                    now,
-                    message.expires_at,
-                    message.digest,
-                )
-                if stored:
-                    break
-                # A write, not a read: this COMMIT must wait for a standby before the
-                # duplicate is answered (see dovecote.store.pg_ha).
-                existing = await c.fetchval(
-                    "UPDATE dedup SET message_id = message_id "
-                    "WHERE recipient = $1 AND digest = $2 RETURNING message_id",
-                    message.recipient,
-                    message.digest,
-                )
-                if existing is not None:
-                    return EnqueueResult(id=existing, duplicate=True)
-            else:
-                raise StoreError("dedup entry kept changing; retry")
-            await _insert_outbox(c, outbox, now)
-            # Last, so the mailbox row stays locked only until COMMIT: count this message
-            # into the totals (creating the row, or waiting for the row lock held by a
-            # concurrent enqueue/ack/expiry) and check the limits on the result. Over a
-            # limit, the whole transaction rolls back. NOTIFY is delivered only on COMMIT.
-            count, total, _ = await c.fetchrow(
-                "INSERT INTO mailboxes (mediatee, message_count, total_bytes) "
-                "VALUES ($1, 1, $2) ON CONFLICT (mediatee) DO UPDATE SET "
-                "message_count = mailboxes.message_count + 1, "
-                "total_bytes = mailboxes.total_bytes + excluded.total_bytes "
-                "RETURNING message_count, total_bytes, pg_notify($3, $4)",
-                message.mediatee,
-                size,
-                CHANNEL,
-                payload,
-            )
-            if count > max_messages or total > max_bytes:
-                raise MailboxFull(
-                    f"mailbox holds {count - 1} messages / {total - size} bytes "
-                    f"(limits {max_messages} / {max_bytes})"
-                )
-            return EnqueueResult(id=new_id, duplicate=False)
-
-        result = await self._write(fn)
-        if not result.duplicate:
-            self._wake(message.mediatee)
-        return result
-
-    async def status(self, mediatee: str, recipient: str | None = None) -> MailboxStatus:
-        if recipient is None:
-            # Totals row and the ends of the (mediatee, seq) index: flat in queue size.
-            row = await self._read(lambda c: c.fetchrow(STATUS_SQL, mediatee))
-            return MailboxStatus(int(row[0]), int(row[1]), row[2], row[3])
-        sql = (
-            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at), MAX(received_at) "
-            "FROM messages WHERE mediatee = $1"
-        )
-        args: list[Any] = [mediatee]
-        if recipient is not None:
-            sql += " AND recipient = ANY($2::text[])"
-            args.append(_recipient_candidates(recipient))
-        row = await self._read(lambda c: c.fetchrow(sql, *args))
-        return MailboxStatus(int(row[0]), int(row[1]), row[2], row[3])
-
-    async def fetch(
-        self,
-        mediatee: str,
-        limit: int,
-        recipient: str | None = None,
-        after_seq: int = 0,
-    ) -> list[StoredMessage]:
-        sql = (
-            "SELECT id, seq, mediatee, recipient, body, received_at, expires_at "
-            "FROM messages WHERE mediatee = $1 AND seq > $2"
-        )
-        args: list[Any] = [mediatee, after_seq, limit]
-        if recipient is not None:
-            sql += " AND recipient = ANY($4::text[])"
-            args.append(_recipient_candidates(recipient))
-        sql += " ORDER BY seq LIMIT $3"
-        rows = await self._read(lambda c: c.fetch(sql, *args))
-        return [_message(row) for row in rows]
-
-    async def last_seq(self, mediatee: str) -> int:
-        value = await self._read(
-            lambda c: c.fetchval("SELECT MAX(seq) FROM messages WHERE mediatee = $1", mediatee)
-        )
-        return int(value or 0)
-
-    async def ack(self, mediatee: str, ids: Sequence[str]) -> list[StoredMessage]:
-        wanted = sorted(set(ids))
-
-        async def fn(c: Conn) -> list[StoredMessage]:
-            if not wanted:
-                return []
-            await c.execute("SELECT 1 FROM mailboxes WHERE mediatee = $1 FOR UPDATE", mediatee)
-            rows = await c.fetch(
-                "DELETE FROM messages WHERE mediatee = $1 AND id = ANY($2::text[]) "
-                "RETURNING id, seq, mediatee, recipient, body, received_at, expires_at",
-                mediatee,
-                wanted,
-            )
-            removed = sorted((_message(row) for row in rows), key=lambda m: m.seq)
-            if removed:
-                await c.execute(
-                    "UPDATE mailboxes SET message_count = message_count - $2, "
-                    "total_bytes = total_bytes - $3 WHERE mediatee = $1",
-                    mediatee,
-                    len(removed),
-                    sum(len(m.body) for m in removed),
-                )
-            return removed
-
-        return await self._write(fn)
-
-    async def expire(self, now: float, dedup_before: float, limit: int = 1000) -> int:
-        async def fn(c: Conn) -> int:
-            due = await c.fetch(
-                "SELECT seq, mediatee FROM messages WHERE expires_at <= $1 "
-                "ORDER BY expires_at LIMIT $2",
-                now,
-                limit,
-            )
-            by_box: dict[str, list[int]] = {}
-            for seq, mediatee in due:
-                by_box.setdefault(mediatee, []).append(seq)
-            moved = 0
-            # Mailbox rows in one global order, each before its messages: no deadlocks
-            # with acks, enqueues or another instance's sweep.
-            for mediatee in sorted(by_box):
-                await c.execute("SELECT 1 FROM mailboxes WHERE mediatee = $1 FOR UPDATE", mediatee)
-                rows = await c.fetch(
-                    "DELETE FROM messages WHERE seq = ANY($1::bigint[]) AND expires_at <= $2 "
-                    "RETURNING id, recipient, body, size, received_at",
-                    by_box[mediatee],
-                    now,
-                )
-                if not rows:
-                    continue  # acknowledged or expired by someone else meanwhile
-                await c.executemany(
-                    "INSERT INTO dead_letters (kind, target, payload, headers, reason, "
-                    "history, created_at, dead_at) "
-                    "VALUES ('mailbox', $1, $2, $3, 'expired', '[]', $4, $5)",
-                    [
-                        (
-                            recipient,
-                            body,
-                            json.dumps({"message_id": msg_id, "mediatee": mediatee}),
-                            received_at,
-                            now,
-                        )
-                        for msg_id, recipient, body, _size, received_at in rows
-                    ],
-                )
-                await c.execute(
-                    "UPDATE mailboxes SET message_count = message_count - $2, "
-                    "total_bytes = total_bytes - $3 WHERE mediatee = $1",
-                    mediatee,
-                    len(rows),
-                    sum(row[3] for row in rows),
-                )
-                moved += len(rows)
-            await c.execute("DELETE FROM dedup WHERE created_at < $1", dedup_before)
-            await c.execute("DELETE FROM outbox_keys WHERE created_at < $1", dedup_before)
-            return moved
-
-        return await self._write(fn)
-
-    # ------------------------------------------------------------------ outbox
-    async def outbox_add(
-        self, items: Sequence[NewOutboxItem], quota: RelayQuota | None = None
-    ) -> list[int]:
-        now = time.time()
-
-        async def fn(c: Conn) -> list[int]:
-            if quota is not None:
-                await check_relay_quota(c, quota, items)
-            ids = await _insert_outbox(c, items, now)
-            if ids or not items:
-                return ids
-            # All already queued (or remembered): rewrite those rows so that this COMMIT
-            # waits for a standby, as a duplicate's success answer must (pg_ha).
-            keys = [item.dedup_key for item in items if item.dedup_key is not None]
-            touched = _rowcount(
-                await c.execute(
-                    "UPDATE outbox SET dedup_key = dedup_key WHERE dedup_key = ANY($1::text[])",
-                    keys,
-                )
-            ) + _rowcount(
-                await c.execute(
-                    "UPDATE outbox_keys SET created_at = created_at "
-                    "WHERE dedup_key = ANY($1::text[])",
-                    keys,
-                )
-            )
-            if not touched:  # delivered and forgotten meanwhile
-                raise StoreError("outbox entry changed meanwhile; retry")
-            return ids
-
-        return await self._write(fn)
-
-    async def outbox_lease(
-        self,
-        kinds: Sequence[str],
-        owner: str,
-        limit: int,
-        lease_seconds: float,
-        exclude_targets: Sequence[str] = (),
-    ) -> list[OutboxItem]:
-        now = time.time()
-        rows = await self._write(
-            lambda c: c.fetch(
-                "WITH due AS (SELECT id FROM outbox WHERE kind = ANY($3::text[]) "
-                " AND next_attempt_at <= $4 AND (lease_until IS NULL OR lease_until < $4) "
-                " AND target <> ALL($5::text[]) "
-                " ORDER BY next_attempt_at LIMIT $6 FOR UPDATE SKIP LOCKED) "
-                "UPDATE outbox o SET lease_owner = $1, lease_until = $2 FROM due "
-                "WHERE o.id = due.id RETURNING o.id, o.kind, o.target, o.payload, o.headers, "
-                "o.created_at, o.next_attempt_at, o.attempts, o.history",
-                owner,
-                now + lease_seconds,
-                list(kinds),
-                now,
-                list(exclude_targets),
-                limit,
-            )
-        )
-        items = [_outbox_item(row) for row in rows]
-        return sorted(items, key=lambda item: (item.next_attempt_at, item.id))
-
-    async def outbox_done(self, item_id: int, owner: str) -> None:
-        await self._write(
-            lambda c: c.execute(
-                "DELETE FROM outbox WHERE id = $1 AND lease_owner = $2", item_id, owner
-            )
-        )
-
-    async def outbox_retry(
-        self,
-        item_id: int,
-        owner: str,
-        next_attempt_at: float,
-        attempt: dict[str, Any],
-        count_attempt: bool = True,
-    ) -> None:
-        async def fn(c: Conn) -> None:
-            history_json = await c.fetchval(
-                "SELECT history FROM outbox WHERE id = $1 AND lease_owner = $2 FOR UPDATE",
-                item_id,
-                owner,
-            )
-            if history_json is None:
-                return
-            history = json.loads(history_json)
-            if count_attempt:
-                history.append(attempt)
-            await c.execute(
-                "UPDATE outbox SET next_attempt_at = $2, attempts = attempts + $3, "
-                "history = $4, lease_owner = NULL, lease_until = NULL WHERE id = $1",
-                item_id,
-                next_attempt_at,
-                1 if count_attempt else 0,
-                json.dumps(history[-100:]),
-            )
-
-        await self._write(fn)
-
-    async def outbox_dead(
-        self, item_id: int, owner: str, reason: str, attempt: dict[str, Any] | None
-    ) -> None:
-        now = time.time()
-
-        async def fn(c: Conn) -> None:
-            row = await c.fetchrow(
-                "DELETE FROM outbox WHERE id = $1 AND lease_owner = $2 "
-                "RETURNING kind, target, payload, headers, history, created_at, dedup_key",
-                item_id,
-                owner,
-            )
-            if row is None:
-                return
-            kind, target, payload, headers, history_json, created_at, dedup_key = row
-            history = json.loads(history_json)
-            if attempt:
-                history.append(attempt)
-            await c.execute(
-                "INSERT INTO dead_letters (kind, target, payload, headers, reason, history, "
-                "created_at, dead_at, dedup_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                kind,
-                target,
-                payload,
-                headers,
-                reason,
-                json.dumps(history),
-                created_at,
-                now,
-                dedup_key,
-            )
-
-        await self._write(fn)
-
-    async def outbox_release(self, owner: str) -> int:
-        status = await self._write(
-            lambda c: c.execute(
-                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
-                owner,
-            )
-        )
-        return _rowcount(status)
-
-    async def dlq_list(
-        self,
-        offset: int = 0,
-        limit: int = 100,
-        *,
-        kind: str | None = None,
-        target: str | None = None,
-        reason: str | None = None,
-    ) -> tuple[list[DeadLetter], int]:
-        offset, limit = _page(offset, limit)
-        clauses: list[str] = ["TRUE"]
-        params: list[Any] = []
-        for value, test in (
-            (kind, "kind = ${}"),
-            (target, "strpos(target, ${}) > 0"),
-            (reason, "strpos(reason, ${}) > 0"),
-        ):
-            if value is not None:
-                params.append(value)
-                clauses.append(test.format(len(params)))
-        where = " AND ".join(clauses)
-        n = len(params)
-
-        async def fn(c: Conn) -> tuple[list[DeadLetter], int]:
-            total = await c.fetchval(f"SELECT COUNT(*) FROM dead_letters WHERE {where}", *params)
-            rows = await c.fetch(
-                "SELECT id, kind, target, payload, headers, reason, history, created_at, "
-                f"dead_at FROM dead_letters WHERE {where} ORDER BY id DESC "
-                f"LIMIT ${n + 1} OFFSET ${n + 2}",
-                *params,
-                limit,
-                offset,
-            )
-            return [_dead_letter(row) for row in rows], int(total)
-
-        return await self._read(fn)
-
-    async def dlq_get(self, item_id: int) -> DeadLetter | None:
-        row = await self._read(
-            lambda c: c.fetchrow(
-                "SELECT id, kind, target, payload, headers, reason, history, created_at, "
-                "dead_at FROM dead_letters WHERE id = $1",
-                item_id,
-            )
-        )
-        return _dead_letter(row) if row else None
-
-    async def dlq_replay(self, ids: Sequence[int] | None = None, target: str | None = None) -> int:
-        now = time.time()
-        where, params = _dlq_filter(ids, target, None)
-
-        async def fn(c: Conn) -> int:
-            rows = await c.fetch(
-                f"DELETE FROM dead_letters WHERE {where} AND kind <> 'mailbox' "
-                "RETURNING kind, target, payload, headers, history, dedup_key",
-                *params,
-            )
-            replay_note = {"at": now, "event": "replayed"}
-            # With its dedup key: an identical pending item absorbs the replay.
-            await c.executemany(
-                "INSERT INTO outbox (kind, target, payload, headers, created_at, "
-                "next_attempt_at, attempts, history, dedup_key) "
-                "VALUES ($1, $2, $3, $4, $5, $5, 0, $6, $7) ON CONFLICT (dedup_key) DO NOTHING",
-                [
-                    (
-                        kind,
-                        tgt,
-                        payload,
-                        headers,
-                        now,
-                        json.dumps([*json.loads(history), replay_note][-100:]),
-                        dedup_key,
-                    )
-                    for kind, tgt, payload, headers, history, dedup_key in rows
-                ],
-            )
-            return len(rows)
-
-        return await self._write(fn)
-
-    async def dlq_purge(
-        self, ids: Sequence[int] | None = None, older_than: float | None = None
-    ) -> int:
-        where, params = _dlq_filter(ids, None, older_than)
-        status = await self._write(
-            lambda c: c.execute(f"DELETE FROM dead_letters WHERE {where}", *params)
-        )
-        return _rowcount(status)
-
-    # ------------------------------------------------------------------ cluster, stats
-    async def heartbeat(self, info: InstanceInfo) -> None:
-        await self._write(
-            lambda c: c.execute(
-                "INSERT INTO instances (id, host, version, started_at, last_beat, level, "
-                "connections) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE "
-                "SET last_beat = excluded.last_beat, level = excluded.level, "
-                "connections = excluded.connections",
-                info.id,
-                info.host,
-                info.version,
-                info.started_at,
-                info.last_beat,
-                info.level,
-                info.connections,
-            )
-        )
-
-    async def instances(self) -> list[InstanceInfo]:
-        rows = await self._read(
-            lambda c: c.fetch(
-                "SELECT id, host, version, started_at, last_beat, level, connections "
-                "FROM instances ORDER BY last_beat DESC LIMIT 200"
-            )
-        )
-        return [InstanceInfo(*row) for row in rows]
-
-    async def queue_stats(self) -> QueueStats:
-        async def fn(c: Conn) -> QueueStats:
-            queued, oldest, dead = await c.fetchrow(
-                "SELECT (SELECT COALESCE(SUM(message_count), 0) FROM mailboxes), "
-                "(SELECT MIN(received_at) FROM messages), "
-                "(SELECT COUNT(*) FROM dead_letters)"
-            )
-            outbox_rows = await c.fetch(
-                "SELECT kind, COUNT(*), MIN(next_attempt_at) FROM outbox GROUP BY kind"
-            )
-            return QueueStats(
-                queued=int(queued),
-                oldest_received_at=oldest,
-                outbox={kind: int(n) for kind, n, _ in outbox_rows},
-                outbox_oldest_due={kind: float(due) for kind, _, due in outbox_rows},
-                dead_letters=int(dead),
-            )
-
-        return await self._read(fn)
-
-    async def mailbox_usage(self, order: str, limit: int) -> list[MailboxUsage]:
-        sql = MAILBOX_OLDEST_SQL if order == "oldest" else MAILBOX_LARGEST_SQL
-        rows = await self._read(lambda c: c.fetch(sql, _page(0, limit)[1]))
-        return [MailboxUsage(*row) for row in rows]
-
-    async def outbox_targets(self, limit: int) -> list[OutboxTarget]:
-        rows = await self._read(lambda c: c.fetch(OUTBOX_TARGETS_SQL, _page(0, limit)[1]))
-        return [OutboxTarget(*row) for row in rows]
-
-
-def _page(offset: int, limit: int) -> tuple[int, int]:
-    """Paging numbers as BIGINT accepts them (a huge offset is simply past the end)."""
-    return max(0, min(int(offset), MAX_BIGINT)), max(0, min(int(limit), MAX_BIGINT))
-
-
-def _message(row: Sequence[Any]) -> StoredMessage:
-    msg_id, seq, mediatee, recipient, body, received_at, expires_at = row
-    return StoredMessage(msg_id, seq, mediatee, recipient, bytes(body), received_at, expires_at)
-
-
-async def check_relay_quota(c: Conn, quota: RelayQuota, items: Sequence[NewOutboxItem]) -> None:
-    """Raise (RelayQuota.check) if adding the new ones of `items` passes a relay quota."""
-    # One relay add at a time cluster-wide, so concurrent accepts cannot each
-    # see room under the quota; other outbox traffic does not take this lock.
-    await c.execute("SELECT pg_advisory_xact_lock(hashtext('dovecote.relay'))")
-    keys = [i.dedup_key for i in items if i.dedup_key is not None]
-    known = {
-        r[0]
-        for r in await c.fetch(
-            "SELECT dedup_key FROM outbox WHERE dedup_key = ANY($1::text[]) "
-            "UNION SELECT dedup_key FROM outbox_keys "
-            "WHERE dedup_key = ANY($1::text[])",
-            keys,
-        )
-    }
-    fresh = [i for i in items if i.dedup_key is None or i.dedup_key not in known]
-    row = await c.fetchrow(
-        "SELECT COUNT(*) FILTER (WHERE left(target, $1) = $2), "
-        "COALESCE(SUM(octet_length(payload)) FILTER "
-        "(WHERE left(target, $1) = $2), 0), COUNT(*), "
-        "COALESCE(SUM(octet_length(payload)), 0) "
-        "FROM outbox WHERE kind = 'forward'",
-        len(quota.origin),
-        quota.origin,
-    )
-    quota.check(
-        tuple(int(v) for v in row),  # type: ignore[arg-type]
-        len(fresh),
-        sum(len(i.payload) for i in fresh),
-    )
-
-
-async def _insert_outbox(c: Conn, items: Sequence[NewOutboxItem], now: float) -> list[int]:
-    ids: list[int] = []
-    for item in items:
-        if (
-            item.remember
-            and item.dedup_key is not None
-            and await c.fetchval(
-                "INSERT INTO outbox_keys (dedup_key, created_at) VALUES ($1, $2) "
-                "ON CONFLICT (dedup_key) DO NOTHING RETURNING 1",
-                item.dedup_key,
-                now,
-            )
-            is None
-        ):
-            continue  # added within the dedup window (maybe delivered since)
-        item_id = await c.fetchval(
-            "INSERT INTO outbox (kind, target, payload, headers, dedup_key, created_at, "
-            "next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $6) "
-            "ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-            item.kind,
-            item.target,
-            item.payload,
-            json.dumps(item.headers),
-            item.dedup_key,
-            now,
-        )
-        if item_id is not None:
-            ids.append(int(item_id))
-    return ids
-
-
-def _dlq_filter(
-    ids: Sequence[int] | None, target: str | None, older_than: float | None
-) -> tuple[str, list[Any]]:
-    clauses = ["TRUE"]
-    params: list[Any] = []
-    if ids is not None:
-        params.append([int(i) for i in ids])
-        clauses.append(f"id = ANY(${len(params)}::bigint[])")
-    if target is not None:
-        params.append(target)
-        clauses.append(f"target = ${len(params)}")
-    if older_than is not None:
-        params.append(older_than)
-        clauses.append(f"dead_at < ${len(params)}")
-    return " AND ".join(clauses), params

@@ -1,7 +1,7 @@
 """The rooms part of the store interface, and the plain records it returns.
 
-Every engine provides it through a mixin (`sqlite_rooms.SQLiteRoomsMixin`,
-`postgres_rooms.PostgresRoomsMixin`). Semantics every engine guarantees:
+The store provides it as a component, `store.rooms` (store/rooms.py, written once for
+both engines). Semantics every engine guarantees:
 - Each room event (message, edit, delete, reaction change, participant change) takes the
   next per-room `seq` in the transaction that stores it; per room, events commit in `seq`
   order, so reading `seq > n` after a wake-up never skips one.
@@ -348,7 +348,7 @@ class RoomStore(abc.ABC):
         self._room_listeners().append(callback)
 
     def _room_listeners(self) -> list[RoomListener]:
-        # Lazily created: the mixin does not take part in the engine's __init__.
+        # Lazily created: implementations need not call an __init__ of this interface.
         listeners: list[RoomListener] | None = self.__dict__.get("_rooms_listeners")
         if listeners is None:
             listeners = []
