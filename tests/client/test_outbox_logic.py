@@ -12,7 +12,7 @@ import pytest
 from dovecote.client.config import ClientConfig
 from dovecote.client.errors import InvalidInvitation
 from dovecote.client.mediation import parse_invitation
-from dovecote.client.outbox import Sender
+from dovecote.client.outbox import BackgroundSender
 from dovecote.client.store import ClientOutboxKind, ClientStore
 
 
@@ -56,7 +56,7 @@ async def test_room_posts_wait_behind_an_earlier_post_backing_off(store: ClientS
 async def test_failover_after_three_attempts_and_failure_past_retention(store: ClientStore) -> None:
     config = ClientConfig(data_dir=Path("."), retention=3600, backoff_base=0.01)
     async with httpx.AsyncClient() as http:
-        sender = Sender(store, config, http)
+        sender = BackgroundSender(store, config, http)
         await store.enqueue(_rows("m", ClientOutboxKind.DIDCOMM, "did:x", 1))
         [item] = await store.due(1)
         for _ in range(3):
@@ -72,7 +72,7 @@ async def test_failover_after_three_attempts_and_failure_past_retention(store: C
 async def test_backoff_doubles_with_equal_jitter_and_caps(store: ClientStore) -> None:
     config = ClientConfig(data_dir=Path("."), backoff_base=0.5, backoff_max=8.0)
     async with httpx.AsyncClient() as http:
-        sender = Sender(store, config, http)
+        sender = BackgroundSender(store, config, http)
         await store.enqueue([("m", ClientOutboxKind.DIDCOMM, "did:x", b"x", ["http://a/"])])
         [item] = await store.due(1)
         for attempts_before, ceiling in ((0, 0.5), (1, 1.0), (2, 2.0), (9, 8.0)):

@@ -16,7 +16,7 @@ import httpx
 
 from dovecote.delivery.breaker import Breakers
 from dovecote.delivery.outbox import OutboxWorkers
-from dovecote.delivery.sender import Sender
+from dovecote.delivery.sender import OutboxSender
 from dovecote.ops.settings import Settings
 from dovecote.store.base import OutboxItem
 from dovecote.util.kinds import OutboxKind
@@ -53,7 +53,7 @@ async def test_a_crashed_send_gives_back_the_half_open_trial(tmp_path: Path) -> 
         Settings(data_dir=tmp_path),
         "i1",
         breakers,
-        sender=_Bug(),  # type: ignore[arg-type]  # a Sender stand-in whose send() raises
+        sender=_Bug(),  # type: ignore[arg-type]  # an OutboxSender stand-in whose send() raises
     )
     await workers._deliver(workers.pools[OutboxKind.FORWARD], _item())
     # Before the fix the only trial slot stayed taken: the target was blocked for good.
@@ -64,7 +64,7 @@ async def test_an_error_below_httpx_is_a_failed_attempt(tmp_path: Path) -> None:
     def reset(request: httpx.Request) -> httpx.Response:
         raise AttributeError("'NoneType' object has no attribute 'getpeername'")
 
-    sender = Sender(Settings(data_dir=tmp_path), None)  # type: ignore[arg-type]
+    sender = OutboxSender(Settings(data_dir=tmp_path), None)  # type: ignore[arg-type]
     sender._clients["forward"] = httpx.AsyncClient(transport=httpx.MockTransport(reset))
     attempt = await sender.send(_item())
     await sender.aclose()

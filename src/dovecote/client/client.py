@@ -32,9 +32,9 @@ from dovecote.client.mediation import (
     read_invitation,
     request_mediation,
 )
-from dovecote.client.outbox import FailureCallback, Sender
+from dovecote.client.outbox import BackgroundSender, FailureCallback
 from dovecote.client.packing import Packer, Route
-from dovecote.client.pickup import Handler, Inbox, PickupStatus, Received
+from dovecote.client.pickup import Inbox, MessageHandler, PickupStatus, Received
 from dovecote.client.rooms import RoomsClient
 from dovecote.client.store import ClientOutboxKind, ClientStore, OutboxItem, State
 from dovecote.client.wsbatch import WsBatcher, WsTarget
@@ -78,7 +78,7 @@ class Client:
         self.http = httpx.AsyncClient(timeout=self.config.request_timeout)
         self._identity: ClientIdentity | None = None
         self._packer: Packer | None = None
-        self._sender: Sender | None = None
+        self._sender: BackgroundSender | None = None
         self._routes: dict[str, Route] = {}
         self._inbox: Inbox | None = None
         self._ws_targets: dict[str, WsTarget] = {}  # http endpoint -> its relay's WebSocket
@@ -108,7 +108,7 @@ class Client:
         # 2. the local store, then the sender that drains whatever a previous run left
         await self.store.open()
         batcher = WsBatcher(self._barrier, self._unpack_reply, self.config.request_timeout)
-        self._sender = Sender(
+        self._sender = BackgroundSender(
             self.store,
             self.config,
             self.http,
@@ -140,7 +140,7 @@ class Client:
         return self._packer
 
     @property
-    def sender(self) -> Sender:
+    def sender(self) -> BackgroundSender:
         assert self._sender is not None, "use `async with Client(...)` first"
         return self._sender
 
@@ -335,7 +335,7 @@ class Client:
         self.sender.queued()
 
     async def flush(self, wait: bool = True, max_wait: float | None = None) -> dict[str, int]:
-        """Send queued messages now; with `wait`, until none is due (see Sender.flush)."""
+        """Send queued messages now; with `wait`, until none is due (see BackgroundSender.flush)."""
         return await self.sender.flush(wait, max_wait)
 
     async def wait_sent(
@@ -369,7 +369,7 @@ class Client:
             )
         return self._inbox
 
-    async def live(self, handler: Handler, stop: asyncio.Event | None = None) -> None:
+    async def live(self, handler: MessageHandler, stop: asyncio.Event | None = None) -> None:
         """Receive pushed messages until `stop` is set (reconnects and resumes by itself)."""
         await self.inbox().live(handler, stop)
 
@@ -377,11 +377,11 @@ class Client:
         return await self.inbox().status()
 
     async def fetch(
-        self, limit: int = DEFAULT_PICKUP_LIMIT, handler: Handler | None = None
+        self, limit: int = DEFAULT_PICKUP_LIMIT, handler: MessageHandler | None = None
     ) -> list[Received]:
         """Pick up one batch (new messages only; duplicates are skipped and acknowledged)."""
         return await self.inbox().fetch(limit, handler)
 
-    async def drain(self, handler: Handler | None = None) -> list[Received]:
+    async def drain(self, handler: MessageHandler | None = None) -> list[Received]:
         """Pick up until the mailbox is empty."""
         return await self.inbox().drain(handler)

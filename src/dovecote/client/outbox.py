@@ -48,7 +48,7 @@ HeadersFor = Callable[[OutboxItem], dict[str, str]]
 JSON = "application/json"
 
 
-class Sender:
+class BackgroundSender:
     """Delivers outbox rows until stopped; one flush at a time."""
 
     def __init__(

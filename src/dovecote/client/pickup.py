@@ -79,7 +79,7 @@ class PickupStatus:
         )
 
 
-Handler = Callable[[Received], Awaitable[None] | None]
+MessageHandler = Callable[[Received], Awaitable[None] | None]
 
 
 class Inbox:
@@ -106,7 +106,7 @@ class Inbox:
         reply = await self.channel.request(f"{PICKUP}/status-request", body)
         return PickupStatus.from_body(reply.get("body") or {})
 
-    async def fetch(self, limit: int, handler: Handler | None = None) -> list[Received]:
+    async def fetch(self, limit: int, handler: MessageHandler | None = None) -> list[Received]:
         """One delivery-request: new messages are handled, remembered, then acknowledged."""
         reply = await self.channel.request(f"{PICKUP}/delivery-request", {"limit": limit})
         if not reply.get("type", "").endswith("/delivery"):
@@ -116,7 +116,9 @@ class Inbox:
             await self.channel.request(f"{PICKUP}/messages-received", {"message_id_list": ack_ids})
         return fresh
 
-    async def drain(self, handler: Handler | None = None, limit: int = 100) -> list[Received]:
+    async def drain(
+        self, handler: MessageHandler | None = None, limit: int = 100
+    ) -> list[Received]:
         """Fetch until the mailbox is empty."""
         received: list[Received] = []
         while True:
@@ -129,7 +131,7 @@ class Inbox:
             await self.channel.request(f"{PICKUP}/messages-received", {"message_id_list": ack_ids})
 
     async def _accept(
-        self, attachments: list[dict[str, Any]], handler: Handler | None
+        self, attachments: list[dict[str, Any]], handler: MessageHandler | None
     ) -> tuple[list[Received], list[str]]:
         """Decrypt and dedup; hand new messages to `handler`; return them and the ack ids."""
         decrypted: list[Received] = []
@@ -175,7 +177,7 @@ class Inbox:
         return fresh, ack_ids
 
     # ------------------------------------------------------------------ live mode
-    async def live(self, handler: Handler, stop: asyncio.Event | None = None) -> None:
+    async def live(self, handler: MessageHandler, stop: asyncio.Event | None = None) -> None:
         """Receive pushes over WebSocket until `stop` is set, reconnecting as needed.
 
         On every (re)connection live mode is enabled again and then what is queued is
@@ -212,7 +214,7 @@ class Inbox:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
-    async def _live_session(self, url: str, handler: Handler, stop: asyncio.Event) -> None:
+    async def _live_session(self, url: str, handler: MessageHandler, stop: asyncio.Event) -> None:
         ws = await transport.connect_ws(url, self.config.request_timeout)
         me, mediator = self.packer.identity.did, self.channel.mediator_did
         unanswered: set[str] = set()  # ids of our messages-received awaiting a status

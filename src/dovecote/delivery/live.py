@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("dovecote.live")
 
-Sender = Callable[[bytes], Awaitable[None]]
+FrameSender = Callable[[bytes], Awaitable[None]]
 DeliveryBuilder = Callable[[str, "Sequence[StoredMessage]"], Awaitable[bytes]]
 
 # Most pushed-but-unacknowledged messages per mailbox before pushing pauses for acks.
@@ -55,7 +55,7 @@ BASELINE_LOOKBACK = 1000
 class LiveSession:
     """One persistent connection (WebSocket) that can carry replies and pushes."""
 
-    def __init__(self, send: Sender, endpoint: str = "ws") -> None:
+    def __init__(self, send: FrameSender, endpoint: str = "ws") -> None:
         self.id = uuid.uuid4().hex[:12]
         self.send = send
         self.endpoint = endpoint

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dovecote.delivery.breaker import Breakers, target_key
-from dovecote.delivery.sender import Attempt, Sender
+from dovecote.delivery.sender import Attempt, OutboxSender
 from dovecote.errors import DovecoteError
 from dovecote.ops import metrics
 from dovecote.util import backoff
@@ -74,12 +74,12 @@ class OutboxWorkers:
         settings: Settings,
         instance_id: str,
         breakers: Breakers,
-        sender: Sender | None = None,
+        sender: OutboxSender | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.breakers = breakers
-        self.sender = sender or Sender(settings, store)
+        self.sender = sender or OutboxSender(settings, store)
         sizes = {
             OutboxKind.FORWARD: settings.forward_workers,
             OutboxKind.NOTIFY: settings.notify_workers,

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("dovecote.sender")
 
-Outcome = Literal["delivered", "skipped", "transient", "permanent"]
+AttemptOutcome = Literal["delivered", "skipped", "transient", "permanent"]
 LEASE_FRACTION = 0.8
 MAX_RETRY_AFTER = 3600.0
 USER_AGENT = f"dovecote/{__version__}"
@@ -46,7 +46,7 @@ USER_AGENT = f"dovecote/{__version__}"
 class Attempt:
     """The outcome of one send."""
 
-    outcome: Outcome
+    outcome: AttemptOutcome
     status: int | None = None
     error: str = ""
     duration: float = 0.0
@@ -71,7 +71,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     return None
 
 
-class Sender:
+class OutboxSender:
     """HTTP clients per outbox kind and the classification of their answers."""
 
     def __init__(self, settings: Settings, store: Store) -> None:

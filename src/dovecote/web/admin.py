@@ -168,7 +168,7 @@ class BadRequest(Exception):
     """An admin request with a missing or ill-typed field (answered 400)."""
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+RequestHandler = Callable[[Request], Awaitable[Response]]
 
 
 def _target(request: Request) -> str:
@@ -274,7 +274,7 @@ class AdminAPI:
             Route("/admin/overview", guarded(self.overview_route), methods=["GET"]),
         ]
 
-    def guarded(self, handler: Handler) -> Handler:
+    def guarded(self, handler: RequestHandler) -> RequestHandler:
         """Authorize, then run `handler`; bad input is 400, store trouble 503, never 500."""
         action = handler.__name__.replace("_", ".", 1)
 

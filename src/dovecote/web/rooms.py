@@ -47,7 +47,7 @@ from dovecote.web.openapi import (
 from dovecote.web.responses import count_bad_input, error_response, read_body, request_id_of
 
 M = TypeVar("M", bound=BaseModel)
-Handler = Callable[["Call"], Awaitable[Response]]
+CallHandler = Callable[["Call"], Awaitable[Response]]
 
 _ROOM = re.compile(models.ROOM_ID_PATTERN)
 _PARTICIPANT = re.compile(models.PARTICIPANT_PATTERN)
@@ -483,7 +483,7 @@ class RoomsAPI:
         self.rooms = rooms
 
     def routes(self) -> list[BaseRoute]:
-        by_path: dict[str, dict[str, Handler]] = {}
+        by_path: dict[str, dict[str, CallHandler]] = {}
         for op in OPERATIONS:
             by_path.setdefault(op.path, {})[op.method.upper()] = op.handler
         return [
@@ -492,7 +492,7 @@ class RoomsAPI:
             Route("/v1/rooms/{rest:path}", not_found, methods=ALL_METHODS),
         ]
 
-    def resource(self, path: str, handlers: dict[str, Handler]) -> Route:
+    def resource(self, path: str, handlers: dict[str, CallHandler]) -> Route:
         """One path, its methods; unknown methods get a JSON 405 with Allow."""
         allowed = ", ".join(sorted(handlers))
         auth = self.rooms.auth
