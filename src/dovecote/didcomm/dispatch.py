@@ -118,14 +118,9 @@ class Mediator:
     ) -> Outcome:
         request_id = request_id or uuid.uuid4().hex[:16]
         if self.v1 is not None and v1_envelope.looks_like_v1(raw):
-            try:
-                envelope = v1_envelope.parse(raw, self.packer.max_json_depth)
-            except ClientError as exc:
-                metrics.BAD_INPUT.labels(exc.code, transport).inc()
-                return Outcome(status=exc.status, error=exc)
-            if envelope is not None:
-                outcome: Outcome = await self.v1.receive(envelope, transport, session, request_id)
-                return outcome
+            v1_outcome = await self._receive_v1(self.v1, raw, transport, session, request_id)
+            if v1_outcome is not None:
+                return v1_outcome
         try:
             unpacked = await self.packer.unpack(raw)
         except ClientError as exc:
@@ -141,41 +136,7 @@ class Mediator:
 
         inbound = Inbound(unpacked.message, unpacked.sender, transport, session, request_id)
         wants_return = inbound.return_route in ("all", "thread")
-        msg_type = inbound.type
-        protocol, name = _labels(msg_type)
-        started = time.perf_counter()
-        try:
-            if inbound.sender and (wait := self.did_limits.take(inbound.sender)):
-                raise RateLimited("rate limit per sender DID", retry_after=wait)
-            handler = HANDLERS.get(msg_type)
-            if handler is None:
-                raise UnknownMessageType(f"unsupported message type {msg_type[:200]!r}")
-            replies = await handler(self.ctx, inbound)
-            status = 202
-            error: DovecoteError | None = None
-            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok").inc()
-        except DovecoteError as exc:
-            error, status = exc, exc.status
-            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
-            if isinstance(exc, ClientError):
-                metrics.BAD_INPUT.labels(exc.code, transport).inc()
-            log.info(
-                "message.failed",
-                type=msg_type[:200],
-                code=exc.code,
-                detail=exc.detail,
-                transport=transport,
-                request_id=request_id,
-            )
-            replies = []
-            if inbound.sender:
-                # No `ack` header: the spec makes it optional and SICPA's didcomm-python
-                # rejects the list form the current spec uses.
-                report = problem_report(exc.code, exc.detail, pthid=inbound.thid)
-                report["to"] = [inbound.sender]
-                replies = [report]
-        finally:
-            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(time.perf_counter() - started)
+        replies, status, error = await self._handle(inbound)
 
         packed: list[bytes] = []
         if inbound.sender and replies and (wants_return or transport == "ws"):
@@ -195,6 +156,64 @@ class Mediator:
             # stacks such as Veramo read no body from a non-2xx answer.
             status = 200
         return Outcome(status=status, replies=packed, error=error, return_route=wants_return)
+
+    async def _receive_v1(
+        self,
+        v1: V1Mediator,
+        raw: bytes,
+        transport: Transport,
+        session: LiveSession | None,
+        request_id: str,
+    ) -> Outcome | None:
+        """A DIDComm v1 envelope's outcome, or None when `raw` is not one after all."""
+        try:
+            envelope = v1_envelope.parse(raw, self.packer.max_json_depth)
+        except ClientError as exc:
+            metrics.BAD_INPUT.labels(exc.code, transport).inc()
+            return Outcome(status=exc.status, error=exc)
+        if envelope is None:
+            return None
+        outcome: Outcome = await v1.receive(envelope, transport, session, request_id)
+        return outcome
+
+    async def _handle(
+        self, inbound: Inbound
+    ) -> tuple[list[dict[str, Any]], int, DovecoteError | None]:
+        """Run the message's handler: (replies, status, error); a failure's reply is a
+        problem report when the sender is known."""
+        msg_type = inbound.type
+        protocol, name = _labels(msg_type)
+        started = time.perf_counter()
+        try:
+            if inbound.sender and (wait := self.did_limits.take(inbound.sender)):
+                raise RateLimited("rate limit per sender DID", retry_after=wait)
+            handler = HANDLERS.get(msg_type)
+            if handler is None:
+                raise UnknownMessageType(f"unsupported message type {msg_type[:200]!r}")
+            replies = await handler(self.ctx, inbound)
+            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok").inc()
+            return replies, 202, None
+        except DovecoteError as exc:
+            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
+            if isinstance(exc, ClientError):
+                metrics.BAD_INPUT.labels(exc.code, inbound.transport).inc()
+            log.info(
+                "message.failed",
+                type=msg_type[:200],
+                code=exc.code,
+                detail=exc.detail,
+                transport=inbound.transport,
+                request_id=inbound.request_id,
+            )
+            if not inbound.sender:
+                return [], exc.status, exc
+            # No `ack` header: the spec makes it optional and SICPA's didcomm-python
+            # rejects the list form the current spec uses.
+            report = problem_report(exc.code, exc.detail, pthid=inbound.thid)
+            report["to"] = [inbound.sender]
+            return [report], exc.status, exc
+        finally:
+            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(time.perf_counter() - started)
 
     async def _reply_later(
         self, inbound: Inbound, sender: str, replies: list[dict[str, Any]]

@@ -114,43 +114,7 @@ class V1Mediator:
             )
             return Outcome(status=exc.status, error=exc)
         wants_return = inbound.return_route in ("all", "thread")
-        protocol, name = _labels(inbound.type)
-        started = time.perf_counter()
-        error: DovecoteError | None = None
-        try:
-            sender_key = inbound.sender_did_key if inbound.sender else None
-            if sender_key and (wait := self.did_limits.take(sender_key)):
-                raise RateLimited("rate limit per sender key", retry_after=wait)
-            handler = HANDLERS.get(inbound.type)
-            if handler is None:
-                raise UnknownMessageType(f"unsupported message type {inbound.raw_type[:200]!r}")
-            replies = await handler(self.ctx, inbound)
-            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok").inc()
-            if (
-                transport == "ws"
-                and session is not None
-                and inbound.return_route == "all"
-                and sender_key
-                and await self.core.store.get_mediation(sender_key) == "granted"
-            ):
-                self.implicit.enable(session, sender_key)
-        except DovecoteError as exc:
-            error = exc
-            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
-            if isinstance(exc, ClientError):
-                metrics.BAD_INPUT.labels(exc.code, transport).inc()
-            log.info(
-                "message.failed",
-                type=inbound.raw_type[:200],
-                code=exc.code,
-                detail=exc.detail,
-                version="v1",
-                transport=transport,
-                request_id=request_id,
-            )
-            replies = [problem_report(exc.code, exc.detail, inbound)] if inbound.sender else []
-        finally:
-            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(time.perf_counter() - started)
+        replies, error = await self._handle(inbound, transport, session, request_id)
 
         status = error.status if error is not None else 202
         packed: list[bytes] = []
@@ -183,6 +147,52 @@ class V1Mediator:
             return_route=wants_return,
             media_type=MEDIA_TYPE,
         )
+
+    async def _handle(
+        self,
+        inbound: V1Inbound,
+        transport: Transport,
+        session: LiveSession | None,
+        request_id: str,
+    ) -> tuple[list[dict[str, Any]], DovecoteError | None]:
+        """Run the message's handler: (replies, error); a failure's reply is a problem
+        report when the sender is known."""
+        protocol, name = _labels(inbound.type)
+        started = time.perf_counter()
+        try:
+            sender_key = inbound.sender_did_key if inbound.sender else None
+            if sender_key and (wait := self.did_limits.take(sender_key)):
+                raise RateLimited("rate limit per sender key", retry_after=wait)
+            handler = HANDLERS.get(inbound.type)
+            if handler is None:
+                raise UnknownMessageType(f"unsupported message type {inbound.raw_type[:200]!r}")
+            replies = await handler(self.ctx, inbound)
+            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok").inc()
+            if (
+                transport == "ws"
+                and session is not None
+                and inbound.return_route == "all"
+                and sender_key
+                and await self.core.store.get_mediation(sender_key) == "granted"
+            ):
+                self.implicit.enable(session, sender_key)
+            return replies, None
+        except DovecoteError as exc:
+            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
+            if isinstance(exc, ClientError):
+                metrics.BAD_INPUT.labels(exc.code, transport).inc()
+            log.info(
+                "message.failed",
+                type=inbound.raw_type[:200],
+                code=exc.code,
+                detail=exc.detail,
+                version="v1",
+                transport=transport,
+                request_id=request_id,
+            )
+            return [problem_report(exc.code, exc.detail, inbound)] if inbound.sender else [], exc
+        finally:
+            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(time.perf_counter() - started)
 
     def _inbound(
         self, opened: Opened, transport: Transport, session: LiveSession | None, request_id: str
