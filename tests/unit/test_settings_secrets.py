@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from dovecote.client.config import ClientConfig
 from dovecote.ops.settings import Settings
 
 ADMIN_TOKEN = "admin-secret-0123456789abcdef0123456789"
@@ -72,3 +73,8 @@ def test_serve_help_shows_no_secret_from_the_environment(tmp_path: Path) -> None
     )
     for secret in SECRETS:
         assert secret not in out.stdout + out.stderr
+
+
+def test_the_client_config_keeps_its_rooms_token_out_of_repr(tmp_path: Path) -> None:
+    config = ClientConfig(data_dir=tmp_path, rooms_token=ADMIN_TOKEN)
+    assert config.rooms_token == ADMIN_TOKEN and ADMIN_TOKEN not in repr(config)

@@ -48,7 +48,7 @@ class ClientConfig:
     # {uri: <mediator DID>} and lets senders resolve the mediator.
     service_form: ServiceForm = "routing-keys"
     rooms_url: str = ""
-    rooms_token: str = ""
+    rooms_token: str = field(default="", repr=False)  # a bearer token: kept out of repr
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
