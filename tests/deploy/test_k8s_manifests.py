@@ -155,17 +155,18 @@ def keyed(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def values() -> dict[str, Any]:
-    return yaml.safe_load((CHART / "values.yaml").read_text())
+    loaded: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    return loaded
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
-    containers = deployment["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     return containers[0]
 
 
 def http_port(deployment: dict[str, Any]) -> int:
-    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    ports: dict[str, int] = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
     return ports["http"]
 
 
@@ -590,7 +591,7 @@ BASE_VALUES: dict[str, Any] = {"config": {"publicUrl": "https://relay.example.co
 
 def merged(overrides: dict[str, Any] | None, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """`base` (default BASE_VALUES) with `overrides` merged in, as Helm merges -f files."""
-    out = json.loads(json.dumps(BASE_VALUES if base is None else base))
+    out: dict[str, Any] = json.loads(json.dumps(BASE_VALUES if base is None else base))
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merged(value, out[key])
@@ -796,7 +797,9 @@ def test_helm_ingress_and_fixed_replicas() -> None:
 def test_helm_config_changes_roll_the_pods() -> None:
     def checksum(overrides: dict[str, Any]) -> str:
         docs = by_kind(render_chart(overrides))
-        return docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+        value: str = annotations["checksum/config"]
+        return value
 
     assert checksum({}) != checksum({"config": {"logFormat": "console"}})
 

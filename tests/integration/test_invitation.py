@@ -47,7 +47,10 @@ def fingerprint(path: Path) -> tuple[str, int]:
 
 def decoded_oob(url: str) -> dict[str, Any]:
     encoded = parse_qs(urlsplit(url).query)["_oob"][0]
-    return json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    invitation: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    )
+    return invitation
 
 
 def qr_bytes(text: str, kind: str) -> bytes:
