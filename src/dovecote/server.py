@@ -94,7 +94,9 @@ class Dovecote:
             max_id_bytes=settings.max_message_id_bytes,
             cache_bytes=settings.resolver_cache_bytes,
         )
-        self.live = LiveRegistry(self.store, batch=settings.live_push_batch)
+        self.live = LiveRegistry(
+            self.store, batch=settings.live_push_batch, max_push_bytes=settings.max_body_bytes
+        )
         self.rooms = Rooms(rooms_settings(settings), self.store)
         self.breakers = Breakers(
             settings.breaker_threshold, settings.breaker_reset, settings.breaker_trials

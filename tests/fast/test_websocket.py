@@ -4,6 +4,7 @@ tests/rooms/test_websocket.py; uvicorn's frame limit stays in test_bad_input.py)
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -167,3 +168,38 @@ async def test_rooms_socket_refuses_a_room_the_token_does_not_name(fast: Fast) -
         await ws.send_json({"action": "subscribe", "room": room, "since": 0})
         refused = await ws.receive_json(timeout=WITHIN)
         assert refused["type"] == "error" and refused["error"] == "e.p.req.forbidden"
+
+
+@pytest.mark.fast_settings(max_body_bytes=64 * 1024)
+async def test_live_pushes_stop_at_the_byte_budget(fast: Fast) -> None:
+    """A push frame holds at most MAX_BODY_BYTES of messages (at least one), like a
+    delivery-request reply: six ~20 KB messages arriving together go out in frames of at
+    most three, each exactly once."""
+    alice = fast.agent()
+    await alice.mediate(fast.client)
+    packed = [
+        await forward_to(
+            fast.settings.base_url, alice, {"type": BASIC, "body": {"content": f"{n}" * 15_000}}
+        )
+        for n in range(6)
+    ]
+    async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as ws:
+        await _ask(ws, alice, f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+        answers = await asyncio.gather(*(fast.post(p) for p in packed))
+        assert [a.status_code for a in answers] == [202] * 6
+        seen: list[str] = []
+        acks = answered = 0
+        while len(seen) < 6 or answered < acks:
+            pushed = await alice.unpack(await ws.receive_text(timeout=WITHIN))
+            if pushed["type"] == f"{PICKUP}/status":  # the answer to an ack
+                answered += 1
+                continue
+            assert pushed["type"] == f"{PICKUP}/delivery", pushed
+            batch = pushed["attachments"]
+            assert 1 <= len(batch) <= 3, len(batch)
+            seen += [a["id"] for a in batch]
+            ids = {"message_id_list": [a["id"] for a in batch]}
+            await ws.send_text(await alice.pack(alice.message(f"{PICKUP}/messages-received", ids)))
+            acks += 1
+        assert len(set(seen)) == 6
+    assert fast.query("SELECT COUNT(*) FROM messages") == [(0,)]

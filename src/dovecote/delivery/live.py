@@ -88,9 +88,12 @@ class LiveSession:
 class LiveRegistry:
     """Mailbox -> live session, and the pump that pushes queued messages."""
 
-    def __init__(self, store: Store, batch: int = 100) -> None:
+    def __init__(self, store: Store, batch: int = 100, max_push_bytes: int = 1 << 20) -> None:
         self.store = store
         self.batch = batch
+        # Bodies held for one push frame (at least one message): the frame, and the read
+        # behind it, must not grow with the mailbox.
+        self.max_push_bytes = max_push_bytes
         self.by_mediatee: dict[str, LiveSession] = {}
         self.build_delivery: DeliveryBuilder | None = None
 
@@ -116,7 +119,9 @@ class LiveRegistry:
             # Turning live mode on again on the same session changes nothing.
             last = await self.store.last_seq(mediatee)
             floor = max(0, last - BASELINE_LOOKBACK)
-            queued = await self.store.fetch(mediatee, 2 * BASELINE_LOOKBACK, after_seq=floor)
+            # Ids only: reading the bodies of up to 2,000 queued messages per switch made
+            # memory grow with mailbox sizes (200 MiB over 8 sockets: RSS 142 -> 874 MiB).
+            queued = await self.store.queued(mediatee, 2 * BASELINE_LOOKBACK, after_seq=floor)
             session.floor[mediatee] = floor
             session.baseline[mediatee] = {m.id for m in queued}
         if session.task is None:
@@ -199,16 +204,25 @@ class LiveRegistry:
             # Reading from the floor and skipping the baseline and what is in flight is
             # correct for both engines, even when PostgreSQL commits seq numbers out of order.
             baseline = session.baseline.get(mediatee, set())
-            queued = await self.store.fetch(
+            queued = await self.store.queued(
                 mediatee,
                 len(pushed) + len(baseline) + min(room, self.batch),
                 after_seq=session.floor.get(mediatee, 0),
             )
-            fresh = [
-                m
-                for m in queued
-                if m.id not in pushed and m.id not in baseline and m.id not in session.acked
-            ][: min(room, self.batch)]
+            chosen: list[str] = []
+            size = 0
+            for ref in queued:
+                if ref.id in pushed or ref.id in baseline or ref.id in session.acked:
+                    continue
+                if len(chosen) >= min(room, self.batch) or (
+                    chosen and size + ref.size > self.max_push_bytes
+                ):
+                    break
+                chosen.append(ref.id)
+                size += ref.size
+            # Read the bodies of the chosen ones only; an ack or expiry in between leaves
+            # fewer, never others.
+            fresh = await self.store.fetch_ids(mediatee, chosen)
             if not fresh:
                 return
             packed = await self.build_delivery(mediatee, fresh)

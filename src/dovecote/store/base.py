@@ -32,6 +32,15 @@ class StoredMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuedRef:
+    """A queued message without its body: enough to choose what to read."""
+
+    id: str
+    seq: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message to enqueue."""
 
@@ -279,6 +288,14 @@ class Store(abc.ABC):
         after_seq: int = 0,
     ) -> list[StoredMessage]:
         """Oldest queued messages first; nothing is removed."""
+
+    @abc.abstractmethod
+    async def queued(self, mediatee: str, limit: int, after_seq: int = 0) -> list[QueuedRef]:
+        """Ids, seqs and sizes of the oldest queued messages after `after_seq`, no bodies."""
+
+    @abc.abstractmethod
+    async def fetch_ids(self, mediatee: str, ids: Sequence[str]) -> list[StoredMessage]:
+        """The listed messages of this mediatee that are still queued, oldest first."""
 
     @abc.abstractmethod
     async def last_seq(self, mediatee: str) -> int:

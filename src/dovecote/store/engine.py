@@ -30,6 +30,7 @@ from dovecote.store.base import (
     NewOutboxItem,
     OutboxItem,
     OutboxTarget,
+    QueuedRef,
     QueueStats,
     RecipientConflict,
     RelayQuota,
@@ -292,6 +293,31 @@ class SQLStore(V1Store, Store):
             args.append(recipient_candidates(recipient))
         sql += " ORDER BY seq LIMIT $3"
         rows = await self._read(lambda tx: tx.fetch(sql, *args))
+        return [stored_message(row) for row in rows]
+
+    async def queued(self, mediatee: str, limit: int, after_seq: int = 0) -> list[QueuedRef]:
+        rows = await self._read(
+            lambda tx: tx.fetch(
+                "SELECT id, seq, size FROM messages WHERE mediatee = $1 AND seq > $2"
+                " ORDER BY seq LIMIT $3",
+                mediatee,
+                after_seq,
+                limit,
+            )
+        )
+        return [QueuedRef(row[0], int(row[1]), int(row[2])) for row in rows]
+
+    async def fetch_ids(self, mediatee: str, ids: Sequence[str]) -> list[StoredMessage]:
+        if not ids:
+            return []
+        rows = await self._read(
+            lambda tx: tx.fetch(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                " WHERE mediatee = $1 AND id = ANY($2::text[]) ORDER BY seq",
+                mediatee,
+                list(ids),
+            )
+        )
         return [stored_message(row) for row in rows]
 
     async def last_seq(self, mediatee: str) -> int:

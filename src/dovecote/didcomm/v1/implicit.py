@@ -93,10 +93,11 @@ class ImplicitPickup:
                 entry.wake.clear()
                 if session.held or session.closed:
                     continue
-                queued = await self.store.fetch(entry.mediatee, len(entry.pushed) + IMPLICIT_BATCH)
-                for message in queued:
-                    if message.id in entry.pushed:
-                        continue
+                # Ids first, then the bodies of at most IMPLICIT_BATCH of them: what is in
+                # flight may be large, and its bodies are not needed again.
+                refs = await self.store.queued(entry.mediatee, len(entry.pushed) + IMPLICIT_BATCH)
+                wanted = [r.id for r in refs if r.id not in entry.pushed][:IMPLICIT_BATCH]
+                for message in await self.store.fetch_ids(entry.mediatee, wanted):
                     await session.send(message.body)
                     entry.pushed[message.id] = tag_of(message.body) or message.id
                     metrics.DELIVERED.labels("push").inc()

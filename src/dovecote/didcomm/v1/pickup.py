@@ -43,6 +43,7 @@ DELIVERY = f"{PIURI}/delivery"
 STATUS = f"{PIURI}/status"
 # How many queued messages an ack by tag looks through when the tag was not pushed here.
 TAG_SCAN = 1000
+TAG_PAGE = 8
 
 
 def _json_or_text(body: bytes) -> Any:
@@ -130,10 +131,17 @@ async def _ids_for_tags(
         if tag in pushed:
             ids.append(pushed[tag])
             wanted.discard(tag)
-    if wanted:
-        for message in await ctx.core.store.fetch(mediatee, TAG_SCAN):
+    after, scanned = 0, 0
+    while wanted and scanned < TAG_SCAN:
+        # A page at a time: the tag is inside each body, and bodies may be large.
+        page = await ctx.core.store.fetch(mediatee, TAG_PAGE, after_seq=after)
+        for message in page:
             if tag_of(message.body) in wanted:
                 ids.append(message.id)
+        scanned += len(page)
+        if len(page) < TAG_PAGE:
+            break
+        after = page[-1].seq
     return ids
 
 
