@@ -15,15 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aries_askar import Key, KeyAlg
-from did_peer_2 import KeySpec, generate
 from didcomm_messaging.crypto.backend.askar import AskarSecretKey
 from didcomm_messaging.crypto.backend.basic import InMemorySecretsManager
-from didcomm_messaging.multiformats import multibase, multicodec
 from didcomm_messaging.packaging import PackagingService
-from didcomm_messaging.resolver import DIDResolver
-from pydid import DIDDocument
 
-from dovecote.didcomm.packing import DIDCommCrypto, build_resolver
+from dovecote.didcomm.packing import DIDCommCrypto
+from dovecote.didcomm.peer import build_resolver, peer_did
 
 PLAINTEXT = "application/didcomm-plain+json"
 ENCRYPTED = "application/didcomm-encrypted+json"
@@ -33,34 +30,9 @@ CM3 = "https://didcomm.org/coordinate-mediation/3.0"
 PICKUP = "https://didcomm.org/messagepickup/3.0"
 
 
-class ParsedCache(DIDResolver):
-    """Caches parsed documents too: pydid's parse costs ~10x the crypto of a pack."""
-
-    def __init__(self, inner: DIDResolver) -> None:
-        self.inner = inner
-        self._parsed: dict[str, DIDDocument] = {}
-
-    async def is_resolvable(self, did: str) -> bool:
-        return bool(await self.inner.is_resolvable(did))
-
-    async def resolve(self, did: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.inner.resolve(did)
-        return doc
-
-    async def resolve_and_parse(self, did: str) -> DIDDocument:
-        parsed = self._parsed.get(did)
-        if parsed is None:
-            parsed = self._parsed[did] = DIDDocument.deserialize(await self.resolve(did))
-        return parsed
-
-
-_RESOLVER = ParsedCache(build_resolver())
+_RESOLVER = build_resolver()
 _CRYPTO = DIDCommCrypto()
 _PACKAGING: PackagingService[Any, AskarSecretKey] = PackagingService()
-
-
-def _multikey(codec: str, key: Key) -> str:
-    return str(multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc"))
 
 
 @dataclass
@@ -79,15 +51,7 @@ class BenchAgent:
             agreement = Key.from_secret_bytes(KeyAlg.X25519, base64.b64decode(seed["x25519"]))
         else:
             signing, agreement = Key.generate(KeyAlg.ED25519), Key.generate(KeyAlg.X25519)
-        did = str(
-            generate(
-                [
-                    KeySpec.verification(_multikey("ed25519-pub", signing)),
-                    KeySpec.key_agreement(_multikey("x25519-pub", agreement)),
-                ],
-                [],
-            )
-        )
+        did = peer_did(signing, agreement, [])
         secrets = InMemorySecretsManager()
         await secrets.add_secret(AskarSecretKey(signing, f"{did}#key-1"))
         await secrets.add_secret(AskarSecretKey(agreement, f"{did}#key-2"))

@@ -28,10 +28,10 @@ from typing import Any
 
 import httpx
 from aries_askar import Key, KeyAlg
-from did_peer_2 import KeySpec, generate
 
-from bench.agents import _ANON, ENCRYPTED, FORWARD, PLAINTEXT, _multikey
+from bench.agents import _ANON, ENCRYPTED, FORWARD, PLAINTEXT
 from bench.servers import Dovecote, free_port, workdir
+from dovecote.didcomm.peer import peer_did
 
 
 def remote_did(endpoint: str) -> str:
@@ -41,15 +41,7 @@ def remote_did(endpoint: str) -> str:
         "type": "DIDCommMessaging",
         "serviceEndpoint": {"uri": endpoint, "accept": ["didcomm/v2"]},
     }
-    return str(
-        generate(
-            [
-                KeySpec.verification(_multikey("ed25519-pub", signing)),
-                KeySpec.key_agreement(_multikey("x25519-pub", agreement)),
-            ],
-            [service],
-        )
-    )
+    return peer_did(signing, agreement, [service])
 
 
 def _b64(data: bytes) -> str:

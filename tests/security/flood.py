@@ -17,10 +17,9 @@ from aries_askar import Key, KeyAlg, ecdh
 from did_peer_2 import KeySpec
 from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarSecretKey
 from didcomm_messaging.crypto.backend.basic import InMemorySecretsManager
-from didcomm_messaging.multiformats import multibase, multicodec
 from didcomm_messaging.packaging import PackagingService
 
-from dovecote.didcomm.packing import build_resolver
+from dovecote.didcomm.peer import build_resolver, multikey
 
 ENCRYPTED = "application/didcomm-encrypted+json"
 PLAINTEXT = "application/didcomm-plain+json"
@@ -42,10 +41,6 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def _multikey(codec: str, key: Key) -> str:
-    return str(multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc"))
-
-
 @dataclass
 class Peer:
     did: str
@@ -59,8 +54,8 @@ def _keys_part(signing: Key, agreement: Key) -> str:
     return "".join(
         f".{k.purpose.value}{k.material}"
         for k in (
-            KeySpec.verification(_multikey("ed25519-pub", signing)),
-            KeySpec.key_agreement(_multikey("x25519-pub", agreement)),
+            KeySpec.verification(multikey(signing)),
+            KeySpec.key_agreement(multikey(agreement)),
         )
     )
 

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from aries_askar import Key, KeyAlg
-from did_peer_2 import KeySpec, generate
-from didcomm_messaging.multiformats import multibase, multicodec
 
 from dovecote.client.errors import NotInitialised
+from dovecote.didcomm.peer import peer_did
 from dovecote.files import write_private
 
 IDENTITY_FILE = "identity.json"
@@ -62,22 +61,9 @@ class ClientIdentity:
         return self.mediation.routed_did if self.mediation else self.did
 
 
-def _multikey(codec: str, key: Key) -> str:
-    encoded: str = multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
-    return encoded
-
-
 def make_did(signing_key: Key, agreement_key: Key, services: list[dict[str, Any]]) -> str:
     """A did:peer:2 with the two keys (#key-1 signing, #key-2 agreement) and `services`."""
-    return str(
-        generate(
-            [
-                KeySpec.verification(_multikey("ed25519-pub", signing_key)),
-                KeySpec.key_agreement(_multikey("x25519-pub", agreement_key)),
-            ],
-            services,
-        )
-    )
+    return peer_did(signing_key, agreement_key, services)
 
 
 def routed_service(mediator_did: str, endpoint: str, form: str) -> dict[str, Any]:

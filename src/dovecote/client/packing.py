@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,17 +22,16 @@ from didcomm_messaging.crypto.backend.askar import AskarSecretKey
 from didcomm_messaging.crypto.backend.basic import InMemorySecretsManager
 from didcomm_messaging.packaging import PackagingService
 from didcomm_messaging.resolver import DIDResolver
-from pydid import DIDDocument
 
 from dovecote.client.errors import CryptoFailure, Undeliverable
 from dovecote.client.identity import ClientIdentity
-from dovecote.didcomm.packing import DIDCommCrypto, build_resolver
+from dovecote.didcomm.packing import DIDCommCrypto
+from dovecote.didcomm.peer import build_resolver
 
 FORWARD = "https://didcomm.org/routing/2.0/forward"
 PLAINTEXT = "application/didcomm-plain+json"
 ENCRYPTED = "application/didcomm-encrypted+json"
 MAX_ROUTE_DEPTH = 3  # mediators of mediators; deeper chains are refused
-PARSED_CACHE_SIZE = 1000
 
 
 @dataclass
@@ -84,43 +82,13 @@ def is_ws(uri: str) -> bool:
 
 
 # didcomm_messaging ships no py.typed: to mypy its classes are Any.
-class ParsedCache(DIDResolver):  # type: ignore[misc]
-    """Caches parsed DID documents too: parsing (pydid) costs more than the crypto.
-
-    Only for immutable DID methods (did:peer), where the DID is the document.
-    """
-
-    def __init__(self, inner: DIDResolver, size: int = PARSED_CACHE_SIZE) -> None:
-        self.inner = inner
-        self.size = size
-        self._parsed: OrderedDict[str, DIDDocument] = OrderedDict()
-
-    async def is_resolvable(self, did: str) -> bool:
-        return bool(await self.inner.is_resolvable(did))
-
-    async def resolve(self, did: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.inner.resolve(did)
-        return doc
-
-    async def resolve_and_parse(self, did: str) -> DIDDocument:
-        parsed = self._parsed.get(did)
-        if parsed is None:
-            parsed = DIDDocument.deserialize(await self.resolve(did))
-            self._parsed[did] = parsed
-            if len(self._parsed) > self.size:
-                self._parsed.popitem(last=False)
-        else:
-            self._parsed.move_to_end(did)
-        return parsed
-
-
 class Packer:
     """The client's DIDComm envelope operations (askar crypto, did:peer resolution)."""
 
     def __init__(self, identity: ClientIdentity, resolver: DIDResolver | None = None) -> None:
         self.identity = identity
         self.secrets: SecretsManager[AskarSecretKey] = InMemorySecretsManager()
-        self.resolver = resolver or ParsedCache(build_resolver())
+        self.resolver = resolver or build_resolver()
         self.crypto = DIDCommCrypto()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
         self._registered: set[str] = set()

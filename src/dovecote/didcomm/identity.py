@@ -20,9 +20,8 @@ from typing import Any
 
 import structlog
 from aries_askar import Key, KeyAlg
-from did_peer_2 import KeySpec, generate
-from didcomm_messaging.multiformats import multibase, multicodec
 
+from dovecote.didcomm.peer import peer_did
 from dovecote.files import write_private
 
 log = structlog.get_logger("dovecote.identity")
@@ -108,19 +107,7 @@ def make_did(signing_key: Key, agreement_key: Key, endpoints: list[str]) -> str:
         }
         for uri in endpoints
     ]
-    did = generate(
-        [
-            KeySpec.verification(_multikey("ed25519-pub", signing_key)),
-            KeySpec.key_agreement(_multikey("x25519-pub", agreement_key)),
-        ],
-        services,
-    )
-    return str(did)
-
-
-def _multikey(codec: str, key: Key) -> str:
-    encoded: str = multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc")
-    return encoded
+    return peer_did(signing_key, agreement_key, services)
 
 
 def _file(path: Path) -> Path:

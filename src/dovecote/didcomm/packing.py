@@ -1,33 +1,29 @@
-"""Pack and unpack DIDComm v2 messages with didcomm-messaging (askar crypto).
+"""The mediator's DIDComm v2 envelopes: bounded parsing, then jwe.py (askar) to open
+inbound envelopes and seal replies; our keys found under any did:peer:2 of ours.
 
-Resolution, not crypto, dominates authcrypt unpack cost, so resolved DID documents are
-cached (did:peer:2 documents are immutable: the DID is the document).
+DID documents come from peer.py's cache (shared with the client and the benchmark), and
+the keys picked from them are cached per DID here: did:peer documents are immutable.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from aries_askar import AskarError, Key, KeyAlg, ecdh
+from aries_askar import AskarError, Key
 from did_peer_2 import resolve as resolve_peer2
 from didcomm_messaging.crypto import SecretsManager
 from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarKey, AskarSecretKey
 from didcomm_messaging.crypto.base import CryptoServiceError
-from didcomm_messaging.crypto.jwe import JweBuilder, JweRecipient, b64url
-from didcomm_messaging.multiformats import multibase, multicodec
 from didcomm_messaging.packaging import PackagingService
-from didcomm_messaging.resolver import DIDResolver, PrefixResolver
-from didcomm_messaging.resolver.peer import Peer2, Peer4
-from pydid import DIDDocument
+from didcomm_messaging.resolver import DIDResolver
 
-from dovecote.didcomm import jwe
+from dovecote.didcomm import jwe, peer
 from dovecote.didcomm.identity import Identity
+from dovecote.didcomm.peer import RESOLVER_CACHE_BYTES, build_resolver
 from dovecote.errors import (
     DovecoteError,
     InvalidDID,
@@ -41,12 +37,6 @@ from dovecote.util.did import DEFAULT_MAX_DID_BYTES, did_problem
 from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH, depth_exceeds, raw_problem
 from dovecote.util.lru import ByteLRU
 
-# Defaults for the resolver cache (settings.resolver_cache_bytes) and the estimate of
-# what one document keeps alive, calibrated with tracemalloc on did:peer:2 documents.
-RESOLVER_CACHE_BYTES = 32 * 1024 * 1024
-DOC_OVERHEAD = 4096
-PARSED_PER_DID_BYTE = 14
-PARSED_OVERHEAD = 16384
 # Our own key ids (any did:peer:2 embedding our keys); bounded as every client-keyed map.
 SECRETS_CACHE_BYTES = 1024 * 1024
 # What one cached sender key keeps alive besides its id (an askar handle and bookkeeping).
@@ -59,12 +49,13 @@ ENCRYPTED = "application/didcomm-encrypted+json"
 
 # didcomm_messaging ships no py.typed: to mypy its classes are Any.
 class DIDCommCrypto(AskarCryptoService):  # type: ignore[misc]
-    """Askar crypto whose authcrypt envelopes carry the media type the spec names.
+    """didcomm-messaging's askar crypto, with authcrypt written by jwe.authcrypt.
 
     didcomm-messaging 0.1.1 (the newest release) writes `typ: application/didcomm+encrypted`
     into the protected header of ECDH-1PU envelopes; strict stacks (didcomm-rust, Veramo)
     drop such messages. The header is the AEAD's associated data, so it cannot be fixed
-    after encryption: this is the library's method with only that value changed.
+    after encryption. For the client and the benchmark's agents, which pack through the
+    library; the mediator calls jwe directly.
     """
 
     async def ecdh_1pu_encrypt(
@@ -73,88 +64,16 @@ class DIDCommCrypto(AskarCryptoService):  # type: ignore[misc]
         sender_key: AskarSecretKey,
         message: bytes,
     ) -> bytes:
-        builder = JweBuilder(with_flatten_recipients=False)
-        alg_id, enc_id = "ECDH-1PU+A256KW", "A256CBC-HS512"
-        agree_alg = sender_key.key.algorithm
         if not to_keys:
             raise CryptoServiceError("No message recipients")
         try:
-            cek = Key.generate(KeyAlg.A256CBC_HS512)
-            epk = Key.generate(agree_alg, ephemeral=True)
+            return jwe.authcrypt(
+                message, [(k.kid, k.key) for k in to_keys], sender_key.kid, sender_key.key
+            )
         except AskarError as exc:
-            raise CryptoServiceError("Error creating keys") from exc
-        kids = []
-        for recip_key in to_keys:
-            if agree_alg != recip_key.key.algorithm:
-                raise CryptoServiceError("Recipient key types must be consistent")
-            kids.append(recip_key.kid)
-        apu = sender_key.kid
-        apv = hashlib.sha256(".".join(sorted(kids)).encode()).digest()
-        builder.set_protected(
-            OrderedDict(
-                [
-                    ("typ", ENCRYPTED),
-                    ("alg", alg_id),
-                    ("enc", enc_id),
-                    ("apu", b64url(apu)),
-                    ("apv", b64url(apv)),
-                    ("epk", json.loads(epk.get_jwk_public())),
-                    ("skid", sender_key.kid),
-                ]
-            )
-        )
-        try:
-            payload = cek.aead_encrypt(message, aad=builder.protected_bytes)
-        except AskarError as exc:
-            raise CryptoServiceError("Error encrypting message payload") from exc
-        builder.set_payload(payload.ciphertext, payload.nonce, payload.tag)
-        for recip_key in to_keys:
-            enc_key = ecdh.Ecdh1PU(alg_id, apu, apv).sender_wrap_key(
-                KeyAlg.A256KW, epk, sender_key.key, recip_key.key, cek, cc_tag=payload.tag
-            )
-            builder.add_recipient(
-                JweRecipient(encrypted_key=enc_key.ciphertext, header={"kid": recip_key.kid})
-            )
-        packed: bytes = builder.build().to_json().encode("utf-8")
-        return packed
+            raise CryptoServiceError("Error encrypting message") from exc
 
 
-# didcomm_messaging ships no py.typed: to mypy its classes are Any.
-class CachingResolver(DIDResolver):  # type: ignore[misc]
-    """A cache in front of another resolver (only for immutable DID methods), bounded by
-    the bytes its documents keep alive: any client can make us resolve any DID, so a
-    count bound would let a few thousand 4 KiB DIDs (or a few 2 MB ones) hold gigabytes.
-    """
-
-    def __init__(self, inner: DIDResolver, max_bytes: int = RESOLVER_CACHE_BYTES) -> None:
-        self.inner = inner
-        # Parsed documents cost ~12x their DID (pydid keeps many DID URL objects), raw
-        # ones ~1.3x (measured with tracemalloc): parsed ones get the larger share.
-        self._cache: ByteLRU[str, dict[str, Any]] = ByteLRU(max_bytes // 4)
-        self._parsed: ByteLRU[str, DIDDocument] = ByteLRU(max_bytes - max_bytes // 4)
-
-    async def is_resolvable(self, did: str) -> bool:
-        return did in self._cache or await self.inner.is_resolvable(did)
-
-    async def resolve(self, did: str) -> dict[str, Any]:
-        doc = self._cache.get(did)
-        if doc is not None:
-            return doc
-        resolved: dict[str, Any] = await self.inner.resolve(did)
-        self._cache.put(did, resolved, size=2 * len(did) + DOC_OVERHEAD)
-        return resolved
-
-    async def resolve_and_parse(self, did: str) -> DIDDocument:
-        # Parsing (pydid) costs more than resolving: measured ~5 ms per reply packed.
-        parsed = self._parsed.get(did)
-        if parsed is not None:
-            return parsed
-        parsed = DIDDocument.deserialize(await self.resolve(did))
-        self._parsed.put(did, parsed, size=PARSED_PER_DID_BYTE * len(did) + PARSED_OVERHEAD)
-        return parsed
-
-
-# didcomm_messaging ships no py.typed: to mypy its classes are Any.
 class IdentitySecrets(SecretsManager[AskarSecretKey]):  # type: ignore[misc]
     """Our private keys, found for any did:peer:2 that embeds our public keys.
 
@@ -166,8 +85,8 @@ class IdentitySecrets(SecretsManager[AskarSecretKey]):  # type: ignore[misc]
         self.identity = identity
         self._known: ByteLRU[str, AskarSecretKey] = ByteLRU(SECRETS_CACHE_BYTES)
         self._ours = {
-            _multibase(identity.signing_key): identity.signing_key,
-            _multibase(identity.agreement_key): identity.agreement_key,
+            peer.multikey(identity.signing_key): identity.signing_key,
+            peer.multikey(identity.agreement_key): identity.agreement_key,
         }
 
     async def get_secret_by_kid(self, kid: str) -> AskarSecretKey | None:
@@ -195,11 +114,6 @@ class IdentitySecrets(SecretsManager[AskarSecretKey]):  # type: ignore[misc]
         return None
 
 
-def _multibase(key: Key) -> str:
-    codec = "ed25519-pub" if key.algorithm == KeyAlg.ED25519 else "x25519-pub"
-    return str(multibase.encode(multicodec.wrap(codec, key.get_public_bytes()), "base58btc"))
-
-
 class Unpacked:
     """A decrypted plaintext message and who sent it (None when anonymous)."""
 
@@ -209,13 +123,6 @@ class Unpacked:
         self.message = message
         self.sender = sender
         self.recipient_kid = recipient_kid
-
-
-def build_resolver(max_bytes: int = RESOLVER_CACHE_BYTES) -> DIDResolver:
-    """did:peer:2 and did:peer:4 resolution, cached."""
-    return CachingResolver(
-        PrefixResolver({"did:peer:2": Peer2(), "did:peer:4": Peer4()}), max_bytes
-    )
 
 
 class Packer:
