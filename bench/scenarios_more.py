@@ -441,8 +441,10 @@ async def _rooms_run(
             ) as ws:
                 sockets.append(ws)
                 await ws.send(json.dumps({"action": "subscribe", "room": room, "since": since}))
-                async for frame in ws:
+                async for message in ws:
                     now = time.perf_counter()
+                    # The rooms socket sends text frames (bytes would be decoded the same).
+                    frame = message if isinstance(message, str) else message.decode()
                     if '"subscribed"' in frame:
                         ready += 1
                     at = frame.find("bench-")

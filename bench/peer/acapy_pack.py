@@ -28,7 +28,8 @@ def verkey(did_key: str) -> str:
     _codec, raw = multicodec.unwrap(multibase.decode(fingerprint))
     from aries_cloudagent.utils.multiformats.multibase import Base58BtcEncoder
 
-    return Base58BtcEncoder().encode(raw)
+    encoded: str = Base58BtcEncoder().encode(raw)
+    return encoded
 
 
 def main() -> None:
