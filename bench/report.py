@@ -241,18 +241,22 @@ def ratios(
                     f"{e2e.get('load_alone', float('nan')):.1f}",
                 )
             )
-    sq_us = us(sq) if sq else None
+    # Rooms against the forward accept: at saturation if measured, else e2e's accept alone.
+    accept = (us(sq), "per forward accepted, SQLite saturation") if sq else None
+    for e2e in extra.get("e2e", []):
+        if accept is None and e2e.get("accept_cpu_us"):
+            accept = (e2e["accept_cpu_us"], f"per forward accepted, SQLite, {e2e['rate']:g}/s")
     for room in extra.get("rooms", []):
         per = room.get("cpu_us_per_delivery")
-        if per and sq_us:
+        if per and accept:
             out.append(
                 Ratio(
                     f"rooms ({room['subscribers']} subscribers): CPU per delivery ÷ per "
-                    "forward accepted (SQLite)",
-                    per / sq_us,
+                    "forward accepted",
+                    per / accept[0],
                     f"{per:.0f} µs server CPU per delivery (closed loop of posts, "
                     f"{room.get('cpu_us_per_post', float('nan')):.0f} µs per post)",
-                    f"{sq_us:.0f} µs",
+                    f"{accept[0]:.0f} µs {accept[1]}",
                     f"{room.get('load', float('nan')):.1f}",
                 )
             )
