@@ -272,12 +272,22 @@ def postgres_1000(suites: Sequence[ForwardSuite]) -> str:
     run = step.run
     p = run.percentiles()
     pg_us = step.cpu_per_ok(pg=True) * 1e6
+    statuses = run.statuses
+    unanswered = statuses.get(-1, 0)
+    other = run.errors - statuses.get(503, 0) - unanswered
     rows = [
-        ["offered (open loop)", f"1,000 forwards/s for {run.duration:.1f} s"],
-        ["rate reached (HTTP 202/s)", f"{run.throughput:.0f}"],
+        [
+            "offered (open loop)",
+            f"1,000 forwards/s for {len(run.samples) / 1000:g} s ({len(run.samples)} requests)",
+        ],
+        [
+            "rate reached (HTTP 202/s, until the last answer)",
+            f"{run.throughput:.0f} ({len(run.ok)} accepted in {run.duration:.1f} s)",
+        ],
         ["accept latency p50 / p99 / max ms", f"{ms(p['p50'])} / {ms(p['p99'])} / {ms(p['max'])}"],
-        ["503 answers", f"{run.statuses.get(503, 0)}"],
-        ["other errors", f"{run.errors - run.statuses.get(503, 0)} {dict(run.statuses)}"],
+        ["503 answers (store timeout, with Retry-After)", f"{statuses.get(503, 0)}"],
+        ["unanswered 15 s after the step", f"{unanswered}"],
+        ["other errors", f"{other}" + (f" {dict(statuses)}" if other else "")],
         [
             "Dovecote CPU per accepted forward (both workers + supervisor)",
             f"{step.cpu_per_ok() * 1e6:.0f} µs",

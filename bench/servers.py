@@ -228,6 +228,19 @@ def process_stats(pids: list[int]) -> tuple[float, int, float]:
     return rss, fds, cpu
 
 
+def any_runnable(pids: list[int]) -> bool:
+    """Whether any of the processes (or their children) is running or waiting for a CPU."""
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                if p.status() == psutil.STATUS_RUNNING:
+                    return True
+        except psutil.Error:
+            continue
+    return False
+
+
 @contextlib.contextmanager
 def postgres_database(admin_url: str = POSTGRES_ADMIN) -> Iterator[str]:
     """A fresh database on the PostgreSQL server at `admin_url`, dropped afterwards."""
