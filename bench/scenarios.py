@@ -417,8 +417,9 @@ async def veramo_suite(profile: Profile, agents: Sequence[BenchAgent]) -> Forwar
             suite.note = (
                 f"Veramo: 202 = handled in memory (its RoutingMessageHandler queued the forward "
                 f"with dataStoreSaveMessage in an in-memory store; nothing on disk); "
-                f"{state.get('queued')} forwards queued for {accepted} answered 202 "
-                f"(the counted windows exclude the saturation warm-up)"
+                f"{state.get('queued')} forwards queued for {accepted} counted 202s "
+                f"(the queue also holds the saturation warm-up's and the requests it answered "
+                f"after the load generator stopped waiting, the -1s)"
             )
         except Exception as exc:  # the peer failing must not lose Dovecote's results  # noqa: BLE001
             suite.skipped = f"Veramo run failed: {exc!r}"[:300]
