@@ -195,10 +195,7 @@ class Packer:
             raise UnpackFailed("could not decrypt the message: plaintext is not JSON") from exc
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise MalformedMessage("plaintext has no type")
-        # Depth needs the walk only when the text opens more containers than the limit.
-        if plaintext.count(b"{") + plaintext.count(b"[") > self.max_json_depth and depth_exceeds(
-            message, self.max_json_depth
-        ):
+        if may_nest(plaintext, self.max_json_depth) and depth_exceeds(message, self.max_json_depth):
             raise LimitExceeded(f"plaintext nests deeper than {self.max_json_depth} levels")
         for header in ("id", "thid", "pthid"):
             value = message.get(header)
@@ -308,9 +305,18 @@ def parse_json(raw: bytes | str, max_depth: int, what: str) -> Any:
         raise MalformedMessage(f"{what} is not JSON") from exc
     except RecursionError as exc:
         raise LimitExceeded(f"{what} nests deeper than {max_depth} levels") from exc
-    if depth_exceeds(value, max_depth):
+    if may_nest(raw, max_depth) and depth_exceeds(value, max_depth):
         raise LimitExceeded(f"{what} nests deeper than {max_depth} levels")
     return value
+
+
+def may_nest(raw: bytes | str, max_depth: int) -> bool:
+    """Whether a JSON text holds enough arrays and objects to nest past `max_depth`: the
+    depth walk over the parsed value costs more than counting brackets in C (an envelope
+    of base64url strings holds a handful)."""
+    if isinstance(raw, str):
+        return raw.count("[") + raw.count("{") > max_depth
+    return raw.count(b"[") + raw.count(b"{") > max_depth
 
 
 def _unpack_error(exc: Exception) -> Exception:
