@@ -72,7 +72,7 @@ test-lowest: deploy-tools interop-node postgres
 	PYTHON=$(PYTHON) bash scripts/test-lowest.sh $(PYTEST_ARGS)
 
 lint: $(DEVSTAMP)
-	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff check src tests bench examples scripts
 	$(BIN)/ruff format --check src tests bench examples scripts
 	$(BIN)/mypy
 
