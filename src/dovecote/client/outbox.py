@@ -40,6 +40,7 @@ from dovecote.client.errors import Rejected, TransportFailure
 from dovecote.client.store import ClientOutboxKind, ClientStore, OutboxItem
 from dovecote.client.wsbatch import WsBatcher, WsTarget
 from dovecote.util import backoff
+from dovecote.util.aio import wait_at_most
 
 log = structlog.get_logger("dovecote.client.outbox")
 
@@ -112,8 +113,7 @@ class BackgroundSender:
                 if remaining is not None and remaining <= 0:
                     break
                 async with self._flushed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._flushed.wait(), min(remaining or 1.0, 1.0))
+                    await wait_at_most(self._flushed.wait(), min(remaining or 1.0, 1.0))
                 self._urgent = True
                 self._wake.set()
         return await self.store.counts()
@@ -129,8 +129,7 @@ class BackgroundSender:
             ):
                 return items
             async with self._flushed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._flushed.wait(), min(remaining or 1.0, 1.0))
+                await wait_at_most(self._flushed.wait(), min(remaining or 1.0, 1.0))
 
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
@@ -148,8 +147,7 @@ class BackgroundSender:
                 continue
             next_due = await self.store.next_due_at()
             timeout = None if next_due is None else max(0.0, next_due - time.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_at_most(self._wake.wait(), timeout)
             self._wake.clear()
 
     async def _flush_once(self) -> bool:

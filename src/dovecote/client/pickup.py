@@ -36,6 +36,7 @@ from dovecote.client.mediation import MediatorChannel, message, raise_for_proble
 from dovecote.client.packing import Packer, attachment_payload
 from dovecote.client.store import ClientStore
 from dovecote.util import backoff
+from dovecote.util.aio import wait_at_most
 
 log = structlog.get_logger("dovecote.client.pickup")
 
@@ -211,8 +212,7 @@ class Inbox:
                 if failures
                 else 0.0
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            await wait_at_most(stop.wait(), delay)
 
     async def _live_session(self, url: str, handler: MessageHandler, stop: asyncio.Event) -> None:
         ws = await transport.connect_ws(url, self.config.request_timeout)

@@ -25,6 +25,7 @@ from dovecote.client.config import ClientConfig
 from dovecote.client.errors import ClientFailure, Rejected, RoomsFailure, TransportFailure
 from dovecote.client.store import ClientOutboxKind, ClientStore, OutboxItem
 from dovecote.util import backoff
+from dovecote.util.aio import wait_at_most
 
 log = structlog.get_logger("dovecote.client.rooms")
 
@@ -163,8 +164,7 @@ class RoomsClient:
             wait = backoff.delay(
                 failures, self.config.backoff_base, self.config.reconnect_max, jitter="equal"
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+            await wait_at_most(stop.wait(), wait)
 
     async def _session(
         self, room: str, cursor: int, handler: EventHandler, stop: asyncio.Event

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dovecote.ops import metrics
+from dovecote.util.aio import wait_at_most
 from dovecote.util.lru import ByteLRU
 
 if TYPE_CHECKING:
@@ -179,8 +180,7 @@ class LiveRegistry:
 
     async def _pump(self, session: LiveSession) -> None:
         while not session.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(session.wake.wait(), SAFETY_POLL_SECONDS)
+            await wait_at_most(session.wake.wait(), SAFETY_POLL_SECONDS)
             session.wake.clear()
             if session.held:
                 continue

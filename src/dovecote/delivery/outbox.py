@@ -40,6 +40,7 @@ from dovecote.delivery.sender import Attempt, OutboxSender
 from dovecote.errors import DovecoteError
 from dovecote.ops import metrics
 from dovecote.util import backoff
+from dovecote.util.aio import wait_at_most
 from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
@@ -143,8 +144,7 @@ class OutboxWorkers:
             free = pool.size - len(pool.inflight)
             if free > 0 and not self.stopping:
                 await self._lease(pool, free)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pool.wake.wait(), POLL_SECONDS)
+            await wait_at_most(pool.wake.wait(), POLL_SECONDS)
             pool.wake.clear()
             await asyncio.sleep(WAKE_DEBOUNCE)
 

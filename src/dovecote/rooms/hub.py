@@ -16,7 +16,6 @@ holds up the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from dovecote.ops import metrics
 from dovecote.rooms.auth import Principal
 from dovecote.rooms.models import event_out
 from dovecote.store.rooms_base import PARTICIPANT_REMOVED, RoomStore
+from dovecote.util.aio import wait_at_most
 
 log = structlog.get_logger("dovecote.rooms.hub")
 
@@ -157,8 +157,7 @@ class RoomHub:
     async def pump(self, feed: Feed) -> None:
         """Fill the feed's queue from the store until the feed is done."""
         while not feed.done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(feed.wake.wait(), SAFETY_POLL_SECONDS)
+            await wait_at_most(feed.wake.wait(), SAFETY_POLL_SECONDS)
             if feed.wake.is_set():
                 feed.wake.clear()
                 rooms = list(feed.dirty)

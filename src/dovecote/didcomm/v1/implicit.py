@@ -7,7 +7,6 @@ messages stay queued until acknowledged, and a new socket starts from the queue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dovecote.ops import metrics
+from dovecote.util.aio import wait_at_most
 from dovecote.util.jsonlimits import stored_json
 
 if TYPE_CHECKING:
@@ -88,8 +88,7 @@ class ImplicitPickup:
         session = entry.session
         try:
             while not session.closed and self.by_mediatee.get(entry.mediatee) is entry:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(entry.wake.wait(), SAFETY_POLL_SECONDS)
+                await wait_at_most(entry.wake.wait(), SAFETY_POLL_SECONDS)
                 entry.wake.clear()
                 if session.held or session.closed:
                     continue
