@@ -78,3 +78,12 @@ def test_serve_help_shows_no_secret_from_the_environment(tmp_path: Path) -> None
 def test_the_client_config_keeps_its_rooms_token_out_of_repr(tmp_path: Path) -> None:
     config = ClientConfig(data_dir=tmp_path, rooms_token=ADMIN_TOKEN)
     assert config.rooms_token == ADMIN_TOKEN and ADMIN_TOKEN not in repr(config)
+
+
+def test_a_mistyped_store_scheme_does_not_print_the_dsn() -> None:
+    from dovecote.store import open_store
+
+    with pytest.raises(ValueError) as refused:
+        open_store("postgress://user:s3cret-pw@db.example/dovecote")
+    assert "s3cret-pw" not in str(refused.value)
+    assert "postgress" in str(refused.value)

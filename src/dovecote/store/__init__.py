@@ -19,7 +19,9 @@ def open_store(url: str, **options: object) -> Store:
     try:
         target = ENGINES[scheme]
     except KeyError:
-        raise ValueError(f"unknown store scheme {scheme!r} in {url!r}") from None
+        # Only the scheme: the rest of a DSN may carry a password.
+        known = ", ".join(sorted(ENGINES))
+        raise ValueError(f"unknown store scheme {scheme[:40]!r} (known: {known})") from None
     module_name, cls_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     store: Store = cls(url, **options)
