@@ -255,7 +255,7 @@ STORE_TX_SECONDS = Histogram(
 )
 GROUP_COMMIT_SIZE = Histogram(
     "dovecote_store_group_commit_size",
-    "Writes per SQLite group commit.",
+    "Writes per group commit (SQLite: the writer's batch; PostgreSQL: enqueues per transaction).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 

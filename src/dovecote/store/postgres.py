@@ -1,13 +1,22 @@
 """PostgreSQL engine: an asyncpg pool, one transaction per call, LISTEN/NOTIFY wake-ups.
 
+What it supplies to the shared bodies (store/engine.py): `_PostgresTx` (row locks, the
+advisory lock, `{rows}` as unnest), retries of what certainly did not commit, the
+synchronous-standby check (store/pg_ha.py), and group commit of enqueues.
+
 Several instances share one database. Concurrency is settled by the database, never by
 process-local state: dedup by the (recipient, digest) primary key with ON CONFLICT, mailbox
 limits by the row lock on the mailbox's totals row, outbox leases with FOR UPDATE SKIP
-LOCKED. Acks and expiry sweeps lock a mailbox row before touching its messages (sweeps take
-several in sorted order); an enqueue touches only rows nobody else can see yet and takes
-the mailbox row last. So instances queue up behind each other instead of deadlocking.
+LOCKED. Acks, expiry sweeps and enqueue batches lock mailbox rows in one sorted order (an
+enqueue batch claims its digests first, also sorted). So instances queue up behind each
+other instead of deadlocking; a deadlock victim would be retried (it rolled back).
 
-Wake-ups: an enqueue wakes this instance's listeners itself after COMMIT (as SQLite does)
+Group commit: concurrent enqueues wait in `_pending`; up to ENQUEUE_FLUSHERS tasks each
+take what is there and store it in one transaction (a few multi-row statements, one
+COMMIT, one NOTIFY statement), so a forward no longer costs its own 4-5 round trips and
+COMMIT. Every caller is answered after that COMMIT, as before.
+
+Wake-ups: a write wakes this instance's listeners itself after COMMIT (as SQLite does)
 and sends `NOTIFY dovecote_mailbox, '<mediatee>'` in its transaction for the others; one
 dedicated connection LISTENs, reconnects with backoff when it drops, and then wakes every
 listener with WAKE_ALL, because notifications sent while it was away are lost.
@@ -30,6 +39,7 @@ from dovecote.ops import metrics
 from dovecote.store import migrations
 from dovecote.store.dialect import POSTGRES, Row, Tx
 from dovecote.store.engine import SQLStore
+from dovecote.store.operations import Enqueue, enqueue_batch
 from dovecote.store.pg_ha import HOST_CONNECT_TIMEOUT, Hosts, is_sync_cancel
 
 log = structlog.get_logger("dovecote.store.postgres")
@@ -64,6 +74,10 @@ LISTENER_BACKOFF_MIN = 0.2
 LISTENER_BACKOFF_MAX = 10.0
 # NOTIFY payloads must stay under 8000 bytes; a longer mediatee wakes everyone instead.
 MAX_NOTIFY_PAYLOAD = 7999
+# Group commit of enqueues: at most this many batch transactions at once (the rest of the
+# pool stays free for reads and other writes), each of at most ENQUEUE_BATCH_MAX messages.
+ENQUEUE_FLUSHERS = 4
+ENQUEUE_BATCH_MAX = 256
 
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -193,6 +207,9 @@ class PostgresStore(SQLStore):
         self._sync_cancelled: set[int] = set()
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
+        # Enqueues waiting for the next batch transaction, and the tasks committing them.
+        self._pending: list[tuple[Enqueue, asyncio.Future[None]]] = []
+        self._flushers: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ plumbing
     def _connect_options(self, application_name: str = APPLICATION_NAME) -> dict[str, Any]:
@@ -289,6 +306,53 @@ class PostgresStore(SQLStore):
     async def _write(self, body: Body[T]) -> T:
         return await self._call("write", body, write=True)
 
+    async def _enqueue(self, job: Enqueue) -> None:
+        """Group commit: concurrent enqueues share one transaction (one round trip per
+        statement for the whole batch, one COMMIT, one NOTIFY), and each caller is answered
+        only after that COMMIT (and the synchronous standby, see `_attempts`)."""
+        if self._pool is None:
+            raise StoreError("store is not open")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Retrieved even when this caller stopped waiting (no "never retrieved" noise).
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending.append((job, done))
+        if len(self._flushers) < min(ENQUEUE_FLUSHERS, self.pool_size):
+            task = asyncio.create_task(self._flush_enqueues(), name="pg-enqueue")
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+        try:
+            async with asyncio.timeout(self.timeout):  # not wait_for: see _call
+                await asyncio.shield(done)
+        except TimeoutError as exc:
+            # The batch may still commit later; callers' retries are deduplicated.
+            raise StoreError(f"store enqueue timed out after {self.timeout:g}s") from exc
+
+    async def _flush_enqueues(self) -> None:
+        """Commit what is pending, batch after batch, until nothing is."""
+        while self._pending:
+            batch = self._pending[:ENQUEUE_BATCH_MAX]
+            del self._pending[:ENQUEUE_BATCH_MAX]
+            jobs = [job for job, _ in batch]
+
+            async def body(tx: Tx, jobs: list[Enqueue] = jobs) -> None:
+                await enqueue_batch(tx, jobs, time.time())
+
+            try:
+                await self._write(body)
+            except Exception as exc:  # any failure: every caller of the batch hears it  # noqa: BLE001
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            except BaseException:  # cancelled (shutdown): so are its callers
+                for _, done in batch:
+                    done.cancel()
+                raise
+            metrics.GROUP_COMMIT_SIZE.observe(len(batch))
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
     def _wake_mailbox(self, mediatee: str) -> None:
         try:
             self._notify(mediatee)
@@ -349,6 +413,9 @@ class PostgresStore(SQLStore):
 
     async def close(self) -> None:
         self._closing = True
+        # Pending enqueues commit (or fail) before the pool goes.
+        if self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -4,8 +4,10 @@ Why a writer thread of our own rather than aiosqlite: SQLite allows one writer a
 and an fsync per message caps accepts near the disk's fsync rate. The writer takes every
 write waiting in its queue, runs each in a SAVEPOINT inside one transaction, commits once,
 and only then answers each caller, so many concurrent accepts share one fsync while each
-still learns its own outcome. Readers use their own connections (WAL lets them run beside
-the writer).
+still learns its own outcome. The enqueues of a batch run together, in one body and one
+SAVEPOINT: one multi-row statement per step instead of a few statements per message.
+Readers use their own connections (WAL lets them run beside the writer);
+`find_mediatee`, once per forward, reads on the event loop's thread (see there).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from dovecote.ops import metrics
 from dovecote.store import migrations
 from dovecote.store.dialect import SQLITE, Row, Tx
 from dovecote.store.engine import SQLStore
+from dovecote.store.operations import Enqueue, enqueue_batch
+from dovecote.util.did import base_did, storable
 
 log = structlog.get_logger("dovecote.store.sqlite")
 
@@ -88,13 +92,23 @@ def _run(body: Body[T], tx: Tx) -> T:
 
 
 class _Write:
-    __slots__ = ("body", "future", "loop", "tx")
+    """One caller's write: a transaction body, or an enqueue the writer groups with the
+    other enqueues of its batch."""
 
-    def __init__(self, body: Body[Any], loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("body", "enqueue", "future", "loop", "outcome", "tx")
+
+    def __init__(
+        self,
+        body: Body[Any] | None,
+        loop: asyncio.AbstractEventLoop,
+        enqueue: Enqueue | None = None,
+    ) -> None:
         self.body = body
+        self.enqueue = enqueue
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
-        self.tx: Tx | None = None
+        self.tx: Tx | None = None  # whose wake-ups to deliver after COMMIT
+        self.outcome: tuple[bool, Any] = (False, None)
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -131,6 +145,7 @@ class SQLiteStore(SQLStore):
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
+        self._lookup: sqlite3.Connection | None = None  # find_mediatee's, on the loop
 
     # ------------------------------------------------------------------ plumbing
     def _connect(self) -> sqlite3.Connection:
@@ -193,17 +208,44 @@ class SQLiteStore(SQLStore):
 
     async def _write(self, body: Body[T]) -> T:
         """Run `body(tx)` inside the next group commit; return its result after COMMIT."""
+        result: T = await self._submit(_Write(body, asyncio.get_running_loop()))
+        return result
+
+    async def _enqueue(self, job: Enqueue) -> None:
+        await self._submit(_Write(None, asyncio.get_running_loop(), enqueue=job))
+
+    async def _submit(self, job: _Write) -> Any:
         if self._writer is None or not self._writer.is_alive():
             raise StoreError("store is not open")
-        job = _Write(body, asyncio.get_running_loop())
         self._queue.put(job)
         try:
             async with asyncio.timeout(self.timeout):  # not wait_for: see _read
-                result: T = await asyncio.shield(job.future)
+                return await asyncio.shield(job.future)
         except TimeoutError as exc:
             # The write may still commit later; callers' retries are deduplicated.
             raise StoreError("store write timed out") from exc
-        return result
+
+    async def find_mediatee(self, recipient: str) -> str | None:
+        # On the event loop's thread, not through the reader pool: a primary-key lookup
+        # on a WAL database (readers never wait for the writer) costs less than the hop
+        # to a thread and back, and every forward makes one. Its own connection sees
+        # every committed registration, so nothing needs to be kept coherent.
+        base = base_did(recipient)
+        if not storable(base):
+            return None
+        if self._lookup is None:
+            raise StoreError("store is not open")
+        try:
+            row = self._lookup.execute(
+                "SELECT mediatee FROM recipients WHERE recipient = ?", (base,)
+            ).fetchone()
+        except sqlite3.OperationalError:
+            # Busy (a WAL reset or recovery; it never waits here, busy_timeout=0): ask a
+            # reader thread, which may wait without holding up the loop.
+            return await super().find_mediatee(recipient)
+        except (sqlite3.Error, OSError) as exc:
+            raise _translate(exc) from exc
+        return str(row[0]) if row else None
 
     def _writer_loop(self) -> None:
         conn = self._connect()
@@ -231,20 +273,17 @@ class SQLiteStore(SQLStore):
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
         started = time.perf_counter()
-        outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            enqueues = [job for job in batch if job.enqueue is not None]
+            if enqueues:
+                # All of the group's enqueues in one body: one multi-row statement per
+                # step instead of a few statements per message.
+                jobs = [job.enqueue for job in enqueues if job.enqueue is not None]
+                self._savepoint(conn, enqueues, lambda tx: enqueue_batch(tx, jobs, time.time()))
             for job in batch:
-                conn.execute("SAVEPOINT job")
-                job.tx = _SQLiteTx(conn)
-                try:
-                    result = _run(job.body, job.tx)
-                    conn.execute("RELEASE job")
-                    outcomes.append((True, result))
-                except BaseException as exc:  # reported to that caller only  # noqa: BLE001
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    outcomes.append((False, _translate(exc)))
+                if job.body is not None:
+                    self._savepoint(conn, [job], job.body)
             conn.execute("COMMIT")
         except BaseException as exc:  # the whole batch failed: every caller hears  # noqa: BLE001
             try:
@@ -255,12 +294,31 @@ class SQLiteStore(SQLStore):
             if not isinstance(error, StoreError):
                 error = StoreError(f"commit failed: {exc}")
             log.error("store.commit_failed", error=str(exc), batch=len(batch))
-            outcomes = [(False, error)] * len(batch)
+            for job in batch:
+                job.outcome, job.tx = (False, error), None
         elapsed = time.perf_counter() - started
         metrics.STORE_TX_SECONDS.labels(self.engine, "commit").observe(elapsed)
         metrics.GROUP_COMMIT_SIZE.observe(len(batch))
-        for job, (ok, value) in zip(batch, outcomes, strict=True):
-            job.loop.call_soon_threadsafe(self._resolve, job, ok, value)
+        for job in batch:
+            job.loop.call_soon_threadsafe(self._resolve, job, *job.outcome)
+
+    @staticmethod
+    def _savepoint(conn: sqlite3.Connection, jobs: list[_Write], body: Body[Any]) -> None:
+        """Run `body` for `jobs` in a savepoint: a failure is reported to them only."""
+        conn.execute("SAVEPOINT job")
+        tx = _SQLiteTx(conn)
+        try:
+            result = _run(body, tx)
+            conn.execute("RELEASE job")
+        except BaseException as exc:  # reported to these callers only  # noqa: BLE001
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            for job in jobs:
+                job.outcome = (False, _translate(exc))
+            return
+        jobs[0].tx = tx  # its wake-ups, once for the group
+        for job in jobs:
+            job.outcome = (True, result)
 
     def _resolve(self, job: _Write, ok: bool, value: Any) -> None:
         if ok and job.tx is not None:
@@ -284,6 +342,9 @@ class SQLiteStore(SQLStore):
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sqlite-read")
         self._writer = threading.Thread(target=self._writer_loop, name="sqlite-writer", daemon=True)
         self._writer.start()
+        self._lookup = await asyncio.to_thread(self._connect)
+        self._lookup.execute("PRAGMA query_only=ON")
+        self._lookup.execute("PRAGMA busy_timeout=0")
         log.info("store.opened", engine=self.engine, path=str(self.path))
 
     def _migrate(self) -> None:
@@ -332,6 +393,9 @@ class SQLiteStore(SQLStore):
         if self._readers is not None:
             self._readers.shutdown(wait=True)
             self._readers = None
+        if self._lookup is not None:
+            self._lookup.close()
+            self._lookup = None
         with self._reader_lock:
             for conn in self._reader_conns:
                 conn.close()
