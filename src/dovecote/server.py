@@ -307,6 +307,7 @@ def build_app(dovecote: Dovecote) -> web_app.WebApp:
     ]
     return web_app.build(
         routes,
+        didcomm.post,
         dc.start,
         dc.stop,
         requests=dc.requests,

@@ -10,9 +10,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import structlog
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dovecote.delivery.live import LiveRegistry, LiveSession
@@ -27,10 +28,11 @@ from dovecote.web.admission import (
     WebSockets,
 )
 from dovecote.web.responses import (
+    asgi_chunks,
     count_bad_input,
     error_body,
     error_response,
-    read_body,
+    read_chunks,
     retry_after_header,
 )
 
@@ -70,14 +72,22 @@ class DIDCommEndpoints:
         self.ws_idle_timeout = ws_idle_timeout
 
     def routes(self, sockets: WebSockets) -> list[BaseRoute]:
-        return [
-            Route("/", self.post, methods=["POST"]),
-            WebSocketRoute("/ws", sockets.endpoint("ws", self.websocket)),
-        ]
+        """/ws; POST / is `post`, served in front of the router (web/app.py)."""
+        return [WebSocketRoute("/ws", sockets.endpoint("ws", self.websocket))]
 
-    async def post(self, request: Request) -> Response:
-        request_id = request.state.request_id
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    async def post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST / as a bare ASGI app: no router, no Request object (the hot path).
+
+        GuardMiddleware still runs first (request id, limits, body deadline, metrics)."""
+        response = await self.answer(scope, receive)
+        await response(scope, receive, send)
+
+    async def answer(self, scope: Scope, receive: Receive) -> Response:
+        request_id = scope["state"]["request_id"]
+        # The first of repeated headers, as Starlette's Headers.get gives it.
+        headers = dict(reversed(scope["headers"]))
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        content_type = content_type.split(";")[0].strip().lower()
         if content_type not in ACCEPTED_TYPES:
             count_bad_input(MalformedMessage("unsupported media type"), "http", request_id)
             return JSONResponse(
@@ -87,7 +97,12 @@ class DIDCommEndpoints:
                 status_code=415,
             )
         try:
-            raw = await read_body(request, self.max_body_bytes)
+            declared = headers.get(b"content-length")
+            raw = await read_chunks(
+                None if declared is None else declared.decode("latin-1"),
+                asgi_chunks(receive),
+                self.max_body_bytes,
+            )
         except DovecoteError as exc:
             count_bad_input(exc, "http", request_id)
             return error_response(exc, request_id)

@@ -8,11 +8,13 @@ error says when to come back.
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
+from starlette.types import Receive
 
 from dovecote.errors import DovecoteError, MalformedMessage, PayloadTooLarge
 from dovecote.ops import metrics
@@ -79,17 +81,32 @@ def count_bad_input(exc: DovecoteError, transport: str, request_id: str = "") ->
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing past `limit` without reading the rest."""
-    declared = request.headers.get("content-length")
+    return await read_chunks(request.headers.get("content-length"), request.stream(), limit)
+
+
+async def asgi_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The body of a bare ASGI request (ClientDisconnect if the client leaves first)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def read_chunks(declared: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """A body from `chunks`, refusing past `limit` (by Content-Length before reading)."""
     if declared is not None:
         if not declared.isdigit():
             raise MalformedMessage("invalid Content-Length")
         if int(declared) > limit:
             raise PayloadTooLarge(f"body of {declared} bytes exceeds the {limit}-byte limit")
-    chunks: list[bytes] = []
+    parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return b"".join(parts)
