@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -41,6 +41,8 @@ from dovecote.store.dialect import POSTGRES, Row, Tx
 from dovecote.store.engine import SQLStore
 from dovecote.store.operations import Enqueue, enqueue_batch
 from dovecote.store.pg_ha import HOST_CONNECT_TIMEOUT, Hosts, is_sync_cancel
+from dovecote.util import backoff
+from dovecote.util.aio import wait_at_most
 
 log = structlog.get_logger("dovecote.store.postgres")
 
@@ -252,7 +254,6 @@ class PostgresStore(SQLStore):
             )
 
     async def _attempts(self, fn: Body[T], write: bool) -> T:
-        delay = RETRY_BASE_SECONDS
         for attempt in range(1, ATTEMPTS + 1):
             committing = broken = False
             try:
@@ -296,8 +297,8 @@ class PostgresStore(SQLStore):
                 if committing or attempt == ATTEMPTS or not (broken or _retryable(exc)):
                     raise
                 log.info("store.retry", attempt=attempt, error=type(exc).__name__)
-            await asyncio.sleep(random.uniform(0, delay))
-            delay *= 2
+            # Uncapped: ATTEMPTS bounds it.
+            await asyncio.sleep(backoff.delay(attempt - 1, RETRY_BASE_SECONDS, math.inf))
         raise AssertionError("unreachable")
 
     async def _read(self, body: Body[T]) -> T:
@@ -482,7 +483,7 @@ class PostgresStore(SQLStore):
 
     async def _listen(self, conn: Conn | None) -> None:
         """Keep one LISTEN connection alive for as long as the store is open."""
-        backoff = LISTENER_BACKOFF_MIN
+        failures = 0
         while not self._closing:
             try:
                 if conn is None:
@@ -491,26 +492,26 @@ class PostgresStore(SQLStore):
                     # Notifications sent while we were away are gone: everyone looks again.
                     self._wake_mailbox(WAKE_ALL)
                     self.rooms.notify(WAKE_ALL)
-                backoff = LISTENER_BACKOFF_MIN
+                failures = 0
                 await self._watch(conn)
                 log.warning("store.listener_lost")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any driver or socket error: reconnect  # noqa: BLE001
-                log.warning("store.listener_failed", error=str(exc)[:200], retry_in=backoff)
+                log.warning("store.listener_failed", error=str(exc)[:200], failures=failures + 1)
             finally:
                 if conn is not None:
                     conn.terminate()
                     conn = None
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))
-            backoff = min(backoff * 2, LISTENER_BACKOFF_MAX)
+            wait = backoff.delay(failures, LISTENER_BACKOFF_MIN, LISTENER_BACKOFF_MAX, "equal")
+            failures += 1
+            await asyncio.sleep(wait)
 
     async def _watch(self, conn: Conn) -> None:
         """Return when the connection is gone; a silent network loss is found by a probe."""
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         while not lost.is_set() and not conn.is_closed():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), LISTENER_CHECK_SECONDS)
+            await wait_at_most(lost.wait(), LISTENER_CHECK_SECONDS)
             if not lost.is_set() and not conn.is_closed():
                 await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
