@@ -12,7 +12,7 @@ import pytest
 
 from dovecote.didcomm.identity import load_or_create
 from dovecote.didcomm.packing import Packer
-from dovecote.errors import ClientError, UnpackFailed
+from dovecote.errors import ClientError, InvalidDID, UnpackFailed
 from support.agent import Agent
 
 PING = "https://didcomm.org/trust-ping/2.0/ping"
@@ -122,3 +122,29 @@ async def test_our_authcrypt_replies_open_with_sicpa(packer: Packer) -> None:
     for _ in range(2):  # the second one from the cached keys
         packed = await packer.pack_for(reply, agent.did)
         assert (await agent.unpack(packed))["id"] == "r1"
+
+
+@pytest.mark.parametrize(
+    "kid", ["did:peer:2." + "a" * 5000 + "#key-2", "did:peer:2.a\x00#key-2"], ids=["long", "nul"]
+)
+async def test_sender_kid_from_apu_alone_is_checked_before_resolving(
+    packer: Packer, kid: str
+) -> None:
+    """Without `skid` the sender's key id is `apu`'s, which the envelope check (skid and
+    recipient kids) did not see: it gets the same DID limits before anything resolves."""
+    resolved: list[str] = []
+    resolve = packer.resolver.resolve_and_dereference_verification_method
+
+    async def spy(did_url: str) -> Any:
+        resolved.append(did_url)
+        return await resolve(did_url)
+
+    packer.resolver.resolve_and_dereference_verification_method = spy
+    _agent, envelope = await _packed(packer, anonymous=False)
+    header = {k: v for k, v in _header(envelope).items() if k != "skid"}
+    raw = _with_header(
+        envelope | {"protected": _b64(json.dumps(header).encode())}, apu=_b64(kid.encode())
+    )
+    with pytest.raises(InvalidDID, match="sender's key id"):
+        await packer.unpack(raw)
+    assert resolved == []

@@ -8,11 +8,17 @@ bounded, see packing.py) is read once and askar does the ECDH unwrap and AEAD de
 Every check of didcomm-messaging's unpack is kept (PackagingService
 .extract_packed_message_metadata, JweEnvelope._deserialize, AskarCryptoService
 .ecdh_es_decrypt / .ecdh_1pu_decrypt): member types, no header named twice, recipient key
-found, `apv` bound to the recipient key ids, `apu`/`skid` agreement for authcrypt, and the
-same algorithm allowlists. One deliberate difference: `apv` may hash the key ids in sorted
-order (what the spec and every packer, didcomm-messaging's included, write) as well as in
-listed order (what didcomm-messaging alone expects, so it refuses multi-recipient envelopes
-whose recipients are not listed sorted). The KDF binds `apv` either way.
+found, `apv` bound to the recipient key ids, `apu`/`skid` agreement for authcrypt.
+tests/security/test_jwe_parity.py feeds the same tampered envelopes to both. Stricter than
+the library: only DIDComm v2's algorithms (the library also took A128KW, A128GCM and
+A128CBC-HS256), no `crit` or `zip` (RFC 7516: a `crit` we do not understand makes the JWE
+invalid), no `aad` member (DIDComm never writes one; the library crashed on it), and the
+tag must have its algorithm's length (askar splits ciphertext||tag at the length it
+expects, so without this bytes moved from `ciphertext` to `tag` decrypted unchanged).
+One deliberate difference the other way: `apv` may hash the key ids in sorted order (what
+the spec and every packer, didcomm-messaging's included, write) as well as in listed order
+(what didcomm-messaging alone expects, so it refuses multi-recipient envelopes whose
+recipients are not listed sorted). The KDF binds `apv` either way.
 """
 
 from __future__ import annotations
@@ -31,11 +37,16 @@ from aries_askar.bindings import Encrypted
 from dovecote.errors import UnpackFailed
 
 ENCRYPTED = "application/didcomm-encrypted+json"
-# Key wrapping and content encryption allowed per method (didcomm-messaging's lists).
-ANON_ALGS = {"ECDH-ES+A128KW": "A128KW", "ECDH-ES+A256KW": "A256KW"}
-AUTH_ALGS = {"ECDH-1PU+A128KW": "A128KW", "ECDH-1PU+A256KW": "A256KW"}
-ANON_ENCS = frozenset({"A128GCM", "A256GCM", "A128CBC-HS256", "A256CBC-HS512", "XC20P"})
-AUTH_ENCS = frozenset({"A128CBC-HS256", "A256CBC-HS512"})
+# Key wrapping and content encryption allowed per method: DIDComm v2's lists (its
+# "Curves and Content Encryption Algorithms"), narrower than didcomm-messaging's.
+ANON_ALGS = {"ECDH-ES+A256KW": "A256KW"}
+AUTH_ALGS = {"ECDH-1PU+A256KW": "A256KW"}
+ANON_ENCS = frozenset({"A256CBC-HS512", "XC20P", "A256GCM"})
+AUTH_ENCS = frozenset({"A256CBC-HS512"})
+# RFC 7518 5.2.6 and 5.3, draft-irtf-cfrg-xchacha: the tag length each `enc` produces.
+TAG_BYTES = {"A256CBC-HS512": 32, "XC20P": 16, "A256GCM": 16}
+# Header parameters that change how the JWE must be processed; DIDComm uses none.
+UNSUPPORTED_HEADERS = ("crit", "zip")
 # Members holding base64url bytes, and those whose type the JWE fixes.
 B64_MEMBERS = ("ciphertext", "iv", "tag")
 
@@ -130,6 +141,9 @@ async def open_envelope(
     # The recipient's view of the headers: protected, unprotected, then its own.
     header = {**protected, **(envelope.get("unprotected") or {}), **(chosen.get("header") or {})}
     encrypted_key, ciphertext, iv, tag, aad = _payload(envelope, recipients, chosen)
+    unsupported = [name for name in UNSUPPORTED_HEADERS if name in header]
+    if unsupported:
+        raise _invalid(f"unsupported header: {unsupported[0]}")
     epk_header = header.get("epk")
     if not epk_header or not isinstance(epk_header, dict):
         raise _invalid("missing ephemeral key")
@@ -139,7 +153,7 @@ async def open_envelope(
         raise _invalid("invalid ephemeral key") from exc
 
     if sender_kid is not None:
-        enc = _allowed(alg, protected.get("enc"), AUTH_ALGS, AUTH_ENCS, "ECDH-1PU")
+        enc = _allowed(alg, protected.get("enc"), tag, AUTH_ALGS, AUTH_ENCS, "ECDH-1PU")
         sender = await sender_key(sender_kid)
         party = (b64url_decode(protected["apu"]), b64url_decode(apv))
         unwrap = ecdh.Ecdh1PU(alg, *party)
@@ -149,7 +163,7 @@ async def open_envelope(
             )
         )
     else:
-        enc = _allowed(alg, header.get("enc"), ANON_ALGS, ANON_ENCS, "ECDH-ES")
+        enc = _allowed(alg, header.get("enc"), tag, ANON_ALGS, ANON_ENCS, "ECDH-ES")
         unwrap_es = ecdh.EcdhEs(alg, None, b64url_decode(apv))
         cek = _unwrapped(
             lambda: unwrap_es.receiver_unwrap_key(ANON_ALGS[alg], enc, epk, secret, encrypted_key)
@@ -166,7 +180,9 @@ def _members(envelope: dict[str, Any]) -> None:
     protected_b64 = envelope.get("protected")
     if not isinstance(protected_b64, str):
         raise _invalid("invalid protected header")
-    for member in (*B64_MEMBERS, "aad"):
+    if "aad" in envelope:
+        raise _invalid("the JWE has an aad member (DIDComm uses none)")
+    for member in B64_MEMBERS:
         if member in envelope and not isinstance(envelope[member], str):
             raise _invalid(f"invalid {member}")
     missing = [m for m in B64_MEMBERS if m not in envelope]
@@ -183,10 +199,8 @@ def _payload(
         if other is not chosen:
             b64url_decode(other["encrypted_key"])  # as the library: every one must decode
     ciphertext, iv, tag = (b64url_decode(envelope[m]) for m in B64_MEMBERS)
+    # RFC 7516 5.2 step 14, with no `aad` member (refused in _members).
     aad = envelope["protected"].encode("utf-8")
-    if "aad" in envelope:
-        b64url_decode(envelope["aad"])
-        aad += b"." + envelope["aad"].encode("utf-8")
     return encrypted_key, ciphertext, iv, tag, aad
 
 
@@ -222,12 +236,17 @@ def _sender_kid(protected: dict[str, Any]) -> str:
     return apu_kid
 
 
-def _allowed(alg: str, enc: Any, algs: dict[str, str], encs: frozenset[str], method: str) -> str:
-    """`enc`, when both it and `alg` are on the method's allowlists."""
+def _allowed(
+    alg: str, enc: Any, tag: bytes, algs: dict[str, str], encs: frozenset[str], method: str
+) -> str:
+    """`enc`, when both it and `alg` are on the method's allowlists and `tag` has the
+    length `enc` produces (checked before any key agreement)."""
     if alg not in algs:
         raise _invalid(f"unsupported {method} algorithm: {alg[:100]}")
     if not isinstance(enc, str) or enc not in encs:
         raise _invalid(f"unsupported {method} content encryption: {str(enc)[:100]}")
+    if len(tag) != TAG_BYTES[enc]:
+        raise _invalid(f"a {enc} tag has {TAG_BYTES[enc]} bytes, not {len(tag)}")
     return enc
 
 

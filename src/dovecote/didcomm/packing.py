@@ -217,6 +217,10 @@ class Packer:
         immutable, and dereferencing one with pydid costs more than the crypto)."""
         key = self._sender_keys.get(kid)
         if key is None:
+            # `skid` was checked with the envelope; without one the key id is `apu`'s.
+            problem = did_problem(kid, self.max_did_bytes)
+            if problem is not None:
+                raise InvalidDID(f"the sender's key id {problem}")
             method = await self.resolver.resolve_and_dereference_verification_method(kid)
             key = AskarKey.from_verification_method(method).key
             self._sender_keys.put(kid, key, size=2 * len(kid) + KEY_OVERHEAD)
