@@ -148,3 +148,21 @@ async def test_sender_kid_from_apu_alone_is_checked_before_resolving(
     with pytest.raises(InvalidDID, match="sender's key id"):
         await packer.unpack(raw)
     assert resolved == []
+
+
+@pytest.mark.parametrize("alg", ["ECDH-ES+A128KW", "ECDH-1PU+A192KW", "ECDH-ES"])
+async def test_unsupported_alg_is_refused_before_our_key_ids_resolve(
+    packer: Packer, alg: str
+) -> None:
+    looked_up: list[str] = []
+    secret_key = packer._secret_key
+
+    def spy(kid: str) -> Any:
+        looked_up.append(kid)
+        return secret_key(kid)
+
+    packer._secret_key = spy  # type: ignore[method-assign]
+    _agent, envelope = await _packed(packer, anonymous=True)
+    with pytest.raises(UnpackFailed, match=r"unsupported ECDH-.* algorithm"):
+        await packer.unpack(_with_header(envelope, alg=alg))
+    assert looked_up == []

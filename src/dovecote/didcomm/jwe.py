@@ -130,6 +130,11 @@ async def open_envelope(
         authcrypt = False
     else:
         raise _invalid(f"unsupported DIDComm encryption algorithm: {alg[:100]}")
+    # Before any of our key ids is resolved (up to MAX_RECIPIENTS did:peer:2 documents).
+    if alg not in (AUTH_ALGS if authcrypt else ANON_ALGS):
+        raise _invalid(
+            f"unsupported {'ECDH-1PU' if authcrypt else 'ECDH-ES'} algorithm: {alg[:100]}"
+        )
     chosen, secret, kids = _our_recipient(recipients, secret_for)
     apv = protected.get("apv")
     if not apv:
@@ -153,7 +158,7 @@ async def open_envelope(
         raise _invalid("invalid ephemeral key") from exc
 
     if sender_kid is not None:
-        enc = _allowed(alg, protected.get("enc"), tag, AUTH_ALGS, AUTH_ENCS, "ECDH-1PU")
+        enc = _allowed(protected.get("enc"), tag, AUTH_ENCS, "ECDH-1PU")
         sender = await sender_key(sender_kid)
         party = (b64url_decode(protected["apu"]), b64url_decode(apv))
         unwrap = ecdh.Ecdh1PU(alg, *party)
@@ -163,7 +168,7 @@ async def open_envelope(
             )
         )
     else:
-        enc = _allowed(alg, header.get("enc"), tag, ANON_ALGS, ANON_ENCS, "ECDH-ES")
+        enc = _allowed(header.get("enc"), tag, ANON_ENCS, "ECDH-ES")
         unwrap_es = ecdh.EcdhEs(alg, None, b64url_decode(apv))
         cek = _unwrapped(
             lambda: unwrap_es.receiver_unwrap_key(ANON_ALGS[alg], enc, epk, secret, encrypted_key)
@@ -236,13 +241,9 @@ def _sender_kid(protected: dict[str, Any]) -> str:
     return apu_kid
 
 
-def _allowed(
-    alg: str, enc: Any, tag: bytes, algs: dict[str, str], encs: frozenset[str], method: str
-) -> str:
-    """`enc`, when both it and `alg` are on the method's allowlists and `tag` has the
-    length `enc` produces (checked before any key agreement)."""
-    if alg not in algs:
-        raise _invalid(f"unsupported {method} algorithm: {alg[:100]}")
+def _allowed(enc: Any, tag: bytes, encs: frozenset[str], method: str) -> str:
+    """`enc`, when it is on the method's allowlist and `tag` has the length `enc`
+    produces (checked before any key agreement)."""
     if not isinstance(enc, str) or enc not in encs:
         raise _invalid(f"unsupported {method} content encryption: {str(enc)[:100]}")
     if len(tag) != TAG_BYTES[enc]:
