@@ -30,7 +30,7 @@ from dovecote.delivery.outbox import OutboxWorkers
 from dovecote.didcomm import identity as identity_mod
 from dovecote.didcomm.dispatch import Mediator
 from dovecote.didcomm.endpoints import Endpoints
-from dovecote.didcomm.messages import Context
+from dovecote.didcomm.messages import Context, MediatorSettings
 from dovecote.didcomm.packing import Packer
 from dovecote.files import private_dir
 from dovecote.ops import backup_schedule, metrics
@@ -103,7 +103,7 @@ class Dovecote:
         )
         self.outbox = OutboxWorkers(self.store, settings, self.instance_id, self.breakers)
         self.ctx = Context(
-            settings,
+            MediatorSettings.of(settings),
             self.store,
             self.identity,
             self.live,

@@ -4,6 +4,7 @@ against real servers on both engines)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -296,7 +297,9 @@ async def test_problem_report_from_a_client_is_accepted_quietly(fast: Fast) -> N
 @pytest.mark.fast_settings(mediation_policy="allowlist")
 async def test_allowlist_policy_denies_others(fast: Fast) -> None:
     alice, mallory = fast.agent(), fast.agent()
-    fast.settings.mediation_allowlist.append(alice.did)
+    # The handlers hold their own copy of the settings they read (MediatorSettings).
+    ctx = fast.dovecote.ctx
+    ctx.settings = dataclasses.replace(ctx.settings, mediation_allowlist=(alice.did,))
     for version in (CM2, CM3):
         denied = await mallory.request(fast.client, f"{version}/mediate-request")
         assert denied["type"] == f"{version}/mediate-deny"

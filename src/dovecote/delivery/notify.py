@@ -29,7 +29,6 @@ from dovecote.store.v1_base import V1Store
 from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
-    from dovecote.ops.settings import Settings
     from dovecote.store.base import Store
 
 EVENT = "message_waiting"
@@ -43,10 +42,10 @@ def mediatee_hash(did: str) -> str:
     return hashlib.sha256(did.encode()).hexdigest()
 
 
-def notification_items(settings: Settings, mediatee: str) -> list[NewOutboxItem]:
+def notification_items(webhook_url: str, push_url: str, mediatee: str) -> list[NewOutboxItem]:
     """The notifications to queue with a message for an offline mediatee."""
     digest = mediatee_hash(mediatee)
-    channels = [("webhook", settings.notify_webhook_url), ("push", settings.push_url)]
+    channels = [("webhook", webhook_url), ("push", push_url)]
     return [
         NewOutboxItem(
             kind=OutboxKind.NOTIFY,

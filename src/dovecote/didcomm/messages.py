@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from dovecote.errors import InvalidDID, MalformedMessage, NotMediated, Unauthenticated
@@ -77,11 +77,46 @@ class Inbound:
         return self.sender
 
 
+@dataclass(frozen=True, slots=True)
+class MediatorSettings:
+    """The part of the settings the protocol handlers (v2 and v1) read, and only that."""
+
+    base_url: str
+    ws_url: str
+    max_body_bytes: int
+    max_did_bytes: int
+    max_json_depth: int
+    max_message_id_bytes: int
+    message_ttl: float
+    mailbox_max_messages: int
+    mailbox_max_bytes: int
+    mediation_policy: str
+    mediation_allowlist: tuple[str, ...]
+    rate_limit_did: float
+    rate_limit_did_burst: int
+    rate_limit_memory_bytes: int
+    outbound_allow_private: bool
+    relay_target_max_items: int
+    relay_target_max_bytes: int
+    relay_max_items: int
+    relay_max_bytes: int
+    relay_retry_after: float
+    notify_webhook_url: str
+    push_url: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> MediatorSettings:
+        """Copied from the one settings object (fields by name)."""
+        values = {f.name: getattr(settings, f.name) for f in fields(cls)}
+        values["mediation_allowlist"] = tuple(values["mediation_allowlist"])
+        return cls(**values)
+
+
 @dataclass
 class Context:
     """Services a handler may use."""
 
-    settings: Settings
+    settings: MediatorSettings
     store: Store
     identity: Identity
     live: LiveRegistry

@@ -26,14 +26,14 @@ import hashlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
 
 from dovecote.delivery import notify
 from dovecote.didcomm.endpoints import ENCRYPTED
-from dovecote.didcomm.messages import Context, Handler, Inbound, did_field
+from dovecote.didcomm.messages import Context, Handler, Inbound, MediatorSettings, did_field
 from dovecote.errors import (
     MalformedMessage,
     OutboxFull,
@@ -44,9 +44,6 @@ from dovecote.ops import metrics
 from dovecote.ops.logging import Summary
 from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem, RelayQuota
 from dovecote.util.kinds import OutboxKind
-
-if TYPE_CHECKING:
-    from dovecote.ops.settings import Settings
 
 log = structlog.get_logger("dovecote.routing")
 # One info line per interval, not per forward (exact counts: dovecote_messages_accepted,
@@ -138,7 +135,7 @@ async def store_for(
     """Queue one message in a mailbox (with its notifications when the owner is offline)."""
     offline = ctx.live.by_mediatee.get(mediatee) is None
     notices = (
-        notify.notification_items(ctx.settings, mediatee)
+        notify.notification_items(ctx.settings.notify_webhook_url, ctx.settings.push_url, mediatee)
         if offline and not ctx.degradation.shedding
         else []
     )
@@ -172,7 +169,7 @@ async def store_for(
     return result
 
 
-def relay_quota(settings: Settings, target: str) -> RelayQuota:
+def relay_quota(settings: MediatorSettings, target: str) -> RelayQuota:
     """The relay quotas for POSTs to `target` (a canonical URL or its origin): relayed
     forwards and replies to a sender's endpoint alike (both go where a client says)."""
     parts = urlsplit(target)
