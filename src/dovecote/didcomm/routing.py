@@ -46,6 +46,9 @@ from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem, RelayQ
 from dovecote.util.kinds import OutboxKind
 
 log = structlog.get_logger("dovecote.routing")
+# Whether debug lines would be written, asked of the stdlib logger structlog writes
+# through: the bound logger's own is_enabled_for exists only in newer structlog releases.
+_stdlib_log = logging.getLogger("dovecote.routing")
 # One info line per interval, not per forward (exact counts: dovecote_messages_accepted,
 # dovecote_messages_duplicate, dovecote_messages_relayed).
 ACCEPTS = Summary(log, "forward.accepted")
@@ -158,7 +161,7 @@ async def store_for(
         if notices:
             ctx.wake_outbox(OutboxKind.NOTIFY)
     ACCEPTS.add(messages=1, duplicates=int(result.duplicate), bytes=len(payload))
-    if log.is_enabled_for(logging.DEBUG):  # structlog would build the event to drop it
+    if _stdlib_log.isEnabledFor(logging.DEBUG):  # structlog would build the event to drop it
         log.debug(
             "forward.stored",
             message_id=result.id,
@@ -231,7 +234,7 @@ async def relay(ctx: Context, inbound: Inbound, next_hop: str, payloads: list[by
         ctx.wake_outbox(OutboxKind.FORWARD)
     metrics.RELAYED.inc(len(added))
     RELAYS.add(forwards=1, items=len(items), new=len(added))
-    if log.is_enabled_for(logging.DEBUG):
+    if _stdlib_log.isEnabledFor(logging.DEBUG):
         log.debug(
             "forward.relayed",
             items=len(items),
