@@ -134,7 +134,10 @@ async def main(args: argparse.Namespace) -> int:
         )
 
     if "forward" in parts:
+        wanted = [w.strip() for w in args.configs.split(",") if w.strip()]
         for label, engine, instances, workers in profile.configs:
+            if wanted and not any(w in label for w in wanted):
+                continue
             print(f"forward: {label} ...", flush=True)
             suites.append(
                 await scenarios.forward_suite(
@@ -291,6 +294,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=os.environ.get("BENCH_PIN", "auto"),
         choices=["auto", "off"],
         help="auto: load generator on the first CPU, servers on the others (>= 2 CPUs)",
+    )
+    parser.add_argument(
+        "--configs",
+        default=os.environ.get("BENCH_CONFIGS", ""),
+        help="forward part: only the configs whose label contains one of these "
+        "comma-separated strings (e.g. 'sqlite' or 'sqlite,--workers 2')",
     )
     parser.add_argument("--step-seconds", type=float, default=None)
     parser.add_argument(
