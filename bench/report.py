@@ -145,6 +145,23 @@ def ratios(
                     f"{step.load:.1f}",
                 )
             )
+        paced_us = limits.get("unpack_paced_cpu_us")
+        paced_rate = limits.get("unpack_paced_rate", 0.0)
+        suite = _find(suites, key)
+        fixed = suite.at(paced_rate) if suite is not None and paced_rate else None
+        if fixed is not None and paced_us and unpack_us:
+            out.append(
+                Ratio(
+                    f"Dovecote {what}: CPU per forward at {paced_rate:.0f}/s ÷ one unpack "
+                    f"paced at {paced_rate:.0f}/s",
+                    us(fixed) / paced_us,
+                    f"{us(fixed):.0f} µs server CPU per accepted forward ({paced_rate:.0f}/s "
+                    f"offered; {us(fixed) / unpack_us:.2f}x the tight-loop unpack)",
+                    f"{paced_us:.0f} µs CPU per unpack, one due every "
+                    f"{1000 / paced_rate:.0f} ms (no server)",
+                    f"{fixed.load:.1f}",
+                )
+            )
         if unpack_rate:
             out.append(
                 Ratio(

@@ -101,12 +101,18 @@ async def main(args: argparse.Namespace) -> int:
         unpack["load"] = os.getloadavg()[0]
         limits["unpack"] = unpack["per_second"]
         limits["unpack_cpu_us"] = 1e6 / unpack["per_cpu_second"]
+        paced_rate = profile.rates[0]
+        paced = await scenarios.unpack_reference(payloads, seconds=5, rate=paced_rate)
+        paced["load"] = os.getloadavg()[0]
+        paced["rate"] = paced_rate
+        limits["unpack_paced_rate"] = paced_rate
+        limits["unpack_paced_cpu_us"] = 1e6 / paced["per_cpu_second"]
         print("reference: bare ASGI (Starlette on uvicorn) ...", flush=True)
         asgi = await scenarios.asgi_suite(
             "bare ASGI reference", "bench.reference_app:app", payloads, profile, rates=[]
         )
         limits["asgi"] = asgi.steps[-1].run.throughput
-        data["reference"] = {"unpack": unpack, "asgi_rps": limits["asgi"]}
+        data["reference"] = {"unpack": unpack, "unpack_paced": paced, "asgi_rps": limits["asgi"]}
         out.add(
             "## Reference limits (same run, same machine)\n\n"
             + report.table(
@@ -123,6 +129,13 @@ async def main(args: argparse.Namespace) -> int:
                         f"{unpack['per_cpu_second']:.0f}",
                         f"{limits['unpack_cpu_us']:.0f} µs of CPU per unpack "
                         f"(load {unpack['load']:.1f})",
+                    ],
+                    [
+                        f"same, paced at {paced_rate:.0f}/s (per CPU-second)",
+                        f"{paced['per_cpu_second']:.0f}",
+                        f"{limits['unpack_paced_cpu_us']:.0f} µs of CPU per unpack when one is "
+                        f"due every {1000 / paced_rate:.0f} ms, the loop asleep in between "
+                        f"(load {paced['load']:.1f}): what a fixed-rate step is compared with",
                     ],
                     [
                         "bare ASGI POST (Starlette + uvicorn, uvloop, httptools, 1 process)",
