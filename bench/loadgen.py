@@ -276,7 +276,7 @@ async def closed_loop(
             done = time.perf_counter()
             if sent - start >= warmup:
                 result.samples.append(
-                    Sample(sent - start - warmup, done - sent, done - sent, status)
+                    Sample(sent - start - warmup, done - sent, done - sent, status, index)
                 )
 
     async def mark() -> tuple[float, ...]:

@@ -244,20 +244,25 @@ def ratios(
                     pair(p, d),
                 ),
             ]
+    nan = float("nan")
     for e2e in extra.get("e2e", []):
-        live, alone = e2e.get("live_cpu_us"), e2e.get("accept_cpu_us")
-        if live and alone:
-            out.append(
-                Ratio(
-                    f"live path ({e2e['engine']}, {e2e['rate']:g}/s): CPU per message, accept -> "
-                    "WebSocket push -> ack ÷ accept alone",
-                    live / alone,
-                    f"{live:.0f} µs per acknowledged message",
-                    f"{alone:.0f} µs per accepted forward, mediatee offline, same rate",
-                    f"{e2e.get('load_live', float('nan')):.1f} / "
-                    f"{e2e.get('load_alone', float('nan')):.1f}",
+        for name, what in (("fixed", f"{e2e['rate']:g}/s"), ("closed", "closed loop")):
+            live, alone = e2e.get(f"{name}_live_cpu_us"), e2e.get(f"{name}_accept_cpu_us")
+            if name == "fixed" and live is None:  # results from before the phases
+                live, alone = e2e.get("live_cpu_us"), e2e.get("accept_cpu_us")
+            if live and alone:
+                out.append(
+                    Ratio(
+                        f"live path ({e2e['engine']}, {what}): CPU per message, accept -> "
+                        "WebSocket push -> ack ÷ accept alone",
+                        live / alone,
+                        f"{live:.0f} µs per acknowledged message",
+                        f"{alone:.0f} µs per accepted forward, mediatee offline, same "
+                        + ("rate" if name == "fixed" else "count"),
+                        f"{e2e.get(f'{name}_live_load', e2e.get('load_live', nan)):.1f} / "
+                        f"{e2e.get(f'{name}_alone_load', e2e.get('load_alone', nan)):.1f}",
+                    )
                 )
-            )
     # Rooms against the forward accept: at saturation if measured, else e2e's accept alone.
     accept = (us(sq), "per forward accepted, SQLite saturation") if sq else None
     for e2e in extra.get("e2e", []):

@@ -71,7 +71,7 @@ async def main(args: argparse.Namespace) -> int:
 
     print("preparing agents and packed forwards ...", flush=True)
     agents = await forwards.load_agents(
-        [f"r{i}" for i in range(profile.recipients)] + ["live", "pickup"]
+        [f"r{i}" for i in range(profile.recipients)] + ["live", "offline", "pickup"]
     )
     recipients = [agents[f"r{i}"] for i in range(profile.recipients)]
     mediator_did = forwards.mediator_did()

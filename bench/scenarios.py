@@ -37,6 +37,8 @@ class Profile:
     soak_seconds: float
     configs: list[tuple[str, str, int, int]]  # (label, "sqlite"|"postgres", instances, workers)
     extra: dict[str, Any] = field(default_factory=dict)
+    # e2e: (accept alone, live) pairs at e2e_rate, before the closed-loop pair.
+    e2e_rounds: int = 2
 
 
 PROFILES = {
@@ -69,8 +71,8 @@ PROFILES = {
         saturation_connections=64,
         recipients=8,
         pool_size=40_000,
-        e2e_rate=100,
-        e2e_seconds=8,
+        e2e_rate=200,
+        e2e_seconds=10,
         pickup_sizes=[10_000, 100_000],
         pickup_measure=3_000,
         rooms_subscribers=[100],

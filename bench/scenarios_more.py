@@ -64,6 +64,7 @@ class LiveConsumer:
         self.pushed: dict[str, float] = {}
         self.acked: dict[str, float] = {}
         self.duplicates = 0
+        self.deliveries = 0  # delivery messages received (pushes and drains)
         self.reconnects = 0
         self.closes: dict[str, int] = {}
         self._acks: dict[str, list[str]] = {}
@@ -103,6 +104,7 @@ class LiveConsumer:
             message = await self.agent.unpack(frame)
             kind = message.get("type", "")
             if kind.endswith("/delivery"):
+                self.deliveries += 1
                 keys, ids = [], []
                 for attachment in message.get("attachments", []):
                     key = attachment_key(attachment)
@@ -148,15 +150,37 @@ class LiveConsumer:
                 await self._task
 
 
-async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> dict[str, Any]:
-    """Accept -> live WebSocket push -> acknowledged, at a steady offered rate."""
+async def e2e(
+    profile: Profile, agent: BenchAgent, offline: BenchAgent, engine: str = "sqlite"
+) -> dict[str, Any]:
+    """Accept -> live WebSocket push -> acknowledged, beside the accept alone.
+
+    Two mediatees on one server: `agent` stays on a WebSocket in live mode throughout,
+    `offline` never connects. Phases alternate (accept alone, then live, `e2e_rounds`
+    times) at the same offered rate and count, then one closed loop of the same count
+    each (saturation). Each phase counts the server's own CPU (psutil, children
+    included): an accept-alone phase from its first POST to its last 202, a live phase
+    until the last of its messages was acknowledged and that acknowledgement answered.
+    The consumer's decrypting and acknowledging run in this process and are not counted.
+    Alternating keeps both sides of the ratio under the same machine load.
+    """
     count = int(profile.e2e_rate * profile.e2e_seconds)
-    both = await asyncio.to_thread(forwards.pool, [agent.did], forwards.mediator_did(), 2 * count)
-    # The first half goes to the live mediatee; the second, at the same rate once it has
-    # gone offline, measures the accept alone on the same server (distinct forwards:
-    # Dovecote drops duplicates).
-    payloads, offline = both[:count], both[count:]
-    keys = await _inner_keys(payloads)
+    rounds = max(1, profile.e2e_rounds)
+    # Round-robin over the two recipients: even indices for the live one, odd for the
+    # other; (rounds + 1) phases each (the last one closed loop). All distinct: Dovecote
+    # drops duplicates.
+    both = await asyncio.to_thread(
+        forwards.pool,
+        [agent.did, offline.did],
+        forwards.mediator_did(),
+        2 * count * (rounds + 1),
+    )
+    live_payloads, alone_payloads = both[0::2], both[1::2]
+    keys = await _inner_keys(live_payloads)
+    phases: list[dict[str, Any]] = []
+    accept: list[float] = []
+    push: list[float] = []
+    acked: list[float] = []
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(servers.workdir("e2e"))
         store = stack.enter_context(servers.postgres_database()) if engine == "postgres" else ""
@@ -165,58 +189,100 @@ async def e2e(profile: Profile, agent: BenchAgent, engine: str = "sqlite") -> di
             did = server.did()
             async with httpx.AsyncClient(timeout=30) as client:
                 await mediate(client, server.base_urls[0], agent, did)
+                await mediate(client, server.base_urls[0], offline, did)
             consumer = LiveConsumer(agent, f"ws://127.0.0.1:{server.ports[0]}/ws", did)
             await consumer.start()
-            cpu0 = servers.process_stats(server.pids)[2]
-            run = await loadgen.open_loop(
-                "e2e", server.ports, payloads, profile.e2e_rate, profile.e2e_seconds, connections=32
-            )
-            deadline = time.monotonic() + 20
-            while len(consumer.acked) < len(run.ok) and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            live_cpu = servers.process_stats(server.pids)[2] - cpu0
-            load_live = os.getloadavg()[0]
+            await asyncio.sleep(1.0)  # live mode on, the drain of an empty queue done
+            for phase in range(rounds + 1):
+                closed = phase == rounds
+                part = slice(phase * count, (phase + 1) * count)
+                for kind in ("alone", "live"):
+                    payloads = (alone_payloads if kind == "alone" else live_payloads)[part]
+                    cpu0 = servers.process_stats(server.pids)[2]
+                    deliveries0 = consumer.deliveries
+                    if closed:
+                        run = await loadgen.closed_loop(
+                            f"{kind} closed", server.ports, payloads, 600, 16, warmup=0
+                        )
+                    else:
+                        run = await loadgen.open_loop(
+                            kind, server.ports, payloads, profile.e2e_rate, profile.e2e_seconds, 32
+                        )
+                    wanted = (
+                        {keys[part.start + s.index] for s in run.ok} if kind == "live" else set()
+                    )
+                    deadline = time.monotonic() + 60
+                    while (  # noqa: ASYNC110
+                        wanted - consumer.acked.keys() and time.monotonic() < deadline
+                    ):
+                        await asyncio.sleep(0.05)
+                    cpu = servers.process_stats(server.pids)[2] - cpu0
+                    done = len(run.ok) if kind == "alone" else len(wanted & consumer.acked.keys())
+                    phases.append(
+                        {
+                            "kind": kind,
+                            "closed_loop": closed,
+                            "offered": None if closed else profile.e2e_rate,
+                            "sent": len(payloads),
+                            "accepted": len(run.ok),
+                            "done": done,
+                            "rate": len(run.ok) / run.duration if run.duration else 0.0,
+                            "cpu_seconds": cpu,
+                            "cpu_us": cpu / done * 1e6 if done else None,
+                            "load": os.getloadavg()[0],
+                            "pushes": consumer.deliveries - deliveries0,
+                        }
+                    )
+                    if kind == "live" and not closed:
+                        for s in run.ok:
+                            due = run.started_at + s.due
+                            accept.append(s.latency)
+                            key = keys[part.start + s.index]
+                            if key in consumer.pushed:
+                                push.append(consumer.pushed[key] - due)
+                            if key in consumer.acked:
+                                acked.append(consumer.acked[key] - due)
+                    await asyncio.sleep(0.5)
             await consumer.stop()
-            await asyncio.sleep(1.0)
-            cpu0 = servers.process_stats(server.pids)[2]
-            alone = await loadgen.open_loop(
-                "accept alone", server.ports, offline, profile.e2e_rate, profile.e2e_seconds, 32
-            )
-            alone_cpu = servers.process_stats(server.pids)[2] - cpu0
-            load_alone = os.getloadavg()[0]
         finally:
             server.stop()
-    accept, push, acked = [], [], []
-    for s in run.ok:
-        due = run.started_at + s.due
-        accept.append(s.latency)
-        key = keys[s.index]
-        if key in consumer.pushed:
-            push.append(consumer.pushed[key] - due)
-        if key in consumer.acked:
-            acked.append(consumer.acked[key] - due)
-    return {
+    live_sent = sum(p["sent"] for p in phases if p["kind"] == "live")
+    result: dict[str, Any] = {
         "engine": engine,
         "rate": profile.e2e_rate,
         "seconds": profile.e2e_seconds,
-        "sent": count,
-        "accepted": len(run.ok),
+        "rounds": rounds,
+        "count": count,
+        "phases": phases,
+        "sent": live_sent,
+        "accepted": sum(p["accepted"] for p in phases if p["kind"] == "live"),
         "pushed": len(consumer.pushed),
         "acked": len(consumer.acked),
         "duplicate_pushes": consumer.duplicates,
         "reconnects": consumer.reconnects,
-        # Server CPU from the first POST until the last acknowledgement was answered,
-        # per acknowledged message; then the same rate with the mediatee offline.
-        "live_cpu_us": live_cpu / len(consumer.acked) * 1e6 if consumer.acked else None,
-        "accept_cpu_us": alone_cpu / len(alone.ok) * 1e6 if alone.ok else None,
-        "alone_accepted": len(alone.ok),
-        "alone_errors": alone.errors,
-        "load_live": load_live,
-        "load_alone": load_alone,
         "accept": accept,
         "push": push,
         "ack": acked,
     }
+    for closed, name in ((False, "fixed"), (True, "closed")):
+        sums = {}
+        for kind in ("live", "alone"):
+            chosen = [p for p in phases if p["kind"] == kind and p["closed_loop"] is closed]
+            done = sum(p["done"] for p in chosen)
+            cpu = sum(p["cpu_seconds"] for p in chosen)
+            sums[kind] = cpu / done * 1e6 if done else None
+            result[f"{name}_{kind}_rate"] = (
+                sum(p["rate"] for p in chosen) / len(chosen) if chosen else 0.0
+            )
+            result[f"{name}_{kind}_load"] = max((p["load"] for p in chosen), default=0.0)
+        result[f"{name}_live_cpu_us"] = sums["live"]
+        result[f"{name}_accept_cpu_us"] = sums["alone"]
+    # The names earlier results used (the fixed-rate figures).
+    result["live_cpu_us"] = result["fixed_live_cpu_us"]
+    result["accept_cpu_us"] = result["fixed_accept_cpu_us"]
+    result["load_live"] = result["fixed_live_load"]
+    result["load_alone"] = result["fixed_alone_load"]
+    return result
 
 
 async def _drain_head(
@@ -657,14 +723,16 @@ async def run(
     extra: dict[str, Any] = {}
     if "e2e" in parts:
         rows = []
+        cpu_rows = []
         engines = ["sqlite"] + (
             ["postgres"] if profile.name == "full" and servers.postgres_available() else []
         )
         extra["e2e"] = []
         for engine in engines:
             print(f"e2e: accept -> live push -> ack ({engine}) ...", flush=True)
-            result = await e2e(profile, agents["live"], engine)
+            result = await e2e(profile, agents["live"], agents["offline"], engine)
             extra["e2e"].append({k: v for k, v in result.items() if not isinstance(v, list)})
+            extra["e2e"][-1]["phases"] = result["phases"]
             rows += [
                 _row(f"{engine}: POST -> 202 (accepted)", result["accept"]),
                 _row(f"{engine}: POST -> pushed on WebSocket", result["push"]),
@@ -673,7 +741,7 @@ async def run(
             lost = result["accepted"] - result["acked"]
             rows.append(
                 [
-                    f"{engine}: counts",
+                    f"{engine}: counts (live phases)",
                     f"sent {result['sent']}",
                     f"accepted {result['accepted']}",
                     f"pushed {result['pushed']}",
@@ -682,26 +750,65 @@ async def run(
                     f"reconnects {result['reconnects']}",
                 ]
             )
-            live, alone = result["live_cpu_us"], result["accept_cpu_us"]
-            rows.append(
-                [
-                    f"{engine}: server CPU per message",
-                    f"accept -> push -> ack {live or float('nan'):.0f} µs "
-                    f"(load {result['load_live']:.1f})",
-                    f"accept alone {alone or float('nan'):.0f} µs "
-                    f"(mediatee offline, same rate, {result['alone_accepted']} accepted, "
-                    f"load {result['load_alone']:.1f})",
-                    f"ratio {live / alone:.2f}" if live and alone else "ratio -",
-                    "",
-                    "",
-                ]
-            )
+            for p in result["phases"]:
+                cpu_rows.append(
+                    [
+                        engine,
+                        "accept alone (mediatee offline)"
+                        if p["kind"] == "alone"
+                        else "accept -> push -> ack",
+                        "closed loop, 16 connections"
+                        if p["closed_loop"]
+                        else f"{p['offered']:g}/s offered",
+                        f"{p['done']} of {p['sent']}",
+                        f"{p['done'] / p['pushes']:.1f}" if p["pushes"] else "",
+                        f"{p['rate']:.0f}",
+                        f"{p['cpu_us'] or float('nan'):.0f}",
+                        f"{p['load']:.1f}",
+                    ]
+                )
+            for name, what in (("fixed", f"{profile.e2e_rate:g}/s"), ("closed", "closed loop")):
+                live, alone = result[f"{name}_live_cpu_us"], result[f"{name}_accept_cpu_us"]
+                cpu_rows.append(
+                    [
+                        engine,
+                        f"**ratio, {what}**: live ÷ alone",
+                        "all phases of this kind",
+                        "",
+                        "",
+                        "",
+                        f"**{live / alone:.2f}** ({live:.0f} / {alone:.0f} µs)"
+                        if live and alone
+                        else "-",
+                        f"{result[f'{name}_live_load']:.1f} / {result[f'{name}_alone_load']:.1f}",
+                    ]
+                )
         out.add(
             "## End to end: accept -> live WebSocket push -> acknowledge\n\n"
-            f"{profile.e2e_rate:g} forwards/s for {profile.e2e_seconds:g} s to one "
-            "mediatee in live mode on a WebSocket; it decrypts each push and acknowledges "
-            "with messages-received. Times from when each POST was due.\n\n"
+            "Two mediatees on one server: one on a WebSocket in live mode for the whole run "
+            "(it decrypts each push and acknowledges it with messages-received), one never "
+            f"connected. Phases alternate: accept alone (forwards to the offline one) then "
+            f"live, {profile.e2e_rate:g} forwards/s for {profile.e2e_seconds:g} s each, "
+            f"{profile.e2e_rounds} times, then one closed loop of the same count each. "
+            "Server CPU (psutil over the server's processes) per message: accepted for "
+            "the accept alone, acknowledged (and the acknowledgement answered) for live; "
+            "the consumer's own CPU is not counted. Latencies from when each POST was due, "
+            "over the fixed-rate live phases.\n\n"
             + report.table(ONE_MESSAGE_HEADERS, rows)
+            + "\n\n"
+            + report.table(
+                [
+                    "engine",
+                    "phase",
+                    "offered",
+                    "messages",
+                    "msgs per push",
+                    "msg/s",
+                    "server CPU µs/msg",
+                    "load (1 min)",
+                ],
+                cpu_rows,
+            )
         )
     if "pickup" in parts:
         print("pickup ...", flush=True)
