@@ -310,10 +310,12 @@ class SQLStore(V1Store, Store):
     async def fetch_ids(self, mediatee: str, ids: Sequence[str]) -> list[StoredMessage]:
         if not ids:
             return []
+        # `mediatee || ''`, as in ack: with the mailbox index SQLite walked the whole
+        # mailbox for each live push (3.6-15.8 s for 50 ids at 1M queued, 0.1 ms this way).
         rows = await self._read(
             lambda tx: tx.fetch(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                " WHERE mediatee = $1 AND id = ANY($2::text[]) ORDER BY seq",
+                " WHERE mediatee || '' = $1 AND id = ANY($2::text[]) ORDER BY seq",
                 mediatee,
                 list(ids),
             )
