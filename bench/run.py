@@ -51,6 +51,10 @@ async def main(args: argparse.Namespace) -> int:
     if args.soak_rate:
         profile.extra["soak_rate"] = args.soak_rate
     profile.extra["soak_live"] = args.soak_live
+    if args.pickup_sizes:
+        profile.pickup_sizes = [int(n.replace("_", "")) for n in args.pickup_sizes.split(",")]
+    if args.pickup_measure:
+        profile.pickup_measure = args.pickup_measure
     parts = args.only.split(",") if args.only else PARTS
     stamp = dt.datetime.now()
     name = args.name or f"{stamp:%Y-%m-%d}-{profile.name}"
@@ -313,6 +317,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=os.environ.get("BENCH_CONFIGS", ""),
         help="forward part: only the configs whose label contains one of these "
         "comma-separated strings (e.g. 'sqlite' or 'sqlite,--workers 2')",
+    )
+    parser.add_argument(
+        "--pickup-sizes",
+        default=os.environ.get("BENCH_PICKUP_SIZES", ""),
+        help="pickup part: comma-separated queue sizes (e.g. 10000,1000000; 0 measures "
+        "the accept into an empty mailbox only); default from the profile",
+    )
+    parser.add_argument(
+        "--pickup-measure",
+        type=int,
+        default=None,
+        help="pickup part: messages picked up at the head of each queue",
     )
     parser.add_argument("--step-seconds", type=float, default=None)
     parser.add_argument(

@@ -347,30 +347,77 @@ async def _drain_head(
     }
 
 
+# Accept at depth: forwards into the mailbox the pickup part then drains, first at a fixed
+# rate (the cost per message at a steady load), then a closed loop (the rate it reaches).
+ACCEPT_RATE = 200.0
+ACCEPT_SECONDS = 10.0
+ACCEPT_CLOSED = 2000
+
+
+async def _accept_at_depth(
+    server: servers.Dovecote, payloads: list[bytes], queued: int
+) -> dict[str, Any]:
+    """Server CPU per accepted forward and accept latency into a mailbox holding `queued`."""
+    n_open = int(ACCEPT_RATE * ACCEPT_SECONDS)
+    paced, closed = payloads[:n_open], payloads[n_open : n_open + ACCEPT_CLOSED]
+    cpu0 = servers.process_stats(server.pids)[2]
+    run = await loadgen.open_loop(
+        "accept at depth", server.ports, paced, ACCEPT_RATE, ACCEPT_SECONDS, connections=32
+    )
+    paced_cpu = servers.process_stats(server.pids)[2] - cpu0
+    paced_load = os.getloadavg()[0]
+    cpu0 = servers.process_stats(server.pids)[2]
+    loop = await loadgen.closed_loop(
+        "accept at depth, closed", server.ports, closed, 600, 32, warmup=0
+    )
+    loop_cpu = servers.process_stats(server.pids)[2] - cpu0
+    return {
+        "queued": queued,
+        "paced_rate": ACCEPT_RATE,
+        "paced_accepted": len(run.ok),
+        "paced_errors": run.errors,
+        "paced_cpu_us": paced_cpu / len(run.ok) * 1e6 if run.ok else None,
+        "paced_latency": run.percentiles(),
+        "paced_load": paced_load,
+        "closed_accepted": len(loop.ok),
+        "closed_errors": loop.errors,
+        "closed_rate": loop.throughput,
+        "closed_cpu_us": loop_cpu / len(loop.ok) * 1e6 if loop.ok else None,
+        "closed_latency": loop.percentiles(),
+        "closed_load": os.getloadavg()[0],
+    }
+
+
 async def pickup(profile: Profile, agent: BenchAgent) -> list[dict[str, Any]]:
-    """Pickup throughput at the head of queues of different sizes (SQLite)."""
+    """Accept and pickup cost per message at queues of different sizes (SQLite).
+
+    For each size: fill the mediatee's mailbox, measure forwards into it (server CPU per
+    forward and latency), then pick up at the head of the queue. Size 0 measures the
+    accept into an empty mailbox only.
+    """
     results = []
+    extra = int(ACCEPT_RATE * ACCEPT_SECONDS) + ACCEPT_CLOSED
+    over_http = max([s for s in profile.pickup_sizes if s <= 10_000], default=0)
+    pool = await asyncio.to_thread(
+        forwards.pool, [agent.did], forwards.mediator_did(), max(over_http, 1) + extra
+    )
+    # The accept-at-depth forwards are the pool's tail, distinct from every fill (dedup).
+    accept_payloads = pool[-extra:]
     for size in profile.pickup_sizes:
         with servers.workdir("pickup") as work:
             server = servers.Dovecote(work, identity=forwards.mediator_identity()).start()
-            fill_how = ""
+            fill_how = "empty"
             try:
                 did = server.did()
                 async with httpx.AsyncClient(timeout=30) as client:
                     await mediate(client, server.base_urls[0], agent, did)
-                if size <= 10_000:
-                    payloads = await asyncio.to_thread(
-                        forwards.pool, [agent.did], forwards.mediator_did(), size
-                    )
+                if 0 < size <= 10_000:
                     run = await loadgen.closed_loop(
-                        "fill", server.ports, payloads, 600, 32, warmup=0
+                        "fill", server.ports, pool[:size], 600, 32, warmup=0
                     )
                     fill_how = f"{len(run.ok)} forwards over HTTP"
-                else:
-                    one = await asyncio.to_thread(
-                        forwards.pool, [agent.did], forwards.mediator_did(), 1
-                    )
-                    inner = await _inner_body(one[0])
+                elif size > 10_000:
+                    inner = await _inner_body(pool[0])
                     server.stop()
                     took = await asyncio.to_thread(
                         fill.fill, server.db_path, agent.did, inner, size
@@ -378,18 +425,37 @@ async def pickup(profile: Profile, agent: BenchAgent) -> list[dict[str, Any]]:
                     fill_how = f"direct SQLite insert ({took:.0f}s)"
                     server.start()
                     did = server.did()
-                measured = await _drain_head(
-                    server.base_urls[0], agent, did, min(profile.pickup_measure, size), server.pids
-                )
-                measured.update(
-                    queued=size, fill=fill_how, db_mib=server.db_path.stat().st_size / (1 << 20)
-                )
-                results.append(measured)
+                accept = await _accept_at_depth(server, accept_payloads, size)
                 print(
-                    f"    pickup with {size} queued: {measured['per_second']:.0f} msg/s, "
-                    f"server {measured['server_cpu_us_per_msg']:.0f} µs CPU/msg",
+                    f"    accept with {size} queued: {accept['paced_cpu_us'] or 0:.0f} µs CPU/"
+                    f"forward at {ACCEPT_RATE:g}/s, closed loop {accept['closed_rate']:.0f}/s "
+                    f"at {accept['closed_cpu_us'] or 0:.0f} µs",
                     flush=True,
                 )
+                if size:
+                    measured = await _drain_head(
+                        server.base_urls[0],
+                        agent,
+                        did,
+                        min(profile.pickup_measure, size),
+                        server.pids,
+                    )
+                    measured["load"] = os.getloadavg()[0]
+                else:
+                    measured = {"messages": 0, "delivery": [], "ack": [], "client": []}
+                measured.update(
+                    queued=size,
+                    fill=fill_how,
+                    db_mib=server.db_path.stat().st_size / (1 << 20),
+                    accept=accept,
+                )
+                results.append(measured)
+                if size:
+                    print(
+                        f"    pickup with {size} queued: {measured['per_second']:.0f} msg/s, "
+                        f"server {measured['server_cpu_us_per_msg']:.0f} µs CPU/msg",
+                        flush=True,
+                    )
             finally:
                 server.stop()
     return results
@@ -661,14 +727,17 @@ async def soak(
                             "fds": fds,
                             "cpu": cpu,
                             "errors": errors,
+                            "load1": os.getloadavg()[0],
                             **lat,
                         }
                     )
 
             task = asyncio.create_task(sampler())
+            cpu0 = servers.process_stats(server.pids)[2]
             run = await loadgen.open_loop(
                 "soak", server.ports, cycled, rate, seconds, connections=64, on_sample=window.append
             )
+            soak_cpu = servers.process_stats(server.pids)[2] - cpu0
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -684,6 +753,8 @@ async def soak(
             duplicates = float(line.split()[-1])
     half = [s for s in samples if s["t"] >= samples[-1]["t"] / 2] if samples else []
     return {
+        **rss_growth(samples),
+        "server_cpu_us_per_msg": soak_cpu / len(run.ok) * 1e6 if run.ok else None,
         "rate": rate,
         "seconds": seconds,
         "sent": len(run.samples),
@@ -700,6 +771,30 @@ async def soak(
         * 60,
         "fd_slope_per_min": report.slope([s["t"] for s in half], [s["fds"] for s in half]) * 60,
         "latency": run.percentiles(),
+    }
+
+
+def rss_growth(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """RSS first / last / max sample and growth in %, over the whole run and after warm-up.
+
+    Warm-up is the first minute (or the first tenth of a shorter run): caches, the SQLite
+    page cache and the allocator's arenas fill then, and the target (< 10 %) is about what
+    comes after.
+    """
+    if not samples:
+        return {}
+    rss = [float(s["rss_mib"]) for s in samples]
+    warm_t = min(60.0, samples[-1]["t"] / 10)
+    warm = next((float(s["rss_mib"]) for s in samples if s["t"] >= warm_t), rss[0])
+    return {
+        "rss_first_mib": rss[0],
+        "rss_last_mib": rss[-1],
+        "rss_max_mib": max(rss),
+        "rss_growth_pct": (rss[-1] - rss[0]) / rss[0] * 100,
+        "rss_max_growth_pct": (max(rss) - rss[0]) / rss[0] * 100,
+        "rss_warm_t": warm_t,
+        "rss_warm_mib": warm,
+        "rss_growth_after_warmup_pct": (rss[-1] - warm) / warm * 100,
     }
 
 
@@ -816,9 +911,11 @@ async def run(
         extra["pickup"] = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in results]
         rows = []
         for r in results:
+            if not r["messages"]:
+                continue
             d = loadgen.summarize(r["delivery"])
             a = loadgen.summarize(r["ack"])
-            per_msg_ms = r["seconds"] / r["messages"] * 1e3 if r["messages"] else float("nan")
+            per_msg_ms = r["seconds"] / r["messages"] * 1e3
             rows.append(
                 [
                     f"{r['queued']:,}",
@@ -832,6 +929,24 @@ async def run(
                     report.ms(d["p99"]),
                     report.ms(a["p50"]),
                     report.ms(a["p99"]),
+                    f"{r['load']:.1f}",
+                ]
+            )
+        accept_rows = []
+        for r in results:
+            a = r["accept"]
+            pl, cl = a["paced_latency"], a["closed_latency"]
+            accept_rows.append(
+                [
+                    f"{r['queued']:,}",
+                    f"{a['paced_accepted']} / {a['paced_errors']}",
+                    f"{a['paced_cpu_us'] or float('nan'):.0f}",
+                    f"{report.ms(pl['p50'])} / {report.ms(pl['p99'])}",
+                    f"{a['paced_load']:.1f}",
+                    f"{a['closed_rate']:.0f}",
+                    f"{a['closed_cpu_us'] or float('nan'):.0f}",
+                    f"{report.ms(cl['p50'])} / {report.ms(cl['p99'])}",
+                    f"{a['closed_load']:.1f}",
                 ]
             )
         out.add(
@@ -851,8 +966,28 @@ async def run(
                     "delivery p99 ms",
                     "received p50 ms",
                     "received p99 ms",
+                    "load 1 min",
                 ],
                 rows,
+            )
+            + "\n\n## Accept into a deep mailbox\n\n"
+            f"Before each pickup above, on the same server: {ACCEPT_RATE:g} forwards/s for "
+            f"{ACCEPT_SECONDS:g} s to the same mediatee (whose mailbox holds `queued`), then "
+            f"{ACCEPT_CLOSED} more in a closed loop (32 connections). Server CPU per "
+            "accepted forward; latency from when each POST was due (paced) or sent.\n\n"
+            + report.table(
+                [
+                    "queued",
+                    "paced: accepted / errors",
+                    "paced: server CPU µs/forward",
+                    "paced: p50 / p99 ms",
+                    "load",
+                    "closed: forwards/s",
+                    "closed: server CPU µs/forward",
+                    "closed: p50 / p99 ms",
+                    "load",
+                ],
+                accept_rows,
             )
         )
     if "rooms" in parts:
@@ -939,8 +1074,31 @@ async def run(
                         f" / {report.ms(lat['max'])}",
                     ],
                     [
-                        "RSS first / last sample MiB",
-                        f"{first.get('rss_mib', 0):.0f} / {last.get('rss_mib', 0):.0f}",
+                        "RSS first / last / max sample MiB",
+                        f"{result.get('rss_first_mib', 0):.1f} / "
+                        f"{result.get('rss_last_mib', 0):.1f} / "
+                        f"{result.get('rss_max_mib', 0):.1f}",
+                    ],
+                    [
+                        "RSS growth last vs first (max vs first); target < 10 %",
+                        f"{result.get('rss_growth_pct', 0):+.1f} % "
+                        f"({result.get('rss_max_growth_pct', 0):+.1f} %): "
+                        + ("met" if result.get("rss_max_growth_pct", 99) < 10 else "NOT met"),
+                    ],
+                    [
+                        f"RSS growth after warm-up (last vs t={result.get('rss_warm_t', 0):.0f} s)",
+                        f"{result.get('rss_warm_mib', 0):.1f} -> "
+                        f"{result.get('rss_last_mib', 0):.1f} MiB, "
+                        f"{result.get('rss_growth_after_warmup_pct', 0):+.1f} %",
+                    ],
+                    [
+                        "server CPU per accepted forward (whole soak)",
+                        f"{result.get('server_cpu_us_per_msg') or float('nan'):.0f} µs",
+                    ],
+                    [
+                        "1-min load first / last sample / max",
+                        f"{first.get('load1', 0):.2f} / {last.get('load1', 0):.2f} / "
+                        f"{max((x.get('load1', 0) for x in s), default=0):.2f}",
                     ],
                     ["RSS slope (2nd half) MiB/min", f"{result['rss_slope_mib_per_min']:.2f}"],
                     ["open fds first / last", f"{first.get('fds', 0)} / {last.get('fds', 0)}"],
