@@ -16,8 +16,9 @@ import json
 import sqlite3
 import sys
 import time
-import uuid
 from pathlib import Path
+
+from dovecote.store.engine import message_id
 
 BATCH = 50_000
 
@@ -36,8 +37,18 @@ def fill(db: Path, mediatee: str, body: bytes, count: int) -> float:
             "INSERT INTO messages (id, mediatee, recipient, body, size, received_at, "
             "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
-                (uuid.uuid4().hex, mediatee, mediatee, body, len(body), now, now + 30 * 86400)
-                for _ in range(n)
+                # Ids as the store makes them, one per millisecond up to now: the id
+                # index looks like one the store grew.
+                (
+                    message_id(now - (count - done - i) / 1000),
+                    mediatee,
+                    mediatee,
+                    body,
+                    len(body),
+                    now,
+                    now + 30 * 86400,
+                )
+                for i in range(n)
             ),
         )
         conn.execute(

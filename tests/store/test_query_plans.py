@@ -25,6 +25,7 @@ import pytest
 from dovecote.store import Store, postgres
 from dovecote.store import sqlite as sqlite_engine
 from dovecote.store.dialect import POSTGRES, SQLITE, Row
+from dovecote.store.engine import message_id
 
 from .helpers import ROOMY, StoreFactory, mediate, message, sqlite_path
 
@@ -197,3 +198,20 @@ async def test_per_message_statements_use_an_index(
             await conn.close()
     assert walks == {}
     assert id_index_missed == []
+
+
+def test_message_ids_grow_with_time() -> None:
+    earlier, later = message_id(1_700_000_000.000), message_id(1_700_000_000.001)
+    assert earlier < later
+    assert len(earlier) == 32 and int(earlier, 16) > 0
+    assert message_id(1_700_000_000.0) != message_id(1_700_000_000.0)
+
+
+async def test_stored_ids_follow_the_queue_order(engine: Store) -> None:
+    """Each insert into the id index goes to its right-hand end (see message_id)."""
+    await mediate(engine, ALICE, R1)
+    for i in range(5):
+        await engine.enqueue(message(body=f"in order {i}".encode()), **ROOMY)
+        await asyncio.sleep(0.002)  # the next millisecond: ids order by time, not within one
+    ids = [m.id for m in await engine.fetch(ALICE, 10)]
+    assert len(ids) == 5 and ids == sorted(ids)
