@@ -79,6 +79,7 @@ class Dovecote:
             settings.store_url,
             timeout=settings.store_timeout,
             group_commit_max=settings.group_commit_max,
+            group_commit_wait=settings.group_commit_wait,
             pool_size=settings.store_pool_size,
             **size_cap,
         )

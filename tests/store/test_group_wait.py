@@ -1,0 +1,89 @@
+"""SQLite's group wait (GROUP_COMMIT_WAIT): an enqueue waits a little for others to share
+its commit; every caller is still answered only after that COMMIT, and a caller writing
+one message at a time soon stops paying the wait."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from dovecote.store import sqlite as sqlite_engine
+from dovecote.store.sqlite import FRUITLESS_WAITS, SQLiteStore
+
+from .helpers import ROOMY, mediate, message
+
+ALICE = "did:example:alice"
+
+
+def commits() -> tuple[float, float]:
+    """(group commits, writes in them) so far, from the metric."""
+    count = REGISTRY.get_sample_value("dovecote_store_group_commit_size_count") or 0.0
+    total = REGISTRY.get_sample_value("dovecote_store_group_commit_size_sum") or 0.0
+    return count, total
+
+
+def stored(path: Path) -> list[bytes]:
+    """The message bodies another connection sees (committed ones only)."""
+    conn = sqlite3.connect(path)
+    try:
+        return sorted(row[0] for row in conn.execute("SELECT body FROM messages"))
+    finally:
+        conn.close()
+
+
+async def test_an_enqueue_during_the_wait_shares_the_commit_and_both_hear_after_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    store = SQLiteStore(f"sqlite:///{path}", group_commit_wait=2.0)
+    await store.open()
+    try:
+        await mediate(store, ALICE, "did:example:alice-r1")
+        before = commits()
+        first = asyncio.create_task(store.enqueue(message(body=b"one"), **ROOMY))
+        await asyncio.sleep(0.05)
+        # Waiting for company: not answered, and nothing committed yet.
+        assert not first.done()
+        assert stored(path) == []
+        second = asyncio.create_task(store.enqueue(message(body=b"two"), **ROOMY))
+        results = await asyncio.gather(first, second)
+        assert [r.duplicate for r in results] == [False, False]
+        # Both answered after one COMMIT holding both.
+        assert stored(path) == [b"one", b"two"]
+        count, total = commits()
+        assert (count - before[0], total - before[1]) == (1, 2)
+    finally:
+        await store.close()
+
+
+async def test_a_caller_writing_one_message_at_a_time_stops_paying_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_engine, "PROBE_SECONDS", 3600.0)
+    slept: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        real_sleep(seconds)
+
+    # The writer thread's sleeps (time is one module: everyone's, for this test only).
+    monkeypatch.setattr(time, "sleep", sleep)
+    path = tmp_path / "store.db"
+    store = SQLiteStore(f"sqlite:///{path}", group_commit_wait=0.02)
+    await store.open()
+    try:
+        await mediate(store, ALICE, "did:example:alice-r1")
+        for i in range(3 * FRUITLESS_WAITS):
+            result = await store.enqueue(message(body=f"m{i}".encode()), **ROOMY)
+            assert not result.duplicate
+            assert len(stored(path)) == i + 1  # committed before the answer
+    finally:
+        await store.close()
+    # Only the first ones waited (nobody else was writing); the rest committed at once.
+    assert len(slept) == FRUITLESS_WAITS
