@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import time
@@ -341,6 +342,8 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self.started:  # the app is built and started: what is there now stays
+            settle_heap()
         # Only now is the port bound: a banner before this could name a port in use.
         if self.started and self.banner is not None:
             self.banner()
@@ -413,6 +416,24 @@ def run(settings: Settings) -> None:
         serve_worker(settings, dovecote, banner=lambda: _banner(settings, dovecote.identity))
     finally:
         lock.release()
+
+
+# gen0 collections per allocated container: CPython's 700 made one every dozen forwards.
+GC_GEN0_THRESHOLD = 7000
+
+
+def settle_heap() -> None:
+    """Keep the cyclic GC off what start-up built (modules, settings, app, keys: hundreds
+    of thousands of objects that live as long as the process).
+
+    Each full collection walked all of them, about every two thousand forwards: with the
+    young collections, ~100 us of CPU per forward at 200/s. Frozen objects are never
+    collected, which they would not be anyway; garbage made later is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def serve_worker(
