@@ -77,6 +77,31 @@ def _labels(msg_type: str) -> tuple[str, str]:
     return "unknown", "unknown"
 
 
+class _Counted:
+    """One message type's metric children (prometheus_client's labels() locks and
+    validates on each call); the labels are bounded by HANDLERS (see _labels)."""
+
+    __slots__ = ("duration", "labels", "ok")
+
+    def __init__(self, protocol: str, name: str) -> None:
+        self.labels = (protocol, name)
+        self.ok = metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok")
+        self.duration = metrics.DIDCOMM_DURATION.labels(protocol, name)
+
+    def error(self) -> None:
+        metrics.DIDCOMM_MESSAGES.labels(*self.labels, "error").inc()
+
+
+_COUNTED: dict[tuple[str, str], _Counted] = {}
+
+
+def _counted(labels: tuple[str, str]) -> _Counted:
+    counted = _COUNTED.get(labels)
+    if counted is None:
+        counted = _COUNTED[labels] = _Counted(*labels)
+    return counted
+
+
 def _not_returned(reason: str, detail: str, request_id: str, count: int = 1) -> None:
     metrics.REPLIES_NOT_RETURNED.labels(reason).inc(count)
     log.info("reply.not_returned", reason=reason, detail=detail, count=count, request_id=request_id)
@@ -182,7 +207,7 @@ class Mediator:
         """Run the message's handler: (replies, status, error); a failure's reply is a
         problem report when the sender is known."""
         msg_type = inbound.type
-        protocol, name = _labels(msg_type)
+        counted = _counted(_labels(msg_type))
         started = time.perf_counter()
         try:
             if inbound.sender and (wait := self.did_limits.take(inbound.sender)):
@@ -191,10 +216,10 @@ class Mediator:
             if handler is None:
                 raise UnknownMessageType(f"unsupported message type {msg_type[:200]!r}")
             replies = await handler(self.ctx, inbound)
-            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "ok").inc()
+            counted.ok.inc()
             return replies, 202, None
         except DovecoteError as exc:
-            metrics.DIDCOMM_MESSAGES.labels(protocol, name, "error").inc()
+            counted.error()
             if isinstance(exc, ClientError):
                 metrics.BAD_INPUT.labels(exc.code, inbound.transport).inc()
             log.info(
@@ -213,7 +238,7 @@ class Mediator:
             report["to"] = [inbound.sender]
             return [report], exc.status, exc
         finally:
-            metrics.DIDCOMM_DURATION.labels(protocol, name).observe(time.perf_counter() - started)
+            counted.duration.observe(time.perf_counter() - started)
 
     async def _reply_later(
         self, inbound: Inbound, sender: str, replies: list[dict[str, Any]]

@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +25,8 @@ from dovecote.web.rooms import ROOMS_PATHS
 log = structlog.get_logger("dovecote.server")
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+# Methods come from clients: past this many label sets, children are not cached.
+MAX_METRIC_KEYS = 1024
 # Routes that neither count against the limits nor close while draining: operators and
 # probes must reach an instance that refuses traffic.
 EXEMPT = ("/health/live", "/health/ready", "/health", "/metrics", "/admin", "/console")
@@ -97,6 +100,9 @@ class GuardMiddleware:
         self.body_read_timeout = body_read_timeout
         self.body_min_rate = body_min_rate
         self.access_log = access_log
+        # Metric children by labels (prometheus_client's labels() takes a lock and
+        # validates on each call); the labels are bounded (route_label).
+        self._counted: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,8 +166,17 @@ class GuardMiddleware:
         self, route: str, method: str, status: str, started: float, request_id: str
     ) -> None:
         elapsed = time.perf_counter() - started
-        metrics.HTTP_REQUESTS.labels(route, method, status).inc()
-        metrics.HTTP_DURATION.labels(route, method).observe(elapsed)
+        key = (route, method, status)
+        children = self._counted.get(key)
+        if children is None:
+            children = (
+                metrics.HTTP_REQUESTS.labels(route, method, status),
+                metrics.HTTP_DURATION.labels(route, method),
+            )
+            if len(self._counted) < MAX_METRIC_KEYS:
+                self._counted[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
         if self.access_log:
             log.info(
                 "http.request",
@@ -208,7 +223,10 @@ class BodyDeadline:
         now = time.monotonic()
         deadline = min(now + self.gap, self.started + self.gap + self.received / self.min_rate)
         try:
-            message = await asyncio.wait_for(self._receive(), max(0.0, deadline - now))
+            # A timer in this task, not wait_for's task per call (3.11): a body already
+            # buffered by uvicorn is handed over without suspending.
+            async with asyncio.timeout(max(0.0, deadline - now)):
+                message = await self._receive()
         except TimeoutError:
             self.timed_out = True
             idle = now + self.gap <= deadline
