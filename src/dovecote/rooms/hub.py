@@ -6,6 +6,10 @@ feed's pump reads the store for events after the last seq it queued, so replay a
 `since` and live delivery are one loop: no gaps, no duplicates, and a lost wake-up only
 delays until the next safety poll.
 
+Feeds at the same position share one store read and one JSON encoding of each event:
+a post to a room of N subscribers costs one read and one encode, not N of each (the
+fan-out's CPU per delivery was mostly those: see docs/performance.md).
+
 Each feed has a bounded send queue, filled no faster than its socket drains (a replay of
 any length needs no more memory than the queue). A subscriber whose socket takes nothing
 for `stall` seconds while events wait cannot keep up: its feed is marked overflowed and the
@@ -16,6 +20,7 @@ holds up the others.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +31,7 @@ from dovecote.errors import DovecoteError
 from dovecote.ops import metrics
 from dovecote.rooms.auth import Principal
 from dovecote.rooms.models import event_out
-from dovecote.store.rooms_base import PARTICIPANT_REMOVED, RoomStore
+from dovecote.store.rooms_base import PARTICIPANT_REMOVED, RoomEvent, RoomStore
 from dovecote.util.aio import wait_at_most
 
 log = structlog.get_logger("dovecote.rooms.hub")
@@ -43,12 +48,36 @@ STORE_RETRY_SECONDS = 1.0
 
 @dataclass(slots=True)
 class Frame:
-    """One message for the socket; `seq` set for events (the sender records it as sent)."""
+    """One message for the socket; `seq` set for events (the sender records it as sent).
+
+    `text` is the body already encoded (events: encoded once for every subscriber)."""
 
     body: dict[str, Any]
     room: str | None = None
     seq: int | None = None
     generation: int = 0
+    text: str | None = None
+
+    def encoded(self) -> str:
+        return self.text if self.text is not None else json.dumps(self.body, ensure_ascii=False)
+
+
+class Page:
+    """One read of a room's events, shared by the feeds that asked for it; each event's
+    frame body and text are built once, by the first feed that queues it."""
+
+    __slots__ = ("_frames", "events")
+
+    def __init__(self, events: list[RoomEvent]) -> None:
+        self.events = events
+        self._frames: list[tuple[dict[str, Any], str] | None] = [None] * len(events)
+
+    def frame(self, index: int) -> tuple[dict[str, Any], str]:
+        built = self._frames[index]
+        if built is None:
+            body = {"type": "event", "event": event_out(self.events[index])}
+            built = self._frames[index] = (body, json.dumps(body, ensure_ascii=False))
+        return built
 
 
 @dataclass(eq=False)
@@ -91,6 +120,12 @@ class Feed:
         if self.overflowed:
             return False
         try:
+            # Without waiting when there is room (the usual case): wait_for costs a task.
+            self.queue.put_nowait(frame)
+            return True
+        except asyncio.QueueFull:
+            pass
+        try:
             await asyncio.wait_for(self.queue.put(frame), self.stall)
         except TimeoutError:
             self.overflowed = True
@@ -105,6 +140,17 @@ class RoomHub:
     def __init__(self, store: RoomStore) -> None:
         self.store = store
         self.by_room: dict[str, set[Feed]] = {}
+        # Per subscribed room, a number from `_ticks` set by every wake-up: a read that
+        # began at the current number has seen every event committed so far, so a feed
+        # may share it; one that began earlier may miss the event that woke the feed.
+        self._ticks = 0
+        self._woken: dict[str, int] = {}
+        # Reads in flight: (room, after, limit) -> (wake number at start, the read).
+        self._reads: dict[tuple[str, int, int], tuple[int, asyncio.Task[Page | None]]] = {}
+
+    def _woke(self, room: str) -> None:
+        self._ticks += 1
+        self._woken[room] = self._ticks
 
     @property
     def feeds(self) -> int:
@@ -115,13 +161,17 @@ class RoomHub:
         every feed for every room (the store lost notifications, e.g. a reconnect)."""
         if room == WAKE_ALL:
             for name, feeds in self.by_room.items():
+                self._woke(name)
                 for feed in feeds:
                     feed.dirty.add(name)
                     feed.wake.set()
             return
-        for feed in self.by_room.get(room, ()):
-            feed.dirty.add(room)
-            feed.wake.set()
+        subscribed = self.by_room.get(room)
+        if subscribed:
+            self._woke(room)
+            for feed in subscribed:
+                feed.dirty.add(room)
+                feed.wake.set()
 
     def subscribe(self, feed: Feed, room: str, since: int) -> None:
         feed.generations[room] = feed.next_generation
@@ -148,6 +198,7 @@ class RoomHub:
             feeds.discard(feed)
             if not feeds:
                 del self.by_room[room]
+                self._woken.pop(room, None)
 
     def detach(self, feed: Feed) -> None:
         for room in list(feed.positions):
@@ -183,23 +234,17 @@ class RoomHub:
         while room in feed.positions and feed.generations.get(room) == generation:
             after = feed.positions[room]
             batch = min(READ_BATCH, feed.queue_size)
-            page = await self.store.room_events(room, after=after, limit=batch)
+            page = await self._read(room, after, batch)
             if page is None:
                 self.unsubscribe(feed, room)
                 return await feed.offer(
                     Frame({"type": "unsubscribed", "room": room, "reason": "room deleted"})
                 )
-            for event in page.events:
+            for index, event in enumerate(page.events):
                 if feed.generations.get(room) != generation:
                     return True  # (re)subscribed while we waited for room in the queue
-                if not await feed.offer(
-                    Frame(
-                        {"type": "event", "event": event_out(event)},
-                        room,
-                        event.seq,
-                        generation or 0,
-                    )
-                ):
+                body, text = page.frame(index)
+                if not await feed.offer(Frame(body, room, event.seq, generation or 0, text)):
                     log.info(
                         "rooms.feed_overflow",
                         participant=feed.principal.sub,
@@ -231,3 +276,33 @@ class RoomHub:
             if len(page.events) < batch:
                 return True
         return True
+
+    async def _read(self, room: str, after: int, limit: int) -> Page | None:
+        """The room's events after `after`, read once for every feed asking at once.
+
+        The read runs as its own task, so a feed that goes away (its pump cancelled)
+        does not cancel it for the others; its error reaches every feed that waited."""
+        key = (room, after, limit)
+        woken = self._woken.get(room, 0)
+        pending = self._reads.get(key)
+        if pending is None or pending[0] != woken:
+            task = asyncio.create_task(self._fetch(room, after, limit))
+            task.add_done_callback(_retrieve)
+            pending = self._reads[key] = (woken, task)
+            task.add_done_callback(lambda _: self._done(key, task))
+        return await asyncio.shield(pending[1])
+
+    async def _fetch(self, room: str, after: int, limit: int) -> Page | None:
+        page = await self.store.room_events(room, after=after, limit=limit)
+        return None if page is None else Page(page.events)
+
+    def _done(self, key: tuple[str, int, int], task: asyncio.Task[Page | None]) -> None:
+        pending = self._reads.get(key)
+        if pending is not None and pending[1] is task:
+            del self._reads[key]
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a shared read's error as seen (its feeds may all have gone away)."""
+    if not task.cancelled():
+        task.exception()

@@ -219,7 +219,7 @@ async def _send_loop(websocket: WebSocket, feed: Feed) -> None:
         frame = await feed.queue.get()
         if not feed.current(frame):
             continue
-        await websocket.send_text(json.dumps(frame.body, ensure_ascii=False))
+        await websocket.send_text(frame.encoded())
         # Recorded after the send returned: the frame is in the transport, in order.
         if frame.room is not None and frame.seq is not None and frame.room in feed.sent:
             feed.sent[frame.room] = frame.seq
