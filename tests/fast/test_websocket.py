@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 from httpx_ws import WebSocketDisconnect, aconnect_ws
 from httpx_ws._api import AsyncWebSocketSession
+from prometheus_client import REGISTRY
 
+from dovecote.rooms.auth import Principal
+from dovecote.rooms.hub import Feed
+from dovecote.store.base import StoredMessage
 from fast.instance import Fast
 from support.agent import BASIC, CM3, PICKUP, Agent, forward_to
 from support.jwe import assert_encrypted_typ
@@ -203,3 +208,77 @@ async def test_live_pushes_stop_at_the_byte_budget(fast: Fast) -> None:
             acks += 1
         assert len(set(seen)) == 6
     assert fast.query("SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+async def test_rooms_feeds_at_one_position_share_a_read_and_its_encoding(fast: Fast) -> None:
+    """Feeds asking for a room's events after the same seq at once cost one store read,
+    and each event is encoded once for all of them; a wake-up (a new commit) after that
+    read began means a new one, or the event that woke a feed could be missed."""
+    room = await fast.create_room("alice")
+    alice = {"authorization": f"Bearer {fast.issuer.token('alice')}"}
+    posted = await fast.client.post(f"/v1/rooms/{room}/messages", headers=alice, json={"text": "a"})
+    assert posted.status_code == 201
+    hub = fast.dovecote.rooms.hub
+    feed = Feed(Principal("watcher", None, frozenset(), 0.0), queue_size=10)
+    store = hub.store
+    reads: list[int] = []
+    real = store.room_events
+
+    async def counted(room: str, **kwargs: Any) -> Any:
+        reads.append(kwargs["after"])
+        return await real(room, **kwargs)
+
+    store.room_events = counted  # type: ignore[method-assign]
+    try:
+        pages = await asyncio.gather(*(hub._read(room, 0, 200) for _ in range(5)))
+        assert reads == [0]
+        assert all(page is pages[0] for page in pages) and pages[0] is not None
+        assert pages[0].frame(0) is pages[0].frame(0)
+        body, text = pages[0].frame(0)
+        assert json.loads(text) == json.loads(json.dumps(body)) and body["type"] == "event"
+
+        # A commit wakes the room while a read is in flight: later askers read again.
+        hub.subscribe(feed, room, 10**9)  # a subscriber, so the room's wake-ups count
+        first = asyncio.ensure_future(hub._read(room, 0, 200))
+        await asyncio.sleep(0)
+        hub.notify(room)
+        second = await hub._read(room, 0, 200)
+        await first
+        assert reads == [0, 0, 0] and second is not None
+    finally:
+        del store.room_events
+        hub.unsubscribe(feed, room)
+
+
+def _bodies(source: str) -> float:
+    return REGISTRY.get_sample_value("dovecote_live_push_bodies_total", {"source": source}) or 0.0
+
+
+async def test_live_push_uses_the_body_the_accept_handed_over_and_only_queued_ones(
+    fast: Fast,
+) -> None:
+    """A forward accepted here is pushed with the body the accept holds (no read back);
+    a handed-over body whose message is not queued (acknowledged or expired meanwhile)
+    is never pushed, and is dropped once the queue shows it gone."""
+    alice = fast.agent()
+    await alice.mediate(fast.client)
+    live = fast.dovecote.live
+    async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as ws:
+        await _ask(ws, alice, f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+        session = live.by_mediatee[alice.did]
+        now = time.time()
+        live.stored(StoredMessage("gone", 0, alice.did, alice.did, b"{}", now, now + 60))
+        assert "gone" in session.handed
+        handed, read = _bodies("handed"), _bodies("read")
+        packed = await forward_to(
+            fast.settings.base_url, alice, {"type": BASIC, "body": {"content": "live"}}
+        )
+        assert (await fast.post(packed)).status_code == 202
+        pushed = await alice.unpack(await ws.receive_text(timeout=WITHIN))
+        assert pushed["type"] == f"{PICKUP}/delivery"
+        ids = [a["id"] for a in pushed["attachments"]]
+        assert "gone" not in ids and len(ids) == 1
+        assert (_bodies("handed") - handed, _bodies("read") - read) == (1.0, 0.0)
+        assert session.handed == {} and live.handed_bytes == 0
+        ack = await _ask(ws, alice, f"{PICKUP}/messages-received", {"message_id_list": ids})
+        assert ack["body"]["message_count"] == 0

@@ -9,7 +9,9 @@ A push never removes a message. Each session remembers what it pushed and not ye
 acknowledged; a session that dies takes nothing with it: what it had in flight stays
 queued, is part of the next session's baseline and is fetched with delivery-request.
 Pushes are driven from the store (the commit wakes the pump; it reads what arrived after
-the baseline), so a wake-up lost between instances only delays.
+the baseline), so a wake-up lost between instances only delays. What to push always
+comes from the store; the bodies of messages accepted on this instance are handed over
+by the accept (`stored`), so the pump reads from the store only the bodies it lacks.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dovecote.ops import metrics
+from dovecote.store.base import StoredMessage
 from dovecote.util.aio import wait_at_most
 from dovecote.util.lru import ByteLRU
 
 if TYPE_CHECKING:
-    from dovecote.store.base import Store, StoredMessage
+    from dovecote.store.base import Store
 
 log = structlog.get_logger("dovecote.live")
 
@@ -51,6 +54,10 @@ WAKE_ALL = "*"
 # seq numbers (not just "seq <= highest"): a message committed late below the highest seq
 # still counts as arrived after the switch.
 BASELINE_LOOKBACK = 1000
+# Bodies handed over by accepts and not yet pushed, over all sessions (each session also
+# holds at most one push frame's worth): past this the pump reads them from the store.
+HANDOFF_BYTES = 64 << 20
+HANDOFF_YIELDS = 2
 
 
 class LiveSession:
@@ -78,6 +85,9 @@ class LiveSession:
         # Something other than live mode pushes on this socket (DIDComm v1 implicit
         # pickup): like live mode, it is not idle while the client is silent.
         self.pushing = False
+        # Accepted here, committed, not yet pushed: id -> message (see LiveRegistry.stored).
+        self.handed: dict[str, StoredMessage] = {}
+        self.handed_bytes = 0
 
     def release(self) -> None:
         """The transport sent the current request's replies: pushes may follow."""
@@ -97,6 +107,7 @@ class LiveRegistry:
         self.max_push_bytes = max_push_bytes
         self.by_mediatee: dict[str, LiveSession] = {}
         self.build_delivery: DeliveryBuilder | None = None
+        self.handed_bytes = 0
 
     def is_live(self, session: LiveSession | None, mediatee: str) -> bool:
         return session is not None and self.by_mediatee.get(mediatee) is session
@@ -129,12 +140,40 @@ class LiveRegistry:
             session.task = asyncio.create_task(self._pump(session), name=f"live-{session.id}")
         session.wake.set()
 
-    @staticmethod
-    def _forget(session: LiveSession, mediatee: str) -> None:
+    def _forget(self, session: LiveSession, mediatee: str) -> None:
         session.mediatees.discard(mediatee)
         session.pushed.pop(mediatee, None)
         session.floor.pop(mediatee, None)
         session.baseline.pop(mediatee, None)
+        for message in [m for m in session.handed.values() if m.mediatee == mediatee]:
+            self._take(session, message.id)
+
+    def stored(self, message: StoredMessage) -> None:
+        """A message for `message.mediatee` was committed here: keep its body for the push.
+
+        Only a hint: the store still decides what is pushed (a body handed over for a
+        message already acknowledged, expired or in the baseline is never sent). Skipped
+        when the session holds a push frame's worth already or the pump is paused."""
+        session = self.by_mediatee.get(message.mediatee)
+        if session is None or message.id in session.handed:
+            return
+        size = len(message.body)
+        if (
+            session.handed_bytes + size > self.max_push_bytes
+            or self.handed_bytes + size > HANDOFF_BYTES
+            or len(session.pushed.get(message.mediatee, ())) >= MAX_IN_FLIGHT
+        ):
+            return
+        session.handed[message.id] = message
+        session.handed_bytes += size
+        self.handed_bytes += size
+
+    def _take(self, session: LiveSession, message_id: str) -> StoredMessage | None:
+        message = session.handed.pop(message_id, None)
+        if message is not None:
+            session.handed_bytes -= len(message.body)
+            self.handed_bytes -= len(message.body)
+        return message
 
     def disable(self, session: LiveSession, mediatee: str) -> None:
         if self.by_mediatee.get(mediatee) is session:
@@ -146,6 +185,8 @@ class LiveRegistry:
         session.closed = True
         for mediatee in list(session.mediatees):
             self.disable(session, mediatee)
+        for message_id in list(session.handed):
+            self._take(session, message_id)
         if session.task is not None:
             session.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -166,6 +207,7 @@ class LiveRegistry:
         if session is not None:
             for message_id in ids:
                 session.acked.put(message_id, True, size=0)
+                self._take(session, message_id)
             baseline = session.baseline.get(mediatee)
             if baseline:
                 baseline.difference_update(ids)
@@ -181,6 +223,12 @@ class LiveRegistry:
     async def _pump(self, session: LiveSession) -> None:
         while not session.closed:
             await wait_at_most(session.wake.wait(), SAFETY_POLL_SECONDS)
+            # The commit that woke us also resumes its accept, which hands the body over
+            # (LiveRegistry.stored) two loop iterations after the wake-up (the store's
+            # future, then the shielded wait on it): let it, before the queue is read.
+            # Losing this race costs a read of the body, nothing else.
+            for _ in range(HANDOFF_YIELDS):
+                await asyncio.sleep(0)
             session.wake.clear()
             if session.held:
                 continue
@@ -204,10 +252,9 @@ class LiveRegistry:
             # Reading from the floor and skipping the baseline and what is in flight is
             # correct for both engines, even when PostgreSQL commits seq numbers out of order.
             baseline = session.baseline.get(mediatee, set())
+            limit = len(pushed) + len(baseline) + min(room, self.batch)
             queued = await self.store.queued(
-                mediatee,
-                len(pushed) + len(baseline) + min(room, self.batch),
-                after_seq=session.floor.get(mediatee, 0),
+                mediatee, limit, after_seq=session.floor.get(mediatee, 0)
             )
             chosen: list[str] = []
             size = 0
@@ -220,9 +267,22 @@ class LiveRegistry:
                     break
                 chosen.append(ref.id)
                 size += ref.size
-            # Read the bodies of the chosen ones only; an ack or expiry in between leaves
-            # fewer, never others.
-            fresh = await self.store.fetch_ids(mediatee, chosen)
+            if len(queued) < limit and session.handed:
+                # That was all of the mailbox after the floor: a body handed over for a
+                # message not in it belongs to one already gone (acknowledged, expired).
+                present = {ref.id for ref in queued}
+                for message_id in [
+                    i
+                    for i, m in session.handed.items()
+                    if m.mediatee == mediatee and i not in present
+                ]:
+                    self._take(session, message_id)
+            # Bodies handed over by the accept, else read (only the chosen ones); an ack or
+            # expiry in between leaves fewer, never others.
+            handed = {i: m for i in chosen if (m := self._take(session, i)) is not None}
+            missing = [i for i in chosen if i not in handed]
+            read = {m.id: m for m in await self.store.fetch_ids(mediatee, missing)}
+            fresh = [m for i in chosen if (m := handed.get(i) or read.get(i)) is not None]
             if not fresh:
                 return
             packed = await self.build_delivery(mediatee, fresh)
@@ -231,5 +291,7 @@ class LiveRegistry:
             for message in fresh:
                 metrics.PUSH_LATENCY.observe(max(0.0, now - message.received_at))
             metrics.DELIVERED.labels("push").inc(len(fresh))
+            metrics.LIVE_HANDOFF.labels("handed").inc(len(handed))
+            metrics.LIVE_HANDOFF.labels("read").inc(len(fresh) - len(handed))
             pushed.update(m.id for m in fresh)
             log.debug("live.pushed", session=session.id, count=len(fresh))

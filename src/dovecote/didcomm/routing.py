@@ -42,7 +42,13 @@ from dovecote.errors import (
 )
 from dovecote.ops import metrics
 from dovecote.ops.logging import Summary
-from dovecote.store.base import EnqueueResult, NewMessage, NewOutboxItem, RelayQuota
+from dovecote.store.base import (
+    EnqueueResult,
+    NewMessage,
+    NewOutboxItem,
+    RelayQuota,
+    StoredMessage,
+)
 from dovecote.util.kinds import OutboxKind
 
 log = structlog.get_logger("dovecote.routing")
@@ -160,6 +166,11 @@ async def store_for(
         metrics.ACCEPTED.inc()
         if notices:
             ctx.wake_outbox(OutboxKind.NOTIFY)
+        elif not offline:
+            # Its live session's pump need not read back the body we hold.
+            ctx.live.stored(
+                StoredMessage(result.id, 0, mediatee, recipient, payload, time.time(), expires_at)
+            )
     ACCEPTS.add(messages=1, duplicates=int(result.duplicate), bytes=len(payload))
     if _stdlib_log.isEnabledFor(logging.DEBUG):  # structlog would build the event to drop it
         log.debug(

@@ -95,6 +95,11 @@ DELIVERED = Counter(
     "Messages handed to a recipient (not yet acknowledged).",
     ["mode"],
 )
+LIVE_HANDOFF = Counter(
+    "dovecote_live_push_bodies",
+    "Bodies of pushed messages: handed over by the accept on this instance, or read.",
+    ["source"],
+)
 ACKNOWLEDGED = Counter("dovecote_messages_acknowledged", "Messages acknowledged and removed.")
 EXPIRED = Counter("dovecote_messages_expired", "Messages expired out of mailboxes.")
 DEAD_LETTERED = Counter(

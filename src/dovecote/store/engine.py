@@ -73,6 +73,8 @@ _V1_COLUMNS = (
     "device, created_at"
 )
 
+# Rows a read may return and still count as small (see _read_small).
+SMALL_READ_ROWS = 256
 STATUS_SQL = (
     "SELECT COALESCE((SELECT message_count FROM mailboxes WHERE mediatee = $1), 0), "
     "COALESCE((SELECT total_bytes FROM mailboxes WHERE mediatee = $1), 0), "
@@ -132,6 +134,10 @@ class SQLStore(V1Store, Store):
     async def _read(self, body: Body[T]) -> T:
         """Run `body` on a connection for reading."""
 
+    async def _read_small(self, body: Body[T]) -> T:
+        """A read of a few rows by index (engines may run it where it costs less)."""
+        return await self._read(body)
+
     @abc.abstractmethod
     async def _write(self, body: Body[T]) -> T:
         """Run `body` in a transaction; return after COMMIT and the wake-ups it asked for."""
@@ -172,7 +178,7 @@ class SQLStore(V1Store, Store):
     async def get_mediation(self, did: str) -> MediationState | None:
         if not storable(did):
             return None
-        state: MediationState | None = await self._read(
+        state: MediationState | None = await self._read_small(
             lambda tx: tx.fetchval("SELECT state FROM mediations WHERE did = $1", did)
         )
         return state
@@ -277,7 +283,7 @@ class SQLStore(V1Store, Store):
         if recipient is None:
             # Running totals and the two ends of the (mediatee, seq) index: the cost does
             # not grow with the queue (a COUNT over 1M rows took seconds).
-            row = await self._read(lambda tx: tx.fetchrow(STATUS_SQL, mediatee))
+            row = await self._read_small(lambda tx: tx.fetchrow(STATUS_SQL, mediatee))
         else:
             row = await self._read(
                 lambda tx: tx.fetchrow(
@@ -308,7 +314,9 @@ class SQLStore(V1Store, Store):
         return [stored_message(row) for row in rows]
 
     async def queued(self, mediatee: str, limit: int, after_seq: int = 0) -> list[QueuedRef]:
-        rows = await self._read(
+        # Every live push starts with this read; a short one is a small read.
+        read = self._read_small if limit <= SMALL_READ_ROWS else self._read
+        rows = await read(
             lambda tx: tx.fetch(
                 "SELECT id, seq, size FROM messages WHERE mediatee = $1 AND seq > $2"
                 " ORDER BY seq LIMIT $3",
