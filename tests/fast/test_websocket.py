@@ -14,6 +14,7 @@ from httpx_ws import WebSocketDisconnect, aconnect_ws
 from httpx_ws._api import AsyncWebSocketSession
 from prometheus_client import REGISTRY
 
+from dovecote.delivery import live as live_module
 from dovecote.rooms.auth import Principal
 from dovecote.rooms.hub import Feed
 from dovecote.store.base import StoredMessage
@@ -282,3 +283,36 @@ async def test_live_push_uses_the_body_the_accept_handed_over_and_only_queued_on
         assert session.handed == {} and live.handed_bytes == 0
         ack = await _ask(ws, alice, f"{PICKUP}/messages-received", {"message_id_list": ids})
         assert ack["body"]["message_count"] == 0
+
+
+async def test_live_pushes_pause_at_the_in_flight_limit_until_acknowledged(
+    fast: Fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At MAX_IN_FLIGHT unacknowledged pushes the pump waits; the acknowledgement that
+    makes room wakes it, and the rest follows, each message once."""
+    monkeypatch.setattr(live_module, "MAX_IN_FLIGHT", 2)
+    alice = fast.agent()
+    await alice.mediate(fast.client)
+    async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as ws:
+        await _ask(ws, alice, f"{PICKUP}/live-delivery-change", {"live_delivery": True})
+        for n in range(3):
+            packed = await forward_to(
+                fast.settings.base_url, alice, {"type": BASIC, "body": {"content": f"m{n}"}}
+            )
+            assert (await fast.post(packed)).status_code == 202
+        seen: list[str] = []
+        while len(seen) < 2:
+            pushed = await alice.unpack(await ws.receive_text(timeout=WITHIN))
+            seen += [a["id"] for a in pushed["attachments"]]
+        assert len(seen) == 2
+        with pytest.raises(TimeoutError):  # two in flight: nothing more until an ack
+            await ws.receive_text(timeout=0.5)
+        ids = {"message_id_list": seen[:1]}
+        await ws.send_text(await alice.pack(alice.message(f"{PICKUP}/messages-received", ids)))
+        # The acknowledgement's status and the push it made room for, in either order.
+        frames = [await alice.unpack(await ws.receive_text(timeout=WITHIN)) for _ in range(2)]
+        kinds = sorted(f["type"].rsplit("/", 1)[1] for f in frames)
+        assert kinds == ["delivery", "status"], kinds
+        pushed = next(f for f in frames if f["type"] == f"{PICKUP}/delivery")
+        rest = [a["id"] for a in pushed["attachments"]]
+        assert len(rest) == 1 and rest[0] not in seen

@@ -213,8 +213,12 @@ class LiveRegistry:
                 baseline.difference_update(ids)
             pushed = session.pushed.get(mediatee)
             if pushed:
+                paused = len(pushed) >= MAX_IN_FLIGHT
                 pushed.difference_update(ids)
-                session.wake.set()
+                if paused:
+                    # Only a pump paused for acknowledgements has anything new to do:
+                    # waking it on every ack cost a queue read per push.
+                    session.wake.set()
 
     @property
     def connections(self) -> int:
