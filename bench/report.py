@@ -246,7 +246,11 @@ def ratios(
             ]
     nan = float("nan")
     for e2e in extra.get("e2e", []):
-        for name, what in (("fixed", f"{e2e['rate']:g}/s"), ("closed", "closed loop")):
+        for name, what in (
+            ("fixed", f"{e2e['rate']:g}/s"),
+            ("closed", "closed loop"),
+            ("serial", "one at a time, one message per push"),
+        ):
             live, alone = e2e.get(f"{name}_live_cpu_us"), e2e.get(f"{name}_accept_cpu_us")
             if name == "fixed" and live is None:  # results from before the phases
                 live, alone = e2e.get("live_cpu_us"), e2e.get("accept_cpu_us")
@@ -258,7 +262,7 @@ def ratios(
                         live / alone,
                         f"{live:.0f} µs per acknowledged message",
                         f"{alone:.0f} µs per accepted forward, mediatee offline, same "
-                        + ("rate" if name == "fixed" else "count"),
+                        + ("rate" if name == "fixed" else "count and pattern"),
                         f"{e2e.get(f'{name}_live_load', e2e.get('load_live', nan)):.1f} / "
                         f"{e2e.get(f'{name}_alone_load', e2e.get('load_alone', nan)):.1f}",
                     )

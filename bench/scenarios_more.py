@@ -71,6 +71,7 @@ class LiveConsumer:
         self._task: asyncio.Task[None] | None = None
         self._ws: Any = None
         self._live = asyncio.Event()
+        self.answered = asyncio.Event()  # set by every status (e.g. an ack's answer)
         self._stopping = False
         self._draining = ""
 
@@ -133,6 +134,7 @@ class LiveConsumer:
                 self._live.set()
                 for key in self._acks.pop(message.get("thid", ""), []):
                     self.acked.setdefault(key, now)
+                self.answered.set()
 
     async def _drain(self, ws: Any) -> None:
         request = self.agent.message(f"{PICKUP}/delivery-request", self.mediator, {"limit": 100})
@@ -167,13 +169,13 @@ async def e2e(
     count = int(profile.e2e_rate * profile.e2e_seconds)
     rounds = max(1, profile.e2e_rounds)
     # Round-robin over the two recipients: even indices for the live one, odd for the
-    # other; (rounds + 1) phases each (the last one closed loop). All distinct: Dovecote
-    # drops duplicates.
+    # other; (rounds + 2) phases each (then a closed loop, then one at a time). All
+    # distinct: Dovecote drops duplicates.
     both = await asyncio.to_thread(
         forwards.pool,
         [agent.did, offline.did],
         forwards.mediator_did(),
-        2 * count * (rounds + 1),
+        2 * count * (rounds + 2),
     )
     live_payloads, alone_payloads = both[0::2], both[1::2]
     keys = await _inner_keys(live_payloads)
@@ -193,14 +195,24 @@ async def e2e(
             consumer = LiveConsumer(agent, f"ws://127.0.0.1:{server.ports[0]}/ws", did)
             await consumer.start()
             await asyncio.sleep(1.0)  # live mode on, the drain of an empty queue done
-            for phase in range(rounds + 1):
+            for phase in range(rounds + 2):
                 closed = phase == rounds
-                part = slice(phase * count, (phase + 1) * count)
+                serial = phase == rounds + 1
+                size = min(count, SERIAL_COUNT) if serial else count
+                part = slice(phase * count, phase * count + size)
                 for kind in ("alone", "live"):
                     payloads = (alone_payloads if kind == "alone" else live_payloads)[part]
                     cpu0 = servers.process_stats(server.pids)[2]
                     deliveries0 = consumer.deliveries
-                    if closed:
+                    if serial:
+                        run = await _one_at_a_time(
+                            server.ports[0],
+                            payloads,
+                            None
+                            if kind == "alone"
+                            else (consumer, keys[part.start : part.start + size]),
+                        )
+                    elif closed:
                         run = await loadgen.closed_loop(
                             f"{kind} closed", server.ports, payloads, 600, 16, warmup=0
                         )
@@ -222,7 +234,8 @@ async def e2e(
                         {
                             "kind": kind,
                             "closed_loop": closed,
-                            "offered": None if closed else profile.e2e_rate,
+                            "serial": serial,
+                            "offered": None if closed or serial else profile.e2e_rate,
                             "sent": len(payloads),
                             "accepted": len(run.ok),
                             "done": done,
@@ -233,7 +246,7 @@ async def e2e(
                             "pushes": consumer.deliveries - deliveries0,
                         }
                     )
-                    if kind == "live" and not closed:
+                    if kind == "live" and not closed and not serial:
                         for s in run.ok:
                             due = run.started_at + s.due
                             accept.append(s.latency)
@@ -264,10 +277,10 @@ async def e2e(
         "push": push,
         "ack": acked,
     }
-    for closed, name in ((False, "fixed"), (True, "closed")):
+    for name in ("fixed", "closed", "serial"):
         sums = {}
         for kind in ("live", "alone"):
-            chosen = [p for p in phases if p["kind"] == kind and p["closed_loop"] is closed]
+            chosen = [p for p in phases if p["kind"] == kind and _phase_name(p) == name]
             done = sum(p["done"] for p in chosen)
             cpu = sum(p["cpu_seconds"] for p in chosen)
             sums[kind] = cpu / done * 1e6 if done else None
@@ -282,6 +295,44 @@ async def e2e(
     result["accept_cpu_us"] = result["fixed_accept_cpu_us"]
     result["load_live"] = result["fixed_live_load"]
     result["load_alone"] = result["fixed_alone_load"]
+    return result
+
+
+# Messages sent one at a time (each acknowledged before the next is sent).
+SERIAL_COUNT = 400
+
+
+def _phase_name(phase: dict[str, Any]) -> str:
+    return "serial" if phase["serial"] else "closed" if phase["closed_loop"] else "fixed"
+
+
+async def _one_at_a_time(
+    port: int, payloads: list[bytes], live: tuple[LiveConsumer, list[str]] | None
+) -> loadgen.RunResult:
+    """POST each forward only when the previous one was accepted (and, with `live`, pushed,
+    acknowledged and that acknowledgement answered): every push carries one message, so
+    the difference to the accept alone is what one delivery costs."""
+    conn = loadgen.HTTPConnection("127.0.0.1", port)
+    result = loadgen.RunResult("one at a time", None, 0.0)
+    start = result.started_at = time.perf_counter()
+    try:
+        for index, payload in enumerate(payloads):
+            sent = time.perf_counter()
+            status, _ = await conn.request(payload)
+            if live is not None and status == 202:
+                consumer, keys = live
+                deadline = time.monotonic() + 10
+                while keys[index] not in consumer.acked and time.monotonic() < deadline:
+                    consumer.answered.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(consumer.answered.wait(), 1.0)
+            done = time.perf_counter()
+            result.samples.append(
+                loadgen.Sample(sent - start, done - sent, done - sent, status, index)
+            )
+    finally:
+        conn.close()
+    result.duration = time.perf_counter() - start
     return result
 
 
@@ -852,7 +903,9 @@ async def run(
                         "accept alone (mediatee offline)"
                         if p["kind"] == "alone"
                         else "accept -> push -> ack",
-                        "closed loop, 16 connections"
+                        "one at a time"
+                        if p["serial"]
+                        else "closed loop, 16 connections"
                         if p["closed_loop"]
                         else f"{p['offered']:g}/s offered",
                         f"{p['done']} of {p['sent']}",
@@ -862,7 +915,11 @@ async def run(
                         f"{p['load']:.1f}",
                     ]
                 )
-            for name, what in (("fixed", f"{profile.e2e_rate:g}/s"), ("closed", "closed loop")):
+            for name, what in (
+                ("fixed", f"{profile.e2e_rate:g}/s"),
+                ("closed", "closed loop"),
+                ("serial", "one at a time"),
+            ):
                 live, alone = result[f"{name}_live_cpu_us"], result[f"{name}_accept_cpu_us"]
                 cpu_rows.append(
                     [
@@ -884,7 +941,10 @@ async def run(
             "(it decrypts each push and acknowledges it with messages-received), one never "
             f"connected. Phases alternate: accept alone (forwards to the offline one) then "
             f"live, {profile.e2e_rate:g} forwards/s for {profile.e2e_seconds:g} s each, "
-            f"{profile.e2e_rounds} times, then one closed loop of the same count each. "
+            f"{profile.e2e_rounds} times, then one closed loop of the same count each, then "
+            f"up to {SERIAL_COUNT} each one at a time (the next POST only once the previous "
+            "message was accepted, or pushed and its acknowledgement answered: one message "
+            "per push). "
             "Server CPU (psutil over the server's processes) per message: accepted for "
             "the accept alone, acknowledged (and the acknowledgement answered) for live; "
             "the consumer's own CPU is not counted. Latencies from when each POST was due, "
