@@ -4,7 +4,6 @@ from `dovecote rooms token`, and a definite 4xx when rooms are switched off on p
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,33 +13,25 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from dovecote.cli import main as dovecote_main
+from dovecote.client.cli import main as client_main
 from support.server import ROOT, ServerProcess, running_server
 
 
 def dovecote(*args: str, code: int = 0, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "dovecote", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-    assert done.returncode == code, done.stdout + done.stderr
-    return done.stdout if code == 0 else done.stderr
+    """`dovecote ARGS` in this process: the CLI's own code path, without a start-up each."""
+    result = CliRunner().invoke(dovecote_main, list(args), env=env)
+    assert result.exit_code == code, (result.output, result.exception)
+    return result.stdout if code == 0 else result.stderr
 
 
 def client(data_dir: Path, *args: str, code: int = 0) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "dovecote.client.cli", "--data-dir", str(data_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert done.returncode == code, done.stdout + done.stderr
-    return done.stdout if code == 0 else done.stderr
+    """The client CLI in this process (as `dovecote.client.cli` would run it)."""
+    result = CliRunner().invoke(client_main, ["--data-dir", str(data_dir), *args])
+    assert result.exit_code == code, (result.output, result.exception)
+    return result.stdout if code == 0 else result.stderr
 
 
 @pytest.fixture(scope="module")
