@@ -29,6 +29,7 @@ from dovecote.delivery.live import LiveRegistry
 from dovecote.delivery.outbound import Policy
 from dovecote.delivery.outbox import OutboxWorkers
 from dovecote.didcomm import identity as identity_mod
+from dovecote.didcomm.decrypt import DecryptPool
 from dovecote.didcomm.dispatch import Mediator
 from dovecote.didcomm.endpoints import Endpoints
 from dovecote.didcomm.messages import Context, MediatorSettings
@@ -96,6 +97,13 @@ class Dovecote:
             max_id_bytes=settings.max_message_id_bytes,
             cache_bytes=settings.resolver_cache_bytes,
         )
+        # Anoncrypt opened on other cores (the writer, sessions and HTTP stay here).
+        self.decrypt: DecryptPool | None = None
+        if settings.decrypt_workers:
+            self.decrypt = DecryptPool(
+                settings.decrypt_workers, self.packer.secret_keys(), self.packer.secret_for
+            )
+            self.packer.anon_opener = self.decrypt
         self.live = LiveRegistry(
             self.store, batch=settings.live_push_batch, max_push_bytes=settings.max_body_bytes
         )
@@ -162,6 +170,7 @@ class Dovecote:
                 "breakers": self.breakers.snapshot(),
                 "live_sessions": self.live.connections,
                 "websockets": len(self.sockets),
+                **({"decrypt_workers": self.decrypt.snapshot()} if self.decrypt else {}),
             },
         )
         self.operator = Operator(
@@ -187,6 +196,8 @@ class Dovecote:
         await self.store.open()
         await self._report_recipient_conflicts()
         await self.packer.start()
+        if self.decrypt is not None:
+            await self.decrypt.start()
         await self.health.run_checks()
         await self.rooms.start()
         await self.outbox.start()
@@ -248,6 +259,8 @@ class Dovecote:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.rooms.stop()
+        if self.decrypt is not None:  # after the HTTP drain: no request waits on it
+            await self.decrypt.stop()
         with contextlib.suppress(Exception):
             await self.cluster.goodbye()
         # Pending writes commit before the store closes: nothing accepted is dropped.

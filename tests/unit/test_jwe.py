@@ -155,13 +155,13 @@ async def test_unsupported_alg_is_refused_before_our_key_ids_resolve(
     packer: Packer, alg: str
 ) -> None:
     looked_up: list[str] = []
-    secret_key = packer._secret_key
+    secret_key = packer.secret_for
 
     def spy(kid: str) -> Any:
         looked_up.append(kid)
         return secret_key(kid)
 
-    packer._secret_key = spy  # type: ignore[method-assign]
+    packer.secret_for = spy  # type: ignore[method-assign]
     _agent, envelope = await _packed(packer, anonymous=True)
     with pytest.raises(UnpackFailed, match=r"unsupported ECDH-.* algorithm"):
         await packer.unpack(_with_header(envelope, alg=alg))

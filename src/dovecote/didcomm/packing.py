@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aries_askar import AskarError, Key
 from did_peer_2 import resolve as resolve_peer2
@@ -125,6 +125,12 @@ class Unpacked:
         self.recipient_kid = recipient_kid
 
 
+class AnonOpener(Protocol):
+    """Opens anoncrypt envelopes elsewhere (decrypt.py's worker processes)."""
+
+    async def open(self, raw: bytes) -> jwe.Opened: ...
+
+
 class Packer:
     """The mediator's DIDComm envelope operations."""
 
@@ -150,6 +156,8 @@ class Packer:
         self.resolver = resolver or build_resolver(cache_bytes)
         self.crypto = DIDCommCrypto()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
+        # Set by the server with DECRYPT_WORKERS: anoncrypt opened by worker processes.
+        self.anon_opener: AnonOpener | None = None
 
     async def start(self) -> None:
         """Check that the keys resolve under the current DID (fail fast at start)."""
@@ -171,7 +179,13 @@ class Packer:
             raise NotEncrypted(f"expected a JWE ({ENCRYPTED})")
         header = self._check_envelope(envelope)
         try:
-            opened = await jwe.open_envelope(envelope, header, self._secret_key, self._sender_key)
+            if self.anon_opener is not None and header.get("alg") in jwe.ANON_ALGS:
+                # Bounded and checked above; the worker parses the same bytes again.
+                opened = await self.anon_opener.open(raw)
+            else:
+                opened = await jwe.open_envelope(
+                    envelope, header, self.secret_for, self._sender_key
+                )
         except DovecoteError:
             raise
         except Exception as exc:  # resolving the sender raises several unrelated types
@@ -208,7 +222,15 @@ class Packer:
                 )
         return message
 
-    def _secret_key(self, kid: str) -> Key | None:
+    def secret_keys(self) -> list[bytes]:
+        """Our signing and agreement secret JWKs, for decrypt workers (over their pipe)."""
+        return [
+            self.identity.signing_key.get_jwk_secret(),
+            self.identity.agreement_key.get_jwk_secret(),
+        ]
+
+    def secret_for(self, kid: str) -> Key | None:
+        """Our private key for a key id (None: not ours)."""
         secret = self.secrets.secret_for(kid)
         return secret.key if secret is not None else None
 

@@ -231,6 +231,22 @@ WS_CONNECTIONS = Gauge(
     ["endpoint"],
     multiprocess_mode="livesum",
 )
+DECRYPT_WORKERS = Gauge(
+    "dovecote_decrypt_workers", "Decrypt worker processes alive.", multiprocess_mode="livesum"
+)
+DECRYPT_INFLIGHT = Gauge(
+    "dovecote_decrypt_in_flight",
+    "Envelopes queued for or held by decrypt workers.",
+    multiprocess_mode="livesum",
+)
+DECRYPT_WORKER_RESTARTS = Counter(
+    "dovecote_decrypt_worker_restarts", "Decrypt workers replaced after dying or hanging."
+)
+DECRYPT_FALLBACKS = Counter(
+    "dovecote_decrypt_in_process",
+    "Anoncrypt envelopes opened in the server process although DECRYPT_WORKERS is set "
+    "(no live worker, queue past its byte bound, or a lost worker's items).",
+)
 WS_CONNECTS = Counter("dovecote_websocket_connects", "WebSocket connects.", ["endpoint"])
 WS_DISCONNECTS = Counter(
     "dovecote_websocket_disconnects", "WebSocket disconnects by close code.", ["endpoint", "code"]

@@ -69,6 +69,17 @@ class Settings(BaseSettings):
         "otherwise). The WebSocket URL is derived (ws[s]://.../ws).",
     )
     workers: int = Field(1, ge=1, le=64, description="Worker processes (PostgreSQL only for >1).")
+    decrypt_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Processes that open anoncrypt (ECDH-ES) envelopes for this server "
+        "process, so that a SQLite server (one process) uses more than one core; each "
+        "server process of WORKERS gets its own. 0: unpack in the event loop. Use the "
+        "number of spare cores (e.g. 1 on 2 cores) when the server is CPU-bound on "
+        "forwards; at low rates it only adds a pipe round trip per batch. Authcrypt is "
+        "always opened in the server process (it resolves the sender's key there).",
+    )
     trusted_proxies: CsvList = Field(
         default_factory=list,
         description="Proxy addresses or networks (CIDR) whose X-Forwarded-For/-Proto headers "

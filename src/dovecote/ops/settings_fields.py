@@ -18,6 +18,8 @@ FIELDS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
      'Public base URL advertised in the DID and invitation (default http://HOST:PORT; required when HOST is 0.0.0.0 or ::, serve refuses otherwise). The WebSocket URL is derived (ws[s]://.../ws).'),
     ('workers', 'int', (), '1',
      'Worker processes (PostgreSQL only for >1).'),
+    ('decrypt_workers', 'int', (), '0',
+     "Processes that open anoncrypt (ECDH-ES) envelopes for this server process, so that a SQLite server (one process) uses more than one core; each server process of WORKERS gets its own. 0: unpack in the event loop. Use the number of spare cores (e.g. 1 on 2 cores) when the server is CPU-bound on forwards; at low rates it only adds a pipe round trip per batch. Authcrypt is always opened in the server process (it resolves the sender's key there)."),
     ('trusted_proxies', 'str', (), "''",
      'Proxy addresses or networks (CIDR) whose X-Forwarded-For/-Proto headers are trusted; the client address is then the last untrusted X-Forwarded-For entry (rate limits, admin allowlist). Empty: no proxy header is trusted.'),
     ('tls_cert', 'str', (), 'None',

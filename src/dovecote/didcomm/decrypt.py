@@ -1,0 +1,474 @@
+"""Decrypt worker processes: anoncrypt (ECDH-ES) envelopes opened on other cores.
+
+A SQLite server is one process (one writer, live sessions and notifications in memory),
+so on its own it uses one core, and a quarter of a forward's CPU is the anoncrypt unpack.
+With DECRYPT_WORKERS=N the parent keeps everything else (HTTP, the bounded parse of the
+envelope, dispatch, the writer) and sends the envelopes addressed to the mediator to N
+worker processes in batches; a worker returns each plaintext or a per-item error.
+Authcrypt stays in the parent: it needs the sender's key, resolved and cached there.
+
+Why our own pool rather than concurrent.futures.ProcessPoolExecutor: there one dead
+worker breaks the whole executor (every pending future fails with BrokenProcessPool, and
+a client would see a 5xx), it has no way to notice a worker that hangs, each call crosses
+a feeder thread and a management thread, and it cannot say which items a dead worker
+held. Here each worker is a child process on two pipes (its stdin and stdout, length-
+prefixed pickled batches, read by the event loop), the parent knows which batches each
+one holds, and items held by a worker that died or hung are run again: on another live
+worker, or in the parent. A second loss of the same item fails it (a poison envelope
+must not kill every worker in turn).
+
+The worker gets the mediator's secret keys as the first frame on its stdin (never argv,
+environment or a file), ignores SIGINT/SIGTERM (it serves until the parent has drained),
+and exits at EOF on its stdin or, on Linux, when the parent dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import structlog
+
+from dovecote import errors
+from dovecote.didcomm import jwe
+from dovecote.ops import metrics
+
+log = structlog.get_logger("dovecote.decrypt")
+
+FRAME = struct.Struct("!I")
+# Items per frame: large enough that the per-frame cost (two syscalls, a wakeup, a
+# pickle) is spread, small enough that one batch is a few milliseconds of work.
+BATCH_MAX = 32
+# Bytes of envelopes queued or held by workers; past it the parent unpacks in-process.
+MAX_QUEUED_BYTES = 32 * 1024 * 1024
+# A batch a worker has held this long means it hangs (a batch takes milliseconds).
+HANG_SECONDS = 10.0
+START_TIMEOUT = 30.0
+RESTART_BACKOFF = 0.5
+STOP_GRACE = 2.0
+# What a worker returns per item: (True, plaintext, recipient kid) or (False, class, text).
+Result = tuple[bool, Any, str]
+
+
+def write_frame(out: BinaryIO, value: Any) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(FRAME.pack(len(data)) + data)
+    out.flush()
+
+
+def read_frame(inp: BinaryIO) -> Any:
+    """The next frame, or None at EOF."""
+    head = _read_exactly(inp, FRAME.size)
+    if head is None:
+        return None
+    body = _read_exactly(inp, FRAME.unpack(head)[0])
+    return None if body is None else pickle.loads(body)  # only our own parent writes here
+
+
+def _read_exactly(inp: BinaryIO, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = inp.read(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def rebuild_error(name: str, text: str) -> Exception:
+    """The parent's exception for a worker's per-item error: the same DovecoteError class
+    when it is one (so the client gets the same problem code), else a plain Exception
+    that Packer.unpack maps as it maps any other."""
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, errors.DovecoteError):
+        return cls(text)
+    return Exception(text)
+
+
+@dataclass(slots=True)
+class Item:
+    raw: bytes
+    future: asyncio.Future[jwe.Opened]
+    attempts: int = 0
+
+
+@dataclass
+class Worker:
+    """One child process and the batches it holds, oldest first."""
+
+    process: asyncio.subprocess.Process
+    held: deque[tuple[float, list[Item]]] = field(default_factory=deque)
+    held_items: int = 0
+    alive: bool = True
+    reader: asyncio.Task[None] | None = None
+
+
+class DecryptPool:
+    """N decrypt worker processes behind `open(raw)`, with in-process fallback."""
+
+    def __init__(
+        self,
+        size: int,
+        secrets: list[bytes],
+        secret_for: jwe.SecretLookup,
+        *,
+        batch_max: int = BATCH_MAX,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        hang_seconds: float = HANG_SECONDS,
+    ) -> None:
+        self.size = size
+        self._secrets = secrets
+        self._secret_for = secret_for
+        self.batch_max = batch_max
+        self.max_queued_bytes = max_queued_bytes
+        self.hang_seconds = hang_seconds
+        self.workers: list[Worker] = []
+        self._pending: list[Item] = []
+        self._flush_scheduled = False
+        self.queued_bytes = 0
+        self.restarts = 0
+        self.fallbacks = 0
+        self.failed = 0
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._starting: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Start every worker and wait for each to be ready (the server starts after)."""
+        results = await asyncio.gather(
+            *(self._spawn() for _ in range(self.size)), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("decrypt.worker_start_failed", error=str(result)[:300])
+                self._schedule_restart()
+        self._supervisor = asyncio.create_task(self._supervise(), name="decrypt-supervisor")
+
+    async def stop(self) -> None:
+        """Close the workers' pipes (they exit at EOF), kill those that do not."""
+        self._stopping = True
+        for task in [self._supervisor, *self._starting]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for worker in self.workers:
+            self._lost(worker, "stopping")
+            stdin = worker.process.stdin
+            if stdin is not None:
+                stdin.close()
+        for worker in self.workers:
+            try:
+                await asyncio.wait_for(worker.process.wait(), STOP_GRACE)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                await worker.process.wait()
+            if worker.reader is not None:
+                worker.reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await worker.reader
+        self.workers.clear()
+        self._update_gauges()
+
+    async def _spawn(self) -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dovecote.didcomm.decrypt",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            data = pickle.dumps({"secrets": self._secrets}, protocol=pickle.HIGHEST_PROTOCOL)
+            process.stdin.write(FRAME.pack(len(data)) + data)
+            await process.stdin.drain()
+            ready = await asyncio.wait_for(_read_frame_async(process.stdout), START_TIMEOUT)
+            if not (isinstance(ready, tuple) and ready[0] == "ready"):
+                raise RuntimeError(f"decrypt worker did not start: {ready!r:.200}")
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise
+        worker = Worker(process)
+        worker.reader = asyncio.create_task(self._read(worker), name=f"decrypt-{process.pid}")
+        self.workers.append(worker)
+        self._update_gauges()
+        log.info("decrypt.worker_started", pid=process.pid)
+
+    def _schedule_restart(self) -> None:
+        if self._stopping:
+            return
+        task = asyncio.create_task(self._restart(), name="decrypt-restart")
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _restart(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(RESTART_BACKOFF)
+            try:
+                await self._spawn()
+            except Exception as exc:  # noqa: BLE001 - logged; tried again after the backoff
+                log.error("decrypt.worker_start_failed", error=str(exc)[:300])
+                continue
+            self.restarts += 1
+            metrics.DECRYPT_WORKER_RESTARTS.inc()
+            return
+
+    async def _supervise(self) -> None:
+        """Kill a worker whose oldest batch is older than hang_seconds (its reader then
+        sees EOF and its items run again)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.hang_seconds / 2))
+            now = time.monotonic()
+            for worker in list(self.workers):
+                if worker.alive and worker.held and now - worker.held[0][0] > self.hang_seconds:
+                    log.error("decrypt.worker_hung", pid=worker.process.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.process.kill()
+
+    # ------------------------------------------------------------------ the data path
+    async def open(self, raw: bytes) -> jwe.Opened:
+        """Open one anoncrypt envelope (already bounded and parsed once by the caller)."""
+        live = any(worker.alive for worker in self.workers)
+        if not live or self.queued_bytes + len(raw) > self.max_queued_bytes:
+            self.fallbacks += 1
+            metrics.DECRYPT_FALLBACKS.inc()
+            return _outcome(open_one(raw, self._secret_for))
+        future: asyncio.Future[jwe.Opened] = asyncio.get_running_loop().create_future()
+        self._queue(Item(raw, future))
+        return await future
+
+    def _queue(self, item: Item) -> None:
+        self._pending.append(item)
+        self.queued_bytes += len(item.raw)
+        if not self._flush_scheduled:
+            # Everything that arrives during this loop turn goes in the same batches.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        live = [worker for worker in self.workers if worker.alive]
+        if not live:
+            for item in pending:
+                self._run_in_process(item)
+            return
+        for start in range(0, len(pending), self.batch_max):
+            batch = pending[start : start + self.batch_max]
+            worker = min(live, key=lambda w: w.held_items)
+            self._send(worker, batch)
+        self._update_gauges()
+
+    def _send(self, worker: Worker, batch: list[Item]) -> None:
+        stdin = worker.process.stdin
+        assert stdin is not None
+        data = pickle.dumps([item.raw for item in batch], protocol=pickle.HIGHEST_PROTOCOL)
+        worker.held.append((time.monotonic(), batch))
+        worker.held_items += len(batch)
+        try:
+            stdin.write(FRAME.pack(len(data)) + data)
+        except (ConnectionError, RuntimeError):  # the pipe closed: the reader re-runs it
+            worker.process.kill()
+
+    async def _read(self, worker: Worker) -> None:
+        """Results from one worker, in the order its batches were sent."""
+        stdout = worker.process.stdout
+        assert stdout is not None
+        try:
+            while True:
+                results = await _read_frame_async(stdout)
+                if results is None:
+                    break
+                _, batch = worker.held.popleft()
+                worker.held_items -= len(batch)
+                for item, result in zip(batch, results, strict=True):
+                    self._settle(item, result)
+                self._update_gauges()
+        except Exception as exc:  # noqa: BLE001 - a garbled pipe is a lost worker
+            log.error("decrypt.worker_pipe", pid=worker.process.pid, error=str(exc)[:200])
+        finally:
+            code = None
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+            with contextlib.suppress(Exception):
+                code = await worker.process.wait()
+            if not self._stopping:
+                log.error("decrypt.worker_lost", pid=worker.process.pid, returncode=code)
+                self._lost(worker, "lost")
+                with contextlib.suppress(ValueError):
+                    self.workers.remove(worker)
+                self._update_gauges()
+                self._schedule_restart()
+
+    def _settle(self, item: Item, result: Result) -> None:
+        self.queued_bytes -= len(item.raw)
+        if not item.future.done():  # else the request went away meanwhile
+            self._settle_now(item.future, result)
+
+    def _lost(self, worker: Worker, why: str) -> None:
+        """Items a worker held when it died, hung or was stopped: run again, elsewhere."""
+        worker.alive = False
+        held, worker.held, worker.held_items = worker.held, deque(), 0
+        if held and not self._stopping:
+            log.warning(
+                "decrypt.items_rerun", pid=worker.process.pid, items=sum(len(b) for _, b in held)
+            )
+        for _, batch in held:
+            for item in batch:
+                if item.future.done():
+                    self.queued_bytes -= len(item.raw)
+                    continue
+                item.attempts += 1
+                if item.attempts > 1:
+                    # Twice lost: a poison envelope must not take every worker down.
+                    self.queued_bytes -= len(item.raw)
+                    self.failed += 1
+                    log.error("decrypt.item_failed", bytes=len(item.raw), why=why)
+                    item.future.set_exception(errors.UnpackFailed("could not decrypt the message"))
+                elif self._stopping or not any(w.alive for w in self.workers):
+                    self._run_in_process(item)
+                else:
+                    self.queued_bytes -= len(item.raw)
+                    self._queue(item)
+
+    def _run_in_process(self, item: Item) -> None:
+        """Open a queued item here (no live worker): the parent's own event loop."""
+        self.queued_bytes -= len(item.raw)
+        self.fallbacks += 1
+        metrics.DECRYPT_FALLBACKS.inc()
+        if not item.future.done():
+            self._settle_now(item.future, open_one(item.raw, self._secret_for))
+
+    @staticmethod
+    def _settle_now(future: asyncio.Future[jwe.Opened], result: Result) -> None:
+        try:
+            future.set_result(_outcome(result))
+        except Exception as exc:  # noqa: BLE001 - the item's own error, for its request
+            future.set_exception(exc)
+
+    def _update_gauges(self) -> None:
+        metrics.DECRYPT_INFLIGHT.set(
+            len(self._pending) + sum(worker.held_items for worker in self.workers)
+        )
+        metrics.DECRYPT_WORKERS.set(sum(1 for worker in self.workers if worker.alive))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The pool for /health details."""
+        return {
+            "size": self.size,
+            "alive": sum(1 for worker in self.workers if worker.alive),
+            "pids": [worker.process.pid for worker in self.workers if worker.alive],
+            "in_flight": len(self._pending) + sum(w.held_items for w in self.workers),
+            "queued_bytes": self.queued_bytes,
+            "restarts": self.restarts,
+            "in_process_fallbacks": self.fallbacks,
+            "failed": self.failed,
+        }
+
+
+def _outcome(result: Result) -> jwe.Opened:
+    """A worker's answer for one item: the opened envelope, or its error raised."""
+    ok, value, text = result
+    if not ok:
+        raise rebuild_error(value, text)
+    return jwe.Opened(value, text, None)
+
+
+async def _read_frame_async(stream: asyncio.StreamReader) -> Any:
+    try:
+        head = await stream.readexactly(FRAME.size)
+        body = await stream.readexactly(FRAME.unpack(head)[0])
+    except asyncio.IncompleteReadError:
+        return None
+    return pickle.loads(body)  # only our own child writes here
+
+
+# ---------------------------------------------------------------------- the worker side
+def open_one(raw: bytes, secret_for: jwe.SecretLookup) -> Result:
+    """One envelope opened as the parent would (the parent has bounded it already)."""
+    import base64
+    import json
+
+    try:
+        envelope = json.loads(raw)
+        protected = envelope["protected"]
+        header = json.loads(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)))
+        coro = jwe.open_envelope(envelope, header, secret_for, _no_sender)
+        opened = _run_sync(coro)
+    except Exception as exc:  # noqa: BLE001 - every failure is this item's answer
+        return (False, type(exc).__name__, str(exc))
+    return (True, opened.plaintext, opened.recipient_kid)
+
+
+async def _no_sender(kid: str) -> Any:
+    raise errors.UnpackFailed("authcrypt is opened by the server process")
+
+
+def _run_sync(coro: Any) -> jwe.Opened:
+    """Run a coroutine that never suspends (anoncrypt resolves nothing) without a loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("the unpack suspended")
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def worker_main() -> None:
+    """A decrypt worker: keys from the first frame on stdin, then batches until EOF."""
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+    # Until the parent closes the pipe: it drains in-flight requests after a SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    inp = os.fdopen(0, "rb", buffering=0)
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print must not corrupt the frames
+    hello = read_frame(inp)
+    if hello is None:
+        return
+    from aries_askar import Key
+
+    from dovecote.didcomm.identity import Identity
+    from dovecote.didcomm.packing import IdentitySecrets
+
+    signing, agreement = (Key.from_jwk(secret) for secret in hello["secrets"])
+    secrets = IdentitySecrets(Identity(signing, agreement))
+    del hello
+
+    def secret_for(kid: str) -> Any:
+        secret = secrets.secret_for(kid)
+        return secret.key if secret is not None else None
+
+    write_frame(out, ("ready", os.getpid()))
+    while (batch := read_frame(inp)) is not None:
+        write_frame(out, [open_one(raw, secret_for) for raw in batch])
+
+
+if __name__ == "__main__":
+    worker_main()

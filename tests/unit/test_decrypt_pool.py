@@ -1,0 +1,146 @@
+"""The decrypt worker pool (didcomm/decrypt.py) with real worker processes: batches per
+loop turn, the same answers as the in-process unpack, and fallback when a worker is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dovecote.didcomm.decrypt import DecryptPool
+from dovecote.didcomm.identity import load_or_create
+from dovecote.didcomm.packing import Packer
+from dovecote.errors import UnpackFailed
+from support.agent import Agent
+
+PING = "https://didcomm.org/trust-ping/2.0/ping"
+
+
+@pytest.fixture
+async def packer(tmp_path: Path) -> Packer:
+    packer = Packer(load_or_create(tmp_path, ["http://m.example"]))
+    await packer.start()
+    return packer
+
+
+async def _pool(packer: Packer, size: int = 1, **options: float) -> DecryptPool:
+    pool = DecryptPool(size, packer.secret_keys(), packer.secret_for, **options)  # type: ignore[arg-type]
+    await pool.start()
+    packer.anon_opener = pool
+    return pool
+
+
+@pytest.fixture
+async def pool(packer: Packer) -> AsyncIterator[DecryptPool]:
+    pool = await _pool(packer)
+    yield pool
+    await pool.stop()
+
+
+async def _envelopes(packer: Packer, count: int) -> list[bytes]:
+    agent = Agent.create("http://m.example", packer.identity.did)
+    return [
+        (await agent.pack(agent.message(PING, {"n": f"p{i}"}), anonymous=True)).encode()
+        for i in range(count)
+    ]
+
+
+def _frames_sent(pool: DecryptPool) -> list[int]:
+    """Spy on the frames the pool writes: the number of items in each."""
+    sizes: list[int] = []
+    send = pool._send
+
+    def spy(worker: object, batch: list[object]) -> None:
+        sizes.append(len(batch))
+        send(worker, batch)  # type: ignore[arg-type]
+
+    pool._send = spy  # type: ignore[method-assign,assignment]
+    return sizes
+
+
+async def test_one_loop_turn_is_one_batch(packer: Packer, pool: DecryptPool) -> None:
+    envelopes = await _envelopes(packer, 40)
+    sizes = _frames_sent(pool)
+    unpacked = await asyncio.gather(*(packer.unpack(raw) for raw in envelopes))
+    assert [u.message["body"]["n"] for u in unpacked] == [f"p{i}" for i in range(40)]
+    assert all(u.recipient_kid.startswith(packer.identity.did) for u in unpacked)
+    assert sizes == [32, 8]  # BATCH_MAX, then the rest; nothing waited for a timer
+    # One at a time: each is sent on its own turn (no fixed wait at low rates).
+    for raw in envelopes[:3]:
+        await packer.unpack(raw)
+    assert sizes[2:] == [1, 1, 1]
+    assert pool.fallbacks == 0 and pool.queued_bytes == 0
+
+
+async def test_worker_errors_are_the_in_process_errors(packer: Packer, pool: DecryptPool) -> None:
+    (raw,) = await _envelopes(packer, 1)
+    envelope = json.loads(raw)
+    tampered = json.dumps(envelope | {"tag": envelope["tag"][:-4] + "AAAA"}).encode()
+    with pytest.raises(UnpackFailed) as by_worker:
+        await packer.unpack(tampered)
+    packer.anon_opener = None
+    with pytest.raises(UnpackFailed) as in_process:
+        await packer.unpack(tampered)
+    assert str(by_worker.value) == str(in_process.value)
+    assert pool.fallbacks == 0
+
+
+async def test_items_of_a_killed_worker_are_opened_anyway(packer: Packer) -> None:
+    pool = await _pool(packer, size=2)
+    try:
+        envelopes = await _envelopes(packer, 64)
+        victim = pool.workers[0].process.pid
+        tasks = [asyncio.ensure_future(packer.unpack(raw)) for raw in envelopes]
+        await asyncio.sleep(0)  # queued; the flush sends them on the next turn
+        await asyncio.sleep(0)
+        assert pool.workers[0].held_items > 0
+        os.kill(victim, signal.SIGKILL)
+        unpacked = await asyncio.gather(*tasks)
+        assert sorted(u.message["body"]["n"] for u in unpacked) == sorted(
+            f"p{i}" for i in range(64)
+        )
+        for _ in range(100):  # the replacement starts in the background
+            if pool.restarts:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.restarts == 1
+        assert victim not in [w.process.pid for w in pool.workers]
+        assert len(pool.workers) == 2 and pool.queued_bytes == 0
+        assert pool.snapshot()["alive"] == 2
+    finally:
+        await pool.stop()
+
+
+async def test_no_live_worker_and_byte_bound_fall_back_in_process(packer: Packer) -> None:
+    pool = await _pool(packer, size=1, max_queued_bytes=0)
+    try:
+        envelopes = await _envelopes(packer, 3)
+        unpacked = await asyncio.gather(*(packer.unpack(raw) for raw in envelopes))
+        assert len(unpacked) == 3 and pool.fallbacks == 3  # every one past the 0-byte bound
+        pool.max_queued_bytes = 1 << 20
+        await pool.stop()  # no worker left: in-process, no error
+        assert (await packer.unpack(envelopes[0])).message["body"]["n"] == "p0"
+        assert pool.fallbacks == 4
+    finally:
+        await pool.stop()
+
+
+async def test_an_item_lost_twice_fails_instead_of_killing_every_worker(
+    packer: Packer,
+) -> None:
+    pool = await _pool(packer, size=2, hang_seconds=0.5)
+    try:
+        (raw,) = await _envelopes(packer, 1)
+        # Both workers stopped (SIGSTOP): each looks hung, is killed, and the item moves on.
+        for worker in pool.workers:
+            os.kill(worker.process.pid, signal.SIGSTOP)
+        with pytest.raises(UnpackFailed):
+            await asyncio.wait_for(packer.unpack(raw), 30)
+        assert pool.failed == 1
+    finally:
+        await pool.stop()
