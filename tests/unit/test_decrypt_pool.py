@@ -94,7 +94,7 @@ async def test_items_of_a_killed_worker_are_opened_anyway(packer: Packer) -> Non
     pool = await _pool(packer, size=2)
     try:
         envelopes = await _envelopes(packer, 64)
-        victim = pool.workers[0].process.pid
+        victim = pool.workers[0].pid
         tasks = [asyncio.ensure_future(packer.unpack(raw)) for raw in envelopes]
         await asyncio.sleep(0)  # queued; the flush sends them on the next turn
         await asyncio.sleep(0)
@@ -109,7 +109,7 @@ async def test_items_of_a_killed_worker_are_opened_anyway(packer: Packer) -> Non
                 break
             await asyncio.sleep(0.1)
         assert pool.restarts == 1
-        assert victim not in [w.process.pid for w in pool.workers]
+        assert victim not in [w.pid for w in pool.workers]
         assert len(pool.workers) == 2 and pool.queued_bytes == 0
         assert pool.snapshot()["alive"] == 2
     finally:
@@ -138,7 +138,7 @@ async def test_an_item_lost_twice_fails_instead_of_killing_every_worker(
         (raw,) = await _envelopes(packer, 1)
         # Both workers stopped (SIGSTOP): each looks hung, is killed, and the item moves on.
         for worker in pool.workers:
-            os.kill(worker.process.pid, signal.SIGSTOP)
+            os.kill(worker.pid, signal.SIGSTOP)
         with pytest.raises(UnpackFailed):
             await asyncio.wait_for(packer.unpack(raw), 30)
         assert pool.failed == 1

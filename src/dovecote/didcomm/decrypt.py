@@ -33,6 +33,7 @@ import struct
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -102,15 +103,49 @@ class Item:
     attempts: int = 0
 
 
+class _Pipe(asyncio.SubprocessProtocol):
+    """A worker's stdout cut into frames as it arrives: no reader task, no stream."""
+
+    def __init__(self, on_frame: Callable[[Any], None]) -> None:
+        self.buffer = bytearray()
+        self.on_frame = on_frame
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd != 1:
+            return
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= FRAME.size:
+            (size,) = FRAME.unpack_from(buffer)
+            end = FRAME.size + size
+            if len(buffer) < end:
+                return
+            with memoryview(buffer) as view, view[FRAME.size : end] as body:
+                frame = pickle.loads(body)  # only our own child writes here
+            del buffer[:end]
+            self.on_frame(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The process has exited and every pipe is closed: all its output was read.
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 @dataclass
 class Worker:
     """One child process and the batches it holds, oldest first."""
 
-    process: asyncio.subprocess.Process
+    transport: asyncio.SubprocessTransport
+    pipe: _Pipe
+    pid: int
     held: deque[tuple[float, list[Item]]] = field(default_factory=deque)
     held_items: int = 0
     alive: bool = True
-    reader: asyncio.Task[None] | None = None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.transport.kill()
 
 
 class DecryptPool:
@@ -140,8 +175,7 @@ class DecryptPool:
         self.fallbacks = 0
         self.failed = 0
         self._stopping = False
-        self._supervisor: asyncio.Task[None] | None = None
-        self._starting: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -152,69 +186,93 @@ class DecryptPool:
         for result in results:
             if isinstance(result, BaseException):
                 log.error("decrypt.worker_start_failed", error=str(result)[:300])
-                self._schedule_restart()
-        self._supervisor = asyncio.create_task(self._supervise(), name="decrypt-supervisor")
+                self._background(self._restart())
+        self._background(self._supervise())
 
     async def stop(self) -> None:
         """Close the workers' pipes (they exit at EOF), kill those that do not."""
         self._stopping = True
-        for task in [self._supervisor, *self._starting]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         for worker in self.workers:
             self._lost(worker, "stopping")
-            stdin = worker.process.stdin
+            stdin = worker.transport.get_pipe_transport(0)
             if stdin is not None:
                 stdin.close()
         for worker in self.workers:
             try:
-                await asyncio.wait_for(worker.process.wait(), STOP_GRACE)
+                await asyncio.wait_for(asyncio.shield(worker.pipe.closed), STOP_GRACE)
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
-                await worker.process.wait()
-            if worker.reader is not None:
-                worker.reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await worker.reader
+                worker.kill()
+                await worker.pipe.closed
+            worker.transport.close()
         self.workers.clear()
         self._update_gauges()
 
     async def _spawn(self) -> None:
-        process = await asyncio.create_subprocess_exec(
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Any] = loop.create_future()
+        worker: Worker | None = None
+
+        def on_frame(frame: Any) -> None:
+            if worker is None:
+                if not ready.done():
+                    ready.set_result(frame)
+            else:
+                self._results(worker, frame)
+
+        transport, pipe = await loop.subprocess_exec(
+            lambda: _Pipe(on_frame),
             sys.executable,
             "-m",
             "dovecote.didcomm.decrypt",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            stderr=None,
         )
-        assert process.stdin is not None and process.stdout is not None
         try:
+            stdin = transport.get_pipe_transport(0)
+            assert isinstance(stdin, asyncio.WriteTransport)
             data = pickle.dumps({"secrets": self._secrets}, protocol=pickle.HIGHEST_PROTOCOL)
-            process.stdin.write(FRAME.pack(len(data)) + data)
-            await process.stdin.drain()
-            ready = await asyncio.wait_for(_read_frame_async(process.stdout), START_TIMEOUT)
-            if not (isinstance(ready, tuple) and ready[0] == "ready"):
-                raise RuntimeError(f"decrypt worker did not start: {ready!r:.200}")
+            stdin.write(FRAME.pack(len(data)) + data)
+            done, _ = await asyncio.wait(
+                [ready, pipe.closed], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            hello = ready.result() if ready in done else None
+            if not (isinstance(hello, tuple) and hello[0] == "ready"):
+                raise RuntimeError(f"decrypt worker did not start: {hello!r:.200}")
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+                transport.kill()
+            await pipe.closed
+            transport.close()
             raise
-        worker = Worker(process)
-        worker.reader = asyncio.create_task(self._read(worker), name=f"decrypt-{process.pid}")
-        self.workers.append(worker)
+        spawned = worker = Worker(transport, pipe, transport.get_pid())
+        self.workers.append(spawned)
+        pipe.closed.add_done_callback(lambda _: self._gone(spawned))
         self._update_gauges()
-        log.info("decrypt.worker_started", pid=process.pid)
+        log.info("decrypt.worker_started", pid=spawned.pid)
 
-    def _schedule_restart(self) -> None:
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _gone(self, worker: Worker) -> None:
+        """A worker's process is gone: re-run what it held, start another."""
+        worker.transport.close()
         if self._stopping:
             return
-        task = asyncio.create_task(self._restart(), name="decrypt-restart")
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
+        log.error(
+            "decrypt.worker_lost", pid=worker.pid, returncode=worker.transport.get_returncode()
+        )
+        self._lost(worker, "lost")
+        with contextlib.suppress(ValueError):
+            self.workers.remove(worker)
+        self._update_gauges()
+        self._background(self._restart())
 
     async def _restart(self) -> None:
         while not self._stopping:
@@ -229,22 +287,22 @@ class DecryptPool:
             return
 
     async def _supervise(self) -> None:
-        """Kill a worker whose oldest batch is older than hang_seconds (its reader then
-        sees EOF and its items run again)."""
+        """Kill a worker whose oldest batch is older than hang_seconds (its watcher then
+        sees it gone and its items run again)."""
         while True:
             await asyncio.sleep(min(1.0, self.hang_seconds / 2))
             now = time.monotonic()
             for worker in list(self.workers):
                 if worker.alive and worker.held and now - worker.held[0][0] > self.hang_seconds:
-                    log.error("decrypt.worker_hung", pid=worker.process.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        worker.process.kill()
+                    log.error("decrypt.worker_hung", pid=worker.pid)
+                    worker.kill()
 
     # ------------------------------------------------------------------ the data path
     async def open(self, raw: bytes) -> jwe.Opened:
         """Open one anoncrypt envelope (already bounded and parsed once by the caller)."""
-        live = any(worker.alive for worker in self.workers)
-        if not live or self.queued_bytes + len(raw) > self.max_queued_bytes:
+        if self.queued_bytes + len(raw) > self.max_queued_bytes or not any(
+            worker.alive for worker in self.workers
+        ):
             self.fallbacks += 1
             metrics.DECRYPT_FALLBACKS.inc()
             return _outcome(open_one(raw, self._secret_for))
@@ -270,50 +328,36 @@ class DecryptPool:
             return
         for start in range(0, len(pending), self.batch_max):
             batch = pending[start : start + self.batch_max]
-            worker = min(live, key=lambda w: w.held_items)
+            worker = min(live, key=lambda w: w.held_items) if len(live) > 1 else live[0]
             self._send(worker, batch)
-        self._update_gauges()
+        self._update_in_flight()
 
     def _send(self, worker: Worker, batch: list[Item]) -> None:
-        stdin = worker.process.stdin
-        assert stdin is not None
         data = pickle.dumps([item.raw for item in batch], protocol=pickle.HIGHEST_PROTOCOL)
         worker.held.append((time.monotonic(), batch))
         worker.held_items += len(batch)
-        try:
-            stdin.write(FRAME.pack(len(data)) + data)
-        except (ConnectionError, RuntimeError):  # the pipe closed: the reader re-runs it
-            worker.process.kill()
+        stdin = worker.transport.get_pipe_transport(0)
+        if stdin is None or stdin.is_closing():  # gone: its watcher re-runs the batch
+            worker.kill()
+            return
+        assert isinstance(stdin, asyncio.WriteTransport)
+        stdin.write(FRAME.pack(len(data)) + data)
 
-    async def _read(self, worker: Worker) -> None:
-        """Results from one worker, in the order its batches were sent."""
-        stdout = worker.process.stdout
-        assert stdout is not None
-        try:
-            while True:
-                results = await _read_frame_async(stdout)
-                if results is None:
-                    break
-                _, batch = worker.held.popleft()
-                worker.held_items -= len(batch)
-                for item, result in zip(batch, results, strict=True):
-                    self._settle(item, result)
-                self._update_gauges()
-        except Exception as exc:  # noqa: BLE001 - a garbled pipe is a lost worker
-            log.error("decrypt.worker_pipe", pid=worker.process.pid, error=str(exc)[:200])
-        finally:
-            code = None
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.kill()
-            with contextlib.suppress(Exception):
-                code = await worker.process.wait()
-            if not self._stopping:
-                log.error("decrypt.worker_lost", pid=worker.process.pid, returncode=code)
-                self._lost(worker, "lost")
-                with contextlib.suppress(ValueError):
-                    self.workers.remove(worker)
-                self._update_gauges()
-                self._schedule_restart()
+    def _results(self, worker: Worker, results: Any) -> None:
+        """One frame of results, for the oldest batch the worker holds."""
+        if not worker.alive or not worker.held:
+            return  # lost already: its items were sent elsewhere
+        _, batch = worker.held.popleft()
+        worker.held_items -= len(batch)
+        if not isinstance(results, list) or len(results) != len(batch):
+            log.error("decrypt.worker_garbled", pid=worker.pid)
+            worker.held.appendleft((0.0, batch))
+            worker.held_items += len(batch)
+            worker.kill()
+            return
+        for item, result in zip(batch, results, strict=True):
+            self._settle(item, result)
+        self._update_in_flight()
 
     def _settle(self, item: Item, result: Result) -> None:
         self.queued_bytes -= len(item.raw)
@@ -325,9 +369,7 @@ class DecryptPool:
         worker.alive = False
         held, worker.held, worker.held_items = worker.held, deque(), 0
         if held and not self._stopping:
-            log.warning(
-                "decrypt.items_rerun", pid=worker.process.pid, items=sum(len(b) for _, b in held)
-            )
+            log.warning("decrypt.items_rerun", pid=worker.pid, items=sum(len(b) for _, b in held))
         for _, batch in held:
             for item in batch:
                 if item.future.done():
@@ -361,10 +403,13 @@ class DecryptPool:
         except Exception as exc:  # noqa: BLE001 - the item's own error, for its request
             future.set_exception(exc)
 
-    def _update_gauges(self) -> None:
+    def _update_in_flight(self) -> None:
         metrics.DECRYPT_INFLIGHT.set(
             len(self._pending) + sum(worker.held_items for worker in self.workers)
         )
+
+    def _update_gauges(self) -> None:
+        self._update_in_flight()
         metrics.DECRYPT_WORKERS.set(sum(1 for worker in self.workers if worker.alive))
 
     def snapshot(self) -> dict[str, Any]:
@@ -372,7 +417,7 @@ class DecryptPool:
         return {
             "size": self.size,
             "alive": sum(1 for worker in self.workers if worker.alive),
-            "pids": [worker.process.pid for worker in self.workers if worker.alive],
+            "pids": [worker.pid for worker in self.workers if worker.alive],
             "in_flight": len(self._pending) + sum(w.held_items for w in self.workers),
             "queued_bytes": self.queued_bytes,
             "restarts": self.restarts,
@@ -387,15 +432,6 @@ def _outcome(result: Result) -> jwe.Opened:
     if not ok:
         raise rebuild_error(value, text)
     return jwe.Opened(value, text, None)
-
-
-async def _read_frame_async(stream: asyncio.StreamReader) -> Any:
-    try:
-        head = await stream.readexactly(FRAME.size)
-        body = await stream.readexactly(FRAME.unpack(head)[0])
-    except asyncio.IncompleteReadError:
-        return None
-    return pickle.loads(body)  # only our own child writes here
 
 
 # ---------------------------------------------------------------------- the worker side
