@@ -111,7 +111,7 @@ async def test_forwards_through_decrypt_workers_are_stored_once(
     assert len(_workers(server)) == 2
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)  # authcrypt: opened in the server process
-    packed = await _packed(server, alice, 300)
+    packed = await _packed(server, alice, 200)
     accepted, refused = await _send_all(server, packed)
     assert not refused and len(accepted) == len(packed)
     # Opened by the workers, none in the server process.
@@ -127,7 +127,7 @@ async def test_sigkilled_decrypt_workers_cost_no_request_and_no_message(
     server = server_factory(env={"DOVECOTE_DECRYPT_WORKERS": "2"})
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)
-    packed = await _packed(server, alice, 1500)
+    packed = await _packed(server, alice, 800)
     killed: list[int] = []
 
     async def killer(accepted: set[int]) -> None:

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import structlog
 
@@ -185,7 +185,7 @@ class DecryptPool:
         )
         for result in results:
             if isinstance(result, BaseException):
-                log.error("decrypt.worker_start_failed", error=str(result)[:300])
+                log.error("decrypt.worker_start_failed", error=repr(result)[:300])
                 self._background(self._restart())
         self._background(self._supervise())
 
@@ -234,7 +234,8 @@ class DecryptPool:
         )
         try:
             stdin = transport.get_pipe_transport(0)
-            assert isinstance(stdin, asyncio.WriteTransport)
+            # (uvloop's pipe transports are not asyncio.WriteTransport subclasses)
+            stdin = cast(asyncio.WriteTransport, stdin)
             data = pickle.dumps({"secrets": self._secrets}, protocol=pickle.HIGHEST_PROTOCOL)
             stdin.write(FRAME.pack(len(data)) + data)
             done, _ = await asyncio.wait(
@@ -280,7 +281,7 @@ class DecryptPool:
             try:
                 await self._spawn()
             except Exception as exc:  # noqa: BLE001 - logged; tried again after the backoff
-                log.error("decrypt.worker_start_failed", error=str(exc)[:300])
+                log.error("decrypt.worker_start_failed", error=repr(exc)[:300])
                 continue
             self.restarts += 1
             metrics.DECRYPT_WORKER_RESTARTS.inc()
@@ -340,8 +341,7 @@ class DecryptPool:
         if stdin is None or stdin.is_closing():  # gone: its watcher re-runs the batch
             worker.kill()
             return
-        assert isinstance(stdin, asyncio.WriteTransport)
-        stdin.write(FRAME.pack(len(data)) + data)
+        cast(asyncio.WriteTransport, stdin).write(FRAME.pack(len(data)) + data)
 
     def _results(self, worker: Worker, results: Any) -> None:
         """One frame of results, for the oldest batch the worker holds."""
