@@ -190,6 +190,50 @@ def ratios(
                 pair(two, one),
             ),
         ]
+
+    def per_ok(step: Step, seconds: float | None) -> float:
+        ok = len(step.run.ok)
+        return seconds / ok * 1e6 if seconds is not None and ok else float("nan")
+
+    def two_cores(step: Step) -> str:
+        return (
+            f"{step.run.throughput:.0f}/s at {us(step):.0f} µs CPU per forward "
+            f"(server process {per_ok(step, step.own_cpu_seconds):.0f} µs; "
+            f"load generator {per_ok(step, step.loadgen_cpu_seconds):.0f} µs)"
+        )
+
+    for one_key, two_key, how in [
+        ("sqlite", "sqlite-decrypt1", "pinned: server process CPU 1, worker + generator CPU 0"),
+        ("sqlite-unpinned", "sqlite-decrypt1-unpinned", "both unpinned"),
+    ]:
+        one, two = _sat(_find(suites, one_key)), _sat(_find(suites, two_key))
+        if not (one and two):
+            continue
+        own = per_ok(two, two.own_cpu_seconds)
+        out += [
+            Ratio(
+                f"two cores ÷ one process (SQLite): accepted/s ({how})",
+                two.run.throughput / one.run.throughput,
+                two_cores(two) + ", 1 process + 1 decrypt worker",
+                two_cores(one) + ", 1 process",
+                pair(two, one),
+            ),
+            Ratio(
+                f"two cores ÷ one process (SQLite): CPU per forward, all processes ({how})",
+                us(two) / us(one),
+                f"{us(two):.0f} µs (server process + decrypt worker)",
+                f"{us(one):.0f} µs",
+                pair(two, one),
+            ),
+            Ratio(
+                f"one process ÷ server process with a decrypt worker (SQLite): CPU per "
+                f"forward, the rate ratio when the server process is the bottleneck ({how})",
+                us(one) / own,
+                f"{us(one):.0f} µs (1 process)",
+                f"{own:.0f} µs (the server process alone; the worker took {us(two) - own:.0f} µs)",
+                pair(one, two),
+            ),
+        ]
     sq, pg = _sat(_find(suites, "sqlite")), _sat(_find(suites, "postgres"))
     if sq and pg:
         out += [

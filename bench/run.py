@@ -152,13 +152,21 @@ async def main(args: argparse.Namespace) -> int:
 
     if "forward" in parts:
         wanted = [w.strip() for w in args.configs.split(",") if w.strip()]
-        for label, engine, instances, workers in profile.configs:
+        for label, engine, instances, workers, options in profile.configs:
             if wanted and not any(w in label for w in wanted):
                 continue
             print(f"forward: {label} ...", flush=True)
             suites.append(
                 await scenarios.forward_suite(
-                    label, engine, instances, workers, profile, recipients, payloads
+                    label,
+                    engine,
+                    instances,
+                    workers,
+                    profile,
+                    recipients,
+                    payloads,
+                    decrypt_workers=int(options.get("decrypt_workers", 0)),
+                    pin=bool(options.get("pin", True)),
                 )
             )
     if "peer" in parts:
@@ -222,6 +230,8 @@ async def main(args: argparse.Namespace) -> int:
                         "statuses": dict(st.run.statuses),
                         "cpu_seconds": st.cpu_seconds,
                         "pg_cpu_seconds": st.pg_cpu_seconds,
+                        "loadgen_cpu_seconds": st.loadgen_cpu_seconds,
+                        "own_cpu_seconds": st.own_cpu_seconds,
                         "load": st.load,
                         **st.run.percentiles(),
                     }

@@ -35,7 +35,9 @@ class Profile:
     rooms_subscribers: list[int]
     rooms_posts: int
     soak_seconds: float
-    configs: list[tuple[str, str, int, int]]  # (label, "sqlite"|"postgres", instances, workers)
+    # (label, "sqlite"|"postgres", instances, workers, options): options may hold
+    # decrypt_workers (DECRYPT_WORKERS) and pin=False (run this config unpinned).
+    configs: list[tuple[str, str, int, int, dict[str, Any]]]
     extra: dict[str, Any] = field(default_factory=dict)
     # e2e: (accept alone, live) pairs at e2e_rate, before the closed-loop pair.
     e2e_rounds: int = 2
@@ -59,8 +61,8 @@ PROFILES = {
         rooms_posts=50,
         soak_seconds=30,
         configs=[
-            ("sqlite, 1 process", "sqlite", 1, 1),
-            ("postgresql, --workers 2", "postgres", 1, 2),
+            ("sqlite, 1 process", "sqlite", 1, 1, {}),
+            ("postgresql, --workers 2", "postgres", 1, 2, {}),
         ],
     ),
     "quick": Profile(
@@ -79,9 +81,27 @@ PROFILES = {
         rooms_posts=200,
         soak_seconds=0,
         configs=[
-            ("sqlite, 1 process", "sqlite", 1, 1),
-            ("postgresql, 1 process", "postgres", 1, 1),
-            ("postgresql, --workers 2", "postgres", 1, 2),
+            ("sqlite, 1 process", "sqlite", 1, 1, {}),
+            # Two cores for one SQLite process. Pinned: the server process keeps its core
+            # (CPU 1) and its decrypt worker shares the load generator's (CPU 0); beside
+            # it both unpinned, against an unpinned one-process baseline.
+            (
+                "sqlite, 1 process + 1 decrypt worker (on the generator's CPU)",
+                "sqlite",
+                1,
+                1,
+                {"decrypt_workers": 1},
+            ),
+            ("sqlite, 1 process, unpinned", "sqlite", 1, 1, {"pin": False}),
+            (
+                "sqlite, 1 process + 1 decrypt worker, unpinned",
+                "sqlite",
+                1,
+                1,
+                {"pin": False, "decrypt_workers": 1},
+            ),
+            ("postgresql, 1 process", "postgres", 1, 1, {}),
+            ("postgresql, --workers 2", "postgres", 1, 2, {}),
         ],
     ),
     "full": Profile(
@@ -100,10 +120,10 @@ PROFILES = {
         rooms_posts=300,
         soak_seconds=600,
         configs=[
-            ("sqlite, 1 process", "sqlite", 1, 1),
-            ("postgresql, 1 process", "postgres", 1, 1),
-            ("postgresql, --workers 2", "postgres", 1, 2),
-            ("postgresql, 2 instances on 2 ports", "postgres", 2, 1),
+            ("sqlite, 1 process", "sqlite", 1, 1, {}),
+            ("postgresql, 1 process", "postgres", 1, 1, {}),
+            ("postgresql, --workers 2", "postgres", 1, 2, {}),
+            ("postgresql, 2 instances on 2 ports", "postgres", 2, 1, {}),
         ],
     ),
 }
@@ -116,6 +136,8 @@ class Step:
     run: loadgen.RunResult
     cpu_seconds: float  # server CPU (all its processes) during the counted window
     pg_cpu_seconds: float | None = None  # its PostgreSQL backends' CPU, same window
+    loadgen_cpu_seconds: float | None = None  # the load generator's own CPU, same window
+    own_cpu_seconds: float | None = None  # the server processes without their children
     load: float = field(default_factory=lambda: os.getloadavg()[0])  # 1-min, at the end
 
     def cpu_per_ok(self, pg: bool = False) -> float:
@@ -157,11 +179,22 @@ async def _steps(
     cycle: bool = False,
     pg: servers.PostgresBackends | None = None,
 ) -> list[Step]:
-    def probe() -> tuple[float, float]:
-        return servers.process_stats(pids)[2], pg.cpu() if pg is not None else 0.0
+    def probe() -> tuple[float, float, float, float]:
+        return (
+            servers.process_stats(pids)[2],
+            pg.cpu() if pg is not None else 0.0,
+            time.process_time(),  # this process: the load generator
+            servers.own_cpu(pids),
+        )
 
     def step(run: loadgen.RunResult, before: tuple[float, ...], after: tuple[float, ...]) -> Step:
-        return Step(run, after[0] - before[0], after[1] - before[1] if pg is not None else None)
+        return Step(
+            run,
+            after[0] - before[0],
+            after[1] - before[1] if pg is not None else None,
+            loadgen_cpu_seconds=after[2] - before[2],
+            own_cpu_seconds=after[3] - before[3],
+        )
 
     steps: list[Step] = []
     offset = 0
@@ -196,7 +229,7 @@ async def _steps(
         probe=probe,
     )
     assert run.probed is not None
-    steps.append(step(run, (0.0, 0.0), run.probed))
+    steps.append(step(run, (0.0, 0.0, 0.0, 0.0), run.probed))
     _print_step(steps[-1])
     return steps
 
@@ -243,6 +276,8 @@ async def forward_suite(
     profile: Profile,
     agents: Sequence[BenchAgent],
     payloads: Sequence[bytes],
+    decrypt_workers: int = 0,
+    pin: bool = True,
 ) -> ForwardSuite:
     """Forward accept throughput and latency at fixed rates and at saturation."""
     suite = ForwardSuite(label, key=engine if workers == 1 and instances == 1 else "")
@@ -250,10 +285,17 @@ async def forward_suite(
         suite.key = f"{engine}-workers{workers}"
     elif instances > 1:
         suite.key = f"{engine}-instances{instances}"
+    if decrypt_workers:
+        suite.key = f"{suite.key or engine}-decrypt{decrypt_workers}"
+    if not pin:
+        suite.key += "-unpinned"
     if engine == "postgres" and not servers.postgres_available():
         suite.skipped = f"PostgreSQL not reachable at {servers.POSTGRES_ADMIN}"
         return suite
     with contextlib.ExitStack() as stack:
+        if not pin:
+            suite.note = servers.PINNING_OFF_NOTE
+            stack.enter_context(servers.unpinned())
         work = stack.enter_context(servers.workdir(engine))
         store = stack.enter_context(servers.postgres_database()) if engine == "postgres" else ""
         server = servers.Dovecote(
@@ -261,8 +303,16 @@ async def forward_suite(
             store=store,
             instances=instances,
             workers=workers,
+            decrypt_workers=decrypt_workers,
             identity=forwards.mediator_identity(),
         ).start()
+        if decrypt_workers and pin:
+            moved = servers.pin_children_to_loadgen_cpus(server.pids)
+            suite.note = (
+                f"decrypt workers (pids {moved}) pinned to the load generator's CPU "
+                f"{sorted(servers.LOADGEN_CPUS or [])}; the server process to "
+                f"{sorted(servers.SERVER_CPUS or [])}"
+            )
         pg = servers.PostgresBackends(store) if store else None
         try:
             await _mediate_all(server.base_urls[0], agents, server.did())

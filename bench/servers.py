@@ -69,6 +69,28 @@ def pin(mode: str) -> str:
     )
 
 
+PINNING_OFF_NOTE = (
+    "run unpinned: the load generator and the server's processes share every core "
+    "(the load generator's own CPU per forward is in the ratios table)"
+)
+
+
+@contextlib.contextmanager
+def unpinned() -> Iterator[None]:
+    """Neither the load generator nor the servers started inside are pinned (a config
+    that needs more cores than the servers' share of a small machine)."""
+    global LOADGEN_CPUS, SERVER_CPUS
+    saved = LOADGEN_CPUS, SERVER_CPUS
+    LOADGEN_CPUS = SERVER_CPUS = None
+    all_cpus()
+    try:
+        yield
+    finally:
+        LOADGEN_CPUS, SERVER_CPUS = saved
+        if LOADGEN_CPUS and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, LOADGEN_CPUS)
+
+
 def server_preexec() -> None:
     """Popen preexec_fn for every server: its CPU set (see pin())."""
     if SERVER_CPUS:
@@ -127,6 +149,7 @@ class Dovecote:
     store: str = ""  # empty: SQLite in the data dir
     instances: int = 1
     workers: int = 1
+    decrypt_workers: int = 0  # DECRYPT_WORKERS: anoncrypt opened in worker processes
     env: dict[str, str] = field(default_factory=dict)
     identity: Path | None = None
     ports: list[int] = field(default_factory=list)
@@ -177,6 +200,11 @@ class Dovecote:
                         "--data-dir",
                         str(data_dir),
                         *(["--workers", str(self.workers)] if self.workers > 1 else []),
+                        *(
+                            ["--decrypt-workers", str(self.decrypt_workers)]
+                            if self.decrypt_workers
+                            else []
+                        ),
                     ],
                     env=env,
                     stdout=log,
@@ -226,6 +254,31 @@ def process_stats(pids: list[int]) -> tuple[float, int, float]:
         except psutil.Error:
             continue
     return rss, fds, cpu
+
+
+def own_cpu(pids: list[int]) -> float:
+    """CPU seconds of the processes alone, without their children (a server process
+    beside its decrypt workers)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def pin_children_to_loadgen_cpus(pids: list[int]) -> list[int]:
+    """Move the servers' child processes (decrypt workers) to the load generator's CPU
+    set: the server process keeps a core of its own, the workers share the generator's."""
+    moved = []
+    if LOADGEN_CPUS:
+        for pid in pids:
+            for child in psutil.Process(pid).children(recursive=True):
+                child.cpu_affinity(sorted(LOADGEN_CPUS))
+                moved.append(child.pid)
+    return moved
 
 
 def any_runnable(pids: list[int]) -> bool:
