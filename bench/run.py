@@ -46,6 +46,8 @@ async def main(args: argparse.Namespace) -> int:
     profile = scenarios.PROFILES[args.profile]
     if args.step_seconds:
         profile.step_seconds = args.step_seconds
+    if args.rates:
+        profile.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     if args.soak_seconds is not None:
         profile.soak_seconds = args.soak_seconds
     if args.soak_rate:
@@ -341,6 +343,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="pickup part: messages picked up at the head of each queue",
     )
     parser.add_argument("--step-seconds", type=float, default=None)
+    parser.add_argument(
+        "--rates",
+        default=os.environ.get("BENCH_RATES", ""),
+        help="forward parts: offered rates of the open-loop steps, comma-separated "
+        "(default the profile's, e.g. quick 250,500,1000,2000)",
+    )
     parser.add_argument(
         "--name",
         default=os.environ.get("BENCH_NAME", ""),

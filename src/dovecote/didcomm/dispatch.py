@@ -14,6 +14,7 @@ the sender's live session or is dropped: never into its own mailbox.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -141,7 +142,7 @@ class Mediator:
         session: LiveSession | None = None,
         request_id: str | None = None,
     ) -> Outcome:
-        request_id = request_id or uuid.uuid4().hex[:16]
+        request_id = request_id or os.urandom(8).hex()
         if self.v1 is not None and v1_envelope.looks_like_v1(raw):
             v1_outcome = await self._receive_v1(self.v1, raw, transport, session, request_id)
             if v1_outcome is not None:

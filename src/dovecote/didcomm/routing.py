@@ -64,6 +64,8 @@ PIURI = "https://didcomm.org/routing/2.0"
 FORWARD = f"{PIURI}/forward"
 MAX_ATTACHMENTS = 100
 MAX_UNIX_TIME = 2**53
+# json.dumps with separators builds an encoder per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 def attachment_bytes(attachment: Any) -> bytes:
@@ -72,7 +74,7 @@ def attachment_bytes(attachment: Any) -> bytes:
     if not isinstance(data, dict):
         raise MalformedMessage("forward attachment has no data")
     if isinstance(data.get("json"), dict):
-        return json.dumps(data["json"], separators=(",", ":")).encode()
+        return _COMPACT.encode(data["json"]).encode()
     if isinstance(data.get("base64"), str):
         text = data["base64"]
         try:

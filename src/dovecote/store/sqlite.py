@@ -116,6 +116,12 @@ class _Write:
         self.outcome: tuple[bool, Any] = (False, None)
 
 
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        # The write may still commit later; callers' retries are deduplicated.
+        future.set_exception(StoreError("store write timed out"))
+
+
 def _translate(exc: BaseException) -> BaseException:
     """Map sqlite3 and OS errors to ours; nothing sqlite3 leaks out of this module."""
     if isinstance(exc, sqlite3.Error | OSError):
@@ -229,14 +235,14 @@ class SQLiteStore(SQLStore):
         if self._writer is None or not self._writer.is_alive():
             raise StoreError("store is not open")
         self._queue.put(job)
+        # One timer on the caller's future (asyncio.timeout builds a Timeout and
+        # reschedules per call). A caller that stops waiting only ends its future, which
+        # _resolve then skips: the write still commits and wakes its listeners.
+        timer = job.loop.call_later(self.timeout, _time_out, job.future)
         try:
-            # Unshielded: a caller that stops waiting cancels only its future, which
-            # _resolve then skips (its write still commits, and wakes its listeners).
-            async with asyncio.timeout(self.timeout):  # not wait_for: see _read
-                return await job.future
-        except TimeoutError as exc:
-            # The write may still commit later; callers' retries are deduplicated.
-            raise StoreError("store write timed out") from exc
+            return await job.future
+        finally:
+            timer.cancel()
 
     async def _read_small(self, body: Body[T]) -> T:
         # On the loop's thread, as find_mediatee: a few rows by index cost less than the

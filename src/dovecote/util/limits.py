@@ -16,7 +16,7 @@ from dovecote.util.lru import ByteLRU, approx_size
 
 # Keys longer than this (characters) are kept as a 16-byte digest.
 MAX_KEY_CHARS = 64
-_BUCKET_BYTES = approx_size((0.0, 0.0))
+_BUCKET_BYTES = approx_size([0.0, 0.0])
 
 
 class InFlight:
@@ -55,7 +55,8 @@ class TokenBuckets:
         self.burst = float(burst)
         # Told the buckets' memory after each change (a gauge's set, in the server).
         self.on_size = on_size
-        self._buckets: ByteLRU[str | bytes, tuple[float, float]] = ByteLRU(max_bytes)
+        # [tokens, stamp], updated in place: only a new key changes what the map holds.
+        self._buckets: ByteLRU[str | bytes, list[float]] = ByteLRU(max_bytes)
 
     @property
     def bytes(self) -> int:
@@ -68,12 +69,15 @@ class TokenBuckets:
         """0.0 if allowed; otherwise the seconds to wait before retrying."""
         slot: str | bytes = key if len(key) <= MAX_KEY_CHARS else _digest(key)
         now = time.monotonic()
-        tokens, stamp = self._buckets.get(slot) or (self.burst, now)
-        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        bucket = self._buckets.get(slot)  # marks it recently used
+        if bucket is None:
+            bucket = [self.burst, now]
+            self._buckets.put(slot, bucket, _BUCKET_BYTES)
+            if self.on_size is not None:
+                self.on_size(self._buckets.bytes)
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
         allowed = tokens >= cost
-        self._buckets.put(slot, (tokens - cost if allowed else tokens, now), _BUCKET_BYTES)
-        if self.on_size is not None:
-            self.on_size(self._buckets.bytes)
+        bucket[0], bucket[1] = (tokens - cost if allowed else tokens), now
         if allowed:
             return 0.0
         return max(0.001, (cost - tokens) / self.rate)

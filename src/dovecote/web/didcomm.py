@@ -51,6 +51,9 @@ ACCEPTED_TYPES = {
     "application/ssi-agent-wire",
 }
 IDLE_REASON = "idle timeout"
+# Most answers: one shared response (its headers are never changed in place: the guard
+# sends a copy with its own added).
+ACCEPTED = Response(status_code=202)
 
 
 class DIDCommEndpoints:
@@ -126,7 +129,7 @@ class DIDCommEndpoints:
             )
         if outcome.error is not None:
             return error_response(outcome.error, request_id)
-        return Response(status_code=202)
+        return ACCEPTED
 
     async def websocket(self, websocket: WebSocket) -> int:
         """Serve one admitted socket until it ends; the close code."""

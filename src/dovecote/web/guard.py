@@ -7,9 +7,9 @@ is `web/admission.py`'s.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -194,7 +194,7 @@ def _request_id(scope: Scope) -> str:
     It is echoed in bodies, headers and logs: only plain tokens are kept (bytes that are
     not UTF-8 used to end in a 500 here)."""
     given = dict(scope.get("headers") or []).get(b"x-request-id", b"")[:64]
-    return given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+    return given.decode() if _REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
 
 
 class BodyDeadline:
