@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from dovecote.store.base import Store
 
 log = structlog.get_logger("dovecote.live")
+_stdlib_log = logging.getLogger("dovecote.live")
 
 FrameSender = Callable[[bytes], Awaitable[None]]
 DeliveryBuilder = Callable[[str, "Sequence[StoredMessage]"], Awaitable[bytes]]
@@ -298,4 +300,5 @@ class LiveRegistry:
             metrics.LIVE_HANDOFF.labels("handed").inc(len(handed))
             metrics.LIVE_HANDOFF.labels("read").inc(len(fresh) - len(handed))
             pushed.update(m.id for m in fresh)
-            log.debug("live.pushed", session=session.id, count=len(fresh))
+            if _stdlib_log.isEnabledFor(logging.DEBUG):  # structlog builds it to drop it
+                log.debug("live.pushed", session=session.id, count=len(fresh))
