@@ -195,11 +195,19 @@ async def e2e(
             consumer = LiveConsumer(agent, f"ws://127.0.0.1:{server.ports[0]}/ws", did)
             await consumer.start()
             await asyncio.sleep(1.0)  # live mode on, the drain of an empty queue done
-            for phase in range(rounds + 2):
-                closed = phase == rounds
-                serial = phase == rounds + 1
-                size = min(count, SERIAL_COUNT) if serial else count
-                part = slice(phase * count, phase * count + size)
+            # (closed loop, one at a time, payload slice) per pair of phases. One at a time
+            # runs long and slow, so it alternates in chunks: a load change on the shared
+            # machine then falls on both kinds alike.
+            schedule = [(False, False, slice(p * count, (p + 1) * count)) for p in range(rounds)]
+            schedule.append((True, False, slice(rounds * count, (rounds + 1) * count)))
+            chunk = min(count, SERIAL_COUNT) // SERIAL_CHUNKS
+            serial_start = (rounds + 1) * count
+            schedule += [
+                (False, True, slice(serial_start + c * chunk, serial_start + (c + 1) * chunk))
+                for c in range(SERIAL_CHUNKS)
+            ]
+            for closed, serial, part in schedule:
+                size = part.stop - part.start
                 for kind in ("alone", "live"):
                     payloads = (alone_payloads if kind == "alone" else live_payloads)[part]
                     cpu0 = servers.process_stats(server.pids)[2]
@@ -298,8 +306,10 @@ async def e2e(
     return result
 
 
-# Messages sent one at a time (each acknowledged before the next is sent).
+# Messages sent one at a time (each acknowledged before the next is sent), in chunks
+# alternating between the accept alone and live.
 SERIAL_COUNT = 400
+SERIAL_CHUNKS = 4
 
 
 def _phase_name(phase: dict[str, Any]) -> str:
@@ -944,7 +954,7 @@ async def run(
             f"{profile.e2e_rounds} times, then one closed loop of the same count each, then "
             f"up to {SERIAL_COUNT} each one at a time (the next POST only once the previous "
             "message was accepted, or pushed and its acknowledgement answered: one message "
-            "per push). "
+            f"per push), alternating in {SERIAL_CHUNKS} chunks. "
             "Server CPU (psutil over the server's processes) per message: accepted for "
             "the accept alone, acknowledged (and the acknowledgement answered) for live; "
             "the consumer's own CPU is not counted. Latencies from when each POST was due, "
