@@ -1,6 +1,7 @@
 """SQLite's group wait (GROUP_COMMIT_WAIT): an enqueue waits a little for others to share
 its commit; every caller is still answered only after that COMMIT, and a caller writing
-one message at a time soon stops paying the wait."""
+one message at a time soon stops paying the wait. And find_mediatee's answers, kept
+between commits of enqueues, follow every registration change."""
 
 from __future__ import annotations
 
@@ -87,3 +88,27 @@ async def test_a_caller_writing_one_message_at_a_time_stops_paying_the_wait(
         await store.close()
     # Only the first ones waited (nobody else was writing); the rest committed at once.
     assert len(slept) == FRUITLESS_WAITS
+
+
+async def test_lookups_follow_registrations_across_enqueues_and_other_writes(
+    tmp_path: Path,
+) -> None:
+    # find_mediatee keeps its answers between writes that are not enqueues.
+    store = SQLiteStore(f"sqlite:///{tmp_path / 'store.db'}")
+    await store.open()
+    try:
+        await mediate(store, ALICE, "did:example:alice-r1")
+        await mediate(store, "did:example:bob")
+        assert await store.find_mediatee("did:example:alice-r1") == ALICE
+        assert await store.find_mediatee("did:example:nobody") is None
+        for i in range(3):
+            await store.enqueue(message(body=f"m{i}".encode()), **ROOMY)
+            assert await store.find_mediatee("did:example:alice-r1#key-1") == ALICE
+        await store.update_recipients(ALICE, [("did:example:alice-r1", "remove")])
+        assert await store.find_mediatee("did:example:alice-r1") is None
+        await store.update_recipients("did:example:bob", [("did:example:alice-r1", "add")])
+        assert await store.find_mediatee("did:example:alice-r1") == "did:example:bob"
+        await store.update_recipients("did:example:bob", [("did:example:nobody", "add")])
+        assert await store.find_mediatee("did:example:nobody") == "did:example:bob"
+    finally:
+        await store.close()
