@@ -28,6 +28,7 @@ from dovecote.delivery.expiry import expire_forever
 from dovecote.delivery.live import LiveRegistry
 from dovecote.delivery.outbound import Policy
 from dovecote.delivery.outbox import OutboxWorkers
+from dovecote.delivery.sender import OutboxSettings
 from dovecote.didcomm import identity as identity_mod
 from dovecote.didcomm.decrypt import DecryptPool
 from dovecote.didcomm.dispatch import Mediator
@@ -111,14 +112,18 @@ class Dovecote:
         self.breakers = Breakers(
             settings.breaker_threshold, settings.breaker_reset, settings.breaker_trials
         )
-        self.outbox = OutboxWorkers(self.store, settings, self.instance_id, self.breakers)
+        self.outbox = OutboxWorkers(
+            self.store, OutboxSettings.of(settings), self.instance_id, self.breakers
+        )
         self.ctx = Context(
             MediatorSettings.of(settings),
             self.store,
             self.identity,
             self.live,
             self.degradation,
-            endpoints=Endpoints(self.packer, settings),
+            endpoints=Endpoints(
+                self.packer, Policy.from_settings(settings), [settings.base_url, settings.ws_url]
+            ),
             wake_outbox=self.outbox.wake,
         )
         self.mediator = Mediator(self.ctx, self.packer)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dovecote.delivery.outbound import Policy
 from dovecote.didcomm import identity
 from dovecote.didcomm.endpoints import Endpoints, is_private_host
 from dovecote.didcomm.packing import Packer
@@ -39,8 +40,11 @@ async def packer(tmp_path: Path) -> Packer:
     return packer
 
 
-def settings(**values: object) -> Settings:
-    return Settings(host="127.0.0.1", port=8080, **values)  # type: ignore[arg-type]
+def endpoints(packer: Packer, **values: object) -> Endpoints:
+    """Endpoints as the server builds them from these settings."""
+    settings = Settings(host="127.0.0.1", port=8080, **values)  # type: ignore[arg-type]
+    policy = Policy.from_settings(settings)
+    return Endpoints(packer, policy, [settings.base_url, settings.ws_url])
 
 
 def test_private_hosts() -> None:
@@ -61,8 +65,8 @@ def test_private_hosts() -> None:
 
 
 async def test_routes(packer: Packer, dns: ScriptedDNS) -> None:
-    public = Endpoints(packer, settings(outbound_dns_server=dns.address))
-    allowed = Endpoints(packer, settings(outbound_allow_private=True))
+    public = endpoints(packer, outbound_dns_server=dns.address)
+    allowed = endpoints(packer, outbound_allow_private=True)
     remote = Agent.create("http://x", endpoint="https://agent.example/inbox")
     route = await public.route(remote.did, b'{"a":1}')
     assert (route.uri, route.payload, route.local) == (
@@ -102,7 +106,7 @@ async def test_routing_keys_wrap_in_forwards(packer: Packer, dns: ScriptedDNS) -
     # Bob's DID document: endpoint https://mediator.example/, routing key = his mediator.
     bob = Agent.create("https://mediator.example", mediator.did, via_mediator=True)
     inner = json.dumps({"protected": "x", "ciphertext": "y", "recipients": []}).encode()
-    route = await Endpoints(packer, settings(outbound_dns_server=dns.address)).route(bob.did, inner)
+    route = await endpoints(packer, outbound_dns_server=dns.address).route(bob.did, inner)
     assert route.uri == "https://mediator.example/" and not route.local
     forward = await mediator.unpack(route.payload)  # anoncrypt, for the mediator's key
     assert forward["type"] == "https://didcomm.org/routing/2.0/forward"

@@ -16,7 +16,7 @@ import httpx
 
 from dovecote.delivery.breaker import Breakers
 from dovecote.delivery.outbox import OutboxWorkers
-from dovecote.delivery.sender import OutboxSender
+from dovecote.delivery.sender import OutboxSender, OutboxSettings
 from dovecote.ops.settings import Settings
 from dovecote.store.base import OutboxItem
 from dovecote.util.kinds import OutboxKind
@@ -50,7 +50,7 @@ async def test_a_crashed_send_gives_back_the_half_open_trial(tmp_path: Path) -> 
     breakers = _half_open()
     workers = OutboxWorkers(
         None,  # type: ignore[arg-type]  # no store: the send crashes first
-        Settings(data_dir=tmp_path),
+        OutboxSettings.of(Settings(data_dir=tmp_path)),
         "i1",
         breakers,
         sender=_Bug(),  # type: ignore[arg-type]  # an OutboxSender stand-in whose send() raises
@@ -64,7 +64,7 @@ async def test_an_error_below_httpx_is_a_failed_attempt(tmp_path: Path) -> None:
     def reset(request: httpx.Request) -> httpx.Response:
         raise AttributeError("'NoneType' object has no attribute 'getpeername'")
 
-    sender = OutboxSender(Settings(data_dir=tmp_path), None)  # type: ignore[arg-type]
+    sender = OutboxSender(OutboxSettings.of(Settings(data_dir=tmp_path)), None)  # type: ignore[arg-type]
     sender._clients["forward"] = httpx.AsyncClient(transport=httpx.MockTransport(reset))
     attempt = await sender.send(_item())
     await sender.aclose()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dovecote.delivery.breaker import Breakers, target_key
-from dovecote.delivery.sender import Attempt, OutboxSender
+from dovecote.delivery.sender import Attempt, OutboxSender, OutboxSettings
 from dovecote.errors import DovecoteError
 from dovecote.ops import metrics
 from dovecote.util import backoff
@@ -44,7 +44,6 @@ from dovecote.util.aio import wait_at_most
 from dovecote.util.kinds import OutboxKind
 
 if TYPE_CHECKING:
-    from dovecote.ops.settings import Settings
     from dovecote.store.base import OutboxItem, Store
 
 log = structlog.get_logger("dovecote.outbox")
@@ -72,7 +71,7 @@ class OutboxWorkers:
     def __init__(
         self,
         store: Store,
-        settings: Settings,
+        settings: OutboxSettings,
         instance_id: str,
         breakers: Breakers,
         sender: OutboxSender | None = None,
@@ -154,7 +153,7 @@ class OutboxWorkers:
                 [pool.kind],
                 pool.owner,
                 free,
-                self.settings.outbox_lease,
+                self.settings.lease,
                 exclude_targets=self.breakers.blocked_targets(),
             )
         except DovecoteError as exc:

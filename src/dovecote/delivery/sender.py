@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
+from pydantic import SecretStr
 
 from dovecote import __version__
 from dovecote.delivery import notify, outbound
@@ -40,6 +41,39 @@ AttemptOutcome = Literal["delivered", "skipped", "transient", "permanent"]
 LEASE_FRACTION = 0.8
 MAX_RETRY_AFTER = 3600.0
 USER_AGENT = f"dovecote/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSettings:
+    """What the outbox pools and their sender take of the settings."""
+
+    forward_workers: int
+    notify_workers: int
+    lease: float
+    outbound_timeout: float
+    connect_timeout: float
+    retry_base: float
+    retry_cap: float
+    retry_retention: float
+    retry_max_attempts: int
+    push_token: SecretStr  # the push relay's bearer token
+    policy: outbound.Policy
+
+    @classmethod
+    def of(cls, settings: Settings) -> OutboxSettings:
+        return cls(
+            forward_workers=settings.forward_workers,
+            notify_workers=settings.notify_workers,
+            lease=settings.outbox_lease,
+            outbound_timeout=settings.outbound_timeout,
+            connect_timeout=settings.outbound_connect_timeout,
+            retry_base=settings.retry_base,
+            retry_cap=settings.retry_cap,
+            retry_retention=settings.retry_retention,
+            retry_max_attempts=settings.retry_max_attempts,
+            push_token=settings.push_token,
+            policy=outbound.Policy.from_settings(settings),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +108,10 @@ def _retry_after(response: httpx.Response) -> float | None:
 class OutboxSender:
     """HTTP clients per outbox kind and the classification of their answers."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: OutboxSettings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.total_timeout = min(settings.outbound_timeout, LEASE_FRACTION * settings.outbox_lease)
+        self.total_timeout = min(settings.outbound_timeout, LEASE_FRACTION * settings.lease)
         if self.total_timeout < settings.outbound_timeout:
             log.warning(
                 "sender.timeout_clamped",
@@ -85,7 +119,7 @@ class OutboxSender:
                 reason="OUTBOX_LEASE is shorter than OUTBOUND_TIMEOUT",
             )
         self._clients: dict[str, httpx.AsyncClient] = {}
-        self.policy = outbound.Policy.from_settings(settings)
+        self.policy = settings.policy
 
     def _client(self, kind: str) -> httpx.AsyncClient:
         client = self._clients.get(kind)
@@ -97,9 +131,7 @@ class OutboxSender:
             )
             client = self._clients[kind] = outbound.client(
                 self.policy,
-                timeout=httpx.Timeout(
-                    self.total_timeout, connect=self.settings.outbound_connect_timeout
-                ),
+                timeout=httpx.Timeout(self.total_timeout, connect=self.settings.connect_timeout),
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
                 headers={"user-agent": USER_AGENT},
             )

@@ -31,8 +31,9 @@ from dovecote.delivery import outbound
 from dovecote.errors import UnknownRecipient
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from dovecote.didcomm.packing import Packer
-    from dovecote.ops.settings import Settings
 
 ENCRYPTED = "application/didcomm-encrypted+json"
 FORWARD = "https://didcomm.org/routing/2.0/forward"
@@ -120,12 +121,12 @@ def is_private_host(host: str) -> bool:
 class Endpoints:
     """Resolve DIDs to routes with the mediator's resolver and keys."""
 
-    def __init__(self, packer: Packer, settings: Settings) -> None:
+    def __init__(self, packer: Packer, policy: outbound.Policy, own_urls: Iterable[str]) -> None:
+        """`own_urls`: this mediator's own endpoints (BASE_URL, WS_URL): a DID served here
+        is routed locally, never POSTed back to ourselves."""
         self.packer = packer
-        self.allow_private = settings.outbound_allow_private
-        self.policy = outbound.Policy.from_settings(settings)
-        own = {settings.base_url, settings.ws_url}
-        self.own_uris = {u.rstrip("/") for u in own}
+        self.policy = policy
+        self.own_uris = {u.rstrip("/") for u in own_urls}
 
     async def route(self, did: str, payload: bytes) -> Route:
         """The route for a message to `did`; UnknownRecipient when there is none."""
