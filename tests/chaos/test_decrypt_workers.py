@@ -23,6 +23,7 @@ from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, forward_to
 from support.server import ServerProcess
 
 SENDERS = 8
+TOKEN = "decrypt-admin-token-0123456789abcdef0123"
 
 
 def _workers(server: ServerProcess) -> list[psutil.Process]:
@@ -107,8 +108,18 @@ async def test_forwards_through_decrypt_workers_are_stored_once(
     server_factory: Callable[..., ServerProcess],
     client: httpx.AsyncClient,
 ) -> None:
-    server = server_factory(env={**store_engine, "DOVECOTE_DECRYPT_WORKERS": "2"})
-    assert len(_workers(server)) == 2
+    server = server_factory(
+        env={**store_engine, "DOVECOTE_DECRYPT_WORKERS": "2", "DOVECOTE_ADMIN_TOKEN": TOKEN}
+    )
+    workers = _workers(server)
+    assert len(workers) == 2
+    # The pool in /health details (sampled at start, then every few seconds).
+    answer = await client.get(
+        server.base_url + "/health", headers={"authorization": f"Bearer {TOKEN}"}
+    )
+    details = answer.json()
+    assert details["decrypt_workers"]["alive"] == 2
+    assert sorted(details["decrypt_workers"]["pids"]) == sorted(w.pid for w in workers)
     alice = Agent.create(server.base_url, server.did, via_mediator=True)
     await alice.mediate(client)  # authcrypt: opened in the server process
     packed = await _packed(server, alice, 200)
@@ -131,27 +142,30 @@ async def test_sigkilled_decrypt_workers_cost_no_request_and_no_message(
     killed: list[int] = []
 
     async def killer(accepted: set[int]) -> None:
-        for share in (0.25, 0.6):
+        # One worker, then both at once (the server opens envelopes itself meanwhile).
+        for share, victims in ((0.25, 1), (0.6, 2)):
             while len(accepted) < len(packed) * share:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
-            victim = _workers(server)[0]
-            victim.send_signal(signal.SIGKILL)
-            killed.append(victim.pid)
-            # Until its replacement is up, so the second kill finds two workers again.
-            while len(_workers(server)) < 2 or victim.pid in [w.pid for w in _workers(server)]:  # noqa: ASYNC110
+            chosen = _workers(server)[:victims]
+            for victim in chosen:
+                victim.send_signal(signal.SIGKILL)
+                killed.append(victim.pid)
+            # Until the replacements are up, so the next kill finds two workers again.
+            gone = {victim.pid for victim in chosen}
+            while len(_workers(server)) < 2 or gone & {w.pid for w in _workers(server)}:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
 
     accepted, refused = await _send_all(server, packed, killer)
-    assert len(killed) == 2
+    assert len(killed) == 3
     assert not refused, f"requests failed while workers were killed: {dict(refused)}"
     assert len(accepted) == len(packed)
-    assert _metric(server, "dovecote_decrypt_worker_restarts_total") == 2
+    assert _metric(server, "dovecote_decrypt_worker_restarts_total") == 3
     seen = await _picked_up(alice, client)
     assert len(seen) == len(packed), f"lost {len(packed) - len(seen)} messages"
     assert not [k for k, v in seen.items() if v > 1], "duplicated messages"
     assert not set(killed) & {w.pid for w in _workers(server)}
     rerun = [e["items"] for e in server.log_events() if e.get("event") == "decrypt.items_rerun"]
-    print(f"\nkilled 2 decrypt workers: {len(packed)} accepted, items they held: {rerun}")
+    print(f"\nkilled 3 decrypt workers: {len(packed)} accepted, items they held: {rerun}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

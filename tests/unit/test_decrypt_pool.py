@@ -77,6 +77,24 @@ async def test_one_loop_turn_is_one_batch(packer: Packer, pool: DecryptPool) -> 
     assert pool.fallbacks == 0 and pool.queued_bytes == 0
 
 
+async def test_a_busy_worker_gets_larger_batches(packer: Packer, pool: DecryptPool) -> None:
+    envelopes = await _envelopes(packer, 100)
+    sizes = _frames_sent(pool)
+    held: list[int] = []
+    results = pool._results
+
+    def spy(worker: object, frame: object) -> None:
+        held.append(len(pool.workers[0].held))
+        results(worker, frame)  # type: ignore[arg-type]
+
+    pool._results = spy  # type: ignore[method-assign,assignment]
+    unpacked = await asyncio.gather(*(packer.unpack(raw) for raw in envelopes))
+    assert len(unpacked) == 100 and sum(sizes) == 100
+    # Two batches held at most; the rest waited for the first answer, then went at once.
+    assert sizes[:2] == [32, 32] and max(held) <= 2
+    assert len(sizes) == 4
+
+
 async def test_worker_errors_are_the_in_process_errors(packer: Packer, pool: DecryptPool) -> None:
     (raw,) = await _envelopes(packer, 1)
     envelope = json.loads(raw)

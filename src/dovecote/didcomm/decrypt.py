@@ -49,6 +49,11 @@ FRAME = struct.Struct("!I")
 # Items per frame: large enough that the per-frame cost (two syscalls, a wakeup, a
 # pickle) is spread, small enough that one batch is a few milliseconds of work.
 BATCH_MAX = 32
+# Batches a worker holds at once: one it works on and one waiting in its pipe, so it does
+# not idle between them. What arrives meanwhile waits here and goes in the next, larger
+# batch: under load frames grow (the per-frame cost is ~100 µs of the server's CPU), at
+# low rates a worker is free and an envelope goes on the next loop turn alone.
+MAX_HELD_BATCHES = 2
 # Bytes of envelopes queued or held by workers; past it the parent unpacks in-process.
 MAX_QUEUED_BYTES = 32 * 1024 * 1024
 # A batch a worker has held this long means it hangs (a batch takes milliseconds).
@@ -158,6 +163,7 @@ class DecryptPool:
         secret_for: jwe.SecretLookup,
         *,
         batch_max: int = BATCH_MAX,
+        max_held_batches: int = MAX_HELD_BATCHES,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         hang_seconds: float = HANG_SECONDS,
     ) -> None:
@@ -165,6 +171,7 @@ class DecryptPool:
         self._secrets = secrets
         self._secret_for = secret_for
         self.batch_max = batch_max
+        self.max_held_batches = max_held_batches
         self.max_queued_bytes = max_queued_bytes
         self.hang_seconds = hang_seconds
         self.workers: list[Worker] = []
@@ -321,15 +328,19 @@ class DecryptPool:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        pending, self._pending = self._pending, []
         live = [worker for worker in self.workers if worker.alive]
         if not live:
+            pending, self._pending = self._pending, []
             for item in pending:
                 self._run_in_process(item)
             return
-        for start in range(0, len(pending), self.batch_max):
-            batch = pending[start : start + self.batch_max]
-            worker = min(live, key=lambda w: w.held_items) if len(live) > 1 else live[0]
+        while self._pending:
+            free = [w for w in live if len(w.held) < self.max_held_batches]
+            if not free:
+                break  # sent when a worker answers (_results)
+            worker = min(free, key=lambda w: w.held_items) if len(free) > 1 else free[0]
+            batch = self._pending[: self.batch_max]
+            del self._pending[: self.batch_max]
             self._send(worker, batch)
         self._update_in_flight()
 
@@ -357,7 +368,10 @@ class DecryptPool:
             return
         for item, result in zip(batch, results, strict=True):
             self._settle(item, result)
-        self._update_in_flight()
+        if self._pending:
+            self._flush()
+        else:
+            self._update_in_flight()
 
     def _settle(self, item: Item, result: Result) -> None:
         self.queued_bytes -= len(item.raw)
