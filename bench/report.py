@@ -203,8 +203,8 @@ def ratios(
         )
 
     for one_key, two_key, how in [
-        ("sqlite", "sqlite-decrypt1", "pinned: server process CPU 1, worker + generator CPU 0"),
-        ("sqlite-unpinned", "sqlite-decrypt1-unpinned", "both unpinned"),
+        ("sqlite", "sqlite-decrypt1", "pinned"),
+        ("sqlite-unpinned", "sqlite-decrypt1-unpinned", "unpinned"),
     ]:
         one, two = _sat(_find(suites, one_key)), _sat(_find(suites, two_key))
         if not (one and two):
@@ -226,8 +226,8 @@ def ratios(
                 pair(two, one),
             ),
             Ratio(
-                f"one process ÷ server process with a decrypt worker (SQLite): CPU per "
-                f"forward, the rate ratio when the server process is the bottleneck ({how})",
+                "one process ÷ server process beside a decrypt worker (SQLite): "
+                f"CPU per forward ({how})",
                 us(one) / own,
                 f"{us(one):.0f} µs (1 process)",
                 f"{own:.0f} µs (the server process alone; the worker took {us(two) - own:.0f} µs)",
