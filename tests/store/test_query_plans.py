@@ -215,3 +215,57 @@ async def test_stored_ids_follow_the_queue_order(engine: Store) -> None:
         await asyncio.sleep(0.002)  # the next millisecond: ids order by time, not within one
     ids = [m.id for m in await engine.fetch(ALICE, 10)]
     assert len(ids) == 5 and ids == sorted(ids)
+
+
+def _sqlite_steps(url: str, sql: str, args: tuple[Any, ...]) -> int:
+    """SQLite virtual-machine steps one run of a read takes (grows with the rows visited)."""
+    conn = sqlite3.connect(sqlite_path(url))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    try:
+        conn.set_progress_handler(count, 1)
+        conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+    return steps
+
+
+async def test_queue_sampler_does_not_read_the_queue(
+    store_factory: StoreFactory, engine_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """queue_stats runs every 5 s on every instance: its cost must not grow with the
+    messages queued. On SQLite by the steps each read takes with 10 and with 2,010
+    queued (its plan of MIN over a column without an index says "SEARCH messages" and
+    reads them all); on PostgreSQL by the plan."""
+    url = await store_factory.url()
+    store = await store_factory.open(url)
+    await mediate(store, ALICE, R1)
+    for i in range(10):
+        await store.enqueue(message(body=f"early {i}".encode()), **ROOMY)
+    seen = _record(monkeypatch, engine_name)
+    stats = await store.queue_stats()
+    assert stats.queued == 10 and stats.oldest_received_at is not None
+    statements = list(dict.fromkeys((sql, args) for sql, args in seen if "messages" in sql))
+    assert statements, seen
+    if engine_name == "sqlite":
+        before = [_sqlite_steps(url, sql, args) for sql, args in statements]
+        await asyncio.gather(
+            *(store.enqueue(message(body=f"more {i}".encode()), **ROOMY) for i in range(2000))
+        )
+        after = [_sqlite_steps(url, sql, args) for sql, args in statements]
+        assert all(a < 2 * b for a, b in zip(after, before, strict=True)), (before, after)
+    else:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            await conn.execute("SET enable_seqscan = off")
+            for sql, args in statements:
+                walks = [w for w in _pg_walks(await _pg_plan(conn, sql, args)) if "messages" in w]
+                assert walks == [], sql
+        finally:
+            await conn.close()
+    assert (await store.queue_stats()).oldest_received_at == stats.oldest_received_at

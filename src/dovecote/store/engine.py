@@ -684,9 +684,13 @@ class SQLStore(V1Store, Store):
 
     async def queue_stats(self) -> QueueStats:
         async def body(tx: Tx) -> QueueStats:
+            # The oldest message is the lowest seq (seq follows arrival, as in
+            # STATUS_SQL): MIN(received_at) has no index and read every queued message,
+            # every 5 s (an idle server at 1M queued spent 121 ms CPU a second on it).
             row = await tx.fetchrow(
                 "SELECT (SELECT COALESCE(SUM(message_count), 0) FROM mailboxes), "
-                "(SELECT MIN(received_at) FROM messages), "
+                "(SELECT received_at FROM messages "
+                " WHERE seq = (SELECT MIN(seq) FROM messages)), "
                 "(SELECT COUNT(*) FROM dead_letters)"
             )
             assert row is not None
