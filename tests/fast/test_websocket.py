@@ -291,6 +291,8 @@ async def test_live_pushes_pause_at_the_in_flight_limit_until_acknowledged(
     """At MAX_IN_FLIGHT unacknowledged pushes the pump waits; the acknowledgement that
     makes room wakes it, and the rest follows, each message once."""
     monkeypatch.setattr(live_module, "MAX_IN_FLIGHT", 2)
+    # Past the test's WITHIN: only the acknowledgement's wake-up can bring the next push.
+    monkeypatch.setattr(live_module, "SAFETY_POLL_SECONDS", 60.0)
     alice = fast.agent()
     await alice.mediate(fast.client)
     async with aconnect_ws("/ws", fast.client, session_class=AsyncWebSocketSession) as ws:

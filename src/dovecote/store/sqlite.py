@@ -348,6 +348,9 @@ class SQLiteStore(SQLStore):
         if self._drain(batch):
             return batch, True
         self._fruitless = self._fruitless + 1 if len(batch) == joined else 0
+        if self._fruitless == FRUITLESS_WAITS:
+            # Stopped waiting now: the first probe comes PROBE_SECONDS from here.
+            self._probed = time.monotonic()
         return batch, False
 
     def _drain(self, batch: list[_Write]) -> bool:
