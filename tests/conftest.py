@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from support.endpoint import FlakyEndpoint
 from support.postgres import ENGINES, engine_env
-from support.server import ServerProcess, free_port, running_server
+from support.server import CLIENT_LIMITS, ServerProcess, free_port, running_server
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def shared_server(
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0) as c:
+    async with httpx.AsyncClient(timeout=30.0, limits=CLIENT_LIMITS) as c:
         yield c
 
 

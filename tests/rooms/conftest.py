@@ -17,7 +17,7 @@ import pytest
 
 from support.postgres import ENGINES, engine_env
 from support.rooms import ISSUER, MAX_MESSAGE_BYTES, Issuer, RoomsClient, Webhook
-from support.server import ServerProcess, running_server
+from support.server import CLIENT_LIMITS, ServerProcess, running_server
 
 
 @pytest.fixture(scope="session")
@@ -85,5 +85,5 @@ def rooms_server(
 
 @pytest.fixture
 def rooms(rooms_server: ServerProcess, issuer: Issuer) -> Iterator[RoomsClient]:
-    with httpx.Client(timeout=30.0) as http:
+    with httpx.Client(timeout=30.0, limits=CLIENT_LIMITS) as http:
         yield RoomsClient(rooms_server.base_url, issuer, http)

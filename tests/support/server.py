@@ -18,6 +18,11 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+# Test clients stop reusing an idle connection after 2 s, before the server closes it at
+# 5 s (uvicorn's timeout_keep_alive): with httpx's default expiry, also 5 s, a request sent
+# on a connection the server is closing at that moment fails with "Server disconnected
+# without sending a response" (seen on a loaded run; a POST is not retried).
+CLIENT_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 
 def free_port() -> int:
