@@ -13,8 +13,10 @@ from support.server import ServerProcess
 
 
 def test_room_crud_and_participants(rooms: RoomsClient) -> None:
+    # Names of its own: the listings below must not see rooms other tests made on the
+    # shared server (with plain "bob" and "carol" it failed after test_notify).
     http, base = rooms.http, rooms.base_url
-    room = rooms.create_room({"alice": "admin", "bob": "member"}, room_id="crud-1")
+    room = rooms.create_room({"alice": "admin", "crud-bob": "member"}, room_id="crud-1")
     assert room == "crud-1"
 
     # Duplicate id -> 409; a non-admin token cannot create rooms.
@@ -27,22 +29,22 @@ def test_room_crud_and_participants(rooms: RoomsClient) -> None:
     r = http.post(f"{base}/v1/rooms", json={"name": "x"}, headers=rooms.as_("alice"))
     assert r.status_code == 403
 
-    got = http.get(f"{base}/v1/rooms/{room}", headers=rooms.as_("bob")).json()
+    got = http.get(f"{base}/v1/rooms/{room}", headers=rooms.as_("crud-bob")).json()
     assert got["name"] == "test room" and got["last_seq"] == 3  # created + 2 participants
 
-    listed = http.get(f"{base}/v1/rooms", headers=rooms.as_("bob")).json()
+    listed = http.get(f"{base}/v1/rooms", headers=rooms.as_("crud-bob")).json()
     assert [r["id"] for r in listed["rooms"]] == [room]
-    assert http.get(f"{base}/v1/rooms", headers=rooms.as_("carol")).json()["rooms"] == []
+    assert http.get(f"{base}/v1/rooms", headers=rooms.as_("crud-carol")).json()["rooms"] == []
 
     # Only room admins (or token admins) manage participants.
     r = http.put(
-        f"{base}/v1/rooms/{room}/participants/carol",
+        f"{base}/v1/rooms/{room}/participants/crud-carol",
         json={"role": "member"},
-        headers=rooms.as_("bob"),
+        headers=rooms.as_("crud-bob"),
     )
     assert r.status_code == 403
     r = http.put(
-        f"{base}/v1/rooms/{room}/participants/carol",
+        f"{base}/v1/rooms/{room}/participants/crud-carol",
         json={"role": "moderator"},
         headers=rooms.as_("alice"),
     )
@@ -51,29 +53,29 @@ def test_room_crud_and_participants(rooms: RoomsClient) -> None:
     assert r.json()["event"]["type"] == "participant.added"
     # Same role again: no event.
     r = http.put(
-        f"{base}/v1/rooms/{room}/participants/carol",
+        f"{base}/v1/rooms/{room}/participants/crud-carol",
         json={"role": "moderator"},
         headers=rooms.as_("alice"),
     )
     assert r.status_code == 200 and r.json()["event"] is None
 
-    people = http.get(f"{base}/v1/rooms/{room}/participants", headers=rooms.as_("carol"))
+    people = http.get(f"{base}/v1/rooms/{room}/participants", headers=rooms.as_("crud-carol"))
     assert {p["id"]: p["role"] for p in people.json()["participants"]} == {
         "alice": "admin",
-        "bob": "member",
-        "carol": "moderator",
+        "crud-bob": "member",
+        "crud-carol": "moderator",
     }
 
     # A participant may leave on their own; removing twice is 404.
-    r = http.delete(f"{base}/v1/rooms/{room}/participants/bob", headers=rooms.as_("bob"))
+    r = http.delete(f"{base}/v1/rooms/{room}/participants/crud-bob", headers=rooms.as_("crud-bob"))
     assert r.status_code == 200 and r.json()["type"] == "participant.removed"
-    r = http.delete(f"{base}/v1/rooms/{room}/participants/bob", headers=rooms.as_("alice"))
+    r = http.delete(f"{base}/v1/rooms/{room}/participants/crud-bob", headers=rooms.as_("alice"))
     assert r.status_code == 404
     # Removal takes effect at once.
-    assert http.get(f"{base}/v1/rooms/{room}", headers=rooms.as_("bob")).status_code == 403
-    assert rooms.post(room, "bob", "still here?").status_code == 403
+    assert http.get(f"{base}/v1/rooms/{room}", headers=rooms.as_("crud-bob")).status_code == 403
+    assert rooms.post(room, "crud-bob", "still here?").status_code == 403
 
-    r = http.delete(f"{base}/v1/rooms/{room}", headers=rooms.as_("carol"))
+    r = http.delete(f"{base}/v1/rooms/{room}", headers=rooms.as_("crud-carol"))
     assert r.status_code == 403  # moderators do not delete rooms
     r = http.delete(f"{base}/v1/rooms/{room}", headers=rooms.as_("alice"))
     assert r.status_code == 204
