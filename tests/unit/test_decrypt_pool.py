@@ -162,3 +162,61 @@ async def test_an_item_lost_twice_fails_instead_of_killing_every_worker(
         assert pool.failed == 1
     finally:
         await pool.stop()
+
+
+async def test_items_waiting_for_room_are_answered_when_the_only_worker_dies(
+    packer: Packer,
+) -> None:
+    pool = await _pool(packer, size=1, batch_max=2)
+    try:
+        envelopes = await _envelopes(packer, 10)
+        (worker,) = pool.workers
+        os.kill(worker.pid, signal.SIGSTOP)  # it holds what it can; the rest waits
+        tasks = [asyncio.ensure_future(packer.unpack(raw)) for raw in envelopes]
+        for _ in range(50):
+            if worker.held and pool._pending:
+                break
+            await asyncio.sleep(0.01)
+        assert len(worker.held) == pool.max_held_batches and pool._pending
+        os.kill(worker.pid, signal.SIGKILL)
+        # No request comes after the loss: the waiting ones must not wait for one.
+        unpacked = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert sorted(u.message["body"]["n"] for u in unpacked) == sorted(
+            f"p{i}" for i in range(10)
+        )
+        assert pool.queued_bytes == 0 and not pool._pending
+    finally:
+        await pool.stop()
+
+
+async def test_envelopes_that_shared_a_lost_batch_are_not_failed_for_it(
+    packer: Packer,
+) -> None:
+    pool = await _pool(packer, size=2)
+    try:
+        envelopes = await _envelopes(packer, 10)  # all well-formed
+        first, second = pool.workers
+        for worker in pool.workers:
+            os.kill(worker.pid, signal.SIGSTOP)
+        tasks = [asyncio.ensure_future(packer.unpack(raw)) for raw in envelopes]
+        for _ in range(50):
+            if first.held or second.held:
+                break
+            await asyncio.sleep(0.01)
+        victim, other = (first, second) if first.held else (second, first)
+        os.kill(victim.pid, signal.SIGKILL)  # e.g. the OOM killer: its batch moves on
+        for _ in range(100):
+            if not victim.alive and other.held:
+                break
+            await asyncio.sleep(0.01)
+        os.kill(other.pid, signal.SIGKILL)  # a second loss of the same envelopes
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        opened = [r.message["body"]["n"] for r in results if not isinstance(r, BaseException)]
+        # Re-run items go one per frame, and only the frame a worker was opening counts
+        # against its items: at most the one envelope being opened at the second loss
+        # fails (before: all 10, which had shared the first lost batch).
+        assert len(failed) <= 1 and pool.failed == len(failed), failed
+        assert len(set(opened)) == len(opened) == 10 - len(failed)
+    finally:
+        await pool.stop()

@@ -14,8 +14,12 @@ a feeder thread and a management thread, and it cannot say which items a dead wo
 held. Here each worker is a child process on two pipes (its stdin and stdout, length-
 prefixed pickled batches, read by the event loop), the parent knows which batches each
 one holds, and items held by a worker that died or hung are run again: on another live
-worker, or in the parent. A second loss of the same item fails it (a poison envelope
-must not kill every worker in turn).
+worker, or in the parent. Re-run items go one per frame, and a loss counts only against
+the frame the worker was opening (it opens them in order): an item lost that way twice
+fails with 400 (a poison envelope must not kill every worker in turn), and the envelopes
+that shared its first batch are not failed for it. With no live worker (one worker, or
+all lost at once) re-run items and those waiting for room are opened in the parent, as
+with DECRYPT_WORKERS=0.
 
 The worker gets the mediator's secret keys as the first frame on its stdin (never argv,
 environment or a file), ignores SIGINT/SIGTERM (it serves until the parent has drained),
@@ -262,6 +266,8 @@ class DecryptPool:
         pipe.closed.add_done_callback(lambda _: self._gone(spawned))
         self._update_gauges()
         log.info("decrypt.worker_started", pid=spawned.pid)
+        if self._pending:  # waiting for a worker with room: here is one
+            self._flush()
 
     def _background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -339,8 +345,12 @@ class DecryptPool:
             if not free:
                 break  # sent when a worker answers (_results)
             worker = min(free, key=lambda w: w.held_items) if len(free) > 1 else free[0]
-            batch = self._pending[: self.batch_max]
-            del self._pending[: self.batch_max]
+            # An item that was in a lost batch goes alone: a second loss then points at
+            # it, not at the envelopes that happened to share its batch (_lost).
+            head = self._pending[: self.batch_max]
+            size = next((n for n, item in enumerate(head) if item.attempts), len(head)) or 1
+            batch = self._pending[:size]
+            del self._pending[:size]
             self._send(worker, batch)
         self._update_in_flight()
 
@@ -384,14 +394,17 @@ class DecryptPool:
         held, worker.held, worker.held_items = worker.held, deque(), 0
         if held and not self._stopping:
             log.warning("decrypt.items_rerun", pid=worker.pid, items=sum(len(b) for _, b in held))
-        for _, batch in held:
+        for position, (_, batch) in enumerate(held):
             for item in batch:
                 if item.future.done():
                     self.queued_bytes -= len(item.raw)
                     continue
-                item.attempts += 1
+                # A worker opens its frames in order: only the oldest one it held can
+                # have killed or hung it; the frames behind it were not started.
+                item.attempts += position == 0
                 if item.attempts > 1:
-                    # Twice lost: a poison envelope must not take every worker down.
+                    # Lost twice, the second time alone in its batch: a poison envelope
+                    # must not take every worker down.
                     self.queued_bytes -= len(item.raw)
                     self.failed += 1
                     log.error("decrypt.item_failed", bytes=len(item.raw), why=why)
@@ -401,6 +414,10 @@ class DecryptPool:
                 else:
                     self.queued_bytes -= len(item.raw)
                     self._queue(item)
+        if self._pending and not any(w.alive for w in self.workers):
+            # What waited for room on the workers has none to go to now: here, at once
+            # (stopping, or until a replacement starts), not at the next request's flush.
+            self._flush()
 
     def _run_in_process(self, item: Item) -> None:
         """Open a queued item here (no live worker): the parent's own event loop."""
