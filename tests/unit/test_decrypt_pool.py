@@ -89,10 +89,28 @@ async def test_a_busy_worker_gets_larger_batches(packer: Packer, pool: DecryptPo
 
     pool._results = spy  # type: ignore[method-assign,assignment]
     unpacked = await asyncio.gather(*(packer.unpack(raw) for raw in envelopes))
-    assert len(unpacked) == 100 and sum(sizes) == 100
-    # Two batches held at most; the rest waited for the first answer, then went at once.
-    assert sizes[:2] == [32, 32] and max(held) <= 2
-    assert len(sizes) == 4
+    assert len(unpacked) == 100
+    # Two frames held at most; one more frame's worth waited for the first answer, then
+    # went at once; the 4 beyond that were opened here (the worker was behind).
+    assert sizes == [32, 32, 32] and max(held) <= 2
+    assert pool.fallbacks == 4
+
+
+async def test_the_excess_over_a_full_frame_is_opened_here_when_workers_are_behind(
+    packer: Packer,
+) -> None:
+    pool = await _pool(packer, size=1, batch_max=4, max_held_batches=1)
+    try:
+        envelopes = await _envelopes(packer, 20)
+        sizes = _frames_sent(pool)
+        unpacked = await asyncio.gather(*(packer.unpack(raw) for raw in envelopes))
+        assert sorted(u.message["body"]["n"] for u in unpacked) == sorted(
+            f"p{i}" for i in range(20)
+        )
+        # One frame of 4 held, one frame's worth kept for it, the other 12 opened here.
+        assert sizes == [4, 4] and pool.fallbacks == 12 and pool.queued_bytes == 0
+    finally:
+        await pool.stop()
 
 
 async def test_worker_errors_are_the_in_process_errors(packer: Packer, pool: DecryptPool) -> None:

@@ -352,12 +352,22 @@ class DecryptPool:
             batch = self._pending[:size]
             del self._pending[:size]
             self._send(worker, batch)
+        if len(self._pending) > self.batch_max:
+            # Every worker is behind (slower than arrivals, or starved of CPU by other
+            # work): this process opens the excess itself rather than have requests wait,
+            # keeping one full frame for the next worker that answers.
+            excess = self._pending[self.batch_max :]
+            del self._pending[self.batch_max :]
+            for item in excess:
+                self._run_in_process(item)
         self._update_in_flight()
 
     def _send(self, worker: Worker, batch: list[Item]) -> None:
         data = pickle.dumps([item.raw for item in batch], protocol=pickle.HIGHEST_PROTOCOL)
         worker.held.append((time.monotonic(), batch))
         worker.held_items += len(batch)
+        metrics.DECRYPT_FRAMES.inc()
+        metrics.DECRYPT_ITEMS.inc(len(batch))
         stdin = worker.transport.get_pipe_transport(0)
         if stdin is None or stdin.is_closing():  # gone: its watcher re-runs the batch
             worker.kill()

@@ -242,6 +242,13 @@ DECRYPT_INFLIGHT = Gauge(
 DECRYPT_WORKER_RESTARTS = Counter(
     "dovecote_decrypt_worker_restarts", "Decrypt workers replaced after dying or hanging."
 )
+DECRYPT_FRAMES = Counter(
+    "dovecote_decrypt_frames", "Frames (batches of envelopes) sent to decrypt workers."
+)
+DECRYPT_ITEMS = Counter(
+    "dovecote_decrypt_items",
+    "Envelopes sent to decrypt workers (÷ frames: the mean batch; re-sent ones included).",
+)
 DECRYPT_FALLBACKS = Counter(
     "dovecote_decrypt_in_process",
     "Anoncrypt envelopes opened in the server process although DECRYPT_WORKERS is set "
