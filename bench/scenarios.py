@@ -201,10 +201,11 @@ async def _steps(
     for rate in profile.rates if rates is None else rates:
         need = int(rate * profile.step_seconds)
         chunk = payloads[offset : offset + need]
-        offset += need
         if len(chunk) < need:
+            # The rest stays for the saturation step (it used to be spent on this skip).
             print(f"    {label}: pool too small for {rate:g}/s; skipped", flush=True)
             continue
+        offset += need
         before = probe()
         run = await loadgen.open_loop(
             f"{label} @ {rate:g}/s",
