@@ -9,7 +9,6 @@ time, whatever happens to a worker (its envelopes are opened again elsewhere).
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from collections import Counter
@@ -19,7 +18,8 @@ import httpx
 import psutil
 import pytest
 
-from support.agent import BASIC, ENCRYPTED, PICKUP, Agent, forward_to
+from support.agent import BASIC, ENCRYPTED, Agent, forward_to
+from support.mailbox import drain
 from support.server import ServerProcess
 
 SENDERS = 8
@@ -39,7 +39,7 @@ def _workers(server: ServerProcess) -> list[psutil.Process]:
 async def _packed(server: ServerProcess, alice: Agent, count: int) -> list[str]:
     return [
         await forward_to(
-            server.base_url, alice, {"id": f"m{i}", "type": BASIC, "body": {"content": str(i)}}
+            server.base_url, alice, {"id": f"m{i}", "type": BASIC, "body": {"content": f"m{i}"}}
         )
         for i in range(count)
     ]
@@ -80,21 +80,6 @@ async def _send_all(
     return accepted, refused
 
 
-async def _picked_up(alice: Agent, client: httpx.AsyncClient) -> Counter[str]:
-    seen = Counter[str]()
-    while True:
-        delivery = await alice.request(client, f"{PICKUP}/delivery-request", {"limit": 50})
-        if delivery["type"] == f"{PICKUP}/status":
-            assert delivery["body"]["message_count"] == 0
-            return seen
-        ids = []
-        for attachment in delivery["attachments"]:
-            inner = await alice.unpack(json.dumps(attachment["data"]["json"]))
-            seen[inner["id"]] += 1
-            ids.append(attachment["id"])
-        await alice.request(client, f"{PICKUP}/messages-received", {"message_id_list": ids})
-
-
 def _metric(server: ServerProcess, name: str) -> float:
     text = httpx.get(server.base_url + "/metrics", timeout=5).text
     for line in text.splitlines():
@@ -130,7 +115,7 @@ async def test_forwards_through_decrypt_workers_are_stored_once(
     assert _metric(server, "dovecote_decrypt_items_total") == len(packed)
     assert 1 <= _metric(server, "dovecote_decrypt_frames_total") <= len(packed)
     assert _metric(server, "dovecote_decrypt_workers") == 2
-    seen = await _picked_up(alice, client)
+    seen = await drain(alice, client)
     assert seen == Counter({f"m{i}": 1 for i in range(len(packed))})
 
 
@@ -164,7 +149,7 @@ async def test_sigkilled_decrypt_workers_cost_no_request_and_no_message(
     assert not refused, f"requests failed while workers were killed: {dict(refused)}"
     assert len(accepted) == len(packed)
     assert _metric(server, "dovecote_decrypt_worker_restarts_total") == 2
-    seen = await _picked_up(alice, client)
+    seen = await drain(alice, client)
     assert len(seen) == len(packed), f"lost {len(packed) - len(seen)} messages"
     assert not [k for k, v in seen.items() if v > 1], "duplicated messages"
     assert not set(killed) & {w.pid for w in _workers(server)}
