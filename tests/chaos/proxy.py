@@ -116,7 +116,10 @@ class FaultProxy:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            # gather() with no tasks looks up the thread's current loop, which this thread
+            # never set: guard the empty case rather than set a loop for the whole thread.
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 

@@ -1043,6 +1043,16 @@ def test_nginx_render_refuses_missing_upstreams(tmp_path: Path) -> None:
     assert result.returncode != 0 and "DOVECOTE_UPSTREAMS" in result.stderr
 
 
+def tls_probe(port: int) -> None:
+    """Complete one TLS handshake with whatever listens on `port` (raises OSError if not)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost"):
+            pass
+
+
 @pytest.fixture
 def nginx_proxy(tls_files: tuple[Path, Path]) -> Iterator[Callable[[list[int]], Proxy]]:
     if NGINX is None:
@@ -1090,12 +1100,17 @@ def nginx_proxy(tls_files: tuple[Path, Path]) -> Iterator[Callable[[list[int]], 
                     f"nginx exited: {process.stderr.read() if process.stderr else b''!r} "
                     f"{error_log.read_text() if error_log.exists() else ''}"
                 )
+            # Ready means a TLS handshake completes, not only that the port accepts: CI saw
+            # a test's first handshake reset right after a bare TCP probe had succeeded.
             try:
-                socket.create_connection(("127.0.0.1", https_port), timeout=0.5).close()
+                tls_probe(https_port)
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise
+                    error_log = prefix / "logs" / "error.log"
+                    raise AssertionError(
+                        f"nginx not ready: {error_log.read_text() if error_log.exists() else ''}"
+                    ) from None
                 time.sleep(0.05)
         return proxy
 
