@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,7 +40,7 @@ from typing import Any
 
 import pytest
 
-from support.nginx import self_signed
+from support.nginx import self_signed, wait_ready
 from support.server import free_port
 
 yaml = pytest.importorskip("yaml")
@@ -1043,16 +1042,6 @@ def test_nginx_render_refuses_missing_upstreams(tmp_path: Path) -> None:
     assert result.returncode != 0 and "DOVECOTE_UPSTREAMS" in result.stderr
 
 
-def tls_probe(port: int) -> None:
-    """Complete one TLS handshake with whatever listens on `port` (raises OSError if not)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost"):
-            pass
-
-
 @pytest.fixture
 def nginx_proxy(tls_files: tuple[Path, Path]) -> Iterator[Callable[[list[int]], Proxy]]:
     if NGINX is None:
@@ -1092,26 +1081,7 @@ def nginx_proxy(tls_files: tuple[Path, Path]) -> Iterator[Callable[[list[int]], 
         )
         proxy = Proxy(https_port, http_port, prefix, process)
         started.append((proxy, prefix))
-        deadline = time.monotonic() + 10
-        while True:
-            if process.poll() is not None:
-                error_log = prefix / "logs" / "error.log"
-                raise AssertionError(
-                    f"nginx exited: {process.stderr.read() if process.stderr else b''!r} "
-                    f"{error_log.read_text() if error_log.exists() else ''}"
-                )
-            # Ready means a TLS handshake completes, not only that the port accepts: CI saw
-            # a test's first handshake reset right after a bare TCP probe had succeeded.
-            try:
-                tls_probe(https_port)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    error_log = prefix / "logs" / "error.log"
-                    raise AssertionError(
-                        f"nginx not ready: {error_log.read_text() if error_log.exists() else ''}"
-                    ) from None
-                time.sleep(0.05)
+        wait_ready(process, https_port, prefix)
         return proxy
 
     yield start

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -107,14 +108,39 @@ def start_nginx(upstream_ports: list[int], https_port: int | None = None, **env:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    wait_ready(process, https_port, prefix)
+    return Nginx(https_port, prefix, process)
+
+
+def tls_probe(port: int) -> None:
+    """Complete one TLS handshake with whatever listens on `port` (OSError if none)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost"):
+            pass
+
+
+def wait_ready(process: subprocess.Popen[bytes], https_port: int, prefix: Path) -> None:
+    """Wait until nginx completes TLS handshakes on `https_port`; raise with its error log
+    if it exits or is not ready within 10 s.
+
+    A bare TCP connect is not enough: CI saw the first handshake after one reset."""
+    error_log = prefix / "logs" / "error.log"
     deadline = time.monotonic() + 10
     while True:
+        if process.poll() is not None:
+            stderr = process.stderr.read() if process.stderr else b""
+            log = error_log.read_text() if error_log.exists() else ""
+            raise AssertionError(f"nginx exited: {stderr!r} {log}")
         try:
-            socket.create_connection(("127.0.0.1", https_port), timeout=0.5).close()
-            return Nginx(https_port, prefix, process)
+            tls_probe(https_port)
+            return
         except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nginx did not start") from None
+            if time.monotonic() > deadline:
+                log = error_log.read_text() if error_log.exists() else ""
+                raise AssertionError(f"nginx not ready: {log}") from None
             time.sleep(0.05)
 
 
