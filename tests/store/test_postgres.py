@@ -286,3 +286,52 @@ async def test_mediatee_too_long_for_notify_wakes_everyone(pg: StoreFactory) -> 
     await first.enqueue(message(giant, "did:example:giant-r1"), **ROOMY)
     assert seen_first == [giant]
     await wait_for(lambda: seen_second == [postgres.WAKE_ALL], 2.0)
+
+
+async def test_kept_mediatee_answers_follow_registrations_on_other_instances(
+    pg: StoreFactory,
+) -> None:
+    url = await pg.url()
+    first, second = await pg.open(url), await pg.open(url)
+    bob = "did:example:bob"
+    await mediate(first, ALICE, "did:example:shared")
+    await mediate(first, bob)
+    # Both instances now keep their answers, a registered and an unknown one.
+    for store in (first, second):
+        assert await store.find_mediatee("did:example:shared") == ALICE
+        assert await store.find_mediatee("did:example:shared#key-1") == ALICE
+        assert await store.find_mediatee("did:example:nobody") is None
+
+    # Changed on the first instance: the first knows at once, the second by NOTIFY.
+    await first.update_recipients(ALICE, [("did:example:shared", "remove")])
+    assert await first.find_mediatee("did:example:shared") is None
+    await wait_for_answer(second, "did:example:shared", None)
+    await second.update_recipients(bob, [("did:example:shared", "add")])
+    assert await second.find_mediatee("did:example:shared") == bob
+    await wait_for_answer(first, "did:example:shared", bob)
+    await first.update_recipients(ALICE, [("did:example:nobody", "add")])
+    await wait_for_answer(second, "did:example:nobody", ALICE)
+
+
+async def test_kept_mediatee_answers_are_dropped_while_not_listening(pg: StoreFactory) -> None:
+    url = await pg.url()
+    store = await pg.open(url)
+    await mediate(store, ALICE, "did:example:alice-r1")
+    assert await store.find_mediatee("did:example:alice-r1") == ALICE
+    # A change this instance cannot hear of (written behind its back, no NOTIFY) ...
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DELETE FROM recipients WHERE recipient = 'did:example:alice-r1'")
+    finally:
+        await conn.close()
+    # ... is found as soon as its LISTEN connection went away: nothing kept is trusted then.
+    assert await terminate(postgres.LISTENER_NAME, database_of(url)) == 1
+    await wait_for_answer(store, "did:example:alice-r1", None)
+
+
+async def wait_for_answer(store: Store, recipient: str, mediatee: str | None) -> None:
+    for _ in range(100):
+        if await store.find_mediatee(recipient) == mediatee:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{recipient} still not owned by {mediatee} after 2 s")

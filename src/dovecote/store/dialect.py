@@ -93,6 +93,7 @@ class Tx(abc.ABC):
     def __init__(self) -> None:
         self.woken_mailboxes: list[str] = []
         self.woken_rooms: list[str] = []
+        self.changed_recipients: list[str] = []
 
     @abc.abstractmethod
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
@@ -135,3 +136,8 @@ class Tx(abc.ABC):
     def wake_room(self, room: str) -> None:
         """After COMMIT, wake the listeners of this room (on every instance)."""
         self.woken_rooms.append(room)
+
+    def recipient_changed(self, recipient: str) -> None:
+        """This recipient's registration changed: engines that keep `find_mediatee`
+        answers forget it (on every instance)."""
+        self.changed_recipients.append(recipient)

@@ -199,6 +199,7 @@ class SQLStore(V1Store, Store):
                     now,
                 )
                 if inserted:
+                    tx.recipient_changed(recipient)
                     return "success"
                 owner = await tx.fetchval(
                     "SELECT mediatee FROM recipients WHERE recipient = $1", recipient
@@ -223,6 +224,8 @@ class SQLStore(V1Store, Store):
                         recipient,
                         mediatee,
                     )
+                    if removed:
+                        tx.recipient_changed(recipient)
                     results.append("success" if removed else "no_change")
                 else:
                     results.append("client_error")

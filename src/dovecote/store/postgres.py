@@ -20,6 +20,15 @@ Wake-ups: a write wakes this instance's listeners itself after COMMIT (as SQLite
 and sends `NOTIFY dovecote_mailbox, '<mediatee>'` in its transaction for the others; one
 dedicated connection LISTENs, reconnects with backoff when it drops, and then wakes every
 listener with WAKE_ALL, because notifications sent while it was away are lost.
+
+`find_mediatee` answers are kept (every forward asks, registrations rarely change): a
+keylist update sends `NOTIFY dovecote_recipient, '<base DID>'` in its transaction, and
+every instance forgets that answer when the notification arrives (the writer itself
+right after its COMMIT). Answers are used only while the LISTEN connection is up (it
+going away forgets them all), a lookup that overlapped a forgetting is not kept, and
+each answer is kept at most MEDIATEE_CACHE_SECONDS (what bounds a notification that never
+comes: a LISTEN connection lost silently until its next probe, an older instance that
+sends none).
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from dovecote.store.operations import Enqueue, enqueue_batch
 from dovecote.store.pg_ha import HOST_CONNECT_TIMEOUT, Hosts, is_sync_cancel
 from dovecote.util import backoff
 from dovecote.util.aio import wait_at_most
+from dovecote.util.did import base_did, storable
+from dovecote.util.lru import ByteLRU
 
 log = structlog.get_logger("dovecote.store.postgres")
 
@@ -54,6 +65,12 @@ Body = Callable[[Tx], Awaitable[T]]
 # an event.
 CHANNEL = "dovecote_mailbox"
 ROOM_CHANNEL = "dovecote_room"
+# ... and the recipient (base DID) whose registration changed.
+RECIPIENT_CHANNEL = "dovecote_recipient"
+# find_mediatee's answers (base DID -> mediatee or None): their budget, and how long one
+# is used at most (a lookup per recipient every few seconds costs nothing).
+MEDIATEE_CACHE_BYTES = 1024 * 1024
+MEDIATEE_CACHE_SECONDS = 5.0
 # application_name of the pooled connections and of the LISTEN connection.
 APPLICATION_NAME = "dovecote"
 LISTENER_NAME = "dovecote-listen"
@@ -186,6 +203,7 @@ class _PostgresTx(Tx):
         PostgreSQL delivers them only on COMMIT."""
         pairs = [(CHANNEL, _payload(m)) for m in dict.fromkeys(self.woken_mailboxes)]
         pairs += [(ROOM_CHANNEL, _payload(r)) for r in dict.fromkeys(self.woken_rooms)]
+        pairs += [(RECIPIENT_CHANNEL, _payload(r)) for r in dict.fromkeys(self.changed_recipients)]
         if pairs:
             await self.conn.execute(
                 "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
@@ -222,6 +240,12 @@ class PostgresStore(SQLStore):
         # Enqueues waiting for the next batch transaction, and the tasks committing them.
         self._pending: list[tuple[Enqueue, asyncio.Future[None]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
+        # find_mediatee's answers with when each stops being used (monotonic), kept only
+        # while the LISTEN connection is up; `_forgets` counts every forgetting, so a
+        # lookup that overlapped one does not keep what it read.
+        self._mediatees: ByteLRU[str, tuple[float, str | None]] = ByteLRU(MEDIATEE_CACHE_BYTES)
+        self._forgets = 0
+        self._listening = False
 
     # ------------------------------------------------------------------ plumbing
     def _connect_options(self, application_name: str = APPLICATION_NAME) -> dict[str, Any]:
@@ -286,6 +310,8 @@ class PostgresStore(SQLStore):
                             await asyncio.sleep(0)
                         finally:
                             conn.remove_log_listener(self._on_server_log)
+                            # Committed or maybe (a COMMIT whose answer was lost): forget.
+                            self._forget_recipients(tx.changed_recipients)
                         if pid in self._sync_cancelled:
                             self._sync_cancelled.discard(pid)
                             log.warning("store.commit_unconfirmed", host=self._hosts.host_of(conn))
@@ -364,6 +390,42 @@ class PostgresStore(SQLStore):
                 if not done.done():
                     done.set_result(None)
 
+    # ------------------------------------------------------------------ registrations
+    async def find_mediatee(self, recipient: str) -> str | None:
+        """The owner of `recipient`, kept between registration changes (module doc)."""
+        base = base_did(recipient)
+        if not storable(base):
+            return None
+        if not self._listening:
+            return await super().find_mediatee(recipient)
+        now = time.monotonic()
+        known = self._mediatees.get(base)
+        if known is not None and known[0] > now:
+            return known[1]
+        forgets = self._forgets
+        mediatee = await super().find_mediatee(recipient)
+        if forgets == self._forgets and self._listening:
+            self._mediatees.put(
+                base,
+                (now + MEDIATEE_CACHE_SECONDS, mediatee),
+                size=2 * len(base) + 2 * len(mediatee or ""),
+            )
+        return mediatee
+
+    def _forget_recipients(self, recipients: Sequence[str]) -> None:
+        if not recipients:
+            return
+        self._forgets += 1
+        for recipient in recipients:
+            if recipient == WAKE_ALL:
+                self._forget_all()
+                return
+            self._mediatees.pop(recipient)
+
+    def _forget_all(self) -> None:
+        self._forgets += 1
+        self._mediatees = ByteLRU(MEDIATEE_CACHE_BYTES)
+
     def _wake_mailbox(self, mediatee: str) -> None:
         try:
             self._notify(mediatee)
@@ -395,6 +457,7 @@ class PostgresStore(SQLStore):
         except BaseException:
             await self._close_pool()
             raise
+        self._listening = True
         self._listener = asyncio.create_task(self._listen(listen_conn), name="pg-listen")
         self._hosts.start()
         log.info("store.opened", engine=self.engine, pool_size=self.pool_size)
@@ -425,6 +488,7 @@ class PostgresStore(SQLStore):
 
     async def close(self) -> None:
         self._closing = True
+        self._listening = False
         # Pending enqueues commit (or fail) before the pool goes.
         if self._flushers:
             await asyncio.gather(*self._flushers, return_exceptions=True)
@@ -478,6 +542,7 @@ class PostgresStore(SQLStore):
         try:
             await conn.add_listener(CHANNEL, self._on_notification)
             await conn.add_listener(ROOM_CHANNEL, self._on_room_notification)
+            await conn.add_listener(RECIPIENT_CHANNEL, self._on_recipient_notification)
         except BaseException:
             conn.terminate()
             raise
@@ -492,6 +557,12 @@ class PostgresStore(SQLStore):
         if pid not in self._own_pids:
             self.rooms.notify(payload)
 
+    def _on_recipient_notification(
+        self, _conn: Conn, _pid: int, _channel: str, payload: str
+    ) -> None:
+        # Our own too (already forgotten after its COMMIT; forgetting twice is harmless).
+        self._forget_recipients([payload])
+
     async def _listen(self, conn: Conn | None) -> None:
         """Keep one LISTEN connection alive for as long as the store is open."""
         failures = 0
@@ -500,6 +571,9 @@ class PostgresStore(SQLStore):
                 if conn is None:
                     conn = await self._listen_connect()
                     log.info("store.listener_reconnected")
+                    # LISTENing again: from now on every change is heard of.
+                    self._forget_all()
+                    self._listening = True
                     # Notifications sent while we were away are gone: everyone looks again.
                     self._wake_mailbox(WAKE_ALL)
                     self.rooms.notify(WAKE_ALL)
@@ -511,6 +585,9 @@ class PostgresStore(SQLStore):
             except Exception as exc:  # any driver or socket error: reconnect  # noqa: BLE001
                 log.warning("store.listener_failed", error=str(exc)[:200], failures=failures + 1)
             finally:
+                # Changes are no longer heard of: no kept answer is used until we are back.
+                self._listening = False
+                self._forget_all()
                 if conn is not None:
                     conn.terminate()
                     conn = None
