@@ -15,7 +15,7 @@ import pytest
 from dovecote.didcomm.decrypt import DecryptPool
 from dovecote.didcomm.identity import load_or_create
 from dovecote.didcomm.packing import Packer
-from dovecote.errors import UnpackFailed
+from dovecote.errors import Unavailable, UnpackFailed
 from support.agent import Agent
 
 PING = "https://didcomm.org/trust-ping/2.0/ping"
@@ -175,8 +175,40 @@ async def test_an_item_lost_twice_fails_instead_of_killing_every_worker(
         # Both workers stopped (SIGSTOP): each looks hung, is killed, and the item moves on.
         for worker in pool.workers:
             os.kill(worker.pid, signal.SIGSTOP)
+        # A hang points at the envelope: 400, not a 503 that has the sender retry it.
         with pytest.raises(UnpackFailed):
             await asyncio.wait_for(packer.unpack(raw), 30)
+        assert pool.failed == 1
+    finally:
+        await pool.stop()
+
+
+async def test_an_item_whose_workers_were_killed_from_outside_is_a_503_not_a_400(
+    packer: Packer,
+) -> None:
+    """Two SIGKILLs from outside (the OOM killer, an operator) say nothing against the
+    envelope: the sender gets 503 with Retry-After (retry later), not 400 (do not)."""
+    pool = await _pool(packer, size=2)
+    try:
+        (raw,) = await _envelopes(packer, 1)
+        for worker in pool.workers:
+            os.kill(worker.pid, signal.SIGSTOP)  # each holds the item until killed
+        task = asyncio.ensure_future(packer.unpack(raw))
+        for _ in range(2):
+            for _ in range(200):
+                holder = next((w for w in pool.workers if w.alive and w.held), None)
+                if holder is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert holder is not None
+            os.kill(holder.pid, signal.SIGKILL)
+            for _ in range(200):
+                if not holder.alive:
+                    break
+                await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable) as lost:
+            await asyncio.wait_for(task, 30)
+        assert lost.value.status == 503 and lost.value.retry_after
         assert pool.failed == 1
     finally:
         await pool.stop()

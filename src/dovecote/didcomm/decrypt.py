@@ -16,10 +16,13 @@ prefixed pickled batches, read by the event loop), the parent knows which batche
 one holds, and items held by a worker that died or hung are run again: on another live
 worker, or in the parent. Re-run items go one per frame, and a loss counts only against
 the frame the worker was opening (it opens them in order): an item lost that way twice
-fails with 400 (a poison envelope must not kill every worker in turn), and the envelopes
-that shared its first batch are not failed for it. With no live worker (one worker, or
-all lost at once) re-run items and those waiting for room are opened in the parent, as
-with DECRYPT_WORKERS=0.
+fails (a poison envelope must not kill every worker in turn), and the envelopes that
+shared its first batch are not failed for it. It fails with 400 when the second loss
+points at the envelope (the worker crashed, or hung and was killed here), with 503 and
+Retry-After when it points at the server (SIGKILL from outside: the OOM killer, an
+operator), so a sender retries a message the server failed but not one that kills workers.
+With no live worker (one worker, or all lost at once) re-run items and those waiting for
+room are opened in the parent, as with DECRYPT_WORKERS=0.
 
 The worker gets the mediator's secret keys as the first frame on its stdin (never argv,
 environment or a file), ignores SIGINT/SIGTERM (it serves until the parent has drained),
@@ -65,6 +68,9 @@ HANG_SECONDS = 10.0
 START_TIMEOUT = 30.0
 RESTART_BACKOFF = 0.5
 STOP_GRACE = 2.0
+# Retry-After of a 503 for an envelope whose workers were killed from outside: a
+# replacement is up after RESTART_BACKOFF plus its start.
+LOST_RETRY_AFTER = 2.0
 # What a worker returns per item: (True, plaintext, recipient kid) or (False, class, text).
 Result = tuple[bool, Any, str]
 
@@ -151,10 +157,24 @@ class Worker:
     held: deque[tuple[float, list[Item]]] = field(default_factory=deque)
     held_items: int = 0
     alive: bool = True
+    # Why this process killed it (hung, garbled answer): a loss the envelope caused.
+    killed_for: str = ""
 
-    def kill(self) -> None:
+    def kill(self, why: str = "") -> None:
+        self.killed_for = self.killed_for or why
         with contextlib.suppress(ProcessLookupError):
             self.transport.kill()
+
+    def loss(self) -> tuple[str, bool]:
+        """Why it is gone, and whether that points at the envelope it was opening: a
+        crash (signal, exit) or a hang does; a SIGKILL from outside (the OOM killer, an
+        operator) is the server's trouble, not the sender's."""
+        if self.killed_for:
+            return self.killed_for, True
+        code = self.transport.get_returncode()
+        if code == -signal.SIGKILL:
+            return "killed", False
+        return f"exited {code}", True
 
 
 class DecryptPool:
@@ -279,10 +299,14 @@ class DecryptPool:
         worker.transport.close()
         if self._stopping:
             return
+        why, blamed = worker.loss()
         log.error(
-            "decrypt.worker_lost", pid=worker.pid, returncode=worker.transport.get_returncode()
+            "decrypt.worker_lost",
+            pid=worker.pid,
+            returncode=worker.transport.get_returncode(),
+            why=why,
         )
-        self._lost(worker, "lost")
+        self._lost(worker, why, blamed)
         with contextlib.suppress(ValueError):
             self.workers.remove(worker)
         self._update_gauges()
@@ -309,7 +333,7 @@ class DecryptPool:
             for worker in list(self.workers):
                 if worker.alive and worker.held and now - worker.held[0][0] > self.hang_seconds:
                     log.error("decrypt.worker_hung", pid=worker.pid)
-                    worker.kill()
+                    worker.kill("hung")
 
     # ------------------------------------------------------------------ the data path
     async def open(self, raw: bytes) -> jwe.Opened:
@@ -384,7 +408,7 @@ class DecryptPool:
             log.error("decrypt.worker_garbled", pid=worker.pid)
             worker.held.appendleft((0.0, batch))
             worker.held_items += len(batch)
-            worker.kill()
+            worker.kill("garbled")
             return
         for item, result in zip(batch, results, strict=True):
             self._settle(item, result)
@@ -398,8 +422,9 @@ class DecryptPool:
         if not item.future.done():  # else the request went away meanwhile
             self._settle_now(item.future, result)
 
-    def _lost(self, worker: Worker, why: str) -> None:
-        """Items a worker held when it died, hung or was stopped: run again, elsewhere."""
+    def _lost(self, worker: Worker, why: str, blamed: bool = True) -> None:
+        """Items a worker held when it died, hung or was stopped: run again, elsewhere.
+        `blamed`: the loss points at the envelope being opened (see Worker.loss)."""
         worker.alive = False
         held, worker.held, worker.held_items = worker.held, deque(), 0
         if held and not self._stopping:
@@ -417,8 +442,16 @@ class DecryptPool:
                     # must not take every worker down.
                     self.queued_bytes -= len(item.raw)
                     self.failed += 1
-                    log.error("decrypt.item_failed", bytes=len(item.raw), why=why)
-                    item.future.set_exception(errors.UnpackFailed("could not decrypt the message"))
+                    log.error("decrypt.item_failed", bytes=len(item.raw), why=why, blamed=blamed)
+                    item.future.set_exception(
+                        errors.UnpackFailed("could not decrypt the message")
+                        if blamed
+                        else errors.Unavailable(
+                            "the message could not be opened now (a decrypt worker was lost); "
+                            "nothing was stored, retry later",
+                            retry_after=LOST_RETRY_AFTER,
+                        )
+                    )
                 elif self._stopping or not any(w.alive for w in self.workers):
                     self._run_in_process(item)
                 else:
