@@ -311,3 +311,48 @@ async def test_what_a_sender_could_make_both_accept_is_refused(packer: Packer) -
     }
     accepted = [name for name, envelope in cases.items() if (await _outcomes(packer, envelope))[1]]
     assert accepted == []
+
+
+async def _refusal(packer: Packer, envelope: Envelope) -> tuple[str, str, str] | None:
+    try:
+        await packer.unpack(json.dumps(envelope).encode())
+    except Exception as exc:  # noqa: BLE001 - compared, not judged, here
+        return type(exc).__name__, str(exc), type(exc.__cause__).__name__
+    return None
+
+
+async def test_native_askar_calls_refuse_as_the_wrappers_did(
+    packer: Packer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jwe.py's askar calls on askar's C functions (askar_native.Native) and on
+    aries_askar's wrappers (Wrapped, the fallback) give every envelope above the same
+    outcome: the same error class, message and cause."""
+    from aries_askar.bindings import get_library
+
+    from dovecote.didcomm import askar_native, jwe
+
+    agent = Agent.create("http://m.example", packer.identity.did)
+    sender = _sender(agent)
+    edits = EDITS | {"anoncrypt claiming authcrypt": _anon_as_auth(agent), "none": lambda e: e}
+    envelopes = [
+        edit(envelope)
+        for envelope in (await _envelopes(packer)).values()
+        for name, edit in edits.items()
+        if name != "epk moved to recipient header" or "epk" in _header(envelope)
+    ]
+    envelopes += [
+        _sealed(packer, enc="XC20P"),
+        _sealed(packer, "ECDH-1PU+A256KW", sender=sender),
+        _moved_tag(_sealed(packer, enc="A256GCM"), 4),
+    ]
+    outcomes = {}
+    for crypto in (askar_native.Native(get_library().loaded), askar_native.Wrapped()):
+        monkeypatch.setattr(jwe, "_crypto", crypto)
+        outcomes[type(crypto).__name__] = [await _refusal(packer, e) for e in envelopes]
+    assert outcomes["Native"] == outcomes["Wrapped"]
+    assert {o[1] for o in outcomes["Native"] if o} >= {
+        "could not decrypt the message: invalid ephemeral key",
+        "could not decrypt the message: error decrypting content encryption key",
+        "could not decrypt the message: error decrypting message payload",
+    }
+    assert outcomes["Native"].count(None) >= 5

@@ -166,3 +166,16 @@ async def test_unsupported_alg_is_refused_before_our_key_ids_resolve(
     with pytest.raises(UnpackFailed, match=r"unsupported ECDH-.* algorithm"):
         await packer.unpack(_with_header(envelope, alg=alg))
     assert looked_up == []
+
+
+def test_an_askar_abi_not_checked_falls_back_to_the_wrappers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aries_askar.bindings import lib
+
+    from dovecote.didcomm import askar_native
+
+    assert isinstance(askar_native.CRYPTO, askar_native.Native)
+    monkeypatch.setattr(lib.Lib, "version", lambda self: "9.0.0")
+    chosen = askar_native._choose()
+    assert type(chosen) is askar_native.Wrapped
