@@ -371,16 +371,9 @@ class SQLiteStore(SQLStore):
         only_enqueues = all(job.body is None for job in batch)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            enqueues = [job for job in batch if job.enqueue is not None]
-            if enqueues:
-                # All of the group's enqueues in one body: one multi-row statement per
-                # step instead of a few statements per message.
-                jobs = [job.enqueue for job in enqueues if job.enqueue is not None]
-                self._savepoint(conn, enqueues, lambda tx: enqueue_batch(tx, jobs, time.time()))
-            for job in batch:
-                if job.body is not None:
-                    self._savepoint(conn, [job], job.body)
-            conn.execute("COMMIT")
+            self._run_writes(conn, batch, only_enqueues)
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except BaseException as exc:  # the whole batch failed: every caller hears  # noqa: BLE001
             try:
                 conn.execute("ROLLBACK")
@@ -398,8 +391,51 @@ class SQLiteStore(SQLStore):
             self._writes += 1
         self._commit_seconds.observe(time.perf_counter() - started)
         metrics.GROUP_COMMIT_SIZE.observe(len(batch))
+        # One call per event loop for the whole group, not one per write: each call
+        # writes to the loop's self-pipe (a syscall here, a wake-up there).
+        loops: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
         for job in batch:
-            job.loop.call_soon_threadsafe(self._resolve, job, *job.outcome)
+            loops.setdefault(job.loop, []).append(job)
+        for loop, jobs in loops.items():
+            loop.call_soon_threadsafe(self._resolve_all, jobs)
+
+    def _run_writes(self, conn: sqlite3.Connection, batch: list[_Write], alone: bool) -> None:
+        """Run the batch's writes in the open transaction (`alone`: only enqueues)."""
+        enqueues = [job for job in batch if job.enqueue is not None]
+        if enqueues:
+            # All of the group's enqueues in one body: one multi-row statement per step
+            # instead of a few statements per message.
+            jobs = [job.enqueue for job in enqueues if job.enqueue is not None]
+
+            def body(tx: Tx) -> Awaitable[None]:
+                return enqueue_batch(tx, jobs, time.time())
+
+            if alone:
+                # Alone in the transaction: its failure rolls back all of it, as a
+                # savepoint would, without SAVEPOINT and RELEASE in every commit.
+                self._alone(conn, enqueues, body)
+            else:
+                self._savepoint(conn, enqueues, body)
+        for job in batch:
+            if job.body is not None:
+                self._savepoint(conn, [job], job.body)
+
+    @staticmethod
+    def _alone(conn: sqlite3.Connection, jobs: list[_Write], body: Body[Any]) -> None:
+        """Run `body` for `jobs`, the only writes of this transaction; on failure roll
+        it back and report the error to them."""
+        tx = _SQLiteTx(conn)
+        try:
+            result = _run(body, tx)
+        except BaseException as exc:  # reported to these callers  # noqa: BLE001
+            if conn.in_transaction:  # SQLite may have rolled it back itself (disk full)
+                conn.execute("ROLLBACK")
+            for job in jobs:
+                job.outcome = (False, _translate(exc))
+            return
+        jobs[0].tx = tx  # its wake-ups, once for the group
+        for job in jobs:
+            job.outcome = (True, result)
 
     @staticmethod
     def _savepoint(conn: sqlite3.Connection, jobs: list[_Write], body: Body[Any]) -> None:
@@ -418,6 +454,15 @@ class SQLiteStore(SQLStore):
         jobs[0].tx = tx  # its wake-ups, once for the group
         for job in jobs:
             job.outcome = (True, result)
+
+    def _resolve_all(self, jobs: list[_Write]) -> None:
+        for job in jobs:
+            try:
+                self._resolve(job, *job.outcome)
+            except Exception as exc:  # one caller's failure must not strand the others  # noqa: BLE001
+                job.loop.call_exception_handler(
+                    {"message": "store write resolution failed", "exception": exc}
+                )
 
     def _resolve(self, job: _Write, ok: bool, value: Any) -> None:
         if ok and job.tx is not None:
