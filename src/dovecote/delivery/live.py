@@ -44,9 +44,9 @@ DeliveryBuilder = Callable[[str, "Sequence[StoredMessage]"], Awaitable[bytes]]
 MAX_IN_FLIGHT = 1000
 # Re-check the store this often even without a wake-up (a missed notification only delays).
 SAFETY_POLL_SECONDS = 5.0
-# How many acknowledged ids a session remembers (see LiveSession.acked), and the bytes
-# that may take: ids are ours (36-character UUIDs, ~300 bytes an entry with bookkeeping),
-# and the byte bound holds even if that ever changes.
+# Bytes of acknowledged ids a session remembers while a queue read is in flight (see
+# LiveSession.acked): at most what was in flight, ~300 bytes an id with bookkeeping; the
+# byte bound holds even if ids ever change.
 RECENT_ACKS = 2 * MAX_IN_FLIGHT
 RECENT_ACKS_BYTES = RECENT_ACKS * 320
 # A store's notification meaning "any mailbox may have new messages".
@@ -75,9 +75,13 @@ class LiveSession:
         # the ids queued above it at that moment; neither is pushed.
         self.floor: dict[str, int] = {}
         self.baseline: dict[str, set[str]] = {}
-        # Ids acknowledged lately: a queue read that began before an ack committed may
-        # still return them once, and they must not be pushed again.
+        # Ids acknowledged while a queue read was in flight: the read may have begun
+        # before the ack committed and still return them, and they must not be pushed
+        # again. An ack committed before a read began is not in it, so the set starts
+        # empty at every read: remembering the last 2,000 acks instead filled 8 sessions'
+        # maps to ~5 MB that stayed (the live soak's largest growth, docs/performance.md).
         self.acked: ByteLRU[str, bool] = ByteLRU(RECENT_ACKS_BYTES)
+        self.reading = False
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.closed = False
@@ -208,7 +212,8 @@ class LiveRegistry:
         session = self.by_mediatee.get(mediatee)
         if session is not None:
             for message_id in ids:
-                session.acked.put(message_id, True, size=0)
+                if session.reading:
+                    session.acked.put(message_id, True, size=0)
                 self._take(session, message_id)
             baseline = session.baseline.get(mediatee)
             if baseline:
@@ -259,9 +264,14 @@ class LiveRegistry:
             # correct for both engines, even when PostgreSQL commits seq numbers out of order.
             baseline = session.baseline.get(mediatee, set())
             limit = len(pushed) + len(baseline) + min(room, self.batch)
-            queued = await self.store.queued(
-                mediatee, limit, after_seq=session.floor.get(mediatee, 0)
-            )
+            session.acked.clear()
+            session.reading = True
+            try:
+                queued = await self.store.queued(
+                    mediatee, limit, after_seq=session.floor.get(mediatee, 0)
+                )
+            finally:
+                session.reading = False
             chosen: list[str] = []
             size = 0
             for ref in queued:

@@ -66,6 +66,10 @@ class ByteLRU(Generic[K, V]):
         entry = self._cache.pop(key, None)
         return default if entry is None else entry[1]
 
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._cache.clear()
+
     def __contains__(self, key: object) -> bool:
         return key in self._cache
 
