@@ -133,15 +133,19 @@ async def main(args: argparse.Namespace) -> int:
                     [
                         "same, per CPU-second (load-independent)",
                         f"{unpack['per_cpu_second']:.0f}",
-                        f"{limits['unpack_cpu_us']:.0f} µs of CPU per unpack "
-                        f"(load {unpack['load']:.1f})",
+                        f"{limits['unpack_cpu_us']:.0f} µs of CPU per unpack, the cheapest of"
+                        f" {unpack['runs']} fresh processes on the servers' CPU (all"
+                        f" {unpack['cpu_us_min']:.0f}-{unpack['cpu_us_max']:.0f} µs;"
+                        f" load {unpack['load']:.1f})",
                     ],
                     [
                         f"same, paced at {paced_rate:.0f}/s (per CPU-second)",
                         f"{paced['per_cpu_second']:.0f}",
                         f"{limits['unpack_paced_cpu_us']:.0f} µs of CPU per unpack when one is "
                         f"due every {1000 / paced_rate:.0f} ms, the loop asleep in between "
-                        f"(load {paced['load']:.1f}): what a fixed-rate step is compared with",
+                        f"(cheapest of {paced['runs']}, all {paced['cpu_us_min']:.0f}-"
+                        f"{paced['cpu_us_max']:.0f} µs; load {paced['load']:.1f}):"
+                        " what a fixed-rate step is compared with",
                     ],
                     [
                         "bare ASGI POST (Starlette + uvicorn, uvloop, httptools, 1 process)",
@@ -153,9 +157,13 @@ async def main(args: argparse.Namespace) -> int:
         )
 
     if "forward" in parts:
+        # A whole label (which may itself hold commas) picks that config alone.
+        exact = args.configs in [config[0] for config in profile.configs]
         wanted = [w.strip() for w in args.configs.split(",") if w.strip()]
         for label, engine, instances, workers, options in profile.configs:
-            if wanted and not any(w in label for w in wanted):
+            if (exact and label != args.configs) or (
+                not exact and wanted and not any(w in label for w in wanted)
+            ):
                 continue
             print(f"forward: {label} ...", flush=True)
             suites.append(
@@ -327,8 +335,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--configs",
         default=os.environ.get("BENCH_CONFIGS", ""),
-        help="forward part: only the configs whose label contains one of these "
-        "comma-separated strings (e.g. 'sqlite' or 'sqlite,--workers 2')",
+        help="forward part: the config with exactly this label, or else the configs whose "
+        "label contains one of these comma-separated strings (e.g. 'sqlite' or "
+        "'sqlite,--workers 2')",
     )
     parser.add_argument(
         "--pickup-sizes",
