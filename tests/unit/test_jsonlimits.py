@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
+from dovecote.util import jsonlimits
 from dovecote.util.jsonlimits import depth_exceeds, raw_problem, too_deep
 
 
@@ -54,3 +57,36 @@ def test_room_bodies_are_bounded_too() -> None:
     ):
         with pytest.raises(LimitExceeded):
             parse_json(raw)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"type":"t","body":{"n":1.5,"s":"caf\\u00e9","l":[true,null]}}',
+        b'{"x":NaN,"y":-Infinity}',  # not JSON, but json.loads has always taken it
+        b'{"s":"\\ud800"}',  # a lone surrogate
+        '{"u":"\u00e9"}'.encode("utf-16"),  # UTF-16 with a BOM
+        '{"k":1}',
+        b'{"a":1,"a":2}',  # the last duplicate wins in both
+    ],
+)
+def test_envelope_loads_parses_what_json_loads_parses(text: bytes | str) -> None:
+    expected = json.loads(text)
+    got = jsonlimits.loads_envelope(text)
+    # NaN != NaN: compare the texts json writes for both.
+    assert json.dumps(got) == json.dumps(expected)
+
+
+@pytest.mark.parametrize("text", [b"", b"{", b'{"a":1}x', b"\xff\xfe\x00", b"[1,]"])
+def test_envelope_loads_refuses_what_json_loads_refuses(text: bytes) -> None:
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        jsonlimits.loads_envelope(text)
+
+
+def test_envelope_loads_reads_integers_past_64_bits_as_floats() -> None:
+    # Why plaintexts keep json.loads: this would change an attachment written back.
+    assert jsonlimits.loads_envelope(b'{"n":123456789012345678901234567890}') == {
+        "n": 1.2345678901234568e29
+    }

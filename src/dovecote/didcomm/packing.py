@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from aries_askar import AskarError, Key
@@ -33,6 +33,7 @@ from dovecote.errors import (
     UnpackFailed,
     UnresolvableDID,
 )
+from dovecote.util import jsonlimits
 from dovecote.util.did import DEFAULT_MAX_DID_BYTES, did_problem
 from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH, depth_exceeds, raw_problem
 from dovecote.util.lru import ByteLRU
@@ -172,7 +173,7 @@ class Packer:
         and our key ids, which a client could make arbitrarily large or deep. The envelope
         is parsed once (jwe.py opens the parsed value with askar).
         """
-        envelope = parse_json(raw, self.max_json_depth, "body")
+        envelope = parse_json(raw, self.max_json_depth, "body", jsonlimits.loads_envelope)
         if not isinstance(envelope, dict):
             raise MalformedMessage("body is not a JSON object")
         if not {"protected", "ciphertext", "recipients"} <= envelope.keys():
@@ -268,6 +269,7 @@ class Packer:
                 base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)),
                 self.max_json_depth,
                 "protected header",
+                jsonlimits.loads_envelope,
             )
         except (binascii.Error, ValueError) as exc:
             raise MalformedMessage("the JWE protected header is not base64url JSON") from exc
@@ -319,14 +321,19 @@ class Packer:
         return self._own[1], self._own[2]
 
 
-def parse_json(raw: bytes | str, max_depth: int, what: str) -> Any:
+def parse_json(
+    raw: bytes | str,
+    max_depth: int,
+    what: str,
+    loads: Callable[[bytes | str], Any] = json.loads,
+) -> Any:
     """JSON from a client: bounded before parsing, depth checked after, never a
     RecursionError (see dovecote.util.jsonlimits)."""
     problem = raw_problem(raw, max_depth)
     if problem is not None:
         raise LimitExceeded(f"{what} {problem}")
     try:
-        value = json.loads(raw)
+        value = loads(raw)
     except ValueError as exc:  # not JSON, not UTF-8, or a number past 4,300 digits
         raise MalformedMessage(f"{what} is not JSON") from exc
     except RecursionError as exc:
