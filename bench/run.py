@@ -48,6 +48,8 @@ async def main(args: argparse.Namespace) -> int:
         profile.step_seconds = args.step_seconds
     if args.rates:
         profile.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if args.saturation_connections:
+        profile.saturation_connections = args.saturation_connections
     if args.soak_seconds is not None:
         profile.soak_seconds = args.soak_seconds
     if args.soak_rate:
@@ -352,6 +354,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="pickup part: messages picked up at the head of each queue",
     )
     parser.add_argument("--step-seconds", type=float, default=None)
+    parser.add_argument(
+        "--saturation-connections",
+        type=int,
+        default=None,
+        help="connections of the closed loop at saturation (default 64): a pipelined "
+        "server (decrypt workers) may need more than 64 requests in flight to fill its "
+        "cores",
+    )
     parser.add_argument(
         "--rates",
         default=os.environ.get("BENCH_RATES", ""),
