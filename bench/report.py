@@ -145,6 +145,18 @@ def ratios(
                     f"{step.load:.1f}",
                 )
             )
+        after_us = suite.unpack_after_us if (suite := _find(suites, key)) else None
+        if after_us:
+            out.append(
+                Ratio(
+                    f"Dovecote {what}: CPU per forward ÷ one unpack measured right after",
+                    us(step) / after_us,
+                    f"{us(step):.0f} µs server CPU per accepted forward (saturation)",
+                    f"{after_us:.0f} µs CPU per unpack, a fresh process pinned as the server,"
+                    " just after its steps",
+                    f"{step.load:.1f}",
+                )
+            )
         paced_us = limits.get("unpack_paced_cpu_us")
         paced_rate = limits.get("unpack_paced_rate", 0.0)
         suite = _find(suites, key)

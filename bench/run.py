@@ -234,6 +234,7 @@ async def main(args: argparse.Namespace) -> int:
             {
                 "label": s.label,
                 "skipped": s.skipped,
+                "unpack_after_us": s.unpack_after_us,
                 "steps": [
                     {
                         "offered": st.run.offered,

@@ -159,6 +159,9 @@ class ForwardSuite:
     skipped: str = ""
     key: str = ""  # what the ratios table looks it up by: sqlite, postgres, veramo, ...
     note: str = ""  # said under the table (e.g. what the peer's 202 means)
+    # CPU of one unpack measured right after this suite's steps, pinned as its server: on
+    # a VM whose speed moves by 2x within minutes, the reference of the same minute.
+    unpack_after_us: float | None = None
 
     def saturation(self) -> Step | None:
         return next((s for s in self.steps if not s.run.offered), None)
@@ -325,6 +328,10 @@ async def forward_suite(
             suite.steps = await _steps(label, server.ports, server.pids, payloads, profile, pg=pg)
         finally:
             server.stop()
+        if suite.steps:
+            after = await unpack_reference(payloads, seconds=2.0, runs=1)
+            suite.unpack_after_us = 1e6 / after["per_cpu_second"]
+            print(f"    one unpack right after: {suite.unpack_after_us:.0f} µs CPU", flush=True)
         if pg is not None and pg.error:
             suite.note = f"PostgreSQL backend CPU partly unread: {pg.error}"
     return suite
