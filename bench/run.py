@@ -160,10 +160,10 @@ async def main(args: argparse.Namespace) -> int:
 
     if "forward" in parts:
         # A whole label (which may itself hold commas) picks that config alone.
-        exact = args.configs in [config[0] for config in profile.configs]
+        exact = args.configs.strip() in [config[0] for config in profile.configs]
         wanted = [w.strip() for w in args.configs.split(",") if w.strip()]
         for label, engine, instances, workers, options in profile.configs:
-            if (exact and label != args.configs) or (
+            if (exact and label != args.configs.strip()) or (
                 not exact and wanted and not any(w in label for w in wanted)
             ):
                 continue

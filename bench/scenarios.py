@@ -17,9 +17,11 @@ from typing import Any
 
 import httpx
 
-from bench import forwards, loadgen, servers
+from bench import forwards, loadgen, servers, unpack_ref
 from bench.agents import BenchAgent
 from bench.mediation import mediate
+
+_REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -365,7 +367,7 @@ async def unpack_reference(
     the loop sleeping in between) and the CPU is the whole process's over the run: at
     low rates each unpack starts with cold caches and a wake-up, which a tight loop never
     pays (on this machine ~2x at 200/s), so a fixed-rate step is compared with this."""
-    need = int(seconds * (rate or 6000)) + 1
+    need = int(seconds * (rate or 6000)) + 1 + unpack_ref.WARM_UP
     with tempfile.TemporaryDirectory(prefix="dovecote-unpack-") as tmp:
         path = Path(tmp) / "payloads.bin"
         forwards._write(path, list(payloads[:need]))
@@ -379,11 +381,15 @@ async def unpack_reference(
                 command,
                 capture_output=True,
                 text=True,
-                check=True,
+                cwd=_REPO,
                 preexec_fn=servers.server_preexec,
             )
+            if proc.returncode:
+                raise RuntimeError(f"bench.unpack_ref exited {proc.returncode}: {proc.stderr}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     best = max(results, key=lambda r: r["per_cpu_second"])
+    # The fastest run's rate, not the cheapest run's: one preempted run must not lower it.
+    best = {**best, "per_second": max(r["per_second"] for r in results)}
     cpu_us = sorted(1e6 / r["per_cpu_second"] for r in results)
     return {**best, "runs": runs, "cpu_us_min": cpu_us[0], "cpu_us_max": cpu_us[-1]}
 
