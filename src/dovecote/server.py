@@ -328,8 +328,10 @@ def build_app(dovecote: Dovecote) -> web_app.WebApp:
     return web_app.build(
         routes,
         didcomm.post,
+        didcomm.reply,
         dc.start,
         dc.stop,
+        trusted_proxies=list(settings.trusted_proxies) or None,
         requests=dc.requests,
         ip_limits=dc.ip_limits,
         draining=lambda: dc.degradation.draining,
@@ -466,15 +468,17 @@ def serve_worker(
         if settings.tls_cert and settings.tls_key
         else None
     )
+    app = build_app(dovecote)
     protocol = guarded_protocol(
         PeerCertProtocol if tls else GuardedProtocol,
         dovecote.peers,
         settings.header_timeout,
         settings.max_header_line_bytes,
         settings.max_header_bytes,
+        direct=app.direct if settings.direct_post else None,
     )
     config = uvicorn.Config(
-        build_app(dovecote),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,

@@ -368,6 +368,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds to wait for a pong before closing (1011).",
     )
+    direct_post: bool = Field(
+        True,
+        description="Answer POST / (every DIDComm message over HTTP) on the connection, "
+        "without the ASGI request cycle: the same checks, limits, metrics and answers, "
+        "less CPU per message. False: serve it through ASGI like every other route.",
+    )
     ws_per_message_deflate: bool = Field(
         False,
         description="Offer permessage-deflate to WebSocket clients (all sockets: /ws and "

@@ -164,6 +164,8 @@ FIELDS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
      'Seconds between keepalive pings on each WebSocket.'),
     ('ws_ping_timeout', 'float', (), '20.0',
      'Seconds to wait for a pong before closing (1011).'),
+    ('direct_post', 'bool', (), 'True',
+     'Answer POST / (every DIDComm message over HTTP) on the connection, without the ASGI request cycle: the same checks, limits, metrics and answers, less CPU per message. False: serve it through ASGI like every other route.'),
     ('ws_per_message_deflate', 'bool', (), 'False',
      'Offer permessage-deflate to WebSocket clients (all sockets: /ws and /v1/rooms/ws). Off by default: DIDComm frames are ciphertext, which does not compress, and deflating costs CPU on every frame sent and received.'),
     ('shutdown_timeout', 'float', (), '25.0',

@@ -170,7 +170,9 @@ async def insert_outbox(tx: Tx, items: Sequence[NewOutboxItem], now: float) -> l
 
 
 # ---------------------------------------------------------------------- enqueue
-@dataclass(slots=True)
+# eq=False: a job is one caller's request, equal only to itself (value equality compared
+# every field, payloads included, each time a batch was put back in order).
+@dataclass(slots=True, eq=False)
 class Enqueue:
     """One caller's enqueue, as the batch body sees it."""
 
@@ -205,7 +207,8 @@ async def enqueue_batch(tx: Tx, batch: Sequence[Enqueue], now: float) -> None:
         if first is not job:
             followers.append((job, first))
     claimed = await _claim_digests(tx, sorted(leaders.values(), key=lambda job: job.key), now)
-    accepted = await _within_limits(tx, sorted(claimed, key=batch.index))
+    position = {id(job): index for index, job in enumerate(batch)}
+    accepted = await _within_limits(tx, sorted(claimed, key=lambda job: position[id(job)]))
     if accepted:
         await _store(tx, accepted, now)
     for job in accepted:

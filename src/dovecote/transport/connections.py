@@ -19,7 +19,8 @@ with four small additions, each in the callback where uvicorn already is:
 - WebSocket upgrades: past WS_HANDSHAKE_RATE_IP handshakes/s or MAX_WEBSOCKETS_PER_IP open
   sockets from one peer, 429 before any WebSocket work; the per-address counts follow the
   upgrade to uvicorn's WebSocket protocol, so open sockets count until they close.
-Request bodies are timed in the ASGI layer (server.GuardMiddleware), where the body is read.
+Request bodies are timed where they are read: web/guard.py on the ASGI path, web/direct.py
+for POST /, which this protocol hands to `direct` instead of starting an ASGI task.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 import httptools
 import structlog
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_remote_addr
 
 from dovecote.errors import DovecoteError, HeadersTooLarge, RateLimited, RequestTimeout
@@ -154,11 +156,20 @@ class _HeaderLimitExceeded(Exception):
     HttpParserCallbackError; `_too_large` says why)."""
 
 
+class DirectRoute(Protocol):
+    """Requests served on uvicorn's request cycle without an ASGI task (web/direct.py)."""
+
+    def wants(self, scope: Any) -> bool: ...
+
+    def serve(self, cycle: RequestResponseCycle) -> Coroutine[Any, Any, None]: ...
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above (see the module docstring)."""
 
     # Set on a subclass by `guarded_protocol` (uvicorn builds protocols from a class).
     peers: PeerConnections = PeerConnections(1 << 30)
+    direct: DirectRoute | None = None
     header_timeout: float = 10.0
     max_line: int = 16 * 1024
     max_header_bytes: int = 64 * 1024
@@ -313,6 +324,16 @@ class GuardedProtocol(HttpToolsProtocol):
         # request's first byte on_message_begin arms the header deadline again.
         super().on_headers_complete()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # uvicorn calls this for each request, pipelined ones included, once it may run.
+        direct = self.direct
+        if direct is not None and direct.wants(cycle.scope):
+            task = self.loop.create_task(direct.serve(cycle))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+            return
+        super()._start_asgi_task(cycle, app)
+
 
 def guarded_protocol(
     base: type[GuardedProtocol],
@@ -320,9 +341,12 @@ def guarded_protocol(
     header_timeout: float,
     max_line: int,
     max_header_bytes: int,
+    direct: DirectRoute | None = None,
 ) -> type[GuardedProtocol]:
-    """A protocol class for uvicorn's `http=` with this server's limits."""
+    """A protocol class for uvicorn's `http=` with this server's limits; `direct` serves
+    the requests it wants without ASGI."""
     attrs = {
+        "direct": direct,
         "peers": peers,
         "header_timeout": header_timeout,
         "max_line": max_line,

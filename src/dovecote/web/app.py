@@ -4,7 +4,8 @@ POST / (every DIDComm message over HTTP) is served in front of Starlette's route
 exception middlewares: GuardMiddleware then the endpoint itself, nothing else. Every
 guarantee of the generic path is GuardMiddleware's or the endpoint's (size limit before
 work, rate and in-flight limits, body deadline, request id, metrics, 202 after commit),
-so both paths give the same answers; the hot path only skips the routing.
+so both paths give the same answers; the hot path only skips the routing. A real server
+goes further and answers POST / without ASGI at all (`WebApp.direct`, web/direct.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dovecote.web.direct import DirectPost, ReplyFor
 from dovecote.web.guard import GuardMiddleware
 
 
@@ -24,6 +26,7 @@ class WebApp(Starlette):
     """Starlette, with POST / taken before the router (see the module docstring)."""
 
     post: ASGIApp | None = None
+    direct: DirectPost | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -41,12 +44,15 @@ class WebApp(Starlette):
 def build(
     routes: Sequence[BaseRoute],
     post: ASGIApp,
+    reply: ReplyFor,
     start: Callable[[], Awaitable[None]],
     stop: Callable[[], Awaitable[None]],
+    trusted_proxies: list[str] | None = None,
     **guard: Any,
 ) -> WebApp:
     """The ASGI app: `post` serves POST /, `routes` the rest; `start` before serving,
-    `stop` after; `guard` is GuardMiddleware's options."""
+    `stop` after; `guard` is GuardMiddleware's options. `reply` answers POST / on the
+    connection (`WebApp.direct`, for the server's protocol)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -59,5 +65,7 @@ def build(
     life: Callable[[Starlette], AbstractAsyncContextManager[None]] = lifespan
     app = WebApp(routes=list(routes), lifespan=life)
     app.add_middleware(GuardMiddleware, **guard)
-    app.post = GuardMiddleware(post, **guard)
+    guarded = GuardMiddleware(post, **guard)
+    app.post = guarded
+    app.direct = DirectPost(guarded, reply, trusted_proxies)
     return app

@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -28,10 +27,12 @@ from dovecote.web.admission import (
     WebSockets,
 )
 from dovecote.web.responses import (
+    Reply,
     asgi_chunks,
     count_bad_input,
     error_body,
-    error_response,
+    error_reply,
+    json_reply,
     read_chunks,
     retry_after_header,
 )
@@ -51,9 +52,18 @@ ACCEPTED_TYPES = {
     "application/ssi-agent-wire",
 }
 IDLE_REASON = "idle timeout"
-# Most answers: one shared response (its headers are never changed in place: the guard
-# sends a copy with its own added).
-ACCEPTED = Response(status_code=202)
+# Most answers: one shared reply.
+ACCEPTED = Reply(202)
+# A client that left before its body was read: nobody reads this answer.
+GONE = Reply(400)
+ReadBody = Callable[[str | None, int], Awaitable[bytes]]
+
+
+def unsupported_type(request_id: str) -> Reply:
+    return json_reply(
+        error_body("e.m.msg.unsupported-media-type", f"send {DIDCOMM_ENCRYPTED}", request_id),
+        415,
+    )
 
 
 class DIDCommEndpoints:
@@ -79,56 +89,52 @@ class DIDCommEndpoints:
         return [WebSocketRoute("/ws", sockets.endpoint("ws", self.websocket))]
 
     async def post(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """POST / as a bare ASGI app: no router, no Request object (the hot path).
+        """POST / as a bare ASGI app: no router, no Request object. GuardMiddleware runs
+        first (request id, limits, body deadline, metrics). A real server serves POST /
+        by `reply` on the connection itself (web/direct.py); ASGI hosts, the in-process
+        test tier among them, come here."""
 
-        GuardMiddleware still runs first (request id, limits, body deadline, metrics)."""
-        response = await self.answer(scope, receive)
-        await response(scope, receive, send)
+        async def read(declared: str | None, limit: int) -> bytes:
+            return await read_chunks(declared, asgi_chunks(receive), limit)
 
-    async def answer(self, scope: Scope, receive: Receive) -> Response:
-        request_id = scope["state"]["request_id"]
+        reply = await self.reply(scope["headers"], read, scope["state"]["request_id"])
+        await reply.response()(scope, receive, send)
+
+    async def reply(
+        self, raw_headers: list[tuple[bytes, bytes]], read: ReadBody, request_id: str
+    ) -> Reply:
+        """The answer to one POST / (both paths): `read(content_length, limit)` gives the
+        body, refusing it past `limit` before reading where Content-Length says so."""
         # The first of repeated headers, as Starlette's Headers.get gives it.
-        headers = dict(reversed(scope["headers"]))
+        headers = dict(reversed(raw_headers))
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         content_type = content_type.split(";")[0].strip().lower()
         if content_type not in ACCEPTED_TYPES:
             count_bad_input(MalformedMessage("unsupported media type"), "http", request_id)
-            return JSONResponse(
-                error_body(
-                    "e.m.msg.unsupported-media-type", f"send {DIDCOMM_ENCRYPTED}", request_id
-                ),
-                status_code=415,
-            )
+            return unsupported_type(request_id)
         try:
             declared = headers.get(b"content-length")
-            raw = await read_chunks(
-                None if declared is None else declared.decode("latin-1"),
-                asgi_chunks(receive),
-                self.max_body_bytes,
+            raw = await read(
+                None if declared is None else declared.decode("latin-1"), self.max_body_bytes
             )
         except DovecoteError as exc:
             count_bad_input(exc, "http", request_id)
-            return error_response(exc, request_id)
+            return error_reply(exc, request_id)
         except ClientDisconnect:
-            return Response(status_code=400)
+            return GONE
         if not raw:
             empty = MalformedMessage("empty body")
             count_bad_input(empty, "http", request_id)
-            return error_response(empty, request_id)
+            return error_reply(empty, request_id)
 
         outcome = await self.mediator.receive(raw, "http", request_id=request_id)
         if outcome.replies and outcome.return_route:
-            headers = {}
+            extra: tuple[tuple[str, str], ...] = ()
             if outcome.error is not None and outcome.error.retry_after is not None:
-                headers["Retry-After"] = retry_after_header(outcome.error.retry_after)
-            return Response(
-                outcome.replies[0],
-                status_code=outcome.status,
-                media_type=outcome.media_type,
-                headers=headers,
-            )
+                extra = (("Retry-After", retry_after_header(outcome.error.retry_after)),)
+            return Reply(outcome.status, outcome.replies[0], outcome.media_type, extra)
         if outcome.error is not None:
-            return error_response(outcome.error, request_id)
+            return error_reply(outcome.error, request_id)
         return ACCEPTED
 
     async def websocket(self, websocket: WebSocket) -> int:

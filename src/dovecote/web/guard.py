@@ -110,7 +110,7 @@ class GuardMiddleware:
             return
         route = route_label(scope["path"])
         method = scope["method"]
-        request_id = _request_id(scope)
+        request_id = request_id_for(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500}
@@ -134,10 +134,8 @@ class GuardMiddleware:
         try:
             if route in EXEMPT:
                 await self.app(scope, receive, send_wrapper)
-            elif (refusal := self._refusal(scope, method)) is not None:
-                await refuse(refusal)
-            elif not self.requests.try_acquire():
-                await refuse(Overloaded("too many requests in flight", retry_after=1))
+            elif (refused := self.admit(scope, method)) is not None:
+                await refuse(refused)
             else:
                 try:
                     await self.app(scope, receive, send_wrapper)
@@ -148,7 +146,15 @@ class GuardMiddleware:
             if not body.responded:
                 await refuse(exc)
         finally:
-            self._record(route, method, str(status_holder["status"]), started, request_id)
+            self.record(route, method, str(status_holder["status"]), started, request_id)
+
+    def admit(self, scope: Scope, method: str) -> DovecoteError | None:
+        """Why a request that counts against the limits is refused, or None: then it holds
+        one of the in-flight slots, which the caller releases (`requests.release`)."""
+        refused = self._refusal(scope, method)
+        if refused is None and not self.requests.try_acquire():
+            refused = Overloaded("too many requests in flight", retry_after=1)
+        return refused
 
     def _refusal(self, scope: Scope, method: str) -> DovecoteError | None:
         """Why a request that counts against the limits is refused before routing, if it is."""
@@ -162,9 +168,8 @@ class GuardMiddleware:
             return Overloaded("shutting down", retry_after=1)
         return None
 
-    def _record(
-        self, route: str, method: str, status: str, started: float, request_id: str
-    ) -> None:
+    def record(self, route: str, method: str, status: str, started: float, request_id: str) -> None:
+        """The request's RED metrics and, with ACCESS_LOG, its access log line."""
         elapsed = time.perf_counter() - started
         key = (route, method, status)
         children = self._counted.get(key)
@@ -188,7 +193,7 @@ class GuardMiddleware:
             )
 
 
-def _request_id(scope: Scope) -> str:
+def request_id_for(scope: Scope) -> str:
     """The client's X-Request-Id when it is a plain token, else a new one.
 
     It is echoed in bodies, headers and logs: only plain tokens are kept (bytes that are
@@ -197,43 +202,59 @@ def _request_id(scope: Scope) -> str:
     return given.decode() if _REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
 
 
-class BodyDeadline:
-    """Times the request body (uvicorn has no body read timeout).
+class BodyClock:
+    """The body deadline (uvicorn has no body read timeout), apart from how the body is
+    received: BodyDeadline below on the ASGI path, web/direct.py on the direct one.
 
     Each chunk must come within `gap` seconds of the previous one, and after the first
     `gap` seconds the body must average `min_rate` bytes/s: a client sending a byte every
     few seconds holds its request slot for `gap` seconds, not for as long as it likes.
-    Past either, `receive` raises RequestTimeout (408). Once the body is complete, receive
-    is not timed (Starlette waits on it for the disconnect).
+    Past either: RequestTimeout (408).
     """
 
-    def __init__(self, receive: Receive, gap: float, min_rate: int) -> None:
-        self._receive = receive
+    def __init__(self, gap: float, min_rate: int) -> None:
         self.gap = gap
         self.min_rate = min_rate
         self.started = time.monotonic()
         self.received = 0
-        self.complete = False
         self.timed_out = False
+
+    def deadline(self, now: float) -> float:
+        """When the next chunk is due at the latest."""
+        return min(now + self.gap, self.started + self.gap + self.received / self.min_rate)
+
+    def late(self, now: float, deadline: float) -> RequestTimeout:
+        """The refusal of a body that missed `deadline` (set at `now`), counted."""
+        self.timed_out = True
+        idle = now + self.gap <= deadline
+        metrics.LIMIT_REFUSALS.labels("body_timeout" if idle else "body_rate").inc()
+        return RequestTimeout(
+            "request body not received in time" if idle else "request body arrives too slowly"
+        )
+
+
+class BodyDeadline(BodyClock):
+    """`receive` under the body deadline. Once the body is complete, receive is not timed
+    (Starlette waits on it for the disconnect)."""
+
+    def __init__(self, receive: Receive, gap: float, min_rate: int) -> None:
+        super().__init__(gap, min_rate)
+        self._receive = receive
+        self.complete = False
         self.responded = False
 
     async def receive(self) -> Message:
         if self.complete:
             return await self._receive()
         now = time.monotonic()
-        deadline = min(now + self.gap, self.started + self.gap + self.received / self.min_rate)
+        deadline = self.deadline(now)
         try:
             # A timer in this task, not wait_for's task per call (3.11): a body already
             # buffered by uvicorn is handed over without suspending.
             async with asyncio.timeout(max(0.0, deadline - now)):
                 message = await self._receive()
         except TimeoutError:
-            self.timed_out = True
-            idle = now + self.gap <= deadline
-            metrics.LIMIT_REFUSALS.labels("body_timeout" if idle else "body_rate").inc()
-            raise RequestTimeout(
-                "request body not received in time" if idle else "request body arrives too slowly"
-            ) from None
+            raise self.late(now, deadline) from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             self.complete = not message.get("more_body", False)

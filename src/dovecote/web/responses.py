@@ -7,13 +7,15 @@ error says when to come back.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from dovecote.errors import DovecoteError, MalformedMessage, PayloadTooLarge
@@ -52,14 +54,47 @@ def refusal(
 
 def error_response(
     exc: DovecoteError, request_id: str = "", retry_after: float | None = None
-) -> JSONResponse:
+) -> Response:
+    """The error answer for `exc`; `retry_after` is the default when `exc` names none."""
+    return error_reply(exc, request_id, retry_after).response()
+
+
+# Starlette's JSONResponse.render, so a Reply's bytes equal its.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP answer apart from how it is sent: as a Starlette Response on the ASGI path,
+    or written straight to the connection by web/direct.py. Both send the same bytes."""
+
+    status: int
+    body: bytes = b""
+    media_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def response(self) -> Response:
+        return Response(
+            self.body, self.status, headers=dict(self.headers), media_type=self.media_type
+        )
+
+
+def json_reply(
+    body: dict[str, Any], status: int, headers: tuple[tuple[str, str], ...] = ()
+) -> Reply:
+    return Reply(status, _JSON.encode(body).encode(), "application/json", headers)
+
+
+def error_reply(
+    exc: DovecoteError, request_id: str = "", retry_after: float | None = None
+) -> Reply:
     """The error answer for `exc`; `retry_after` is the default when `exc` names none."""
     body = exc.to_json()
     if request_id:
         body["request_id"] = request_id
     wait = exc.retry_after if exc.retry_after is not None else retry_after
-    headers = {"Retry-After": retry_after_header(wait)} if wait is not None else {}
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    headers = (("Retry-After", retry_after_header(wait)),) if wait is not None else ()
+    return json_reply(body, exc.status, headers)
 
 
 def request_id_of(request: Request) -> str:
@@ -95,18 +130,27 @@ async def asgi_chunks(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def read_chunks(declared: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
-    """A body from `chunks`, refusing past `limit` (by Content-Length before reading)."""
+def check_declared(declared: str | None, limit: int) -> None:
+    """Refuse a body by its Content-Length, before reading any of it."""
     if declared is not None:
         if not declared.isdigit():
             raise MalformedMessage("invalid Content-Length")
         if int(declared) > limit:
             raise PayloadTooLarge(f"body of {declared} bytes exceeds the {limit}-byte limit")
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"body exceeds the {limit}-byte limit")
+
+
+async def read_chunks(declared: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """A body from `chunks`, refusing past `limit` (by Content-Length before reading)."""
+    check_declared(declared, limit)
     parts: list[bytes] = []
     size = 0
     async for chunk in chunks:
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"body exceeds the {limit}-byte limit")
+            raise too_large(limit)
         parts.append(chunk)
     return b"".join(parts)
