@@ -179,3 +179,32 @@ def test_an_askar_abi_not_checked_falls_back_to_the_wrappers(
     monkeypatch.setattr(lib.Lib, "version", lambda self: "9.0.0")
     chosen = askar_native._choose()
     assert type(chosen) is askar_native.Wrapped
+
+
+def test_base64url_decodes_as_the_lenient_way_does() -> None:
+    """b64url_decode (pybase64 first) and the lenient decoder agree on every text: the
+    same bytes, or both refuse (random texts of the alphabet, padding, other ASCII,
+    whitespace, non-ASCII)."""
+    import random
+
+    from dovecote.didcomm.jwe import b64url_decode, b64url_decode_lenient
+
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    odd = "=+/ \n.\x00é\u2028"
+    rnd = random.Random(16)
+    texts = [base64.urlsafe_b64encode(rnd.randbytes(n)).decode().rstrip("=") for n in range(70)]
+    texts += [
+        "".join(rnd.choice(alphabet + (odd if rnd.random() < 0.4 else "")) for _ in range(n))
+        for n in [rnd.randrange(0, 14) for _ in range(20000)]
+    ]
+    refused = 0
+    for text in texts:
+        try:
+            expected = b64url_decode_lenient(text)
+        except UnpackFailed:
+            refused += 1
+            with pytest.raises(UnpackFailed):
+                b64url_decode(text)
+            continue
+        assert b64url_decode(text) == expected, repr(text)
+    assert 1000 < refused < len(texts) - 1000  # both kinds of text were tried

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pybase64
 from aries_askar import AskarError, Key, KeyAlg, ecdh
 from aries_askar.bindings import Encrypted
 
@@ -75,8 +76,21 @@ _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 def b64url_decode(text: str) -> bytes:
     """Unpadded base64url, decoded as didcomm-messaging does (padding restored).
 
-    What base64.urlsafe_b64decode does (ASCII only, then non-strict a2b_base64), without
-    its two extra copies of the input."""
+    pybase64 (SIMD) decodes a well-formed text, 2.4 against 20 µs for a 2.5 kB ciphertext
+    through binascii; anything it refuses (or that holds "+" or "/", which it accepts
+    under a deprecation warning) goes the library's lenient way, so what decodes, and to
+    what, does not change (tests/unit/test_jwe.py compares both on random texts)."""
+    if "+" not in text and "/" not in text:
+        try:
+            return pybase64.b64decode(text + "=" * (-len(text) % 4), altchars="-_", validate=True)
+        except ValueError:  # binascii.Error and a non-ASCII text are ValueErrors
+            pass
+    return b64url_decode_lenient(text)
+
+
+def b64url_decode_lenient(text: str) -> bytes:
+    """What base64.urlsafe_b64decode does (ASCII only, then non-strict a2b_base64, which
+    skips characters outside the alphabet), without its two extra copies of the input."""
     try:
         data = text.encode("ascii").translate(_FROM_URLSAFE)
         return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
