@@ -35,7 +35,12 @@ from dovecote.errors import (
 )
 from dovecote.util import jsonlimits
 from dovecote.util.did import DEFAULT_MAX_DID_BYTES, did_problem
-from dovecote.util.jsonlimits import DEFAULT_MAX_JSON_DEPTH, depth_exceeds, raw_problem
+from dovecote.util.jsonlimits import (
+    DEFAULT_MAX_JSON_DEPTH,
+    containers_in,
+    depth_exceeds,
+    raw_problem,
+)
 from dovecote.util.lru import ByteLRU
 
 # Our own key ids (any did:peer:2 embedding our keys); bounded as every client-keyed map.
@@ -329,7 +334,8 @@ def parse_json(
 ) -> Any:
     """JSON from a client: bounded before parsing, depth checked after, never a
     RecursionError (see dovecote.util.jsonlimits)."""
-    problem = raw_problem(raw, max_depth)
+    containers = containers_in(raw)  # once: both checks below need it
+    problem = raw_problem(raw, max_depth, containers=containers)
     if problem is not None:
         raise LimitExceeded(f"{what} {problem}")
     try:
@@ -338,7 +344,9 @@ def parse_json(
         raise MalformedMessage(f"{what} is not JSON") from exc
     except RecursionError as exc:
         raise LimitExceeded(f"{what} nests deeper than {max_depth} levels") from exc
-    if may_nest(raw, max_depth) and depth_exceeds(value, max_depth):
+    # The depth walk over the value costs more than the count (an envelope of base64url
+    # strings opens a handful of containers).
+    if containers > max_depth and depth_exceeds(value, max_depth):
         raise LimitExceeded(f"{what} nests deeper than {max_depth} levels")
     return value
 

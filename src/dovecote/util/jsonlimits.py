@@ -37,12 +37,23 @@ def loads_envelope(raw: bytes | str) -> Any:
         return json.loads(raw)
 
 
-def raw_problem(
-    raw: bytes | str, max_depth: int, max_containers: int = DEFAULT_MAX_CONTAINERS
-) -> str | None:
-    """Why this JSON text must not be parsed, or None."""
+def containers_in(raw: bytes | str) -> int:
+    """The arrays and objects a JSON text opens at most (brackets in strings count too)."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    containers = data.count(b"[") + data.count(b"{")
+    return data.count(b"[") + data.count(b"{")
+
+
+def raw_problem(
+    raw: bytes | str,
+    max_depth: int,
+    max_containers: int = DEFAULT_MAX_CONTAINERS,
+    containers: int | None = None,
+) -> str | None:
+    """Why this JSON text must not be parsed, or None; `containers` is
+    `containers_in(raw)` when the caller has it already (a scan of the text)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if containers is None:
+        containers = data.count(b"[") + data.count(b"{")
     if containers > max_containers:
         return f"holds more than {max_containers} arrays and objects"
     if containers > max_depth and re.search(rb"[\[{](?:\s*[\[{]){%d}" % max_depth, data):
