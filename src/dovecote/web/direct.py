@@ -26,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
+from dovecote.errors import Unavailable
 from dovecote.web.guard import BodyClock, GuardMiddleware, request_id_for
 from dovecote.web.responses import Reply, check_declared, error_reply, too_large
 
@@ -37,6 +38,15 @@ ReplyFor = Callable[
 ]
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 SERVER_ERROR = Reply(500, b"Internal Server Error", "text/plain; charset=utf-8")
+# A request still running when SHUTDOWN_TIMEOUT ends (uvicorn cancels it): come back
+# (to another instance) rather than uvicorn's 500 on the ASGI path.
+CANCELLED = error_reply(Unavailable("shut down before this request was answered"), retry_after=1)
+
+
+def _response_done() -> None:
+    """The cycle's on_response once answered: uvicorn's run_asgi does the same, which
+    breaks the cycle <-> protocol reference loop (else both, and the body, wait for a
+    full collection, which gc.freeze makes rare)."""
 
 
 async def _keep_scope(scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,16 +103,28 @@ class DirectPost:
                 finally:
                     guard.requests.release()
             status = answer.status
-            await self._send(cycle, answer, request_id, close=clock.timed_out)
+            if cycle.flow.write_paused and not cycle.disconnected:
+                await cycle.flow.drain()
+            self._write(cycle, answer, request_id, close=clock.timed_out)
+        except asyncio.CancelledError:
+            status = 503
+            if not cycle.response_started:
+                self._write(cycle, CANCELLED, request_id, close=True)
+            raise
         except Exception:
             # As uvicorn's run_asgi: the traceback in the log, a 500 if nothing went out.
             log.exception("http.request_failed", route="/", request_id=request_id)
             status = 500
             if not cycle.response_started:
-                await self._send(cycle, SERVER_ERROR, request_id, close=True)
+                self._write(cycle, SERVER_ERROR, request_id, close=True)
             elif not cycle.response_complete:
                 cycle.transport.close()
         finally:
+            # Nothing of this request outlives its answer: uvicorn's receive() empties the
+            # body as it hands it over; a kept-alive connection would hold it until its
+            # next request (up to MAX_BODY_BYTES each, tests/integration/test_direct_post.py).
+            cycle.body = bytearray()
+            cycle.on_response = _response_done
             guard.record("/", "POST", str(status), started, request_id)
 
     @staticmethod
@@ -131,19 +153,16 @@ class DirectPost:
             cycle.message_event.clear()
         if cycle.disconnected:
             raise ClientDisconnect
-        if len(cycle.body) > limit:
+        body, cycle.body = cycle.body, bytearray()
+        if len(body) > limit:
             raise too_large(limit)
-        return bytes(cycle.body)
+        return bytes(body)
 
     @staticmethod
-    async def _send(
-        cycle: RequestResponseCycle, answer: Reply, request_id: str, close: bool
-    ) -> None:
+    def _write(cycle: RequestResponseCycle, answer: Reply, request_id: str, close: bool) -> None:
         """Write the whole answer at once and complete the cycle as uvicorn's send does."""
         if cycle.disconnected:
             return
-        if cycle.flow.write_paused:
-            await cycle.flow.drain()
         if close:
             # The rest of a too slow body is not worth waiting for.
             cycle.keep_alive = False
