@@ -346,45 +346,63 @@ def ratios(
 
 
 def postgres_1000(suites: Sequence[ForwardSuite]) -> str:
-    """The PostgreSQL --workers 2 step at 1,000 forwards/s offered, as its own table."""
-    suite = _find(suites, "postgres-workers2")
-    step = suite.at(1000) if suite else None
-    if suite is None or step is None:
-        return ""
-    run = step.run
-    p = run.percentiles()
-    pg_us = step.cpu_per_ok(pg=True) * 1e6
-    statuses = run.statuses
-    unanswered = statuses.get(-1, 0)
-    other = run.errors - statuses.get(503, 0) - unanswered
-    rows = [
-        [
-            "offered (open loop)",
-            f"1,000 forwards/s for {len(run.samples) / 1000:g} s ({len(run.samples)} requests)",
-        ],
-        [
-            "rate reached (HTTP 202/s, until the last answer)",
-            f"{run.throughput:.0f} ({len(run.ok)} accepted in {run.duration:.1f} s)",
-        ],
-        ["accept latency p50 / p99 / max ms", f"{ms(p['p50'])} / {ms(p['p99'])} / {ms(p['max'])}"],
-        ["503 answers (store timeout, with Retry-After)", f"{statuses.get(503, 0)}"],
-        ["unanswered 15 s after the step", f"{unanswered}"],
-        ["other errors", f"{other}" + (f" {dict(statuses)}" if other else "")],
-        [
-            "Dovecote CPU per accepted forward (both workers + supervisor)",
-            f"{step.cpu_per_ok() * 1e6:.0f} µs",
-        ],
-        [
-            "PostgreSQL backend CPU per accepted forward (psutil over the backends "
-            "pg_stat_activity lists for the bench database)",
-            "-" if math.isnan(pg_us) else f"{pg_us:.0f} µs",
-        ],
-        ["load average (1 min) at the end of the step", f"{step.load:.1f}"],
+    """The PostgreSQL --workers 2 steps at 1,000 forwards/s offered (pinned: both workers
+    on the servers' core; unpinned: on the machine's cores), as their own table."""
+    found = [
+        (name, suite.at(1000))
+        for key, name in (
+            ("postgres-workers2", "pinned (both workers on the servers' CPU)"),
+            (
+                "postgres-workers2-unpinned",
+                "unpinned (workers, generator and PostgreSQL share every core)",
+            ),
+        )
+        if (suite := _find(suites, key)) is not None and suite.at(1000) is not None
     ]
+    if not found:
+        return ""
+    columns: list[list[str]] = []
+    notes = []
+    for _, step in found:
+        assert step is not None
+        run = step.run
+        p = run.percentiles()
+        pg_us = step.cpu_per_ok(pg=True) * 1e6
+        statuses = run.statuses
+        unanswered = statuses.get(-1, 0)
+        other = run.errors - statuses.get(503, 0) - unanswered
+        columns.append(
+            [
+                f"1,000 forwards/s for {len(run.samples) / 1000:g} s ({len(run.samples)} requests)",
+                f"{run.throughput:.0f} ({len(run.ok)} accepted in {run.duration:.1f} s)",
+                f"{ms(p['p50'])} / {ms(p['p99'])} / {ms(p['max'])}",
+                f"{statuses.get(503, 0)}",
+                f"{unanswered}",
+                f"{other}" + (f" {dict(statuses)}" if other else ""),
+                f"{step.cpu_per_ok() * 1e6:.0f} µs",
+                "-" if math.isnan(pg_us) else f"{pg_us:.0f} µs",
+                f"{step.load:.1f}",
+            ]
+        )
+        if run.stopped_early:
+            notes.append(run.stopped_early)
+    measures = [
+        "offered (open loop)",
+        "rate reached (HTTP 202/s, until the last answer)",
+        "accept latency p50 / p99 / max ms",
+        "503 answers (store timeout, with Retry-After)",
+        "unanswered 15 s after the step",
+        "other errors",
+        "Dovecote CPU per accepted forward (both workers + supervisor)",
+        "PostgreSQL backend CPU per accepted forward (psutil over the backends "
+        "pg_stat_activity lists for the bench database)",
+        "load average (1 min) at the end of the step",
+    ]
+    rows = [[m, *(c[i] for c in columns)] for i, m in enumerate(measures)]
     return (
         "## PostgreSQL at 1,000 forwards/s offered, `--workers 2`\n\n"
-        + table(["measure", "value"], rows)
-        + ("\n\n" + run.stopped_early if run.stopped_early else "")
+        + table(["measure", *(name for name, _ in found)], rows)
+        + ("\n\n" + " ".join(notes) if notes else "")
     )
 
 
