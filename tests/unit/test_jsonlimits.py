@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import pytest
@@ -90,3 +91,38 @@ def test_envelope_loads_reads_integers_past_64_bits_as_floats() -> None:
     assert jsonlimits.loads_envelope(b'{"n":123456789012345678901234567890}') == {
         "n": 1.2345678901234568e29
     }
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> object:
+    """Parsed-JSON-like values, mostly strings, with every character class that JSON
+    writers escape differently: controls, DEL, non-ASCII, astral, lone surrogates."""
+    alphabet = [chr(c) for c in range(0x00, 0x80)] + ["é", "€", "\u2028", "𝄞", "\ud800", "\udfff"]
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+
+    roll = rng.random()
+    if depth < 4 and roll < 0.25:
+        return {text(): _random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    if depth < 4 and roll < 0.4:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if roll < 0.45:
+        return rng.choice([1.5, 1e16, 2**70, -0.0, float("nan"), float("inf"), True, None, 7])
+    if roll < 0.6:  # the common case: plain base64url text
+        return "".join(rng.choice("abcXYZ019-_") for _ in range(rng.randrange(40)))
+    return text()
+
+
+def test_dumps_compact_gives_the_bytes_json_dumps_gives() -> None:
+    """The stored and digested bytes of a forwarded attachment must not depend on which
+    encoder wrote them."""
+    rng = random.Random(20261203)
+    fast = 0
+    for _ in range(20_000):
+        value = _random_value(rng)
+        expected = json.dumps(value, separators=(",", ":")).encode()
+        assert jsonlimits.dumps_compact(value) == expected, value
+        fast += jsonlimits._strings_only(value) and expected.isascii()
+    assert fast > 2_000  # the orjson path was taken, not only the fallback
+    jwe = {"protected": "eyJ", "recipients": [{"header": {"kid": "did:x#1"}, "encrypted_key": "k"}]}
+    assert jsonlimits.dumps_compact(jwe) == json.dumps(jwe, separators=(",", ":")).encode()

@@ -30,12 +30,13 @@ one pointer, passed as that pointer, and aries_askar's own destructors pass it s
 from __future__ import annotations
 
 import ctypes
-import json
 from ctypes import POINTER, byref, c_char_p, c_int8, c_int64, c_size_t, c_void_p
 from typing import Any
 
 import structlog
 from aries_askar import AskarError, Key, ecdh
+
+from dovecote.util.jsonlimits import dumps_compact
 
 log = structlog.get_logger("dovecote.askar")
 
@@ -176,7 +177,10 @@ class Native(Wrapped):
         return error
 
     def epk(self, jwk: dict[str, Any]) -> Handle:
-        data = json.dumps(jwk).encode()  # the shared default encoder, as the wrappers
+        # 0.3 against 2.1 µs; askar parses the text, so the same bytes are not needed,
+        # but the same meaning is: json.dumps, as the wrappers, unless all are strings
+        # (orjson writes NaN as null, which askar would then ignore instead of refusing).
+        data = dumps_compact(jwk)
         out = c_size_t()
         if self._from_jwk(_Bytes(len(data), data), byref(out)):
             raise self._failed()

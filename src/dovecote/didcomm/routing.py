@@ -49,6 +49,7 @@ from dovecote.store.base import (
     RelayQuota,
     StoredMessage,
 )
+from dovecote.util.jsonlimits import dumps_compact
 from dovecote.util.kinds import OutboxKind
 
 log = structlog.get_logger("dovecote.routing")
@@ -64,8 +65,6 @@ PIURI = "https://didcomm.org/routing/2.0"
 FORWARD = f"{PIURI}/forward"
 MAX_ATTACHMENTS = 100
 MAX_UNIX_TIME = 2**53
-# json.dumps with separators builds an encoder per call.
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 def attachment_bytes(attachment: Any) -> bytes:
@@ -74,7 +73,7 @@ def attachment_bytes(attachment: Any) -> bytes:
     if not isinstance(data, dict):
         raise MalformedMessage("forward attachment has no data")
     if isinstance(data.get("json"), dict):
-        return _COMPACT.encode(data["json"]).encode()
+        return dumps_compact(data["json"])
     if isinstance(data.get("base64"), str):
         text = data["base64"]
         try:

@@ -48,6 +48,17 @@ FRUITLESS_WAITS = 8
 PROBE_SECONDS = 1.0
 # find_mediatee's answers (base DID -> mediatee or None), keyed by client input.
 MEDIATEE_CACHE_BYTES = 1024 * 1024
+# The writer's temp_store for groups of enqueues only, and for everything else. Inside
+# BEGIN every INSERT that may abort keeps a statement journal: the prior image of each
+# page it changes. A group's dedup claims touch one random index leaf per message, so
+# from ~16 messages on that journal passes SQLite's 64 KiB spill threshold and goes to
+# a temp file in /var/tmp, created, written and deleted per commit (at saturation ~0.7
+# files and ~70 page writes per commit, a third of the writer's pwrites). In memory it
+# is bounded by the pages one group changes (GROUP_COMMIT_MAX enqueues, a few pages
+# each; new pages are never journaled). Other writes (a room's cascade delete, sweeps)
+# may change any number of existing pages, so they keep the file and its bound.
+_TEMP_STORE_ENQUEUES = "MEMORY"
+_TEMP_STORE_OTHER = "DEFAULT"
 
 
 def _params(args: Sequence[Any]) -> tuple[Any, ...]:
@@ -160,6 +171,7 @@ class SQLiteStore(SQLStore):
         self.max_page_count = max_page_count
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._writing = False  # the writer thread runs and takes writes
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
@@ -171,6 +183,7 @@ class SQLiteStore(SQLStore):
         # COMMIT and before any caller hears of it).
         self._mediatees: ByteLRU[str, tuple[int, str | None]] = ByteLRU(MEDIATEE_CACHE_BYTES)
         self._writes = 0
+        self._temp_store = _TEMP_STORE_OTHER  # the writer connection's (see _commit_batch)
 
     # ------------------------------------------------------------------ plumbing
     def _connect(self) -> sqlite3.Connection:
@@ -240,7 +253,7 @@ class SQLiteStore(SQLStore):
         await self._submit(_Write(None, asyncio.get_running_loop(), enqueue=job))
 
     async def _submit(self, job: _Write) -> Any:
-        if self._writer is None or not self._writer.is_alive():
+        if not self._writing:
             raise StoreError("store is not open")
         self._queue.put(job)
         # One timer on the caller's future (asyncio.timeout builds a Timeout and
@@ -300,18 +313,23 @@ class SQLiteStore(SQLStore):
         return mediatee
 
     def _writer_loop(self) -> None:
-        conn = self._connect()
         try:
-            while True:
-                first = self._queue.get()
-                if first is _STOP:
-                    return
-                batch, stop = self._gather(first)
-                self._commit_batch(conn, batch)
-                if stop:
-                    return
+            conn = self._connect()
+            self._temp_store = _TEMP_STORE_OTHER
+            try:
+                while True:
+                    first = self._queue.get()
+                    if first is _STOP:
+                        return
+                    batch, stop = self._gather(first)
+                    self._commit_batch(conn, batch)
+                    if stop:
+                        return
+            finally:
+                conn.close()
         finally:
-            conn.close()
+            # Read by every submit: a plain attribute, not Thread.is_alive (a lock).
+            self._writing = False
 
     def _gather(self, first: _Write) -> tuple[list[_Write], bool]:
         """The writes to commit with `first`, and whether _STOP came after them.
@@ -369,7 +387,13 @@ class SQLiteStore(SQLStore):
         started = time.perf_counter()
         # Only enqueues in it: no registration can change (find_mediatee's cache).
         only_enqueues = all(job.body is None for job in batch)
+        temp_store = _TEMP_STORE_ENQUEUES if only_enqueues else _TEMP_STORE_OTHER
         try:
+            if temp_store != self._temp_store:
+                # Outside a transaction, and with no TEMP tables to drop: only the kind
+                # of storage for statement journals changes.
+                conn.execute(f"PRAGMA temp_store={temp_store}")
+                self._temp_store = temp_store
             conn.execute("BEGIN IMMEDIATE")
             self._run_writes(conn, batch, only_enqueues)
             if conn.in_transaction:
@@ -486,6 +510,7 @@ class SQLiteStore(SQLStore):
         self._writes += 1  # nothing read before this opening is kept
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sqlite-read")
         self._writer = threading.Thread(target=self._writer_loop, name="sqlite-writer", daemon=True)
+        self._writing = True
         self._writer.start()
         self._lookup = await asyncio.to_thread(self._connect)
         self._lookup.execute("PRAGMA query_only=ON")
