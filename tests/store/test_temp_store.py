@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent(
     libc = ctypes.CDLL(None, use_errno=True)
     IN_CREATE, IN_NONBLOCK = 0x100, 0o4000
     watch = libc.inotify_init1(IN_NONBLOCK)
-    assert watch >= 0 and libc.inotify_add_watch(watch, os.environ["SQLITE_TMPDIR"].encode(), IN_CREATE) >= 0
+    tmpdir = os.environ["SQLITE_TMPDIR"].encode()
+    assert watch >= 0 and libc.inotify_add_watch(watch, tmpdir, IN_CREATE) >= 0
 
     def created() -> int:
         count = 0
@@ -49,7 +50,11 @@ SCRIPT = textwrap.dedent(
     TYPES = ("text", "text", "text", "float8")
 
     def rows(n):
-        return [("did:example:alice-r1", secrets.token_hex(32), secrets.token_hex(16), time.time()) for _ in range(n)]
+        now = time.time()
+        return [
+            ("did:example:alice-r1", secrets.token_hex(32), secrets.token_hex(16), now)
+            for _ in range(n)
+        ]
 
     async def main():
         store = SQLiteStore(f"sqlite:///{sys.argv[1]}", group_commit_wait=0.2)
