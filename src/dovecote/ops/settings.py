@@ -120,7 +120,7 @@ class Settings(BaseSettings):
         512, ge=1, description="Most writes one SQLite transaction may group."
     )
     group_commit_wait: float = Field(
-        0.008,
+        0.02,
         ge=0,
         le=1,
         description="Seconds an enqueue may wait for others to share its SQLite commit "

@@ -40,7 +40,7 @@ FIELDS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
      'Patroni REST API URLs, one per host of STORE in the same order (e.g. http://pg1:8008,http://pg2:8008,http://pg3:8008): only the node holding the leader lock is used, and connections to a node that lost it are closed within seconds. Empty: no leader check (use HAProxy, deploy/haproxy/).'),
     ('group_commit_max', 'int', (), '512',
      'Most writes one SQLite transaction may group.'),
-    ('group_commit_wait', 'float', (), '0.008',
+    ('group_commit_wait', 'float', (), '0.02',
      'Seconds an enqueue may wait for others to share its SQLite commit (0: commit at once). Each commit costs an fsync and wake-ups; at moderate rates this groups forwards that would each pay them. A caller writing one message at a time soon stops paying it (the writer stops waiting after 8 fruitless waits).'),
     ('backup_dir', 'str', (), 'None',
      'Directory for scheduled SQLite backups (empty: no scheduled backups).'),
