@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from dovecote.store import sqlite as sqlite_engine
-from dovecote.store.sqlite import FRUITLESS_WAITS, SQLiteStore
+from dovecote.store.sqlite import FRUITLESS_WAITS, GROUP_ENOUGH, SQLiteStore
 
 from .helpers import ROOMY, mediate, message
 
@@ -62,21 +63,25 @@ async def test_an_enqueue_during_the_wait_shares_the_commit_and_both_hear_after_
         await store.close()
 
 
+class CountingEvent(threading.Event):
+    """The writer's group-wait event, counting the waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return super().wait(timeout)
+
+
 async def test_a_caller_writing_one_message_at_a_time_stops_paying_the_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sqlite_engine, "PROBE_SECONDS", 3600.0)
-    slept: list[float] = []
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        real_sleep(seconds)
-
-    # The writer thread's sleeps (time is one module: everyone's, for this test only).
-    monkeypatch.setattr(time, "sleep", sleep)
     path = tmp_path / "store.db"
     store = SQLiteStore(f"sqlite:///{path}", group_commit_wait=0.02)
+    store._enough = waits = CountingEvent()
     await store.open()
     try:
         await mediate(store, ALICE, "did:example:alice-r1")
@@ -87,7 +92,50 @@ async def test_a_caller_writing_one_message_at_a_time_stops_paying_the_wait(
     finally:
         await store.close()
     # Only the first ones waited (nobody else was writing); the rest committed at once.
-    assert len(slept) == FRUITLESS_WAITS
+    assert len(waits.waits) == FRUITLESS_WAITS
+
+
+async def test_a_large_enough_group_ends_the_wait_at_once(tmp_path: Path) -> None:
+    """A closed loop of N clients must not be held to N writes per GROUP_COMMIT_WAIT."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(f"sqlite:///{path}", group_commit_wait=3.0)
+    await store.open()
+    try:
+        await mediate(store, ALICE, "did:example:alice-r1")
+        before = commits()
+        started = time.monotonic()
+        first = asyncio.create_task(store.enqueue(message(body=b"m0"), **ROOMY))
+        await asyncio.sleep(0.2)  # the writer has it and waits for company
+        assert not first.done()
+        results = await asyncio.gather(
+            first,
+            *(
+                store.enqueue(message(body=f"m{i}".encode()), **ROOMY)
+                for i in range(1, GROUP_ENOUGH)
+            ),
+        )
+        took = time.monotonic() - started
+        assert not any(r.duplicate for r in results)
+        assert len(stored(path)) == GROUP_ENOUGH
+        count, total = commits()
+        # All in one commit (they waited for each other) ...
+        assert (count - before[0], total - before[1]) == (1, GROUP_ENOUGH)
+        # ... which came when the group was complete, not after the 3 s wait.
+        assert took < 1.5
+        # One fewer: the wait runs its course.
+        started = time.monotonic()
+        first = asyncio.create_task(store.enqueue(message(body=b"n0"), **ROOMY))
+        await asyncio.sleep(0.2)
+        await asyncio.gather(
+            first,
+            *(
+                store.enqueue(message(body=f"n{i}".encode()), **ROOMY)
+                for i in range(1, GROUP_ENOUGH - 1)
+            ),
+        )
+        assert time.monotonic() - started >= 2.5
+    finally:
+        await store.close()
 
 
 async def test_lookups_follow_registrations_across_enqueues_and_other_writes(
