@@ -124,7 +124,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="Seconds an enqueue may wait for others to share its SQLite commit "
-        "(0: commit at once). Each commit costs an fsync and wake-ups; at moderate rates "
+        "(0: commit at once): 8 ms (or this, when shorter), then on while its group holds "
+        "fewer than 16 writes. Each commit costs an fsync and wake-ups; at moderate rates "
         "this groups forwards that would each pay them. A caller writing one message at a "
         "time soon stops paying it (the writer stops waiting after 8 fruitless waits).",
     )

@@ -41,7 +41,7 @@ FIELDS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
     ('group_commit_max', 'int', (), '512',
      'Most writes one SQLite transaction may group.'),
     ('group_commit_wait', 'float', (), '0.02',
-     'Seconds an enqueue may wait for others to share its SQLite commit (0: commit at once). Each commit costs an fsync and wake-ups; at moderate rates this groups forwards that would each pay them. A caller writing one message at a time soon stops paying it (the writer stops waiting after 8 fruitless waits).'),
+     'Seconds an enqueue may wait for others to share its SQLite commit (0: commit at once): 8 ms (or this, when shorter), then on while its group holds fewer than 16 writes. Each commit costs an fsync and wake-ups; at moderate rates this groups forwards that would each pay them. A caller writing one message at a time soon stops paying it (the writer stops waiting after 8 fruitless waits).'),
     ('backup_dir', 'str', (), 'None',
      'Directory for scheduled SQLite backups (empty: no scheduled backups).'),
     ('backup_interval', 'float', (), '3600.0',
