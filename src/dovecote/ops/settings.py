@@ -78,8 +78,8 @@ class Settings(BaseSettings):
         "server process of WORKERS gets its own. 0: unpack in the event loop. Measure "
         "before using it: since the in-process open became mostly askar's C code, "
         "the hand-off costs about what it saves on 3.4 kB forwards (0.59-1.29x "
-        "the one-process rate on 2 cores, docs/performance.md); it pays for large "
-        "envelopes on a machine with cores to spare. At low rates it only adds a pipe "
+        "the one-process rate on 2 cores, docs/performance.md); larger envelopes or "
+        "more spare cores may change that (not measured). At low rates it adds a pipe "
         "round trip per batch. Authcrypt is "
         "always opened in the server process (it resolves the sender's key there).",
     )

@@ -19,7 +19,7 @@ FIELDS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
     ('workers', 'int', (), '1',
      'Worker processes (PostgreSQL only for >1).'),
     ('decrypt_workers', 'int', (), '0',
-     "Processes that open anoncrypt (ECDH-ES) envelopes for this server process, so that a SQLite server (one process) uses more than one core; each server process of WORKERS gets its own. 0: unpack in the event loop. Measure before using it: since the in-process open became mostly askar's C code, the hand-off costs about what it saves on 3.4 kB forwards (0.59-1.29x the one-process rate on 2 cores, docs/performance.md); it pays for large envelopes on a machine with cores to spare. At low rates it only adds a pipe round trip per batch. Authcrypt is always opened in the server process (it resolves the sender's key there)."),
+     "Processes that open anoncrypt (ECDH-ES) envelopes for this server process, so that a SQLite server (one process) uses more than one core; each server process of WORKERS gets its own. 0: unpack in the event loop. Measure before using it: since the in-process open became mostly askar's C code, the hand-off costs about what it saves on 3.4 kB forwards (0.59-1.29x the one-process rate on 2 cores, docs/performance.md); larger envelopes or more spare cores may change that (not measured). At low rates it adds a pipe round trip per batch. Authcrypt is always opened in the server process (it resolves the sender's key there)."),
     ('trusted_proxies', 'str', (), "''",
      'Proxy addresses or networks (CIDR) whose X-Forwarded-For/-Proto headers are trusted; the client address is then the last untrusted X-Forwarded-For entry (rate limits, admin allowlist). Empty: no proxy header is trusted.'),
     ('tls_cert', 'str', (), 'None',
