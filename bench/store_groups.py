@@ -50,10 +50,10 @@ async def _round(store: SQLiteStore, group: int, messages: int, ttl: float) -> d
     commits = 0
     original = store._commit_batch
 
-    def counted(conn, batch):  # type: ignore[no-untyped-def]
+    def counted(conn, batch, temp_store):  # type: ignore[no-untyped-def]
         nonlocal commits
         commits += 1
-        original(conn, batch)
+        return original(conn, batch, temp_store)
 
     store._commit_batch = counted  # type: ignore[method-assign]
     store._fruitless = 0  # the previous round's groups of 1 stopped the group wait

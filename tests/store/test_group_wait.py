@@ -85,6 +85,15 @@ async def test_a_caller_writing_one_message_at_a_time_stops_paying_the_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sqlite_engine, "PROBE_SECONDS", 3600.0)
+    slept: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        real_sleep(seconds)
+
+    # The writer thread's sleeps (time is one module: everyone's, for this test only).
+    monkeypatch.setattr(time, "sleep", sleep)
     path = tmp_path / "store.db"
     store = SQLiteStore(f"sqlite:///{path}", group_commit_wait=0.02)
     store._enough = waits = CountingEvent()
@@ -97,8 +106,28 @@ async def test_a_caller_writing_one_message_at_a_time_stops_paying_the_wait(
             assert len(stored(path)) == i + 1  # committed before the answer
     finally:
         await store.close()
-    # Only the first ones waited (nobody else was writing); the rest committed at once.
+    # Only the first ones waited (nobody else was writing), both parts of the wait; the
+    # rest committed at once.
+    assert len(slept) == FRUITLESS_WAITS
     assert len(waits.waits) == FRUITLESS_WAITS
+
+
+async def test_a_backlog_is_not_taken_for_fruitless_waits(tmp_path: Path) -> None:
+    """Full groups and groups whose writes waited in the queue do not wait: they must not
+    count as waits that brought nobody, or a backlog would stop the group wait."""
+    store = SQLiteStore(
+        f"sqlite:///{tmp_path / 'store.db'}", group_commit_max=4, group_commit_wait=0.02
+    )
+    await store.open()
+    try:
+        await mediate(store, ALICE, "did:example:alice-r1")
+        results = await asyncio.gather(
+            *(store.enqueue(message(body=f"m{i}".encode()), **ROOMY) for i in range(32))
+        )
+        assert not any(r.duplicate for r in results)
+        assert store._fruitless == 0
+    finally:
+        await store.close()
 
 
 async def test_a_large_enough_group_ends_the_wait_at_once(tmp_path: Path) -> None:

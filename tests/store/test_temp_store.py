@@ -72,9 +72,14 @@ SCRIPT = textwrap.dedent(
             enqueues = created()
             await store._write(lambda tx: tx.rows(DEDUP, TYPES, rows(100)))
             control = created()
+            # And back to memory for the next group.
+            await asyncio.gather(
+                *(store.enqueue(message(body=os.urandom(64)), **ROOMY) for _ in range(100))
+            )
+            again = created()
         finally:
             await store.close()
-        print(json.dumps({"enqueues": enqueues, "control": control}))
+        print(json.dumps({"enqueues": enqueues, "control": control, "again": again}))
 
     asyncio.run(main())
     """
@@ -98,3 +103,4 @@ def test_a_group_of_enqueues_writes_no_temp_file(tmp_path: Path) -> None:
     # The control shows the watch sees SQLite's temp files at all.
     assert seen["control"] > 0, seen
     assert seen["enqueues"] == 0, seen
+    assert seen["again"] == 0, seen

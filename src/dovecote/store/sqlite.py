@@ -155,6 +155,26 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
+def _switch_temp_store(conn: sqlite3.Connection, current: str, only_enqueues: bool) -> str:
+    """Set the writer connection's temp_store for the next batch; the value it has now.
+
+    Outside a transaction, and with no TEMP tables to drop: only the kind of storage for
+    statement journals changes. Failing to go to memory costs only speed (the journal
+    stays a file, as before); failing to go back raises, so the batch fails rather than
+    run an unbounded journal in memory."""
+    wanted = _TEMP_STORE_ENQUEUES if only_enqueues else _TEMP_STORE_OTHER
+    if wanted == current:
+        return current
+    try:
+        conn.execute(f"PRAGMA temp_store={wanted}")
+    except sqlite3.Error as exc:
+        if not only_enqueues:
+            raise
+        log.warning("store.temp_store_unchanged", error=str(exc))
+        return current
+    return wanted
+
+
 class SQLiteStore(SQLStore):
     """The embedded default store."""
 
@@ -197,7 +217,6 @@ class SQLiteStore(SQLStore):
         # COMMIT and before any caller hears of it).
         self._mediatees: ByteLRU[str, tuple[int, str | None]] = ByteLRU(MEDIATEE_CACHE_BYTES)
         self._writes = 0
-        self._temp_store = _TEMP_STORE_OTHER  # the writer connection's (see _commit_batch)
 
     # ------------------------------------------------------------------ plumbing
     def _connect(self) -> sqlite3.Connection:
@@ -333,21 +352,24 @@ class SQLiteStore(SQLStore):
     def _writer_loop(self) -> None:
         try:
             conn = self._connect()
-            self._temp_store = _TEMP_STORE_OTHER
+            temp_store = _TEMP_STORE_OTHER  # this connection's (see _commit_batch)
             try:
                 while True:
                     first = self._queue.get()
                     if first is _STOP:
                         return
                     batch, stop = self._gather(first)
-                    self._commit_batch(conn, batch)
+                    temp_store = self._commit_batch(conn, batch, temp_store)
                     if stop:
                         return
             finally:
                 conn.close()
         finally:
-            # Read by every submit: a plain attribute, not Thread.is_alive (a lock).
-            self._writing = False
+            # Read by every submit: a plain attribute, not Thread.is_alive (a lock). A
+            # writer that outlived its close() (join timed out) must not clear the flag
+            # of the one a later open() started.
+            if self._writer is threading.current_thread():
+                self._writing = False
 
     def _gather(self, first: _Write) -> tuple[list[_Write], bool]:
         """The writes to commit with `first`, and whether _STOP came after them.
@@ -364,7 +386,11 @@ class SQLiteStore(SQLStore):
         batch = [first]
         if self._drain(batch):
             return batch, True
-        if self.group_commit_wait <= 0 or first.enqueue is None:
+        if (
+            self.group_commit_wait <= 0
+            or first.enqueue is None
+            or len(batch) >= self.group_commit_max
+        ):
             return batch, False
         now = time.monotonic()
         if self._fruitless >= FRUITLESS_WAITS:
@@ -373,13 +399,13 @@ class SQLiteStore(SQLStore):
             self._probed = now
         short = min(self.group_commit_wait, GROUP_SHORT_WAIT)
         remaining = first.submitted + short - now
-        if remaining <= 0 and short == self.group_commit_wait:
-            return batch, False  # it already waited that long in the queue
         joined = len(batch)
+        waited = False
         if remaining > 0:
             # Asleep rather than waiting on the queue: a write joining the group then
             # wakes no thread (one futex wake-up per message less).
             time.sleep(remaining)
+            waited = True
             if self._drain(batch):
                 return batch, True
         enough = min(GROUP_ENOUGH, self.group_commit_max)
@@ -392,9 +418,14 @@ class SQLiteStore(SQLStore):
             self._awaited = enough - len(batch)
             if self._queue.qsize() < self._awaited:
                 self._enough.wait(remaining)
+                waited = True
             self._awaited = 0
             if self._drain(batch):
                 return batch, True
+        if not waited:
+            # It had waited in the queue long enough, or was large enough: not a wait
+            # that brought nobody (a backlog must not make the writer stop waiting).
+            return batch, False
         self._fruitless = self._fruitless + 1 if len(batch) == joined else 0
         if self._fruitless == FRUITLESS_WAITS:
             # Stopped waiting now: the first probe comes PROBE_SECONDS from here.
@@ -413,17 +444,13 @@ class SQLiteStore(SQLStore):
             batch.append(nxt)
         return False
 
-    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Write], temp_store: str) -> str:
+        """Commit `batch`; the connection's temp_store afterwards (it was `temp_store`)."""
         started = time.perf_counter()
         # Only enqueues in it: no registration can change (find_mediatee's cache).
         only_enqueues = all(job.body is None for job in batch)
-        temp_store = _TEMP_STORE_ENQUEUES if only_enqueues else _TEMP_STORE_OTHER
         try:
-            if temp_store != self._temp_store:
-                # Outside a transaction, and with no TEMP tables to drop: only the kind
-                # of storage for statement journals changes.
-                conn.execute(f"PRAGMA temp_store={temp_store}")
-                self._temp_store = temp_store
+            temp_store = _switch_temp_store(conn, temp_store, only_enqueues)
             conn.execute("BEGIN IMMEDIATE")
             self._run_writes(conn, batch, only_enqueues)
             if conn.in_transaction:
@@ -452,6 +479,7 @@ class SQLiteStore(SQLStore):
             loops.setdefault(job.loop, []).append(job)
         for loop, jobs in loops.items():
             loop.call_soon_threadsafe(self._resolve_all, jobs)
+        return temp_store
 
     def _run_writes(self, conn: sqlite3.Connection, batch: list[_Write], alone: bool) -> None:
         """Run the batch's writes in the open transaction (`alone`: only enqueues)."""
@@ -541,7 +569,12 @@ class SQLiteStore(SQLStore):
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sqlite-read")
         self._writer = threading.Thread(target=self._writer_loop, name="sqlite-writer", daemon=True)
         self._writing = True
-        self._writer.start()
+        try:
+            self._writer.start()
+        except BaseException:
+            self._writing = False
+            self._writer = None
+            raise
         self._lookup = await asyncio.to_thread(self._connect)
         self._lookup.execute("PRAGMA query_only=ON")
         self._lookup.execute("PRAGMA busy_timeout=0")
@@ -587,6 +620,9 @@ class SQLiteStore(SQLStore):
 
     async def close(self) -> None:
         if self._writer is not None:
+            # Before _STOP: a write submitted from here on is refused at once instead of
+            # waiting behind it for its timeout.
+            self._writing = False
             self._queue.put(_STOP)
             await asyncio.to_thread(self._writer.join, 30)
             self._writer = None
