@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import ssl
@@ -25,7 +26,37 @@ ROOT = Path(__file__).resolve().parents[2]
 CLIENT_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A port that nothing listens on, below the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) is an ephemeral one: between choosing it and a
+    server binding it, an outgoing connection (to PostgreSQL, between instances) can take
+    it as its local port, and nginx's bind to 0.0.0.0 then fails (seen in CI). Below the
+    ephemeral range only listeners compete, and this process never hands out a port twice."""
+    low = max(1024, min(20000, _EPHEMERAL_LOW - 2000))
+    for _ in range(200 if _EPHEMERAL_LOW - low >= 1000 else 0):
+        port = random.randrange(low, _EPHEMERAL_LOW)
+        if port in _handed_out:
+            continue
+        try:
+            # nginx binds the wildcard address: a port bindable there is free on loopback too.
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
