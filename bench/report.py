@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,22 @@ def ratios(
                 pair(one, two),
             ),
         ]
+        # What any split over this machine's cores could reach at best: every core busy,
+        # each forward costing what it cost the one process plus the load generator's
+        # share, no hand-off at all. Below the target, the machine cannot show it.
+        cores = os.cpu_count() or 1
+        generator = per_ok(one, one.loadgen_cpu_seconds)
+        ceiling = cores * 1e6 / (us(one) + generator)
+        out.append(
+            Ratio(
+                f"two cores ÷ one process (SQLite): the most {cores} cores allow ({how})",
+                ceiling / one.run.throughput,
+                f"{ceiling:.0f}/s = {cores} cores ÷ ({us(one):.0f} µs server "
+                f"+ {generator:.0f} µs load generator) per forward, nothing spent on a hand-off",
+                f"{one.run.throughput:.0f}/s, 1 process",
+                f"{one.load:.1f}",
+            )
+        )
     sq, pg = _sat(_find(suites, "sqlite")), _sat(_find(suites, "postgres"))
     if sq and pg:
         out += [
