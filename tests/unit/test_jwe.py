@@ -208,3 +208,48 @@ def test_base64url_decodes_as_the_lenient_way_does() -> None:
             continue
         assert b64url_decode(text) == expected, repr(text)
     assert 1000 < refused < len(texts) - 1000  # both kinds of text were tried
+
+
+def test_base64url_encodes_as_the_standard_library_does() -> None:
+    """b64url (pybase64) writes the text base64.urlsafe_b64encode does, unpadded, for
+    every length around the padding boundaries and for random bytes of each value."""
+    import random
+
+    from dovecote.didcomm.jwe import b64url
+
+    rnd = random.Random(17)
+    samples = [bytes(range(256)), b""] + [rnd.randbytes(n) for n in range(300)]
+    samples += [rnd.randbytes(rnd.randrange(3000, 70000)) for _ in range(20)]
+    for data in samples:
+        assert b64url(data) == _b64(data)
+
+
+async def test_authcrypt_with_the_sender_algorithm_given_opens_with_sicpa(packer: Packer) -> None:
+    """jwe.authcrypt told the sender key's algorithm (as the packer does, from its cache)
+    writes what SICPA's didcomm opens; told a wrong one, askar refuses the agreement."""
+    from aries_askar import AskarError, KeyAlg
+
+    from dovecote.didcomm import jwe
+
+    agent = Agent.create("http://m.example", packer.identity.did)
+    recipient = await packer._recipient_key(agent.did)
+    sender_kid, sender, sender_alg = await packer._own_key()
+    assert sender_alg == KeyAlg.X25519
+    message = {
+        "id": "a1",
+        "typ": "application/didcomm-plain+json",
+        "type": PING,
+        "from": packer.identity.did,
+        "to": [agent.did],
+        "body": {},
+    }
+    packed = jwe.authcrypt(
+        json.dumps(message).encode(),
+        [(recipient.kid, recipient.key)],
+        sender_kid,
+        sender,
+        sender_alg,
+    )
+    assert (await agent.unpack(packed))["id"] == "a1"
+    with pytest.raises(AskarError):
+        jwe.authcrypt(b"{}", [(recipient.kid, recipient.key)], sender_kid, sender, KeyAlg.P256)

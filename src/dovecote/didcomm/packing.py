@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from aries_askar import AskarError, Key
+from aries_askar import AskarError, Key, KeyAlg
 from did_peer_2 import resolve as resolve_peer2
 from didcomm_messaging.crypto import SecretsManager
 from didcomm_messaging.crypto.backend.askar import AskarCryptoService, AskarKey, AskarSecretKey
@@ -158,7 +158,7 @@ class Packer:
         # Peers' keys by key id (authcrypt senders) and by DID or key id (reply recipients).
         self._sender_keys: ByteLRU[str, Key] = ByteLRU(SECRETS_CACHE_BYTES)
         self._recipient_keys: ByteLRU[str, AskarKey] = ByteLRU(SECRETS_CACHE_BYTES)
-        self._own: tuple[str, str, Key] | None = None
+        self._own: tuple[str, str, Key, KeyAlg] | None = None
         self.resolver = resolver or build_resolver(cache_bytes)
         self.crypto = DIDCommCrypto()
         self.packaging: PackagingService[Any, AskarSecretKey] = PackagingService()
@@ -292,12 +292,13 @@ class Packer:
         """Authcrypt a reply to `to` directly (no forward wrapping: it goes back this hop)."""
         try:
             recipient = await self._recipient_key(to)
-            sender_kid, sender = await self._own_key()
+            sender_kid, sender, sender_alg = await self._own_key()
             packed = jwe.authcrypt(
-                json.dumps(message, separators=(",", ":")).encode(),
+                jsonlimits.dumps_compact(message),
                 [(recipient.kid, recipient.key)],
                 sender_kid,
                 sender,
+                sender_alg,
             )
         except Exception as exc:
             raise _unpack_error(exc) from exc
@@ -314,16 +315,16 @@ class Packer:
             self._recipient_keys.put(to, key, size=2 * len(to) + KEY_OVERHEAD)
         return key
 
-    async def _own_key(self) -> tuple[str, Key]:
-        """Our key-agreement key id under the current DID, and the key."""
+    async def _own_key(self) -> tuple[str, Key, KeyAlg]:
+        """Our key-agreement key id under the current DID, the key and its algorithm."""
         did = self.identity.did
         if self._own is None or self._own[0] != did:
             kid = await self.packaging.default_sender_kid_for_did(self.resolver, did)
             secret = self.secrets.secret_for(kid)
             if secret is None:
                 raise RuntimeError("identity keys do not match the mediator DID")
-            self._own = (did, kid, secret.key)
-        return self._own[1], self._own[2]
+            self._own = (did, kid, secret.key, secret.key.algorithm)
+        return self._own[1], self._own[2], self._own[3]
 
 
 def parse_json(
