@@ -251,5 +251,11 @@ async def test_authcrypt_with_the_sender_algorithm_given_opens_with_sicpa(packer
         sender_alg,
     )
     assert (await agent.unpack(packed))["id"] == "a1"
+    # The bytes json.dumps and base64 would have written: compact, key order kept.
+    envelope = json.loads(packed)
+    assert packed == json.dumps(envelope, separators=(",", ":")).encode()
+    assert envelope["protected"] == _b64(
+        json.dumps(_header(envelope), separators=(",", ":")).encode()
+    )
     with pytest.raises(AskarError):
         jwe.authcrypt(b"{}", [(recipient.kid, recipient.key)], sender_kid, sender, KeyAlg.P256)
