@@ -359,9 +359,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--saturation-connections",
         type=int,
         default=None,
-        help="connections of the closed loop at saturation (default 64): a pipelined "
-        "server (decrypt workers) may need more than 64 requests in flight to fill its "
-        "cores",
+        help="connections of the closed loop at saturation (default: the profile's, 256 "
+        "in quick and full): a pipelined server (decrypt workers) needs many requests in "
+        "flight to fill its cores",
     )
     parser.add_argument(
         "--rates",
