@@ -4,6 +4,7 @@ loop turn, the same answers as the in-process unpack, and fallback when a worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -77,7 +78,17 @@ async def test_one_loop_turn_is_one_batch(packer: Packer, pool: DecryptPool) -> 
     assert pool.fallbacks == 0 and pool.queued_bytes == 0
 
 
-async def test_a_busy_worker_gets_larger_batches(packer: Packer, pool: DecryptPool) -> None:
+async def test_a_busy_worker_gets_larger_batches(packer: Packer) -> None:
+    # max_wait far above a frame's few milliseconds: a worker slowed by a busy machine
+    # must not make this test open envelopes here.
+    pool = await _pool(packer, max_wait=5.0)
+    try:
+        await _busy_worker_batches(packer, pool)
+    finally:
+        await pool.stop()
+
+
+async def _busy_worker_batches(packer: Packer, pool: DecryptPool) -> None:
     envelopes = await _envelopes(packer, 100)
     sizes = _frames_sent(pool)
     held: list[int] = []
@@ -90,25 +101,82 @@ async def test_a_busy_worker_gets_larger_batches(packer: Packer, pool: DecryptPo
     pool._results = spy  # type: ignore[method-assign,assignment]
     unpacked = await asyncio.gather(*(packer.unpack(raw) for raw in envelopes))
     assert len(unpacked) == 100
-    # Two frames held at most; one more frame's worth waited for the first answer, then
-    # went at once; the 4 beyond that were opened here (the worker was behind).
-    assert sizes == [32, 32, 32] and max(held) <= 2
-    assert pool.fallbacks == 4
+    # Two frames held at most; the rest waited here for the first answers (well within
+    # MAX_WAIT: a frame takes milliseconds) and went to the worker too, none opened here.
+    assert sizes == [32, 32, 32, 4] and max(held) <= 2
+    assert pool.fallbacks == 0
 
 
-async def test_the_excess_over_a_full_frame_is_opened_here_when_workers_are_behind(
+async def test_envelopes_that_waited_max_wait_are_opened_here_oldest_first(
     packer: Packer,
 ) -> None:
-    pool = await _pool(packer, size=1, batch_max=4, max_held_batches=1)
+    """A worker that is behind: what waited max_wait for room is opened in this process
+    (the oldest first), by the timer when nothing else happens; the rest still goes to
+    the worker. Nothing is lost or answered twice."""
+    pool = await _pool(packer, size=1, batch_max=4, max_held_batches=1, max_wait=0.2)
     try:
         envelopes = await _envelopes(packer, 20)
         sizes = _frames_sent(pool)
-        unpacked = await asyncio.gather(*(packer.unpack(raw) for raw in envelopes))
-        assert sorted(u.message["body"]["n"] for u in unpacked) == sorted(
-            f"p{i}" for i in range(20)
+        opened_here: list[bytes] = []
+        run_here = pool._run_in_process
+
+        def spy(item: object) -> None:
+            opened_here.append(item.raw)  # type: ignore[attr-defined]
+            run_here(item)  # type: ignore[arg-type]
+
+        pool._run_in_process = spy  # type: ignore[method-assign]
+        # The worker is stopped (SIGSTOP): it holds one frame and answers nothing.
+        os.kill(pool.workers[0].pid, signal.SIGSTOP)
+        try:
+            first = [asyncio.ensure_future(packer.unpack(raw)) for raw in envelopes[:10]]
+            await asyncio.sleep(0.1)
+            assert not opened_here  # younger than max_wait: still waiting for the worker
+            later = [asyncio.ensure_future(packer.unpack(raw)) for raw in envelopes[10:]]
+            # 0-3 are the frame the worker holds; the timer opens 4-9 here at 0.2 s.
+            done = await asyncio.wait_for(asyncio.gather(*first[4:]), 5)
+            assert [u.message["body"]["n"] for u in done] == [f"p{i}" for i in range(4, 10)]
+            assert opened_here == envelopes[4:10]  # oldest first, the later ones not yet
+            # Set again after it fired: 10-19 (queued at 0.1 s) are opened here at 0.3 s,
+            # with nothing else happening meanwhile.
+            rest = await asyncio.wait_for(asyncio.gather(*later), 5)
+            assert opened_here == envelopes[4:20]
+        finally:
+            os.kill(pool.workers[0].pid, signal.SIGCONT)
+        held = await asyncio.wait_for(asyncio.gather(*first[:4]), 5)
+        assert sorted(u.message["body"]["n"] for u in [*held, *rest]) == sorted(
+            f"p{i}" for i in [0, 1, 2, 3, *range(10, 20)]
         )
-        # One frame of 4 held, one frame's worth kept for it, the other 12 opened here.
-        assert sizes == [4, 4] and pool.fallbacks == 12 and pool.queued_bytes == 0
+        assert sizes == [4] and pool.queued_bytes == 0 and pool.fallbacks == 16
+    finally:
+        await pool.stop()
+
+
+async def test_items_of_a_lost_worker_wait_for_a_live_one_not_for_max_wait(
+    packer: Packer,
+) -> None:
+    """An item that was in a lost worker's frame may be what killed it: while another
+    worker lives it waits for that one, however long, and is never opened here."""
+    pool = await _pool(packer, size=2, batch_max=4, max_held_batches=1, max_wait=0.05)
+    try:
+        envelopes = await _envelopes(packer, 4)
+        for worker in pool.workers:
+            os.kill(worker.pid, signal.SIGSTOP)
+        a, b = pool.workers
+        try:
+            tasks = [asyncio.ensure_future(packer.unpack(raw)) for raw in envelopes]
+            await asyncio.sleep(0.05)
+            holder, other = (a, b) if a.held else (b, a)
+            assert holder.held_items == 4
+            os.kill(holder.pid, signal.SIGKILL)  # as a crash on a poison envelope would
+            await asyncio.sleep(0.3)  # six times max_wait
+            assert pool.fallbacks == 0 and not any(t.done() for t in tasks)
+        finally:
+            for worker in (a, b):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGCONT)
+        unpacked = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert sorted(u.message["body"]["n"] for u in unpacked) == [f"p{i}" for i in range(4)]
+        assert pool.fallbacks == 0 and other.alive
     finally:
         await pool.stop()
 

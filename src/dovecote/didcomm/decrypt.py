@@ -61,6 +61,14 @@ BATCH_MAX = 32
 # batch: under load frames grow (the per-frame cost is ~100 µs of the server's CPU), at
 # low rates a worker is free and an envelope goes on the next loop turn alone.
 MAX_HELD_BATCHES = 2
+# How long an envelope may wait here for room on a worker before this process opens it
+# itself. By age, not by count: a worker opens a full frame in ~3 ms, so a queue of a
+# few frames in front of it is a few milliseconds, not a sign that it is behind. When the
+# excess over one frame was opened here at once (up to 2026-12-04), a closed loop of 256
+# connections made this process open ~60 % of the envelopes again, and the worker only
+# moved the crypto's cost around. Past this age the worker is behind (starved of CPU, or
+# slower than arrivals), and the oldest envelopes are opened here so that none waits long.
+MAX_WAIT = 0.025
 # Bytes of envelopes queued or held by workers; past it the parent unpacks in-process.
 MAX_QUEUED_BYTES = 32 * 1024 * 1024
 # A batch a worker has held this long means it hangs (a batch takes milliseconds).
@@ -116,6 +124,7 @@ class Item:
     raw: bytes
     future: asyncio.Future[jwe.Opened]
     attempts: int = 0
+    queued_at: float = 0.0  # when it last joined the queue (time.monotonic)
 
 
 class _Pipe(asyncio.SubprocessProtocol):
@@ -190,6 +199,7 @@ class DecryptPool:
         max_held_batches: int = MAX_HELD_BATCHES,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         hang_seconds: float = HANG_SECONDS,
+        max_wait: float = MAX_WAIT,
     ) -> None:
         self.size = size
         self._secrets = secrets
@@ -198,9 +208,13 @@ class DecryptPool:
         self.max_held_batches = max_held_batches
         self.max_queued_bytes = max_queued_bytes
         self.hang_seconds = hang_seconds
+        self.max_wait = max_wait
         self.workers: list[Worker] = []
         self._pending: list[Item] = []
         self._flush_scheduled = False
+        # A flush at the moment the oldest waiting envelope reaches max_wait, so that it is
+        # opened then even if nothing else happens (no arrival, no worker answering).
+        self._age_timer: asyncio.TimerHandle | None = None
         self.queued_bytes = 0
         self.restarts = 0
         self.fallbacks = 0
@@ -223,6 +237,9 @@ class DecryptPool:
     async def stop(self) -> None:
         """Close the workers' pipes (they exit at EOF), kill those that do not."""
         self._stopping = True
+        if self._age_timer is not None:
+            self._age_timer.cancel()
+            self._age_timer = None
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -349,6 +366,7 @@ class DecryptPool:
         return await future
 
     def _queue(self, item: Item) -> None:
+        item.queued_at = time.monotonic()
         self._pending.append(item)
         self.queued_bytes += len(item.raw)
         if not self._flush_scheduled:
@@ -376,15 +394,47 @@ class DecryptPool:
             batch = self._pending[:size]
             del self._pending[:size]
             self._send(worker, batch)
-        if len(self._pending) > self.batch_max:
-            # Every worker is behind (slower than arrivals, or starved of CPU by other
-            # work): this process opens the excess itself rather than have requests wait,
-            # keeping one full frame for the next worker that answers.
-            excess = self._pending[self.batch_max :]
-            del self._pending[self.batch_max :]
-            for item in excess:
-                self._run_in_process(item)
+        self._open_the_overdue()
         self._update_in_flight()
+
+    def _open_the_overdue(self) -> None:
+        """Open here the envelopes that waited max_wait for a worker (MAX_WAIT says why),
+        oldest first; set the timer for the next one to come due.
+
+        Not an item that was in a lost worker's frame (attempts > 0) while a worker lives:
+        it may be what killed or hung that worker, and here it could take the server
+        down or block its loop; it waits for a worker (which the hang check watches),
+        as before this rule, and fails if it is lost again."""
+        due = time.monotonic() - self.max_wait
+        pending = self._pending
+        if pending and pending[0].queued_at <= due:
+            # Ordered by queued_at: the overdue ones are a prefix.
+            end = next((n for n, item in enumerate(pending) if item.queued_at > due), None)
+            prefix = pending if end is None else pending[:end]
+            overdue = [item for item in prefix if not item.attempts]
+            if overdue:
+                self._pending = [item for item in prefix if item.attempts]
+                if end is not None:
+                    self._pending += pending[end:]
+                for item in overdue:
+                    self._run_in_process(item)
+        # The first item the timer may open (re-run items never are while a worker lives).
+        head = next((item for item in self._pending if not item.attempts), None)
+        if head is None:
+            if self._age_timer is not None:
+                self._age_timer.cancel()
+                self._age_timer = None
+        elif self._age_timer is None:
+            # Set once, not moved on every flush: a head that left earlier only makes it
+            # fire early, and then it is set again for the new head. The clock is read
+            # again: opening the overdue ones above took time.
+            self._age_timer = asyncio.get_running_loop().call_later(
+                max(0.0, head.queued_at + self.max_wait - time.monotonic()), self._on_age
+            )
+
+    def _on_age(self) -> None:
+        self._age_timer = None
+        self._flush()
 
     def _send(self, worker: Worker, batch: list[Item]) -> None:
         data = pickle.dumps([item.raw for item in batch], protocol=pickle.HIGHEST_PROTOCOL)
