@@ -75,12 +75,12 @@ class Settings(BaseSettings):
         le=64,
         description="Processes that open anoncrypt (ECDH-ES) envelopes for this server "
         "process, so that a SQLite server (one process) uses more than one core; each "
-        "server process of WORKERS gets its own. 0: unpack in the event loop. Measure "
-        "before using it: since the in-process open became mostly askar's C code, "
-        "the hand-off costs about what it saves on 3.4 kB forwards (0.59-1.29x "
-        "the one-process rate on 2 cores, docs/performance.md); larger envelopes or "
-        "more spare cores may change that (not measured). At low rates it adds a pipe "
-        "round trip per batch. Authcrypt is "
+        "server process of WORKERS gets its own. 0: unpack in the event loop. Worth it "
+        "when the server is CPU-bound and a core is free: on 2 cores, 3.4 kB forwards, "
+        "256 clients, 1.47-1.51x the one-process rate with the worker beside the load "
+        "generator, 1.13-1.24x with nothing pinned, at the same total CPU per forward "
+        "(docs/performance.md). Not below saturation: at 200/s a forward costs ~40 % "
+        "more CPU (a pipe round trip per batch). Authcrypt is "
         "always opened in the server process (it resolves the sender's key there).",
     )
     trusted_proxies: CsvList = Field(
