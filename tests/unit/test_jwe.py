@@ -109,16 +109,21 @@ async def test_authcrypt_sender_must_match_apu(packer: Packer) -> None:
         await packer.unpack(raw)
 
 
-async def test_our_authcrypt_replies_open_with_sicpa(packer: Packer) -> None:
-    agent = Agent.create("http://m.example", packer.identity.did)
-    reply = {
-        "id": "r1",
+def _ping(packer: Packer, agent: Agent, message_id: str) -> dict[str, Any]:
+    """A plaintext ping from the mediator to `agent`."""
+    return {
+        "id": message_id,
         "typ": "application/didcomm-plain+json",
         "type": PING,
         "from": packer.identity.did,
         "to": [agent.did],
         "body": {},
     }
+
+
+async def test_our_authcrypt_replies_open_with_sicpa(packer: Packer) -> None:
+    agent = Agent.create("http://m.example", packer.identity.did)
+    reply = _ping(packer, agent, "r1")
     for _ in range(2):  # the second one from the cached keys
         packed = await packer.pack_for(reply, agent.did)
         assert (await agent.unpack(packed))["id"] == "r1"
@@ -235,14 +240,7 @@ async def test_authcrypt_with_the_sender_algorithm_given_opens_with_sicpa(packer
     recipient = await packer._recipient_key(agent.did)
     sender_kid, sender, sender_alg = await packer._own_key()
     assert sender_alg == KeyAlg.X25519
-    message = {
-        "id": "a1",
-        "typ": "application/didcomm-plain+json",
-        "type": PING,
-        "from": packer.identity.did,
-        "to": [agent.did],
-        "body": {},
-    }
+    message = _ping(packer, agent, "a1")
     packed = jwe.authcrypt(
         json.dumps(message).encode(),
         [(recipient.kid, recipient.key)],
