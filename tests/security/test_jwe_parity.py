@@ -346,7 +346,10 @@ async def test_native_askar_calls_refuse_as_the_wrappers_did(
         _moved_tag(_sealed(packer, enc="A256GCM"), 4),
     ]
     outcomes = {}
-    for crypto in (askar_native.Native(get_library().loaded), askar_native.Wrapped()):
+    for crypto in (
+        askar_native.Native(get_library().loaded, get_library().version()),
+        askar_native.Wrapped(),
+    ):
         monkeypatch.setattr(jwe, "_crypto", crypto)
         outcomes[type(crypto).__name__] = [await _refusal(packer, e) for e in envelopes]
     assert outcomes["Native"] == outcomes["Wrapped"]

@@ -257,3 +257,39 @@ async def test_authcrypt_with_the_sender_algorithm_given_opens_with_sicpa(packer
     )
     with pytest.raises(AskarError):
         jwe.authcrypt(b"{}", [(recipient.kid, recipient.key)], sender_kid, sender, KeyAlg.P256)
+
+
+def _crypto_impls() -> list[Any]:
+    from aries_askar.bindings import get_library
+
+    from dovecote.didcomm import askar_native
+
+    library = get_library()
+    return [askar_native.Native(library.loaded, library.version()), askar_native.Wrapped()]
+
+
+@pytest.mark.parametrize("crypto", _crypto_impls(), ids=["native", "wrapped"])
+async def test_authcrypt_on_askar_calls_and_wrappers_opens_for_every_recipient(
+    packer: Packer, crypto: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jwe.authcrypt on askar's C functions (the default) and on aries_askar's wrappers
+    (the fallback) writes envelopes SICPA's didcomm opens for each of two recipients; a
+    failed agreement raises askar's error and frees the two keys made for the envelope."""
+    from aries_askar import AskarError, KeyAlg
+
+    from dovecote.didcomm import jwe
+
+    monkeypatch.setattr(jwe, "_crypto", crypto)
+    agents = [Agent.create("http://m.example", packer.identity.did) for _ in range(2)]
+    to = [((r := await packer._recipient_key(a.did)).kid, r.key) for a in agents]
+    sender_kid, sender, sender_alg = await packer._own_key()
+    message = _ping(packer, agents[0], "n1") | {"to": [a.did for a in agents]}
+    packed = jwe.authcrypt(json.dumps(message).encode(), to, sender_kid, sender, sender_alg)
+    for agent in agents:
+        assert (await agent.unpack(packed))["id"] == "n1"
+    freed: list[Any] = []
+    free = crypto.free
+    monkeypatch.setattr(crypto, "free", lambda h: (freed.append(h), free(h)))
+    with pytest.raises(AskarError):
+        jwe.authcrypt(b"{}", to, sender_kid, sender, KeyAlg.P256)
+    assert len(freed) == 2 and all(freed)

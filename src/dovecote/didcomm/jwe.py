@@ -31,8 +31,7 @@ from typing import Any
 
 import orjson
 import pybase64
-from aries_askar import AskarError, Key, KeyAlg, ecdh
-from aries_askar.bindings import Encrypted
+from aries_askar import AskarError, Key, KeyAlg
 
 from dovecote.didcomm import askar_native
 from dovecote.errors import UnpackFailed
@@ -325,34 +324,36 @@ def authcrypt(
     alg, enc = "ECDH-1PU+A256KW", "A256CBC-HS512"
     # Recipients' key types are not compared here (each `.algorithm` is an FFI call):
     # askar refuses an agreement between keys of different types.
-    cek = Key.generate(KeyAlg.A256CBC_HS512)
-    epk = Key.generate(sender_alg or sender.algorithm, ephemeral=True)
-    apu = sender_kid.encode()
-    apv = hashlib.sha256(".".join(sorted(kid for kid, _ in to)).encode()).digest()
-    header = {
-        "typ": ENCRYPTED,
-        "alg": alg,
-        "enc": enc,
-        "apu": b64url(apu),
-        "apv": b64url(apv),
-        "epk": orjson.loads(epk.get_jwk_public()),
-        "skid": sender_kid,
-    }
-    protected = b64url(dumps_compact(header))
-    ciphertext, tag, nonce = _parts(cek.aead_encrypt(plaintext, aad=protected.encode()))
-    recipients = [
-        {
-            "encrypted_key": b64url(
-                _parts(
-                    ecdh.Ecdh1PU(alg, apu, apv).sender_wrap_key(
-                        KeyAlg.A256KW, epk, sender, key, cek, cc_tag=tag
-                    )
-                )[0]
-            ),
-            "header": {"kid": kid},
+    crypto = _crypto
+    cek = epk = None
+    try:
+        cek = crypto.generate(KeyAlg.A256CBC_HS512, False)
+        epk = crypto.generate(sender_alg or sender.algorithm, True)
+        apu = sender_kid.encode()
+        apv = hashlib.sha256(".".join(sorted(kid for kid, _ in to)).encode()).digest()
+        header = {
+            "typ": ENCRYPTED,
+            "alg": alg,
+            "enc": enc,
+            "apu": b64url(apu),
+            "apv": b64url(apv),
+            "epk": orjson.loads(crypto.jwk_public(epk)),
+            "skid": sender_kid,
         }
-        for kid, key in to
-    ]
+        protected = b64url(dumps_compact(header))
+        ciphertext, tag, nonce = crypto.encrypt(cek, plaintext, protected.encode())
+        recipients = [
+            {
+                "encrypted_key": b64url(
+                    crypto.wrap_1pu(alg, "A256KW", epk, sender, key, apu, apv, tag, cek)
+                ),
+                "header": {"kid": kid},
+            }
+            for kid, key in to
+        ]
+    finally:
+        crypto.free(epk)
+        crypto.free(cek)
     envelope = {
         "protected": protected,
         "recipients": recipients,
@@ -361,11 +362,3 @@ def authcrypt(
         "tag": b64url(tag),
     }
     return dumps_compact(envelope)
-
-
-def _parts(encrypted: Encrypted) -> tuple[bytes, bytes, bytes]:
-    """(ciphertext, tag, nonce) of an askar AEAD result, copied out in one piece: its own
-    accessors slice the ctypes array into a list of ints (~4 ms for 150 kB)."""
-    whole = bytes(encrypted.buffer)
-    tag_pos, nonce_pos = encrypted.tag_pos, encrypted.nonce_pos
-    return whole[:tag_pos], whole[tag_pos:nonce_pos], whole[nonce_pos:]
