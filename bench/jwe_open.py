@@ -169,7 +169,7 @@ def _crypto(name: str) -> Any:
     if name == "wrappers":
         return askar_native.Wrapped()
     assert name == "native", name
-    return askar_native.Native(get_library().loaded)
+    return askar_native.Native(get_library().loaded, get_library().version())
 
 
 def main() -> None:

@@ -289,7 +289,12 @@ async def test_authcrypt_on_askar_calls_and_wrappers_opens_for_every_recipient(
         assert (await agent.unpack(packed))["id"] == "n1"
     freed: list[Any] = []
     free = crypto.free
-    monkeypatch.setattr(crypto, "free", lambda h: (freed.append(h), free(h)))
+
+    def counted(handle: Any) -> None:
+        freed.append(handle)
+        free(handle)
+
+    monkeypatch.setattr(crypto, "free", counted)
     with pytest.raises(AskarError):
         jwe.authcrypt(b"{}", to, sender_kid, sender, KeyAlg.P256)
     assert len(freed) == 2 and all(freed)
