@@ -20,9 +20,9 @@ The sender's side of authcrypt (every reply and live push) is made the same way:
 
 What this costs to keep: the prototypes below are askar's C ABI (src/ffi/key.rs and
 src/ffi/secret.rs), identical from askar 0.3.0 to 0.5.0 but for `askar_key_generate`,
-which gained a `backend` argument in 0.4 (both shapes are declared, chosen by version;
-the sender's functions were compared with the bindings aries_askar 0.3.0, 0.4.0 and 0.5.0
-declare for them). At import the installed native library's version (`askar_version`)
+which gained a `key_backend` argument in 0.3.2 (both shapes are declared, by version;
+the sender's functions were compared with src/ffi/key.rs of each release from 0.3.0 to
+0.5.0 and with the bindings aries_askar declares for them). At import the installed native library's version (`askar_version`)
 is checked against that range; outside it, or if aries_askar no longer exposes its
 library handle, the wrappers are used (`Wrapped`, the calls jwe.py made before) and a
 warning says why. A new askar release needs its
@@ -38,6 +38,7 @@ one pointer, passed as that pointer, and aries_askar's own destructors pass it s
 from __future__ import annotations
 
 import ctypes
+import re
 from ctypes import POINTER, byref, c_char_p, c_int8, c_int64, c_size_t, c_void_p
 from typing import Any
 
@@ -54,6 +55,11 @@ ABI_VERSIONS = ("0.3.", "0.4.", "0.5.")
 
 # What jwe.py holds between calls: a native key handle (int) or, with `Wrapped`, a Key.
 Handle = Any
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of an askar version such as "0.3.2" or "0.3.0-dev.1"."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("-")[0])[:3])
 
 
 class _Bytes(ctypes.Structure):
@@ -222,8 +228,9 @@ class Native(Wrapped):
         self._key_free = prototype("askar_key_free", None, c_size_t)
         self._buffer_free = prototype("askar_buffer_free", None, _Secret)
         # The sender's side (authcrypt of replies and live pushes).
-        # 0.4 added the key's backend (NULL: software) before `ephemeral`.
-        self._with_backend = not version.startswith("0.3.")
+        # 0.3.2 added the key's backend (NULL: software) before `ephemeral`; the old call
+        # on the new function would make askar write the handle to a stray address.
+        self._with_backend = _release(version) >= (0, 3, 2)
         generate_args = (c_char_p, c_char_p) if self._with_backend else (c_char_p,)
         self._generate = prototype(
             "askar_key_generate", c_int64, *generate_args, c_int8, handle_out
