@@ -22,10 +22,10 @@ What this costs to keep: the prototypes below are askar's C ABI (src/ffi/key.rs 
 src/ffi/secret.rs), identical from askar 0.3.0 to 0.5.0 but for `askar_key_generate`,
 which gained a `key_backend` argument in 0.3.2 (both shapes are declared, by version;
 the sender's functions were compared with src/ffi/key.rs of each release from 0.3.0 to
-0.5.0 and with the bindings aries_askar declares for them). At import the installed native library's version (`askar_version`)
-is checked against that range; outside it, or if aries_askar no longer exposes its
-library handle, the wrappers are used (`Wrapped`, the calls jwe.py made before) and a
-warning says why. A new askar release needs its
+0.5.0 and with the bindings aries_askar declares for them). At import the installed
+native library's version (`askar_version`) is checked against that range; outside it, or
+if aries_askar no longer exposes its library handle, the wrappers are used (`Wrapped`,
+the calls jwe.py made before) and a warning says why. A new askar release needs its
 src/ffi/key.rs compared with the prototypes here before its version is added to
 `ABI_VERSIONS`.
 
