@@ -81,7 +81,7 @@ async def test_one_loop_turn_is_one_batch(packer: Packer, pool: DecryptPool) -> 
 async def test_a_busy_worker_gets_larger_batches(packer: Packer) -> None:
     # max_wait far above a frame's few milliseconds: a worker slowed by a busy machine
     # must not make this test open envelopes here.
-    pool = await _pool(packer, max_wait=5.0)
+    pool = await _pool(packer, max_wait=5.0, max_held_batches=2)
     try:
         await _busy_worker_batches(packer, pool)
     finally:

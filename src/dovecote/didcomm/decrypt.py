@@ -56,11 +56,15 @@ FRAME = struct.Struct("!I")
 # Items per frame: large enough that the per-frame cost (two syscalls, a wakeup, a
 # pickle) is spread, small enough that one batch is a few milliseconds of work.
 BATCH_MAX = 32
-# Batches a worker holds at once: one it works on and one waiting in its pipe, so it does
-# not idle between them. What arrives meanwhile waits here and goes in the next, larger
-# batch: under load frames grow (the per-frame cost is ~100 µs of the server's CPU), at
-# low rates a worker is free and an envelope goes on the next loop turn alone.
-MAX_HELD_BATCHES = 2
+# Batches a worker holds at once: one it works on and the next ones waiting in its pipe,
+# so it does not idle between them. What arrives meanwhile waits here and goes in the next,
+# larger batch: under load frames grow (the per-frame cost is ~100 µs of the server's
+# CPU), at low rates a worker is free and an envelope goes on the next loop turn alone.
+# Four, not two: when this process's own core is the bottleneck (256 clients in a closed
+# loop), its loop turns are long, it answers a worker's frame late, and with two frames
+# the worker idled while envelopes waited here past MAX_WAIT and were opened here: 29 %
+# of them (2026-12-04, a slower machine). With four, 2-3.5 %, and +8 % forwards/s.
+MAX_HELD_BATCHES = 4
 # How long an envelope may wait here for room on a worker before this process opens it
 # itself. By age, not by count: a worker opens a full frame in ~3 ms, so a queue of a
 # few frames in front of it is a few milliseconds, not a sign that it is behind. When the
