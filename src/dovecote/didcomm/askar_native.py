@@ -319,15 +319,31 @@ class Native(Wrapped):
         cc_tag: bytes,
         encrypted_key: bytes,
     ) -> Handle:
+        kek = self._kek_1pu(alg, wrap, epk, sender, secret, apu, apv, cc_tag, receive=True)
+        return self._unwrap_with(kek, enc, encrypted_key)
+
+    def _kek_1pu(
+        self,
+        alg: str,
+        wrap: str,
+        epk: Handle,
+        sender: Key,
+        recipient: Key,
+        apu: bytes,
+        apv: bytes,
+        cc_tag: bytes,
+        receive: bool,
+    ) -> c_size_t:
+        """The ECDH-1PU key-wrapping key (the caller frees it), on either side."""
         alg_id = alg.encode()
         kek = c_size_t()
         if self._derive_1pu(
-            wrap.encode(), epk, sender.handle.value, secret.handle.value,
+            wrap.encode(), epk, sender.handle.value, recipient.handle.value,
             _Bytes(len(alg_id), alg_id), _Bytes(len(apu), apu), _Bytes(len(apv), apv),
-            _Bytes(len(cc_tag), cc_tag), 1, byref(kek),
+            _Bytes(len(cc_tag), cc_tag), int(receive), byref(kek),
         ):  # fmt: skip
             raise self._failed()
-        return self._unwrap_with(kek, enc, encrypted_key)
+        return kek
 
     def decrypt(self, cek: Handle, ciphertext: bytes, iv: bytes, tag: bytes, aad: bytes) -> bytes:
         out = _Secret()
@@ -388,14 +404,7 @@ class Native(Wrapped):
         cc_tag: bytes,
         cek: Handle,
     ) -> bytes:
-        alg_id = alg.encode()
-        kek = c_size_t()
-        if self._derive_1pu(
-            wrap.encode(), epk, sender.handle.value, recipient.handle.value,
-            _Bytes(len(alg_id), alg_id), _Bytes(len(apu), apu), _Bytes(len(apv), apv),
-            _Bytes(len(cc_tag), cc_tag), 0, byref(kek),
-        ):  # fmt: skip
-            raise self._failed()
+        kek = self._kek_1pu(alg, wrap, epk, sender, recipient, apu, apv, cc_tag, receive=False)
         try:
             out = _Encrypted()
             if self._wrap(kek, cek, _EMPTY, byref(out)):
